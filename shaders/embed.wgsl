@@ -1,0 +1,39 @@
+// embed.wgsl — token embedding gather from a quantized table.
+//
+// Computes: out[t, c] = scale · E[ids[t], c] for t < n_tokens, c < cols.
+// Layout: E is rows of `cols` values in a GGUF block format (dequant.wgsl's `load8`), this binding
+//   holding rows row_start..row_end of the table; out is f32 [n_tokens, cols] (vec4 units).
+// Work split: one invocation per (8 columns, token). A table split across bindings runs once per
+//   part; invocations whose token lies in another part do nothing.
+// Limits: cols % 8 == 0; token ids were range-checked by the launcher.
+
+struct Params {
+    n_tokens: u32,
+    cols: u32,
+    row_bytes: u32,
+    row_start: u32,
+    row_end: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c8 = gid.x;
+    let t = gid.y;
+    if (c8 * 8u >= p.cols || t >= p.n_tokens) {
+        return;
+    }
+    let id = ids[t];
+    if (id < p.row_start || id >= p.row_end) {
+        return;
+    }
+    let v = load8((id - p.row_start) * p.row_bytes, c8 * 8u);
+    let o = (t * p.cols + c8 * 8u) >> 2u;
+    out[o] = v[0] * p.scale;
+    out[o + 1u] = v[1] * p.scale;
+}

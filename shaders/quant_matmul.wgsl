@@ -1,0 +1,55 @@
+// quant_matmul.wgsl — y = W·x for a quantized weight matrix and a batch of f32 activations.
+//
+// Computes: for m < M, n < N:  y[y_offset + m·y_stride + n_offset + n] (+)= Σ_k W[n, k] · x[m, k]
+//   with `+=` when `accumulate` is 1 (fuses the residual add into the projection).
+// Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load8`);
+//   x is M rows of K f32 at x_offset + m·x_stride (both in vec4 units); y is f32.
+// Work split (CPU-friendly family): one invocation owns one output row n and TILE_M batch rows,
+//   so each weight block is decoded once per TILE_M tokens; f32 accumulation, no barriers.
+//   Decode uses TILE_M = 1, prefill a larger tile. A matrix split across bindings runs once per part.
+// Limits: K % 8 == 0 and K a multiple of the format's block; N ≤ 65535·WG per part.
+
+struct Params {
+    n: u32,
+    k: u32,
+    m: u32,
+    row_bytes: u32,
+    x_offset: u32,
+    x_stride: u32,
+    y_offset: u32,
+    y_stride: u32,
+    n_offset: u32,
+    accumulate: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> w: array<u32>;
+@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = gid.x;
+    if (n >= p.n) {
+        return;
+    }
+    let m0 = gid.y * TILE_M;
+    let rows = min(TILE_M, p.m - m0);
+    let row_byte = n * p.row_bytes;
+    var acc: array<f32, TILE_M>;
+    for (var k = 0u; k < p.k; k += 8u) {
+        let wv = load8(row_byte, k);
+        for (var t = 0u; t < rows; t++) {
+            let xi = p.x_offset + (m0 + t) * p.x_stride + (k >> 2u);
+            acc[t] += dot(wv[0], x[xi]) + dot(wv[1], x[xi + 1u]);
+        }
+    }
+    for (var t = 0u; t < rows; t++) {
+        let yi = p.y_offset + (m0 + t) * p.y_stride + p.n_offset + n;
+        if (p.accumulate != 0u) {
+            y[yi] += acc[t];
+        } else {
+            y[yi] = acc[t];
+        }
+    }
+}

@@ -1,0 +1,49 @@
+// rope.wgsl — rotary position embedding, in place, for both pair layouts.
+//
+// Computes: for each token t (position pos0 + t), head h and pair i < rot_dim/2, rotates the pair
+//   (a, b) by θ = (pos0 + t) · base^(−2i/rot_dim):  a' = a·cos θ − b·sin θ,  b' = a·sin θ + b·cos θ.
+//   mode 0 ("normal", llama): the pair is (2i, 2i+1);  mode 1 ("neox", qwen2/3, gemma3): (i, i + rot_dim/2).
+//   Dimensions from rot_dim to head_dim are left as they are.
+// Layout: row t of n_heads·head_dim f32 at offset + t·stride (floats).
+// Work split: one invocation per (pair, head) × token.
+// Limits: rot_dim even and ≤ head_dim.
+
+struct Params {
+    n_tokens: u32,
+    n_heads: u32,
+    head_dim: u32,
+    rot_dim: u32,
+    pos0: u32,
+    offset: u32,
+    stride: u32,
+    mode: u32,
+    log2_base: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> v: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let half_rot = p.rot_dim / 2u;
+    let i = gid.x % half_rot;
+    let h = gid.x / half_rot;
+    let t = gid.y;
+    if (h >= p.n_heads || t >= p.n_tokens) {
+        return;
+    }
+    let base = p.offset + t * p.stride + h * p.head_dim;
+    var ia = base + 2u * i;
+    var ib = ia + 1u;
+    if (p.mode == 1u) {
+        ia = base + i;
+        ib = ia + half_rot;
+    }
+    let theta = f32(p.pos0 + t) * exp2(-p.log2_base * f32(2u * i) / f32(p.rot_dim));
+    let c = cos(theta);
+    let s = sin(theta);
+    let a = v[ia];
+    let b = v[ib];
+    v[ia] = a * c - b * s;
+    v[ib] = a * s + b * c;
+}

@@ -1,0 +1,109 @@
+//! `agentflux generate`: text from a prompt, greedy by default.
+
+use agentflux::decode::{generate, GenerateOptions, SamplerConfig};
+use agentflux::gpu::GpuOptions;
+use agentflux::text::ChatMessage;
+use agentflux::{resolve_model, Engine};
+use anyhow::{Context, Result};
+use std::io::Write;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A GGUF path, or `default` (SmolLM2-135M-Instruct Q4_1) / `gemma3` from the model cache.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy (argmax on the GPU).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens when sampling (0 = all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Context size (positions in the KV cache).
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
+    let path = resolve_model(&a.model)?;
+    let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
+    let text = if a.chat {
+        let t = eng.template.as_ref().context("this model has no chat template (drop --chat)")?;
+        t.render(&[ChatMessage::new("user", &a.prompt)], true)?
+    } else {
+        a.prompt.clone()
+    };
+    let prompt = eng.tokenizer.encode(&text, true)?;
+    if prompt.is_empty() {
+        anyhow::bail!("the prompt encodes to no tokens");
+    }
+    let mut kv = eng.model.new_cache(a.ctx.min(eng.model.config.n_ctx_train))?;
+    if prompt.len() + a.max_tokens > kv.n_ctx() {
+        anyhow::bail!("prompt ({} tokens) + --max-tokens {} exceed the context of {} (raise --ctx)", prompt.len(), a.max_tokens, kv.n_ctx());
+    }
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        stop: if a.ignore_eos { Vec::new() } else { eng.tokenizer.stop.clone() },
+    };
+    let mut stdout = std::io::stdout();
+    let mut shown = String::new();
+    let mut so_far = Vec::new();
+    let g = generate(&eng.model, &mut kv, &prompt, &opts, |t| {
+        if a.json {
+            return;
+        }
+        // Print the text difference, so multi-token characters come out whole.
+        so_far.push(t);
+        if let Ok(s) = eng.tokenizer.decode(&so_far, true) {
+            if s.len() > shown.len() && s.is_char_boundary(shown.len()) {
+                let _ = write!(stdout, "{}", &s[shown.len()..]);
+                let _ = stdout.flush();
+                shown = s;
+            }
+        }
+    })?;
+    let text = eng.tokenizer.decode(&g.tokens, true)?;
+    if a.json {
+        let out = serde_json::json!({
+            "prompt_tokens": prompt,
+            "tokens": g.tokens,
+            "text": text,
+            "prefill_tok_s": g.prefill_tok_s(),
+            "decode_tok_s": g.decode_tok_s(),
+            "device": eng.ctx.describe(),
+        });
+        println!("{out}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens at {:.1} tok/s, {} new tokens at {:.1} tok/s on {}]",
+            prompt.len(),
+            g.prefill_tok_s(),
+            g.tokens.len(),
+            g.decode_tok_s(),
+            eng.ctx.describe()
+        );
+    }
+    Ok(())
+}

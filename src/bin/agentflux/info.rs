@@ -1,0 +1,70 @@
+//! `agentflux info`: what a model is and what the GPU offers.
+
+use agentflux::gguf::GgufFile;
+use agentflux::gpu::{list_adapters, GpuContext, GpuOptions};
+use agentflux::model::ModelConfig;
+use agentflux::resolve_model;
+use anyhow::Result;
+use std::collections::BTreeMap;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A GGUF path, or `default` / `gemma3` from the model cache.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// List every adapter wgpu finds and exit.
+    #[arg(long)]
+    adapters: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
+    if a.adapters {
+        for (i, info) in list_adapters().iter().enumerate() {
+            println!("{i}: {} ({:?}, {:?}, driver {})", info.name, info.backend, info.device_type, info.driver_info);
+        }
+        return Ok(());
+    }
+    let path = resolve_model(&a.model)?;
+    let file = GgufFile::open(&path)?;
+    let config = ModelConfig::from_gguf(&file)?;
+    let mut types: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for t in file.tensors() {
+        let e = types.entry(format!("{:?}", t.ty)).or_default();
+        e.0 += 1;
+        e.1 += t.n_bytes;
+    }
+    let ctx = GpuContext::new(gpu)?;
+    let l = &ctx.limits;
+    if a.json {
+        let out = serde_json::json!({
+            "model": path,
+            "file_bytes": file.file_len(),
+            "config": config,
+            "tensor_types": types.iter().map(|(k, (n, b))| (k.clone(), serde_json::json!({"tensors": n, "bytes": b}))).collect::<BTreeMap<_, _>>(),
+            "device": ctx.describe(),
+            "class": ctx.class,
+            "features": ctx.features,
+            "max_storage_binding": ctx.max_binding(),
+            "max_buffer": l.max_buffer_size,
+            "max_workgroup_storage": l.max_compute_workgroup_storage_size,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("model      {} ({:.1} MiB)", path.display(), file.file_len() as f64 / (1 << 20) as f64);
+    println!("arch       {:?}: {} layers, d_model {}, {} heads ({} kv) × {}, ffn {}, vocab {}, trained ctx {}",
+        config.arch, config.n_layers, config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim, config.n_vocab, config.n_ctx_train);
+    println!("rope       {:?}, base {}, {} dims{}", config.rope.layout, config.rope.base, config.rope.rot_dim,
+        if config.sliding_window > 0 { format!("; sliding window {} (every {}th layer global)", config.sliding_window, config.sliding_pattern) } else { String::new() });
+    for (ty, (n, bytes)) in &types {
+        println!("tensors    {ty:>5}: {n:>4} tensors, {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
+    }
+    println!("device     {} [{:?}]", ctx.describe(), ctx.class);
+    println!("features   shader-f16 {}, subgroups {}, timestamps {}", ctx.features.shader_f16, ctx.features.subgroups, ctx.features.timestamps);
+    println!("limits     storage binding {} MiB, buffer {} MiB, workgroup storage {} KiB, invocations {}",
+        ctx.max_binding() >> 20, l.max_buffer_size >> 20, l.max_compute_workgroup_storage_size >> 10, l.max_compute_invocations_per_workgroup);
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! `agentflux`: the command-line front end of the engine.
+
+mod bench;
+mod generate;
+mod info;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "agentflux", version, about = "Decoupled tool calling for small local models on your GPU")]
+struct Cli {
+    /// GPU adapter to use: a name substring or an index from `agentflux info --adapters`
+    /// (default: $AGENTFLUX_ADAPTER, else the first real GPU, else a CPU-backed one).
+    #[arg(long, global = true)]
+    adapter: Option<String>,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt.
+    Generate(generate::Args),
+    /// Describe a model and the GPU.
+    Info(info::Args),
+    /// Measure prefill and decode speed.
+    Bench(bench::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("AGENTFLUX_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let gpu = agentflux::gpu::GpuOptions { adapter: cli.adapter, ..Default::default() };
+    let r = match cli.cmd {
+        Command::Generate(a) => generate::run(a, &gpu),
+        Command::Info(a) => info::run(a, &gpu),
+        Command::Bench(a) => bench::run(a, &gpu),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,7 @@
+//! Turning logits into tokens: samplers and the generation loop.
+
+mod generate;
+mod sampler;
+
+pub use generate::{generate, GenerateOptions, Generation};
+pub use sampler::{Sampler, SamplerConfig, SplitMix64};

@@ -1,0 +1,39 @@
+//! The crate's error type.
+
+use crate::gguf::GgufError;
+use std::path::PathBuf;
+
+/// Everything the engine can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The GGUF file is malformed or lacks what the model needs.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// No usable GPU, or the GPU refused an operation.
+    #[error("GPU: {0}")]
+    Gpu(String),
+    /// The model file is a valid GGUF but not a model this engine can run.
+    #[error("model {}: {msg}", path.display())]
+    Model { path: PathBuf, msg: String },
+    /// A kernel was asked for a shape it does not support.
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    /// Building or running the tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Rendering the chat template failed.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// The tokens do not fit in the KV cache.
+    #[error("context overflow: {needed} tokens needed but the context holds {n_ctx} (raise --ctx or shorten the prompt)")]
+    ContextOverflow { needed: usize, n_ctx: usize },
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {n_vocab}")]
+    BadToken { id: u32, n_vocab: usize },
+    /// Invalid user-supplied option.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

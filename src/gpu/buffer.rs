@@ -1,0 +1,123 @@
+//! Storage buffers, readback, and weight matrices split across binding-size limits.
+
+use super::GpuContext;
+use crate::error::{Error, Result};
+use crate::gguf::BlockFormat;
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+/// A storage buffer holding `bytes` (padded to 4 bytes, the granularity shaders read).
+pub fn storage_buffer(ctx: &GpuContext, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    // create_buffer_init pads to the copy alignment (4 bytes), which shaders reading u32 words rely on.
+    let contents: &[u8] = if bytes.is_empty() { &[0u8; 4] } else { bytes };
+    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage: STORAGE })
+}
+
+/// A zero-filled storage buffer of `size` bytes.
+pub fn storage_buffer_zeroed(ctx: &GpuContext, label: &str, size: u64) -> wgpu::Buffer {
+    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (size.div_ceil(4) * 4).max(4),
+        usage: STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+/// Write `data` into `buf` at byte `offset` (queued before the next submission).
+pub fn upload<T: bytemuck::Pod>(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u64, data: &[T]) {
+    ctx.queue.write_buffer(buf, offset, bytemuck::cast_slice(data));
+}
+
+fn read_bytes(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buf, offset, &staging, 0, size);
+    ctx.queue.submit([enc.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
+    rx.recv()
+        .map_err(|_| Error::Gpu("readback callback never ran".into()))?
+        .map_err(|e| Error::Gpu(format!("mapping a readback buffer: {e}")))?;
+    let view = staging.get_mapped_range(..).map_err(|e| Error::Gpu(format!("reading a mapped buffer: {e}")))?;
+    Ok(view.to_vec())
+}
+
+/// Read `n` f32 values from `buf` starting at element `start`.
+pub fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer, start: usize, n: usize) -> Result<Vec<f32>> {
+    let b = read_bytes(ctx, buf, start as u64 * 4, n as u64 * 4)?;
+    Ok(bytemuck::pod_collect_to_vec(&b))
+}
+
+/// Read `n` u32 values from `buf` starting at element `start`.
+pub fn read_u32(ctx: &GpuContext, buf: &wgpu::Buffer, start: usize, n: usize) -> Result<Vec<u32>> {
+    let b = read_bytes(ctx, buf, start as u64 * 4, n as u64 * 4)?;
+    Ok(bytemuck::pod_collect_to_vec(&b))
+}
+
+/// A weight matrix `rows × cols` in a GGUF block format, resident on the GPU.
+///
+/// Rows are stored as in GGUF (row-major blocks). A matrix larger than the device's largest
+/// storage binding is split by rows into several buffers; kernels run once per part.
+pub struct WeightMatrix {
+    /// Output rows (`N` of `y = W x`).
+    pub rows: usize,
+    /// Input columns (`K`).
+    pub cols: usize,
+    /// Block format of the stored rows.
+    pub format: BlockFormat,
+    /// (first row, buffer) of each part, in row order.
+    pub parts: Vec<(usize, wgpu::Buffer, usize)>,
+}
+
+impl WeightMatrix {
+    /// Upload `bytes` (`rows` rows of `cols` values in `format`), split to fit the binding limit.
+    pub fn upload(ctx: &GpuContext, name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        if cols % format.block_len() != 0 || cols % 8 != 0 {
+            return Err(Error::Shape {
+                op: "WeightMatrix::upload",
+                msg: format!("{name}: {cols} columns is not a multiple of 8 and of the {format:?} block ({})", format.block_len()),
+            });
+        }
+        let row_bytes = format.row_bytes(cols);
+        if bytes.len() != rows * row_bytes {
+            return Err(Error::Shape {
+                op: "WeightMatrix::upload",
+                msg: format!("{name}: {} bytes given for {rows}×{cols} {format:?} ({} expected)", bytes.len(), rows * row_bytes),
+            });
+        }
+        let rows_per_part = (ctx.max_binding() as usize / row_bytes).max(1);
+        if rows_per_part * row_bytes > ctx.max_binding() as usize {
+            return Err(Error::Shape {
+                op: "WeightMatrix::upload",
+                msg: format!("{name}: one row ({row_bytes} bytes) exceeds the binding limit of {} bytes", ctx.max_binding()),
+            });
+        }
+        let mut parts = Vec::new();
+        let mut r = 0;
+        while r < rows {
+            let n = rows_per_part.min(rows - r);
+            let buf = storage_buffer(ctx, name, &bytes[r * row_bytes..(r + n) * row_bytes]);
+            parts.push((r, buf, n));
+            r += n;
+        }
+        Ok(Self { rows, cols, format, parts })
+    }
+
+    /// Bytes of weights (what one full matrix-vector product must read).
+    pub fn n_bytes(&self) -> usize {
+        self.rows * self.format.row_bytes(self.cols)
+    }
+}

@@ -1,0 +1,143 @@
+//! Device selection, feature detection and limits.
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// What kind of device runs the kernels; picks kernel variants at pipeline creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum DeviceClass {
+    /// A discrete or integrated GPU: workgroup-cooperative kernels.
+    Gpu,
+    /// A CPU-backed device (Mesa llvmpipe, SwiftShader, WARP): long per-invocation loops.
+    Cpu,
+}
+
+/// How to choose and configure the device.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// Pick the adapter whose name contains this (case-insensitive), or whose index in
+    /// `agentflux info`'s list equals it. Default: `$AGENTFLUX_ADAPTER`, else a high-performance one.
+    pub adapter: Option<String>,
+    /// Pretend storage bindings can hold at most this many bytes (tests of tensor splitting).
+    pub max_binding_bytes: Option<u64>,
+}
+
+/// Optional device features the kernels can use.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct GpuFeatures {
+    /// `shader-f16` is available.
+    pub shader_f16: bool,
+    /// Subgroup operations are available.
+    pub subgroups: bool,
+    /// Timestamp queries are available.
+    pub timestamps: bool,
+}
+
+/// The device, its queue, and the pipelines built on it.
+pub struct GpuContext {
+    /// The wgpu device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
+    /// The adapter's description (name, backend, driver).
+    pub info: wgpu::AdapterInfo,
+    /// The limits the device was created with (the adapter's own).
+    pub limits: wgpu::Limits,
+    /// Optional features present.
+    pub features: GpuFeatures,
+    /// CPU-backed or a real GPU.
+    pub class: DeviceClass,
+    max_binding: u64,
+    pub(crate) pipelines: Mutex<HashMap<String, Arc<super::kernel::Kernel>>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuContext({})", self.describe())
+    }
+}
+
+/// Names and types of every adapter wgpu finds.
+pub fn list_adapters() -> Vec<wgpu::AdapterInfo> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all())).iter().map(|a| a.get_info()).collect()
+}
+
+impl GpuContext {
+    /// Open a device as `opts` says.
+    pub fn new(opts: &GpuOptions) -> Result<Self> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let choice = opts.adapter.clone().or_else(|| std::env::var("AGENTFLUX_ADAPTER").ok());
+        let adapter = match choice {
+            Some(want) => {
+                let lower = want.to_lowercase();
+                let found = adapters.into_iter().enumerate().find(|(i, a)| {
+                    want.parse::<usize>().ok() == Some(*i) || a.get_info().name.to_lowercase().contains(&lower)
+                });
+                found.map(|(_, a)| a).ok_or_else(|| {
+                    Error::Gpu(format!("no adapter matches '{want}' (see `agentflux info --adapters` for the list)"))
+                })?
+            }
+            None => {
+                // Prefer a real GPU, then anything with compute.
+                let rank = |a: &wgpu::Adapter| match a.get_info().device_type {
+                    wgpu::DeviceType::DiscreteGpu => 0,
+                    wgpu::DeviceType::IntegratedGpu => 1,
+                    wgpu::DeviceType::VirtualGpu | wgpu::DeviceType::Other => 2,
+                    wgpu::DeviceType::Cpu => 3,
+                };
+                let mut v = adapters;
+                v.sort_by_key(rank);
+                v.into_iter().next().ok_or_else(|| {
+                    Error::Gpu(
+                        "no GPU adapter found. Without a GPU install Mesa's software Vulkan driver: \
+                         `apt-get install -y mesa-vulkan-drivers libvulkan1`"
+                            .into(),
+                    )
+                })?
+            }
+        };
+        let info = adapter.get_info();
+        let available = adapter.features();
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = available & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("agentflux"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::Gpu(format!("requesting a device from '{}': {e}", info.name)))?;
+        let class = if info.device_type == wgpu::DeviceType::Cpu { DeviceClass::Cpu } else { DeviceClass::Gpu };
+        let hw_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let max_binding = opts.max_binding_bytes.map_or(hw_binding, |m| m.min(hw_binding));
+        tracing::info!(adapter = %info.name, backend = ?info.backend, ?class, max_binding, "GPU ready");
+        Ok(Self {
+            device,
+            queue,
+            info,
+            limits,
+            features: GpuFeatures {
+                shader_f16: features.contains(wgpu::Features::SHADER_F16),
+                subgroups: features.contains(wgpu::Features::SUBGROUP),
+                timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            },
+            class,
+            max_binding,
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The largest storage binding, in bytes, this context will create (tensors beyond it are split).
+    pub fn max_binding(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// One line naming the device: `NAME (BACKEND, TYPE)`.
+    pub fn describe(&self) -> String {
+        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+}

@@ -1,0 +1,219 @@
+//! Compute pipelines built from WGSL sources, cached per context, and a recorder that batches
+//! many dispatches (each with its own small uniform block) into one submission.
+
+use super::GpuContext;
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// A WGSL program assembled from shader files plus generated constant lines.
+///
+/// Shader files cannot `#include` each other, so launchers list the files a kernel needs
+/// (for example `dequant.wgsl` + `quant_matmul.wgsl`) and the values it is specialised on.
+pub struct ShaderSource {
+    /// Label and cache key prefix.
+    pub name: String,
+    /// Generated lines placed first (constants, format selection).
+    pub prelude: String,
+    /// Shader files, concatenated in order.
+    pub files: Vec<&'static str>,
+    /// Entry point.
+    pub entry: &'static str,
+}
+
+/// A compute pipeline and its bind group layout.
+pub struct Kernel {
+    pub(crate) pipeline: wgpu::ComputePipeline,
+    pub(crate) layout: wgpu::BindGroupLayout,
+    pub(crate) name: String,
+}
+
+impl GpuContext {
+    /// The pipeline for `src`, compiled on first use and cached.
+    pub fn kernel(&self, src: &ShaderSource) -> Result<Arc<Kernel>> {
+        let key = format!("{}|{}|{}", src.name, src.entry, src.prelude);
+        if let Some(k) = self.pipelines.lock().map_err(|_| poisoned())?.get(&key) {
+            return Ok(k.clone());
+        }
+        let mut code = src.prelude.clone();
+        for f in &src.files {
+            code.push('\n');
+            code.push_str(f);
+        }
+        // Validation errors surface through the error scope instead of wgpu's panic handler.
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&src.name),
+            source: wgpu::ShaderSource::Wgsl(code.into()),
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&src.name),
+            layout: None,
+            module: &module,
+            entry_point: Some(src.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("building kernel '{}' ({}): {e}", src.name, src.entry)));
+        }
+        let layout = pipeline.get_bind_group_layout(0);
+        let k = Arc::new(Kernel { pipeline, layout, name: src.name.clone() });
+        self.pipelines.lock().map_err(|_| poisoned())?.insert(key, k.clone());
+        Ok(k)
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Gpu("pipeline cache lock poisoned by a panic in another thread".into())
+}
+
+/// A byte range of a buffer bound to a kernel.
+#[derive(Clone)]
+pub struct Binding {
+    pub(crate) buffer: wgpu::Buffer,
+    pub(crate) offset: u64,
+    pub(crate) size: Option<u64>,
+}
+
+impl Binding {
+    /// The whole buffer.
+    pub fn whole(buffer: &wgpu::Buffer) -> Self {
+        Self { buffer: buffer.clone(), offset: 0, size: None }
+    }
+    /// `size` bytes from `offset`.
+    pub fn range(buffer: &wgpu::Buffer, offset: u64, size: u64) -> Self {
+        Self { buffer: buffer.clone(), offset, size: Some(size) }
+    }
+}
+
+struct Dispatch {
+    kernel: Arc<Kernel>,
+    uniform_offset: u64,
+    uniform_size: u64,
+    bindings: Vec<Binding>,
+    groups: [u32; 3],
+}
+
+enum Op {
+    Dispatch(Dispatch),
+    Copy { src: wgpu::Buffer, src_offset: u64, dst: wgpu::Buffer, dst_offset: u64, size: u64 },
+}
+
+/// Records dispatches; `submit` uploads all their uniforms at once and runs them in one submission.
+///
+/// Every kernel takes its parameters as a uniform block at binding 0 and its buffers at
+/// bindings 1.., in the order given to [`Recorder::dispatch`].
+pub struct Recorder<'a> {
+    ctx: &'a GpuContext,
+    uniforms: Vec<u8>,
+    ops: Vec<Op>,
+}
+
+impl<'a> Recorder<'a> {
+    /// An empty batch on `ctx`.
+    pub fn new(ctx: &'a GpuContext) -> Self {
+        Self { ctx, uniforms: Vec::new(), ops: Vec::new() }
+    }
+
+    /// Queue one dispatch of `kernel` with `params` as its uniform block.
+    pub fn dispatch<P: bytemuck::Pod>(&mut self, kernel: &Arc<Kernel>, params: &P, bindings: Vec<Binding>, groups: [u32; 3]) -> Result<()> {
+        let max = self.ctx.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            return Err(Error::Shape {
+                op: "dispatch",
+                msg: format!("kernel '{}' needs {groups:?} workgroups, over the device limit {max} per dimension", kernel.name),
+            });
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let align = self.ctx.limits.min_uniform_buffer_offset_alignment as usize;
+        let offset = self.uniforms.len().div_ceil(align) * align;
+        self.uniforms.resize(offset, 0);
+        let bytes = bytemuck::bytes_of(params);
+        self.uniforms.extend_from_slice(bytes);
+        // Uniform blocks are read in 16-byte units.
+        let size = bytes.len().div_ceil(16) * 16;
+        self.uniforms.resize(offset + size, 0);
+        self.ops.push(Op::Dispatch(Dispatch {
+            kernel: kernel.clone(),
+            uniform_offset: offset as u64,
+            uniform_size: size as u64,
+            bindings,
+            groups,
+        }));
+        Ok(())
+    }
+
+    /// Queue a buffer-to-buffer copy, ordered after everything recorded before it.
+    pub fn copy(&mut self, src: &wgpu::Buffer, src_offset: u64, dst: &wgpu::Buffer, dst_offset: u64, size: u64) {
+        self.ops.push(Op::Copy { src: src.clone(), src_offset, dst: dst.clone(), dst_offset, size });
+    }
+
+    /// Number of operations recorded so far.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Encode everything into one command buffer and submit it.
+    pub fn submit(self) -> wgpu::SubmissionIndex {
+        let dev = &self.ctx.device;
+        let ubuf = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("uniforms"),
+            size: self.uniforms.len().max(16) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.ctx.queue.write_buffer(&ubuf, 0, &self.uniforms);
+        let bind_group = |d: &Dispatch| {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &ubuf,
+                    offset: d.uniform_offset,
+                    size: wgpu::BufferSize::new(d.uniform_size),
+                }),
+            }];
+            for (i, b) in d.bindings.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &b.buffer,
+                        offset: b.offset,
+                        size: b.size.and_then(wgpu::BufferSize::new),
+                    }),
+                });
+            }
+            dev.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&d.kernel.name), layout: &d.kernel.layout, entries: &entries })
+        };
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("agentflux") });
+        let mut ops = self.ops.iter().peekable();
+        while let Some(op) = ops.next() {
+            match op {
+                Op::Copy { src, src_offset, dst, dst_offset, size } => {
+                    enc.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
+                }
+                Op::Dispatch(first) => {
+                    // Consecutive dispatches share one compute pass.
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                    let mut run = |d: &Dispatch| {
+                        pass.set_pipeline(&d.kernel.pipeline);
+                        pass.set_bind_group(0, &bind_group(d), &[]);
+                        pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                    };
+                    run(first);
+                    while let Some(Op::Dispatch(d)) = ops.peek() {
+                        run(d);
+                        ops.next();
+                    }
+                }
+            }
+        }
+        self.ctx.queue.submit([enc.finish()])
+    }
+}

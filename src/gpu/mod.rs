@@ -1,0 +1,9 @@
+//! The GPU layer: device and limits, buffers, pipelines, and batched dispatch.
+
+mod buffer;
+mod context;
+mod kernel;
+
+pub use buffer::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, upload, WeightMatrix};
+pub use context::{list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions};
+pub use kernel::{Binding, Kernel, Recorder, ShaderSource};

@@ -1,0 +1,63 @@
+//! Causal attention over the KV cache — launcher of `shaders/attention.wgsl`.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, GpuContext, Recorder};
+
+const WGSL: &str = include_str!("../../shaders/attention.wgsl");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n_tokens: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos0: u32,
+    window: u32,
+    q_offset: u32,
+    q_stride: u32,
+    o_offset: u32,
+    o_stride: u32,
+    scale: f32,
+}
+
+/// Head geometry of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Sliding window (0 = full causal attention).
+    pub window: usize,
+    /// Score scale (usually 1/√head_dim).
+    pub scale: f32,
+}
+
+/// Record attention of `n_tokens` queries at positions `pos0..` against cache rows `0..pos0+n_tokens`.
+/// `q` and `o` hold rows of `n_heads × head_dim` floats starting at float 0.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, o: &wgpu::Buffer, n_tokens: usize, pos0: usize) -> Result<()> {
+    if s.head_dim % 4 != 0 || s.head_dim > 256 || s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+        return Err(Error::Shape {
+            op: "attention",
+            msg: format!("head_dim {} (needs a multiple of 4, at most 256), heads {} / kv heads {}", s.head_dim, s.n_heads, s.n_kv_heads),
+        });
+    }
+    let kernel = ctx.kernel(&super::plain("attention", WGSL, "main"))?;
+    let row = s.n_heads * s.head_dim;
+    let p = Params {
+        n_tokens: n_tokens as u32,
+        n_heads: s.n_heads as u32,
+        n_kv_heads: s.n_kv_heads as u32,
+        head_dim: s.head_dim as u32,
+        pos0: pos0 as u32,
+        window: s.window as u32,
+        q_offset: 0,
+        q_stride: row as u32,
+        o_offset: 0,
+        o_stride: row as u32,
+        scale: s.scale,
+    };
+    let bindings = vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(o)];
+    rec.dispatch(&kernel, &p, bindings, [super::groups(s.n_heads, 8), super::groups(n_tokens, 8), 1])
+}

@@ -1,0 +1,40 @@
+//! Element-wise ops — launcher of `shaders/elementwise.wgsl`.
+
+use super::norm::Rows;
+use crate::error::Result;
+use crate::gpu::{Binding, GpuContext, Recorder};
+
+const WGSL: &str = include_str!("../../shaders/elementwise.wgsl");
+
+/// The gate activation of a gated feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Activation {
+    /// SiLU (SwiGLU): llama, qwen.
+    Silu,
+    /// tanh-approximated GELU (GeGLU): gemma.
+    GeluTanh,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    total: u32,
+    n: u32,
+    offset: u32,
+    stride: u32,
+    act: u32,
+}
+
+/// Record `gate[i] = act(gate[i]) · up[i]` for the first `total` elements.
+pub fn glu(rec: &mut Recorder, ctx: &GpuContext, act: Activation, gate: &wgpu::Buffer, up: &wgpu::Buffer, total: usize) -> Result<()> {
+    let kernel = ctx.kernel(&super::plain("glu", WGSL, "glu"))?;
+    let p = Params { total: total as u32, n: 0, offset: 0, stride: 0, act: (act == Activation::GeluTanh) as u32 };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(gate), Binding::whole(up)], super::flat_grid(total))
+}
+
+/// Record `a[row r][i] += bias[i]` for `rows` rows of `n`.
+pub fn add_rows(rec: &mut Recorder, ctx: &GpuContext, a: Rows, bias: &wgpu::Buffer, rows: usize, n: usize) -> Result<()> {
+    let kernel = ctx.kernel(&super::plain("add_rows", WGSL, "add_rows"))?;
+    let p = Params { total: (rows * n) as u32, n: n as u32, offset: a.offset as u32, stride: a.stride as u32, act: 0 };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(a.buf), Binding::whole(bias)], super::flat_grid(rows * n))
+}

@@ -1,0 +1,35 @@
+//! Token embedding gather — launcher of `shaders/embed.wgsl`.
+
+use crate::error::Result;
+use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
+
+const WGSL: &str = include_str!("../../shaders/embed.wgsl");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n_tokens: u32,
+    cols: u32,
+    row_bytes: u32,
+    row_start: u32,
+    row_end: u32,
+    scale: f32,
+}
+
+/// Record `out[t] = scale · table[ids[t]]` for `n_tokens` ids (already range-checked).
+pub fn embed(rec: &mut Recorder, ctx: &GpuContext, table: &WeightMatrix, ids: &wgpu::Buffer, n_tokens: usize, scale: f32, out: &wgpu::Buffer) -> Result<()> {
+    let kernel = ctx.kernel(&super::weight_reader("embed", WGSL, table.format, &[]))?;
+    for (row0, buf, rows) in &table.parts {
+        let p = Params {
+            n_tokens: n_tokens as u32,
+            cols: table.cols as u32,
+            row_bytes: table.format.row_bytes(table.cols) as u32,
+            row_start: *row0 as u32,
+            row_end: (*row0 + *rows) as u32,
+            scale,
+        };
+        let bindings = vec![Binding::whole(ids), Binding::whole(buf), Binding::whole(out)];
+        rec.dispatch(&kernel, &p, bindings, [super::groups(table.cols / 8, 64), n_tokens as u32, 1])?;
+    }
+    Ok(())
+}

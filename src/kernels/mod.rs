@@ -1,0 +1,50 @@
+//! Launchers for the WGSL kernels in `shaders/`: one module per shader file, each with the
+//! uniform block the shader declares and a function that records a dispatch.
+
+pub mod argmax;
+pub mod attention;
+pub mod elementwise;
+pub mod embed;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+
+use crate::gguf::BlockFormat;
+use crate::gpu::ShaderSource;
+
+const DEQUANT_WGSL: &str = include_str!("../../shaders/dequant.wgsl");
+
+/// A kernel that reads weights in `format`: dequant.wgsl plus `file`, with `load8` bound to the
+/// format's decoder and `consts` emitted as WGSL `const` lines.
+fn weight_reader(name: &str, file: &'static str, format: BlockFormat, consts: &[(&str, u32)]) -> ShaderSource {
+    let mut prelude = String::new();
+    for (k, v) in consts {
+        prelude.push_str(&format!("const {k}: u32 = {v}u;\n"));
+    }
+    prelude.push_str(&format!(
+        "fn load8(row_byte: u32, k: u32) -> array<vec4<f32>, 2> {{ return load8_{}(row_byte, k); }}\n",
+        format.name()
+    ));
+    ShaderSource { name: format!("{name}_{}", format.name()), prelude, files: vec![DEQUANT_WGSL, file], entry: "main" }
+}
+
+/// A kernel with no weight decoding: `file` alone, entry point `entry`.
+fn plain(name: &str, file: &'static str, entry: &'static str) -> ShaderSource {
+    ShaderSource { name: name.to_string(), prelude: String::new(), files: vec![file], entry }
+}
+
+/// Workgroups to cover `n` invocations with groups of `wg`.
+fn groups(n: usize, wg: usize) -> u32 {
+    n.div_ceil(wg) as u32
+}
+
+/// A flat 1-D grid of `total` invocations (64 per group) folded into x·y to respect the
+/// 65535-groups-per-dimension limit; shaders recover the index as x + y·65535·64.
+fn flat_grid(total: usize) -> [u32; 3] {
+    let g = total.div_ceil(64);
+    if g <= 65535 {
+        [g as u32, 1, 1]
+    } else {
+        [65535, g.div_ceil(65535) as u32, 1]
+    }
+}

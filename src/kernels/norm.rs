@@ -1,0 +1,60 @@
+//! RMSNorm — launcher of `shaders/rms_norm.wgsl`.
+
+use crate::error::Result;
+use crate::gpu::{Binding, GpuContext, Recorder};
+
+const WGSL: &str = include_str!("../../shaders/rms_norm.wgsl");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    n: u32,
+    x_offset: u32,
+    x_stride: u32,
+    y_offset: u32,
+    y_stride: u32,
+    accumulate: u32,
+    eps: f32,
+}
+
+/// Rows of a buffer: `rows` rows of `n` floats, row r at `offset + r·stride`.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub buf: &'a wgpu::Buffer,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+/// Record `y (+)= rmsnorm(x) · w` over `rows` rows of `n`.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm(rec: &mut Recorder, ctx: &GpuContext, w: &wgpu::Buffer, x: Rows, y: Rows, rows: usize, n: usize, eps: f32, accumulate: bool) -> Result<()> {
+    let kernel = ctx.kernel(&super::plain("rms_norm", WGSL, "norm"))?;
+    let p = Params {
+        rows: rows as u32,
+        n: n as u32,
+        x_offset: x.offset as u32,
+        x_stride: x.stride as u32,
+        y_offset: y.offset as u32,
+        y_stride: y.stride as u32,
+        accumulate: accumulate as u32,
+        eps,
+    };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(w), Binding::whole(x.buf), Binding::whole(y.buf)], [super::groups(rows, 64), 1, 1])
+}
+
+/// Record `y = rmsnorm(y) · w` in place over `rows` rows of `n` (per-head q/k norms).
+pub fn rms_norm_inplace(rec: &mut Recorder, ctx: &GpuContext, w: &wgpu::Buffer, y: Rows, rows: usize, n: usize, eps: f32) -> Result<()> {
+    let kernel = ctx.kernel(&super::plain("rms_norm_inplace", WGSL, "norm_inplace"))?;
+    let p = Params {
+        rows: rows as u32,
+        n: n as u32,
+        x_offset: 0,
+        x_stride: 0,
+        y_offset: y.offset as u32,
+        y_stride: y.stride as u32,
+        accumulate: 0,
+        eps,
+    };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(w), Binding::whole(y.buf)], [super::groups(rows, 64), 1, 1])
+}

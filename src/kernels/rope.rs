@@ -1,0 +1,57 @@
+//! Rotary position embedding — launcher of `shaders/rope.wgsl`.
+
+use super::norm::Rows;
+use crate::error::Result;
+use crate::gpu::{Binding, GpuContext, Recorder};
+
+const WGSL: &str = include_str!("../../shaders/rope.wgsl");
+
+/// Which dimensions form a rotated pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RopeLayout {
+    /// (2i, 2i+1): llama-family GGUF files (their converter permutes q/k for it).
+    Normal,
+    /// (i, i + rot_dim/2): qwen2, qwen3, gemma3.
+    Neox,
+}
+
+/// Rotary embedding hyperparameters.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Rope {
+    pub layout: RopeLayout,
+    /// Rotated dimensions per head (≤ head_dim, even).
+    pub rot_dim: usize,
+    /// Frequency base.
+    pub base: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n_tokens: u32,
+    n_heads: u32,
+    head_dim: u32,
+    rot_dim: u32,
+    pos0: u32,
+    offset: u32,
+    stride: u32,
+    mode: u32,
+    log2_base: f32,
+}
+
+/// Record the rotation of `n_tokens` rows of `n_heads × head_dim` at positions `pos0..`.
+pub fn rope(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: Rows, n_tokens: usize, n_heads: usize, head_dim: usize, pos0: usize) -> Result<()> {
+    let kernel = ctx.kernel(&super::plain("rope", WGSL, "main"))?;
+    let p = Params {
+        n_tokens: n_tokens as u32,
+        n_heads: n_heads as u32,
+        head_dim: head_dim as u32,
+        rot_dim: rope.rot_dim as u32,
+        pos0: pos0 as u32,
+        offset: v.offset as u32,
+        stride: v.stride as u32,
+        mode: (rope.layout == RopeLayout::Neox) as u32,
+        log2_base: rope.base.log2(),
+    };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(v.buf)], [super::groups(n_heads * rope.rot_dim / 2, 64), n_tokens as u32, 1])
+}

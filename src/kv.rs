@@ -1,0 +1,66 @@
+//! The KV cache: per-layer key and value rows, preallocated for the whole context.
+
+use crate::error::{Error, Result};
+use crate::gpu::{storage_buffer_zeroed, GpuContext};
+use crate::model::ModelConfig;
+
+/// Keys and values of every processed position, one buffer pair per layer.
+///
+/// Row `j` of a layer's buffer holds position `j` (`n_kv_heads × head_dim` f32). The cache is
+/// written at `len()` by the forward pass; `truncate` forgets positions (their rows are simply
+/// overwritten later).
+pub struct KvCache {
+    /// Per layer: (keys, values).
+    pub(crate) layers: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    n_ctx: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// A cache for `n_ctx` positions of a model shaped like `cfg`.
+    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, n_ctx: usize) -> Result<Self> {
+        let bytes = (n_ctx * cfg.kv_dim() * 4) as u64;
+        if bytes > ctx.max_binding() {
+            return Err(Error::InvalidOption(format!(
+                "a context of {n_ctx} positions needs {bytes} bytes per layer cache, over this device's binding limit of {} bytes",
+                ctx.max_binding()
+            )));
+        }
+        let layers = (0..cfg.n_layers)
+            .map(|l| (storage_buffer_zeroed(ctx, &format!("k_cache.{l}"), bytes), storage_buffer_zeroed(ctx, &format!("v_cache.{l}"), bytes)))
+            .collect();
+        Ok(Self { layers, n_ctx, len: 0 })
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Capacity in positions.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Forget every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Check that `n` more positions fit.
+    pub(crate) fn reserve(&self, n: usize) -> Result<()> {
+        if self.len + n > self.n_ctx {
+            return Err(Error::ContextOverflow { needed: self.len + n, n_ctx: self.n_ctx });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}

@@ -1,0 +1,162 @@
+//! Architecture-independent hyperparameters, read from GGUF metadata by the architecture files.
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::kernels::elementwise::Activation;
+use crate::kernels::rope::{Rope, RopeLayout};
+
+/// A supported architecture (`general.architecture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Arch {
+    /// llama: SmolLM2, Llama 3.x.
+    Llama,
+    /// qwen2: q/k/v biases.
+    Qwen2,
+    /// qwen3: per-head q/k RMSNorm.
+    Qwen3,
+    /// gemma3: GeGLU, post-norms, sliding-window layers, scaled embeddings.
+    Gemma3,
+}
+
+/// Everything the forward pass needs to know about a model's shape.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_dim: usize,
+    pub n_vocab: usize,
+    /// Context length the model was trained for.
+    pub n_ctx_train: usize,
+    pub norm_eps: f32,
+    /// Rotary embedding of full-attention layers.
+    pub rope: Rope,
+    /// Rotary base of sliding-window layers, where it differs (gemma3).
+    pub rope_base_local: Option<f32>,
+    /// Sliding window of local layers (0 = none).
+    pub sliding_window: usize,
+    /// Every `sliding_pattern`-th layer (the last of each group) attends globally; 0 = all global.
+    pub sliding_pattern: usize,
+    pub act: Activation,
+    /// Multiplier of the token embeddings (√d_model for gemma).
+    pub embed_scale: f32,
+    /// Attention score scale.
+    pub attn_scale: f32,
+    pub qkv_bias: bool,
+    pub qk_norm: bool,
+    /// Norms after attention and feed-forward outputs (gemma).
+    pub post_norms: bool,
+}
+
+impl ModelConfig {
+    /// Read the configuration of any supported architecture.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let arch = f.str("general.architecture")?;
+        match arch {
+            "llama" => super::llama::config(f),
+            "qwen2" => super::qwen2::config(f),
+            "qwen3" => super::qwen3::config(f),
+            "gemma3" => super::gemma3::config(f),
+            other => Err(Error::Model {
+                path: f.path().to_path_buf(),
+                msg: format!("architecture '{other}' is not supported (supported: llama, qwen2, qwen3, gemma3)"),
+            }),
+        }
+    }
+
+    /// The common llama-style fields under the `{arch}.` prefix; architectures adjust the rest.
+    pub(crate) fn base(f: &GgufFile, arch: Arch, prefix: &str, layout: RopeLayout) -> Result<Self> {
+        let k = |s: &str| format!("{prefix}.{s}");
+        let d_model = f.u64(&k("embedding_length"))? as usize;
+        let n_heads = f.u64(&k("attention.head_count"))? as usize;
+        let n_kv_heads = f.meta(&k("attention.head_count_kv")).and_then(|v| v.as_u64()).unwrap_or(n_heads as u64) as usize;
+        let head_dim = match f.meta(&k("attention.key_length")).and_then(|v| v.as_u64()) {
+            Some(h) => h as usize,
+            None => d_model / n_heads.max(1),
+        };
+        let rot_dim = f.meta(&k("rope.dimension_count")).and_then(|v| v.as_u64()).unwrap_or(head_dim as u64) as usize;
+        let n_vocab = match f.meta(&k("vocab_size")).and_then(|v| v.as_u64()) {
+            Some(v) => v as usize,
+            None => f.array("tokenizer.ggml.tokens")?.len(),
+        };
+        let cfg = Self {
+            arch,
+            n_layers: f.u64(&k("block_count"))? as usize,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn_dim: f.u64(&k("feed_forward_length"))? as usize,
+            n_vocab,
+            n_ctx_train: f.u64(&k("context_length"))? as usize,
+            norm_eps: f.f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
+            rope: Rope {
+                layout,
+                rot_dim,
+                base: f.meta(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
+            },
+            rope_base_local: None,
+            sliding_window: 0,
+            sliding_pattern: 0,
+            act: Activation::Silu,
+            embed_scale: 1.0,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            qkv_bias: false,
+            qk_norm: false,
+            post_norms: false,
+        };
+        cfg.validate(f)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, f: &GgufFile) -> Result<()> {
+        let bad = |msg: String| Err(Error::Model { path: f.path().to_path_buf(), msg });
+        if self.n_layers == 0 || self.d_model == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
+            return bad(format!("empty dimensions: {} layers, d_model {}, {} heads, {} kv heads", self.n_layers, self.d_model, self.n_heads, self.n_kv_heads));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!("{} heads is not a multiple of {} kv heads", self.n_heads, self.n_kv_heads));
+        }
+        if self.head_dim % 4 != 0 || self.head_dim > 256 || self.rope.rot_dim % 2 != 0 || self.rope.rot_dim > self.head_dim {
+            return bad(format!("head_dim {} / rope dims {} unsupported (head_dim must be a multiple of 4, at most 256)", self.head_dim, self.rope.rot_dim));
+        }
+        if f.find_tensor("rope_freqs.weight").is_some() {
+            return bad("per-dimension rope frequency factors (rope_freqs.weight, Llama 3.1 scaling) are not supported yet".into());
+        }
+        Ok(())
+    }
+
+    /// Sliding window of layer `l` (0 = full attention).
+    pub fn layer_window(&self, l: usize) -> usize {
+        if self.sliding_window == 0 || self.is_global(l) {
+            0
+        } else {
+            self.sliding_window
+        }
+    }
+
+    /// Rotary embedding of layer `l`.
+    pub fn layer_rope(&self, l: usize) -> Rope {
+        match self.rope_base_local {
+            Some(base) if !self.is_global(l) => Rope { base, ..self.rope },
+            _ => self.rope,
+        }
+    }
+
+    fn is_global(&self, l: usize) -> bool {
+        self.sliding_pattern == 0 || l % self.sliding_pattern == self.sliding_pattern - 1
+    }
+
+    /// Floats per cached key (or value) row: n_kv_heads × head_dim.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Floats per query row: n_heads × head_dim.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+}

@@ -1,0 +1,11 @@
+//! llama (SmolLM2, Llama 3.x): RMSNorm, SwiGLU, rotary embedding on adjacent pairs.
+
+use super::config::{Arch, ModelConfig};
+use crate::error::Result;
+use crate::gguf::GgufFile;
+use crate::kernels::rope::RopeLayout;
+
+/// Hyperparameters of a llama GGUF.
+pub fn config(f: &GgufFile) -> Result<ModelConfig> {
+    ModelConfig::base(f, Arch::Llama, "llama", RopeLayout::Normal)
+}

@@ -1,0 +1,110 @@
+//! Model weights on the GPU, checked against the configuration's shapes while loading.
+
+use super::config::ModelConfig;
+use crate::error::Result;
+use crate::gguf::GgufFile;
+use crate::gpu::{storage_buffer, GpuContext, WeightMatrix};
+
+/// One transformer block's weights.
+pub struct LayerWeights {
+    pub attn_norm: wgpu::Buffer,
+    pub wq: WeightMatrix,
+    pub wk: WeightMatrix,
+    pub wv: WeightMatrix,
+    pub wo: WeightMatrix,
+    /// q, k, v biases (qwen2).
+    pub qkv_bias: Option<[wgpu::Buffer; 3]>,
+    /// Per-head q and k norms (qwen3, gemma3).
+    pub qk_norm: Option<[wgpu::Buffer; 2]>,
+    /// Norm of the attention output before the residual add (gemma3).
+    pub post_attn_norm: Option<wgpu::Buffer>,
+    pub ffn_norm: wgpu::Buffer,
+    pub w_gate: WeightMatrix,
+    pub w_up: WeightMatrix,
+    pub w_down: WeightMatrix,
+    /// Norm of the feed-forward output before the residual add (gemma3).
+    pub post_ffn_norm: Option<wgpu::Buffer>,
+}
+
+/// All weights of a model.
+pub struct Weights {
+    pub embed: WeightMatrix,
+    pub layers: Vec<LayerWeights>,
+    pub out_norm: wgpu::Buffer,
+    /// The output projection; `None` when tied to the embeddings.
+    pub lm_head: Option<WeightMatrix>,
+}
+
+struct Loader<'a> {
+    ctx: &'a GpuContext,
+    f: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
+        let t = self.f.tensor_with_shape(name, &[cols as u64, rows as u64])?;
+        let (format, bytes) = self.f.tensor_data(t)?;
+        WeightMatrix::upload(self.ctx, name, format, rows, cols, bytes)
+    }
+
+    fn vector(&self, name: &str, n: usize) -> Result<wgpu::Buffer> {
+        self.f.tensor_with_shape(name, &[n as u64])?;
+        Ok(storage_buffer(self.ctx, name, bytemuck::cast_slice(&self.f.tensor_f32(name)?)))
+    }
+}
+
+impl Weights {
+    /// Upload every tensor the configuration needs, checking each shape.
+    pub fn load(ctx: &GpuContext, f: &GgufFile, c: &ModelConfig) -> Result<Self> {
+        let ld = Loader { ctx, f };
+        let (d, q, kv, ff) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            layers.push(LayerWeights {
+                attn_norm: ld.vector(&n("attn_norm.weight"), d)?,
+                wq: ld.matrix(&n("attn_q.weight"), q, d)?,
+                wk: ld.matrix(&n("attn_k.weight"), kv, d)?,
+                wv: ld.matrix(&n("attn_v.weight"), kv, d)?,
+                wo: ld.matrix(&n("attn_output.weight"), d, q)?,
+                qkv_bias: if c.qkv_bias {
+                    Some([ld.vector(&n("attn_q.bias"), q)?, ld.vector(&n("attn_k.bias"), kv)?, ld.vector(&n("attn_v.bias"), kv)?])
+                } else {
+                    None
+                },
+                qk_norm: if c.qk_norm {
+                    Some([ld.vector(&n("attn_q_norm.weight"), c.head_dim)?, ld.vector(&n("attn_k_norm.weight"), c.head_dim)?])
+                } else {
+                    None
+                },
+                post_attn_norm: if c.post_norms { Some(ld.vector(&n("post_attention_norm.weight"), d)?) } else { None },
+                ffn_norm: ld.vector(&n("ffn_norm.weight"), d)?,
+                w_gate: ld.matrix(&n("ffn_gate.weight"), ff, d)?,
+                w_up: ld.matrix(&n("ffn_up.weight"), ff, d)?,
+                w_down: ld.matrix(&n("ffn_down.weight"), d, ff)?,
+                post_ffn_norm: if c.post_norms { Some(ld.vector(&n("post_ffw_norm.weight"), d)?) } else { None },
+            });
+        }
+        let lm_head = match f.find_tensor("output.weight") {
+            Some(_) => Some(ld.matrix("output.weight", c.n_vocab, d)?),
+            None => None,
+        };
+        Ok(Self {
+            embed: ld.matrix("token_embd.weight", c.n_vocab, d)?,
+            layers,
+            out_norm: ld.vector("output_norm.weight", d)?,
+            lm_head,
+        })
+    }
+
+    /// The matrix that maps the final hidden state to logits.
+    pub fn output(&self) -> &WeightMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Bytes of weights resident on the GPU.
+    pub fn n_bytes(&self) -> usize {
+        let mats = |l: &LayerWeights| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.n_bytes()).sum::<usize>();
+        self.embed.n_bytes() + self.lm_head.as_ref().map_or(0, |m| m.n_bytes()) + self.layers.iter().map(mats).sum::<usize>()
+    }
+}

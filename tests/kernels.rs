@@ -1,0 +1,247 @@
+//! Every kernel against the plain-Rust f32 reference on fresh random inputs.
+//!
+//! Tolerances (max error relative to the largest reference value): the GPU decodes each block
+//! format exactly (f16/bf16 scales convert exactly to f32), so every format shares the budget of
+//! f32 accumulation against the reference's f64: 2e-4 for products over ≤ 1024 terms; 1e-5 for
+//! pointwise ops; transcendental ops (exp, cos/sin, tanh) 1e-4.
+
+mod common;
+
+use agentflux::gguf::{dequantize, BlockFormat};
+use agentflux::gpu::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, GpuContext, GpuOptions, Recorder, WeightMatrix};
+use agentflux::kernels::attention::{attention, AttentionShape};
+use agentflux::kernels::elementwise::{add_rows, glu, Activation};
+use agentflux::kernels::matmul::{matmul, MatmulIo};
+use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
+use agentflux::kernels::rope::{rope, Rope, RopeLayout};
+use agentflux::kernels::{argmax::argmax, embed::embed};
+use agentflux::reference::{self, random_matrix_bytes, random_vec};
+use common::{assert_close, ctx, rng};
+
+fn f32_buf(ctx: &GpuContext, v: &[f32]) -> wgpu::Buffer {
+    storage_buffer(ctx, "test", bytemuck::cast_slice(v))
+}
+
+fn dequant(format: BlockFormat, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let mut w = vec![0f32; rows * cols];
+    dequantize(format, bytes, &mut w);
+    w
+}
+
+/// y = W·x on the GPU for `m` rows, against the reference.
+fn check_matmul(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usize, m: usize, seed_rng: &mut agentflux::decode::SplitMix64) {
+    let bytes = random_matrix_bytes(seed_rng, format, rows, cols, 1.0);
+    let w = WeightMatrix::upload(ctx, "w", format, rows, cols, &bytes).unwrap();
+    let x = random_vec(seed_rng, m * cols, 1.0);
+    let xb = f32_buf(ctx, &x);
+    let yb = storage_buffer_zeroed(ctx, "y", (m * rows * 4) as u64);
+    let mut rec = Recorder::new(ctx);
+    matmul(&mut rec, ctx, &w, MatmulIo::dense(&xb, &yb, &w, m)).unwrap();
+    rec.submit();
+    let got = read_f32(ctx, &yb, 0, m * rows).unwrap();
+    let want = reference::matmul(&dequant(format, &bytes, rows, cols), &x, rows, cols);
+    assert_close(&format!("matmul {format:?} {rows}x{cols} m={m} parts={}", w.parts.len()), &got, &want, 2e-4);
+}
+
+#[test]
+fn matmul_every_format_decode_and_prefill_shapes() {
+    let ctx = ctx();
+    let mut r = rng("matmul_every_format");
+    for format in BlockFormat::ALL {
+        let k = format.block_len().max(8);
+        // Odd row counts and batch sizes, K of one and several blocks.
+        for (rows, cols, m) in [(1, k.max(32), 1), (37, k * 3, 1), (67, k * 2, 5), (128, k * 4, 9)] {
+            let cols = cols.div_ceil(k) * k;
+            check_matmul(&ctx, format, rows, cols, m, &mut r);
+        }
+    }
+}
+
+#[test]
+fn matmul_accumulates_and_respects_offsets() {
+    let ctx = ctx();
+    let mut r = rng("matmul_offsets");
+    let (rows, cols, m) = (24, 64, 3);
+    let bytes = random_matrix_bytes(&mut r, BlockFormat::Q8_0, rows, cols, 1.0);
+    let w = WeightMatrix::upload(&ctx, "w", BlockFormat::Q8_0, rows, cols, &bytes).unwrap();
+    // x rows sit at stride 72 from offset 8; y rows at stride 30 from offset 5, accumulated.
+    let x = random_vec(&mut r, 8 + m * 72, 1.0);
+    let y0 = random_vec(&mut r, 5 + m * 30, 1.0);
+    let (xb, yb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &y0));
+    let mut rec = Recorder::new(&ctx);
+    let io = MatmulIo { x: &xb, x_offset: 8, x_stride: 72, m, y: &yb, y_offset: 5, y_stride: 30, accumulate: true };
+    matmul(&mut rec, &ctx, &w, io).unwrap();
+    rec.submit();
+    let got = read_f32(&ctx, &yb, 0, y0.len()).unwrap();
+    let wf = dequant(BlockFormat::Q8_0, &bytes, rows, cols);
+    let mut want = y0.clone();
+    for t in 0..m {
+        let xr = &x[8 + t * 72..][..cols];
+        let yr = reference::matmul(&wf, xr, rows, cols);
+        for n in 0..rows {
+            want[5 + t * 30 + n] += yr[n];
+        }
+    }
+    assert_close("matmul offsets+accumulate", &got, &want, 2e-4);
+}
+
+#[test]
+fn tensors_split_across_a_small_binding_limit_stay_correct() {
+    // A context that pretends bindings hold at most 4 KiB: every matrix below spans several parts.
+    let small = GpuContext::new(&GpuOptions { max_binding_bytes: Some(4096), ..Default::default() }).unwrap();
+    let mut r = rng("binding_split");
+    for format in [BlockFormat::Q4_1, BlockFormat::Q6_K, BlockFormat::F32] {
+        let cols = format.block_len().max(64);
+        let rows = 4096 / format.row_bytes(cols) * 3 + 5;
+        check_matmul(&small, format, rows, cols, 1, &mut r);
+        check_matmul(&small, format, rows, cols, 6, &mut r);
+    }
+    // The embedding gather too: ids land in different parts.
+    let (rows, cols) = (300, 64);
+    let bytes = random_matrix_bytes(&mut r, BlockFormat::Q8_0, rows, cols, 1.0);
+    let table = WeightMatrix::upload(&small, "emb", BlockFormat::Q8_0, rows, cols, &bytes).unwrap();
+    assert!(table.parts.len() > 3);
+    check_embed(&small, &table, &bytes, &[0, 299, 150, 7, 64, 65], 1.5);
+}
+
+fn check_embed(ctx: &GpuContext, table: &WeightMatrix, bytes: &[u8], ids: &[u32], scale: f32) {
+    let cols = table.cols;
+    let idb = storage_buffer(ctx, "ids", bytemuck::cast_slice(ids));
+    let out = storage_buffer_zeroed(ctx, "out", (ids.len() * cols * 4) as u64);
+    let mut rec = Recorder::new(ctx);
+    embed(&mut rec, ctx, table, &idb, ids.len(), scale, &out).unwrap();
+    rec.submit();
+    let got = read_f32(ctx, &out, 0, ids.len() * cols).unwrap();
+    let full = dequant(table.format, bytes, table.rows, cols);
+    let want: Vec<f32> = ids.iter().flat_map(|&i| full[i as usize * cols..][..cols].iter().map(|v| v * scale)).collect();
+    assert_close("embed", &got, &want, 1e-6);
+}
+
+#[test]
+fn embedding_gather_every_format() {
+    let ctx = ctx();
+    let mut r = rng("embed");
+    for format in BlockFormat::ALL {
+        let cols = format.block_len().max(32);
+        let bytes = random_matrix_bytes(&mut r, format, 50, cols, 1.0);
+        let table = WeightMatrix::upload(&ctx, "emb", format, 50, cols, &bytes).unwrap();
+        let ids: Vec<u32> = (0..7).map(|_| (r.next_u64() % 50) as u32).collect();
+        check_embed(&ctx, &table, &bytes, &ids, 0.75);
+    }
+}
+
+#[test]
+fn rms_norm_plain_accumulate_and_inplace() {
+    let ctx = ctx();
+    let mut r = rng("rms_norm");
+    for (rows, n) in [(1, 576), (7, 100), (13, 16)] {
+        let x = random_vec(&mut r, rows * n, 2.0);
+        let w = random_vec(&mut r, n, 1.0);
+        let y0 = random_vec(&mut r, rows * n, 1.0);
+        let (xb, wb, yb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &w), f32_buf(&ctx, &y0));
+        let zb = f32_buf(&ctx, &x);
+        let mut rec = Recorder::new(&ctx);
+        let dense = |buf| Rows { buf, offset: 0, stride: n };
+        rms_norm(&mut rec, &ctx, &wb, dense(&xb), dense(&yb), rows, n, 1e-5, true).unwrap();
+        rms_norm_inplace(&mut rec, &ctx, &wb, dense(&zb), rows, n, 1e-5).unwrap();
+        rec.submit();
+        let normed = reference::rms_norm(&x, &w, n, 1e-5);
+        let want: Vec<f32> = normed.iter().zip(&y0).map(|(a, b)| a + b).collect();
+        assert_close("rms_norm accumulate", &read_f32(&ctx, &yb, 0, rows * n).unwrap(), &want, 1e-5);
+        assert_close("rms_norm in place", &read_f32(&ctx, &zb, 0, rows * n).unwrap(), &normed, 1e-5);
+    }
+}
+
+#[test]
+fn rope_both_layouts_partial_rotation() {
+    let ctx = ctx();
+    let mut r = rng("rope");
+    for layout in [RopeLayout::Normal, RopeLayout::Neox] {
+        for (heads, hd, rot, pos0) in [(3, 64, 64, 0), (2, 16, 8, 100), (5, 256, 256, 4000)] {
+            let t = 4;
+            let x = random_vec(&mut r, t * heads * hd, 1.0);
+            let rp = Rope { layout, rot_dim: rot, base: 10000.0 };
+            let b = f32_buf(&ctx, &x);
+            let mut rec = Recorder::new(&ctx);
+            rope(&mut rec, &ctx, &rp, Rows { buf: &b, offset: 0, stride: heads * hd }, t, heads, hd, pos0).unwrap();
+            rec.submit();
+            let mut want = x.clone();
+            reference::rope(&mut want, heads, hd, &rp, pos0);
+            // Angles up to ~4000 rad: f32 argument reduction costs ~1e-4 there.
+            assert_close(&format!("rope {layout:?} hd={hd} pos0={pos0}"), &read_f32(&ctx, &b, 0, x.len()).unwrap(), &want, 5e-4);
+        }
+    }
+}
+
+#[test]
+fn attention_prefill_decode_gqa_and_window() {
+    let ctx = ctx();
+    let mut r = rng("attention");
+    for (heads, kvh, hd, pos0, t, window) in [(9, 3, 64, 0, 7, 0), (4, 1, 256, 5, 3, 0), (4, 2, 16, 20, 1, 0), (2, 2, 32, 10, 6, 4)] {
+        let n_kv = pos0 + t;
+        let q = random_vec(&mut r, t * heads * hd, 1.0);
+        let k = random_vec(&mut r, n_kv * kvh * hd, 1.0);
+        let v = random_vec(&mut r, n_kv * kvh * hd, 1.0);
+        let (qb, kb, vb) = (f32_buf(&ctx, &q), f32_buf(&ctx, &k), f32_buf(&ctx, &v));
+        let ob = storage_buffer_zeroed(&ctx, "o", (q.len() * 4) as u64);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
+        let mut rec = Recorder::new(&ctx);
+        attention(&mut rec, &ctx, &shape, &qb, &kb, &vb, &ob, t, pos0).unwrap();
+        rec.submit();
+        let want = reference::attention(&q, &k, &v, heads, kvh, hd, pos0, window, scale);
+        assert_close(&format!("attention h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window}"), &read_f32(&ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
+    }
+}
+
+#[test]
+fn glu_both_activations_and_bias_rows() {
+    let ctx = ctx();
+    let mut r = rng("glu");
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let n = 1000;
+        let g = random_vec(&mut r, n, 6.0);
+        let u = random_vec(&mut r, n, 2.0);
+        let (gb, ub) = (f32_buf(&ctx, &g), f32_buf(&ctx, &u));
+        let mut rec = Recorder::new(&ctx);
+        glu(&mut rec, &ctx, act, &gb, &ub, n).unwrap();
+        rec.submit();
+        assert_close(&format!("glu {act:?}"), &read_f32(&ctx, &gb, 0, n).unwrap(), &reference::glu(&g, &u, act), 1e-4);
+    }
+    let (rows, n, stride, off) = (5, 12, 20, 3);
+    let a = random_vec(&mut r, off + rows * stride, 1.0);
+    let bias = random_vec(&mut r, n, 1.0);
+    let (ab, bb) = (f32_buf(&ctx, &a), f32_buf(&ctx, &bias));
+    let mut rec = Recorder::new(&ctx);
+    add_rows(&mut rec, &ctx, Rows { buf: &ab, offset: off, stride }, &bb, rows, n).unwrap();
+    rec.submit();
+    let mut want = a.clone();
+    for row in 0..rows {
+        for i in 0..n {
+            want[off + row * stride + i] += bias[i];
+        }
+    }
+    assert_close("add_rows", &read_f32(&ctx, &ab, 0, a.len()).unwrap(), &want, 1e-6);
+}
+
+#[test]
+fn argmax_rows_with_ties() {
+    let ctx = ctx();
+    let mut r = rng("argmax");
+    let (rows, n) = (4, 49_153);
+    let mut x = random_vec(&mut r, rows * n, 10.0);
+    // Row 1: two equal maxima, the first must win. Row 2: the maximum at the last index.
+    x[n + 17] = 50.0;
+    x[n + 40_000] = 50.0;
+    x[3 * n - 1] = 60.0;
+    let xb = f32_buf(&ctx, &x);
+    let out = storage_buffer_zeroed(&ctx, "out", 16);
+    let mut rec = Recorder::new(&ctx);
+    argmax(&mut rec, &ctx, &xb, 0, n, rows, &out).unwrap();
+    rec.submit();
+    let got = read_u32(&ctx, &out, 0, rows).unwrap();
+    let want: Vec<u32> = x.chunks(n).map(|row| reference::argmax(row) as u32).collect();
+    assert_eq!(got, want);
+    assert_eq!(got[1], 17);
+    assert_eq!(got[2], n as u32 - 1);
+}

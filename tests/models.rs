@@ -1,0 +1,132 @@
+//! Whole-model tests on tiny random GGUF files written by the tests: the GPU forward pass against
+//! the f32 reference forward, for every architecture, and the KV cache's invariants.
+//!
+//! Tolerance: logits within 2e-3 of the largest reference logit — many f32 sums in a different
+//! order than the reference's f64 ones, over two layers.
+
+mod common;
+
+use agentflux::gguf::{BlockFormat, GgufFile};
+use agentflux::model::{Logits, Model};
+use agentflux::reference::{tiny_model, ReferenceModel, TinyModelSpec};
+use agentflux::Error;
+use common::{assert_close, ctx, rng};
+
+fn write_model(spec: &TinyModelSpec, seed: u64, tag: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("agentflux-tiny-{}-{}-{tag}.gguf", spec.arch, std::process::id()));
+    std::fs::write(&p, tiny_model(spec, seed)).unwrap();
+    p
+}
+
+fn random_tokens(r: &mut agentflux::decode::SplitMix64, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
+}
+
+fn check_arch(spec: &TinyModelSpec, tag: &str) {
+    let mut r = rng(tag);
+    let path = write_model(spec, r.next_u64(), tag);
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(ctx(), &file).unwrap();
+    let reference = ReferenceModel::from_gguf(&file).unwrap();
+    let tokens = random_tokens(&mut r, 9, spec.n_vocab);
+    let want = reference.forward(&tokens);
+
+    // All positions in one prefill.
+    let mut kv = model.new_cache(64).unwrap();
+    let got = model.forward(&tokens, &mut kv, Logits::All).unwrap();
+    assert_close(&format!("{tag}: prefill logits"), &got, &want, 2e-3);
+
+    // Prefill of 5 then one token at a time: the cache carries the rest.
+    let mut kv = model.new_cache(64).unwrap();
+    let mut steps = model.forward(&tokens[..5], &mut kv, Logits::All).unwrap();
+    for &t in &tokens[5..] {
+        steps.extend(model.forward(&[t], &mut kv, Logits::Last).unwrap());
+    }
+    assert_eq!(kv.len(), tokens.len());
+    assert_close(&format!("{tag}: incremental logits"), &steps, &want, 2e-3);
+
+    // Greedy on the GPU picks the reference's argmax of the last position.
+    let mut kv = model.new_cache(64).unwrap();
+    let id = model.forward_greedy(&tokens, &mut kv).unwrap();
+    let last = &want[(tokens.len() - 1) * spec.n_vocab..];
+    let best = agentflux::reference::argmax(last);
+    let runner_up = last.iter().enumerate().filter(|(i, _)| *i != best).map(|(_, v)| *v).fold(f32::MIN, f32::max);
+    if last[best] - runner_up > 1e-3 {
+        assert_eq!(id as usize, best, "{tag}: greedy token");
+    }
+    std::fs::remove_file(path).ok();
+}
+
+#[test]
+fn llama_matches_reference_for_every_format() {
+    for format in BlockFormat::ALL {
+        let mut spec = TinyModelSpec::new("llama", format);
+        spec.embed_format = BlockFormat::Q8_0;
+        check_arch(&spec, &format!("llama-{}", format.name()));
+    }
+}
+
+#[test]
+fn qwen2_matches_reference() {
+    let mut spec = TinyModelSpec::new("qwen2", BlockFormat::Q4_0);
+    spec.untied_output = true;
+    check_arch(&spec, "qwen2");
+}
+
+#[test]
+fn qwen3_matches_reference() {
+    check_arch(&TinyModelSpec::new("qwen3", BlockFormat::Q8_0), "qwen3");
+}
+
+#[test]
+fn gemma3_matches_reference_with_sliding_window() {
+    // 6 layers: 5 sliding-window layers (window 3 < 9 tokens) and one global layer.
+    let mut spec = TinyModelSpec::new("gemma3", BlockFormat::Q5_0);
+    spec.n_layers = 6;
+    spec.n_kv_heads = 1;
+    spec.embed_format = BlockFormat::Q8_0;
+    check_arch(&spec, "gemma3");
+}
+
+#[test]
+fn truncate_and_recompute_gives_the_same_logits() {
+    let mut r = rng("truncate");
+    let spec = TinyModelSpec::new("llama", BlockFormat::Q4_1);
+    let path = write_model(&spec, r.next_u64(), "truncate");
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(ctx(), &file).unwrap();
+    let a = random_tokens(&mut r, 6, spec.n_vocab);
+    let b = random_tokens(&mut r, 3, spec.n_vocab);
+    let mut kv = model.new_cache(32).unwrap();
+    model.forward(&a, &mut kv, Logits::None).unwrap();
+    let first = model.forward(&b, &mut kv, Logits::All).unwrap();
+    kv.truncate(a.len());
+    let again = model.forward(&b, &mut kv, Logits::All).unwrap();
+    assert_eq!(first, again, "recomputing after truncate must be bit-identical");
+    std::fs::remove_file(path).ok();
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let mut r = rng("bad_inputs");
+    let spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
+    let path = write_model(&spec, r.next_u64(), "bad");
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(ctx(), &file).unwrap();
+    let mut kv = model.new_cache(8).unwrap();
+    assert!(matches!(model.forward(&[1000], &mut kv, Logits::Last), Err(Error::BadToken { id: 1000, .. })));
+    assert!(matches!(model.forward(&[1; 9], &mut kv, Logits::Last), Err(Error::ContextOverflow { needed: 9, n_ctx: 8 })));
+    assert_eq!(kv.len(), 0, "a refused call leaves the cache as it was");
+    std::fs::remove_file(&path).ok();
+
+    // A model file whose tensor has the wrong shape names the tensor.
+    let mut bytes = tiny_model(&spec, 3);
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4;
+    bytes[at..at + 8].copy_from_slice(&32u64.to_le_bytes());
+    let p2 = std::env::temp_dir().join(format!("agentflux-badshape-{}.gguf", std::process::id()));
+    std::fs::write(&p2, &bytes).unwrap();
+    let e = GgufFile::open(&p2).map_err(Error::from).and_then(|f| Model::load(ctx(), &f).map(|_| ())).unwrap_err().to_string();
+    assert!(e.contains("blk.0.attn_q.weight"), "{e}");
+    std::fs::remove_file(p2).ok();
+}
