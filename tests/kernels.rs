@@ -245,3 +245,40 @@ fn argmax_rows_with_ties() {
     assert_eq!(got[1], 17);
     assert_eq!(got[2], n as u32 - 1);
 }
+
+#[test]
+fn gpu_sampling_follows_the_host_rule() {
+    use agentflux::decode::{draw, SamplerConfig};
+    use agentflux::kernels::sample::{sample, K_MAX, OUT_WORDS};
+    let ctx = ctx();
+    let mut r = rng("sample");
+    let n = 5003;
+    let x = random_vec(&mut r, n, 4.0);
+    let xb = f32_buf(&ctx, &x);
+    let out = storage_buffer_zeroed(&ctx, "out", (OUT_WORDS * 4) as u64);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    let mut boundary = 0;
+    for (k, temperature, top_p) in [(1, 1.0, 1.0), (40, 0.8, 0.95), (64, 1.5, 0.5), (7, 0.3, 1.0)] {
+        for _ in 0..10 {
+            let u = r.next_f32();
+            let mut rec = Recorder::new(&ctx);
+            sample(&mut rec, &ctx, &xb, 0, n, k, temperature, top_p, u, &out).unwrap();
+            rec.submit();
+            let got = read_u32(&ctx, &out, 0, OUT_WORDS).unwrap();
+            let ids: Vec<usize> = got[1..1 + k].iter().map(|&i| i as usize).collect();
+            assert_eq!(ids, order[..k], "top-{k} candidates");
+            let probs: Vec<f32> = got[1 + K_MAX..1 + K_MAX + k].iter().map(|&b| f32::from_bits(b)).collect();
+            let e: Vec<f64> = ids.iter().map(|&i| (((x[i] - x[ids[0]]) / temperature) as f64).exp()).collect();
+            let want: Vec<f32> = e.iter().map(|v| (v / e.iter().sum::<f64>()) as f32).collect();
+            assert_close("candidate probabilities", &probs, &want, 1e-5);
+            let cfg = SamplerConfig { temperature, top_k: k, top_p, seed: 0 };
+            let host = draw(&x, &cfg, u);
+            if got[0] != host {
+                // Only a u within rounding of a cumulative-probability boundary may differ.
+                boundary += 1;
+            }
+        }
+    }
+    assert!(boundary <= 1, "{boundary} of 40 draws differ from the host rule");
+}

@@ -42,8 +42,12 @@ impl Generation {
 }
 
 fn step(model: &Model, kv: &mut KvCache, tokens: &[u32], sampler: &mut Sampler) -> Result<u32> {
+    let cfg = sampler.config();
     if sampler.is_greedy() {
         model.forward_greedy(tokens, kv)
+    } else if (1..=crate::kernels::sample::K_MAX).contains(&cfg.top_k) {
+        let u = sampler.next_uniform();
+        model.forward_sample(tokens, kv, &cfg, u)
     } else {
         let logits = model.forward(tokens, kv, Logits::Last)?;
         Ok(sampler.sample(&logits))

@@ -4,4 +4,4 @@ mod generate;
 mod sampler;
 
 pub use generate::{generate, GenerateOptions, Generation};
-pub use sampler::{Sampler, SamplerConfig, SplitMix64};
+pub use sampler::{draw, Sampler, SamplerConfig, SplitMix64};

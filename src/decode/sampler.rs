@@ -58,39 +58,58 @@ impl Sampler {
         self.cfg.temperature <= 0.0
     }
 
-    /// Draw a token from `logits`.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect();
-        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-        if self.is_greedy() || idx.len() <= 1 {
-            return idx.first().copied().unwrap_or(0);
-        }
-        if self.cfg.top_k > 0 {
-            idx.truncate(self.cfg.top_k);
-        }
-        let max = logits[idx[0] as usize];
-        let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i as usize] - max) / self.cfg.temperature).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        let mut keep = probs.len();
-        let mut acc = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= self.cfg.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-        let total: f32 = probs[..keep].iter().sum();
-        let mut r = self.rng.next_f32() * total;
-        for i in 0..keep {
-            r -= probs[i];
-            if r <= 0.0 {
-                return idx[i];
-            }
-        }
-        idx[keep - 1]
+    /// The settings.
+    pub fn config(&self) -> SamplerConfig {
+        self.cfg
     }
+
+    /// The next uniform number in [0, 1) of this sampler's seeded stream.
+    pub fn next_uniform(&mut self) -> f32 {
+        self.rng.next_f32()
+    }
+
+    /// Draw a token from `logits` on the host.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let u = self.rng.next_f32();
+        draw(logits, &self.cfg, u)
+    }
+}
+
+/// The sampling rule, given the uniform number `u`: sort by logit (ties: lower id first), keep
+/// top-k, softmax at the temperature, keep the shortest prefix reaching top-p, and return the
+/// token where the renormalised running sum reaches `u`. Temperature 0 is the argmax.
+/// `shaders/sample.wgsl` implements the same rule on the GPU.
+pub fn draw(logits: &[f32], cfg: &SamplerConfig, u: f32) -> u32 {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect();
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    if cfg.temperature <= 0.0 || idx.len() <= 1 {
+        return idx.first().copied().unwrap_or(0);
+    }
+    if cfg.top_k > 0 {
+        idx.truncate(cfg.top_k);
+    }
+    let max = logits[idx[0] as usize];
+    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i as usize] - max) / cfg.temperature).exp()).collect();
+    let sum: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    let mut keep = probs.len();
+    let mut acc = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        acc += p;
+        if acc >= cfg.top_p {
+            keep = i + 1;
+            break;
+        }
+    }
+    let total: f32 = probs[..keep].iter().sum();
+    let mut left = u * total;
+    for i in 0..keep {
+        left -= probs[i];
+        if left <= 0.0 {
+            return idx[i];
+        }
+    }
+    idx[keep - 1]
 }
 
 #[cfg(test)]

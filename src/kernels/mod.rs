@@ -8,6 +8,7 @@ pub mod embed;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
+pub mod sample;
 
 use crate::gguf::BlockFormat;
 use crate::gpu::ShaderSource;

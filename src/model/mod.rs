@@ -20,7 +20,8 @@ use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_rows, glu};
 use crate::kernels::matmul::{matmul, MatmulIo};
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
-use crate::kernels::{argmax::argmax, embed::embed, rope::rope};
+use crate::decode::SamplerConfig;
+use crate::kernels::{argmax::argmax, embed::embed, rope::rope, sample::sample};
 use crate::kv::KvCache;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,13 @@ pub enum Logits {
     Last,
     /// Every token's, in order.
     All,
+}
+
+/// How the next token is chosen on the GPU.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    Greedy,
+    Sample(SamplerConfig, f32),
 }
 
 /// Tokens processed per submission during prefill.
@@ -51,7 +59,7 @@ struct Scratch {
     gate: wgpu::Buffer,
     up: wgpu::Buffer,
     logits: wgpu::Buffer,
-    argmax: wgpu::Buffer,
+    picked: wgpu::Buffer,
 }
 
 /// A loaded model: configuration and GPU weights.
@@ -94,19 +102,29 @@ impl Model {
     /// (`n_vocab` floats per row).
     pub fn forward(&self, tokens: &[u32], kv: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.run(tokens, kv, want, false, &mut out)?;
+        self.run(tokens, kv, want, None, &mut out)?;
         Ok(out)
     }
 
     /// Process `tokens` and return the id of the largest last-token logit, computed on the GPU
     /// (only the id is read back).
     pub fn forward_greedy(&self, tokens: &[u32], kv: &mut KvCache) -> Result<u32> {
-        let mut out = Vec::new();
-        let id = self.run(tokens, kv, Logits::Last, true, &mut out)?;
-        id.ok_or_else(|| Error::Gpu("argmax produced no token".into()))
+        self.forward_pick(tokens, kv, Pick::Greedy)
     }
 
-    fn run(&self, tokens: &[u32], kv: &mut KvCache, want: Logits, greedy: bool, out: &mut Vec<f32>) -> Result<Option<u32>> {
+    /// Process `tokens` and draw the next token on the GPU with `cfg` (top-k in 1..=64) and the
+    /// uniform number `u` (see [`crate::decode::draw`], the same rule on the host).
+    pub fn forward_sample(&self, tokens: &[u32], kv: &mut KvCache, cfg: &SamplerConfig, u: f32) -> Result<u32> {
+        self.forward_pick(tokens, kv, Pick::Sample(*cfg, u))
+    }
+
+    fn forward_pick(&self, tokens: &[u32], kv: &mut KvCache, pick: Pick) -> Result<u32> {
+        let mut out = Vec::new();
+        let id = self.run(tokens, kv, Logits::Last, Some(pick), &mut out)?;
+        id.ok_or_else(|| Error::Gpu("token choice produced no token".into()))
+    }
+
+    fn run(&self, tokens: &[u32], kv: &mut KvCache, want: Logits, pick: Option<Pick>, out: &mut Vec<f32>) -> Result<Option<u32>> {
         let n_vocab = self.config.n_vocab;
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(Error::BadToken { id, n_vocab });
@@ -135,13 +153,15 @@ impl Model {
             upload(&self.ctx, &s.ids, 0, part);
             let mut rec = Recorder::new(&self.ctx);
             self.record_chunk(&mut rec, s, kv, part.len(), rows)?;
-            if greedy && last {
-                argmax(&mut rec, &self.ctx, &s.logits, 0, n_vocab, 1, &s.argmax)?;
+            match pick {
+                Some(Pick::Greedy) if last => argmax(&mut rec, &self.ctx, &s.logits, 0, n_vocab, 1, &s.picked)?,
+                Some(Pick::Sample(cfg, u)) if last => sample(&mut rec, &self.ctx, &s.logits, 0, n_vocab, cfg.top_k, cfg.temperature, cfg.top_p, u, &s.picked)?,
+                _ => {}
             }
             rec.submit();
             kv.advance(part.len());
-            if greedy && last {
-                let id = read_u32(&self.ctx, &s.argmax, 0, 1)?[0];
+            if pick.is_some() && last {
+                let id = read_u32(&self.ctx, &s.picked, 0, 1)?[0];
                 if id as usize >= n_vocab {
                     return Err(Error::Gpu("every logit is NaN or -inf".into()));
                 }
@@ -167,7 +187,7 @@ impl Model {
             gate: f("gate", tokens * c.ffn_dim),
             up: f("up", tokens * c.ffn_dim),
             logits: f("logits", logit_rows * c.n_vocab),
-            argmax: f("argmax", 1),
+            picked: f("picked", crate::kernels::sample::OUT_WORDS),
         }
     }
 

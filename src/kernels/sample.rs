@@ -1,0 +1,35 @@
+//! Temperature/top-k/top-p sampling on the GPU — launcher of `shaders/sample.wgsl`.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, GpuContext, Recorder};
+
+const WGSL: &str = include_str!("../../shaders/sample.wgsl");
+
+/// Most candidates the kernel keeps (top-k).
+pub const K_MAX: usize = 64;
+
+/// u32 words the output buffer needs: token, K_MAX ids, K_MAX probabilities.
+pub const OUT_WORDS: usize = 1 + 2 * K_MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    offset: u32,
+    k: u32,
+    temperature: f32,
+    top_p: f32,
+    u: f32,
+}
+
+/// Record a draw from `x[offset..offset+n]`: top-`k` (1..=64) at `temperature`, nucleus `top_p`,
+/// with `u` uniform in [0, 1) from the host's seeded generator. `out` holds [`OUT_WORDS`] u32.
+#[allow(clippy::too_many_arguments)]
+pub fn sample(rec: &mut Recorder, ctx: &GpuContext, x: &wgpu::Buffer, offset: usize, n: usize, k: usize, temperature: f32, top_p: f32, u: f32, out: &wgpu::Buffer) -> Result<()> {
+    if k == 0 || k > K_MAX || k > n || temperature <= 0.0 {
+        return Err(Error::InvalidOption(format!("GPU sampling needs 1 ≤ top-k ≤ {K_MAX} (got {k}) and a positive temperature (got {temperature})")));
+    }
+    let kernel = ctx.kernel(&super::plain("sample", WGSL, "main"))?;
+    let p = Params { n: n as u32, offset: offset as u32, k: k as u32, temperature, top_p, u };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(x), Binding::whole(out)], [1, 1, 1])
+}
