@@ -1,11 +1,11 @@
 // embed.wgsl — token embedding gather from a quantized table.
 //
 // Computes: out[t, c] = scale · E[ids[t], c] for t < n_tokens, c < cols.
-// Layout: E is rows of `cols` values in a GGUF block format (dequant.wgsl's `load8`), this binding
+// Layout: E is rows of `cols` values in a GGUF block format (dequant.wgsl's `load32`), this binding
 //   holding rows row_start..row_end of the table; out is f32 [n_tokens, cols] (vec4 units).
-// Work split: one invocation per (8 columns, token). A table split across bindings runs once per
+// Work split: one invocation per (32 columns, token). A table split across bindings runs once per
 //   part; invocations whose token lies in another part do nothing.
-// Limits: cols % 8 == 0; token ids were range-checked by the launcher.
+// Limits: cols % 32 == 0; token ids were range-checked by the launcher.
 
 struct Params {
     n_tokens: u32,
@@ -23,17 +23,18 @@ struct Params {
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c8 = gid.x;
+    let c32 = gid.x;
     let t = gid.y;
-    if (c8 * 8u >= p.cols || t >= p.n_tokens) {
+    if (c32 * 32u >= p.cols || t >= p.n_tokens) {
         return;
     }
     let id = ids[t];
     if (id < p.row_start || id >= p.row_end) {
         return;
     }
-    let v = load8((id - p.row_start) * p.row_bytes, c8 * 8u);
-    let o = (t * p.cols + c8 * 8u) >> 2u;
-    out[o] = v[0] * p.scale;
-    out[o + 1u] = v[1] * p.scale;
+    let v = load32((id - p.row_start) * p.row_bytes, c32 * 32u);
+    let o = (t * p.cols + c32 * 32u) >> 2u;
+    for (var j = 0u; j < 8u; j++) {
+        out[o + j] = v[j] * p.scale;
+    }
 }

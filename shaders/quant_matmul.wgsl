@@ -2,12 +2,12 @@
 //
 // Computes: for m < M, n < N:  y[y_offset + m·y_stride + n_offset + n] (+)= Σ_k W[n, k] · x[m, k]
 //   with `+=` when `accumulate` is 1 (fuses the residual add into the projection).
-// Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load8`);
+// Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load32`);
 //   x is M rows of K f32 at x_offset + m·x_stride (both in vec4 units); y is f32.
 // Work split (CPU-friendly family): one invocation owns one output row n and TILE_M batch rows,
-//   so each weight block is decoded once per TILE_M tokens; f32 accumulation, no barriers.
+//   so each 32-value weight group is decoded once per TILE_M tokens; f32 accumulation, no barriers.
 //   Decode uses TILE_M = 1, prefill a larger tile. A matrix split across bindings runs once per part.
-// Limits: K % 8 == 0 and K a multiple of the format's block; N ≤ 65535·WG per part.
+// Limits: K a multiple of 32 and of the format's block; N ≤ 65535·WG per part.
 
 struct Params {
     n: u32,
@@ -37,11 +37,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let rows = min(TILE_M, p.m - m0);
     let row_byte = n * p.row_bytes;
     var acc: array<f32, TILE_M>;
-    for (var k = 0u; k < p.k; k += 8u) {
-        let wv = load8(row_byte, k);
+    for (var k = 0u; k < p.k; k += 32u) {
+        let wv = load32(row_byte, k);
         for (var t = 0u; t < rows; t++) {
             let xi = p.x_offset + (m0 + t) * p.x_stride + (k >> 2u);
-            acc[t] += dot(wv[0], x[xi]) + dot(wv[1], x[xi + 1u]);
+            var s = vec4<f32>(0.0);
+            for (var j = 0u; j < 8u; j++) {
+                s += wv[j] * x[xi + j];
+            }
+            acc[t] += s.x + s.y + s.z + s.w;
         }
     }
     for (var t = 0u; t < rows; t++) {
@@ -51,5 +55,30 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         } else {
             y[yi] = acc[t];
         }
+    }
+}
+
+// Decode (M = 1): a scalar accumulator and an unrolled group product, which CPU-backed drivers
+// keep in registers (an indexed private array becomes per-lane memory traffic there).
+@compute @workgroup_size(WG)
+fn main_m1(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = gid.x;
+    if (n >= p.n) {
+        return;
+    }
+    let row_byte = n * p.row_bytes;
+    var acc = vec4<f32>(0.0);
+    for (var k = 0u; k < p.k; k += 32u) {
+        let wv = load32(row_byte, k);
+        let xi = p.x_offset + (k >> 2u);
+        acc += wv[0] * x[xi] + wv[1] * x[xi + 1u] + wv[2] * x[xi + 2u] + wv[3] * x[xi + 3u]
+             + wv[4] * x[xi + 4u] + wv[5] * x[xi + 5u] + wv[6] * x[xi + 6u] + wv[7] * x[xi + 7u];
+    }
+    let yi = p.y_offset + p.n_offset + n;
+    let r = acc.x + acc.y + acc.z + acc.w;
+    if (p.accumulate != 0u) {
+        y[yi] += r;
+    } else {
+        y[yi] = r;
     }
 }

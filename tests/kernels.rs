@@ -48,7 +48,7 @@ fn matmul_every_format_decode_and_prefill_shapes() {
     let ctx = ctx();
     let mut r = rng("matmul_every_format");
     for format in BlockFormat::ALL {
-        let k = format.block_len().max(8);
+        let k = format.block_len().max(32);
         // Odd row counts and batch sizes, K of one and several blocks.
         for (rows, cols, m) in [(1, k.max(32), 1), (37, k * 3, 1), (67, k * 2, 5), (128, k * 4, 9)] {
             let cols = cols.div_ceil(k) * k;

@@ -85,10 +85,10 @@ pub struct WeightMatrix {
 impl WeightMatrix {
     /// Upload `bytes` (`rows` rows of `cols` values in `format`), split to fit the binding limit.
     pub fn upload(ctx: &GpuContext, name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
-        if cols % format.block_len() != 0 || cols % 8 != 0 {
+        if cols % format.block_len() != 0 || cols % 32 != 0 {
             return Err(Error::Shape {
                 op: "WeightMatrix::upload",
-                msg: format!("{name}: {cols} columns is not a multiple of 8 and of the {format:?} block ({})", format.block_len()),
+                msg: format!("{name}: {cols} columns is not a multiple of 32 and of the {format:?} block ({})", format.block_len()),
             });
         }
         let row_bytes = format.row_bytes(cols);

@@ -18,7 +18,7 @@ struct Params {
 
 /// Record `out[t] = scale · table[ids[t]]` for `n_tokens` ids (already range-checked).
 pub fn embed(rec: &mut Recorder, ctx: &GpuContext, table: &WeightMatrix, ids: &wgpu::Buffer, n_tokens: usize, scale: f32, out: &wgpu::Buffer) -> Result<()> {
-    let kernel = ctx.kernel(&super::weight_reader("embed", WGSL, table.format, &[]))?;
+    let kernel = ctx.kernel(&super::weight_reader("embed", WGSL, "main", table.format, &[]))?;
     for (row0, buf, rows) in &table.parts {
         let p = Params {
             n_tokens: n_tokens as u32,
@@ -29,7 +29,7 @@ pub fn embed(rec: &mut Recorder, ctx: &GpuContext, table: &WeightMatrix, ids: &w
             scale,
         };
         let bindings = vec![Binding::whole(ids), Binding::whole(buf), Binding::whole(out)];
-        rec.dispatch(&kernel, &p, bindings, [super::groups(table.cols / 8, 64), n_tokens as u32, 1])?;
+        rec.dispatch(&kernel, &p, bindings, [super::groups(table.cols / 32, 64), n_tokens as u32, 1])?;
     }
     Ok(())
 }

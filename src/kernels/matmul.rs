@@ -55,7 +55,8 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
         return Err(Error::Shape { op: "matmul", msg: format!("x offset {} / stride {} not multiples of 4", io.x_offset, io.x_stride) });
     }
     let tile = if io.m == 1 { 1 } else { 4 };
-    let kernel = ctx.kernel(&super::weight_reader("quant_matmul", WGSL, w.format, &[("TILE_M", tile), ("WG", WG as u32)]))?;
+    let entry = if io.m == 1 { "main_m1" } else { "main" };
+    let kernel = ctx.kernel(&super::weight_reader("quant_matmul", WGSL, entry, w.format, &[("TILE_M", tile), ("WG", WG as u32)]))?;
     for (row0, buf, rows) in &w.parts {
         let p = Params {
             n: *rows as u32,

@@ -15,18 +15,18 @@ use crate::gpu::ShaderSource;
 
 const DEQUANT_WGSL: &str = include_str!("../../shaders/dequant.wgsl");
 
-/// A kernel that reads weights in `format`: dequant.wgsl plus `file`, with `load8` bound to the
+/// A kernel that reads weights in `format`: dequant.wgsl plus `file`, with `load32` bound to the
 /// format's decoder and `consts` emitted as WGSL `const` lines.
-fn weight_reader(name: &str, file: &'static str, format: BlockFormat, consts: &[(&str, u32)]) -> ShaderSource {
+fn weight_reader(name: &str, file: &'static str, entry: &'static str, format: BlockFormat, consts: &[(&str, u32)]) -> ShaderSource {
     let mut prelude = String::new();
     for (k, v) in consts {
         prelude.push_str(&format!("const {k}: u32 = {v}u;\n"));
     }
     prelude.push_str(&format!(
-        "fn load8(row_byte: u32, k: u32) -> array<vec4<f32>, 2> {{ return load8_{}(row_byte, k); }}\n",
+        "fn load32(row_byte: u32, k: u32) -> V32 {{ return load32_{}(row_byte, k); }}\n",
         format.name()
     ));
-    ShaderSource { name: format!("{name}_{}", format.name()), prelude, files: vec![DEQUANT_WGSL, file], entry: "main" }
+    ShaderSource { name: format!("{name}_{}", format.name()), prelude, files: vec![DEQUANT_WGSL, file], entry }
 }
 
 /// A kernel with no weight decoding: `file` alone, entry point `entry`.
