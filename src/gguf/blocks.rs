@@ -267,13 +267,13 @@ pub fn dequantize(format: BlockFormat, bytes: &[u8], out: &mut [f32]) {
             BlockFormat::Q6_K => {
                 let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
                 let d = f16_at(b, 208);
-                for j in 0..256 {
+                for (j, yj) in y.iter_mut().enumerate() {
                     let (n, r) = (j / 128, j % 128);
                     let (quarter, l) = (r / 32, r % 32);
                     let lo = (ql[n * 64 + (quarter % 2) * 32 + l] >> (4 * (quarter / 2))) & 0x0f;
                     let hi = (qh[n * 32 + l] >> (2 * quarter)) & 3;
                     let q = (lo | (hi << 4)) as i32 - 32;
-                    y[j] = d * (sc[n * 8 + l / 16 + 2 * quarter] as i8) as f32 * q as f32;
+                    *yj = d * (sc[n * 8 + l / 16 + 2 * quarter] as i8) as f32 * q as f32;
                 }
             }
         }

@@ -40,6 +40,7 @@ struct Params {
 }
 
 /// Record the rotation of `n_tokens` rows of `n_heads × head_dim` at positions `pos0..`.
+#[allow(clippy::too_many_arguments)]
 pub fn rope(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: Rows, n_tokens: usize, n_heads: usize, head_dim: usize, pos0: usize) -> Result<()> {
     let kernel = ctx.kernel(&super::plain("rope", WGSL, "main"))?;
     let p = Params {

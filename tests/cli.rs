@@ -1,0 +1,106 @@
+//! The `agentflux` binary as a user runs it: JSON output of `generate` and `info`, and the
+//! messages for a missing, corrupt or truncated model.
+
+use serde_json::Value;
+use std::process::Command;
+
+fn agentflux(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentflux"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()))
+        .output()
+        .expect("run agentflux");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn default_model_cached() -> bool {
+    let cached = agentflux::resolve_model("default").is_ok();
+    if !cached {
+        assert!(std::env::var("CI").is_err(), "the default model is missing under CI: tools/test fetches it");
+        eprintln!("SKIPPED: default model not cached (run tools/fetch-model)");
+    }
+    cached
+}
+
+#[derive(serde::Deserialize)]
+struct Golden {
+    generate: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    prompt: String,
+    prompt_tokens: Vec<u32>,
+    greedy_tokens: Vec<u32>,
+    top5: Vec<Top5>,
+}
+
+#[derive(serde::Deserialize)]
+struct Top5 {
+    position: usize,
+    logits: Vec<f32>,
+}
+
+#[test]
+fn generate_json_matches_llama_cpp_greedy() {
+    if !default_model_cached() {
+        return;
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden/SmolLM2-135M-Instruct.Q4_1.json");
+    let golden: Golden = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let case = golden.generate.iter().find(|c| c.prompt == "The quick brown fox").unwrap();
+    let (ok, out, err) = agentflux(&["generate", "--model", "default", "--prompt", &case.prompt, "--max-tokens", "16", "--ignore-eos", "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
+    let ids = |k: &str| -> Vec<u32> { v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    assert_eq!(ids("prompt_tokens"), case.prompt_tokens);
+    // Equal to llama.cpp's greedy tokens up to the first step where llama.cpp's own top-2 logits
+    // are within 1.0 (the rule and its reason: tests/golden.rs).
+    let tokens = ids("tokens");
+    assert_eq!(tokens.len(), 16);
+    let same = tokens.iter().zip(&case.greedy_tokens).take_while(|(a, b)| a == b).count();
+    if same < tokens.len() {
+        let at = case.prompt_tokens.len() - 1 + same;
+        let t = case.top5.iter().find(|t| t.position == at).unwrap();
+        assert!(t.logits[0] - t.logits[1] <= 1.0, "token {same} differs from llama.cpp's at a clear margin");
+    }
+    assert!(same >= 2, "only {same} tokens equal llama.cpp's");
+    assert!(!v["text"].as_str().unwrap().is_empty());
+    assert!(v["prefill_tok_s"].as_f64().unwrap() > 0.0 && v["decode_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(!v["device"].as_str().unwrap().is_empty());
+}
+
+#[test]
+fn info_json_describes_model_and_device() {
+    if !default_model_cached() {
+        return;
+    }
+    let (ok, out, err) = agentflux(&["info", "--model", "default", "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["config"]["arch"], "Llama");
+    assert_eq!(v["config"]["n_layers"], 30);
+    assert_eq!(v["tensor_types"]["Q4_1"]["tensors"], 210);
+    assert!(v["max_storage_binding"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bad_model_files_give_clear_errors() {
+    let (ok, _, err) = agentflux(&["info", "--model", "/nonexistent/model.gguf"]);
+    assert!(!ok && err.contains("/nonexistent/model.gguf") && err.contains("cannot open"), "{err}");
+
+    let dir = std::env::temp_dir();
+    let junk = dir.join(format!("agentflux-cli-junk-{}.gguf", std::process::id()));
+    std::fs::write(&junk, b"not a model at all").unwrap();
+    let (ok, _, err) = agentflux(&["generate", "--model", junk.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(!ok && err.contains("bad magic") && err.contains(junk.to_str().unwrap()), "{err}");
+
+    // A real-shaped file cut in its data section: the error names a tensor.
+    let tiny = agentflux::reference::tiny_model(&agentflux::reference::TinyModelSpec::new("llama", agentflux::gguf::BlockFormat::Q8_0), 5);
+    let cut = dir.join(format!("agentflux-cli-cut-{}.gguf", std::process::id()));
+    std::fs::write(&cut, &tiny[..tiny.len() - 100]).unwrap();
+    let (ok, _, err) = agentflux(&["info", "--model", cut.to_str().unwrap()]);
+    assert!(!ok && err.contains("tensor '") && err.contains("past the end of the file"), "{err}");
+    std::fs::remove_file(junk).ok();
+    std::fs::remove_file(cut).ok();
+}
