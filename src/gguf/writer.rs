@@ -159,6 +159,21 @@ mod tests {
     }
 
     #[test]
+    fn version_2_reads_and_other_versions_are_refused() {
+        // v2 and v3 share the layout (u64 counts); v1 used u32 counts and is refused.
+        for (version, ok) in [(2u32, true), (1, false), (4, false)] {
+            let mut b = sample().to_bytes();
+            b[4..8].copy_from_slice(&version.to_le_bytes());
+            let p = write_tmp(&format!("v{version}"), &b);
+            match GgufFile::open(&p) {
+                Ok(f) => assert!(ok && f.version == version && f.tensor_f32("norm").unwrap() == vec![1.0, 2.0, 3.0, 4.0]),
+                Err(e) => assert!(!ok && matches!(e.kind, GgufErrorKind::UnsupportedVersion(v) if v == version), "{e}"),
+            }
+            std::fs::remove_file(p).ok();
+        }
+    }
+
+    #[test]
     fn bad_magic_is_an_error() {
         let mut b = sample().to_bytes();
         b[0..4].copy_from_slice(b"GGML");
