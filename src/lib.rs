@@ -13,6 +13,7 @@
 //!   and a recorder that batches a whole forward pass into one submission;
 //! - [`kernels`]: one launcher per WGSL kernel file;
 //! - [`model`]: architectures from GGUF metadata, the KV cache, and the forward pass;
+//! - [`lora`]: LoRA adapters in PEFT format, validated against the base model;
 //! - [`reference`]: a plain-Rust f32 implementation of every kernel and of the forward pass,
 //!   which the tests compare the GPU against.
 
@@ -23,6 +24,7 @@ pub mod gguf;
 pub mod gpu;
 pub mod kernels;
 pub mod kv;
+pub mod lora;
 pub mod model;
 pub mod reference;
 pub mod text;

@@ -1,0 +1,335 @@
+//! LoRA adapters in PEFT format: load, validate against a base model, save.
+//!
+//! A PEFT adapter directory holds `adapter_config.json` (r, lora_alpha, use_rslora, target_modules,
+//! and for activated LoRA `alora_invocation_tokens`) and `adapter_model.safetensors` with tensors
+//! named `base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight`
+//! (A: `r × in`, B: `out × r`; f32, f16 or bf16). Adapters are never merged into base weights.
+//!
+//! llama-family GGUF files store q/k projection rows permuted for their rotary layout (llama.cpp's
+//! converter does it); the rows of `lora_B` for q_proj/k_proj are permuted the same way on load
+//! and back on save, so PEFT adapters trained on Hugging Face weights apply unchanged.
+
+use crate::model::{Arch, ModelConfig};
+use half::{bf16, f16};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A projection an adapter can target, by its Hugging Face module name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    /// Every projection.
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// The PEFT/Hugging Face module name.
+    pub fn module(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// The projection of a module name.
+    pub fn from_module(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.module() == name)
+    }
+
+    fn parent(self) -> &'static str {
+        match self {
+            Proj::Gate | Proj::Up | Proj::Down => "mlp",
+            _ => "self_attn",
+        }
+    }
+
+    /// (out, in) of this projection in a model shaped like `c`.
+    pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
+        match self {
+            Proj::Q => (c.q_dim(), c.d_model),
+            Proj::K | Proj::V => (c.kv_dim(), c.d_model),
+            Proj::O => (c.d_model, c.q_dim()),
+            Proj::Gate | Proj::Up => (c.ffn_dim, c.d_model),
+            Proj::Down => (c.d_model, c.ffn_dim),
+        }
+    }
+}
+
+/// Typed limits on adapters.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraLimits {
+    /// Largest rank accepted.
+    pub max_rank: usize,
+}
+
+impl Default for LoraLimits {
+    fn default() -> Self {
+        Self { max_rank: 64 }
+    }
+}
+
+/// Why an adapter was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("adapter {}: {msg}", dir.display())]
+pub struct LoraError {
+    /// The adapter directory.
+    pub dir: PathBuf,
+    /// What is wrong, naming the file, field or tensor.
+    pub msg: String,
+}
+
+/// One targeted projection of one layer: `ΔW = scale · B · A`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraWeights {
+    /// `rank × in`, row-major.
+    pub a: Vec<f32>,
+    /// `out × rank`, row-major, rows in the GGUF (engine) order.
+    pub b: Vec<f32>,
+}
+
+/// A LoRA adapter ready to be placed on the GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraAdapter {
+    /// Rank r.
+    pub rank: usize,
+    /// lora_alpha.
+    pub alpha: f32,
+    /// Whether the scale is alpha/√r (rsLoRA) instead of alpha/r.
+    pub use_rslora: bool,
+    /// Activated LoRA: the token sequence after which the adapter applies; `None` = every token.
+    pub invocation_tokens: Option<Vec<u32>>,
+    /// (layer, projection) → weights.
+    pub targets: BTreeMap<(usize, Proj), LoraWeights>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PeftConfig {
+    #[serde(default = "lora_type")]
+    peft_type: String,
+    r: usize,
+    lora_alpha: f32,
+    #[serde(default)]
+    use_rslora: bool,
+    target_modules: TargetModules,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alora_invocation_tokens: Option<Vec<u32>>,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default = "causal_lm")]
+    task_type: String,
+    #[serde(default = "none_bias")]
+    bias: String,
+}
+
+fn lora_type() -> String {
+    "LORA".into()
+}
+fn causal_lm() -> String {
+    "CAUSAL_LM".into()
+}
+fn none_bias() -> String {
+    "none".into()
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum TargetModules {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+const CONFIG_FILE: &str = "adapter_config.json";
+const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+fn tensor_name(layer: usize, p: Proj, ab: char) -> String {
+    format!("base_model.model.model.layers.{layer}.{}.{}.lora_{ab}.weight", p.parent(), p.module())
+}
+
+/// Move rows between Hugging Face order and llama-GGUF order for q/k (`forward` = HF → GGUF).
+fn permute_rows(b: &[f32], rank: usize, n_heads: usize, forward: bool) -> Vec<f32> {
+    let rows = b.len() / rank;
+    let head = rows / n_heads;
+    let half = head / 2;
+    let mut out = vec![0f32; b.len()];
+    for h in 0..n_heads {
+        for i in 0..half {
+            for j in 0..2 {
+                // HF row h·head + j·half + i  ↔  GGUF row h·head + 2i + j.
+                let hf = h * head + j * half + i;
+                let gg = h * head + 2 * i + j;
+                let (src, dst) = if forward { (hf, gg) } else { (gg, hf) };
+                out[dst * rank..(dst + 1) * rank].copy_from_slice(&b[src * rank..(src + 1) * rank]);
+            }
+        }
+    }
+    out
+}
+
+fn qk_heads(c: &ModelConfig, p: Proj) -> Option<usize> {
+    match (c.arch, p) {
+        (Arch::Llama, Proj::Q) => Some(c.n_heads),
+        (Arch::Llama, Proj::K) => Some(c.n_kv_heads),
+        _ => None,
+    }
+}
+
+impl LoraAdapter {
+    /// The multiplier of `B·A` (alpha/r, or alpha/√r for rsLoRA).
+    pub fn scale(&self) -> f32 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f32).sqrt()
+        } else {
+            self.alpha / self.rank as f32
+        }
+    }
+
+    /// Load a PEFT adapter directory and check it against the base model `c`.
+    pub fn load_peft(dir: impl AsRef<Path>, c: &ModelConfig, limits: &LoraLimits) -> Result<Self, LoraError> {
+        let dir = dir.as_ref().to_path_buf();
+        let err = |msg: String| LoraError { dir: dir.clone(), msg };
+        let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| err(format!("cannot read {f}: {e}")));
+        let cfg: PeftConfig = serde_json::from_slice(&read(CONFIG_FILE)?).map_err(|e| err(format!("{CONFIG_FILE}: {e}")))?;
+        if cfg.peft_type != "LORA" {
+            return Err(err(format!("{CONFIG_FILE}: peft_type '{}' is not LORA", cfg.peft_type)));
+        }
+        if cfg.r == 0 || cfg.r > limits.max_rank {
+            return Err(err(format!("{CONFIG_FILE}: rank r = {} outside 1..={} (the configured limit)", cfg.r, limits.max_rank)));
+        }
+        if cfg.fan_in_fan_out {
+            return Err(err(format!("{CONFIG_FILE}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")));
+        }
+        let modules = match &cfg.target_modules {
+            TargetModules::List(v) => v.clone(),
+            TargetModules::Pattern(s) => vec![s.clone()],
+        };
+        for m in &modules {
+            if Proj::from_module(m).is_none() {
+                return Err(err(format!("{CONFIG_FILE}: unknown target module '{m}' (known: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")));
+            }
+        }
+        let bytes = read(WEIGHTS_FILE)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(format!("{WEIGHTS_FILE}: {e}")))?;
+        let mut targets = BTreeMap::new();
+        let mut tensors = st.tensors();
+        // Sorted, so the first problem reported is the same on every run.
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in tensors {
+            let parsed = parse_name(&name).ok_or_else(|| err(format!("{WEIGHTS_FILE}: unexpected tensor '{name}' (not a PEFT LoRA A/B weight of a decoder layer)")))?;
+            let (layer, proj, ab) = parsed;
+            if layer >= c.n_layers {
+                return Err(err(format!("tensor '{name}' is for layer {layer} but the base model has {} layers (adapter for another base model?)", c.n_layers)));
+            }
+            if !modules.iter().any(|m| m == proj.module()) {
+                return Err(err(format!("tensor '{name}' targets {} which adapter_config.json's target_modules does not list", proj.module())));
+            }
+            let (out, inp) = proj.shape(c);
+            let want = if ab == 'A' { [cfg.r, inp] } else { [out, cfg.r] };
+            if view.shape() != want {
+                return Err(err(format!(
+                    "tensor '{name}' has shape {:?}, the base model needs {want:?} (adapter for another base model?)",
+                    view.shape()
+                )));
+            }
+            let values = to_f32(&view).map_err(|m| err(format!("tensor '{name}': {m}")))?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(err(format!("tensor '{name}' holds a non-finite value ({}) at element {i}", values[i])));
+            }
+            let e = targets.entry((layer, proj)).or_insert(LoraWeights { a: Vec::new(), b: Vec::new() });
+            if ab == 'A' {
+                e.a = values;
+            } else {
+                e.b = match qk_heads(c, proj) {
+                    Some(h) => permute_rows(&values, cfg.r, h, true),
+                    None => values,
+                };
+            }
+        }
+        for ((layer, proj), w) in &targets {
+            if w.a.is_empty() || w.b.is_empty() {
+                let missing = if w.a.is_empty() { 'A' } else { 'B' };
+                return Err(err(format!("tensor '{}' is missing", tensor_name(*layer, *proj, missing))));
+            }
+        }
+        if targets.is_empty() {
+            return Err(err(format!("{WEIGHTS_FILE} holds no LoRA tensors")));
+        }
+        Ok(Self { rank: cfg.r, alpha: cfg.lora_alpha, use_rslora: cfg.use_rslora, invocation_tokens: cfg.alora_invocation_tokens, targets })
+    }
+
+    /// Write the adapter as a PEFT directory (f32 tensors) for a base model shaped like `c`.
+    pub fn save_peft(&self, dir: impl AsRef<Path>, c: &ModelConfig) -> Result<(), LoraError> {
+        let dir = dir.as_ref();
+        let err = |msg: String| LoraError { dir: dir.to_path_buf(), msg };
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create the directory: {e}")))?;
+        let mut modules: Vec<String> = self.targets.keys().map(|(_, p)| p.module().to_string()).collect();
+        modules.sort();
+        modules.dedup();
+        let cfg = PeftConfig {
+            peft_type: lora_type(),
+            r: self.rank,
+            lora_alpha: self.alpha,
+            use_rslora: self.use_rslora,
+            target_modules: TargetModules::List(modules),
+            alora_invocation_tokens: self.invocation_tokens.clone(),
+            fan_in_fan_out: false,
+            task_type: causal_lm(),
+            bias: none_bias(),
+        };
+        let json = serde_json::to_vec_pretty(&cfg).map_err(|e| err(e.to_string()))?;
+        std::fs::write(dir.join(CONFIG_FILE), json).map_err(|e| err(format!("cannot write {CONFIG_FILE}: {e}")))?;
+        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for ((layer, proj), w) in &self.targets {
+            let (out, inp) = proj.shape(c);
+            let b = match qk_heads(c, *proj) {
+                Some(h) => permute_rows(&w.b, self.rank, h, false),
+                None => w.b.clone(),
+            };
+            data.push((tensor_name(*layer, *proj, 'A'), vec![self.rank, inp], bytemuck::cast_slice(&w.a).to_vec()));
+            data.push((tensor_name(*layer, *proj, 'B'), vec![out, self.rank], bytemuck::cast_slice(&b).to_vec()));
+        }
+        let views = data
+            .iter()
+            .map(|(n, s, b)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        let bytes = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
+        std::fs::write(dir.join(WEIGHTS_FILE), bytes).map_err(|e| err(format!("cannot write {WEIGHTS_FILE}: {e}")))
+    }
+}
+
+fn parse_name(name: &str) -> Option<(usize, Proj, char)> {
+    let rest = name.strip_prefix("base_model.model.model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let mut parts = rest.split('.');
+    let parent = parts.next()?;
+    let proj = Proj::from_module(parts.next()?)?;
+    let ab = match parts.next()? {
+        "lora_A" => 'A',
+        "lora_B" => 'B',
+        _ => return None,
+    };
+    (parts.next()? == "weight" && parts.next().is_none() && parent == proj.parent()).then_some(())?;
+    Some((layer.parse().ok()?, proj, ab))
+}
+
+fn to_f32(v: &safetensors::tensor::TensorView) -> Result<Vec<f32>, String> {
+    let d = v.data();
+    Ok(match v.dtype() {
+        safetensors::Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        safetensors::Dtype::F16 => d.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        safetensors::Dtype::BF16 => d.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => return Err(format!("dtype {other:?} is not supported (f32, f16, bf16)")),
+    })
+}
