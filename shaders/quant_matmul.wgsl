@@ -1,6 +1,8 @@
 // quant_matmul.wgsl — y = W·x for a quantized weight matrix and a batch of f32 activations.
 //
 // Computes: for m < M, n < N:  y[y_offset + m·y_stride + n_offset + n] (+)= Σ_k W[n, k] · x[m, k]
+//   (+ scale_s · Σ_j B_s[n_offset + n, j] · u[m, j] when `lora` is 1 and row m has adapter slot
+//   s = row_slot[m] ≥ 0: the multi-LoRA "expand", u from lora_shrink.wgsl),
 //   with `+=` when `accumulate` is 1 (fuses the residual add into the projection).
 // Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load32`);
 //   x is M rows of K f32 at x_offset + m·x_stride (both in vec4 units); y is f32.
@@ -20,12 +22,38 @@ struct Params {
     y_stride: u32,
     n_offset: u32,
     accumulate: u32,
+    lora: u32,
+    max_rank: u32,
+    n_slots: u32,
+    // Per adapter slot: (A offset, B offset in floats, rank, bitcast scale).
+    slots: array<vec4<u32>, 8>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 @group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read> row_slot: array<i32>;
+@group(0) @binding(5) var<storage, read> u: array<f32>;
+@group(0) @binding(6) var<storage, read> b_pack: array<f32>;
+
+// The LoRA delta of output row `n` for batch row `m` (0 without an adapter).
+fn lora_delta(n: u32, m: u32) -> f32 {
+    if (p.lora == 0u) {
+        return 0.0;
+    }
+    let s = row_slot[m];
+    if (s < 0 || u32(s) >= p.n_slots) {
+        return 0.0;
+    }
+    let slot = p.slots[s];
+    let b = slot.y + (p.n_offset + n) * slot.z;
+    var d = 0.0;
+    for (var j = 0u; j < slot.z; j++) {
+        d += b_pack[b + j] * u[m * p.max_rank + j];
+    }
+    return d * bitcast<f32>(slot.w);
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -50,10 +78,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     for (var t = 0u; t < rows; t++) {
         let yi = p.y_offset + (m0 + t) * p.y_stride + p.n_offset + n;
+        let v = acc[t] + lora_delta(n, m0 + t);
         if (p.accumulate != 0u) {
-            y[yi] += acc[t];
+            y[yi] += v;
         } else {
-            y[yi] = acc[t];
+            y[yi] = v;
         }
     }
 }
@@ -75,7 +104,7 @@ fn main_m1(@builtin(global_invocation_id) gid: vec3<u32>) {
              + wv[4] * x[xi + 4u] + wv[5] * x[xi + 5u] + wv[6] * x[xi + 6u] + wv[7] * x[xi + 7u];
     }
     let yi = p.y_offset + p.n_offset + n;
-    let r = acc.x + acc.y + acc.z + acc.w;
+    let r = acc.x + acc.y + acc.z + acc.w + lora_delta(n, 0u);
     if (p.accumulate != 0u) {
         y[yi] += r;
     } else {

@@ -49,6 +49,7 @@ pub struct GpuContext {
     /// CPU-backed or a real GPU.
     pub class: DeviceClass,
     max_binding: u64,
+    placeholder: wgpu::Buffer,
     pub(crate) pipelines: Mutex<HashMap<String, Arc<super::kernel::Kernel>>>,
 }
 
@@ -115,7 +116,14 @@ impl GpuContext {
         let hw_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
         let max_binding = opts.max_binding_bytes.map_or(hw_binding, |m| m.min(hw_binding));
         tracing::info!(adapter = %info.name, backend = ?info.backend, ?class, max_binding, "GPU ready");
+        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("placeholder"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         Ok(Self {
+            placeholder,
             device,
             queue,
             info,
@@ -134,6 +142,12 @@ impl GpuContext {
     /// The largest storage binding, in bytes, this context will create (tensors beyond it are split).
     pub fn max_binding(&self) -> u64 {
         self.max_binding
+    }
+
+    /// A small buffer bound where a kernel's optional input is switched off (a binding must
+    /// always be bound, even if the kernel never reads it).
+    pub fn placeholder(&self) -> &wgpu::Buffer {
+        &self.placeholder
     }
 
     /// One line naming the device: `NAME (BACKEND, TYPE)`.

@@ -1,4 +1,5 @@
-//! `y = W·x` for quantized weights — launcher of `shaders/quant_matmul.wgsl`.
+//! `y = W·x (+ LoRA)` for quantized weights — launcher of `shaders/quant_matmul.wgsl`, and the
+//! LoRA shrink that precedes a fused expand — launcher of `shaders/lora_shrink.wgsl`.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
@@ -19,6 +20,61 @@ struct Params {
     y_stride: u32,
     n_offset: u32,
     accumulate: u32,
+    lora: u32,
+    max_rank: u32,
+    n_slots: u32,
+    // WGSL aligns the slot array to 16 bytes.
+    _pad: [u32; 3],
+    slots: [[u32; 4]; MAX_SLOTS],
+}
+
+/// Most adapters one dispatch can mix.
+pub const MAX_SLOTS: usize = 8;
+
+/// One adapter of a multi-LoRA dispatch: where its A and B matrices sit in the packed buffers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraSlot {
+    /// First float of A (`rank × in`, row-major) in the A buffer; a multiple of 4.
+    pub a_offset: usize,
+    /// First float of B (`out × rank`, row-major) in the B buffer.
+    pub b_offset: usize,
+    /// Rank.
+    pub rank: usize,
+    /// Multiplier of B·A.
+    pub scale: f32,
+}
+
+/// The adapters of a dispatch and, per batch row, which one applies (−1: none).
+#[derive(Clone, Copy)]
+pub struct LoraIo<'a> {
+    /// Packed A matrices (f32).
+    pub a_pack: &'a wgpu::Buffer,
+    /// Packed B matrices (f32).
+    pub b_pack: &'a wgpu::Buffer,
+    /// Per batch row: slot index or −1 (i32).
+    pub row_slot: &'a wgpu::Buffer,
+    /// Scratch for the shrink: `m × max_rank` f32.
+    pub u: &'a wgpu::Buffer,
+    /// Largest rank among the slots.
+    pub max_rank: usize,
+    /// The adapters.
+    pub slots: &'a [LoraSlot],
+}
+
+impl LoraIo<'_> {
+    fn packed_slots(&self) -> Result<[[u32; 4]; MAX_SLOTS]> {
+        if self.slots.len() > MAX_SLOTS {
+            return Err(Error::Shape { op: "lora", msg: format!("{} adapters in one dispatch, at most {MAX_SLOTS}", self.slots.len()) });
+        }
+        let mut out = [[0u32; 4]; MAX_SLOTS];
+        for (o, s) in out.iter_mut().zip(self.slots) {
+            if s.a_offset % 4 != 0 || s.rank > self.max_rank {
+                return Err(Error::Shape { op: "lora", msg: format!("slot {s:?}: A offset must be a multiple of 4 and rank ≤ max_rank {}", self.max_rank) });
+            }
+            *o = [s.a_offset as u32, s.b_offset as u32, s.rank as u32, s.scale.to_bits()];
+        }
+        Ok(out)
+    }
 }
 
 /// Where a matrix product reads its activations and writes its outputs.
@@ -40,12 +96,14 @@ pub struct MatmulIo<'a> {
     pub y_stride: usize,
     /// Add into `y` instead of overwriting it.
     pub accumulate: bool,
+    /// Adapters whose expand is fused into this product (their shrink must already be recorded).
+    pub lora: Option<LoraIo<'a>>,
 }
 
 impl<'a> MatmulIo<'a> {
     /// Dense rows: `x` is `m × w.cols`, `y` is `m × w.rows`, both from offset 0.
     pub fn dense(x: &'a wgpu::Buffer, y: &'a wgpu::Buffer, w: &WeightMatrix, m: usize) -> Self {
-        Self { x, x_offset: 0, x_stride: w.cols, m, y, y_offset: 0, y_stride: w.rows, accumulate: false }
+        Self { x, x_offset: 0, x_stride: w.cols, m, y, y_offset: 0, y_stride: w.rows, accumulate: false, lora: None }
     }
 }
 
@@ -57,6 +115,9 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
     let tile = if io.m == 1 { 1 } else { 4 };
     let entry = if io.m == 1 { "main_m1" } else { "main" };
     let kernel = ctx.kernel(&super::weight_reader("quant_matmul", WGSL, entry, w.format, &[("TILE_M", tile), ("WG", WG as u32)]))?;
+    let slots = io.lora.as_ref().map(|l| l.packed_slots()).transpose()?.unwrap_or_default();
+    let none = ctx.placeholder();
+    let (row_slot, u, b_pack) = io.lora.as_ref().map_or((none, none, none), |l| (l.row_slot, l.u, l.b_pack));
     for (row0, buf, rows) in &w.parts {
         let p = Params {
             n: *rows as u32,
@@ -69,9 +130,58 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
             y_stride: io.y_stride as u32,
             n_offset: *row0 as u32,
             accumulate: io.accumulate as u32,
+            lora: io.lora.is_some() as u32,
+            max_rank: io.lora.as_ref().map_or(0, |l| l.max_rank as u32),
+            n_slots: io.lora.as_ref().map_or(0, |l| l.slots.len() as u32),
+            _pad: [0; 3],
+            slots,
         };
-        let bindings = vec![Binding::whole(buf), Binding::whole(io.x), Binding::whole(io.y)];
+        let bindings = vec![
+            Binding::whole(buf),
+            Binding::whole(io.x),
+            Binding::whole(io.y),
+            Binding::whole(row_slot),
+            Binding::whole(u),
+            Binding::whole(b_pack),
+        ];
         rec.dispatch(&kernel, &p, bindings, [super::groups(*rows, WG), super::groups(io.m, tile as usize), 1])?;
     }
     Ok(())
+}
+
+const SHRINK_WGSL: &str = include_str!("../../shaders/lora_shrink.wgsl");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ShrinkParams {
+    m: u32,
+    k: u32,
+    x_offset: u32,
+    x_stride: u32,
+    max_rank: u32,
+    n_slots: u32,
+    _pad: [u32; 2],
+    slots: [[u32; 4]; MAX_SLOTS],
+}
+
+/// Record `u[t] = A_{slot(t)} · x[t]` for the rows of `io` (the shrink half of multi-LoRA) for a
+/// projection with `k` inputs. Run it before [`matmul`] with the same `io.lora`.
+pub fn lora_shrink(rec: &mut Recorder, ctx: &GpuContext, k: usize, io: &MatmulIo) -> Result<()> {
+    let Some(l) = &io.lora else { return Ok(()) };
+    if k % 4 != 0 || io.x_offset % 4 != 0 || io.x_stride % 4 != 0 {
+        return Err(Error::Shape { op: "lora_shrink", msg: format!("k {k}, x offset {}, stride {} must be multiples of 4", io.x_offset, io.x_stride) });
+    }
+    let kernel = ctx.kernel(&super::plain("lora_shrink", SHRINK_WGSL, "main"))?;
+    let p = ShrinkParams {
+        m: io.m as u32,
+        k: k as u32,
+        x_offset: (io.x_offset / 4) as u32,
+        x_stride: (io.x_stride / 4) as u32,
+        max_rank: l.max_rank as u32,
+        n_slots: l.slots.len() as u32,
+        _pad: [0; 2],
+        slots: l.packed_slots()?,
+    };
+    let bindings = vec![Binding::whole(io.x), Binding::whole(l.a_pack), Binding::whole(l.row_slot), Binding::whole(l.u)];
+    rec.dispatch(&kernel, &p, bindings, [super::groups(l.max_rank, 8), super::groups(io.m, 8), 1])
 }
