@@ -1,17 +1,19 @@
-// sample.wgsl — temperature + top-k + top-p sampling of one row of logits on the GPU (only the
-// chosen id, and the candidates for inspection, come back to the host).
+// sample.wgsl — temperature + top-k + top-p sampling of rows of logits on the GPU (only the
+// chosen id, and the candidates for inspection, come back to the host). With k = 1 it is the
+// greedy argmax (lowest index among equal maxima, as llama.cpp; NaN never wins).
 //
 // Computes: the k largest logits (ties: lower index first), p_i = softmax(logit_i / temperature)
 //   over them, the shortest prefix whose probability reaches top_p, and the token at which the
 //   running sum of that prefix (renormalised) first reaches `u`, a uniform number in [0, 1) the
 //   host draws from its seeded generator — the same rule as the host sampler.
-// Layout: x is f32 logits at `offset`, n of them; out[0] = token, out[1..1+k] = candidate ids,
-//   out[1+K_MAX..1+K_MAX+k] = their probabilities (bitcast f32), best first.
-// Work split: one workgroup of 64; k selection rounds, each a strided scan for the best logit
+// Layout: row r of x is n f32 logits at offset + r·n; its output is OUT = 1 + 2·K_MAX words at
+//   r·OUT: [token, K_MAX candidate ids, K_MAX probabilities (bitcast f32)], best first.
+// Work split: one workgroup of 64 per row; k selection rounds, each a strided scan for the best logit
 //   below the previous pick plus a shared-memory reduction. k is small (≤ 64), n is the vocabulary.
 // Limits: 1 ≤ k ≤ K_MAX = 64.
 
 const K_MAX: u32 = 64u;
+const OUT: u32 = 1u + 2u * K_MAX;
 
 struct Params {
     n: u32,
@@ -37,14 +39,16 @@ fn before(v: f32, i: u32, w: f32, j: u32) -> bool {
 }
 
 @compute @workgroup_size(64)
-fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let base = p.offset + wid.x * p.n;
+    let o = wid.x * OUT;
     var prev_v = 3.4e38;
     var prev_i = 0u;
     for (var r = 0u; r < p.k; r++) {
         var bv = -3.4e38;
         var bi = 0xffffffffu;
         for (var i = lid.x; i < p.n; i += 64u) {
-            let v = x[p.offset + i];
+            let v = x[base + i];
             // Only values ranked after the previous pick are still candidates.
             if (before(prev_v, prev_i, v, i) && before(v, i, bv, bi)) {
                 bv = v;
@@ -100,9 +104,9 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
             break;
         }
     }
-    out[0] = pick;
+    out[o] = pick;
     for (var r = 0u; r < p.k; r++) {
-        out[1u + r] = cand_i[r];
-        out[1u + K_MAX + r] = bitcast<u32>(cand_v[r]);
+        out[o + 1u + r] = cand_i[r];
+        out[o + 1u + K_MAX + r] = bitcast<u32>(cand_v[r]);
     }
 }

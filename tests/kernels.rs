@@ -14,7 +14,8 @@ use agentflux::kernels::elementwise::{add_rows, glu, Activation};
 use agentflux::kernels::matmul::{matmul, MatmulIo};
 use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
 use agentflux::kernels::rope::{rope, Rope, RopeLayout};
-use agentflux::kernels::{argmax::argmax, embed::embed};
+use agentflux::kernels::embed::embed;
+use agentflux::kernels::sample::{argmax, OUT_WORDS};
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
 use common::{assert_close, ctx, rng};
 
@@ -235,11 +236,12 @@ fn argmax_rows_with_ties() {
     x[n + 40_000] = 50.0;
     x[3 * n - 1] = 60.0;
     let xb = f32_buf(&ctx, &x);
-    let out = storage_buffer_zeroed(&ctx, "out", 16);
+    let out = storage_buffer_zeroed(&ctx, "out", (rows * OUT_WORDS * 4) as u64);
     let mut rec = Recorder::new(&ctx);
     argmax(&mut rec, &ctx, &xb, 0, n, rows, &out).unwrap();
     rec.submit();
-    let got = read_u32(&ctx, &out, 0, rows).unwrap();
+    let all = read_u32(&ctx, &out, 0, rows * OUT_WORDS).unwrap();
+    let got: Vec<u32> = (0..rows).map(|r| all[r * OUT_WORDS]).collect();
     let want: Vec<u32> = x.chunks(n).map(|row| reference::argmax(row) as u32).collect();
     assert_eq!(got, want);
     assert_eq!(got[1], 17);
@@ -249,7 +251,7 @@ fn argmax_rows_with_ties() {
 #[test]
 fn gpu_sampling_follows_the_host_rule() {
     use agentflux::decode::{draw, SamplerConfig};
-    use agentflux::kernels::sample::{sample, K_MAX, OUT_WORDS};
+    use agentflux::kernels::sample::{sample, K_MAX};
     let ctx = ctx();
     let mut r = rng("sample");
     let n = 5003;

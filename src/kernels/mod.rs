@@ -1,7 +1,6 @@
 //! Launchers for the WGSL kernels in `shaders/`: one module per shader file, each with the
 //! uniform block the shader declares and a function that records a dispatch.
 
-pub mod argmax;
 pub mod attention;
 pub mod elementwise;
 pub mod embed;

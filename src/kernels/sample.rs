@@ -1,4 +1,5 @@
-//! Temperature/top-k/top-p sampling on the GPU — launcher of `shaders/sample.wgsl`.
+//! Token choice on the GPU — greedy argmax and temperature/top-k/top-p sampling — launcher of
+//! `shaders/sample.wgsl`.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, GpuContext, Recorder};
@@ -8,7 +9,7 @@ const WGSL: &str = include_str!("../../shaders/sample.wgsl");
 /// Most candidates the kernel keeps (top-k).
 pub const K_MAX: usize = 64;
 
-/// u32 words the output buffer needs: token, K_MAX ids, K_MAX probabilities.
+/// u32 words of output per row: token, K_MAX ids, K_MAX probabilities.
 pub const OUT_WORDS: usize = 1 + 2 * K_MAX;
 
 #[repr(C)]
@@ -32,4 +33,12 @@ pub fn sample(rec: &mut Recorder, ctx: &GpuContext, x: &wgpu::Buffer, offset: us
     let kernel = ctx.kernel(&super::plain("sample", WGSL, "main"))?;
     let p = Params { n: n as u32, offset: offset as u32, k: k as u32, temperature, top_p, u };
     rec.dispatch(&kernel, &p, vec![Binding::whole(x), Binding::whole(out)], [1, 1, 1])
+}
+
+/// Record the greedy choice of each of `rows` rows of `n` logits from `offset`: the token of row r
+/// lands at `out[r·OUT_WORDS]` (top-1 of the sampler: no randomness is involved).
+pub fn argmax(rec: &mut Recorder, ctx: &GpuContext, x: &wgpu::Buffer, offset: usize, n: usize, rows: usize, out: &wgpu::Buffer) -> Result<()> {
+    let kernel = ctx.kernel(&super::plain("sample", WGSL, "main"))?;
+    let p = Params { n: n as u32, offset: offset as u32, k: 1, temperature: 1.0, top_p: 1.0, u: 0.0 };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(x), Binding::whole(out)], [rows as u32, 1, 1])
 }
