@@ -47,6 +47,30 @@ impl KvCache {
         self.n_ctx
     }
 
+    /// A second cache holding a copy of this one's positions (copied on the GPU, nothing
+    /// recomputed): two continuations of one prefix, each with its own cache.
+    pub fn fork(&self, ctx: &GpuContext) -> Result<Self> {
+        let layers: Vec<(wgpu::Buffer, wgpu::Buffer)> = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, (k, _))| {
+                let size = k.size();
+                (storage_buffer_zeroed(ctx, &format!("k_cache.{l}"), size), storage_buffer_zeroed(ctx, &format!("v_cache.{l}"), size))
+            })
+            .collect();
+        let used = self.len as u64 * self.layers.first().map_or(0, |(k, _)| k.size() / self.n_ctx as u64);
+        if used > 0 {
+            let mut rec = crate::gpu::Recorder::new(ctx);
+            for ((k, v), (k2, v2)) in self.layers.iter().zip(&layers) {
+                rec.copy(k, 0, k2, 0, used);
+                rec.copy(v, 0, v2, 0, used);
+            }
+            rec.submit();
+        }
+        Ok(Self { layers, n_ctx: self.n_ctx, len: self.len })
+    }
+
     /// Forget every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -107,6 +107,30 @@ fn truncate_and_recompute_gives_the_same_logits() {
 }
 
 #[test]
+fn forked_cache_continues_like_a_fresh_run() {
+    let mut r = rng("fork");
+    let spec = TinyModelSpec::new("qwen3", BlockFormat::Q4_K);
+    let path = write_model(&spec, r.next_u64(), "fork");
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(ctx(), &file).unwrap();
+    let prefix = random_tokens(&mut r, 7, spec.n_vocab);
+    let (a, b) = (random_tokens(&mut r, 3, spec.n_vocab), random_tokens(&mut r, 4, spec.n_vocab));
+    let mut kv = model.new_cache(32).unwrap();
+    model.forward(&prefix, &mut kv, Logits::None).unwrap();
+    let mut fork = kv.fork(model.ctx()).unwrap();
+    assert_eq!(fork.len(), prefix.len());
+    let got_a = model.forward(&a, &mut kv, Logits::All).unwrap();
+    let got_b = model.forward(&b, &mut fork, Logits::All).unwrap();
+    for (cont, got) in [(&a, got_a), (&b, got_b)] {
+        let full: Vec<u32> = prefix.iter().chain(cont.iter()).copied().collect();
+        let mut fresh = model.new_cache(32).unwrap();
+        let want = model.forward(&full, &mut fresh, Logits::All).unwrap();
+        assert_eq!(got, want[prefix.len() * spec.n_vocab..], "a fork continues bit-identically to a fresh run");
+    }
+    std::fs::remove_file(path).ok();
+}
+
+#[test]
 fn bad_inputs_are_typed_errors() {
     let mut r = rng("bad_inputs");
     let spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
