@@ -18,15 +18,22 @@ fn write_model(spec: &TinyModelSpec, seed: u64, tag: &str) -> std::path::PathBuf
     p
 }
 
+/// A tiny random model of `spec`, opened and loaded; the file is removed at once (the map keeps it).
+fn load_tiny(spec: &TinyModelSpec, seed: u64, tag: &str) -> (GgufFile, Model) {
+    let path = write_model(spec, seed, tag);
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(ctx(), &file).unwrap();
+    std::fs::remove_file(path).ok();
+    (file, model)
+}
+
 fn random_tokens(r: &mut agentflux::decode::SplitMix64, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
 }
 
 fn check_arch(spec: &TinyModelSpec, tag: &str) {
     let mut r = rng(tag);
-    let path = write_model(spec, r.next_u64(), tag);
-    let file = GgufFile::open(&path).unwrap();
-    let model = Model::load(ctx(), &file).unwrap();
+    let (file, model) = load_tiny(spec, r.next_u64(), tag);
     let reference = ReferenceModel::from_gguf(&file).unwrap();
     let tokens = random_tokens(&mut r, 9, spec.n_vocab);
     let want = reference.forward(&tokens);
@@ -54,7 +61,6 @@ fn check_arch(spec: &TinyModelSpec, tag: &str) {
     if last[best] - runner_up > 1e-3 {
         assert_eq!(id as usize, best, "{tag}: greedy token");
     }
-    std::fs::remove_file(path).ok();
 }
 
 #[test]
@@ -92,9 +98,7 @@ fn gemma3_matches_reference_with_sliding_window() {
 fn truncate_and_recompute_gives_the_same_logits() {
     let mut r = rng("truncate");
     let spec = TinyModelSpec::new("llama", BlockFormat::Q4_1);
-    let path = write_model(&spec, r.next_u64(), "truncate");
-    let file = GgufFile::open(&path).unwrap();
-    let model = Model::load(ctx(), &file).unwrap();
+    let (_file, model) = load_tiny(&spec, r.next_u64(), "truncate");
     let a = random_tokens(&mut r, 6, spec.n_vocab);
     let b = random_tokens(&mut r, 3, spec.n_vocab);
     let mut kv = model.new_cache(32).unwrap();
@@ -103,16 +107,13 @@ fn truncate_and_recompute_gives_the_same_logits() {
     kv.truncate(a.len());
     let again = model.forward(&b, &mut kv, Logits::All).unwrap();
     assert_eq!(first, again, "recomputing after truncate must be bit-identical");
-    std::fs::remove_file(path).ok();
 }
 
 #[test]
 fn forked_cache_continues_like_a_fresh_run() {
     let mut r = rng("fork");
     let spec = TinyModelSpec::new("qwen3", BlockFormat::Q4_K);
-    let path = write_model(&spec, r.next_u64(), "fork");
-    let file = GgufFile::open(&path).unwrap();
-    let model = Model::load(ctx(), &file).unwrap();
+    let (_file, model) = load_tiny(&spec, r.next_u64(), "fork");
     let prefix = random_tokens(&mut r, 7, spec.n_vocab);
     let (a, b) = (random_tokens(&mut r, 3, spec.n_vocab), random_tokens(&mut r, 4, spec.n_vocab));
     let mut kv = model.new_cache(32).unwrap();
@@ -127,21 +128,17 @@ fn forked_cache_continues_like_a_fresh_run() {
         let want = model.forward(&full, &mut fresh, Logits::All).unwrap();
         assert_eq!(got, want[prefix.len() * spec.n_vocab..], "a fork continues bit-identically to a fresh run");
     }
-    std::fs::remove_file(path).ok();
 }
 
 #[test]
 fn bad_inputs_are_typed_errors() {
     let mut r = rng("bad_inputs");
     let spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
-    let path = write_model(&spec, r.next_u64(), "bad");
-    let file = GgufFile::open(&path).unwrap();
-    let model = Model::load(ctx(), &file).unwrap();
+    let (_file, model) = load_tiny(&spec, r.next_u64(), "bad");
     let mut kv = model.new_cache(8).unwrap();
     assert!(matches!(model.forward(&[1000], &mut kv, Logits::Last), Err(Error::BadToken { id: 1000, .. })));
     assert!(matches!(model.forward(&[1; 9], &mut kv, Logits::Last), Err(Error::ContextOverflow { needed: 9, n_ctx: 8 })));
     assert_eq!(kv.len(), 0, "a refused call leaves the cache as it was");
-    std::fs::remove_file(&path).ok();
 
     // A model file whose tensor has the wrong shape names the tensor.
     let mut bytes = tiny_model(&spec, 3);
