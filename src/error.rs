@@ -30,6 +30,12 @@ pub enum Error {
     /// A token id outside the vocabulary.
     #[error("token id {id} is outside the vocabulary of {n_vocab}")]
     BadToken { id: u32, n_vocab: usize },
+    /// An adapter was refused (bad file, wrong shape, over a limit).
+    #[error(transparent)]
+    Adapter(#[from] crate::lora::LoraError),
+    /// An adapter id that is not (or no longer) resident.
+    #[error("{0} is not loaded (removed, or from another model)")]
+    UnknownAdapter(crate::lora::AdapterId),
     /// Invalid user-supplied option.
     #[error("invalid option: {0}")]
     InvalidOption(String),

@@ -13,7 +13,10 @@
 //!   and a recorder that batches a whole forward pass into one submission;
 //! - [`kernels`]: one launcher per WGSL kernel file;
 //! - [`model`]: architectures from GGUF metadata, the KV cache, and the forward pass;
-//! - [`lora`]: LoRA adapters in PEFT format, validated against the base model;
+//! - [`lora`]: LoRA adapters in PEFT format, validated against the base model, and the GPU
+//!   registry that packs every resident adapter for the fused multi-LoRA kernels;
+//! - [`session`]: one conversation's KV cache, reused across adapters (activated LoRA), forked
+//!   and truncated, with counters of prefilled, reused and decoded tokens;
 //! - [`reference`]: a plain-Rust f32 implementation of every kernel and of the forward pass,
 //!   which the tests compare the GPU against.
 
@@ -27,6 +30,7 @@ pub mod kv;
 pub mod lora;
 pub mod model;
 pub mod reference;
+pub mod session;
 pub mod text;
 
 pub use engine::{resolve_model, Engine};

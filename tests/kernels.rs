@@ -175,12 +175,14 @@ fn rope_both_layouts_partial_rotation() {
 }
 
 #[test]
-fn attention_prefill_decode_gqa_and_window() {
+fn attention_prefill_decode_gqa_window_and_row_offset() {
     let ctx = ctx();
     let mut r = rng("attention");
-    for (heads, kvh, hd, pos0, t, window) in [(9, 3, 64, 0, 7, 0), (4, 1, 256, 5, 3, 0), (4, 2, 16, 20, 1, 0), (2, 2, 32, 10, 6, 4)] {
+    for (heads, kvh, hd, pos0, t, window, row0) in [(9, 3, 64, 0, 7, 0, 0), (4, 1, 256, 5, 3, 0, 2), (4, 2, 16, 20, 1, 0, 3), (2, 2, 32, 10, 6, 4, 1)] {
         let n_kv = pos0 + t;
-        let q = random_vec(&mut r, t * heads * hd, 1.0);
+        let row = heads * hd;
+        // Rows before `row0` belong to other sequences of a batch: the kernel must not touch them.
+        let q = random_vec(&mut r, (row0 + t) * row, 1.0);
         let k = random_vec(&mut r, n_kv * kvh * hd, 1.0);
         let v = random_vec(&mut r, n_kv * kvh * hd, 1.0);
         let (qb, kb, vb) = (f32_buf(&ctx, &q), f32_buf(&ctx, &k), f32_buf(&ctx, &v));
@@ -188,10 +190,12 @@ fn attention_prefill_decode_gqa_and_window() {
         let scale = 1.0 / (hd as f32).sqrt();
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
         let mut rec = Recorder::new(&ctx);
-        attention(&mut rec, &ctx, &shape, &qb, &kb, &vb, &ob, t, pos0).unwrap();
+        attention(&mut rec, &ctx, &shape, &qb, &kb, &vb, &ob, row0, t, pos0).unwrap();
         rec.submit();
-        let want = reference::attention(&q, &k, &v, heads, kvh, hd, pos0, window, scale);
-        assert_close(&format!("attention h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window}"), &read_f32(&ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
+        let mut want = vec![0f32; row0 * row];
+        want.extend(reference::attention(&q[row0 * row..], &k, &v, heads, kvh, hd, pos0, window, scale));
+        let what = format!("attention h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window} row0={row0}");
+        assert_close(&what, &read_f32(&ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
     }
 }
 
@@ -285,11 +289,12 @@ fn gpu_sampling_follows_the_host_rule() {
     assert!(boundary <= 1, "{boundary} of 40 draws differ from the host rule");
 }
 
-/// Fused multi-LoRA: rows of two adapters (ranks 3 and 8) and rows with none in one batch, on a
-/// matrix split across bindings too; against y = W·x + scale·B·(A·x) per row from the reference.
+/// Multi-LoRA, fused and as separate dispatches: rows of two adapters (ranks 3 and 8) and rows
+/// with none in one batch, on a matrix split across bindings too; against
+/// y = W·x + scale·B·(A·x) per row from the reference.
 #[test]
 fn multi_lora_matmul_mixes_adapters_per_row() {
-    use agentflux::kernels::matmul::{lora_shrink, LoraIo, LoraSlot};
+    use agentflux::kernels::matmul::{lora_expand, lora_shrink, LoraIo, LoraSlot};
     let big = ctx();
     let small = GpuContext::new(&GpuOptions { max_binding_bytes: Some(2048), ..Default::default() }).unwrap();
     let mut r = rng("multi_lora");
@@ -320,6 +325,14 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
         matmul(&mut rec, ctx, &w, io).unwrap();
         rec.submit();
         let got = read_f32(ctx, &y, 0, m * rows).unwrap();
+        let y2 = storage_buffer_zeroed(ctx, "y2", (m * rows * 4) as u64);
+        let io2 = MatmulIo { y: &y2, ..io };
+        let mut rec = Recorder::new(ctx);
+        matmul(&mut rec, ctx, &w, MatmulIo { lora: None, ..io2 }).unwrap();
+        lora_shrink(&mut rec, ctx, cols, &io2).unwrap();
+        lora_expand(&mut rec, ctx, cols, rows, &io2).unwrap();
+        rec.submit();
+        let separate = read_f32(ctx, &y2, 0, m * rows).unwrap();
         let wf = dequant(BlockFormat::Q4_1, &bytes, rows, cols);
         let mut want = reference::matmul(&wf, &x, rows, cols);
         for (t, &s) in row_slot.iter().enumerate() {
@@ -335,5 +348,6 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
             }
         }
         assert_close(&format!("multi-LoRA rows {row_slot:?}, {} parts", w.parts.len()), &got, &want, 2e-4);
+        assert_close(&format!("separate multi-LoRA rows {row_slot:?}, {} parts", w.parts.len()), &separate, &want, 2e-4);
     }
 }

@@ -1,9 +1,9 @@
 //! PEFT adapter files: round trip, Hugging Face row order of q/k, and every refusal names what is wrong.
 
 use agentflux::gguf::{BlockFormat, GgufFile};
-use agentflux::lora::{LoraAdapter, LoraLimits, LoraWeights, Proj};
+use agentflux::lora::{LoraAdapter, LoraLimits, Proj};
 use agentflux::model::ModelConfig;
-use agentflux::reference::{random_vec, tiny_model, TinyModelSpec};
+use agentflux::reference::{tiny_model, TinyModelSpec};
 use std::path::PathBuf;
 
 fn config(arch: &'static str) -> ModelConfig {
@@ -15,15 +15,10 @@ fn config(arch: &'static str) -> ModelConfig {
 }
 
 fn random_adapter(c: &ModelConfig, rank: usize, seed: u64) -> LoraAdapter {
-    let mut rng = agentflux::decode::SplitMix64(seed);
-    let mut targets = std::collections::BTreeMap::new();
-    for layer in 0..c.n_layers {
-        for p in Proj::ALL {
-            let (out, inp) = p.shape(c);
-            targets.insert((layer, p), LoraWeights { a: random_vec(&mut rng, rank * inp, 0.1), b: random_vec(&mut rng, out * rank, 0.1) });
-        }
-    }
-    LoraAdapter { rank, alpha: 16.0, use_rslora: false, invocation_tokens: Some(vec![5, 9]), targets }
+    let mut a = agentflux::reference::random_adapter(&mut agentflux::decode::SplitMix64(seed), c, rank, &Proj::ALL, 0.1);
+    a.invocation_tokens = Some(vec![5, 9]);
+    a.alpha = 16.0;
+    a
 }
 
 fn tmp_dir(tag: &str) -> PathBuf {
@@ -87,7 +82,7 @@ fn bad_adapters_are_refused_with_the_reason() {
     let limits = LoraLimits::default();
 
     // Rank over the configured limit.
-    expect_error(&d, &c, &LoraLimits { max_rank: 2 }, &["rank r = 4", "1..=2"]);
+    expect_error(&d, &c, &LoraLimits { max_rank: 2, ..LoraLimits::default() }, &["rank r = 4", "1..=2"]);
 
     // Another base model: the shapes differ and the error names the tensor and both shapes.
     let mut other = c.clone();

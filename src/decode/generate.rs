@@ -3,7 +3,8 @@
 use super::{Sampler, SamplerConfig};
 use crate::error::Result;
 use crate::kv::KvCache;
-use crate::model::{Logits, Model};
+use crate::lora::ActiveAdapter;
+use crate::model::{Logits, Model, Pick, Sequence};
 use std::time::Instant;
 
 /// What to generate.
@@ -41,25 +42,36 @@ impl Generation {
     }
 }
 
-fn step(model: &Model, kv: &mut KvCache, tokens: &[u32], sampler: &mut Sampler) -> Result<u32> {
+fn step(model: &Model, seq: &mut Sequence, sampler: &mut Sampler) -> Result<u32> {
     let cfg = sampler.config();
     if sampler.is_greedy() {
-        model.forward_greedy(tokens, kv)
+        model.next_token(seq, Pick::Greedy)
     } else if (1..=crate::kernels::sample::K_MAX).contains(&cfg.top_k) {
         let u = sampler.next_uniform();
-        model.forward_sample(tokens, kv, &cfg, u)
+        model.next_token(seq, Pick::Sample(cfg, u))
     } else {
-        let logits = model.forward(tokens, kv, Logits::Last)?;
+        let logits = model.forward_seqs(std::slice::from_mut(seq), Logits::Last)?;
         Ok(sampler.sample(&logits))
     }
 }
 
-/// Generate after `prompt` (appended to `kv`), calling `on_token` as each token is chosen.
-pub fn generate(model: &Model, kv: &mut KvCache, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Generation> {
+/// Generate after `prompt` (appended to `kv`) with the base weights, calling `on_token` as each
+/// token is chosen.
+pub fn generate(model: &Model, kv: &mut KvCache, prompt: &[u32], opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<Generation> {
+    generate_adapted(model, kv, prompt, None, opts, on_token)
+}
+
+/// [`generate`] with `adapter` applied from absolute cache position `from` on (activated LoRA:
+/// its invocation; standard LoRA: 0).
+pub fn generate_adapted(model: &Model, kv: &mut KvCache, prompt: &[u32], adapter: Option<(ActiveAdapter, usize)>, opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Generation> {
     let mut sampler = Sampler::new(opts.sampler);
+    let feed = |kv: &mut KvCache, tokens: &[u32], sampler: &mut Sampler| {
+        let from = adapter.map_or(0, |(_, from)| from.saturating_sub(kv.len()));
+        step(model, &mut Sequence::adapted(kv, tokens, adapter.map(|a| a.0), from), sampler)
+    };
     let mut out = Vec::new();
     let t0 = Instant::now();
-    let mut next = step(model, kv, prompt, &mut sampler)?;
+    let mut next = feed(kv, prompt, &mut sampler)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     while out.len() < opts.max_tokens {
@@ -68,7 +80,7 @@ pub fn generate(model: &Model, kv: &mut KvCache, prompt: &[u32], opts: &Generate
         if opts.stop.contains(&next) || out.len() == opts.max_tokens {
             break;
         }
-        next = step(model, kv, &[next], &mut sampler)?;
+        next = feed(kv, &[next], &mut sampler)?;
     }
     Ok(Generation { tokens: out, prefill_secs, decode_secs: t1.elapsed().as_secs_f64(), prompt_len: prompt.len() })
 }

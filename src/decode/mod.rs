@@ -3,5 +3,5 @@
 mod generate;
 mod sampler;
 
-pub use generate::{generate, GenerateOptions, Generation};
+pub use generate::{generate, generate_adapted, GenerateOptions, Generation};
 pub use sampler::{draw, Sampler, SamplerConfig, SplitMix64};

@@ -73,16 +73,22 @@ pub struct Binding {
     pub(crate) buffer: wgpu::Buffer,
     pub(crate) offset: u64,
     pub(crate) size: Option<u64>,
+    pub(crate) slot: Option<u32>,
 }
 
 impl Binding {
     /// The whole buffer.
     pub fn whole(buffer: &wgpu::Buffer) -> Self {
-        Self { buffer: buffer.clone(), offset: 0, size: None }
+        Self { buffer: buffer.clone(), offset: 0, size: None, slot: None }
     }
     /// `size` bytes from `offset`.
     pub fn range(buffer: &wgpu::Buffer, offset: u64, size: u64) -> Self {
-        Self { buffer: buffer.clone(), offset, size: Some(size) }
+        Self { buffer: buffer.clone(), offset, size: Some(size), slot: None }
+    }
+    /// Bind at WGSL `@binding(slot)` instead of the next number: for an entry point that uses
+    /// only some of its file's bindings.
+    pub fn at(self, slot: u32) -> Self {
+        Self { slot: Some(slot), ..self }
     }
 }
 
@@ -102,7 +108,7 @@ enum Op {
 /// Records dispatches; `submit` uploads all their uniforms at once and runs them in one submission.
 ///
 /// Every kernel takes its parameters as a uniform block at binding 0 and its buffers at
-/// bindings 1.., in the order given to [`Recorder::dispatch`].
+/// bindings 1.., in the order given to [`Recorder::dispatch`] (or where [`Binding::at`] says).
 pub struct Recorder<'a> {
     ctx: &'a GpuContext,
     uniforms: Vec<u8>,
@@ -181,7 +187,7 @@ impl<'a> Recorder<'a> {
             }];
             for (i, b) in d.bindings.iter().enumerate() {
                 entries.push(wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
+                    binding: b.slot.unwrap_or(i as u32 + 1),
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer: &b.buffer,
                         offset: b.offset,

@@ -34,9 +34,10 @@ pub struct AttentionShape {
 }
 
 /// Record attention of `n_tokens` queries at positions `pos0..` against cache rows `0..pos0+n_tokens`.
-/// `q` and `o` hold rows of `n_heads × head_dim` floats starting at float 0.
+/// `q` and `o` hold rows of `n_heads × head_dim` floats; the queries are rows `row0..` of both
+/// (one sequence of a batch that packs several).
 #[allow(clippy::too_many_arguments)]
-pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, o: &wgpu::Buffer, n_tokens: usize, pos0: usize) -> Result<()> {
+pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, o: &wgpu::Buffer, row0: usize, n_tokens: usize, pos0: usize) -> Result<()> {
     if s.head_dim % 4 != 0 || s.head_dim > 256 || s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
         return Err(Error::Shape {
             op: "attention",
@@ -52,9 +53,9 @@ pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &w
         head_dim: s.head_dim as u32,
         pos0: pos0 as u32,
         window: s.window as u32,
-        q_offset: 0,
+        q_offset: (row0 * row) as u32,
         q_stride: row as u32,
-        o_offset: 0,
+        o_offset: (row0 * row) as u32,
         o_stride: row as u32,
         scale: s.scale,
     };

@@ -1,5 +1,6 @@
-//! `y = W·x (+ LoRA)` for quantized weights — launcher of `shaders/quant_matmul.wgsl`, and the
-//! LoRA shrink that precedes a fused expand — launcher of `shaders/lora_shrink.wgsl`.
+//! `y = W·x (+ LoRA)` for quantized weights — launcher of `shaders/quant_matmul.wgsl` — and the
+//! two halves of multi-LoRA — launchers of `shaders/lora.wgsl`: the shrink that precedes the
+//! expand fused into the product, and the unfused expand it is measured against.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
@@ -149,39 +150,60 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
     Ok(())
 }
 
-const SHRINK_WGSL: &str = include_str!("../../shaders/lora_shrink.wgsl");
+const LORA_WGSL: &str = include_str!("../../shaders/lora.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ShrinkParams {
+struct LoraParams {
     m: u32,
     k: u32,
+    n: u32,
     x_offset: u32,
     x_stride: u32,
+    y_offset: u32,
+    y_stride: u32,
     max_rank: u32,
     n_slots: u32,
-    _pad: [u32; 2],
+    _pad: [u32; 3],
     slots: [[u32; 4]; MAX_SLOTS],
 }
 
-/// Record `u[t] = A_{slot(t)} · x[t]` for the rows of `io` (the shrink half of multi-LoRA) for a
-/// projection with `k` inputs. Run it before [`matmul`] with the same `io.lora`.
-pub fn lora_shrink(rec: &mut Recorder, ctx: &GpuContext, k: usize, io: &MatmulIo) -> Result<()> {
-    let Some(l) = &io.lora else { return Ok(()) };
+fn lora_params(l: &LoraIo, io: &MatmulIo, k: usize, n: usize) -> Result<LoraParams> {
     if k % 4 != 0 || io.x_offset % 4 != 0 || io.x_stride % 4 != 0 {
-        return Err(Error::Shape { op: "lora_shrink", msg: format!("k {k}, x offset {}, stride {} must be multiples of 4", io.x_offset, io.x_stride) });
+        return Err(Error::Shape { op: "lora", msg: format!("k {k}, x offset {}, stride {} must be multiples of 4", io.x_offset, io.x_stride) });
     }
-    let kernel = ctx.kernel(&super::plain("lora_shrink", SHRINK_WGSL, "main"))?;
-    let p = ShrinkParams {
+    Ok(LoraParams {
         m: io.m as u32,
         k: k as u32,
+        n: n as u32,
         x_offset: (io.x_offset / 4) as u32,
         x_stride: (io.x_stride / 4) as u32,
+        y_offset: io.y_offset as u32,
+        y_stride: io.y_stride as u32,
         max_rank: l.max_rank as u32,
         n_slots: l.slots.len() as u32,
-        _pad: [0; 2],
+        _pad: [0; 3],
         slots: l.packed_slots()?,
-    };
+    })
+}
+
+/// Record `u[t] = A_{slot(t)} · x[t]` for the rows of `io` (the shrink half of multi-LoRA) for a
+/// projection with `k` inputs. Run it before [`matmul`] with the same `io.lora`, which fuses the
+/// expand.
+pub fn lora_shrink(rec: &mut Recorder, ctx: &GpuContext, k: usize, io: &MatmulIo) -> Result<()> {
+    let Some(l) = &io.lora else { return Ok(()) };
+    let kernel = ctx.kernel(&super::plain("lora", LORA_WGSL, "shrink"))?;
+    let p = lora_params(l, io, k, 0)?;
     let bindings = vec![Binding::whole(io.x), Binding::whole(l.a_pack), Binding::whole(l.row_slot), Binding::whole(l.u)];
     rec.dispatch(&kernel, &p, bindings, [super::groups(l.max_rank, 8), super::groups(io.m, 8), 1])
+}
+
+/// Record `y[t] += s · B_{slot(t)} · u[t]` for the `n` outputs of the rows of `io` as a dispatch
+/// of its own — the unfused expand, kept to measure the fusion in [`matmul`] against.
+pub fn lora_expand(rec: &mut Recorder, ctx: &GpuContext, k: usize, n: usize, io: &MatmulIo) -> Result<()> {
+    let Some(l) = &io.lora else { return Ok(()) };
+    let kernel = ctx.kernel(&super::plain("lora", LORA_WGSL, "expand"))?;
+    let p = lora_params(l, io, k, n)?;
+    let bindings = vec![Binding::whole(l.row_slot).at(3), Binding::whole(l.u).at(4), Binding::whole(l.b_pack).at(5), Binding::whole(io.y).at(6)];
+    rec.dispatch(&kernel, &p, bindings, [super::groups(n, 64), io.m as u32, 1])
 }

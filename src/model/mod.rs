@@ -15,17 +15,18 @@ pub use weights::{LayerWeights, Weights};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::gpu::{read_f32, read_u32, storage_buffer_zeroed, upload, GpuContext, Recorder};
+use crate::decode::SamplerConfig;
+use crate::gpu::{read_f32, read_u32, storage_buffer_zeroed, upload, GpuContext, Recorder, WeightMatrix};
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_rows, glu};
-use crate::kernels::matmul::{matmul, MatmulIo};
+use crate::kernels::matmul::{lora_expand, lora_shrink, matmul, LoraIo, MatmulIo, MAX_SLOTS};
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
-use crate::decode::SamplerConfig;
-use crate::kernels::sample::{argmax, sample};
+use crate::kernels::sample::{argmax, sample, OUT_WORDS};
 use crate::kernels::{embed::embed, rope::rope};
 use crate::kv::KvCache;
+use crate::lora::{ActiveAdapter, AdapterId, AdapterInfo, AdapterRegistry, LoraAdapter, LoraLimits, Proj};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,13 +41,59 @@ pub enum Logits {
 
 /// How the next token is chosen on the GPU.
 #[derive(Debug, Clone, Copy)]
-enum Pick {
+pub enum Pick {
+    /// The largest logit.
     Greedy,
+    /// A draw with this configuration (top-k in 1..=64) and uniform number in [0, 1).
     Sample(SamplerConfig, f32),
+}
+
+/// How adapter deltas are added to a projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum LoraMode {
+    /// The expand inside the base matrix kernel: base weights read once, one dispatch.
+    Fused,
+    /// The expand as a dispatch of its own after the base product (for comparison).
+    Separate,
+}
+
+impl LoraMode {
+    /// `AGENTFLUX_LORA=separate` selects [`LoraMode::Separate`]; anything else is fused.
+    fn from_env() -> Self {
+        match std::env::var("AGENTFLUX_LORA").as_deref() {
+            Ok("separate") => LoraMode::Separate,
+            _ => LoraMode::Fused,
+        }
+    }
 }
 
 /// Tokens processed per submission during prefill.
 const DEFAULT_MAX_BATCH: usize = 256;
+
+/// One sequence of a forward call: its cache, its new tokens, and the adapter applied to them.
+pub struct Sequence<'a> {
+    /// Its KV cache; the tokens are appended at its end.
+    pub kv: &'a mut KvCache,
+    /// The new tokens.
+    pub tokens: &'a [u32],
+    /// The adapter applied to `tokens[adapter_from..]`; earlier rows use the base weights (an
+    /// activated LoRA before its invocation). `None`: the base weights throughout.
+    pub adapter: Option<ActiveAdapter>,
+    /// First row of `tokens` the adapter applies to.
+    pub adapter_from: usize,
+}
+
+impl<'a> Sequence<'a> {
+    /// `tokens` through the base weights.
+    pub fn base(kv: &'a mut KvCache, tokens: &'a [u32]) -> Self {
+        Self { kv, tokens, adapter: None, adapter_from: 0 }
+    }
+
+    /// `tokens` with `adapter` applied from row `from` on.
+    pub fn adapted(kv: &'a mut KvCache, tokens: &'a [u32], adapter: Option<ActiveAdapter>, from: usize) -> Self {
+        Self { kv, tokens, adapter, adapter_from: from }
+    }
+}
 
 /// Activation buffers of one forward chunk, reused across calls.
 struct Scratch {
@@ -55,15 +102,34 @@ struct Scratch {
     h: wgpu::Buffer,
     xn: wgpu::Buffer,
     q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
     attn: wgpu::Buffer,
     tmp: wgpu::Buffer,
     gate: wgpu::Buffer,
     up: wgpu::Buffer,
     logits: wgpu::Buffer,
     picked: wgpu::Buffer,
+    row_slot: wgpu::Buffer,
+    lora_u: wgpu::Buffer,
 }
 
-/// A loaded model: configuration and GPU weights.
+/// One sequence's rows in a chunk: batch rows `row0..row0 + len`, appended to `kv`.
+struct Segment<'k> {
+    kv: &'k KvCache,
+    row0: usize,
+    len: usize,
+}
+
+/// The adapters of one chunk: which are active, and the per-row slot buffer.
+struct ChunkLora<'r> {
+    registry: &'r AdapterRegistry,
+    active: &'r [ActiveAdapter],
+    row_slot: &'r wgpu::Buffer,
+    u: &'r wgpu::Buffer,
+}
+
+/// A loaded model: configuration, GPU weights, and the adapters resident beside them.
 pub struct Model {
     /// Hyperparameters.
     pub config: ModelConfig,
@@ -73,15 +139,23 @@ pub struct Model {
     path: PathBuf,
     max_batch: usize,
     scratch: Mutex<Option<Scratch>>,
+    adapters: RwLock<AdapterRegistry>,
+    lora_mode: LoraMode,
 }
 
 impl Model {
     /// Load the weights of a GGUF file onto `ctx`'s device.
     pub fn load(ctx: Arc<GpuContext>, file: &GgufFile) -> Result<Self> {
+        Self::load_with_limits(ctx, file, LoraLimits::default())
+    }
+
+    /// Load with explicit adapter limits.
+    pub fn load_with_limits(ctx: Arc<GpuContext>, file: &GgufFile, limits: LoraLimits) -> Result<Self> {
         let config = ModelConfig::from_gguf(file)?;
         let weights = Weights::load(&ctx, file, &config)?;
         tracing::info!(arch = ?config.arch, layers = config.n_layers, bytes = weights.n_bytes(), "model loaded");
-        Ok(Self { config, weights, ctx, path: file.path().to_path_buf(), max_batch: DEFAULT_MAX_BATCH, scratch: Mutex::new(None) })
+        let adapters = RwLock::new(AdapterRegistry::new(&ctx, config.n_layers, limits));
+        Ok(Self { config, weights, ctx, path: file.path().to_path_buf(), max_batch: DEFAULT_MAX_BATCH, scratch: Mutex::new(None), adapters, lora_mode: LoraMode::from_env() })
     }
 
     /// The GGUF file this model came from.
@@ -99,82 +173,208 @@ impl Model {
         KvCache::new(&self.ctx, &self.config, n_ctx)
     }
 
-    /// Process `tokens` at the cache's current end and return the logits `want` asks for
-    /// (`n_vocab` floats per row).
+    /// Choose how adapter deltas are computed (default: fused, or `AGENTFLUX_LORA`).
+    pub fn set_lora_mode(&mut self, mode: LoraMode) {
+        self.lora_mode = mode;
+    }
+
+    fn registry(&self) -> Result<RwLockReadGuard<'_, AdapterRegistry>> {
+        self.adapters.read().map_err(|_| Error::Gpu("adapter registry lock poisoned".into()))
+    }
+
+    fn registry_mut(&self) -> Result<RwLockWriteGuard<'_, AdapterRegistry>> {
+        self.adapters.write().map_err(|_| Error::Gpu("adapter registry lock poisoned".into()))
+    }
+
+    /// Check `adapter` against this model and make it resident under `name`. A refused adapter
+    /// leaves the others serving.
+    pub fn add_adapter(&self, name: &str, adapter: &LoraAdapter) -> Result<AdapterId> {
+        Ok(self.registry_mut()?.add(&self.ctx, name, adapter, &self.config)?)
+    }
+
+    /// Load a PEFT adapter directory (see [`crate::lora`]) and make it resident.
+    pub fn load_adapter(&self, dir: impl AsRef<Path>) -> Result<AdapterId> {
+        let limits = *self.registry()?.limits();
+        let adapter = LoraAdapter::load_peft(dir.as_ref(), &self.config, &limits)?;
+        self.add_adapter(&dir.as_ref().display().to_string(), &adapter)
+    }
+
+    /// Free a resident adapter's GPU memory.
+    pub fn remove_adapter(&self, id: AdapterId) -> Result<()> {
+        self.registry_mut()?.remove(&self.ctx, id)
+    }
+
+    /// Name, rank, scale and invocation sequence of a resident adapter.
+    pub fn adapter_info(&self, id: AdapterId) -> Result<AdapterInfo> {
+        self.registry()?.info(id).cloned().ok_or(Error::UnknownAdapter(id))
+    }
+
+    /// Every resident adapter, and the GPU bytes their packs hold.
+    pub fn adapters(&self) -> Result<(Vec<AdapterId>, u64)> {
+        let r = self.registry()?;
+        Ok((r.ids().collect(), r.n_bytes()))
+    }
+
+    /// Process `tokens` at the cache's current end with the base weights and return the logits
+    /// `want` asks for (`n_vocab` floats per row).
     pub fn forward(&self, tokens: &[u32], kv: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+        self.forward_seqs(&mut [Sequence::base(kv, tokens)], want)
+    }
+
+    /// Process several sequences in one pass — each with its own cache and adapter, all sharing
+    /// each read of the base weights — and return the logits `want` asks for, sequence after
+    /// sequence. Several sequences must fit one pass together (256 rows).
+    pub fn forward_seqs(&self, seqs: &mut [Sequence], want: Logits) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.run(tokens, kv, want, None, &mut out)?;
+        self.run(seqs, want, None, &mut out)?;
         Ok(out)
     }
 
     /// Process `tokens` and return the id of the largest last-token logit, computed on the GPU
     /// (only the id is read back).
     pub fn forward_greedy(&self, tokens: &[u32], kv: &mut KvCache) -> Result<u32> {
-        self.forward_pick(tokens, kv, Pick::Greedy)
+        self.next_token(&mut Sequence::base(kv, tokens), Pick::Greedy)
     }
 
     /// Process `tokens` and draw the next token on the GPU with `cfg` (top-k in 1..=64) and the
     /// uniform number `u` (see [`crate::decode::draw`], the same rule on the host).
     pub fn forward_sample(&self, tokens: &[u32], kv: &mut KvCache, cfg: &SamplerConfig, u: f32) -> Result<u32> {
-        self.forward_pick(tokens, kv, Pick::Sample(*cfg, u))
+        self.next_token(&mut Sequence::base(kv, tokens), Pick::Sample(*cfg, u))
     }
 
-    fn forward_pick(&self, tokens: &[u32], kv: &mut KvCache, pick: Pick) -> Result<u32> {
-        let mut out = Vec::new();
-        let id = self.run(tokens, kv, Logits::Last, Some(pick), &mut out)?;
-        id.ok_or_else(|| Error::Gpu("token choice produced no token".into()))
+    /// Process one sequence and choose its next token on the GPU.
+    pub fn next_token(&self, seq: &mut Sequence, pick: Pick) -> Result<u32> {
+        let ids = self.run(std::slice::from_mut(seq), Logits::Last, Some(pick), &mut Vec::new())?;
+        ids.first().copied().ok_or_else(|| Error::Gpu("token choice produced no token".into()))
     }
 
-    fn run(&self, tokens: &[u32], kv: &mut KvCache, want: Logits, pick: Option<Pick>, out: &mut Vec<f32>) -> Result<Option<u32>> {
+    /// Process several sequences in one pass and choose each one's next token greedily on the GPU.
+    pub fn next_tokens_greedy(&self, seqs: &mut [Sequence]) -> Result<Vec<u32>> {
+        self.run(seqs, Logits::Last, Some(Pick::Greedy), &mut Vec::new())
+    }
+
+    fn check_seqs(&self, seqs: &[Sequence]) -> Result<()> {
         let n_vocab = self.config.n_vocab;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(Error::BadToken { id, n_vocab });
+        if seqs.is_empty() {
+            return Err(Error::InvalidOption("forward called with no sequence".into()));
         }
-        if tokens.is_empty() {
-            return Err(Error::InvalidOption("forward called with no tokens".into()));
+        for s in seqs {
+            if s.tokens.is_empty() {
+                return Err(Error::InvalidOption("forward called with no tokens".into()));
+            }
+            if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+                return Err(Error::BadToken { id, n_vocab });
+            }
+            if s.kv.layers.len() != self.config.n_layers {
+                return Err(Error::InvalidOption(format!("a KV cache of {} layers used with a model of {}", s.kv.layers.len(), self.config.n_layers)));
+            }
+            s.kv.reserve(s.tokens.len())?;
         }
-        kv.reserve(tokens.len())?;
+        Ok(())
+    }
+
+    fn run(&self, seqs: &mut [Sequence], want: Logits, pick: Option<Pick>, out: &mut Vec<f32>) -> Result<Vec<u32>> {
+        self.check_seqs(seqs)?;
+        let n_vocab = self.config.n_vocab;
+        let registry = self.registry()?;
+        let mut active: Vec<ActiveAdapter> = Vec::new();
+        for a in seqs.iter().filter_map(|s| s.adapter) {
+            if !active.contains(&a) {
+                active.push(a);
+            }
+        }
+        if active.len() > MAX_SLOTS {
+            return Err(Error::InvalidOption(format!("{} different adapters in one batch, at most {MAX_SLOTS}", active.len())));
+        }
+        registry.check_resident(&active)?;
+        if matches!(pick, Some(Pick::Sample(..))) && seqs.len() > 1 {
+            return Err(Error::InvalidOption("GPU sampling takes one sequence at a time".into()));
+        }
+        let logit_cap = ((self.ctx.max_binding() as usize / (n_vocab * 4)).max(1)).min(self.max_batch);
+        let chunk = if want == Logits::All { logit_cap } else { self.max_batch };
+        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if seqs.len() > 1 && (total > chunk || seqs.len() > logit_cap) {
+            return Err(Error::InvalidOption(format!("a batch of {} sequences holds {total} tokens; at most {chunk} fit one pass", seqs.len())));
+        }
+        // Chunks of (sequence, first token, tokens): one sequence may span several passes,
+        // several sequences share one.
+        let chunks: Vec<Vec<(usize, usize, usize)>> = if seqs.len() == 1 {
+            (0..total).step_by(chunk).map(|at| vec![(0, at, chunk.min(total - at))]).collect()
+        } else {
+            vec![seqs.iter().enumerate().map(|(i, s)| (i, 0, s.tokens.len())).collect()]
+        };
         let mut guard = self.scratch.lock().map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
-        let logit_rows = ((self.ctx.max_binding() as usize / (n_vocab * 4)).max(1)).min(self.max_batch);
-        let chunk = if want == Logits::All { logit_rows } else { self.max_batch };
-        let need = tokens.len().min(chunk);
+        let need = total.min(chunk);
         if guard.as_ref().is_none_or(|s| s.tokens < need) {
-            *guard = Some(self.alloc_scratch(need, logit_rows));
+            *guard = Some(self.alloc_scratch(need, logit_cap, registry.limits().max_rank));
         }
         let s = guard.as_ref().expect("scratch allocated above");
-        let mut greedy_id = None;
-        let n_chunks = tokens.len().div_ceil(chunk);
-        for (i, part) in tokens.chunks(chunk).enumerate() {
-            let last = i + 1 == n_chunks;
-            let rows = match want {
-                Logits::All => part.len(),
-                Logits::Last if last => 1,
-                _ => 0,
-            };
-            upload(&self.ctx, &s.ids, 0, part);
+        let mut picked = Vec::new();
+        for parts in &chunks {
+            let mut ids = Vec::new();
+            let mut slots = Vec::new();
+            // (batch row, rows) of the logits wanted from this chunk.
+            let mut logit_rows = Vec::new();
+            for &(i, at, len) in parts {
+                let seq = &seqs[i];
+                let row0 = ids.len();
+                ids.extend_from_slice(&seq.tokens[at..at + len]);
+                let slot = seq.adapter.and_then(|a| active.iter().position(|x| *x == a)).map_or(-1, |p| p as i32);
+                slots.extend((at..at + len).map(|j| if j >= seq.adapter_from { slot } else { -1 }));
+                match want {
+                    Logits::All => logit_rows.push((row0, len)),
+                    Logits::Last if at + len == seq.tokens.len() => logit_rows.push((row0 + len - 1, 1)),
+                    _ => {}
+                }
+            }
+            upload(&self.ctx, &s.ids, 0, &ids);
+            let lora = slots.iter().any(|&v| v >= 0).then(|| {
+                upload(&self.ctx, &s.row_slot, 0, &slots);
+                ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u }
+            });
             let mut rec = Recorder::new(&self.ctx);
-            self.record_chunk(&mut rec, s, kv, part.len(), rows)?;
+            let segs: Vec<Segment> = {
+                let mut row0 = 0;
+                parts
+                    .iter()
+                    .map(|&(i, _, len)| {
+                        let g = Segment { kv: &*seqs[i].kv, row0, len };
+                        row0 += len;
+                        g
+                    })
+                    .collect()
+            };
+            self.record_chunk(&mut rec, s, &segs, &logit_rows, lora.as_ref())?;
+            let n_rows: usize = logit_rows.iter().map(|r| r.1).sum();
             match pick {
-                Some(Pick::Greedy) if last => argmax(&mut rec, &self.ctx, &s.logits, 0, n_vocab, 1, &s.picked)?,
-                Some(Pick::Sample(cfg, u)) if last => sample(&mut rec, &self.ctx, &s.logits, 0, n_vocab, cfg.top_k, cfg.temperature, cfg.top_p, u, &s.picked)?,
+                Some(Pick::Greedy) if n_rows > 0 => argmax(&mut rec, &self.ctx, &s.logits, 0, n_vocab, n_rows, &s.picked)?,
+                Some(Pick::Sample(cfg, u)) if n_rows > 0 => sample(&mut rec, &self.ctx, &s.logits, 0, n_vocab, cfg.top_k, cfg.temperature, cfg.top_p, u, &s.picked)?,
                 _ => {}
             }
             rec.submit();
-            kv.advance(part.len());
-            if pick.is_some() && last {
-                let id = read_u32(&self.ctx, &s.picked, 0, 1)?[0];
-                if id as usize >= n_vocab {
-                    return Err(Error::Gpu("every logit is NaN or -inf".into()));
+            for &(i, _, len) in parts {
+                seqs[i].kv.advance(len);
+            }
+            if n_rows == 0 {
+                continue;
+            }
+            if pick.is_some() {
+                let words = read_u32(&self.ctx, &s.picked, 0, n_rows * OUT_WORDS)?;
+                for r in 0..n_rows {
+                    let id = words[r * OUT_WORDS];
+                    if id as usize >= n_vocab {
+                        return Err(Error::Gpu("every logit is NaN or -inf".into()));
+                    }
+                    picked.push(id);
                 }
-                greedy_id = Some(id);
-            } else if rows > 0 {
-                out.extend(read_f32(&self.ctx, &s.logits, 0, rows * n_vocab)?);
+            } else {
+                out.extend(read_f32(&self.ctx, &s.logits, 0, n_rows * n_vocab)?);
             }
         }
-        Ok(greedy_id)
+        Ok(picked)
     }
 
-    fn alloc_scratch(&self, tokens: usize, logit_rows: usize) -> Scratch {
+    fn alloc_scratch(&self, tokens: usize, logit_rows: usize, max_rank: usize) -> Scratch {
         let c = &self.config;
         let f = |name: &str, floats: usize| storage_buffer_zeroed(&self.ctx, name, (floats * 4) as u64);
         Scratch {
@@ -183,70 +383,112 @@ impl Model {
             h: f("h", tokens * c.d_model),
             xn: f("xn", tokens * c.d_model.max(c.q_dim())),
             q: f("q", tokens * c.q_dim()),
+            k: f("k", tokens * c.kv_dim()),
+            v: f("v", tokens * c.kv_dim()),
             attn: f("attn", tokens * c.q_dim()),
             tmp: f("tmp", tokens * c.d_model),
             gate: f("gate", tokens * c.ffn_dim),
             up: f("up", tokens * c.ffn_dim),
             logits: f("logits", logit_rows * c.n_vocab),
-            picked: f("picked", crate::kernels::sample::OUT_WORDS),
+            picked: f("picked", logit_rows.min(tokens) * OUT_WORDS),
+            row_slot: f("row_slot", tokens),
+            lora_u: f("lora_u", tokens * max_rank),
         }
     }
 
-    /// Record the whole network for `t` tokens at position `kv.len()`, with logits for the last
-    /// `logit_rows` of them.
-    fn record_chunk(&self, rec: &mut Recorder, s: &Scratch, kv: &KvCache, t: usize, logit_rows: usize) -> Result<()> {
+    /// `y = W·x` for projection `proj` of `layer`, with the chunk's adapters that target it
+    /// (shrink, then the expand fused into the base product).
+    fn project(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, proj: Proj, w: &WeightMatrix, io: MatmulIo) -> Result<()> {
+        let ctx = &*self.ctx;
+        let Some(l) = lora else { return matmul(rec, ctx, w, io) };
+        let Some((slots, max_rank)) = l.registry.slots(layer, proj, l.active) else { return matmul(rec, ctx, w, io) };
+        let (a_pack, b_pack) = l.registry.packs();
+        let io = MatmulIo { lora: Some(LoraIo { a_pack, b_pack, row_slot: l.row_slot, u: l.u, max_rank, slots: &slots }), ..io };
+        lora_shrink(rec, ctx, w.cols, &io)?;
+        match self.lora_mode {
+            LoraMode::Fused => matmul(rec, ctx, w, io),
+            LoraMode::Separate => {
+                matmul(rec, ctx, w, MatmulIo { lora: None, ..io })?;
+                lora_expand(rec, ctx, w.cols, w.rows, &io)
+            }
+        }
+    }
+
+    /// Record the whole network for the segments' rows (each appended to its own cache), with
+    /// logits for the `(first row, rows)` ranges of `logit_rows`, packed in order.
+    fn record_chunk(&self, rec: &mut Recorder, s: &Scratch, segs: &[Segment], logit_rows: &[(usize, usize)], lora: Option<&ChunkLora>) -> Result<()> {
         let (c, w, ctx) = (&self.config, &self.weights, &*self.ctx);
-        let pos0 = kv.len();
+        let t: usize = segs.iter().map(|g| g.len).sum();
         let (d, q_dim, kv_dim, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim);
         let dense = |buf, stride| Rows { buf, offset: 0, stride };
+        // One sequence writes its keys and values straight into its cache; a batch of several
+        // writes them to scratch rows and copies each sequence's rows into its own cache.
+        let direct = segs.len() == 1;
         embed(rec, ctx, &w.embed, &s.ids, t, c.embed_scale, &s.h)?;
         for (l, lw) in w.layers.iter().enumerate() {
-            let (kc, vc) = &kv.layers[l];
-            let cache = |buf| Rows { buf, offset: pos0 * kv_dim, stride: kv_dim };
             rms_norm(rec, ctx, &lw.attn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
-            matmul(rec, ctx, &lw.wq, MatmulIo::dense(&s.xn, &s.q, &lw.wq, t))?;
-            for (wm, buf) in [(&lw.wk, kc), (&lw.wv, vc)] {
-                let io = MatmulIo { y_offset: pos0 * kv_dim, ..MatmulIo::dense(&s.xn, buf, wm, t) };
-                matmul(rec, ctx, wm, io)?;
-            }
-            if let Some([bq, bk, bv]) = &lw.qkv_bias {
-                add_rows(rec, ctx, dense(&s.q, q_dim), bq, t, q_dim)?;
-                add_rows(rec, ctx, cache(kc), bk, t, kv_dim)?;
-                add_rows(rec, ctx, cache(vc), bv, t, kv_dim)?;
-            }
-            if let Some([qn, kn]) = &lw.qk_norm {
-                rms_norm_inplace(rec, ctx, qn, dense(&s.q, hd), t * c.n_heads, hd, c.norm_eps)?;
-                rms_norm_inplace(rec, ctx, kn, Rows { buf: kc, offset: pos0 * kv_dim, stride: hd }, t * c.n_kv_heads, hd, c.norm_eps)?;
+            self.project(rec, lora, l, Proj::Q, &lw.wq, MatmulIo::dense(&s.xn, &s.q, &lw.wq, t))?;
+            for (proj, wm, cached, scratch) in [(Proj::K, &lw.wk, &segs[0].kv.layers[l].0, &s.k), (Proj::V, &lw.wv, &segs[0].kv.layers[l].1, &s.v)] {
+                let io = if direct { MatmulIo { y_offset: segs[0].kv.len() * kv_dim, ..MatmulIo::dense(&s.xn, cached, wm, t) } } else { MatmulIo::dense(&s.xn, scratch, wm, t) };
+                self.project(rec, lora, l, proj, wm, io)?;
             }
             let rp = c.layer_rope(l);
-            rope(rec, ctx, &rp, dense(&s.q, q_dim), t, c.n_heads, hd, pos0)?;
-            rope(rec, ctx, &rp, cache(kc), t, c.n_kv_heads, hd, pos0)?;
             let shape = AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
-            attention(rec, ctx, &shape, &s.q, kc, vc, &s.attn, t, pos0)?;
-            self.residual(rec, &lw.wo, &s.attn, lw.post_attn_norm.as_ref(), s, t)?;
+            for g in segs {
+                let (kc, vc) = &g.kv.layers[l];
+                let pos0 = g.kv.len();
+                let (kr, vr) = if direct {
+                    (Rows { buf: kc, offset: pos0 * kv_dim, stride: kv_dim }, Rows { buf: vc, offset: pos0 * kv_dim, stride: kv_dim })
+                } else {
+                    (Rows { buf: &s.k, offset: g.row0 * kv_dim, stride: kv_dim }, Rows { buf: &s.v, offset: g.row0 * kv_dim, stride: kv_dim })
+                };
+                let qr = Rows { buf: &s.q, offset: g.row0 * q_dim, stride: q_dim };
+                if let Some([bq, bk, bv]) = &lw.qkv_bias {
+                    add_rows(rec, ctx, qr, bq, g.len, q_dim)?;
+                    add_rows(rec, ctx, kr, bk, g.len, kv_dim)?;
+                    add_rows(rec, ctx, vr, bv, g.len, kv_dim)?;
+                }
+                if let Some([qn, kn]) = &lw.qk_norm {
+                    rms_norm_inplace(rec, ctx, qn, Rows { stride: hd, ..qr }, g.len * c.n_heads, hd, c.norm_eps)?;
+                    rms_norm_inplace(rec, ctx, kn, Rows { stride: hd, ..kr }, g.len * c.n_kv_heads, hd, c.norm_eps)?;
+                }
+                rope(rec, ctx, &rp, qr, g.len, c.n_heads, hd, pos0)?;
+                rope(rec, ctx, &rp, kr, g.len, c.n_kv_heads, hd, pos0)?;
+                if !direct {
+                    let (from, to, bytes) = ((g.row0 * kv_dim * 4) as u64, (pos0 * kv_dim * 4) as u64, (g.len * kv_dim * 4) as u64);
+                    rec.copy(&s.k, from, kc, to, bytes);
+                    rec.copy(&s.v, from, vc, to, bytes);
+                }
+                attention(rec, ctx, &shape, &s.q, kc, vc, &s.attn, g.row0, g.len, pos0)?;
+            }
+            self.residual(rec, lora, l, Proj::O, &lw.wo, &s.attn, lw.post_attn_norm.as_ref(), s, t)?;
             rms_norm(rec, ctx, &lw.ffn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
-            matmul(rec, ctx, &lw.w_gate, MatmulIo::dense(&s.xn, &s.gate, &lw.w_gate, t))?;
-            matmul(rec, ctx, &lw.w_up, MatmulIo::dense(&s.xn, &s.up, &lw.w_up, t))?;
+            self.project(rec, lora, l, Proj::Gate, &lw.w_gate, MatmulIo::dense(&s.xn, &s.gate, &lw.w_gate, t))?;
+            self.project(rec, lora, l, Proj::Up, &lw.w_up, MatmulIo::dense(&s.xn, &s.up, &lw.w_up, t))?;
             glu(rec, ctx, c.act, &s.gate, &s.up, t * c.ffn_dim)?;
-            self.residual(rec, &lw.w_down, &s.gate, lw.post_ffn_norm.as_ref(), s, t)?;
+            self.residual(rec, lora, l, Proj::Down, &lw.w_down, &s.gate, lw.post_ffn_norm.as_ref(), s, t)?;
         }
-        if logit_rows > 0 {
-            let first = t - logit_rows;
+        let mut n_rows = 0;
+        for &(first, rows) in logit_rows {
             let h_rows = Rows { buf: &s.h, offset: first * d, stride: d };
-            rms_norm(rec, ctx, &w.out_norm, h_rows, dense(&s.xn, d), logit_rows, d, c.norm_eps, false)?;
+            rms_norm(rec, ctx, &w.out_norm, h_rows, Rows { buf: &s.xn, offset: n_rows * d, stride: d }, rows, d, c.norm_eps, false)?;
+            n_rows += rows;
+        }
+        if n_rows > 0 {
             let out = w.output();
-            matmul(rec, ctx, out, MatmulIo::dense(&s.xn, &s.logits, out, logit_rows))?;
+            matmul(rec, ctx, out, MatmulIo::dense(&s.xn, &s.logits, out, n_rows))?;
         }
         Ok(())
     }
 
     /// `h += W·x`, or with a post-norm (gemma3) `h += rmsnorm(W·x)`.
-    fn residual(&self, rec: &mut Recorder, wm: &crate::gpu::WeightMatrix, x: &wgpu::Buffer, post_norm: Option<&wgpu::Buffer>, s: &Scratch, t: usize) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn residual(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, proj: Proj, wm: &WeightMatrix, x: &wgpu::Buffer, post_norm: Option<&wgpu::Buffer>, s: &Scratch, t: usize) -> Result<()> {
         let (ctx, d) = (&*self.ctx, self.config.d_model);
         match post_norm {
-            None => matmul(rec, ctx, wm, MatmulIo { accumulate: true, ..MatmulIo::dense(x, &s.h, wm, t) }),
+            None => self.project(rec, lora, layer, proj, wm, MatmulIo { accumulate: true, ..MatmulIo::dense(x, &s.h, wm, t) }),
             Some(nw) => {
-                matmul(rec, ctx, wm, MatmulIo::dense(x, &s.tmp, wm, t))?;
+                self.project(rec, lora, layer, proj, wm, MatmulIo::dense(x, &s.tmp, wm, t))?;
                 let rows = |buf| Rows { buf, offset: 0, stride: d };
                 rms_norm(rec, ctx, nw, rows(&s.tmp), rows(&s.h), t, d, self.config.norm_eps, true)
             }

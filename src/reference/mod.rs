@@ -9,5 +9,5 @@ mod random;
 mod transformer;
 
 pub use ops::{argmax, attention, glu, matmul, rms_norm, rope};
-pub use random::{random_matrix_bytes, random_vec, tiny_model, TinyModelSpec};
-pub use transformer::ReferenceModel;
+pub use random::{random_adapter, random_matrix_bytes, random_vec, tiny_model, TinyModelSpec};
+pub use transformer::{ReferenceAdapter, ReferenceModel};

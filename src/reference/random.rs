@@ -9,6 +9,19 @@ pub fn random_vec(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * scale).collect()
 }
 
+/// A random adapter of `rank` on `projs` of every layer of a model shaped like `c` (values in
+/// ±`scale`; alpha = 2·rank so the trained multiplier is 2).
+pub fn random_adapter(rng: &mut SplitMix64, c: &crate::model::ModelConfig, rank: usize, projs: &[crate::lora::Proj], scale: f32) -> crate::lora::LoraAdapter {
+    let mut targets = std::collections::BTreeMap::new();
+    for layer in 0..c.n_layers {
+        for &p in projs {
+            let (out, inp) = p.shape(c);
+            targets.insert((layer, p), crate::lora::LoraWeights { a: random_vec(rng, rank * inp, scale), b: random_vec(rng, out * rank, scale) });
+        }
+    }
+    crate::lora::LoraAdapter { rank, alpha: 2.0 * rank as f32, use_rslora: false, invocation_tokens: None, targets }
+}
+
 /// `rows × cols` random values stored in `format`: random quants, with every block's scales set to
 /// finite values of a size that keeps the dequantized weights around ±`scale`.
 pub fn random_matrix_bytes(rng: &mut SplitMix64, format: BlockFormat, rows: usize, cols: usize, scale: f32) -> Vec<u8> {

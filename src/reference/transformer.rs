@@ -3,7 +3,17 @@
 use super::ops;
 use crate::error::Result;
 use crate::gguf::GgufFile;
+use crate::lora::{LoraAdapter, Proj};
 use crate::model::ModelConfig;
+
+/// An adapter as the reference applies it: `y += multiplier · adapter.scale() · B·A·x` on rows
+/// `from..` (rows before it are an activated LoRA's un-invoked prefix).
+#[derive(Clone, Copy)]
+pub struct ReferenceAdapter<'a> {
+    pub adapter: &'a LoraAdapter,
+    pub multiplier: f32,
+    pub from: usize,
+}
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -74,15 +84,32 @@ impl ReferenceModel {
 
     /// Logits of every position of `tokens` (a fresh sequence from position 0).
     pub fn forward(&self, tokens: &[u32]) -> Vec<f32> {
+        self.forward_adapted(tokens, None)
+    }
+
+    /// [`ReferenceModel::forward`] with an adapter on every projection it targets.
+    pub fn forward_adapted(&self, tokens: &[u32], lora: Option<ReferenceAdapter>) -> Vec<f32> {
         let c = &self.config;
+        let mm = |l: usize, p: Proj, w: &[f32], x: &[f32]| {
+            let (n, k) = p.shape(c);
+            let mut y = ops::matmul(w, x, n, k);
+            if let Some((a, lw)) = lora.and_then(|a| a.adapter.targets.get(&(l, p)).map(|lw| (a, lw))) {
+                let scale = a.multiplier * a.adapter.scale();
+                for (xr, yr) in x.chunks(k).zip(y.chunks_mut(n)).skip(a.from) {
+                    let delta = ops::matmul(&lw.b, &ops::matmul(&lw.a, xr, a.adapter.rank, k), n, a.adapter.rank);
+                    yr.iter_mut().zip(delta).for_each(|(y, d)| *y += scale * d);
+                }
+            }
+            y
+        };
         let (d, hd, eps) = (c.d_model, c.head_dim, c.norm_eps);
         let mut h: Vec<f32> = tokens.iter().flat_map(|&t| self.embed[t as usize * d..][..d].iter().map(|v| v * c.embed_scale)).collect();
         let add = |h: &mut Vec<f32>, y: &[f32]| h.iter_mut().zip(y).for_each(|(a, b)| *a += b);
         for (l, ly) in self.layers.iter().enumerate() {
             let x = ops::rms_norm(&h, &ly.attn_norm, d, eps);
-            let mut q = ops::matmul(&ly.wq, &x, c.q_dim(), d);
-            let mut k = ops::matmul(&ly.wk, &x, c.kv_dim(), d);
-            let mut v = ops::matmul(&ly.wv, &x, c.kv_dim(), d);
+            let mut q = mm(l, Proj::Q, &ly.wq, &x);
+            let mut k = mm(l, Proj::K, &ly.wk, &x);
+            let mut v = mm(l, Proj::V, &ly.wv, &x);
             if let Some([bq, bk, bv]) = &ly.bias {
                 for (m, b) in [(&mut q, bq), (&mut k, bk), (&mut v, bv)] {
                     m.chunks_mut(b.len()).for_each(|r| r.iter_mut().zip(b).for_each(|(a, b)| *a += b));
@@ -96,14 +123,14 @@ impl ReferenceModel {
             ops::rope(&mut q, c.n_heads, hd, &rp, 0);
             ops::rope(&mut k, c.n_kv_heads, hd, &rp, 0);
             let a = ops::attention(&q, &k, &v, c.n_heads, c.n_kv_heads, hd, 0, c.layer_window(l), c.attn_scale);
-            let mut o = ops::matmul(&ly.wo, &a, d, c.q_dim());
+            let mut o = mm(l, Proj::O, &ly.wo, &a);
             if let Some(pn) = &ly.post_attn_norm {
                 o = ops::rms_norm(&o, pn, d, eps);
             }
             add(&mut h, &o);
             let x = ops::rms_norm(&h, &ly.ffn_norm, d, eps);
-            let g = ops::glu(&ops::matmul(&ly.gate, &x, c.ffn_dim, d), &ops::matmul(&ly.up, &x, c.ffn_dim, d), c.act);
-            let mut y = ops::matmul(&ly.down, &g, d, c.ffn_dim);
+            let g = ops::glu(&mm(l, Proj::Gate, &ly.gate, &x), &mm(l, Proj::Up, &ly.up, &x), c.act);
+            let mut y = mm(l, Proj::Down, &ly.down, &g);
             if let Some(pn) = &ly.post_ffn_norm {
                 y = ops::rms_norm(&y, pn, d, eps);
             }

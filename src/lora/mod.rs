@@ -12,7 +12,10 @@
 use crate::model::{Arch, ModelConfig};
 use half::{bf16, f16};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod registry;
+pub use registry::{ActiveAdapter, AdapterId, AdapterInfo, AdapterRegistry};
 
 /// A projection an adapter can target, by its Hugging Face module name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -29,6 +32,11 @@ pub enum Proj {
 impl Proj {
     /// Every projection.
     pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// Position in [`Proj::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 
     /// The PEFT/Hugging Face module name.
     pub fn module(self) -> &'static str {
@@ -72,20 +80,25 @@ impl Proj {
 pub struct LoraLimits {
     /// Largest rank accepted.
     pub max_rank: usize,
+    /// Most adapters resident on the GPU at once.
+    pub max_adapters: usize,
+    /// Most bytes of packed A (and, separately, B) matrices on the GPU; also capped by the
+    /// device's largest binding, since a kernel binds each pack whole.
+    pub max_bytes: u64,
 }
 
 impl Default for LoraLimits {
     fn default() -> Self {
-        Self { max_rank: 64 }
+        Self { max_rank: 64, max_adapters: 64, max_bytes: 256 << 20 }
     }
 }
 
 /// Why an adapter was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("adapter {}: {msg}", dir.display())]
+#[error("adapter {adapter}: {msg}")]
 pub struct LoraError {
-    /// The adapter directory.
-    pub dir: PathBuf,
+    /// The adapter: its directory, or the name it was registered under.
+    pub adapter: String,
     /// What is wrong, naming the file, field or tensor.
     pub msg: String,
 }
@@ -195,10 +208,49 @@ impl LoraAdapter {
         }
     }
 
+    /// Check an adapter built in memory against the base model `c` and `limits`, the checks
+    /// [`LoraAdapter::load_peft`] makes on files: rank, every shape, finite values.
+    pub fn check(&self, c: &ModelConfig, limits: &LoraLimits) -> Result<(), String> {
+        if self.rank == 0 || self.rank > limits.max_rank {
+            return Err(format!("rank {} outside 1..={} (the configured limit)", self.rank, limits.max_rank));
+        }
+        if self.targets.is_empty() {
+            return Err("targets no projection".into());
+        }
+        for (&(layer, proj), w) in &self.targets {
+            let name = |ab| tensor_name(layer, proj, ab);
+            if layer >= c.n_layers {
+                return Err(format!("'{}' is for layer {layer} but the base model has {} layers (adapter for another base model?)", name('A'), c.n_layers));
+            }
+            let (out, inp) = proj.shape(c);
+            for (ab, v, want) in [('A', &w.a, [self.rank, inp]), ('B', &w.b, [out, self.rank])] {
+                if v.len() != want[0] * want[1] {
+                    return Err(format!("'{}' holds {} values, the base model needs {want:?} (adapter for another base model?)", name(ab), v.len()));
+                }
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(format!("'{}' holds a non-finite value ({}) at element {i}", name(ab), v[i]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Activated LoRA: the position where this adapter starts to apply in `tokens` — the start of
+    /// the last occurrence of its invocation sequence (so the invocation tokens themselves are
+    /// adapted, as in PEFT). `Some(0)` for a standard adapter; `None` when the invocation
+    /// sequence does not occur.
+    pub fn activation_start(&self, tokens: &[u32]) -> Option<usize> {
+        match &self.invocation_tokens {
+            None => Some(0),
+            Some(inv) if inv.is_empty() => Some(0),
+            Some(inv) => tokens.windows(inv.len()).rposition(|w| w == inv.as_slice()),
+        }
+    }
+
     /// Load a PEFT adapter directory and check it against the base model `c`.
     pub fn load_peft(dir: impl AsRef<Path>, c: &ModelConfig, limits: &LoraLimits) -> Result<Self, LoraError> {
         let dir = dir.as_ref().to_path_buf();
-        let err = |msg: String| LoraError { dir: dir.clone(), msg };
+        let err = |msg: String| LoraError { adapter: dir.display().to_string(), msg };
         let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| err(format!("cannot read {f}: {e}")));
         let cfg: PeftConfig = serde_json::from_slice(&read(CONFIG_FILE)?).map_err(|e| err(format!("{CONFIG_FILE}: {e}")))?;
         if cfg.peft_type != "LORA" {
@@ -271,7 +323,7 @@ impl LoraAdapter {
     /// Write the adapter as a PEFT directory (f32 tensors) for a base model shaped like `c`.
     pub fn save_peft(&self, dir: impl AsRef<Path>, c: &ModelConfig) -> Result<(), LoraError> {
         let dir = dir.as_ref();
-        let err = |msg: String| LoraError { dir: dir.to_path_buf(), msg };
+        let err = |msg: String| LoraError { adapter: dir.display().to_string(), msg };
         std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create the directory: {e}")))?;
         let mut modules: Vec<String> = self.targets.keys().map(|(_, p)| p.module().to_string()).collect();
         modules.sort();

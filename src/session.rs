@@ -1,0 +1,175 @@
+//! A conversation on one KV cache: turns appended to it, adapters switched on from chosen
+//! positions, forks for alternative continuations, and counters of what was computed and what
+//! was reused.
+//!
+//! Every cached position remembers which adapter produced its keys and values. A new prompt
+//! reuses the longest cached prefix that holds the same tokens made by the adapter the new plan
+//! puts there: an activated adapter leaves the positions before its activation to the base
+//! weights, so a base-processed prefix serves every activated adapter; a standard adapter (active
+//! from position 0) never reuses positions computed under another adapter set, and the counters
+//! say how many were computed again.
+
+use crate::decode::{generate_adapted, GenerateOptions, Generation};
+use crate::error::{Error, Result};
+use crate::kv::KvCache;
+use crate::lora::ActiveAdapter;
+use crate::model::{Logits, Model, Sequence};
+
+/// An adapter applied from absolute position `from` on (0: standard LoRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Activation {
+    /// The adapter and its multiplier.
+    pub adapter: ActiveAdapter,
+    /// First position it applies to.
+    pub from: usize,
+}
+
+impl Activation {
+    /// The adapter that applies at position `p` under `plan`.
+    fn at(plan: Option<Activation>, p: usize) -> Option<ActiveAdapter> {
+        plan.filter(|a| p >= a.from).map(|a| a.adapter)
+    }
+}
+
+/// What a session computed and what it reused, in token positions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SessionStats {
+    /// Prompt positions run through the model.
+    pub prefilled: usize,
+    /// Prompt positions whose cached keys and values were valid and reused.
+    pub reused: usize,
+    /// Tokens generated.
+    pub decoded: usize,
+    /// Of `prefilled`: positions that were cached with the same token but under another adapter,
+    /// so had to be computed again.
+    pub recomputed: usize,
+}
+
+/// One conversation's KV cache and its history.
+pub struct Session<'m> {
+    model: &'m Model,
+    kv: KvCache,
+    /// The token at each cached position.
+    tokens: Vec<u32>,
+    /// The adapter whose weights produced each cached position.
+    made_by: Vec<Option<ActiveAdapter>>,
+    stats: SessionStats,
+}
+
+impl<'m> Session<'m> {
+    /// An empty session of `n_ctx` positions.
+    pub fn new(model: &'m Model, n_ctx: usize) -> Result<Self> {
+        Ok(Self { model, kv: model.new_cache(n_ctx)?, tokens: Vec::new(), made_by: Vec::new(), stats: SessionStats::default() })
+    }
+
+    /// The cached tokens.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Counters since the session (or fork) began.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// The model.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Forget every position from `len` on (a snapshot is just a length to come back to).
+    pub fn truncate(&mut self, len: usize) {
+        self.kv.truncate(len);
+        self.tokens.truncate(len);
+        self.made_by.truncate(len);
+    }
+
+    /// A second session continuing from the same cached positions (copied on the GPU), with its
+    /// own counters.
+    pub fn fork(&self) -> Result<Self> {
+        Ok(Self {
+            model: self.model,
+            kv: self.kv.fork(self.model.ctx())?,
+            tokens: self.tokens.clone(),
+            made_by: self.made_by.clone(),
+            stats: SessionStats::default(),
+        })
+    }
+
+    /// The activation of `adapter` for `prompt`: from the start of the last occurrence of its
+    /// invocation sequence (activated LoRA), or from 0 (standard LoRA).
+    pub fn activation(&self, adapter: ActiveAdapter, prompt: &[u32]) -> Result<Activation> {
+        let info = self.model.adapter_info(adapter.id)?;
+        let from = match &info.invocation_tokens {
+            Some(inv) if !inv.is_empty() => prompt.windows(inv.len()).rposition(|w| w == inv.as_slice()).ok_or_else(|| {
+                Error::InvalidOption(format!("adapter {} ({}) needs its invocation tokens {inv:?} in the prompt", adapter.id, info.name))
+            })?,
+            _ => 0,
+        };
+        Ok(Activation { adapter, from })
+    }
+
+    /// Drop the cached positions `prompt` under `plan` cannot reuse, keeping at least one prompt
+    /// token to process; returns how many are kept.
+    fn reuse(&mut self, prompt: &[u32], plan: Option<Activation>) -> Result<usize> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidOption("empty prompt".into()));
+        }
+        let same_token = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let valid = (0..same_token).take_while(|&p| self.made_by[p] == Activation::at(plan, p)).count();
+        let keep = valid.min(prompt.len() - 1);
+        self.stats.recomputed += same_token.min(prompt.len()) - valid;
+        self.stats.reused += keep;
+        self.stats.prefilled += prompt.len() - keep;
+        self.truncate(keep);
+        Ok(keep)
+    }
+
+    /// Account for the positions the cache gained after feeding (a prefix of) `fed` under
+    /// `plan` — all of them, or as many as were processed before an error.
+    fn settle(&mut self, fed: &[u32], plan: Option<Activation>) {
+        let start = self.tokens.len();
+        let gained = self.kv.len().saturating_sub(start).min(fed.len());
+        self.tokens.extend_from_slice(&fed[..gained]);
+        self.made_by.extend((start..start + gained).map(|p| Activation::at(plan, p)));
+        self.kv.truncate(self.tokens.len());
+    }
+
+    /// Make the session hold `prompt` (the whole conversation so far) processed under `plan`,
+    /// computing only what the cache lacks; returns the last position's logits.
+    pub fn prefill(&mut self, prompt: &[u32], plan: Option<Activation>) -> Result<Vec<f32>> {
+        let keep = self.reuse(prompt, plan)?;
+        let new = &prompt[keep..];
+        let from = plan.map_or(0, |a| a.from.saturating_sub(keep));
+        let logits = self.model.forward_seqs(&mut [Sequence::adapted(&mut self.kv, new, plan.map(|a| a.adapter), from)], Logits::Last);
+        self.settle(new, plan);
+        logits
+    }
+
+    /// Generate after `prompt` (the whole conversation so far) under `plan`, reusing what the
+    /// cache holds. Afterwards the session holds the prompt and every generated token but the
+    /// last (which was never fed back).
+    pub fn generate(&mut self, prompt: &[u32], plan: Option<Activation>, opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<Generation> {
+        let keep = self.reuse(prompt, plan)?;
+        let mut generated = Vec::new();
+        let mut on_token = on_token;
+        let g = generate_adapted(self.model, &mut self.kv, &prompt[keep..], plan.map(|a| (a.adapter, a.from)), opts, |t| {
+            generated.push(t);
+            on_token(t)
+        });
+        self.stats.decoded += generated.len();
+        let fed: Vec<u32> = prompt[keep..].iter().chain(&generated).copied().collect();
+        self.settle(&fed, plan);
+        g
+    }
+}
