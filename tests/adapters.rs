@@ -314,3 +314,40 @@ fn packs_grow_and_compact_without_changing_resident_adapters() {
         assert_close(&format!("adapter {i} after compaction"), &got, &last_row(&want, c.n_vocab), 2e-3);
     }
 }
+
+/// An adapter laid out by `tools/make-peft-fixture` exactly as PEFT saves one (every config field
+/// PEFT writes, PEFT tensor names, f16 and bf16) loads, decodes to the values Python wrote, and
+/// gives the reference's logits.
+#[test]
+fn a_peft_layout_adapter_written_by_python_loads_and_matches_the_reference() {
+    let mut r = rng("peft-fixture");
+    let (file, model) = llama(r.next_u64(), "peft");
+    let reference = ReferenceModel::from_gguf(&file).unwrap();
+    let c = model.config.clone();
+    for dtype in ["f16", "bf16"] {
+        let dir = std::env::temp_dir().join(format!("agentflux-peft-fixture-{dtype}-{}", std::process::id()));
+        let dims = [("--layers", c.n_layers), ("--hidden", c.d_model), ("--q-dim", c.q_dim()), ("--kv-dim", c.kv_dim()), ("--ffn", c.ffn_dim)];
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/make-peft-fixture")).arg(&dir).args(["--dtype", dtype, "--invocation", "5,9", "--seed"]).arg(r.next_u64().to_string());
+        for (flag, v) in dims {
+            cmd.arg(flag).arg(v.to_string());
+        }
+        let out = cmd.output().expect("python3 runs tools/make-peft-fixture");
+        assert!(out.status.success(), "make-peft-fixture: {}", String::from_utf8_lossy(&out.stderr));
+
+        let adapter = LoraAdapter::load_peft(&dir, &c, &LoraLimits::default()).unwrap();
+        assert_eq!(adapter.invocation_tokens, Some(vec![5, 9]));
+        let expected: std::collections::BTreeMap<String, Vec<f32>> = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+        let down = &adapter.targets[&(0, Proj::Down)];
+        assert_eq!(&down.a[..8], &expected["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"][..], "{dtype} lora_A values");
+        assert_eq!(&down.b[..8], &expected["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"][..], "{dtype} lora_B values");
+
+        let id = model.load_adapter(&dir).unwrap();
+        let t = tokens(&mut r, 8, c.n_vocab);
+        let mut kv = model.new_cache(16).unwrap();
+        let got = model.forward_seqs(&mut [Sequence::adapted(&mut kv, &t, Some(ActiveAdapter::new(id)), 2)], Logits::All).unwrap();
+        let want = reference.forward_adapted(&t, Some(ReferenceAdapter { adapter: &adapter, multiplier: 1.0, from: 2 }));
+        assert_close(&format!("PEFT-layout {dtype} adapter"), &got, &want, 2e-3);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

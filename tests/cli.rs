@@ -104,3 +104,41 @@ fn bad_model_files_give_clear_errors() {
     std::fs::remove_file(junk).ok();
     std::fs::remove_file(cut).ok();
 }
+
+/// `generate --lora`: a PEFT-layout adapter for the default model (written by
+/// tools/make-peft-fixture) at scale 0 generates the base model's tokens; at scale 1 it changes
+/// them from its invocation on; a missing directory is a clear error.
+#[test]
+fn generate_with_an_activated_adapter() {
+    if !default_model_cached() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("agentflux-cli-lora-{}", std::process::id()));
+    // SmolLM2-135M: 30 layers, d_model 576, 9 heads / 3 KV heads of 64, FFN 1536.
+    let status = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/make-peft-fixture"))
+        .arg(&dir)
+        .args(["--layers", "30", "--hidden", "576", "--q-dim", "576", "--kv-dim", "192", "--ffn", "1536", "--rank", "2", "--alpha", "64"])
+        .args(["--modules", "v_proj,o_proj", "--invocation", "27003"])
+        .status()
+        .expect("python3 runs tools/make-peft-fixture");
+    assert!(status.success());
+    let d = dir.to_str().unwrap();
+    let prompt = "The quick brown fox jumps";
+    let ids = |out: &str| -> Vec<u64> {
+        let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+        v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    };
+    let base = agentflux(&["generate", "--prompt", prompt, "--max-tokens", "6", "--ignore-eos", "--json"]);
+    assert!(base.0, "{}", base.2);
+    // The invocation token must occur in the prompt: " jumps" is 27003 in SmolLM2's vocabulary.
+    let zero = agentflux(&["generate", "--prompt", prompt, "--max-tokens", "6", "--ignore-eos", "--json", "--lora", d, "--lora-scale", "0"]);
+    assert!(zero.0, "{}", zero.2);
+    assert_eq!(ids(&zero.1), ids(&base.1), "scale 0 must be the base model");
+    let on = agentflux(&["generate", "--prompt", prompt, "--max-tokens", "6", "--ignore-eos", "--json", "--lora", d]);
+    assert!(on.0, "{}", on.2);
+    assert_ne!(ids(&on.1), ids(&base.1), "a strong random adapter changes the greedy tokens");
+    let missing = agentflux(&["generate", "--prompt", prompt, "--max-tokens", "2", "--lora", "/nonexistent/lora"]);
+    assert!(!missing.0 && missing.2.contains("/nonexistent/lora") && missing.2.contains("adapter_config.json"), "{}", missing.2);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -95,6 +95,14 @@ fn bad_adapters_are_refused_with_the_reason() {
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
     std::fs::write(&cfg_path, cfg.replace("\"v_proj\"", "\"w_proj\"")).unwrap();
     expect_error(&d, &c, &limits, &["unknown target module 'w_proj'"]);
+
+    // PEFT features the engine does not implement are refused, not silently ignored.
+    for (field, value, named) in [("use_dora", "true", "DoRA"), ("rank_pattern", r#"{"q_proj": 16}"#, "rank_pattern"), ("modules_to_save", r#"["lm_head"]"#, "modules_to_save"), ("bias", r#""all""#, "bias")] {
+        let mut edited: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        edited[field] = serde_json::from_str(value).unwrap();
+        std::fs::write(&cfg_path, edited.to_string()).unwrap();
+        expect_error(&d, &c, &limits, &[named, "not supported"]);
+    }
     std::fs::write(&cfg_path, &cfg).unwrap();
 
     // A NaN weight.

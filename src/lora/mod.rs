@@ -144,6 +144,15 @@ struct PeftConfig {
     task_type: String,
     #[serde(default = "none_bias")]
     bias: String,
+    // PEFT features this engine does not implement; read only to refuse them clearly.
+    #[serde(default, skip_serializing)]
+    use_dora: bool,
+    #[serde(default, skip_serializing)]
+    rank_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    alpha_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    modules_to_save: Option<Vec<String>>,
 }
 
 fn lora_type() -> String {
@@ -259,8 +268,16 @@ impl LoraAdapter {
         if cfg.r == 0 || cfg.r > limits.max_rank {
             return Err(err(format!("{CONFIG_FILE}: rank r = {} outside 1..={} (the configured limit)", cfg.r, limits.max_rank)));
         }
-        if cfg.fan_in_fan_out {
-            return Err(err(format!("{CONFIG_FILE}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")));
+        let unsupported = [
+            (cfg.fan_in_fan_out, "fan_in_fan_out (GPT-2 Conv1D layers)"),
+            (cfg.use_dora, "use_dora (DoRA)"),
+            (!cfg.rank_pattern.is_empty(), "rank_pattern (per-module ranks)"),
+            (!cfg.alpha_pattern.is_empty(), "alpha_pattern (per-module alphas)"),
+            (cfg.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()), "modules_to_save (fully trained extra modules)"),
+            (cfg.bias != "none", "bias other than \"none\" (trained biases)"),
+        ];
+        if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
+            return Err(err(format!("{CONFIG_FILE}: {what} is not supported by this engine")));
         }
         let modules = match &cfg.target_modules {
             TargetModules::List(v) => v.clone(),
@@ -338,6 +355,10 @@ impl LoraAdapter {
             fan_in_fan_out: false,
             task_type: causal_lm(),
             bias: none_bias(),
+            use_dora: false,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            modules_to_save: None,
         };
         let json = serde_json::to_vec_pretty(&cfg).map_err(|e| err(e.to_string()))?;
         std::fs::write(dir.join(CONFIG_FILE), json).map_err(|e| err(format!("cannot write {CONFIG_FILE}: {e}")))?;

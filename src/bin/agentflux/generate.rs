@@ -1,7 +1,9 @@
 //! `agentflux generate`: text from a prompt, greedy by default.
 
-use agentflux::decode::{generate, GenerateOptions, SamplerConfig};
+use agentflux::decode::{GenerateOptions, SamplerConfig};
 use agentflux::gpu::GpuOptions;
+use agentflux::lora::ActiveAdapter;
+use agentflux::session::Session;
 use agentflux::text::ChatMessage;
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
@@ -42,6 +44,14 @@ pub struct Args {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// A LoRA adapter directory in PEFT format. An activated adapter (alora_invocation_tokens in
+    /// its config) applies from the last occurrence of its invocation tokens in the prompt; a
+    /// standard one applies to every token.
+    #[arg(long)]
+    lora: Option<std::path::PathBuf>,
+    /// Multiplier of the adapter's trained scale (0 = the base model).
+    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    lora_scale: f32,
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
@@ -57,10 +67,18 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens");
     }
-    let mut kv = eng.model.new_cache(a.ctx.min(eng.model.config.n_ctx_train))?;
-    if prompt.len() + a.max_tokens > kv.n_ctx() {
-        anyhow::bail!("prompt ({} tokens) + --max-tokens {} exceed the context of {} (raise --ctx)", prompt.len(), a.max_tokens, kv.n_ctx());
+    let n_ctx = a.ctx.min(eng.model.config.n_ctx_train);
+    if prompt.len() + a.max_tokens > n_ctx {
+        anyhow::bail!("prompt ({} tokens) + --max-tokens {} exceed the context of {n_ctx} (raise --ctx)", prompt.len(), a.max_tokens);
     }
+    let mut session = Session::new(&eng.model, n_ctx)?;
+    let plan = match &a.lora {
+        Some(dir) => {
+            let id = eng.model.load_adapter(dir)?;
+            Some(session.activation(ActiveAdapter { id, scale: a.lora_scale }, &prompt)?)
+        }
+        None => None,
+    };
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
@@ -69,7 +87,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let mut stdout = std::io::stdout();
     let mut shown = String::new();
     let mut so_far = Vec::new();
-    let g = generate(&eng.model, &mut kv, &prompt, &opts, |t| {
+    let g = session.generate(&prompt, plan, &opts, |t| {
         if a.json {
             return;
         }
@@ -91,6 +109,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             "text": text,
             "prefill_tok_s": g.prefill_tok_s(),
             "decode_tok_s": g.decode_tok_s(),
+            "adapter_from": plan.map(|p| p.from),
             "device": eng.ctx.describe(),
         });
         println!("{out}");
