@@ -1,12 +1,13 @@
-//! Kernel microbenchmarks: the matrix-vector product (decode) of every block format, reported as
-//! GB/s of weight bytes read, on whatever GPU wgpu finds.
+//! Kernel microbenchmarks, on whatever GPU wgpu finds: the matrix-vector product (decode) of every
+//! block format, reported as GB/s of weight bytes read; and multi-LoRA on one projection (fused
+//! and separate expand, one adapter and a 4-row batch on 4 adapters) against the base product.
 //!
-//! `cargo bench --bench kernels`; `AGENTFLUX_ADAPTER` picks the device.
+//! `cargo bench --bench kernels [-- lora]`; `AGENTFLUX_ADAPTER` picks the device.
 
 use agentflux::decode::SplitMix64;
 use agentflux::gguf::BlockFormat;
 use agentflux::gpu::{read_f32, storage_buffer, storage_buffer_zeroed, GpuContext, GpuOptions, Recorder, WeightMatrix};
-use agentflux::kernels::matmul::{matmul, MatmulIo};
+use agentflux::kernels::matmul::{lora_expand, lora_shrink, matmul, LoraIo, LoraSlot, MatmulIo};
 use agentflux::reference::{random_matrix_bytes, random_vec};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -46,5 +47,47 @@ fn bench_matvec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matvec);
+/// Multi-LoRA on SmolLM2's FFN up projection (Q4_1, 1536 × 576), rank 8: base only, one adapter
+/// fused into the product, the same with the expand as its own dispatch, and 4 rows on 4 adapters.
+fn bench_lora(c: &mut Criterion) {
+    let ctx = GpuContext::new(&GpuOptions::default()).expect("a GPU adapter");
+    let mut rng = SplitMix64(2);
+    let (rows, cols, rank) = (1536, 576, 8);
+    let bytes = random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0);
+    let w = WeightMatrix::upload(&ctx, "w", BlockFormat::Q4_1, rows, cols, &bytes).unwrap();
+    let slots: Vec<LoraSlot> = (0..4).map(|i| LoraSlot { a_offset: i * rank * cols, b_offset: i * rows * rank, rank, scale: 2.0 }).collect();
+    let f32s = |v: Vec<f32>| storage_buffer(&ctx, "f32", bytemuck::cast_slice(&v));
+    let a_pack = f32s(random_vec(&mut rng, 4 * rank * cols, 0.1));
+    let b_pack = f32s(random_vec(&mut rng, 4 * rows * rank, 0.1));
+    let mut group = c.benchmark_group(format!("lora/{}/q4_1/{rows}x{cols}/rank{rank}", ctx.info.name));
+    group.sample_size(10);
+    for (name, row_slot, fused) in [("base", vec![-1], true), ("1 adapter fused", vec![0], true), ("1 adapter separate", vec![0], false), ("4 rows 4 adapters fused", vec![0, 1, 2, 3], true), ("4 rows base", vec![-1; 4], true)] {
+        let m = row_slot.len();
+        let x = f32s(random_vec(&mut rng, m * cols, 1.0));
+        let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
+        let u = storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64);
+        let sb = storage_buffer(&ctx, "row_slot", bytemuck::cast_slice(&row_slot));
+        let lora = row_slot.iter().any(|&s| s >= 0).then_some(LoraIo { a_pack: &a_pack, b_pack: &b_pack, row_slot: &sb, u: &u, max_rank: rank, slots: &slots });
+        let io = MatmulIo { lora, ..MatmulIo::dense(&x, &y, &w, m) };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut rec = Recorder::new(&ctx);
+                for _ in 0..REPEAT {
+                    lora_shrink(&mut rec, &ctx, cols, &io).unwrap();
+                    if fused {
+                        matmul(&mut rec, &ctx, &w, io).unwrap();
+                    } else {
+                        matmul(&mut rec, &ctx, &w, MatmulIo { lora: None, ..io }).unwrap();
+                        lora_expand(&mut rec, &ctx, cols, rows, &io).unwrap();
+                    }
+                }
+                rec.submit();
+                read_f32(&ctx, &y, 0, 1).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_matvec, bench_lora);
 criterion_main!(benches);

@@ -15,6 +15,7 @@
 //! - [`model`]: architectures from GGUF metadata, the KV cache, and the forward pass;
 //! - [`lora`]: LoRA adapters in PEFT format, validated against the base model, and the GPU
 //!   registry that packs every resident adapter for the fused multi-LoRA kernels;
+//! - [`mcp`]: Model Context Protocol client over stdio (tool servers);
 //! - [`session`]: one conversation's KV cache, reused across adapters (activated LoRA), forked
 //!   and truncated, with counters of prefilled, reused and decoded tokens;
 //! - [`reference`]: a plain-Rust f32 implementation of every kernel and of the forward pass,
@@ -28,6 +29,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod kv;
 pub mod lora;
+pub mod mcp;
 pub mod model;
 pub mod reference;
 pub mod session;
