@@ -3,8 +3,10 @@
 // Computes: for each token t (position pos0 + t), head h and pair i < rot_dim/2, rotates the pair
 //   (a, b) by θ = (pos0 + t) · base^(−2i/rot_dim):  a' = a·cos θ − b·sin θ,  b' = a·sin θ + b·cos θ.
 //   mode 0 ("normal", llama): the pair is (2i, 2i+1);  mode 1 ("neox", qwen2/3, gemma3): (i, i + rot_dim/2).
-//   Dimensions from rot_dim to head_dim are left as they are.
-// Layout: row t of n_heads·head_dim f32 at offset + t·stride (floats).
+//   Dimensions from rot_dim to head_dim are left as they are. With `tree` = 1 token t sits at
+//   position pos0 + depth[t] instead (a token tree; see attention.wgsl).
+// Layout: row t of n_heads·head_dim f32 at offset + t·stride (floats); tree: per token
+//   (parent, depth).
 // Work split: one invocation per (pair, head) × token.
 // Limits: rot_dim even and ≤ head_dim.
 
@@ -18,10 +20,12 @@ struct Params {
     stride: u32,
     mode: u32,
     log2_base: f32,
+    tree: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> v: array<f32>;
+@group(0) @binding(2) var<storage, read> tree: array<vec2<i32>>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -39,7 +43,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         ia = base + i;
         ib = ia + half_rot;
     }
-    let theta = f32(p.pos0 + t) * exp2(-p.log2_base * f32(2u * i) / f32(p.rot_dim));
+    var pos = p.pos0 + t;
+    if (p.tree == 1u) {
+        pos = p.pos0 + u32(tree[t].y);
+    }
+    let theta = f32(pos) * exp2(-p.log2_base * f32(2u * i) / f32(p.rot_dim));
     let c = cos(theta);
     let s = sin(theta);
     let a = v[ia];

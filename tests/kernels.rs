@@ -164,7 +164,7 @@ fn rope_both_layouts_partial_rotation() {
             let rp = Rope { layout, rot_dim: rot, base: 10000.0 };
             let b = f32_buf(&ctx, &x);
             let mut rec = Recorder::new(&ctx);
-            rope(&mut rec, &ctx, &rp, Rows { buf: &b, offset: 0, stride: heads * hd }, t, heads, hd, pos0).unwrap();
+            rope(&mut rec, &ctx, &rp, Rows { buf: &b, offset: 0, stride: heads * hd }, t, heads, hd, pos0, None).unwrap();
             rec.submit();
             let mut want = x.clone();
             reference::rope(&mut want, heads, hd, &rp, pos0);
@@ -190,7 +190,7 @@ fn attention_prefill_decode_gqa_window_and_row_offset() {
         let scale = 1.0 / (hd as f32).sqrt();
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
         let mut rec = Recorder::new(&ctx);
-        attention(&mut rec, &ctx, &shape, &qb, &kb, &vb, &ob, row0, t, pos0).unwrap();
+        attention(&mut rec, &ctx, &shape, &qb, &kb, &vb, &ob, row0, t, pos0, None).unwrap();
         rec.submit();
         let mut want = vec![0f32; row0 * row];
         want.extend(reference::attention(&q[row0 * row..], &k, &v, heads, kvh, hd, pos0, window, scale));

@@ -7,7 +7,7 @@
 mod common;
 
 use agentflux::gguf::{BlockFormat, GgufFile};
-use agentflux::model::{Logits, Model};
+use agentflux::model::{Logits, Model, Sequence};
 use agentflux::reference::{tiny_model, ReferenceModel, TinyModelSpec};
 use agentflux::Error;
 use common::{assert_close, ctx, rng};
@@ -150,4 +150,44 @@ fn bad_inputs_are_typed_errors() {
     let e = GgufFile::open(&p2).map_err(Error::from).and_then(|f| Model::load(ctx(), &f).map(|_| ())).unwrap_err().to_string();
     assert!(e.contains("blk.0.attn_q.weight"), "{e}");
     std::fs::remove_file(p2).ok();
+}
+
+/// A token tree scored in one pass gives, at every node, the logits of a plain causal run of the
+/// prefix plus the path to that node — for each rope layout and with a sliding window.
+#[test]
+fn token_tree_equals_each_path_run_alone() {
+    for (arch, format) in [("llama", BlockFormat::Q4_0), ("qwen3", BlockFormat::Q8_0), ("gemma3", BlockFormat::Q4_K)] {
+        let tag = format!("tree-{arch}");
+        let mut r = rng(&tag);
+        let mut spec = TinyModelSpec::new(arch, format);
+        spec.sliding_window = 6;
+        let (_file, model) = load_tiny(&spec, r.next_u64(), &tag);
+        let v = spec.n_vocab;
+        let prefix = random_tokens(&mut r, 7, v);
+        let tok = random_tokens(&mut r, 7, v);
+        // Paths: [0 1 2], [0 1 3], [0 4], [5 6]  →  nodes 0..7 with these parents.
+        let parents = [-1, 0, 1, 1, 0, -1, 5];
+        let paths: [&[usize]; 4] = [&[0, 1, 2], &[0, 1, 3], &[0, 4], &[5, 6]];
+
+        let mut kv = model.new_cache(32).unwrap();
+        model.forward(&prefix, &mut kv, Logits::None).unwrap();
+        let tree = model.forward_seqs(&mut [Sequence::base(&mut kv, &tok).with_tree(&parents)], Logits::All).unwrap();
+        assert_eq!(kv.len(), prefix.len() + tok.len());
+        kv.truncate(prefix.len());
+
+        for path in paths {
+            let mut kv = model.new_cache(32).unwrap();
+            let seq: Vec<u32> = prefix.iter().copied().chain(path.iter().map(|&n| tok[n])).collect();
+            let alone = model.forward(&seq, &mut kv, Logits::All).unwrap();
+            for (i, &node) in path.iter().enumerate() {
+                let row = |all: &[f32], r: usize| all[r * v..(r + 1) * v].to_vec();
+                assert_close(&format!("{tag}: node {node} of path {path:?}"), &row(&tree, node), &row(&alone, prefix.len() + i), 1e-4);
+            }
+        }
+        // Malformed trees are refused.
+        let mut kv = model.new_cache(32).unwrap();
+        let err = model.forward_seqs(&mut [Sequence::base(&mut kv, &tok[..2]).with_tree(&[-1, 1])], Logits::All).unwrap_err();
+        assert!(err.to_string().contains("parents must be"), "{err}");
+        assert_eq!(kv.len(), 0, "a refused call leaves the cache as it was");
+    }
 }

@@ -19,6 +19,7 @@ struct Params {
     o_offset: u32,
     o_stride: u32,
     scale: f32,
+    tree: u32,
 }
 
 /// Head geometry of one attention call.
@@ -35,9 +36,11 @@ pub struct AttentionShape {
 
 /// Record attention of `n_tokens` queries at positions `pos0..` against cache rows `0..pos0+n_tokens`.
 /// `q` and `o` hold rows of `n_heads × head_dim` floats; the queries are rows `row0..` of both
-/// (one sequence of a batch that packs several).
+/// (one sequence of a batch that packs several). With `tree` (per new token: parent or −1,
+/// depth; see `shaders/attention.wgsl`) each new token sees the cache before `pos0` and its own
+/// ancestors only.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, o: &wgpu::Buffer, row0: usize, n_tokens: usize, pos0: usize) -> Result<()> {
+pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, o: &wgpu::Buffer, row0: usize, n_tokens: usize, pos0: usize, tree: Option<&wgpu::Buffer>) -> Result<()> {
     if s.head_dim % 4 != 0 || s.head_dim > 256 || s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
         return Err(Error::Shape {
             op: "attention",
@@ -58,7 +61,9 @@ pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &w
         o_offset: (row0 * row) as u32,
         o_stride: row as u32,
         scale: s.scale,
+        tree: tree.is_some() as u32,
     };
-    let bindings = vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(o)];
+    let tree = tree.unwrap_or(ctx.placeholder());
+    let bindings = vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(o), Binding::whole(tree)];
     rec.dispatch(&kernel, &p, bindings, [super::groups(s.n_heads, 8), super::groups(n_tokens, 8), 1])
 }

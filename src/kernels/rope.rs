@@ -37,11 +37,13 @@ struct Params {
     stride: u32,
     mode: u32,
     log2_base: f32,
+    tree: u32,
 }
 
-/// Record the rotation of `n_tokens` rows of `n_heads × head_dim` at positions `pos0..`.
+/// Record the rotation of `n_tokens` rows of `n_heads × head_dim` at positions `pos0..`, or, with
+/// a token tree (per row: parent, depth — see [`crate::model::Sequence::tree`]), at `pos0 + depth`.
 #[allow(clippy::too_many_arguments)]
-pub fn rope(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: Rows, n_tokens: usize, n_heads: usize, head_dim: usize, pos0: usize) -> Result<()> {
+pub fn rope(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: Rows, n_tokens: usize, n_heads: usize, head_dim: usize, pos0: usize, tree: Option<&wgpu::Buffer>) -> Result<()> {
     let kernel = ctx.kernel(&super::plain("rope", WGSL, "main"))?;
     let p = Params {
         n_tokens: n_tokens as u32,
@@ -53,6 +55,8 @@ pub fn rope(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: Rows, n_tokens
         stride: v.stride as u32,
         mode: (rope.layout == RopeLayout::Neox) as u32,
         log2_base: rope.base.log2(),
+        tree: tree.is_some() as u32,
     };
-    rec.dispatch(&kernel, &p, vec![Binding::whole(v.buf)], [super::groups(n_heads * rope.rot_dim / 2, 64), n_tokens as u32, 1])
+    let tree = tree.unwrap_or(ctx.placeholder());
+    rec.dispatch(&kernel, &p, vec![Binding::whole(v.buf), Binding::whole(tree)], [super::groups(n_heads * rope.rot_dim / 2, 64), n_tokens as u32, 1])
 }

@@ -81,18 +81,46 @@ pub struct Sequence<'a> {
     pub adapter: Option<ActiveAdapter>,
     /// First row of `tokens` the adapter applies to.
     pub adapter_from: usize,
+    /// A token tree instead of a sequence: per token, the index of its parent among `tokens`
+    /// (−1: a root, continuing the cached prefix). Each token then sits at position
+    /// `cache length + depth` and attends to the cached prefix and its own ancestors only, so
+    /// many candidate continuations sharing prefixes are scored in one pass. The tokens still
+    /// take cache rows, one each; truncate the cache back afterwards. One sequence per call.
+    pub tree: Option<&'a [i32]>,
 }
 
 impl<'a> Sequence<'a> {
     /// `tokens` through the base weights.
     pub fn base(kv: &'a mut KvCache, tokens: &'a [u32]) -> Self {
-        Self { kv, tokens, adapter: None, adapter_from: 0 }
+        Self { kv, tokens, adapter: None, adapter_from: 0, tree: None }
     }
 
     /// `tokens` with `adapter` applied from row `from` on.
     pub fn adapted(kv: &'a mut KvCache, tokens: &'a [u32], adapter: Option<ActiveAdapter>, from: usize) -> Self {
-        Self { kv, tokens, adapter, adapter_from: from }
+        Self { kv, tokens, adapter, adapter_from: from, tree: None }
     }
+
+    /// The tokens as a token tree with these parents (see [`Sequence::tree`]).
+    pub fn with_tree(self, parents: &'a [i32]) -> Self {
+        Self { tree: Some(parents), ..self }
+    }
+}
+
+/// Per token of a tree: (parent, depth), checking that parents come first.
+fn tree_rows(parents: &[i32], n_tokens: usize) -> Result<Vec<[i32; 2]>> {
+    if parents.len() != n_tokens {
+        return Err(Error::InvalidOption(format!("a token tree of {} parents for {n_tokens} tokens", parents.len())));
+    }
+    let mut rows: Vec<[i32; 2]> = Vec::with_capacity(n_tokens);
+    for (t, &p) in parents.iter().enumerate() {
+        let depth = match p {
+            -1 => 0,
+            p if p >= 0 && (p as usize) < t => rows[p as usize][1] + 1,
+            _ => return Err(Error::InvalidOption(format!("token tree: token {t} has parent {p}; parents must be −1 or an earlier token"))),
+        };
+        rows.push([p, depth]);
+    }
+    Ok(rows)
 }
 
 /// Activation buffers of one forward chunk, reused across calls.
@@ -111,6 +139,7 @@ struct Scratch {
     logits: wgpu::Buffer,
     picked: wgpu::Buffer,
     row_slot: wgpu::Buffer,
+    tree: wgpu::Buffer,
     lora_u: wgpu::Buffer,
 }
 
@@ -287,6 +316,14 @@ impl Model {
             return Err(Error::InvalidOption(format!("{} different adapters in one batch, at most {MAX_SLOTS}", active.len())));
         }
         registry.check_resident(&active)?;
+        let tree = match seqs.iter().position(|s| s.tree.is_some()) {
+            None => None,
+            Some(_) if seqs.len() > 1 => return Err(Error::InvalidOption("a token tree takes a call of its own".into())),
+            Some(_) if seqs[0].tokens.len() > self.max_batch => {
+                return Err(Error::InvalidOption(format!("a token tree of {} tokens; at most {} fit one pass", seqs[0].tokens.len(), self.max_batch)));
+            }
+            Some(_) => Some(tree_rows(seqs[0].tree.unwrap_or_default(), seqs[0].tokens.len())?),
+        };
         if matches!(pick, Some(Pick::Sample(..))) && seqs.len() > 1 {
             return Err(Error::InvalidOption("GPU sampling takes one sequence at a time".into()));
         }
@@ -332,6 +369,9 @@ impl Model {
                 upload(&self.ctx, &s.row_slot, 0, &slots);
                 ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u }
             });
+            if let Some(rows) = &tree {
+                upload(&self.ctx, &s.tree, 0, rows);
+            }
             let mut rec = Recorder::new(&self.ctx);
             let segs: Vec<Segment> = {
                 let mut row0 = 0;
@@ -344,7 +384,7 @@ impl Model {
                     })
                     .collect()
             };
-            self.record_chunk(&mut rec, s, &segs, &logit_rows, lora.as_ref())?;
+            self.record_chunk(&mut rec, s, &segs, &logit_rows, lora.as_ref(), tree.as_ref().map(|_| &s.tree))?;
             let n_rows: usize = logit_rows.iter().map(|r| r.1).sum();
             match pick {
                 Some(Pick::Greedy) if n_rows > 0 => argmax(&mut rec, &self.ctx, &s.logits, 0, n_vocab, n_rows, &s.picked)?,
@@ -392,6 +432,7 @@ impl Model {
             logits: f("logits", logit_rows * c.n_vocab),
             picked: f("picked", logit_rows.min(tokens) * OUT_WORDS),
             row_slot: f("row_slot", tokens),
+            tree: f("tree", 2 * tokens),
             lora_u: f("lora_u", tokens * max_rank),
         }
     }
@@ -416,7 +457,8 @@ impl Model {
 
     /// Record the whole network for the segments' rows (each appended to its own cache), with
     /// logits for the `(first row, rows)` ranges of `logit_rows`, packed in order.
-    fn record_chunk(&self, rec: &mut Recorder, s: &Scratch, segs: &[Segment], logit_rows: &[(usize, usize)], lora: Option<&ChunkLora>) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn record_chunk(&self, rec: &mut Recorder, s: &Scratch, segs: &[Segment], logit_rows: &[(usize, usize)], lora: Option<&ChunkLora>, tree: Option<&wgpu::Buffer>) -> Result<()> {
         let (c, w, ctx) = (&self.config, &self.weights, &*self.ctx);
         let t: usize = segs.iter().map(|g| g.len).sum();
         let (d, q_dim, kv_dim, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim);
@@ -452,14 +494,14 @@ impl Model {
                     rms_norm_inplace(rec, ctx, qn, Rows { stride: hd, ..qr }, g.len * c.n_heads, hd, c.norm_eps)?;
                     rms_norm_inplace(rec, ctx, kn, Rows { stride: hd, ..kr }, g.len * c.n_kv_heads, hd, c.norm_eps)?;
                 }
-                rope(rec, ctx, &rp, qr, g.len, c.n_heads, hd, pos0)?;
-                rope(rec, ctx, &rp, kr, g.len, c.n_kv_heads, hd, pos0)?;
+                rope(rec, ctx, &rp, qr, g.len, c.n_heads, hd, pos0, tree)?;
+                rope(rec, ctx, &rp, kr, g.len, c.n_kv_heads, hd, pos0, tree)?;
                 if !direct {
                     let (from, to, bytes) = ((g.row0 * kv_dim * 4) as u64, (pos0 * kv_dim * 4) as u64, (g.len * kv_dim * 4) as u64);
                     rec.copy(&s.k, from, kc, to, bytes);
                     rec.copy(&s.v, from, vc, to, bytes);
                 }
-                attention(rec, ctx, &shape, &s.q, kc, vc, &s.attn, g.row0, g.len, pos0)?;
+                attention(rec, ctx, &shape, &s.q, kc, vc, &s.attn, g.row0, g.len, pos0, tree)?;
             }
             self.residual(rec, lora, l, Proj::O, &lw.wo, &s.attn, lw.post_attn_norm.as_ref(), s, t)?;
             rms_norm(rec, ctx, &lw.ffn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
