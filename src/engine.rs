@@ -46,8 +46,8 @@ pub struct Engine {
     pub file: GgufFile,
     /// The model on the GPU.
     pub model: Model,
-    /// Its tokenizer.
-    pub tokenizer: Tokenizer,
+    /// Its tokenizer (shared with the constraint engine).
+    pub tokenizer: Arc<Tokenizer>,
     /// Its chat template, if the file has one.
     pub template: Option<ChatTemplate>,
 }
@@ -65,6 +65,6 @@ impl Engine {
         let model = Model::load(ctx.clone(), &file)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let template = ChatTemplate::from_gguf(&file, &tokenizer)?;
-        Ok(Self { ctx, file, model, tokenizer, template })
+        Ok(Self { ctx, file, model, tokenizer: Arc::new(tokenizer), template })
     }
 }

@@ -34,6 +34,7 @@ pub mod model;
 pub mod reference;
 pub mod session;
 pub mod text;
+pub mod toolcall;
 
 pub use engine::{resolve_model, Engine};
 pub use error::{Error, Result};

@@ -43,6 +43,38 @@ pub struct SessionStats {
     /// Of `prefilled`: positions that were cached with the same token but under another adapter,
     /// so had to be computed again.
     pub recomputed: usize,
+    /// Candidate tokens scored as token trees (not kept in the cache).
+    pub scored: usize,
+}
+
+impl std::ops::Sub for SessionStats {
+    type Output = SessionStats;
+
+    /// The counts between two readings of the same session.
+    fn sub(self, o: Self) -> Self {
+        Self {
+            prefilled: self.prefilled - o.prefilled,
+            reused: self.reused - o.reused,
+            decoded: self.decoded - o.decoded,
+            recomputed: self.recomputed - o.recomputed,
+            scored: self.scored - o.scored,
+        }
+    }
+}
+
+impl std::ops::Add for SessionStats {
+    type Output = SessionStats;
+
+    /// The counts of two sessions together.
+    fn add(self, o: Self) -> Self {
+        Self {
+            prefilled: self.prefilled + o.prefilled,
+            reused: self.reused + o.reused,
+            decoded: self.decoded + o.decoded,
+            recomputed: self.recomputed + o.recomputed,
+            scored: self.scored + o.scored,
+        }
+    }
 }
 
 /// One conversation's KV cache and its history.
@@ -153,6 +185,29 @@ impl<'m> Session<'m> {
         let from = plan.map_or(0, |a| a.from.saturating_sub(keep));
         let logits = self.model.forward_seqs(&mut [Sequence::adapted(&mut self.kv, new, plan.map(|a| a.adapter), from)], Logits::Last);
         self.settle(new, plan);
+        logits
+    }
+
+    /// Feed one generated token under `plan` and return the logits after it (for decoding
+    /// loops that choose tokens on the host, such as constrained decoding).
+    pub fn step(&mut self, token: u32, plan: Option<Activation>) -> Result<Vec<f32>> {
+        let start = self.len();
+        let from = plan.map_or(0, |a| a.from.saturating_sub(start));
+        let logits = self.model.forward_seqs(&mut [Sequence::adapted(&mut self.kv, &[token], plan.map(|a| a.adapter), from)], Logits::Last);
+        self.settle(&[token], plan);
+        self.stats.decoded += 1;
+        logits
+    }
+
+    /// Logits of every node of a token tree (`parents`: see [`Sequence::tree`]) rooted after the
+    /// cached positions, under `plan`; the cache is left as it was.
+    pub fn tree_logits(&mut self, tokens: &[u32], parents: &[i32], plan: Option<Activation>) -> Result<Vec<f32>> {
+        let start = self.len();
+        let from = plan.map_or(0, |a| a.from.saturating_sub(start));
+        let seq = Sequence::adapted(&mut self.kv, tokens, plan.map(|a| a.adapter), from).with_tree(parents);
+        let logits = self.model.forward_seqs(&mut [seq], Logits::All);
+        self.kv.truncate(start);
+        self.stats.scored += tokens.len();
         logits
     }
 

@@ -21,6 +21,7 @@ impl ChatMessage {
 }
 
 /// A model's chat template.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos: String,

@@ -38,6 +38,19 @@ pub struct Tokenizer {
     /// Whether a BOS token starts every encoded prompt.
     pub add_bos: bool,
     tokens: Vec<String>,
+    /// Per token: whether it is a control or user-defined (special) token.
+    special: Vec<bool>,
+    /// How vocabulary strings spell bytes.
+    spelling: Spelling,
+}
+
+/// How a vocabulary string spells the bytes of its token.
+#[derive(Clone, Copy)]
+enum Spelling {
+    /// GPT-2's byte-to-printable-character map.
+    ByteLevel,
+    /// SentencePiece: `▁` for a space, `<0xNN>` for a raw byte.
+    SentencePiece,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -81,7 +94,9 @@ impl Tokenizer {
                 }
             }
         }
-        Ok(Self { inner, bos, eos, stop, add_bos, tokens })
+        let special = types.iter().map(|&t| t == TYPE_CONTROL || t == TYPE_USER_DEFINED).chain(std::iter::repeat(false)).take(tokens.len()).collect();
+        let spelling = if model == "gpt2" { Spelling::ByteLevel } else { Spelling::SentencePiece };
+        Ok(Self { inner, bos, eos, stop, add_bos, tokens, special, spelling })
     }
 
     /// Token ids of `text`. With `add_special`, a BOS starts it where the model wants one.
@@ -111,10 +126,59 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
+    /// Whether `id` is a control or user-defined token (`<|im_end|>`).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// The bytes each token stands for, indexed by id (what a constrained decoder matches
+    /// text against). Special tokens are their text behind a 0xFF marker byte, which no text
+    /// contains, so a grammar over text never produces them by accident.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let byte_of: std::collections::HashMap<char, u8> = match self.spelling {
+            Spelling::ByteLevel => byte_level_alphabet().into_iter().map(|(b, c)| (c, b)).collect(),
+            Spelling::SentencePiece => Default::default(),
+        };
+        self.tokens
+            .iter()
+            .zip(&self.special)
+            .map(|(t, &special)| {
+                if special {
+                    return [&[0xFFu8][..], t.as_bytes()].concat();
+                }
+                match self.spelling {
+                    Spelling::ByteLevel => t.chars().map(|c| byte_of.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| t.as_bytes().to_vec()),
+                    Spelling::SentencePiece => match t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        Some(b) if t.len() == 6 => vec![b],
+                        _ => t.replace('\u{2581}', " ").into_bytes(),
+                    },
+                }
+            })
+            .collect()
+    }
+
     /// Whether `id` ends a generation.
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop.contains(&id)
     }
+}
+
+/// GPT-2's map from each byte to the printable character byte-level vocabularies spell it with:
+/// printable Latin-1 bytes stand for themselves, the rest take code points from 256 up, in order.
+fn byte_level_alphabet() -> Vec<(u8, char)> {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                (b, b as char)
+            } else {
+                let c = char::from_u32(next).unwrap_or('?');
+                next += 1;
+                (b, c)
+            }
+        })
+        .collect()
 }
 
 fn gpt2(f: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer> {

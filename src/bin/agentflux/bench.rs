@@ -8,7 +8,7 @@ use agentflux::kv::KvCache;
 use agentflux::lora::{ActiveAdapter, AdapterId, Proj};
 use agentflux::model::{Logits, LoraMode, Model, Sequence};
 use agentflux::reference::random_adapter;
-use agentflux::session::{Activation, Session, SessionStats};
+use agentflux::session::{Activation, Session};
 use agentflux::{resolve_model, Engine};
 use anyhow::Result;
 use std::time::Instant;
@@ -199,7 +199,7 @@ fn handoff_rows(m: &Model, ids: &[AdapterId], prefix: &[u32], reps: usize, rows:
             };
             second.generate(&prompt_b, Some(Activation { adapter: arg, from: prefix.len() }), &opts(32), |_| {})?;
             // A continued session's counters include the first stage.
-            let stats = if reuse { second.stats() } else { add(first, second.stats()) };
+            let stats = if reuse { second.stats() } else { first + second.stats() };
             computed[i] = stats.prefilled + stats.decoded;
             1.0 / t.elapsed().as_secs_f64()
         });
@@ -209,8 +209,4 @@ fn handoff_rows(m: &Model, ids: &[AdapterId], prefix: &[u32], reps: usize, rows:
     rows.push(Row { test: format!("{what}, re-prefill ({} positions computed)", computed[1]), tok_s: rates[1] * 40.0, vs: None });
     rows.push(Row { test: format!("{what}, shared KV ({} positions computed)", computed[0]), tok_s: rates[0] * 40.0, vs: Some(("re-prefill".into(), rates[0] / rates[1])) });
     Ok(())
-}
-
-fn add(a: SessionStats, b: SessionStats) -> SessionStats {
-    SessionStats { prefilled: a.prefilled + b.prefilled, reused: a.reused + b.reused, decoded: a.decoded + b.decoded, recomputed: a.recomputed + b.recomputed }
 }

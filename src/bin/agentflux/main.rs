@@ -1,6 +1,7 @@
 //! `agentflux`: the command-line front end of the engine.
 
 mod bench;
+mod call;
 mod generate;
 mod info;
 
@@ -25,6 +26,8 @@ enum Command {
     Info(info::Args),
     /// Measure prefill and decode speed.
     Bench(bench::Args),
+    /// Choose a tool and write its arguments for one request; prints the call as JSON.
+    Call(call::Args),
 }
 
 fn main() {
@@ -38,6 +41,7 @@ fn main() {
         Command::Generate(a) => generate::run(a, &gpu),
         Command::Info(a) => info::run(a, &gpu),
         Command::Bench(a) => bench::run(a, &gpu),
+        Command::Call(a) => call::run(a, &gpu),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -1,0 +1,65 @@
+//! `agentflux call`: one tool call for a query, as JSON — the tool chosen among real names with
+//! a probability for every candidate, and arguments valid for its schema.
+
+use agentflux::gpu::GpuOptions;
+use agentflux::mcp::{McpClient, ServerOptions};
+use agentflux::session::Session;
+use agentflux::text::ChatMessage;
+use agentflux::toolcall::{AdapterSet, Catalog, ToolCaller};
+use agentflux::{resolve_model, Engine};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A GGUF path, or `default` / `gemma3` from the model cache.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// An MCP server command (repeatable), e.g. `--mcp 'tools/mcp/node_modules/.bin/mcp-server-filesystem /tmp/ws'`.
+    #[arg(long)]
+    mcp: Vec<String>,
+    /// An OpenAI `tools` JSON file instead of (or besides) MCP servers.
+    #[arg(long)]
+    tools: Option<PathBuf>,
+    /// An adapter-set directory (manifest.json: selector and per-tool argument adapters).
+    #[arg(long)]
+    adapters: Option<PathBuf>,
+    /// Context size.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// The request.
+    query: String,
+}
+
+pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
+    if a.mcp.is_empty() && a.tools.is_none() {
+        anyhow::bail!("give the tools: --mcp 'COMMAND ARGS' (repeatable) or --tools FILE.json");
+    }
+    let mut catalog = Catalog::default();
+    // Servers stay up until the call is made (their tools are listed, not called).
+    let mut servers = Vec::new();
+    for cmd in &a.mcp {
+        let mut c = McpClient::spawn(cmd, ServerOptions::default())?;
+        let tools = c.list_tools()?;
+        catalog.add(&c.name(), tools)?;
+        servers.push(c);
+    }
+    if let Some(f) = &a.tools {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?).with_context(|| format!("{} is not JSON", f.display()))?;
+        let file = Catalog::from_openai_tools(&f.display().to_string(), &v)?;
+        for g in file.groups {
+            catalog.add(&g.server, g.tools)?;
+        }
+    }
+    let path = resolve_model(&a.model)?;
+    let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
+    let adapters = match &a.adapters {
+        Some(dir) => AdapterSet::load(&eng.model, dir)?,
+        None => AdapterSet::default(),
+    };
+    let caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
+    let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
+    let call = caller.call(&mut session, &catalog, &[ChatMessage::new("user", &a.query)], &adapters)?;
+    println!("{}", serde_json::to_string(&call)?);
+    Ok(())
+}

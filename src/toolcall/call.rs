@@ -1,0 +1,208 @@
+//! The two-stage call on one KV cache.
+//!
+//! Prompt layout (token ids concatenated piece by piece, so training and inference see the same
+//! tokens):
+//!
+//! ```text
+//! [chat template: system (instructions + one line per tool) + conversation + assistant start]
+//! call:                      ← selector stage: the tool name is scored, never free-generated
+//!  NAME\n                    ← the chosen candidate
+//! schema: {input schema}\n
+//! args:                      ← argument stage: JSON decoded under the schema
+//! ```
+//!
+//! The prefix (everything before `call:`) is computed once with the base weights. The selector
+//! adapter is activated at `call:`, the argument adapter at `schema:`; both continue from the
+//! cached prefix, so only their own tokens are computed.
+
+use super::catalog::{short_description, Catalog, FINISH};
+use super::select::{normalise, TokenTrie};
+use super::ConstraintFactory;
+use crate::error::{Error, Result};
+use crate::lora::ActiveAdapter;
+use crate::session::{Activation, Session, SessionStats};
+use crate::text::{ChatMessage, ChatTemplate, Tokenizer};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The text that opens the selector stage.
+pub const SELECT_CUE: &str = "call:";
+/// The text that opens the argument stage (followed by the tool's schema).
+pub const SCHEMA_CUE: &str = "schema:";
+/// The text right before the arguments' JSON.
+pub const ARGS_CUE: &str = "\nargs:";
+
+/// Most argument tokens before the call is abandoned.
+const MAX_ARG_TOKENS: usize = 384;
+
+/// Adapters for a tool set: one selector, one argument adapter per tool (each optional).
+#[derive(Debug, Clone, Default)]
+pub struct AdapterSet {
+    /// Chooses the tool.
+    pub selector: Option<ActiveAdapter>,
+    /// Writes a tool's arguments, by tool name.
+    pub arguments: HashMap<String, ActiveAdapter>,
+}
+
+/// Time and tokens of one call.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CallStats {
+    /// Tokens of the shared prefix.
+    pub prefix_tokens: usize,
+    /// Milliseconds: prefix, selection, arguments.
+    pub prefix_ms: f64,
+    pub select_ms: f64,
+    pub args_ms: f64,
+    /// Argument tokens generated.
+    pub arg_tokens: usize,
+    /// The session's counters for this call.
+    pub session: SessionStats,
+}
+
+/// A chosen tool call.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ToolCall {
+    /// Tool name, or `finish`.
+    pub name: String,
+    /// Arguments (valid for the tool's schema; `{}` for `finish`).
+    pub arguments: Value,
+    /// Probability of the chosen tool among the candidates.
+    pub confidence: f64,
+    /// Probability of every candidate.
+    pub candidates: BTreeMap<String, f64>,
+    /// Timings and token counts.
+    pub stats: CallStats,
+}
+
+/// Everything a call needs besides the session: tokenizer, chat template, constraints.
+pub struct ToolCaller {
+    tokenizer: Arc<Tokenizer>,
+    template: Option<ChatTemplate>,
+    constraints: ConstraintFactory,
+}
+
+impl ToolCaller {
+    /// A caller for a model's tokenizer and chat template.
+    pub fn new(tokenizer: Arc<Tokenizer>, template: Option<ChatTemplate>) -> Result<Self> {
+        let constraints = ConstraintFactory::new(tokenizer.clone())?;
+        Ok(Self { tokenizer, template, constraints })
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, false)
+    }
+
+    /// The system message listing the candidates.
+    pub fn system_text(catalog: &Catalog) -> String {
+        let mut s = String::from("You are an assistant that calls tools. For the user's latest request, choose the one tool that does it, or finish when no tool is needed (the request is done or needs no tool).\nTools:\n");
+        for g in &catalog.groups {
+            for t in &g.tools {
+                s.push_str(&format!("- {}: {}\n", t.name, short_description(&t.description, 100)));
+            }
+        }
+        s.push_str(&format!("- {FINISH}: answer the user directly without a tool.\n"));
+        s
+    }
+
+    /// Tokens of the prefix: system text, the conversation, and the assistant turn's start.
+    pub fn prefix_tokens(&self, catalog: &Catalog, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let mut all = vec![ChatMessage::new("system", &Self::system_text(catalog))];
+        all.extend_from_slice(messages);
+        let text = match &self.template {
+            Some(t) => t.render(&all, true)?,
+            None => all.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect::<String>() + "assistant: ",
+        };
+        self.tokenizer.encode(&text, true)
+    }
+
+    /// The candidate continuations after `call:`: ` NAME\n` for every tool and `finish`.
+    fn candidates(&self, catalog: &Catalog) -> Result<(Vec<String>, Vec<Vec<u32>>)> {
+        let mut names: Vec<String> = catalog.names().into_iter().map(str::to_string).collect();
+        names.push(FINISH.to_string());
+        let toks = names.iter().map(|n| self.encode(&format!(" {n}\n"))).collect::<Result<Vec<_>>>()?;
+        Ok((names, toks))
+    }
+
+    /// Choose a tool for the conversation and write its arguments, continuing `session` (which
+    /// may already hold an earlier turn of the same conversation; whatever still matches is
+    /// reused).
+    pub fn call(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], adapters: &AdapterSet) -> Result<ToolCall> {
+        let before = session.stats();
+        let t0 = Instant::now();
+        let prefix = self.prefix_tokens(catalog, messages)?;
+        session.prefill(&prefix, None)?;
+        let prefix_ms = ms(t0);
+
+        // Selection: every candidate scored in one token-tree pass after `call:`.
+        let t1 = Instant::now();
+        let mut select_prompt = prefix.clone();
+        select_prompt.extend(self.encode(SELECT_CUE)?);
+        let plan = adapters.selector.map(|a| Activation { adapter: a, from: prefix.len() });
+        let root = session.prefill(&select_prompt, plan)?;
+        let (names, cand_tokens) = self.candidates(catalog)?;
+        let trie = TokenTrie::new(&cand_tokens);
+        let nodes = session.tree_logits(&trie.tokens, &trie.parents, plan)?;
+        let probs = normalise(&trie.log_probs(&root, &nodes, root.len()));
+        let best = (0..names.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap_or(0);
+        let name = names[best].clone();
+        let select_ms = ms(t1);
+
+        // Arguments: the chosen tool's schema, then JSON under it.
+        let t2 = Instant::now();
+        let mut arguments = Value::Object(Default::default());
+        let mut arg_tokens = 0;
+        if let Some((_, tool)) = catalog.find(&name) {
+            let mut prompt = select_prompt.clone();
+            prompt.extend_from_slice(&cand_tokens[best]);
+            let from = prompt.len();
+            prompt.extend(self.encode(&format!("{SCHEMA_CUE} {}", tool.input_schema))?);
+            prompt.extend(self.encode(ARGS_CUE)?);
+            let plan = adapters.arguments.get(&name).map(|&a| Activation { adapter: a, from });
+            let (value, n) = self.arguments(session, &prompt, plan, &tool.input_schema)?;
+            arguments = value;
+            arg_tokens = n;
+        }
+        let args_ms = ms(t2);
+        let session_stats = session.stats() - before;
+        Ok(ToolCall {
+            name,
+            arguments,
+            confidence: probs[best],
+            candidates: names.into_iter().zip(probs).collect(),
+            stats: CallStats { prefix_tokens: prefix.len(), prefix_ms, select_ms, args_ms, arg_tokens, session: session_stats },
+        })
+    }
+
+    /// Greedy decoding of one JSON value under `schema` after `prompt`.
+    fn arguments(&self, session: &mut Session, prompt: &[u32], plan: Option<Activation>, schema: &Value) -> Result<(Value, usize)> {
+        let mut constraint = self.constraints.json(schema)?;
+        let mut logits = session.prefill(prompt, plan)?;
+        let n_vocab = logits.len();
+        let mut out = Vec::new();
+        while out.len() < MAX_ARG_TOKENS {
+            let allowed = constraint.allowed(n_vocab)?;
+            let next = (0..n_vocab).filter(|&t| allowed[t]).max_by(|&a, &b| logits[a].total_cmp(&logits[b]));
+            let Some(next) = next.map(|t| t as u32) else {
+                return Err(Error::InvalidOption("the argument constraint allows no token".into()));
+            };
+            if next == constraint.eos() {
+                break;
+            }
+            constraint.consume(next)?;
+            out.push(next);
+            if constraint.is_done() {
+                break;
+            }
+            logits = session.step(next, plan)?;
+        }
+        let text = self.tokenizer.decode(&out, true)?;
+        let value: Value = serde_json::from_str(text.trim()).map_err(|e| Error::InvalidOption(format!("arguments did not finish within {MAX_ARG_TOKENS} tokens or are not JSON ({e}): {text}")))?;
+        Ok((value, out.len()))
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}

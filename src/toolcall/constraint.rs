@@ -1,0 +1,100 @@
+//! Schema-constrained decoding: llguidance computes, at every step, which tokens keep the output
+//! a prefix of a JSON value valid for the tool's input schema.
+
+use crate::error::{Error, Result};
+use crate::text::Tokenizer;
+use llguidance::api::TopLevelGrammar;
+use llguidance::earley::SlicedBiasComputer;
+use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use std::sync::Arc;
+
+/// The vocabulary as llguidance sees it: every token's bytes, and our tokenizer for text.
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.tokenizer.encode(&String::from_utf8_lossy(s), false).unwrap_or_default()
+    }
+}
+
+/// Builds per-schema constraints for one tokenizer (the vocabulary is indexed once).
+pub struct ConstraintFactory {
+    factory: ParserFactory,
+    eos: u32,
+}
+
+impl ConstraintFactory {
+    /// Index `tokenizer`'s vocabulary.
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Result<Self> {
+        let eos = tokenizer.eos.or_else(|| tokenizer.stop.first().copied()).ok_or_else(|| Error::Tokenizer("no end-of-sequence token".into()))?;
+        let info = TokRxInfo::new(tokenizer.n_vocab() as u32, eos);
+        let trie = TokTrie::from(&info, &tokenizer.token_bytes());
+        let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer });
+        let caps = InferenceCapabilities { ff_tokens: false, backtrack: false, conditional_ff_tokens: false, fork: false };
+        let mut factory = ParserFactory::new(&env, caps, &SlicedBiasComputer::general_slices()).map_err(|e| Error::Tokenizer(format!("constraint vocabulary: {e}")))?;
+        factory.quiet();
+        Ok(Self { factory, eos })
+    }
+
+    /// A constraint producing one JSON value valid for `schema` (JSON Schema draft 2020-12
+    /// subset: types, required keys, enums, nested objects and arrays), without extra keys.
+    pub fn json(&self, schema: &serde_json::Value) -> Result<JsonConstraint> {
+        let mut schema = schema.clone();
+        close_objects(&mut schema);
+        let grammar = TopLevelGrammar::from_json_schema(schema);
+        let parser = self.factory.create_parser(grammar).map_err(|e| Error::InvalidOption(format!("tool input schema: {e}")))?;
+        Ok(JsonConstraint { matcher: Matcher::new(Ok(parser)), eos: self.eos })
+    }
+}
+
+/// Objects without `additionalProperties` get `false`: the model writes the declared keys only
+/// (a schema that allows more says so explicitly).
+fn close_objects(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if m.get("type").and_then(|t| t.as_str()) == Some("object") && !m.contains_key("additionalProperties") {
+                m.insert("additionalProperties".into(), serde_json::Value::Bool(false));
+            }
+            m.values_mut().for_each(close_objects);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(close_objects),
+        _ => {}
+    }
+}
+
+/// The state of one constrained generation.
+pub struct JsonConstraint {
+    matcher: Matcher,
+    eos: u32,
+}
+
+impl JsonConstraint {
+    /// Tokens allowed next (`true` per id); the end-of-sequence token once the value is complete.
+    pub fn allowed(&mut self, n_vocab: usize) -> Result<Vec<bool>> {
+        let mask = self.matcher.compute_mask_or_eos().map_err(|e| Error::InvalidOption(format!("constraint: {e}")))?;
+        Ok((0..n_vocab as u32).map(|t| mask.is_allowed(t)).collect())
+    }
+
+    /// Advance past `token`.
+    pub fn consume(&mut self, token: u32) -> Result<()> {
+        self.matcher.consume_token(token).map_err(|e| Error::InvalidOption(format!("constraint: {e}")))
+    }
+
+    /// Whether the value is complete (nothing more may follow).
+    pub fn is_done(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
+    /// The end-of-sequence token the mask offers when the value is complete.
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+}
