@@ -82,6 +82,8 @@ pub struct TinyModelSpec {
     pub untied_output: bool,
     /// Sliding window (gemma3).
     pub sliding_window: usize,
+    /// More metadata (a real tokenizer's `tokenizer.*` keys, say).
+    pub extra_meta: Vec<(String, MetaValue)>,
 }
 
 impl TinyModelSpec {
@@ -102,6 +104,7 @@ impl TinyModelSpec {
             embed_format: format,
             untied_output: false,
             sliding_window: 3,
+            extra_meta: Vec::new(),
         }
     }
 }
@@ -127,6 +130,9 @@ pub fn tiny_model(spec: &TinyModelSpec, seed: u64) -> Vec<u8> {
         .meta(&key("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));
     if a == "gemma3" {
         w.meta(&key("attention.sliding_window"), MetaValue::U32(s.sliding_window as u32));
+    }
+    for (k, v) in &s.extra_meta {
+        w.meta(k, v.clone());
     }
     let mut mat = |w: &mut GgufWriter, name: &str, fmt: BlockFormat, rows: usize, cols: usize| {
         let bytes = random_matrix_bytes(&mut rng, fmt, rows, cols, 1.0 / (cols as f32).sqrt() * 1.7);

@@ -44,11 +44,16 @@ impl ConstraintFactory {
         Ok(Self { factory, eos })
     }
 
-    /// A constraint producing one JSON value valid for `schema` (JSON Schema draft 2020-12
-    /// subset: types, required keys, enums, nested objects and arrays), without extra keys.
+    /// A constraint producing one compact JSON value (no whitespace between tokens, as
+    /// `serde_json::to_string` writes it) valid for `schema` (JSON Schema: types, required keys,
+    /// enums, nested objects and arrays), without undeclared keys. Keywords llguidance does not
+    /// implement (`format`, say) are ignored rather than refused: real servers' schemas use them.
     pub fn json(&self, schema: &serde_json::Value) -> Result<JsonConstraint> {
         let mut schema = schema.clone();
         close_objects(&mut schema);
+        if let Some(m) = schema.as_object_mut() {
+            m.insert("x-guidance".into(), serde_json::json!({"whitespace_flexible": false, "lenient": true}));
+        }
         let grammar = TopLevelGrammar::from_json_schema(schema);
         let parser = self.factory.create_parser(grammar).map_err(|e| Error::InvalidOption(format!("tool input schema: {e}")))?;
         Ok(JsonConstraint { matcher: Matcher::new(Ok(parser)), eos: self.eos })

@@ -1,0 +1,194 @@
+//! Decoupled tool calling: token bytes of the real vocabularies, the schema constraint on random
+//! walks, and the whole two-stage call against the real filesystem MCP server with a tiny random
+//! transformer that carries SmolLM2's real tokenizer (fast enough for CI on a CPU-backed device).
+
+mod common;
+
+use agentflux::decode::SplitMix64;
+use agentflux::gguf::{BlockFormat, GgufFile};
+use agentflux::mcp::{McpClient, ServerOptions};
+use agentflux::model::Model;
+use agentflux::reference::{tiny_model, TinyModelSpec};
+use agentflux::session::Session;
+use agentflux::text::{ChatMessage, ChatTemplate, Tokenizer};
+use agentflux::toolcall::{AdapterSet, Catalog, ConstraintFactory, Manifest, ToolCaller, FINISH};
+use common::{ctx, rng};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// The default model's file, or `None` (skipped) outside CI when it is not cached.
+fn default_model() -> Option<GgufFile> {
+    match agentflux::resolve_model("default") {
+        Ok(p) => Some(GgufFile::open(p).unwrap()),
+        Err(_) => {
+            assert!(std::env::var("CI").is_err(), "the default model is missing under CI: tools/test fetches it");
+            eprintln!("SKIPPED: default model not cached (run tools/fetch-model)");
+            None
+        }
+    }
+}
+
+#[test]
+fn token_bytes_spell_what_the_tokenizer_encodes() {
+    let Some(f) = default_model() else { return };
+    let tok = Tokenizer::from_gguf(&f).unwrap();
+    let bytes = tok.token_bytes();
+    assert_eq!(bytes.len(), tok.n_vocab());
+    for text in ["Hello, world!", "  two spaces\nand a newline\t tab", "naïve café — 東京 🚀", "{\"path\": \"/tmp/a b.txt\"}", "x = 12345;"] {
+        let ids = tok.encode(text, false).unwrap();
+        let spelled: Vec<u8> = ids.iter().flat_map(|&i| bytes[i as usize].clone()).collect();
+        assert_eq!(String::from_utf8_lossy(&spelled), text, "ids {ids:?}");
+    }
+    let im_end = tok.stop.iter().copied().find(|&t| tok.is_special(t)).expect("a special stop token");
+    assert_eq!(bytes[im_end as usize][0], 0xFF, "special tokens carry the marker byte");
+}
+
+/// Whether `v` satisfies the subset of JSON Schema the tool schemas here use.
+fn valid(v: &Value, s: &Value) -> bool {
+    if let Some(e) = s.get("enum") {
+        return e.as_array().unwrap().contains(v);
+    }
+    match s.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            let Some(o) = v.as_object() else { return false };
+            let props = s.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
+            let required = s.get("required").and_then(Value::as_array).cloned().unwrap_or_default();
+            required.iter().all(|k| o.contains_key(k.as_str().unwrap())) && o.iter().all(|(k, x)| props.get(k).is_some_and(|ps| valid(x, ps)))
+        }
+        Some("array") => v.as_array().is_some_and(|a| a.iter().all(|x| valid(x, &s["items"]))),
+        Some("string") => v.is_string(),
+        // JSON Schema: an integer is any number with a zero fractional part (1.0 and -0.0 too).
+        Some("integer") => v.as_f64().is_some_and(|x| x.fract() == 0.0),
+        Some("number") => v.is_number(),
+        Some("boolean") => v.is_boolean(),
+        _ => true,
+    }
+}
+
+#[test]
+fn schema_constraint_only_lets_valid_json_through() {
+    let Some(f) = default_model() else { return };
+    let tok = Arc::new(Tokenizer::from_gguf(&f).unwrap());
+    let bytes = tok.token_bytes();
+    let factory = ConstraintFactory::new(tok.clone()).unwrap();
+    let schemas = [
+        json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}),
+        json!({"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}, "ok": {"type": "boolean"}}, "required": ["n", "ok"]}),
+        json!({"type": "object", "properties": {"mode": {"enum": ["read", "write", "append"]}, "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["mode"]}),
+        json!({"type": "object", "properties": {"edits": {"type": "array", "items": {"type": "object", "properties": {"old": {"type": "string"}, "new": {"type": "string"}}, "required": ["old", "new"]}}, "dry": {"type": "boolean"}}, "required": ["edits"]}),
+    ];
+    let mut r = rng("schema-walk");
+    for schema in &schemas {
+        for walk in 0..4 {
+            let mut c = factory.json(schema).unwrap();
+            let mut out = Vec::new();
+            // A random walk through the allowed tokens, leaning towards closing quotes and
+            // brackets so it ends: every token the mask offers must keep the output valid.
+            for _ in 0..400 {
+                let allowed: Vec<u32> = c.allowed(tok.n_vocab()).unwrap().iter().enumerate().filter(|(_, &a)| a).map(|(i, _)| i as u32).collect();
+                assert!(!allowed.is_empty(), "{schema}: no token allowed after {:?}", tok.decode(&out, false));
+                let closing: Vec<u32> = allowed.iter().copied().filter(|&t| matches!(bytes[t as usize].as_slice(), b"\"" | b"}" | b"]" | b"\"}" | b"\"," | b",")).collect();
+                let pick = |v: &[u32], r: &mut SplitMix64| v[(r.next_u64() % v.len() as u64) as usize];
+                let t = if !closing.is_empty() && r.next_f32() < 0.5 { pick(&closing, &mut r) } else { pick(&allowed, &mut r) };
+                if t == c.eos() {
+                    break;
+                }
+                c.consume(t).unwrap();
+                out.push(t);
+                if c.is_done() {
+                    break;
+                }
+            }
+            let text = tok.decode(&out, false).unwrap();
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{schema} walk {walk}: not JSON ({e}): {text}"));
+            assert!(valid(&v, schema), "{schema} walk {walk}: {v} does not satisfy the schema");
+        }
+    }
+}
+
+#[test]
+fn two_stage_call_on_the_real_filesystem_server() {
+    let Some(f) = default_model() else { return };
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/mcp/node_modules/.bin/mcp-server-filesystem");
+    if !bin.exists() {
+        assert!(std::env::var("CI").is_err(), "{} is missing under CI: tools/setup installs it", bin.display());
+        return;
+    }
+    // A tiny random transformer carrying SmolLM2's real tokenizer and chat template.
+    let mut spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
+    spec.n_vocab = f.u64("llama.vocab_size").map(|v| v as usize).unwrap_or_else(|_| f.str_array("tokenizer.ggml.tokens").unwrap().len());
+    spec.extra_meta = f.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut r = rng("two-stage");
+    let path = std::env::temp_dir().join(format!("agentflux-tiny-tok-{}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(ctx(), &file).unwrap();
+    let tok = Arc::new(Tokenizer::from_gguf(&file).unwrap());
+    let template = ChatTemplate::from_gguf(&file, &tok).unwrap();
+    std::fs::remove_file(&path).ok();
+
+    let root = std::env::temp_dir().join(format!("agentflux-ws-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let mut server = McpClient::spawn(&format!("{} {}", bin.display(), root.display()), ServerOptions::default()).unwrap();
+    let mut catalog = Catalog::default();
+    catalog.add(&server.name(), server.list_tools().unwrap()).unwrap();
+    let caller = ToolCaller::new(tok.clone(), template).unwrap();
+    let mut session = Session::new(&model, 2048).unwrap();
+    let messages = [ChatMessage::new("user", "Read the file notes/todo.txt")];
+    let call = caller.call(&mut session, &catalog, &messages, &AdapterSet::default()).unwrap();
+
+    // A real candidate, probabilities over every candidate summing to 1.
+    let names = catalog.names();
+    assert!(call.name == FINISH || names.contains(&call.name.as_str()), "{}", call.name);
+    assert_eq!(call.candidates.len(), names.len() + 1);
+    assert!((call.candidates.values().sum::<f64>() - 1.0).abs() < 1e-6);
+    assert_eq!(call.confidence, call.candidates[&call.name]);
+    // Arguments valid for the chosen tool's schema, whatever a random model prefers.
+    if let Some((_, tool)) = catalog.find(&call.name) {
+        assert!(valid(&call.arguments, &tool.input_schema), "{} {}", call.name, call.arguments);
+        assert!(call.stats.arg_tokens > 0);
+    }
+    // The prefix was computed once and nothing was recomputed.
+    assert_eq!(call.stats.session.recomputed, 0, "{:?}", call.stats);
+    assert!(call.stats.session.reused >= call.stats.prefix_tokens, "{:?}", call.stats);
+    // One forward pass over the trie: at least one node per candidate, shared prefixes once.
+    assert!(call.stats.session.scored >= call.candidates.len(), "{:?}", call.stats);
+
+    // The next turn of the same conversation reuses the cached prefix.
+    let before = session.stats();
+    let mut more = messages.to_vec();
+    more.push(ChatMessage::new("assistant", &format!("call: {}", call.name)));
+    more.push(ChatMessage::new("user", "Now list the directory."));
+    let again = caller.call(&mut session, &catalog, &more, &AdapterSet::default()).unwrap();
+    assert!(again.stats.session.reused > 0 && session.stats().prefilled - before.prefilled < again.stats.prefix_tokens, "{:?}", again.stats);
+
+    // With an adapter set (random selector and read_text_file adapters, activated at their
+    // cues): the call still yields a real candidate and schema-valid arguments, and the prefix
+    // is still computed with the base weights and reused.
+    let set = root.join("adapters");
+    let c = model.config.clone();
+    for (dir, rank) in [("selector", 4), ("args_read", 2)] {
+        agentflux::reference::random_adapter(&mut r, &c, rank, &agentflux::lora::Proj::ALL, 0.05).save_peft(set.join(dir), &c).unwrap();
+    }
+    let model_name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let manifest = |base: &str| Manifest { base_model: base.into(), selector: Some("selector".into()), arguments: [("read_text_file".to_string(), "args_read".to_string())].into() };
+    manifest("another-model.gguf").write(&set).unwrap();
+    let err = AdapterSet::load(&model, &set).unwrap_err().to_string();
+    assert!(err.contains("another-model.gguf") && err.contains("manifest.json"), "{err}");
+    manifest(&model_name).write(&set).unwrap();
+    let adapters = AdapterSet::load(&model, &set).unwrap();
+    assert!(adapters.selector.is_some() && adapters.arguments.contains_key("read_text_file"));
+    let mut session = Session::new(&model, 2048).unwrap();
+    let adapted = caller.call(&mut session, &catalog, &messages, &adapters).unwrap();
+    assert!(adapted.name == FINISH || names.contains(&adapted.name.as_str()));
+    if let Some((_, tool)) = catalog.find(&adapted.name) {
+        assert!(valid(&adapted.arguments, &tool.input_schema), "{} {}", adapted.name, adapted.arguments);
+    }
+    // Only the selector's own cue (`call:`, adapted by the selector) is computed again, with
+    // the base weights, for the argument stage; the prefix never is.
+    let cue = tok.encode(agentflux::toolcall::SELECT_CUE, false).unwrap().len();
+    assert!(adapted.stats.session.recomputed <= cue, "{:?}", adapted.stats);
+    assert!(adapted.stats.session.prefilled < 2 * adapted.stats.prefix_tokens, "{:?}", adapted.stats);
+    drop(server);
+    std::fs::remove_dir_all(&root).ok();
+}
