@@ -43,6 +43,28 @@ fn token_bytes_spell_what_the_tokenizer_encodes() {
     assert_eq!(bytes[im_end as usize][0], 0xFF, "special tokens carry the marker byte");
 }
 
+/// The real filesystem server's binary, or `None` (skipped) outside CI when not installed.
+fn filesystem_server() -> Option<std::path::PathBuf> {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/mcp/node_modules/.bin/mcp-server-filesystem");
+    if bin.exists() {
+        return Some(bin);
+    }
+    assert!(std::env::var("CI").is_err(), "{} is missing under CI: tools/setup installs it", bin.display());
+    eprintln!("SKIPPED: {} not installed (run tools/setup)", bin.display());
+    None
+}
+
+/// A tiny random transformer carrying the real tokenizer and chat template of `f`, written to a
+/// temporary GGUF file: the whole pipeline runs in seconds on a CPU-backed device.
+fn tiny_with_tokenizer(f: &GgufFile, seed: u64, tag: &str) -> std::path::PathBuf {
+    let mut spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
+    spec.n_vocab = f.str_array("tokenizer.ggml.tokens").unwrap().len();
+    spec.extra_meta = f.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let path = std::env::temp_dir().join(format!("agentflux-tiny-tok-{tag}-{}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&spec, seed)).unwrap();
+    path
+}
+
 /// Whether `v` satisfies the subset of JSON Schema the tool schemas here use.
 fn valid(v: &Value, s: &Value) -> bool {
     if let Some(e) = s.get("enum") {
@@ -109,18 +131,9 @@ fn schema_constraint_only_lets_valid_json_through() {
 #[test]
 fn two_stage_call_on_the_real_filesystem_server() {
     let Some(f) = default_model() else { return };
-    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/mcp/node_modules/.bin/mcp-server-filesystem");
-    if !bin.exists() {
-        assert!(std::env::var("CI").is_err(), "{} is missing under CI: tools/setup installs it", bin.display());
-        return;
-    }
-    // A tiny random transformer carrying SmolLM2's real tokenizer and chat template.
-    let mut spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
-    spec.n_vocab = f.u64("llama.vocab_size").map(|v| v as usize).unwrap_or_else(|_| f.str_array("tokenizer.ggml.tokens").unwrap().len());
-    spec.extra_meta = f.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let Some(bin) = filesystem_server() else { return };
     let mut r = rng("two-stage");
-    let path = std::env::temp_dir().join(format!("agentflux-tiny-tok-{}.gguf", std::process::id()));
-    std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
+    let path = tiny_with_tokenizer(&f, r.next_u64(), "two-stage");
     let file = GgufFile::open(&path).unwrap();
     let model = Model::load(ctx(), &file).unwrap();
     let tok = Arc::new(Tokenizer::from_gguf(&file).unwrap());
@@ -190,5 +203,54 @@ fn two_stage_call_on_the_real_filesystem_server() {
     assert!(adapted.stats.session.recomputed <= cue, "{:?}", adapted.stats);
     assert!(adapted.stats.session.prefilled < 2 * adapted.stats.prefix_tokens, "{:?}", adapted.stats);
     drop(server);
+    std::fs::remove_dir_all(&root).ok();
+}
+
+fn agentflux(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentflux")).args(args).output().expect("run agentflux");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `agentflux call` and `agentflux run` as a user types them, against the real filesystem
+/// server in a sandbox directory (with the tiny model, so the test takes seconds).
+#[test]
+fn call_and_run_commands_drive_the_filesystem_server() {
+    let Some(f) = default_model() else { return };
+    let Some(bin) = filesystem_server() else { return };
+    let mut r = rng("cli-run");
+    let model = tiny_with_tokenizer(&f, r.next_u64(), "cli");
+    let root = std::env::temp_dir().join(format!("agentflux-cli-ws-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("notes")).unwrap();
+    std::fs::write(root.join("notes/todo.txt"), "buy milk\n").unwrap();
+    let mcp = format!("{} {}", bin.display(), root.display());
+    let m = model.to_str().unwrap();
+
+    let (ok, out, err) = agentflux(&["call", "--model", m, "--mcp", &mcp, "What is in notes/todo.txt?"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
+    for key in ["name", "arguments", "confidence", "candidates", "stats"] {
+        assert!(v.get(key).is_some(), "no {key} in {v}");
+    }
+    assert!(v["candidates"].as_object().unwrap().contains_key("read_text_file") && v["candidates"].as_object().unwrap().contains_key("finish"));
+
+    let (ok, out, err) = agentflux(&["run", "--model", m, "--mcp", &mcp, "--max-steps", "2", "--answer-tokens", "4", "--json", "Read notes/todo.txt and tell me what to buy."]);
+    assert!(ok, "{err}");
+    let events: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds.last(), Some(&"answer"), "{kinds:?}");
+    let calls = kinds.iter().filter(|k| **k == "call").count();
+    assert!((1..=2).contains(&calls), "{kinds:?}");
+    // Every call of a real tool is followed by its result from the server.
+    for (i, e) in events.iter().enumerate() {
+        if e["event"] == "call" && e["call"]["name"] != "finish" {
+            assert!(matches!(events[i + 1]["event"].as_str(), Some("result" | "stopped")), "{kinds:?}");
+        }
+    }
+    // Bad input: no tools at all, and a server that cannot start.
+    let (ok, _, err) = agentflux(&["call", "--model", m, "hello"]);
+    assert!(!ok && err.contains("--mcp"), "{err}");
+    let (ok, _, err) = agentflux(&["call", "--model", m, "--mcp", "/nonexistent/server", "hello"]);
+    assert!(!ok && err.contains("/nonexistent/server") && err.contains("could not be started"), "{err}");
+    std::fs::remove_file(&model).ok();
     std::fs::remove_dir_all(&root).ok();
 }

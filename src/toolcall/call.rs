@@ -18,6 +18,7 @@
 use super::catalog::{short_description, Catalog, FINISH};
 use super::select::{normalise, TokenTrie};
 use super::ConstraintFactory;
+use crate::decode::GenerateOptions;
 use crate::error::{Error, Result};
 use crate::lora::ActiveAdapter;
 use crate::session::{Activation, Session, SessionStats};
@@ -173,6 +174,32 @@ impl ToolCaller {
             candidates: names.into_iter().zip(probs).collect(),
             stats: CallStats { prefix_tokens: prefix.len(), prefix_ms, select_ms, args_ms, arg_tokens, session: session_stats },
         })
+    }
+
+    /// The assistant message that records `call` in the conversation (the same layout the
+    /// prompt cues use, so a later turn sees its own earlier calls as it would write them).
+    pub fn call_message(call: &ToolCall) -> ChatMessage {
+        ChatMessage::new("assistant", &format!("{SELECT_CUE} {}{ARGS_CUE} {}", call.name, call.arguments))
+    }
+
+    /// The message that hands a tool's output back to the model (as a user turn: every chat
+    /// template accepts one), cut to `max_chars`.
+    pub fn result_message(name: &str, text: &str, max_chars: usize) -> ChatMessage {
+        let mut t: String = text.chars().take(max_chars).collect();
+        if t.len() < text.len() {
+            t.push_str(" …[truncated]");
+        }
+        ChatMessage::new("user", &format!("Result of {name}:\n{t}"))
+    }
+
+    /// The final answer after the model chose `finish`: free text continuing the same assistant
+    /// turn (`call: finish` then the answer), reusing the cached conversation.
+    pub fn answer(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<String> {
+        let mut prompt = self.prefix_tokens(catalog, messages)?;
+        prompt.extend(self.encode(&format!("{SELECT_CUE} {FINISH}\n"))?);
+        let g = session.generate(&prompt, None, opts, on_token)?;
+        let text: Vec<u32> = g.tokens.into_iter().filter(|t| !self.tokenizer.is_stop(*t)).collect();
+        Ok(self.tokenizer.decode(&text, true)?.trim().to_string())
     }
 
     /// Greedy decoding of one JSON value under `schema` after `prompt`.

@@ -1,12 +1,14 @@
 //! Decoupled tool calling: choose the tool among real names with calibrated probabilities, then
 //! write its arguments under its input schema, on one KV cache of the conversation.
 
+mod agent;
 mod call;
 mod catalog;
 mod constraint;
 mod manifest;
 mod select;
 
+pub use agent::{Agent, AgentEvent, AgentOptions};
 pub use call::{AdapterSet, CallStats, ToolCall, ToolCaller, ARGS_CUE, SCHEMA_CUE, SELECT_CUE};
 pub use catalog::{short_description, Catalog, ToolGroup, FINISH};
 pub use constraint::{ConstraintFactory, JsonConstraint};

@@ -4,6 +4,7 @@ mod bench;
 mod call;
 mod generate;
 mod info;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ enum Command {
     Bench(bench::Args),
     /// Choose a tool and write its arguments for one request; prints the call as JSON.
     Call(call::Args),
+    /// Carry out a task with MCP tool servers: call tools, read their results, answer.
+    Run(run::Args),
 }
 
 fn main() {
@@ -42,6 +45,7 @@ fn main() {
         Command::Info(a) => info::run(a, &gpu),
         Command::Bench(a) => bench::run(a, &gpu),
         Command::Call(a) => call::run(a, &gpu),
+        Command::Run(a) => run::run(a, &gpu),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -1,0 +1,81 @@
+//! `agentflux run`: the agent loop over MCP servers, printing each step as it happens.
+
+use agentflux::decode::{GenerateOptions, SamplerConfig};
+use agentflux::gpu::GpuOptions;
+use agentflux::mcp::{McpClient, ServerOptions};
+use agentflux::session::Session;
+use agentflux::toolcall::{AdapterSet, Agent, AgentEvent, AgentOptions, ToolCaller};
+use agentflux::{resolve_model, Engine};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A GGUF path, or `default` / `gemma3` from the model cache.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// An MCP server command (repeatable), e.g. `--mcp 'tools/mcp/node_modules/.bin/mcp-server-filesystem /tmp/ws'`.
+    #[arg(long, required = true)]
+    mcp: Vec<String>,
+    /// An adapter-set directory (manifest.json: selector and per-tool argument adapters).
+    #[arg(long)]
+    adapters: Option<PathBuf>,
+    /// Most tool calls before answering.
+    #[arg(long, default_value_t = 6)]
+    max_steps: usize,
+    /// Most tokens of the final answer.
+    #[arg(long, default_value_t = 160)]
+    answer_tokens: usize,
+    /// Context size.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Print one JSON event per line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The task.
+    task: String,
+}
+
+pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
+    let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
+    let mut agent = Agent::new(servers)?;
+    let path = resolve_model(&a.model)?;
+    let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
+    let adapters = match &a.adapters {
+        Some(dir) => AdapterSet::load(&eng.model, dir)?,
+        None => AdapterSet::default(),
+    };
+    let caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
+    let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
+    let opts = AgentOptions {
+        max_steps: a.max_steps,
+        max_result_chars: 1500,
+        answer: GenerateOptions { max_tokens: a.answer_tokens, sampler: SamplerConfig::default(), stop: eng.tokenizer.stop.clone() },
+    };
+    if !a.json {
+        eprintln!("{} tools from {} server(s) on {}", agent.catalog.names().len(), agent.servers.len(), eng.ctx.describe());
+    }
+    agent.run(&caller, &mut session, &adapters, &a.task, &opts, |e| {
+        if a.json {
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
+            return;
+        }
+        match e {
+            AgentEvent::Call { step, call } => println!(
+                "[{step}] {} {}  (p={:.2}; select {:.0} ms, arguments {:.0} ms; {} prefix tokens, {} reused)",
+                call.name, call.arguments, call.confidence, call.stats.select_ms, call.stats.args_ms, call.stats.prefix_tokens, call.stats.session.reused
+            ),
+            AgentEvent::Result { text, is_error, .. } => {
+                let shown: String = text.chars().take(300).collect();
+                println!("    {} {}", if *is_error { "✗" } else { "→" }, shown.replace('\n', "\n      "));
+            }
+            AgentEvent::Stopped { reason } => println!("    stopped: {reason}"),
+            AgentEvent::Answer { text } => println!("answer: {text}"),
+        }
+    })?;
+    if !a.json {
+        let s = session.stats();
+        eprintln!("[session: {} prefilled, {} reused, {} decoded, {} scored, {} recomputed]", s.prefilled, s.reused, s.decoded, s.scored, s.recomputed);
+    }
+    Ok(())
+}
