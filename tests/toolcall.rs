@@ -254,3 +254,51 @@ fn call_and_run_commands_drive_the_filesystem_server() {
     std::fs::remove_file(&model).ok();
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// Two real servers: the server is chosen first and only its tools are listed for the tool
+/// choice; without the hierarchy every tool is a candidate at once.
+#[test]
+fn hierarchical_choice_over_two_real_servers() {
+    let Some(f) = default_model() else { return };
+    let Some(fs) = filesystem_server() else { return };
+    let memory = fs.with_file_name("mcp-server-memory");
+    let mut r = rng("hierarchy");
+    let path = tiny_with_tokenizer(&f, r.next_u64(), "hierarchy");
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(ctx(), &file).unwrap();
+    let tok = Arc::new(Tokenizer::from_gguf(&file).unwrap());
+    let template = ChatTemplate::from_gguf(&file, &tok).unwrap();
+    std::fs::remove_file(&path).ok();
+    let root = std::env::temp_dir().join(format!("agentflux-hier-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let mut catalog = Catalog::default();
+    let mem_file = root.join("memory.jsonl");
+    for cmd in [format!("{} {}", fs.display(), root.display()), format!("env MEMORY_FILE_PATH={} {}", mem_file.display(), memory.display())] {
+        let mut c = McpClient::spawn(&cmd, ServerOptions::default()).unwrap();
+        catalog.add(&c.name(), c.list_tools().unwrap()).unwrap();
+    }
+    assert_eq!(catalog.groups.len(), 2);
+    let messages = [ChatMessage::new("user", "Remember that Ada likes tea.")];
+    let mut caller = ToolCaller::new(tok, template).unwrap();
+
+    let mut session = Session::new(&model, 4096).unwrap();
+    let hier = caller.call(&mut session, &catalog, &messages, &AdapterSet::default()).unwrap();
+    let group_of = |name: &str| catalog.groups.iter().position(|g| g.tools.iter().any(|t| t.name == name));
+    let tools: Vec<&String> = hier.candidates.keys().filter(|k| *k != FINISH).collect();
+    if hier.name != FINISH {
+        // Only the chosen server's tools were candidates; P(finish) + P(server) = 1.
+        let g = group_of(&hier.name).unwrap();
+        assert!(tools.iter().all(|t| group_of(t) == Some(g)), "{:?}", hier.candidates);
+        assert_eq!(tools.len(), catalog.groups[g].tools.len());
+        assert!((hier.candidates.values().sum::<f64>() - 1.0).abs() < 1e-6);
+        if let Some((_, tool)) = catalog.find(&hier.name) {
+            assert!(valid(&hier.arguments, &tool.input_schema), "{}", hier.arguments);
+        }
+    }
+    caller.set_hierarchy(false);
+    let mut session = Session::new(&model, 4096).unwrap();
+    let flat = caller.call(&mut session, &catalog, &messages, &AdapterSet::default()).unwrap();
+    assert_eq!(flat.candidates.len(), catalog.names().len() + 1);
+    assert!(hier.stats.prefix_tokens < flat.stats.prefix_tokens, "the server list is shorter than every tool's description");
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -11,9 +11,17 @@
 //! args:                      ← argument stage: JSON decoded under the schema
 //! ```
 //!
-//! The prefix (everything before `call:`) is computed once with the base weights. The selector
-//! adapter is activated at `call:`, the argument adapter at `schema:`; both continue from the
-//! cached prefix, so only their own tokens are computed.
+//! With several servers the choice is hierarchical: the system text lists the servers (with their
+//! tool names), `server:` picks one among them and `finish`, then that server's tools alone are
+//! listed and `call:` picks among them:
+//!
+//! ```text
+//! [… system lists servers …]server: NAME\ntools:\n- tool: description\n…call: TOOL\n…
+//! ```
+//!
+//! The prefix (everything before the first cue) is computed once with the base weights. The
+//! selector adapter is activated at the first cue, the argument adapter at `schema:`; both
+//! continue from the cached prefix, so only their own tokens are computed.
 
 use super::catalog::{short_description, Catalog, FINISH};
 use super::select::{normalise, TokenTrie};
@@ -30,6 +38,8 @@ use std::time::Instant;
 
 /// The text that opens the selector stage.
 pub const SELECT_CUE: &str = "call:";
+/// The text that opens the server stage of hierarchical selection.
+pub const SERVER_CUE: &str = "server:";
 /// The text that opens the argument stage (followed by the tool's schema).
 pub const SCHEMA_CUE: &str = "schema:";
 /// The text right before the arguments' JSON.
@@ -82,26 +92,51 @@ pub struct ToolCaller {
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     constraints: ConstraintFactory,
+    hierarchy: bool,
 }
 
 impl ToolCaller {
     /// A caller for a model's tokenizer and chat template.
     pub fn new(tokenizer: Arc<Tokenizer>, template: Option<ChatTemplate>) -> Result<Self> {
         let constraints = ConstraintFactory::new(tokenizer.clone())?;
-        Ok(Self { tokenizer, template, constraints })
+        Ok(Self { tokenizer, template, constraints, hierarchy: true })
+    }
+
+    /// Choose the server first when there are several (the default), or among every tool at once.
+    pub fn set_hierarchy(&mut self, on: bool) {
+        self.hierarchy = on;
+    }
+
+    fn hierarchical(&self, catalog: &Catalog) -> bool {
+        self.hierarchy && catalog.groups.len() > 1
+    }
+
+    /// The cue of the first choice: `server:` (hierarchical) or `call:`.
+    fn first_cue(&self, catalog: &Catalog) -> &'static str {
+        if self.hierarchical(catalog) {
+            SERVER_CUE
+        } else {
+            SELECT_CUE
+        }
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.tokenizer.encode(text, false)
     }
 
-    /// The system message listing the candidates.
-    pub fn system_text(catalog: &Catalog) -> String {
-        let mut s = String::from("You are an assistant that calls tools. For the user's latest request, choose the one tool that does it, or finish when no tool is needed (the request is done or needs no tool).\nTools:\n");
-        for g in &catalog.groups {
-            for t in &g.tools {
-                s.push_str(&format!("- {}: {}\n", t.name, short_description(&t.description, 100)));
+    /// The system message listing the first choice's candidates: every tool, or with a
+    /// hierarchy every server with its tool names.
+    pub fn system_text(&self, catalog: &Catalog) -> String {
+        let mut s = String::from("You are an assistant that calls tools. For the user's latest request, choose the one tool that does it, or finish when no tool is needed (the request is done or needs no tool).\n");
+        if self.hierarchical(catalog) {
+            s.push_str("Servers and their tools:\n");
+            for g in &catalog.groups {
+                let names: Vec<&str> = g.tools.iter().map(|t| t.name.as_str()).collect();
+                s.push_str(&format!("- {}: {}\n", g.server, names.join(", ")));
             }
+        } else {
+            s.push_str("Tools:\n");
+            s.push_str(&tool_lines(catalog.groups.iter().flat_map(|g| &g.tools)));
         }
         s.push_str(&format!("- {FINISH}: answer the user directly without a tool.\n"));
         s
@@ -109,7 +144,7 @@ impl ToolCaller {
 
     /// Tokens of the prefix: system text, the conversation, and the assistant turn's start.
     pub fn prefix_tokens(&self, catalog: &Catalog, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let mut all = vec![ChatMessage::new("system", &Self::system_text(catalog))];
+        let mut all = vec![ChatMessage::new("system", &self.system_text(catalog))];
         all.extend_from_slice(messages);
         let text = match &self.template {
             Some(t) => t.render(&all, true)?,
@@ -118,12 +153,16 @@ impl ToolCaller {
         self.tokenizer.encode(&text, true)
     }
 
-    /// The candidate continuations after `call:`: ` NAME\n` for every tool and `finish`.
-    fn candidates(&self, catalog: &Catalog) -> Result<(Vec<String>, Vec<Vec<u32>>)> {
-        let mut names: Vec<String> = catalog.names().into_iter().map(str::to_string).collect();
-        names.push(FINISH.to_string());
-        let toks = names.iter().map(|n| self.encode(&format!(" {n}\n"))).collect::<Result<Vec<_>>>()?;
-        Ok((names, toks))
+    /// Score `names` (each as ` NAME\n`) after `prompt` in one token-tree pass: the names, their
+    /// tokens and probabilities, and the best one's index.
+    fn choose(&self, session: &mut Session, prompt: &[u32], names: Vec<String>, plan: Option<Activation>) -> Result<Choice> {
+        let root = session.prefill(prompt, plan)?;
+        let tokens = names.iter().map(|n| self.encode(&format!(" {n}\n"))).collect::<Result<Vec<_>>>()?;
+        let trie = TokenTrie::new(&tokens);
+        let nodes = session.tree_logits(&trie.tokens, &trie.parents, plan)?;
+        let probs = normalise(&trie.log_probs(&root, &nodes, root.len()));
+        let best = (0..names.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap_or(0);
+        Ok(Choice { names, tokens, probs, best })
     }
 
     /// Choose a tool for the conversation and write its arguments, continuing `session` (which
@@ -136,18 +175,37 @@ impl ToolCaller {
         session.prefill(&prefix, None)?;
         let prefix_ms = ms(t0);
 
-        // Selection: every candidate scored in one token-tree pass after `call:`.
+        // Selection: candidates scored in one token-tree pass per stage.
         let t1 = Instant::now();
-        let mut select_prompt = prefix.clone();
-        select_prompt.extend(self.encode(SELECT_CUE)?);
+        let mut prompt = prefix.clone();
+        prompt.extend(self.encode(self.first_cue(catalog))?);
         let plan = adapters.selector.map(|a| Activation { adapter: a, from: prefix.len() });
-        let root = session.prefill(&select_prompt, plan)?;
-        let (names, cand_tokens) = self.candidates(catalog)?;
-        let trie = TokenTrie::new(&cand_tokens);
-        let nodes = session.tree_logits(&trie.tokens, &trie.parents, plan)?;
-        let probs = normalise(&trie.log_probs(&root, &nodes, root.len()));
-        let best = (0..names.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap_or(0);
-        let name = names[best].clone();
+        let with_finish = |mut v: Vec<String>| {
+            v.push(FINISH.to_string());
+            v
+        };
+        let (name, confidence, candidates) = if self.hierarchical(catalog) {
+            let servers = self.choose(session, &prompt, with_finish(catalog.groups.iter().map(|g| g.server.clone()).collect()), plan)?;
+            let mut candidates: BTreeMap<String, f64> = BTreeMap::new();
+            candidates.insert(FINISH.into(), servers.probs[servers.names.len() - 1]);
+            match catalog.groups.iter().find(|g| g.server == servers.names[servers.best]) {
+                None => (FINISH.to_string(), servers.probs[servers.best], candidates),
+                Some(group) => {
+                    let p_server = servers.probs[servers.best];
+                    prompt.extend_from_slice(&servers.tokens[servers.best]);
+                    prompt.extend(self.encode(&format!("tools:\n{}", tool_lines(&group.tools)))?);
+                    prompt.extend(self.encode(SELECT_CUE)?);
+                    let tools = self.choose(session, &prompt, group.tools.iter().map(|t| t.name.clone()).collect(), plan)?;
+                    prompt.extend_from_slice(&tools.tokens[tools.best]);
+                    candidates.extend(tools.names.iter().cloned().zip(tools.probs.iter().map(|p| p * p_server)));
+                    (tools.names[tools.best].clone(), p_server * tools.probs[tools.best], candidates)
+                }
+            }
+        } else {
+            let tools = self.choose(session, &prompt, with_finish(catalog.names().into_iter().map(str::to_string).collect()), plan)?;
+            prompt.extend_from_slice(&tools.tokens[tools.best]);
+            (tools.names[tools.best].clone(), tools.probs[tools.best], tools.names.into_iter().zip(tools.probs).collect())
+        };
         let select_ms = ms(t1);
 
         // Arguments: the chosen tool's schema, then JSON under it.
@@ -155,8 +213,6 @@ impl ToolCaller {
         let mut arguments = Value::Object(Default::default());
         let mut arg_tokens = 0;
         if let Some((_, tool)) = catalog.find(&name) {
-            let mut prompt = select_prompt.clone();
-            prompt.extend_from_slice(&cand_tokens[best]);
             let from = prompt.len();
             prompt.extend(self.encode(&format!("{SCHEMA_CUE} {}", tool.input_schema))?);
             prompt.extend(self.encode(ARGS_CUE)?);
@@ -170,8 +226,8 @@ impl ToolCaller {
         Ok(ToolCall {
             name,
             arguments,
-            confidence: probs[best],
-            candidates: names.into_iter().zip(probs).collect(),
+            confidence,
+            candidates,
             stats: CallStats { prefix_tokens: prefix.len(), prefix_ms, select_ms, args_ms, arg_tokens, session: session_stats },
         })
     }
@@ -196,7 +252,7 @@ impl ToolCaller {
     /// turn (`call: finish` then the answer), reusing the cached conversation.
     pub fn answer(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<String> {
         let mut prompt = self.prefix_tokens(catalog, messages)?;
-        prompt.extend(self.encode(&format!("{SELECT_CUE} {FINISH}\n"))?);
+        prompt.extend(self.encode(&format!("{} {FINISH}\n", self.first_cue(catalog)))?);
         let g = session.generate(&prompt, None, opts, on_token)?;
         let text: Vec<u32> = g.tokens.into_iter().filter(|t| !self.tokenizer.is_stop(*t)).collect();
         Ok(self.tokenizer.decode(&text, true)?.trim().to_string())
@@ -228,6 +284,19 @@ impl ToolCaller {
         let value: Value = serde_json::from_str(text.trim()).map_err(|e| Error::InvalidOption(format!("arguments did not finish within {MAX_ARG_TOKENS} tokens or are not JSON ({e}): {text}")))?;
         Ok((value, out.len()))
     }
+}
+
+/// The outcome of one scored choice.
+struct Choice {
+    names: Vec<String>,
+    tokens: Vec<Vec<u32>>,
+    probs: Vec<f64>,
+    best: usize,
+}
+
+/// One `- name: description` line per tool.
+fn tool_lines<'a>(tools: impl IntoIterator<Item = &'a crate::mcp::Tool>) -> String {
+    tools.into_iter().map(|t| format!("- {}: {}\n", t.name, short_description(&t.description, 100))).collect()
 }
 
 fn ms(t: Instant) -> f64 {

@@ -9,7 +9,7 @@ mod manifest;
 mod select;
 
 pub use agent::{Agent, AgentEvent, AgentOptions};
-pub use call::{AdapterSet, CallStats, ToolCall, ToolCaller, ARGS_CUE, SCHEMA_CUE, SELECT_CUE};
+pub use call::{AdapterSet, CallStats, ToolCall, ToolCaller, ARGS_CUE, SCHEMA_CUE, SELECT_CUE, SERVER_CUE};
 pub use catalog::{short_description, Catalog, ToolGroup, FINISH};
 pub use constraint::{ConstraintFactory, JsonConstraint};
 pub use manifest::{Manifest, MANIFEST_FILE};

@@ -27,6 +27,9 @@ pub struct Args {
     /// Context size.
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
+    /// With several servers, choose among every tool at once instead of the server first.
+    #[arg(long)]
+    no_hierarchy: bool,
     /// The request.
     query: String,
 }
@@ -57,7 +60,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         Some(dir) => AdapterSet::load(&eng.model, dir)?,
         None => AdapterSet::default(),
     };
-    let caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
+    let mut caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
+    caller.set_hierarchy(!a.no_hierarchy);
     let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
     let call = caller.call(&mut session, &catalog, &[ChatMessage::new("user", &a.query)], &adapters)?;
     println!("{}", serde_json::to_string(&call)?);
