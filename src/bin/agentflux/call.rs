@@ -5,10 +5,10 @@ use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
 use agentflux::text::ChatMessage;
-use agentflux::toolcall::{AdapterSet, Catalog, ToolCaller};
+use agentflux::toolcall::{AdapterSet, Agent, Catalog, ToolCaller};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -34,36 +34,42 @@ pub struct Args {
     query: String,
 }
 
-pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
-    if a.mcp.is_empty() && a.tools.is_none() {
-        anyhow::bail!("give the tools: --mcp 'COMMAND ARGS' (repeatable) or --tools FILE.json");
-    }
-    let mut catalog = Catalog::default();
-    // Servers stay up until the call is made (their tools are listed, not called).
-    let mut servers = Vec::new();
-    for cmd in &a.mcp {
-        let mut c = McpClient::spawn(cmd, ServerOptions::default())?;
-        let tools = c.list_tools()?;
-        catalog.add(&c.name(), tools)?;
-        servers.push(c);
-    }
-    if let Some(f) = &a.tools {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?).with_context(|| format!("{} is not JSON", f.display()))?;
-        let file = Catalog::from_openai_tools(&f.display().to_string(), &v)?;
-        for g in file.groups {
-            catalog.add(&g.server, g.tools)?;
-        }
-    }
-    let path = resolve_model(&a.model)?;
+/// What `call` and `run` share: the model, its adapter set and a tool caller.
+pub struct Loaded {
+    pub eng: Engine,
+    pub adapters: AdapterSet,
+    pub caller: ToolCaller,
+}
+
+/// Load the model, the adapter set (if any) and a caller choosing hierarchically or not.
+pub fn load(model: &str, adapters: Option<&Path>, hierarchy: bool, gpu: &GpuOptions) -> Result<Loaded> {
+    let path = resolve_model(model)?;
     let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
-    let adapters = match &a.adapters {
+    let adapters = match adapters {
         Some(dir) => AdapterSet::load(&eng.model, dir)?,
         None => AdapterSet::default(),
     };
     let mut caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
-    caller.set_hierarchy(!a.no_hierarchy);
-    let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
-    let call = caller.call(&mut session, &catalog, &[ChatMessage::new("user", &a.query)], &adapters)?;
+    caller.set_hierarchy(hierarchy);
+    Ok(Loaded { eng, adapters, caller })
+}
+
+pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
+    if a.mcp.is_empty() && a.tools.is_none() {
+        anyhow::bail!("give the tools: --mcp 'COMMAND ARGS' (repeatable) or --tools FILE.json");
+    }
+    // Servers stay up until the call is made (their tools are listed, not called).
+    let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
+    let mut catalog = Agent::new(servers)?.catalog;
+    if let Some(f) = &a.tools {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?).with_context(|| format!("{} is not JSON", f.display()))?;
+        for g in Catalog::from_openai_tools(&f.display().to_string(), &v)?.groups {
+            catalog.add(&g.server, g.tools)?;
+        }
+    }
+    let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
+    let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
+    let call = l.caller.call(&mut session, &catalog, &[ChatMessage::new("user", &a.query)], &l.adapters)?;
     println!("{}", serde_json::to_string(&call)?);
     Ok(())
 }

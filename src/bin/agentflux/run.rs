@@ -4,9 +4,8 @@ use agentflux::decode::{GenerateOptions, SamplerConfig};
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
-use agentflux::toolcall::{AdapterSet, Agent, AgentEvent, AgentOptions, ToolCaller};
-use agentflux::{resolve_model, Engine};
-use anyhow::{Context, Result};
+use agentflux::toolcall::{Agent, AgentEvent, AgentOptions};
+use anyhow::Result;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -42,14 +41,7 @@ pub struct Args {
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
     let mut agent = Agent::new(servers)?;
-    let path = resolve_model(&a.model)?;
-    let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
-    let adapters = match &a.adapters {
-        Some(dir) => AdapterSet::load(&eng.model, dir)?,
-        None => AdapterSet::default(),
-    };
-    let mut caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
-    caller.set_hierarchy(!a.no_hierarchy);
+    let super::call::Loaded { eng, adapters, caller } = super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
     let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
     let opts = AgentOptions {
         max_steps: a.max_steps,
