@@ -59,6 +59,7 @@ fn filesystem_server() -> Option<std::path::PathBuf> {
 fn tiny_with_tokenizer(f: &GgufFile, seed: u64, tag: &str) -> std::path::PathBuf {
     let mut spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
     spec.n_vocab = f.str_array("tokenizer.ggml.tokens").unwrap().len();
+    spec.n_ctx = 8192;
     spec.extra_meta = f.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let path = std::env::temp_dir().join(format!("agentflux-tiny-tok-{tag}-{}.gguf", std::process::id()));
     std::fs::write(&path, tiny_model(&spec, seed)).unwrap();
@@ -155,7 +156,7 @@ fn two_stage_call_on_the_real_filesystem_server() {
     assert!(call.name == FINISH || names.contains(&call.name.as_str()), "{}", call.name);
     assert_eq!(call.candidates.len(), names.len() + 1);
     assert!((call.candidates.values().sum::<f64>() - 1.0).abs() < 1e-6);
-    assert_eq!(call.confidence, call.candidates[&call.name]);
+    assert_eq!(call.confidence, Some(call.candidates[&call.name]));
     // Arguments valid for the chosen tool's schema, whatever a random model prefers.
     if let Some((_, tool)) = catalog.find(&call.name) {
         assert!(valid(&call.arguments, &tool.input_schema), "{} {}", call.name, call.arguments);
@@ -246,6 +247,26 @@ fn call_and_run_commands_drive_the_filesystem_server() {
             assert!(matches!(events[i + 1]["event"].as_str(), Some("result" | "stopped")), "{kinds:?}");
         }
     }
+    // The monolithic baselines: free (whatever the model writes, kept in "output") and
+    // grammar-constrained (always a real tool and schema-valid arguments).
+    let (ok, out, err) = agentflux(&["call", "--model", m, "--mcp", &mcp, "--mode", "monolithic-constrained", "What is in notes/todo.txt?"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["confidence"].is_null() && v["output"].is_string(), "{v}");
+    let schemas: Vec<(String, Value)> = {
+        let mut c = McpClient::spawn(&mcp, ServerOptions::default()).unwrap();
+        c.list_tools().unwrap().into_iter().map(|t| (t.name, t.input_schema)).collect()
+    };
+    let name = v["name"].as_str().unwrap();
+    match schemas.iter().find(|(n, _)| n == name) {
+        Some((_, schema)) => assert!(valid(&v["arguments"], schema), "{v}"),
+        None => assert_eq!(name, FINISH, "{v}"),
+    }
+    let (ok, out, err) = agentflux(&["call", "--model", m, "--mcp", &mcp, "--mode", "monolithic", "What is in notes/todo.txt?"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["output"].is_string() && v["stats"]["arg_tokens"].as_u64().unwrap() > 0, "{v}");
+
     // Bad input: no tools at all, and a server that cannot start.
     let (ok, _, err) = agentflux(&["call", "--model", m, "hello"]);
     assert!(!ok && err.contains("--mcp"), "{err}");

@@ -82,6 +82,8 @@ pub struct TinyModelSpec {
     pub untied_output: bool,
     /// Sliding window (gemma3).
     pub sliding_window: usize,
+    /// Trained context length.
+    pub n_ctx: usize,
     /// More metadata (a real tokenizer's `tokenizer.*` keys, say).
     pub extra_meta: Vec<(String, MetaValue)>,
 }
@@ -104,6 +106,7 @@ impl TinyModelSpec {
             embed_format: format,
             untied_output: false,
             sliding_window: 3,
+            n_ctx: 512,
             extra_meta: Vec::new(),
         }
     }
@@ -124,7 +127,7 @@ pub fn tiny_model(spec: &TinyModelSpec, seed: u64) -> Vec<u8> {
         .meta(&key("attention.head_count"), MetaValue::U32(s.n_heads as u32))
         .meta(&key("attention.head_count_kv"), MetaValue::U32(s.n_kv_heads as u32))
         .meta(&key("attention.key_length"), MetaValue::U32(s.head_dim as u32))
-        .meta(&key("context_length"), MetaValue::U32(512))
+        .meta(&key("context_length"), MetaValue::U32(s.n_ctx as u32))
         .meta(&key("vocab_size"), MetaValue::U32(s.n_vocab as u32))
         .meta(&key("rope.freq_base"), MetaValue::F32(10000.0))
         .meta(&key("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));

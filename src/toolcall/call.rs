@@ -46,7 +46,7 @@ pub const SCHEMA_CUE: &str = "schema:";
 pub const ARGS_CUE: &str = "\nargs:";
 
 /// Most argument tokens before the call is abandoned.
-const MAX_ARG_TOKENS: usize = 384;
+const MAX_ARG_TOKENS: usize = 1024;
 
 /// Adapters for a tool set: one selector, one argument adapter per tool (each optional).
 #[derive(Debug, Clone, Default)]
@@ -79,12 +79,16 @@ pub struct ToolCall {
     pub name: String,
     /// Arguments (valid for the tool's schema; `{}` for `finish`).
     pub arguments: Value,
-    /// Probability of the chosen tool among the candidates.
-    pub confidence: f64,
+    /// Probability of the chosen tool among the candidates (`None` in the monolithic modes,
+    /// which generate the name instead of scoring it).
+    pub confidence: Option<f64>,
     /// Probability of every candidate.
     pub candidates: BTreeMap<String, f64>,
     /// Timings and token counts.
     pub stats: CallStats,
+    /// The generated text, in the monolithic modes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 /// Everything a call needs besides the session: tokenizer, chat template, constraints.
@@ -144,7 +148,12 @@ impl ToolCaller {
 
     /// Tokens of the prefix: system text, the conversation, and the assistant turn's start.
     pub fn prefix_tokens(&self, catalog: &Catalog, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let mut all = vec![ChatMessage::new("system", &self.system_text(catalog))];
+        self.chat_tokens(&self.system_text(catalog), messages)
+    }
+
+    /// Tokens of a chat with `system` text, up to the assistant turn's start.
+    fn chat_tokens(&self, system: &str, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let mut all = vec![ChatMessage::new("system", system)];
         all.extend_from_slice(messages);
         let text = match &self.template {
             Some(t) => t.render(&all, true)?,
@@ -226,9 +235,10 @@ impl ToolCaller {
         Ok(ToolCall {
             name,
             arguments,
-            confidence,
+            confidence: Some(confidence),
             candidates,
             stats: CallStats { prefix_tokens: prefix.len(), prefix_ms, select_ms, args_ms, arg_tokens, session: session_stats },
+            output: None,
         })
     }
 
@@ -258,6 +268,53 @@ impl ToolCaller {
         Ok(self.tokenizer.decode(&text, true)?.trim().to_string())
     }
 
+    /// The monolithic baseline: the base model sees every tool's schema in its prompt and writes
+    /// the whole call as `{"name":..,"arguments":{..}}` — freely (parsed afterwards; it may fail
+    /// to parse or to validate), or with `constrained` under one schema covering every tool.
+    pub fn call_monolithic(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], constrained: bool) -> Result<ToolCall> {
+        let before = session.stats();
+        let t0 = Instant::now();
+        let tools: Vec<Value> = catalog
+            .groups
+            .iter()
+            .flat_map(|g| &g.tools)
+            .map(|t| serde_json::json!({"name": t.name, "description": t.description, "parameters": t.input_schema}))
+            .collect();
+        let system = format!(
+            "You are an assistant that calls tools. Tools:\n{}\nReply with only a JSON object {{\"name\": tool name, \"arguments\": {{...}}}} for the user's latest request, or {{\"name\": \"{FINISH}\", \"arguments\": {{}}}} when no tool is needed.",
+            Value::Array(tools)
+        );
+        let prompt = self.chat_tokens(&system, messages)?;
+        let (text, n) = if constrained {
+            let one_of: Vec<Value> = catalog
+                .groups
+                .iter()
+                .flat_map(|g| &g.tools)
+                .map(|t| (t.name.as_str(), t.input_schema.clone()))
+                .chain([(FINISH, serde_json::json!({"type": "object", "properties": {}}))])
+                .map(|(name, schema)| serde_json::json!({"type": "object", "properties": {"name": {"const": name}, "arguments": schema}, "required": ["name", "arguments"]}))
+                .collect();
+            let (v, n) = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}))?;
+            (v.to_string(), n)
+        } else {
+            let opts = GenerateOptions { max_tokens: MAX_ARG_TOKENS, sampler: Default::default(), stop: self.tokenizer.stop.clone() };
+            let g = session.generate(&prompt, None, &opts, |_| {})?;
+            let ids: Vec<u32> = g.tokens.iter().copied().filter(|t| !self.tokenizer.is_stop(*t)).collect();
+            (self.tokenizer.decode(&ids, true)?, g.tokens.len())
+        };
+        let parsed = first_json_object(&text);
+        let name = parsed.as_ref().and_then(|v| v["name"].as_str()).unwrap_or("").to_string();
+        let arguments = parsed.map(|v| v["arguments"].clone()).unwrap_or(Value::Null);
+        Ok(ToolCall {
+            name,
+            arguments,
+            confidence: None,
+            candidates: BTreeMap::new(),
+            stats: CallStats { prefix_tokens: prompt.len(), args_ms: ms(t0), arg_tokens: n, session: session.stats() - before, ..Default::default() },
+            output: Some(text),
+        })
+    }
+
     /// Greedy decoding of one JSON value under `schema` after `prompt`.
     fn arguments(&self, session: &mut Session, prompt: &[u32], plan: Option<Activation>, schema: &Value) -> Result<(Value, usize)> {
         let mut constraint = self.constraints.json(schema)?;
@@ -284,6 +341,11 @@ impl ToolCaller {
         let value: Value = serde_json::from_str(text.trim()).map_err(|e| Error::InvalidOption(format!("arguments did not finish within {MAX_ARG_TOKENS} tokens or are not JSON ({e}): {text}")))?;
         Ok((value, out.len()))
     }
+}
+
+/// The first JSON object in `text` (models often wrap it in prose or code fences).
+fn first_json_object(text: &str) -> Option<Value> {
+    text.match_indices('{').find_map(|(i, _)| serde_json::Deserializer::from_str(&text[i..]).into_iter::<Value>().next().and_then(|r| r.ok()))
 }
 
 /// The outcome of one scored choice.

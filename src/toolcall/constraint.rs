@@ -46,11 +46,12 @@ impl ConstraintFactory {
 
     /// A constraint producing one compact JSON value (no whitespace between tokens, as
     /// `serde_json::to_string` writes it) valid for `schema` (JSON Schema: types, required keys,
-    /// enums, nested objects and arrays), without undeclared keys. Keywords llguidance does not
+    /// enums, nested objects and arrays), without undeclared keys, strings bounded (see
+    /// [`MAX_STRING_CHARS`]). Keywords llguidance does not
     /// implement (`format`, say) are ignored rather than refused: real servers' schemas use them.
     pub fn json(&self, schema: &serde_json::Value) -> Result<JsonConstraint> {
         let mut schema = schema.clone();
-        close_objects(&mut schema);
+        tighten(&mut schema);
         if let Some(m) = schema.as_object_mut() {
             m.insert("x-guidance".into(), serde_json::json!({"whitespace_flexible": false, "lenient": true}));
         }
@@ -60,17 +61,26 @@ impl ConstraintFactory {
     }
 }
 
-/// Objects without `additionalProperties` get `false`: the model writes the declared keys only
-/// (a schema that allows more says so explicitly).
-fn close_objects(v: &mut serde_json::Value) {
+/// Longest string a schema without `maxLength` lets the model write: a bound on a small model
+/// that repeats itself inside a string, long enough for paths, queries and short file contents.
+pub const MAX_STRING_CHARS: u64 = 512;
+
+/// Objects without `additionalProperties` get `false` (the model writes the declared keys only;
+/// a schema that allows more says so), and strings without `maxLength` get
+/// [`MAX_STRING_CHARS`].
+fn tighten(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
-            if m.get("type").and_then(|t| t.as_str()) == Some("object") && !m.contains_key("additionalProperties") {
+            let ty = m.get("type").and_then(|t| t.as_str()).map(str::to_string);
+            if ty.as_deref() == Some("object") && !m.contains_key("additionalProperties") {
                 m.insert("additionalProperties".into(), serde_json::Value::Bool(false));
             }
-            m.values_mut().for_each(close_objects);
+            if ty.as_deref() == Some("string") && !["maxLength", "enum", "const", "pattern", "format"].iter().any(|k| m.contains_key(*k)) {
+                m.insert("maxLength".into(), MAX_STRING_CHARS.into());
+            }
+            m.values_mut().for_each(tighten);
         }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(close_objects),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(tighten),
         _ => {}
     }
 }

@@ -27,11 +27,23 @@ pub struct Args {
     /// Context size.
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
+    /// decoupled: scored selection then schema-constrained arguments (adapters apply);
+    /// monolithic: the base model writes the whole call with every schema in its prompt;
+    /// monolithic-constrained: the same under one grammar covering every tool's call.
+    #[arg(long, value_enum, default_value = "decoupled")]
+    mode: Mode,
     /// With several servers, choose among every tool at once instead of the server first.
     #[arg(long)]
     no_hierarchy: bool,
     /// The request.
     query: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Decoupled,
+    Monolithic,
+    MonolithicConstrained,
 }
 
 /// What `call` and `run` share: the model, its adapter set and a tool caller.
@@ -69,7 +81,12 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     }
     let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
-    let call = l.caller.call(&mut session, &catalog, &[ChatMessage::new("user", &a.query)], &l.adapters)?;
+    let messages = [ChatMessage::new("user", &a.query)];
+    let call = match a.mode {
+        Mode::Decoupled => l.caller.call(&mut session, &catalog, &messages, &l.adapters)?,
+        Mode::Monolithic => l.caller.call_monolithic(&mut session, &catalog, &messages, false)?,
+        Mode::MonolithicConstrained => l.caller.call_monolithic(&mut session, &catalog, &messages, true)?,
+    };
     println!("{}", serde_json::to_string(&call)?);
     Ok(())
 }

@@ -59,7 +59,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         match e {
             AgentEvent::Call { step, call } => println!(
                 "[{step}] {} {}  (p={:.2}; select {:.0} ms, arguments {:.0} ms; {} prefix tokens, {} reused)",
-                call.name, call.arguments, call.confidence, call.stats.select_ms, call.stats.args_ms, call.stats.prefix_tokens, call.stats.session.reused
+                call.name, call.arguments, call.confidence.unwrap_or(f64::NAN), call.stats.select_ms, call.stats.args_ms, call.stats.prefix_tokens, call.stats.session.reused
             ),
             AgentEvent::Result { text, is_error, .. } => {
                 let shown: String = text.chars().take(300).collect();
