@@ -45,8 +45,11 @@ pub const SCHEMA_CUE: &str = "schema:";
 /// The text right before the arguments' JSON.
 pub const ARGS_CUE: &str = "\nargs:";
 
-/// Most argument tokens before the call is abandoned.
-const MAX_ARG_TOKENS: usize = 1024;
+/// Most argument tokens before the call is abandoned: room for the longest value the bounded
+/// schemas allow (see `constraint::MAX_STRING_CHARS`) even at a few characters per token.
+const MAX_ARG_TOKENS: usize = 4096;
+/// Most tokens the free monolithic mode generates (a call, not an essay).
+const MAX_FREE_CALL_TOKENS: usize = 512;
 
 /// Adapters for a tool set: one selector, one argument adapter per tool (each optional).
 #[derive(Debug, Clone, Default)]
@@ -297,7 +300,7 @@ impl ToolCaller {
             let (v, n) = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}))?;
             (v.to_string(), n)
         } else {
-            let opts = GenerateOptions { max_tokens: MAX_ARG_TOKENS, sampler: Default::default(), stop: self.tokenizer.stop.clone() };
+            let opts = GenerateOptions { max_tokens: MAX_FREE_CALL_TOKENS, sampler: Default::default(), stop: self.tokenizer.stop.clone() };
             let g = session.generate(&prompt, None, &opts, |_| {})?;
             let ids: Vec<u32> = g.tokens.iter().copied().filter(|t| !self.tokenizer.is_stop(*t)).collect();
             (self.tokenizer.decode(&ids, true)?, g.tokens.len())

@@ -46,8 +46,8 @@ impl ConstraintFactory {
 
     /// A constraint producing one compact JSON value (no whitespace between tokens, as
     /// `serde_json::to_string` writes it) valid for `schema` (JSON Schema: types, required keys,
-    /// enums, nested objects and arrays), without undeclared keys, strings bounded (see
-    /// [`MAX_STRING_CHARS`]). Keywords llguidance does not
+    /// enums, nested objects and arrays), without undeclared keys, strings and arrays bounded (see
+    /// [`MAX_STRING_CHARS`], [`MAX_ARRAY_ITEMS`]). Keywords llguidance does not
     /// implement (`format`, say) are ignored rather than refused: real servers' schemas use them.
     pub fn json(&self, schema: &serde_json::Value) -> Result<JsonConstraint> {
         let mut schema = schema.clone();
@@ -64,10 +64,12 @@ impl ConstraintFactory {
 /// Longest string a schema without `maxLength` lets the model write: a bound on a small model
 /// that repeats itself inside a string, long enough for paths, queries and short file contents.
 pub const MAX_STRING_CHARS: u64 = 512;
+/// Most items of an array whose schema has no `maxItems`, for the same reason.
+pub const MAX_ARRAY_ITEMS: u64 = 8;
 
 /// Objects without `additionalProperties` get `false` (the model writes the declared keys only;
-/// a schema that allows more says so), and strings without `maxLength` get
-/// [`MAX_STRING_CHARS`].
+/// a schema that allows more says so), strings without `maxLength` get [`MAX_STRING_CHARS`] and
+/// arrays without `maxItems` get [`MAX_ARRAY_ITEMS`]: every value the model may write is bounded.
 fn tighten(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
@@ -77,6 +79,9 @@ fn tighten(v: &mut serde_json::Value) {
             }
             if ty.as_deref() == Some("string") && !["maxLength", "enum", "const", "pattern", "format"].iter().any(|k| m.contains_key(*k)) {
                 m.insert("maxLength".into(), MAX_STRING_CHARS.into());
+            }
+            if ty.as_deref() == Some("array") && !m.contains_key("maxItems") {
+                m.insert("maxItems".into(), MAX_ARRAY_ITEMS.into());
             }
             m.values_mut().for_each(tighten);
         }

@@ -11,6 +11,6 @@ mod select;
 pub use agent::{Agent, AgentEvent, AgentOptions};
 pub use call::{AdapterSet, CallStats, ToolCall, ToolCaller, ARGS_CUE, SCHEMA_CUE, SELECT_CUE, SERVER_CUE};
 pub use catalog::{short_description, Catalog, ToolGroup, FINISH};
-pub use constraint::{ConstraintFactory, JsonConstraint, MAX_STRING_CHARS};
+pub use constraint::{ConstraintFactory, JsonConstraint, MAX_ARRAY_ITEMS, MAX_STRING_CHARS};
 pub use manifest::{Manifest, MANIFEST_FILE};
 pub use select::{normalise, TokenTrie};
