@@ -18,6 +18,9 @@
 //! - [`mcp`]: Model Context Protocol client over stdio (tool servers);
 //! - [`session`]: one conversation's KV cache, reused across adapters (activated LoRA), forked
 //!   and truncated, with counters of prefilled, reused and decoded tokens;
+//! - [`toolcall`]: the tool catalog, scored (hierarchical) tool selection, schema-constrained
+//!   arguments, the agent loop and the monolithic baselines;
+//! - [`serve`]: an OpenAI-compatible HTTP server over the tool-calling pipeline;
 //! - [`reference`]: a plain-Rust f32 implementation of every kernel and of the forward pass,
 //!   which the tests compare the GPU against.
 
@@ -32,6 +35,7 @@ pub mod lora;
 pub mod mcp;
 pub mod model;
 pub mod reference;
+pub mod serve;
 pub mod session;
 pub mod text;
 pub mod toolcall;

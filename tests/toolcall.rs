@@ -5,28 +5,15 @@
 mod common;
 
 use agentflux::decode::SplitMix64;
-use agentflux::gguf::{BlockFormat, GgufFile};
+use agentflux::gguf::GgufFile;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::model::Model;
-use agentflux::reference::{tiny_model, TinyModelSpec};
 use agentflux::session::Session;
 use agentflux::text::{ChatMessage, ChatTemplate, Tokenizer};
-use agentflux::toolcall::{AdapterSet, Catalog, ConstraintFactory, Manifest, ToolCaller, FINISH};
-use common::{ctx, rng};
+use agentflux::toolcall::{AdapterSet, Catalog, ConstraintFactory, Manifest, ToolCaller, ToolChoice, FINISH};
+use common::{ctx, default_model, filesystem_server, rng, tiny_with_tokenizer};
 use serde_json::{json, Value};
 use std::sync::Arc;
-
-/// The default model's file, or `None` (skipped) outside CI when it is not cached.
-fn default_model() -> Option<GgufFile> {
-    match agentflux::resolve_model("default") {
-        Ok(p) => Some(GgufFile::open(p).unwrap()),
-        Err(_) => {
-            assert!(std::env::var("CI").is_err(), "the default model is missing under CI: tools/test fetches it");
-            eprintln!("SKIPPED: default model not cached (run tools/fetch-model)");
-            None
-        }
-    }
-}
 
 #[test]
 fn token_bytes_spell_what_the_tokenizer_encodes() {
@@ -43,27 +30,16 @@ fn token_bytes_spell_what_the_tokenizer_encodes() {
     assert_eq!(bytes[im_end as usize][0], 0xFF, "special tokens carry the marker byte");
 }
 
-/// The real filesystem server's binary, or `None` (skipped) outside CI when not installed.
-fn filesystem_server() -> Option<std::path::PathBuf> {
-    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/mcp/node_modules/.bin/mcp-server-filesystem");
-    if bin.exists() {
-        return Some(bin);
-    }
-    assert!(std::env::var("CI").is_err(), "{} is missing under CI: tools/setup installs it", bin.display());
-    eprintln!("SKIPPED: {} not installed (run tools/setup)", bin.display());
-    None
-}
-
-/// A tiny random transformer carrying the real tokenizer and chat template of `f`, written to a
-/// temporary GGUF file: the whole pipeline runs in seconds on a CPU-backed device.
-fn tiny_with_tokenizer(f: &GgufFile, seed: u64, tag: &str) -> std::path::PathBuf {
-    let mut spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
-    spec.n_vocab = f.str_array("tokenizer.ggml.tokens").unwrap().len();
-    spec.n_ctx = 8192;
-    spec.extra_meta = f.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let path = std::env::temp_dir().join(format!("agentflux-tiny-tok-{tag}-{}.gguf", std::process::id()));
-    std::fs::write(&path, tiny_model(&spec, seed)).unwrap();
-    path
+/// A tiny random model with `f`'s tokenizer loaded on the GPU: the model, its tokenizer and chat
+/// template, and the file name it was loaded from (what adapter manifests name).
+fn tiny_pipeline(f: &GgufFile, seed: u64, tag: &str) -> (Model, Arc<Tokenizer>, Option<ChatTemplate>, String) {
+    let path = tiny_with_tokenizer(f, seed, tag);
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(ctx(), &file).unwrap();
+    let tok = Arc::new(Tokenizer::from_gguf(&file).unwrap());
+    let template = ChatTemplate::from_gguf(&file, &tok).unwrap();
+    std::fs::remove_file(&path).ok();
+    (model, tok, template, path.file_name().unwrap().to_string_lossy().into_owned())
 }
 
 /// Whether `v` satisfies the subset of JSON Schema the tool schemas here use.
@@ -86,6 +62,21 @@ fn valid(v: &Value, s: &Value) -> bool {
         Some("boolean") => v.is_boolean(),
         _ => true,
     }
+}
+
+#[test]
+fn streamed_text_pieces_are_whole_characters() {
+    let Some(f) = default_model() else { return };
+    let tok = Arc::new(Tokenizer::from_gguf(&f).unwrap());
+    let text = "naïve café — 東京 🚀 done";
+    let ids = tok.encode(text, false).unwrap();
+    let mut stream = agentflux::text::TextStream::new(tok.clone());
+    let mut pieces: Vec<String> = ids.iter().map(|&t| stream.push(t).unwrap()).collect();
+    pieces.push(stream.finish().unwrap());
+    assert!(ids.len() > text.chars().count() / 2, "some characters span several tokens: {ids:?}");
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert!(pieces.iter().any(String::is_empty), "a split character is held back: {pieces:?}");
+    assert_eq!(pieces.concat(), tok.decode(&ids, true).unwrap());
 }
 
 #[test]
@@ -134,12 +125,7 @@ fn two_stage_call_on_the_real_filesystem_server() {
     let Some(f) = default_model() else { return };
     let Some(bin) = filesystem_server() else { return };
     let mut r = rng("two-stage");
-    let path = tiny_with_tokenizer(&f, r.next_u64(), "two-stage");
-    let file = GgufFile::open(&path).unwrap();
-    let model = Model::load(ctx(), &file).unwrap();
-    let tok = Arc::new(Tokenizer::from_gguf(&file).unwrap());
-    let template = ChatTemplate::from_gguf(&file, &tok).unwrap();
-    std::fs::remove_file(&path).ok();
+    let (model, tok, template, model_name) = tiny_pipeline(&f, r.next_u64(), "two-stage");
 
     let root = std::env::temp_dir().join(format!("agentflux-ws-{}", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
@@ -184,8 +170,7 @@ fn two_stage_call_on_the_real_filesystem_server() {
     for (dir, rank) in [("selector", 4), ("args_read", 2)] {
         agentflux::reference::random_adapter(&mut r, &c, rank, &agentflux::lora::Proj::ALL, 0.05).save_peft(set.join(dir), &c).unwrap();
     }
-    let model_name = path.file_name().unwrap().to_string_lossy().into_owned();
-    let manifest = |base: &str| Manifest { base_model: base.into(), selector: Some("selector".into()), arguments: [("read_text_file".to_string(), "args_read".to_string())].into() };
+    let manifest = |base: &str| Manifest { base_model: base.into(), selector: Some("selector".into()), arguments: [("read_text_file".to_string(), "args_read".to_string())].into(), tools: Vec::new() };
     manifest("another-model.gguf").write(&set).unwrap();
     let err = AdapterSet::load(&model, &set).unwrap_err().to_string();
     assert!(err.contains("another-model.gguf") && err.contains("manifest.json"), "{err}");
@@ -284,12 +269,7 @@ fn hierarchical_choice_over_two_real_servers() {
     let Some(fs) = filesystem_server() else { return };
     let memory = fs.with_file_name("mcp-server-memory");
     let mut r = rng("hierarchy");
-    let path = tiny_with_tokenizer(&f, r.next_u64(), "hierarchy");
-    let file = GgufFile::open(&path).unwrap();
-    let model = Model::load(ctx(), &file).unwrap();
-    let tok = Arc::new(Tokenizer::from_gguf(&file).unwrap());
-    let template = ChatTemplate::from_gguf(&file, &tok).unwrap();
-    std::fs::remove_file(&path).ok();
+    let (model, tok, template, _) = tiny_pipeline(&f, r.next_u64(), "hierarchy");
     let root = std::env::temp_dir().join(format!("agentflux-hier-{}", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
     let mut catalog = Catalog::default();
@@ -316,6 +296,22 @@ fn hierarchical_choice_over_two_real_servers() {
             assert!(valid(&hier.arguments, &tool.input_schema), "{}", hier.arguments);
         }
     }
+    // tool_choice: `required` never yields finish; a named tool of the second server is written
+    // after its server and tool list, exactly as if the selector had chosen it.
+    let mut session = Session::new(&model, 4096).unwrap();
+    let required = caller.call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Required, |_| {}).unwrap();
+    assert!(required.name != FINISH && !required.candidates.contains_key(FINISH), "{:?}", required.candidates);
+    assert!((required.candidates.values().sum::<f64>() - 1.0).abs() < 1e-6);
+    let named = catalog.groups[1].tools[0].clone();
+    let mut events = Vec::new();
+    let forced = caller
+        .call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Function(named.name.clone()), |e| events.push(format!("{e:?}")))
+        .unwrap();
+    assert_eq!((forced.name.as_str(), forced.confidence), (named.name.as_str(), None));
+    assert!(valid(&forced.arguments, &named.input_schema), "{}", forced.arguments);
+    assert_eq!(events[0], format!("Chosen({:?})", named.name));
+    assert_eq!(events.len(), 1 + forced.stats.arg_tokens, "{events:?}");
+
     caller.set_hierarchy(false);
     let mut session = Session::new(&model, 4096).unwrap();
     let flat = caller.call(&mut session, &catalog, &messages, &AdapterSet::default()).unwrap();

@@ -8,6 +8,9 @@ use crate::mcp::McpClient;
 use crate::session::Session;
 use crate::text::ChatMessage;
 
+/// Characters of a tool's output the model sees by default (a small model's context is short).
+pub const MAX_RESULT_CHARS: usize = 1500;
+
 /// Limits of one run.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {

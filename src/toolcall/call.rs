@@ -58,6 +58,43 @@ pub struct AdapterSet {
     pub selector: Option<ActiveAdapter>,
     /// Writes a tool's arguments, by tool name.
     pub arguments: HashMap<String, ActiveAdapter>,
+    /// The tools the selector was trained to choose among (empty: not recorded).
+    pub selector_tools: Vec<String>,
+}
+
+impl AdapterSet {
+    /// The adapters that apply to a catalog of `tools` that someone else chose (a server
+    /// request): every listed tool's argument adapter, and the selector only when it was trained
+    /// on a tool set containing all of them.
+    pub fn for_tools(&self, tools: &[&str]) -> AdapterSet {
+        let covered = !self.selector_tools.is_empty() && tools.iter().all(|t| self.selector_tools.iter().any(|s| s == t));
+        AdapterSet {
+            selector: self.selector.filter(|_| covered),
+            arguments: self.arguments.iter().filter(|(name, _)| tools.contains(&name.as_str())).map(|(n, a)| (n.clone(), *a)).collect(),
+            selector_tools: self.selector_tools.clone(),
+        }
+    }
+}
+
+/// Which calls are allowed (OpenAI's `tool_choice`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ToolChoice {
+    /// A tool or `finish`, as the model chooses.
+    #[default]
+    Auto,
+    /// A tool, never `finish`.
+    Required,
+    /// This tool: only its arguments are generated.
+    Function(String),
+}
+
+/// Progress of a call, reported as it happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallEvent<'a> {
+    /// The tool (or `finish`) is chosen; its arguments come next.
+    Chosen(&'a str),
+    /// One more token of the arguments' JSON.
+    ArgumentToken(u32),
 }
 
 /// Time and tokens of one call.
@@ -69,6 +106,8 @@ pub struct CallStats {
     pub prefix_ms: f64,
     pub select_ms: f64,
     pub args_ms: f64,
+    /// Tokens of the chosen name (as the selector stage wrote it).
+    pub name_tokens: usize,
     /// Argument tokens generated.
     pub arg_tokens: usize,
     /// The session's counters for this call.
@@ -151,13 +190,26 @@ impl ToolCaller {
 
     /// Tokens of the prefix: system text, the conversation, and the assistant turn's start.
     pub fn prefix_tokens(&self, catalog: &Catalog, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        self.chat_tokens(&self.system_text(catalog), messages)
+        self.chat_tokens(Some(&self.system_text(catalog)), messages)
     }
 
-    /// Tokens of a chat with `system` text, up to the assistant turn's start.
-    fn chat_tokens(&self, system: &str, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let mut all = vec![ChatMessage::new("system", system)];
-        all.extend_from_slice(messages);
+    /// Tokens of a chat up to the assistant turn's start. `system` opens it; a system message
+    /// of the conversation's own is appended to that text, so there is one system turn (what
+    /// every chat template accepts).
+    fn chat_tokens(&self, system: Option<&str>, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let mut all = Vec::with_capacity(messages.len() + 1);
+        let rest = match (system, messages.first()) {
+            (Some(ours), Some(m)) if m.role == "system" => {
+                all.push(ChatMessage::new("system", &format!("{ours}{}", m.content)));
+                &messages[1..]
+            }
+            (Some(ours), _) => {
+                all.push(ChatMessage::new("system", ours));
+                messages
+            }
+            (None, _) => messages,
+        };
+        all.extend_from_slice(rest);
         let text = match &self.template {
             Some(t) => t.render(&all, true)?,
             None => all.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect::<String>() + "assistant: ",
@@ -165,11 +217,23 @@ impl ToolCaller {
         self.tokenizer.encode(&text, true)
     }
 
+    /// Tokens of one candidate as the choice writes it (` NAME\n`).
+    fn candidate_tokens(&self, name: &str) -> Result<Vec<u32>> {
+        self.encode(&format!(" {name}\n"))
+    }
+
+    /// A server's tool list and the tool cue, after the server was chosen.
+    fn server_tools_tokens(&self, group: &crate::toolcall::ToolGroup) -> Result<Vec<u32>> {
+        let mut t = self.encode(&format!("tools:\n{}", tool_lines(&group.tools)))?;
+        t.extend(self.encode(SELECT_CUE)?);
+        Ok(t)
+    }
+
     /// Score `names` (each as ` NAME\n`) after `prompt` in one token-tree pass: the names, their
     /// tokens and probabilities, and the best one's index.
     fn choose(&self, session: &mut Session, prompt: &[u32], names: Vec<String>, plan: Option<Activation>) -> Result<Choice> {
         let root = session.prefill(prompt, plan)?;
-        let tokens = names.iter().map(|n| self.encode(&format!(" {n}\n"))).collect::<Result<Vec<_>>>()?;
+        let tokens = names.iter().map(|n| self.candidate_tokens(n)).collect::<Result<Vec<_>>>()?;
         let trie = TokenTrie::new(&tokens);
         let nodes = session.tree_logits(&trie.tokens, &trie.parents, plan)?;
         let probs = normalise(&trie.log_probs(&root, &nodes, root.len()));
@@ -181,44 +245,26 @@ impl ToolCaller {
     /// may already hold an earlier turn of the same conversation; whatever still matches is
     /// reused).
     pub fn call(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], adapters: &AdapterSet) -> Result<ToolCall> {
+        self.call_with(session, catalog, messages, adapters, &ToolChoice::Auto, |_| {})
+    }
+
+    /// [`call`](Self::call) restricted by `choice`, reporting the choice and each argument token
+    /// to `on_event` as they happen.
+    pub fn call_with(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], adapters: &AdapterSet, choice: &ToolChoice, mut on_event: impl FnMut(CallEvent)) -> Result<ToolCall> {
         let before = session.stats();
         let t0 = Instant::now();
         let prefix = self.prefix_tokens(catalog, messages)?;
         session.prefill(&prefix, None)?;
         let prefix_ms = ms(t0);
 
-        // Selection: candidates scored in one token-tree pass per stage.
         let t1 = Instant::now();
         let mut prompt = prefix.clone();
         prompt.extend(self.encode(self.first_cue(catalog))?);
         let plan = adapters.selector.map(|a| Activation { adapter: a, from: prefix.len() });
-        let with_finish = |mut v: Vec<String>| {
-            v.push(FINISH.to_string());
-            v
-        };
-        let (name, confidence, candidates) = if self.hierarchical(catalog) {
-            let servers = self.choose(session, &prompt, with_finish(catalog.groups.iter().map(|g| g.server.clone()).collect()), plan)?;
-            let mut candidates: BTreeMap<String, f64> = BTreeMap::new();
-            candidates.insert(FINISH.into(), servers.probs[servers.names.len() - 1]);
-            match catalog.groups.iter().find(|g| g.server == servers.names[servers.best]) {
-                None => (FINISH.to_string(), servers.probs[servers.best], candidates),
-                Some(group) => {
-                    let p_server = servers.probs[servers.best];
-                    prompt.extend_from_slice(&servers.tokens[servers.best]);
-                    prompt.extend(self.encode(&format!("tools:\n{}", tool_lines(&group.tools)))?);
-                    prompt.extend(self.encode(SELECT_CUE)?);
-                    let tools = self.choose(session, &prompt, group.tools.iter().map(|t| t.name.clone()).collect(), plan)?;
-                    prompt.extend_from_slice(&tools.tokens[tools.best]);
-                    candidates.extend(tools.names.iter().cloned().zip(tools.probs.iter().map(|p| p * p_server)));
-                    (tools.names[tools.best].clone(), p_server * tools.probs[tools.best], candidates)
-                }
-            }
-        } else {
-            let tools = self.choose(session, &prompt, with_finish(catalog.names().into_iter().map(str::to_string).collect()), plan)?;
-            prompt.extend_from_slice(&tools.tokens[tools.best]);
-            (tools.names[tools.best].clone(), tools.probs[tools.best], tools.names.into_iter().zip(tools.probs).collect())
-        };
+        let (name, confidence, candidates) = self.select(session, catalog, &mut prompt, plan, choice)?;
+        let name_tokens = prompt.len() - prefix.len();
         let select_ms = ms(t1);
+        on_event(CallEvent::Chosen(&name));
 
         // Arguments: the chosen tool's schema, then JSON under it.
         let t2 = Instant::now();
@@ -229,7 +275,7 @@ impl ToolCaller {
             prompt.extend(self.encode(&format!("{SCHEMA_CUE} {}", tool.input_schema))?);
             prompt.extend(self.encode(ARGS_CUE)?);
             let plan = adapters.arguments.get(&name).map(|&a| Activation { adapter: a, from });
-            let (value, n) = self.arguments(session, &prompt, plan, &tool.input_schema)?;
+            let (value, n) = self.arguments(session, &prompt, plan, &tool.input_schema, &mut |t| on_event(CallEvent::ArgumentToken(t)))?;
             arguments = value;
             arg_tokens = n;
         }
@@ -238,17 +284,67 @@ impl ToolCaller {
         Ok(ToolCall {
             name,
             arguments,
-            confidence: Some(confidence),
+            confidence,
             candidates,
-            stats: CallStats { prefix_tokens: prefix.len(), prefix_ms, select_ms, args_ms, arg_tokens, session: session_stats },
+            stats: CallStats { prefix_tokens: prefix.len(), prefix_ms, select_ms, args_ms, name_tokens, arg_tokens, session: session_stats },
             output: None,
         })
+    }
+
+    /// The selector stage after `prompt` (the prefix and the first cue): the chosen name, its
+    /// probability and every candidate's. `prompt` is extended with what was chosen, up to the
+    /// chosen tool's name.
+    fn select(&self, session: &mut Session, catalog: &Catalog, prompt: &mut Vec<u32>, plan: Option<Activation>, choice: &ToolChoice) -> Result<(String, Option<f64>, BTreeMap<String, f64>)> {
+        let maybe_finish = |mut v: Vec<String>| {
+            if *choice == ToolChoice::Auto {
+                v.push(FINISH.to_string());
+            }
+            v
+        };
+        if let ToolChoice::Function(name) = choice {
+            // Forced: written into the prompt as the selector would have written it.
+            let (group, _) = catalog.find(name).ok_or_else(|| Error::InvalidOption(format!("tool_choice names '{name}', which is not among the tools")))?;
+            if self.hierarchical(catalog) {
+                prompt.extend(self.candidate_tokens(&group.server)?);
+                prompt.extend(self.server_tools_tokens(group)?);
+            }
+            prompt.extend(self.candidate_tokens(name)?);
+            return Ok((name.clone(), None, BTreeMap::new()));
+        }
+        if catalog.names().is_empty() && *choice == ToolChoice::Required {
+            return Err(Error::InvalidOption("a tool call is required but there are no tools".into()));
+        }
+        if !self.hierarchical(catalog) {
+            let tools = self.choose(session, prompt, maybe_finish(catalog.names().into_iter().map(str::to_string).collect()), plan)?;
+            prompt.extend_from_slice(&tools.tokens[tools.best]);
+            return Ok((tools.names[tools.best].clone(), Some(tools.probs[tools.best]), tools.names.into_iter().zip(tools.probs).collect()));
+        }
+        let servers = self.choose(session, prompt, maybe_finish(catalog.groups.iter().map(|g| g.server.clone()).collect()), plan)?;
+        let mut candidates = BTreeMap::new();
+        if *choice == ToolChoice::Auto {
+            candidates.insert(FINISH.to_string(), servers.probs[servers.names.len() - 1]);
+        }
+        let p_server = servers.probs[servers.best];
+        let Some(group) = catalog.groups.iter().find(|g| g.server == servers.names[servers.best]) else {
+            return Ok((FINISH.to_string(), Some(p_server), candidates));
+        };
+        prompt.extend_from_slice(&servers.tokens[servers.best]);
+        prompt.extend(self.server_tools_tokens(group)?);
+        let tools = self.choose(session, prompt, group.tools.iter().map(|t| t.name.clone()).collect(), plan)?;
+        prompt.extend_from_slice(&tools.tokens[tools.best]);
+        candidates.extend(tools.names.iter().cloned().zip(tools.probs.iter().map(|p| p * p_server)));
+        Ok((tools.names[tools.best].clone(), Some(p_server * tools.probs[tools.best]), candidates))
     }
 
     /// The assistant message that records `call` in the conversation (the same layout the
     /// prompt cues use, so a later turn sees its own earlier calls as it would write them).
     pub fn call_message(call: &ToolCall) -> ChatMessage {
-        ChatMessage::new("assistant", &format!("{SELECT_CUE} {}{ARGS_CUE} {}", call.name, call.arguments))
+        Self::call_message_for(&call.name, &call.arguments)
+    }
+
+    /// The assistant message that records a call of `name` with `arguments`.
+    pub fn call_message_for(name: &str, arguments: &Value) -> ChatMessage {
+        ChatMessage::new("assistant", &format!("{SELECT_CUE} {name}{ARGS_CUE} {arguments}"))
     }
 
     /// The message that hands a tool's output back to the model (as a user turn: every chat
@@ -264,11 +360,24 @@ impl ToolCaller {
     /// The final answer after the model chose `finish`: free text continuing the same assistant
     /// turn (`call: finish` then the answer), reusing the cached conversation.
     pub fn answer(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<String> {
-        let mut prompt = self.prefix_tokens(catalog, messages)?;
-        prompt.extend(self.encode(&format!("{} {FINISH}\n", self.first_cue(catalog)))?);
+        let prompt = self.answer_prompt(catalog, messages)?;
         let g = session.generate(&prompt, None, opts, on_token)?;
         let text: Vec<u32> = g.tokens.into_iter().filter(|t| !self.tokenizer.is_stop(*t)).collect();
         Ok(self.tokenizer.decode(&text, true)?.trim().to_string())
+    }
+
+    /// The prompt of a plain chat turn (no tools, no system text of ours), up to the assistant
+    /// turn's start.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.chat_tokens(None, messages)
+    }
+
+    /// The prompt of an answer without a tool: the tool prefix and `call: finish` (what
+    /// [`answer`](Self::answer) continues).
+    pub fn answer_prompt(&self, catalog: &Catalog, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let mut prompt = self.prefix_tokens(catalog, messages)?;
+        prompt.extend(self.encode(&format!("{} {FINISH}\n", self.first_cue(catalog)))?);
+        Ok(prompt)
     }
 
     /// The monolithic baseline: the base model sees every tool's schema in its prompt and writes
@@ -287,7 +396,7 @@ impl ToolCaller {
             "You are an assistant that calls tools. Tools:\n{}\nReply with only a JSON object {{\"name\": tool name, \"arguments\": {{...}}}} for the user's latest request, or {{\"name\": \"{FINISH}\", \"arguments\": {{}}}} when no tool is needed.",
             Value::Array(tools)
         );
-        let prompt = self.chat_tokens(&system, messages)?;
+        let prompt = self.chat_tokens(Some(&system), messages)?;
         let (text, n) = if constrained {
             let one_of: Vec<Value> = catalog
                 .groups
@@ -297,7 +406,7 @@ impl ToolCaller {
                 .chain([(FINISH, serde_json::json!({"type": "object", "properties": {}}))])
                 .map(|(name, schema)| serde_json::json!({"type": "object", "properties": {"name": {"const": name}, "arguments": schema}, "required": ["name", "arguments"]}))
                 .collect();
-            let (v, n) = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}))?;
+            let (v, n) = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}), &mut |_| {})?;
             (v.to_string(), n)
         } else {
             let opts = GenerateOptions { max_tokens: MAX_FREE_CALL_TOKENS, sampler: Default::default(), stop: self.tokenizer.stop.clone() };
@@ -319,7 +428,7 @@ impl ToolCaller {
     }
 
     /// Greedy decoding of one JSON value under `schema` after `prompt`.
-    fn arguments(&self, session: &mut Session, prompt: &[u32], plan: Option<Activation>, schema: &Value) -> Result<(Value, usize)> {
+    fn arguments(&self, session: &mut Session, prompt: &[u32], plan: Option<Activation>, schema: &Value, on_token: &mut dyn FnMut(u32)) -> Result<(Value, usize)> {
         let mut constraint = self.constraints.json(schema)?;
         let mut logits = session.prefill(prompt, plan)?;
         let n_vocab = logits.len();
@@ -335,6 +444,7 @@ impl ToolCaller {
             }
             constraint.consume(next)?;
             out.push(next);
+            on_token(next);
             if constraint.is_done() {
                 break;
             }

@@ -8,8 +8,8 @@ mod constraint;
 mod manifest;
 mod select;
 
-pub use agent::{Agent, AgentEvent, AgentOptions};
-pub use call::{AdapterSet, CallStats, ToolCall, ToolCaller, ARGS_CUE, SCHEMA_CUE, SELECT_CUE, SERVER_CUE};
+pub use agent::{Agent, AgentEvent, AgentOptions, MAX_RESULT_CHARS};
+pub use call::{AdapterSet, CallEvent, CallStats, ToolCall, ToolCaller, ToolChoice, ARGS_CUE, SCHEMA_CUE, SELECT_CUE, SERVER_CUE};
 pub use catalog::{short_description, Catalog, ToolGroup, FINISH};
 pub use constraint::{ConstraintFactory, JsonConstraint, MAX_ARRAY_ITEMS, MAX_STRING_CHARS};
 pub use manifest::{Manifest, MANIFEST_FILE};

@@ -3,6 +3,8 @@
 
 use agentflux::decode::SplitMix64;
 use agentflux::gpu::{GpuContext, GpuOptions};
+use agentflux::gguf::{BlockFormat, GgufFile};
+use agentflux::reference::{tiny_model, TinyModelSpec};
 use std::sync::{Arc, OnceLock};
 
 /// The GPU every test in this binary uses (lavapipe on CI).
@@ -40,4 +42,39 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let (e, i) = max_rel_err(got, want);
     assert!(e <= tol, "{what}: error {e:.3e} > {tol:.1e} at {i} (got {}, want {})", got[i], want[i]);
     assert!(want.iter().any(|v| *v != 0.0), "{what}: reference is all zeros");
+}
+
+/// The default model's file, or `None` (skipped) outside CI when it is not cached.
+pub fn default_model() -> Option<GgufFile> {
+    match agentflux::resolve_model("default") {
+        Ok(p) => Some(GgufFile::open(p).unwrap()),
+        Err(_) => {
+            assert!(std::env::var("CI").is_err(), "the default model is missing under CI: tools/test fetches it");
+            eprintln!("SKIPPED: default model not cached (run tools/fetch-model)");
+            None
+        }
+    }
+}
+
+/// The real filesystem server's binary, or `None` (skipped) outside CI when not installed.
+pub fn filesystem_server() -> Option<std::path::PathBuf> {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/mcp/node_modules/.bin/mcp-server-filesystem");
+    if bin.exists() {
+        return Some(bin);
+    }
+    assert!(std::env::var("CI").is_err(), "{} is missing under CI: tools/setup installs it", bin.display());
+    eprintln!("SKIPPED: {} not installed (run tools/setup)", bin.display());
+    None
+}
+
+/// A tiny random transformer carrying the real tokenizer and chat template of `f`, written to a
+/// temporary GGUF file: the whole pipeline runs in seconds on a CPU-backed device.
+pub fn tiny_with_tokenizer(f: &GgufFile, seed: u64, tag: &str) -> std::path::PathBuf {
+    let mut spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
+    spec.n_vocab = f.str_array("tokenizer.ggml.tokens").unwrap().len();
+    spec.n_ctx = 8192;
+    spec.extra_meta = f.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let path = std::env::temp_dir().join(format!("agentflux-tiny-tok-{tag}-{}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&spec, seed)).unwrap();
+    path
 }

@@ -4,7 +4,7 @@ use agentflux::decode::{GenerateOptions, SamplerConfig};
 use agentflux::gpu::GpuOptions;
 use agentflux::lora::ActiveAdapter;
 use agentflux::session::Session;
-use agentflux::text::ChatMessage;
+use agentflux::text::{ChatMessage, TextStream};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -85,20 +85,14 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         stop: if a.ignore_eos { Vec::new() } else { eng.tokenizer.stop.clone() },
     };
     let mut stdout = std::io::stdout();
-    let mut shown = String::new();
-    let mut so_far = Vec::new();
+    let mut stream = TextStream::new(eng.tokenizer.clone());
     let g = session.generate(&prompt, plan, &opts, |t| {
         if a.json {
             return;
         }
-        // Print the text difference, so multi-token characters come out whole.
-        so_far.push(t);
-        if let Ok(s) = eng.tokenizer.decode(&so_far, true) {
-            if s.len() > shown.len() && s.is_char_boundary(shown.len()) {
-                let _ = write!(stdout, "{}", &s[shown.len()..]);
-                let _ = stdout.flush();
-                shown = s;
-            }
+        if let Ok(piece) = stream.push(t) {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
         }
     })?;
     let text = eng.tokenizer.decode(&g.tokens, true)?;
@@ -114,7 +108,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         });
         println!("{out}");
     } else {
-        println!();
+        println!("{}", stream.finish()?);
         eprintln!(
             "[{} prompt tokens at {:.1} tok/s, {} new tokens at {:.1} tok/s on {}]",
             prompt.len(),

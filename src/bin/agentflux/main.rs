@@ -5,6 +5,7 @@ mod call;
 mod generate;
 mod info;
 mod run;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,8 @@ enum Command {
     Call(call::Args),
     /// Carry out a task with MCP tool servers: call tools, read their results, answer.
     Run(run::Args),
+    /// Serve an OpenAI-compatible /v1/chat/completions (with tools) on the loopback interface.
+    Serve(serve::Args),
 }
 
 fn main() {
@@ -46,6 +49,7 @@ fn main() {
         Command::Bench(a) => bench::run(a, &gpu),
         Command::Call(a) => call::run(a, &gpu),
         Command::Run(a) => run::run(a, &gpu),
+        Command::Serve(a) => serve::run(a, &gpu),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -4,7 +4,7 @@ use agentflux::decode::{GenerateOptions, SamplerConfig};
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
-use agentflux::toolcall::{Agent, AgentEvent, AgentOptions};
+use agentflux::toolcall::{Agent, AgentEvent, AgentOptions, MAX_RESULT_CHARS};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -45,7 +45,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
     let opts = AgentOptions {
         max_steps: a.max_steps,
-        max_result_chars: 1500,
+        max_result_chars: MAX_RESULT_CHARS,
         answer: GenerateOptions { max_tokens: a.answer_tokens, sampler: SamplerConfig::default(), stop: eng.tokenizer.stop.clone() },
     };
     if !a.json {

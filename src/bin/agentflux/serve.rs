@@ -1,0 +1,46 @@
+//! `agentflux serve`: an OpenAI-compatible chat-completions server with tool calling.
+
+use agentflux::gpu::GpuOptions;
+use agentflux::serve::{Backend, ServeOptions, Server};
+use anyhow::Result;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A GGUF path, or `default` / `gemma3` from the model cache.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// An adapter-set directory: each tool's argument adapter applies when a request lists that
+    /// tool; the selector when the request's tools are among those it was trained on.
+    #[arg(long)]
+    adapters: Option<PathBuf>,
+    /// Address to listen on. The server has no authentication: keep it on loopback unless
+    /// something in front of it checks who connects.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Context size per request.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Requests waiting for the GPU before new ones are refused with 503.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Text tokens when a request gives no max_tokens.
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+}
+
+pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
+    let super::call::Loaded { eng, adapters, .. } = super::call::load(&a.model, a.adapters.as_deref(), true, gpu)?;
+    let device = eng.ctx.describe();
+    let opts = ServeOptions { addr: SocketAddr::new(a.host, a.port), n_ctx: a.ctx, max_queue: a.max_queue, default_max_tokens: a.max_tokens, ..Default::default() };
+    let server = Server::start(Backend { engine: eng, adapters }, opts)?;
+    // The address line is the one thing scripts wait for (port 0 makes it the only way to know).
+    println!("listening on http://{}", server.addr());
+    eprintln!("POST /v1/chat/completions, GET /v1/models — model on {device}");
+    server.wait();
+    Ok(())
+}

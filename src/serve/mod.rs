@@ -1,0 +1,48 @@
+//! An OpenAI-compatible HTTP server: `POST /v1/chat/completions` (with `tools` and
+//! `tool_choice`, streamed or not) and `GET /v1/models`.
+//!
+//! Requests are validated on their connection's thread (a malformed one gets a 4xx naming the
+//! field and never reaches the GPU), then queued for the one worker thread that owns the model
+//! ([`worker`]). The queue is bounded: when it is full a request gets 503 at once instead of
+//! waiting without end. Tool calls go through the decoupled pipeline ([`crate::toolcall`]): the
+//! tool is scored among the request's tools (its probability and every candidate's are returned
+//! under `agentflux`), the arguments are decoded under the tool's JSON schema.
+
+mod http;
+pub mod openai;
+pub mod worker;
+
+pub use http::Server;
+pub use worker::Backend;
+
+use std::net::SocketAddr;
+
+/// How the server listens and what it allows.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to bind (loopback by default: the server has no authentication).
+    pub addr: SocketAddr,
+    /// KV cache positions per request.
+    pub n_ctx: usize,
+    /// Requests waiting for the GPU before new ones get 503.
+    pub max_queue: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Text tokens when a request gives no `max_tokens`.
+    pub default_max_tokens: usize,
+    /// Characters of a tool result the model sees.
+    pub max_result_chars: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            n_ctx: 4096,
+            max_queue: 64,
+            max_body_bytes: 4 << 20,
+            default_max_tokens: 1024,
+            max_result_chars: crate::toolcall::MAX_RESULT_CHARS,
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The engine side of the server: one thread owns the model and a KV cache and runs queued
+//! requests one at a time, reporting each piece of the answer as an [`Event`].
+//!
+//! Every request starts from an empty cache, so an answer never depends on which requests came
+//! before it: concurrent clients get exactly what they would get alone.
+
+use super::openai::{ApiError, ChatRequest, Usage, Work};
+use crate::decode::GenerateOptions;
+use crate::session::Session;
+use crate::text::TextStream;
+use crate::toolcall::{AdapterSet, CallEvent, ToolCall, ToolCaller, FINISH};
+use crate::Engine;
+use std::sync::mpsc::{Receiver, Sender};
+
+/// A piece of an answer, in the order it is produced.
+#[derive(Debug)]
+pub enum Event {
+    /// More text.
+    Text(String),
+    /// A tool call begins: its id and tool name.
+    ToolCall { id: String, name: String },
+    /// More of the tool call's arguments (JSON text).
+    Arguments(String),
+    /// The answer is complete.
+    Done { finish_reason: &'static str, usage: Usage, call: Option<Box<ToolCall>> },
+    /// The request failed; nothing more follows.
+    Failed(ApiError),
+}
+
+/// One queued request and where its events go.
+pub struct Job {
+    /// The validated request.
+    pub request: ChatRequest,
+    /// Its events (a dropped receiver means the client left).
+    pub events: Sender<Event>,
+    /// Its number, for the ids of the answer and its tool call.
+    pub seq: u64,
+}
+
+/// The model the server runs and its adapter set.
+pub struct Backend {
+    /// The model, tokenizer and chat template.
+    pub engine: Engine,
+    /// Selector and argument adapters (empty: the base model under constraints).
+    pub adapters: AdapterSet,
+}
+
+/// Limits the worker applies.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerLimits {
+    /// KV cache positions.
+    pub n_ctx: usize,
+    /// Text tokens when a request gives no `max_tokens`.
+    pub default_max_tokens: usize,
+}
+
+/// Run jobs until every sender is gone. `ready` hears once whether the cache could be made.
+pub fn run(backend: Backend, limits: WorkerLimits, jobs: Receiver<Job>, ready: Sender<Result<(), String>>) {
+    let engine = &backend.engine;
+    let caller = match ToolCaller::new(engine.tokenizer.clone(), engine.template.clone()) {
+        Ok(c) => c,
+        Err(e) => return drop(ready.send(Err(e.to_string()))),
+    };
+    let mut session = match Session::new(&engine.model, limits.n_ctx) {
+        Ok(s) => s,
+        Err(e) => return drop(ready.send(Err(e.to_string()))),
+    };
+    if ready.send(Ok(())).is_err() {
+        return;
+    }
+    let worker = Worker { backend: &backend, caller, limits };
+    for job in jobs {
+        session.truncate(0);
+        if let Err(e) = worker.answer(&mut session, &job) {
+            let _ = job.events.send(Event::Failed(e));
+        }
+    }
+}
+
+struct Worker<'a> {
+    backend: &'a Backend,
+    caller: ToolCaller,
+    limits: WorkerLimits,
+}
+
+impl Worker<'_> {
+    fn answer(&self, session: &mut Session, job: &Job) -> Result<(), ApiError> {
+        let r = &job.request;
+        let send = |e: Event| {
+            let _ = job.events.send(e);
+        };
+        let call = match &r.work {
+            Work::Chat => return self.text(session, job, self.caller.chat_prompt(&r.messages)?, None),
+            Work::Answer => return self.text(session, job, self.caller.answer_prompt(&r.catalog, &r.messages)?, None),
+            Work::Call(choice) => {
+                let adapters = self.backend.adapters.for_tools(&r.catalog.names());
+                let mut stream = TextStream::new(self.backend.engine.tokenizer.clone());
+                let call = self.caller.call_with(session, &r.catalog, &r.messages, &adapters, choice, |e| match e {
+                    CallEvent::Chosen(name) if name != FINISH => send(Event::ToolCall { id: format!("call_{}", job.seq), name: name.to_string() }),
+                    CallEvent::Chosen(_) => {}
+                    CallEvent::ArgumentToken(t) => match stream.push(t) {
+                        Ok(piece) if !piece.is_empty() => send(Event::Arguments(piece)),
+                        _ => {}
+                    },
+                })?;
+                let rest = stream.finish()?;
+                if !rest.is_empty() {
+                    send(Event::Arguments(rest));
+                }
+                call
+            }
+        };
+        if call.name == FINISH {
+            // The model chose to answer: text continuing `call: finish` on the cached prefix.
+            let prompt = self.caller.answer_prompt(&r.catalog, &r.messages)?;
+            return self.text(session, job, prompt, Some(call));
+        }
+        let usage = Usage { prompt: call.stats.prefix_tokens, completion: call.stats.name_tokens + call.stats.arg_tokens };
+        send(Event::Done { finish_reason: "tool_calls", usage, call: Some(Box::new(call)) });
+        Ok(())
+    }
+
+    /// Free text after `prompt`, streamed as it is decoded.
+    fn text(&self, session: &mut Session, job: &Job, prompt: Vec<u32>, call: Option<ToolCall>) -> Result<(), ApiError> {
+        let n_ctx = self.limits.n_ctx;
+        if prompt.len() >= n_ctx {
+            return Err(crate::Error::ContextOverflow { needed: prompt.len() + 1, n_ctx }.into());
+        }
+        let room = n_ctx - prompt.len();
+        let max_tokens = match job.request.max_tokens {
+            Some(n) if n > room => return Err(ApiError { code: Some("context_length_exceeded"), ..ApiError::invalid("max_tokens", format!("the prompt has {} tokens, so at most {room} more fit in the context of {n_ctx}, not {n}", prompt.len())) }),
+            Some(n) => n,
+            None => self.limits.default_max_tokens.min(room),
+        };
+        let tokenizer = &self.backend.engine.tokenizer;
+        let opts = GenerateOptions { max_tokens, sampler: job.request.sampler, stop: tokenizer.stop.clone() };
+        let mut stream = TextStream::new(tokenizer.clone());
+        let g = session.generate(&prompt, None, &opts, |t| match stream.push(t) {
+            Ok(piece) if !piece.is_empty() => {
+                let _ = job.events.send(Event::Text(piece));
+            }
+            _ => {}
+        })?;
+        let rest = stream.finish()?;
+        if !rest.is_empty() {
+            let _ = job.events.send(Event::Text(rest));
+        }
+        let stopped = g.tokens.last().is_some_and(|&t| tokenizer.is_stop(t));
+        let usage = Usage { prompt: prompt.len(), completion: g.tokens.len() };
+        let _ = job.events.send(Event::Done { finish_reason: if stopped { "stop" } else { "length" }, usage, call: call.map(Box::new) });
+        Ok(())
+    }
+}
