@@ -36,6 +36,9 @@ pub enum Error {
     /// An adapter id that is not (or no longer) resident.
     #[error("{0} is not loaded (removed, or from another model)")]
     UnknownAdapter(crate::lora::AdapterId),
+    /// The caller stopped the work (a client that left).
+    #[error("cancelled")]
+    Cancelled,
     /// Invalid user-supplied option.
     #[error("invalid option: {0}")]
     InvalidOption(String),

@@ -21,6 +21,7 @@
 //! - [`toolcall`]: the tool catalog, scored (hierarchical) tool selection, schema-constrained
 //!   arguments, the agent loop and the monolithic baselines;
 //! - [`serve`]: an OpenAI-compatible HTTP server over the tool-calling pipeline;
+//! - [`train`]: training data for the decoupled adapters (validation, split, loss masks);
 //! - [`reference`]: a plain-Rust f32 implementation of every kernel and of the forward pass,
 //!   which the tests compare the GPU against.
 
@@ -39,6 +40,7 @@ pub mod serve;
 pub mod session;
 pub mod text;
 pub mod toolcall;
+pub mod train;
 
 pub use engine::{resolve_model, Engine};
 pub use error::{Error, Result};

@@ -5,14 +5,13 @@
 mod common;
 
 use agentflux::decode::SplitMix64;
-use agentflux::gguf::GgufFile;
 use agentflux::mcp::{McpClient, ServerOptions};
-use agentflux::model::Model;
 use agentflux::session::Session;
-use agentflux::text::{ChatMessage, ChatTemplate, Tokenizer};
+use agentflux::text::{ChatMessage, Tokenizer};
 use agentflux::toolcall::{AdapterSet, Catalog, ConstraintFactory, Manifest, ToolCaller, ToolChoice, FINISH};
-use common::{ctx, default_model, filesystem_server, rng, tiny_with_tokenizer};
+use common::{default_model, filesystem_server, rng, tiny_pipeline, tiny_with_tokenizer};
 use serde_json::{json, Value};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 #[test]
@@ -30,38 +29,9 @@ fn token_bytes_spell_what_the_tokenizer_encodes() {
     assert_eq!(bytes[im_end as usize][0], 0xFF, "special tokens carry the marker byte");
 }
 
-/// A tiny random model with `f`'s tokenizer loaded on the GPU: the model, its tokenizer and chat
-/// template, and the file name it was loaded from (what adapter manifests name).
-fn tiny_pipeline(f: &GgufFile, seed: u64, tag: &str) -> (Model, Arc<Tokenizer>, Option<ChatTemplate>, String) {
-    let path = tiny_with_tokenizer(f, seed, tag);
-    let file = GgufFile::open(&path).unwrap();
-    let model = Model::load(ctx(), &file).unwrap();
-    let tok = Arc::new(Tokenizer::from_gguf(&file).unwrap());
-    let template = ChatTemplate::from_gguf(&file, &tok).unwrap();
-    std::fs::remove_file(&path).ok();
-    (model, tok, template, path.file_name().unwrap().to_string_lossy().into_owned())
-}
-
-/// Whether `v` satisfies the subset of JSON Schema the tool schemas here use.
+/// Whether `v` satisfies the schema `s` (the library's validator, unit-tested on its own).
 fn valid(v: &Value, s: &Value) -> bool {
-    if let Some(e) = s.get("enum") {
-        return e.as_array().unwrap().contains(v);
-    }
-    match s.get("type").and_then(Value::as_str) {
-        Some("object") => {
-            let Some(o) = v.as_object() else { return false };
-            let props = s.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
-            let required = s.get("required").and_then(Value::as_array).cloned().unwrap_or_default();
-            required.iter().all(|k| o.contains_key(k.as_str().unwrap())) && o.iter().all(|(k, x)| props.get(k).is_some_and(|ps| valid(x, ps)))
-        }
-        Some("array") => v.as_array().is_some_and(|a| a.iter().all(|x| valid(x, &s["items"]))),
-        Some("string") => v.is_string(),
-        // JSON Schema: an integer is any number with a zero fractional part (1.0 and -0.0 too).
-        Some("integer") => v.as_f64().is_some_and(|x| x.fract() == 0.0),
-        Some("number") => v.is_number(),
-        Some("boolean") => v.is_boolean(),
-        _ => true,
-    }
+    agentflux::toolcall::schema::validate(v, s).is_ok()
 }
 
 #[test]
@@ -299,13 +269,16 @@ fn hierarchical_choice_over_two_real_servers() {
     // tool_choice: `required` never yields finish; a named tool of the second server is written
     // after its server and tool list, exactly as if the selector had chosen it.
     let mut session = Session::new(&model, 4096).unwrap();
-    let required = caller.call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Required, |_| {}).unwrap();
+    let required = caller.call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Required, |_| ControlFlow::Continue(())).unwrap();
     assert!(required.name != FINISH && !required.candidates.contains_key(FINISH), "{:?}", required.candidates);
     assert!((required.candidates.values().sum::<f64>() - 1.0).abs() < 1e-6);
     let named = catalog.groups[1].tools[0].clone();
     let mut events = Vec::new();
     let forced = caller
-        .call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Function(named.name.clone()), |e| events.push(format!("{e:?}")))
+        .call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Function(named.name.clone()), |e| {
+            events.push(format!("{e:?}"));
+            ControlFlow::Continue(())
+        })
         .unwrap();
     assert_eq!((forced.name.as_str(), forced.confidence), (named.name.as_str(), None));
     assert!(valid(&forced.arguments, &named.input_schema), "{}", forced.arguments);

@@ -2,10 +2,9 @@
 //! (every refusal names the field), and answers and stream chunks in OpenAI's shape.
 
 use crate::decode::SamplerConfig;
-use crate::toolcall::{Catalog, ToolCaller, ToolChoice};
 use crate::text::ChatMessage;
+use crate::toolcall::{read_messages, Catalog, ToolChoice};
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
 
 /// A refused or failed request: HTTP status and OpenAI's error object.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,7 +97,7 @@ pub fn parse_request(body: &[u8], max_result_chars: usize) -> Result<ChatRequest
         Some(t) => Catalog::from_openai_tools("request", t).map_err(|e| ApiError::invalid("tools", e.to_string().trim_start_matches("invalid option: ").to_string()))?,
     };
     let work = tool_choice(o.get("tool_choice"), &catalog)?;
-    let messages = conversation(o.get("messages"), max_result_chars)?;
+    let messages = read_messages(o.get("messages"), max_result_chars).map_err(|e| ApiError::invalid(e.param, e.message))?.into_iter().map(|m| m.chat).collect();
     let stream = opt_bool(o, "stream")?.unwrap_or(false);
     let include_usage = match o.get("stream_options") {
         None | Some(Value::Null) => false,
@@ -170,78 +169,6 @@ fn tool_choice(v: Option<&Value>, catalog: &Catalog) -> Result<Work, ApiError> {
             }
         }
         Some(_) => bad("tool_choice must be a string or an object"),
-    }
-}
-
-/// The messages in the tool caller's layout: assistant tool calls as the caller writes them,
-/// tool results as the user turns the agent loop feeds back.
-fn conversation(v: Option<&Value>, max_result_chars: usize) -> Result<Vec<ChatMessage>, ApiError> {
-    let list = match v {
-        Some(Value::Array(l)) if !l.is_empty() => l,
-        Some(Value::Array(_)) => return Err(ApiError::invalid("messages", "messages must not be empty")),
-        None => return Err(ApiError::invalid("messages", "messages is required")),
-        Some(_) => return Err(ApiError::invalid("messages", "messages must be an array")),
-    };
-    let mut out = Vec::with_capacity(list.len());
-    // Tool-call id → tool name, to label the results that answer them.
-    let mut calls: HashMap<String, String> = HashMap::new();
-    for (i, m) in list.iter().enumerate() {
-        let at = |field: &str| format!("messages[{i}]{field}");
-        let m = m.as_object().ok_or_else(|| ApiError::invalid(at(""), "a message must be an object"))?;
-        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(at(".role"), "role is required"))?;
-        let content = text_content(m.get("content"), &at(".content"))?;
-        match role {
-            "system" | "developer" | "user" => {
-                let text = content.ok_or_else(|| ApiError::invalid(at(".content"), format!("a {role} message needs content")))?;
-                out.push(ChatMessage::new(if role == "user" { "user" } else { "system" }, &text));
-            }
-            "assistant" => {
-                let tool_calls = match m.get("tool_calls") {
-                    None | Some(Value::Null) => &[][..],
-                    Some(Value::Array(a)) => a.as_slice(),
-                    Some(_) => return Err(ApiError::invalid(at(".tool_calls"), "tool_calls must be an array")),
-                };
-                if tool_calls.is_empty() {
-                    out.push(ChatMessage::new("assistant", &content.ok_or_else(|| ApiError::invalid(at(".content"), "an assistant message needs content or tool_calls"))?));
-                }
-                for (j, c) in tool_calls.iter().enumerate() {
-                    let at = |field: &str| format!("messages[{i}].tool_calls[{j}]{field}");
-                    let name = c.pointer("/function/name").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(at(".function.name"), "a tool call needs function.name"))?;
-                    let args = c.pointer("/function/arguments").and_then(Value::as_str).unwrap_or("{}");
-                    let args: Value = serde_json::from_str(args).map_err(|e| ApiError::invalid(at(".function.arguments"), format!("arguments must be a JSON string: {e}")))?;
-                    if let Some(id) = c.get("id").and_then(Value::as_str) {
-                        calls.insert(id.to_string(), name.to_string());
-                    }
-                    out.push(ToolCaller::call_message_for(name, &args));
-                }
-            }
-            "tool" => {
-                let id = m.get("tool_call_id").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(at(".tool_call_id"), "a tool message needs tool_call_id"))?;
-                let name = calls.get(id).ok_or_else(|| ApiError::invalid(at(".tool_call_id"), format!("'{id}' answers no earlier tool call")))?;
-                out.push(ToolCaller::result_message(name, &content.unwrap_or_default(), max_result_chars));
-            }
-            other => return Err(ApiError::invalid(at(".role"), format!("unknown role '{other}' (system, developer, user, assistant or tool)"))),
-        }
-    }
-    Ok(out)
-}
-
-/// A message's text: a string, null, or an array of `{"type": "text", "text": ...}` parts.
-fn text_content(v: Option<&Value>, param: &str) -> Result<Option<String>, ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Array(parts)) => {
-            let mut text = String::new();
-            for (k, p) in parts.iter().enumerate() {
-                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(t)) => text.push_str(t),
-                    (kind, _) => return Err(ApiError::invalid(format!("{param}[{k}]"), format!("only text parts are supported, not {}", kind.unwrap_or("an untyped part")))),
-                }
-            }
-            Ok(Some(text))
-        }
-        Some(_) => Err(ApiError::invalid(param, "content must be a string, null or an array of text parts")),
     }
 }
 
@@ -403,7 +330,7 @@ mod tests {
         let m: Vec<(&str, &str)> = r.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
         assert_eq!(m[0], ("system", "Be brief."));
         assert_eq!(m[1], ("user", "Weather in Oslo?"));
-        assert_eq!(m[2], ("assistant", "call: get_weather\nargs: {\"city\":\"Oslo\"}"));
+        assert_eq!(m[2], ("assistant", "call: get_weather\nargs:{\"city\":\"Oslo\"}"));
         assert!(m[3].0 == "user" && m[3].1.starts_with("Result of get_weather:\nsunny") && m[3].1.ends_with("[truncated]"), "{:?}", m[3]);
         assert!(r.stream && r.include_usage);
         assert_eq!(r.max_tokens, Some(9));

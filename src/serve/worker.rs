@@ -10,6 +10,7 @@ use crate::session::Session;
 use crate::text::TextStream;
 use crate::toolcall::{AdapterSet, CallEvent, ToolCall, ToolCaller, FINISH};
 use crate::Engine;
+use std::ops::ControlFlow;
 use std::sync::mpsc::{Receiver, Sender};
 
 /// A piece of an answer, in the order it is produced.
@@ -95,13 +96,17 @@ impl Worker<'_> {
             Work::Call(choice) => {
                 let adapters = self.backend.adapters.for_tools(&r.catalog.names());
                 let mut stream = TextStream::new(self.backend.engine.tokenizer.clone());
-                let call = self.caller.call_with(session, &r.catalog, &r.messages, &adapters, choice, |e| match e {
-                    CallEvent::Chosen(name) if name != FINISH => send(Event::ToolCall { id: format!("call_{}", job.seq), name: name.to_string() }),
-                    CallEvent::Chosen(_) => {}
-                    CallEvent::ArgumentToken(t) => match stream.push(t) {
-                        Ok(piece) if !piece.is_empty() => send(Event::Arguments(piece)),
-                        _ => {}
-                    },
+                // A client that left stops the call at its next token.
+                let call = self.caller.call_with(session, &r.catalog, &r.messages, &adapters, choice, |e| {
+                    let sent = match e {
+                        CallEvent::Chosen(name) if name != FINISH => job.events.send(Event::ToolCall { id: format!("call_{}", job.seq), name: name.to_string() }),
+                        CallEvent::Chosen(_) => Ok(()),
+                        CallEvent::ArgumentToken(t) => match stream.push(t) {
+                            Ok(piece) if !piece.is_empty() => job.events.send(Event::Arguments(piece)),
+                            _ => Ok(()),
+                        },
+                    };
+                    if sent.is_ok() { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
                 })?;
                 let rest = stream.finish()?;
                 if !rest.is_empty() {

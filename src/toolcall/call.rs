@@ -33,6 +33,7 @@ use crate::session::{Activation, Session, SessionStats};
 use crate::text::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -95,6 +96,22 @@ pub enum CallEvent<'a> {
     Chosen(&'a str),
     /// One more token of the arguments' JSON.
     ArgumentToken(u32),
+}
+
+/// A call laid out token for token (see [`ToolCaller::call_layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallLayout {
+    /// Every token: prefix, choice, and for a tool its schema and arguments.
+    pub tokens: Vec<u32>,
+    /// Tokens of the prefix (computed with the base weights; the selector is activated here).
+    pub prefix_len: usize,
+    /// The names the selector writes (the server's with a hierarchy, then the tool's or
+    /// `finish`), each with its newline.
+    pub choice_spans: Vec<Range<usize>>,
+    /// Where the argument adapter is activated (the `schema:` cue), for a tool.
+    pub args_from: Option<usize>,
+    /// The arguments' tokens, for a tool.
+    pub args_span: Option<Range<usize>>,
 }
 
 /// Time and tokens of one call.
@@ -245,12 +262,13 @@ impl ToolCaller {
     /// may already hold an earlier turn of the same conversation; whatever still matches is
     /// reused).
     pub fn call(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], adapters: &AdapterSet) -> Result<ToolCall> {
-        self.call_with(session, catalog, messages, adapters, &ToolChoice::Auto, |_| {})
+        self.call_with(session, catalog, messages, adapters, &ToolChoice::Auto, |_| ControlFlow::Continue(()))
     }
 
     /// [`call`](Self::call) restricted by `choice`, reporting the choice and each argument token
-    /// to `on_event` as they happen.
-    pub fn call_with(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], adapters: &AdapterSet, choice: &ToolChoice, mut on_event: impl FnMut(CallEvent)) -> Result<ToolCall> {
+    /// to `on_event` as they happen. `on_event` returning `Break` stops the call there (a client
+    /// that left) with [`Error::Cancelled`].
+    pub fn call_with(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], adapters: &AdapterSet, choice: &ToolChoice, mut on_event: impl FnMut(CallEvent) -> ControlFlow<()>) -> Result<ToolCall> {
         let before = session.stats();
         let t0 = Instant::now();
         let prefix = self.prefix_tokens(catalog, messages)?;
@@ -264,7 +282,9 @@ impl ToolCaller {
         let (name, confidence, candidates) = self.select(session, catalog, &mut prompt, plan, choice)?;
         let name_tokens = prompt.len() - prefix.len();
         let select_ms = ms(t1);
-        on_event(CallEvent::Chosen(&name));
+        if on_event(CallEvent::Chosen(&name)).is_break() {
+            return Err(Error::Cancelled);
+        }
 
         // Arguments: the chosen tool's schema, then JSON under it.
         let t2 = Instant::now();
@@ -272,8 +292,7 @@ impl ToolCaller {
         let mut arg_tokens = 0;
         if let Some((_, tool)) = catalog.find(&name) {
             let from = prompt.len();
-            prompt.extend(self.encode(&format!("{SCHEMA_CUE} {}", tool.input_schema))?);
-            prompt.extend(self.encode(ARGS_CUE)?);
+            prompt.extend(self.schema_tokens(tool)?);
             let plan = adapters.arguments.get(&name).map(|&a| Activation { adapter: a, from });
             let (value, n) = self.arguments(session, &prompt, plan, &tool.input_schema, &mut |t| on_event(CallEvent::ArgumentToken(t)))?;
             arguments = value;
@@ -291,6 +310,55 @@ impl ToolCaller {
         })
     }
 
+    /// Write the choice of `name` (a tool or `finish`) after the first cue as the selector
+    /// writes it: with a hierarchy the server's name, its tool list and the tool cue first.
+    /// Returns the spans of the names written (what the selector is trained to produce).
+    fn write_choice(&self, catalog: &Catalog, prompt: &mut Vec<u32>, name: &str) -> Result<Vec<Range<usize>>> {
+        let put = |prompt: &mut Vec<u32>, t: Vec<u32>| {
+            let start = prompt.len();
+            prompt.extend(t);
+            start..prompt.len()
+        };
+        if name == FINISH {
+            return Ok(vec![put(prompt, self.candidate_tokens(FINISH)?)]);
+        }
+        let (group, _) = catalog.find(name).ok_or_else(|| Error::InvalidOption(format!("'{name}' is not among the tools")))?;
+        let mut spans = Vec::new();
+        if self.hierarchical(catalog) {
+            spans.push(put(prompt, self.candidate_tokens(&group.server)?));
+            prompt.extend(self.server_tools_tokens(group)?);
+        }
+        spans.push(put(prompt, self.candidate_tokens(name)?));
+        Ok(spans)
+    }
+
+    /// What opens the argument stage: the tool's schema and the arguments cue.
+    fn schema_tokens(&self, tool: &crate::mcp::Tool) -> Result<Vec<u32>> {
+        let mut t = self.encode(&format!("{SCHEMA_CUE} {}", tool.input_schema))?;
+        t.extend(self.encode(ARGS_CUE)?);
+        Ok(t)
+    }
+
+    /// A whole call of `name` with `arguments` laid out token for token as inference lays it
+    /// out, with the positions training needs (the trainer's prompts are inference's prompts).
+    /// Arguments are written as compact JSON with keys in the schema's order, the one form the
+    /// schema constraint produces.
+    pub fn call_layout(&self, catalog: &Catalog, messages: &[ChatMessage], name: &str, arguments: &Value) -> Result<CallLayout> {
+        let mut tokens = self.prefix_tokens(catalog, messages)?;
+        let prefix_len = tokens.len();
+        tokens.extend(self.encode(self.first_cue(catalog))?);
+        let choice_spans = self.write_choice(catalog, &mut tokens, name)?;
+        let (mut args_from, mut args_span) = (None, None);
+        if let Some((_, tool)) = catalog.find(name) {
+            args_from = Some(tokens.len());
+            tokens.extend(self.schema_tokens(tool)?);
+            let start = tokens.len();
+            tokens.extend(self.encode(&super::schema::canonical(arguments, &tool.input_schema).to_string())?);
+            args_span = Some(start..tokens.len());
+        }
+        Ok(CallLayout { tokens, prefix_len, choice_spans, args_from, args_span })
+    }
+
     /// The selector stage after `prompt` (the prefix and the first cue): the chosen name, its
     /// probability and every candidate's. `prompt` is extended with what was chosen, up to the
     /// chosen tool's name.
@@ -303,12 +371,7 @@ impl ToolCaller {
         };
         if let ToolChoice::Function(name) = choice {
             // Forced: written into the prompt as the selector would have written it.
-            let (group, _) = catalog.find(name).ok_or_else(|| Error::InvalidOption(format!("tool_choice names '{name}', which is not among the tools")))?;
-            if self.hierarchical(catalog) {
-                prompt.extend(self.candidate_tokens(&group.server)?);
-                prompt.extend(self.server_tools_tokens(group)?);
-            }
-            prompt.extend(self.candidate_tokens(name)?);
+            self.write_choice(catalog, prompt, name)?;
             return Ok((name.clone(), None, BTreeMap::new()));
         }
         if catalog.names().is_empty() && *choice == ToolChoice::Required {
@@ -342,9 +405,10 @@ impl ToolCaller {
         Self::call_message_for(&call.name, &call.arguments)
     }
 
-    /// The assistant message that records a call of `name` with `arguments`.
+    /// The assistant message that records a call of `name` with `arguments` (compact JSON right
+    /// after the cue, as the argument stage writes it).
     pub fn call_message_for(name: &str, arguments: &Value) -> ChatMessage {
-        ChatMessage::new("assistant", &format!("{SELECT_CUE} {name}{ARGS_CUE} {arguments}"))
+        ChatMessage::new("assistant", &format!("{SELECT_CUE} {name}{ARGS_CUE}{arguments}"))
     }
 
     /// The message that hands a tool's output back to the model (as a user turn: every chat
@@ -406,7 +470,7 @@ impl ToolCaller {
                 .chain([(FINISH, serde_json::json!({"type": "object", "properties": {}}))])
                 .map(|(name, schema)| serde_json::json!({"type": "object", "properties": {"name": {"const": name}, "arguments": schema}, "required": ["name", "arguments"]}))
                 .collect();
-            let (v, n) = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}), &mut |_| {})?;
+            let (v, n) = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}), &mut |_| ControlFlow::Continue(()))?;
             (v.to_string(), n)
         } else {
             let opts = GenerateOptions { max_tokens: MAX_FREE_CALL_TOKENS, sampler: Default::default(), stop: self.tokenizer.stop.clone() };
@@ -428,7 +492,7 @@ impl ToolCaller {
     }
 
     /// Greedy decoding of one JSON value under `schema` after `prompt`.
-    fn arguments(&self, session: &mut Session, prompt: &[u32], plan: Option<Activation>, schema: &Value, on_token: &mut dyn FnMut(u32)) -> Result<(Value, usize)> {
+    fn arguments(&self, session: &mut Session, prompt: &[u32], plan: Option<Activation>, schema: &Value, on_token: &mut dyn FnMut(u32) -> ControlFlow<()>) -> Result<(Value, usize)> {
         let mut constraint = self.constraints.json(schema)?;
         let mut logits = session.prefill(prompt, plan)?;
         let n_vocab = logits.len();
@@ -444,7 +508,9 @@ impl ToolCaller {
             }
             constraint.consume(next)?;
             out.push(next);
-            on_token(next);
+            if on_token(next).is_break() {
+                return Err(Error::Cancelled);
+            }
             if constraint.is_done() {
                 break;
             }

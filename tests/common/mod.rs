@@ -4,6 +4,8 @@
 use agentflux::decode::SplitMix64;
 use agentflux::gpu::{GpuContext, GpuOptions};
 use agentflux::gguf::{BlockFormat, GgufFile};
+use agentflux::model::Model;
+use agentflux::text::{ChatTemplate, Tokenizer};
 use agentflux::reference::{tiny_model, TinyModelSpec};
 use std::sync::{Arc, OnceLock};
 
@@ -77,4 +79,16 @@ pub fn tiny_with_tokenizer(f: &GgufFile, seed: u64, tag: &str) -> std::path::Pat
     let path = std::env::temp_dir().join(format!("agentflux-tiny-tok-{tag}-{}.gguf", std::process::id()));
     std::fs::write(&path, tiny_model(&spec, seed)).unwrap();
     path
+}
+
+/// A tiny random model with `f`'s tokenizer loaded on the GPU: the model, its tokenizer and chat
+/// template, and the file name it was loaded from (what adapter manifests name).
+pub fn tiny_pipeline(f: &GgufFile, seed: u64, tag: &str) -> (Model, Arc<Tokenizer>, Option<ChatTemplate>, String) {
+    let path = tiny_with_tokenizer(f, seed, tag);
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(ctx(), &file).unwrap();
+    let tok = Arc::new(Tokenizer::from_gguf(&file).unwrap());
+    let template = ChatTemplate::from_gguf(&file, &tok).unwrap();
+    std::fs::remove_file(&path).ok();
+    (model, tok, template, path.file_name().unwrap().to_string_lossy().into_owned())
 }
