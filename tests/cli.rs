@@ -1,17 +1,11 @@
 //! The `agentflux` binary as a user runs it: JSON output of `generate` and `info`, and the
 //! messages for a missing, corrupt or truncated model.
 
+mod common;
+
+use common::agentflux;
 use serde_json::Value;
 use std::process::Command;
-
-fn agentflux(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_agentflux"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()))
-        .output()
-        .expect("run agentflux");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 fn default_model_cached() -> bool {
     let cached = agentflux::resolve_model("default").is_ok();

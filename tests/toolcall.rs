@@ -9,7 +9,7 @@ use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
 use agentflux::text::{ChatMessage, Tokenizer};
 use agentflux::toolcall::{AdapterSet, Catalog, ConstraintFactory, Manifest, ToolCaller, ToolChoice, FINISH};
-use common::{default_model, filesystem_server, rng, tiny_pipeline, tiny_with_tokenizer};
+use common::{agentflux, default_model, filesystem_server, rng, tiny_pipeline, tiny_with_tokenizer};
 use serde_json::{json, Value};
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -160,11 +160,6 @@ fn two_stage_call_on_the_real_filesystem_server() {
     assert!(adapted.stats.session.prefilled < 2 * adapted.stats.prefix_tokens, "{:?}", adapted.stats);
     drop(server);
     std::fs::remove_dir_all(&root).ok();
-}
-
-fn agentflux(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentflux")).args(args).output().expect("run agentflux");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// `agentflux call` and `agentflux run` as a user types them, against the real filesystem

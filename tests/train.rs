@@ -11,7 +11,7 @@ use agentflux::session::Session;
 use agentflux::text::ChatMessage;
 use agentflux::toolcall::{AdapterSet, CallEvent, Catalog, ConstraintFactory, ToolCaller, ToolChoice, FINISH, MAX_RESULT_CHARS};
 use agentflux::train::{decoupled_examples, read_trajectories, AdapterRole, DropKind};
-use common::{default_model, filesystem_server, rng, tiny_pipeline};
+use common::{agentflux, default_model, filesystem_server, rng, tiny_pipeline};
 use serde_json::{json, Value};
 use std::ops::ControlFlow;
 
@@ -124,4 +124,37 @@ fn examples_are_the_prompts_inference_builds() {
     assert!(decoupled_examples(&caller, &ts, 64, &mut report).unwrap().is_empty());
     assert_eq!((report.kept(), report.dropped[0].kind), (0, DropKind::TooLong));
     std::fs::remove_dir_all(&root).ok();
+}
+
+/// `agentflux data check` as a user runs it: the drop report, the examples per adapter, and a
+/// seeded split written out.
+#[test]
+fn data_check_reports_and_splits() {
+    if default_model().is_none() {
+        return;
+    }
+    let tools = json!([{"type": "function", "function": {"name": "read_text_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]);
+    let mut lines: Vec<String> = (0..20)
+        .map(|i| {
+            let messages = json!([{"role": "user", "content": format!("Show notes/{i}.txt")}, call("c", "read_text_file", json!({"path": format!("notes/{i}.txt")})), {"role": "tool", "tool_call_id": "c", "content": "hi"}, {"role": "assistant", "content": "It says hi."}]);
+            json!({"messages": messages, "tools": tools}).to_string()
+        })
+        .collect();
+    lines.push(json!({"messages": [{"role": "user", "content": "x"}, call("c", "read_text_file", json!({"file": "a"}))], "tools": tools}).to_string());
+    lines.push("{broken".into());
+    let dir = std::env::temp_dir().join(format!("agentflux-data-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("t.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let out_dir = dir.join("split");
+    let (ok, out, err) = agentflux(&["data", "check", file.to_str().unwrap(), "--seed", "3", "--out", out_dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("22 lines read, 20 kept, 2 dropped"), "{out}");
+    assert!(out.contains("line 21: read_text_file: $: the required key \"path\" is missing") && out.contains("NotJson: 1"), "{out}");
+    assert!(out.contains("selector: 40 examples") && out.contains("arguments of read_text_file: 20 examples"), "{out}");
+    let count = |p: &str| std::fs::read_to_string(out_dir.join(p)).unwrap().lines().count();
+    assert_eq!((count("train.jsonl"), count("val.jsonl"), count("test.jsonl")), (16, 2, 2));
+    let (ok, _, err) = agentflux(&["data", "check", "/nonexistent.jsonl"]);
+    assert!(!ok && err.contains("/nonexistent.jsonl"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

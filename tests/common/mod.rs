@@ -92,3 +92,13 @@ pub fn tiny_pipeline(f: &GgufFile, seed: u64, tag: &str) -> (Model, Arc<Tokenize
     std::fs::remove_file(&path).ok();
     (model, tok, template, path.file_name().unwrap().to_string_lossy().into_owned())
 }
+
+/// Run the `agentflux` binary: whether it succeeded, its stdout and its stderr.
+pub fn agentflux(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentflux"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()))
+        .output()
+        .expect("run agentflux");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod call;
+mod data;
 mod generate;
 mod info;
 mod run;
@@ -32,6 +33,9 @@ enum Command {
     Call(call::Args),
     /// Carry out a task with MCP tool servers: call tools, read their results, answer.
     Run(run::Args),
+    /// Training data: validate trajectories, count the decoupled examples, split.
+    #[command(subcommand)]
+    Data(data::Command),
     /// Serve an OpenAI-compatible /v1/chat/completions (with tools) on the loopback interface.
     Serve(serve::Args),
 }
@@ -50,6 +54,7 @@ fn main() {
         Command::Call(a) => call::run(a, &gpu),
         Command::Run(a) => run::run(a, &gpu),
         Command::Serve(a) => serve::run(a, &gpu),
+        Command::Data(c) => data::run(c),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
