@@ -32,12 +32,22 @@ pub fn rms_norm(x: &[f32], w: &[f32], n: usize, eps: f32) -> Vec<f32> {
 
 /// Rotary embedding of `x` (rows of `n_heads × head_dim`) at positions `pos0..`.
 pub fn rope(x: &mut [f32], n_heads: usize, head_dim: usize, rope: &Rope, pos0: usize) {
+    rotate(x, n_heads, head_dim, rope, pos0, 1.0);
+}
+
+/// The gradient through [`rope`]: each pair rotated back (the transpose of a rotation is its
+/// inverse), in place.
+pub fn rope_backward(dy: &mut [f32], n_heads: usize, head_dim: usize, rope: &Rope, pos0: usize) {
+    rotate(dy, n_heads, head_dim, rope, pos0, -1.0);
+}
+
+fn rotate(x: &mut [f32], n_heads: usize, head_dim: usize, rope: &Rope, pos0: usize, sign: f64) {
     let row = n_heads * head_dim;
     let half = rope.rot_dim / 2;
     for (t, r) in x.chunks_mut(row).enumerate() {
         for h in 0..n_heads {
             for i in 0..half {
-                let theta = (pos0 + t) as f64 * (rope.base as f64).powf(-2.0 * i as f64 / rope.rot_dim as f64);
+                let theta = sign * (pos0 + t) as f64 * (rope.base as f64).powf(-2.0 * i as f64 / rope.rot_dim as f64);
                 let (a, b) = match rope.layout {
                     RopeLayout::Normal => (h * head_dim + 2 * i, h * head_dim + 2 * i + 1),
                     RopeLayout::Neox => (h * head_dim + i, h * head_dim + i + half),
@@ -86,17 +96,22 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], n_heads: usize, n_kv_heads: us
 
 /// Gated activation: `act(gate) · up`.
 pub fn glu(gate: &[f32], up: &[f32], act: Activation) -> Vec<f32> {
-    gate.iter()
-        .zip(up)
-        .map(|(&g, &u)| {
-            let g = g as f64;
-            let a = match act {
-                Activation::Silu => g / (1.0 + (-g).exp()),
-                Activation::GeluTanh => 0.5 * g * (1.0 + (0.797_884_560_802_865_4 * (g + 0.044715 * g * g * g)).tanh()),
-            };
-            (a * u as f64) as f32
-        })
-        .collect()
+    gate.iter().zip(up).map(|(&g, &u)| (activation(g as f64, act).0 * u as f64) as f32).collect()
+}
+
+/// `act(g)` and its derivative.
+pub(super) fn activation(g: f64, act: Activation) -> (f64, f64) {
+    match act {
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-g).exp());
+            (g * s, s * (1.0 + g * (1.0 - s)))
+        }
+        Activation::GeluTanh => {
+            const C: f64 = 0.797_884_560_802_865_4;
+            let t = (C * (g + 0.044715 * g * g * g)).tanh();
+            (0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * g * g))
+        }
+    }
 }
 
 /// Index of the largest value (the first among equals); NaN never wins.

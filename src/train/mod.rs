@@ -1,13 +1,17 @@
-//! Decoupled fine-tuning: the data side (so far).
+//! Decoupled fine-tuning: the data, the optimizer, and (in [`crate::reference`]) the f32
+//! gradient the GPU trainer is checked against.
 //!
 //! - [`data`]: trajectories in OpenAI chat JSONL, validated against the tools' schemas, with a
 //!   report of what was dropped and why, and a seeded 80/10/10 split;
 //! - [`examples`]: the decoupled examples — the selector trained only on the names it writes,
 //!   each tool's argument adapter only on its arguments — laid out exactly as inference lays
-//!   out its prompts, with the position where each adapter is activated.
+//!   out its prompts, with the position where each adapter is activated;
+//! - [`optim`]: AdamW with warmup and cosine decay.
 
 pub mod data;
 pub mod examples;
+pub mod optim;
 
 pub use data::{read_trajectories, split, DataReport, DropKind, Dropped, Split, Trajectory};
 pub use examples::{decoupled_examples, AdapterRole, Example};
+pub use optim::{AdamW, Moments, Schedule};
