@@ -4,7 +4,8 @@
 //   (a, b) by θ = (pos0 + t) · base^(−2i/rot_dim):  a' = a·cos θ − b·sin θ,  b' = a·sin θ + b·cos θ.
 //   mode 0 ("normal", llama): the pair is (2i, 2i+1);  mode 1 ("neox", qwen2/3, gemma3): (i, i + rot_dim/2).
 //   Dimensions from rot_dim to head_dim are left as they are. With `tree` = 1 token t sits at
-//   position pos0 + depth[t] instead (a token tree; see attention.wgsl).
+//   position pos0 + depth[t] instead (a token tree; see attention.wgsl). With `inverse` = 1 the
+//   pairs are rotated by −θ: the gradient through the rotation (its transpose is its inverse).
 // Layout: row t of n_heads·head_dim f32 at offset + t·stride (floats); tree: per token
 //   (parent, depth).
 // Work split: one invocation per (pair, head) × token.
@@ -21,6 +22,7 @@ struct Params {
     mode: u32,
     log2_base: f32,
     tree: u32,
+    inverse: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -49,7 +51,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let theta = f32(pos) * exp2(-p.log2_base * f32(2u * i) / f32(p.rot_dim));
     let c = cos(theta);
-    let s = sin(theta);
+    var s = sin(theta);
+    if (p.inverse == 1u) {
+        s = -s;
+    }
     let a = v[ia];
     let b = v[ib];
     v[ia] = a * c - b * s;

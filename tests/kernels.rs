@@ -351,3 +351,87 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
         assert_close(&format!("separate multi-LoRA rows {row_slot:?}, {} parts", w.parts.len()), &separate, &want, 2e-4);
     }
 }
+
+/// The training kernels against the reference backward operators and optimizer: RMSNorm's
+/// gradient (plain and accumulated, offset rows), GLU's for both activations, RoPE's inverse
+/// rotation for both layouts, masked cross-entropy with its gradient, and one AdamW step.
+#[test]
+fn backward_kernels_match_the_reference() {
+    use agentflux::kernels::elementwise::glu_backward;
+    use agentflux::kernels::loss::cross_entropy;
+    use agentflux::kernels::norm::rms_norm_backward;
+    use agentflux::kernels::optim::{adamw, GpuMoments};
+    use agentflux::kernels::rope::rope_backward;
+    use agentflux::train::{AdamW, Moments};
+    let ctx = ctx();
+    let mut r = rng("backward-kernels");
+
+    for (rows, n) in [(1, 576), (7, 100), (5, 16)] {
+        let (x, w, dy, d0) = (random_vec(&mut r, rows * n, 2.0), random_vec(&mut r, n, 1.0), random_vec(&mut r, rows * n, 1.0), random_vec(&mut r, rows * n, 1.0));
+        let (xb, wb, dyb, db, eb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &w), f32_buf(&ctx, &dy), f32_buf(&ctx, &d0), f32_buf(&ctx, &d0));
+        let dense = |buf| Rows { buf, offset: 0, stride: n };
+        let mut rec = Recorder::new(&ctx);
+        rms_norm_backward(&mut rec, &ctx, &wb, dense(&xb), &dyb, dense(&db), rows, n, 1e-5, false).unwrap();
+        rms_norm_backward(&mut rec, &ctx, &wb, dense(&xb), &dyb, dense(&eb), rows, n, 1e-5, true).unwrap();
+        rec.submit();
+        let want = reference::rms_norm_backward(&x, &w, &dy, n, 1e-5);
+        assert_close(&format!("rms_norm_backward {rows}x{n}"), &read_f32(&ctx, &db, 0, rows * n).unwrap(), &want, 1e-5);
+        let acc: Vec<f32> = want.iter().zip(&d0).map(|(a, b)| a + b).collect();
+        assert_close("rms_norm_backward accumulate", &read_f32(&ctx, &eb, 0, rows * n).unwrap(), &acc, 1e-5);
+    }
+
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let n = 1000;
+        let (g, u, dy) = (random_vec(&mut r, n, 4.0), random_vec(&mut r, n, 2.0), random_vec(&mut r, n, 1.0));
+        let (gb, ub, dyb) = (f32_buf(&ctx, &g), f32_buf(&ctx, &u), f32_buf(&ctx, &dy));
+        let mut rec = Recorder::new(&ctx);
+        glu_backward(&mut rec, &ctx, act, &gb, &ub, &dyb, n).unwrap();
+        rec.submit();
+        let (dg, du) = reference::glu_backward(&g, &u, &dy, act);
+        assert_close(&format!("glu_backward {act:?} dgate"), &read_f32(&ctx, &gb, 0, n).unwrap(), &dg, 1e-4);
+        assert_close(&format!("glu_backward {act:?} dup"), &read_f32(&ctx, &ub, 0, n).unwrap(), &du, 1e-4);
+    }
+
+    for layout in [RopeLayout::Normal, RopeLayout::Neox] {
+        let (t, heads, hd, pos0) = (3, 2, 16, 7);
+        let rp = Rope { layout, rot_dim: 8, base: 10000.0 };
+        let dy = random_vec(&mut r, t * heads * hd, 1.0);
+        let b = f32_buf(&ctx, &dy);
+        let mut rec = Recorder::new(&ctx);
+        rope_backward(&mut rec, &ctx, &rp, Rows { buf: &b, offset: 0, stride: heads * hd }, t, heads, hd, pos0).unwrap();
+        rec.submit();
+        let mut want = dy.clone();
+        reference::rope_backward(&mut want, heads, hd, &rp, pos0);
+        assert_close(&format!("rope_backward {layout:?}"), &read_f32(&ctx, &b, 0, dy.len()).unwrap(), &want, 1e-4);
+    }
+
+    // The real vocabulary's length, so the strided reduction covers a ragged tail.
+    let (rows, n_vocab) = (3, 49152 + 17);
+    let logits = random_vec(&mut r, rows * n_vocab, 8.0);
+    let tokens: Vec<u32> = (0..rows).map(|_| (r.next_u64() % n_vocab as u64) as u32).collect();
+    let (lb, tb) = (f32_buf(&ctx, &logits), storage_buffer(&ctx, "tokens", bytemuck::cast_slice(&tokens)));
+    let loss_b = storage_buffer_zeroed(&ctx, "loss", (rows * 4) as u64);
+    let mut rec = Recorder::new(&ctx);
+    cross_entropy(&mut rec, &ctx, &lb, &tb, &loss_b, rows, n_vocab, 1.0 / rows as f32).unwrap();
+    rec.submit();
+    let targets: Vec<(usize, u32)> = tokens.iter().enumerate().map(|(i, &t)| (i, t)).collect();
+    let (mean, grad) = reference::cross_entropy(&logits, n_vocab, &targets);
+    let losses = read_f32(&ctx, &loss_b, 0, rows).unwrap();
+    assert!((losses.iter().sum::<f32>() / rows as f32 - mean).abs() < 1e-4 * mean.abs().max(1.0), "{losses:?} vs mean {mean}");
+    assert_close("cross_entropy gradient", &read_f32(&ctx, &lb, 0, rows * n_vocab).unwrap(), &grad, 1e-5);
+
+    let n = 777;
+    let opt = AdamW { weight_decay: 0.05, ..Default::default() };
+    let (w, g1, g2) = (random_vec(&mut r, n, 1.0), random_vec(&mut r, n, 1.0), random_vec(&mut r, n, 1.0));
+    let (wb, gb1, gb2) = (f32_buf(&ctx, &w), f32_buf(&ctx, &g1), f32_buf(&ctx, &g2));
+    let (mb, vb) = (storage_buffer_zeroed(&ctx, "m", (n * 4) as u64), storage_buffer_zeroed(&ctx, "v", (n * 4) as u64));
+    let mut rec = Recorder::new(&ctx);
+    adamw(&mut rec, &ctx, &opt, &wb, &gb1, GpuMoments { m: &mb, v: &vb }, n, 1, 1e-2).unwrap();
+    adamw(&mut rec, &ctx, &opt, &wb, &gb2, GpuMoments { m: &mb, v: &vb }, n, 2, 5e-3).unwrap();
+    rec.submit();
+    let (mut want, mut st) = (w.clone(), Moments::default());
+    opt.step(&mut want, &g1, &mut st, 1, 1e-2);
+    opt.step(&mut want, &g2, &mut st, 2, 5e-3);
+    assert_close("adamw two steps", &read_f32(&ctx, &wb, 0, n).unwrap(), &want, 1e-5);
+    assert_close("adamw second moment", &read_f32(&ctx, &vb, 0, n).unwrap(), &st.v, 1e-5);
+}

@@ -32,6 +32,14 @@ pub fn glu(rec: &mut Recorder, ctx: &GpuContext, act: Activation, gate: &wgpu::B
     rec.dispatch(&kernel, &p, vec![Binding::whole(gate), Binding::whole(up)], super::flat_grid(total))
 }
 
+/// Record the gradient through [`glu`] for the first `total` elements: given the gate's input in
+/// `gate`, `up` and the output's gradient `dy`, `gate` becomes ∂/∂gate and `up` ∂/∂up.
+pub fn glu_backward(rec: &mut Recorder, ctx: &GpuContext, act: Activation, gate: &wgpu::Buffer, up: &wgpu::Buffer, dy: &wgpu::Buffer, total: usize) -> Result<()> {
+    let kernel = ctx.kernel(&super::plain("glu_backward", WGSL, "glu_backward"))?;
+    let p = Params { total: total as u32, n: 0, offset: 0, stride: 0, act: (act == Activation::GeluTanh) as u32 };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(gate), Binding::whole(up), Binding::whole(dy)], super::flat_grid(total))
+}
+
 /// Record `a[row r][i] += bias[i]` for `rows` rows of `n`.
 pub fn add_rows(rec: &mut Recorder, ctx: &GpuContext, a: Rows, bias: &wgpu::Buffer, rows: usize, n: usize) -> Result<()> {
     let kernel = ctx.kernel(&super::plain("add_rows", WGSL, "add_rows"))?;

@@ -4,8 +4,10 @@
 pub mod attention;
 pub mod elementwise;
 pub mod embed;
+pub mod loss;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod rope;
 pub mod sample;
 

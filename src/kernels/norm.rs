@@ -58,3 +58,22 @@ pub fn rms_norm_inplace(rec: &mut Recorder, ctx: &GpuContext, w: &wgpu::Buffer, 
     };
     rec.dispatch(&kernel, &p, vec![Binding::whole(w), Binding::whole(y.buf)], [super::groups(rows, 64), 1, 1])
 }
+
+/// Record the gradient through [`rms_norm`]: `dx (+)= ∂/∂x Σ dy·(rmsnorm(x)·w)` over `rows` rows
+/// of `n` (`x` and `dy` laid out alike; the weight is frozen).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_backward(rec: &mut Recorder, ctx: &GpuContext, w: &wgpu::Buffer, x: Rows, dy: &wgpu::Buffer, dx: Rows, rows: usize, n: usize, eps: f32, accumulate: bool) -> Result<()> {
+    let kernel = ctx.kernel(&super::plain("rms_norm_backward", WGSL, "norm_backward"))?;
+    let p = Params {
+        rows: rows as u32,
+        n: n as u32,
+        x_offset: x.offset as u32,
+        x_stride: x.stride as u32,
+        y_offset: dx.offset as u32,
+        y_stride: dx.stride as u32,
+        accumulate: accumulate as u32,
+        eps,
+    };
+    let bindings = vec![Binding::whole(w), Binding::whole(x.buf), Binding::whole(dy), Binding::whole(dx.buf)];
+    rec.dispatch(&kernel, &p, bindings, [super::groups(rows, 64), 1, 1])
+}

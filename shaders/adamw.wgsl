@@ -1,0 +1,39 @@
+// adamw.wgsl — one AdamW step (decoupled weight decay) over a flat parameter tensor.
+//
+// Computes, per element: m = β₁m + (1−β₁)g;  v = β₂v + (1−β₂)g²;
+//   w −= lr · (wd·w + (m / c1) / (sqrt(v / c2) + eps)),  c1 = 1−β₁ᵗ, c2 = 1−β₂ᵗ (bias corrections,
+//   computed on the host for step t). The same rule as `train::optim::AdamW::step`.
+// Layout: w, g, m, v: `n` f32 each.
+// Work split: one invocation per element, flat 2-D grid (x + y·65535·64).
+// Limits: none.
+
+struct Params {
+    n: u32,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    c1: f32,
+    c2: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> w: array<f32>;
+@group(0) @binding(2) var<storage, read> g: array<f32>;
+@group(0) @binding(3) var<storage, read_write> m: array<f32>;
+@group(0) @binding(4) var<storage, read_write> v: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 64u;
+    if (i >= p.n) {
+        return;
+    }
+    let gi = g[i];
+    let mi = p.beta1 * m[i] + (1.0 - p.beta1) * gi;
+    let vi = p.beta2 * v[i] + (1.0 - p.beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    w[i] -= p.lr * (p.weight_decay * w[i] + (mi / p.c1) / (sqrt(vi / p.c2) + p.eps));
+}
