@@ -44,6 +44,35 @@ fn check_matmul(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usize,
     assert_close(&format!("matmul {format:?} {rows}x{cols} m={m} parts={}", w.parts.len()), &got, &want, 2e-4);
 }
 
+/// dx = dy·W on the GPU (the gradient through a frozen projection), plain and accumulated,
+/// against the reference backward.
+fn check_matmul_t(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usize, m: usize, r: &mut agentflux::decode::SplitMix64) {
+    use agentflux::kernels::matmul_t::matmul_t;
+    let bytes = random_matrix_bytes(r, format, rows, cols, 1.0);
+    let w = WeightMatrix::upload(ctx, "w", format, rows, cols, &bytes).unwrap();
+    let (dy, dx0) = (random_vec(r, m * rows, 1.0), random_vec(r, m * cols, 1.0));
+    let (dyb, dxb, accb) = (f32_buf(ctx, &dy), storage_buffer_zeroed(ctx, "dx", (m * cols * 4) as u64), f32_buf(ctx, &dx0));
+    let mut rec = Recorder::new(ctx);
+    matmul_t(&mut rec, ctx, &w, Rows { buf: &dyb, offset: 0, stride: rows }, Rows { buf: &dxb, offset: 0, stride: cols }, m, false).unwrap();
+    matmul_t(&mut rec, ctx, &w, Rows { buf: &dyb, offset: 0, stride: rows }, Rows { buf: &accb, offset: 0, stride: cols }, m, true).unwrap();
+    rec.submit();
+    let want = reference::matmul_backward_x(&dequant(format, &bytes, rows, cols), &dy, rows, cols);
+    let what = format!("matmul_t {format:?} {rows}x{cols} m={m} parts={}", w.parts.len());
+    assert_close(&what, &read_f32(ctx, &dxb, 0, m * cols).unwrap(), &want, 2e-4);
+    let acc: Vec<f32> = want.iter().zip(&dx0).map(|(a, b)| a + b).collect();
+    assert_close(&format!("{what} accumulate"), &read_f32(ctx, &accb, 0, m * cols).unwrap(), &acc, 2e-4);
+}
+
+#[test]
+fn transposed_matmul_every_format() {
+    let ctx = ctx();
+    let mut r = rng("matmul_t");
+    for format in [BlockFormat::F32, BlockFormat::F16, BlockFormat::BF16, BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q5_0, BlockFormat::Q8_0, BlockFormat::Q4_K, BlockFormat::Q5_K, BlockFormat::Q6_K] {
+        let cols = format.block_len().max(32) * 2;
+        check_matmul_t(&ctx, format, 37, cols, 3, &mut r);
+    }
+}
+
 #[test]
 fn matmul_every_format_decode_and_prefill_shapes() {
     let ctx = ctx();
@@ -96,6 +125,10 @@ fn tensors_split_across_a_small_binding_limit_stay_correct() {
         let rows = 4096 / format.row_bytes(cols) * 3 + 5;
         check_matmul(&small, format, rows, cols, 1, &mut r);
         check_matmul(&small, format, rows, cols, 6, &mut r);
+    }
+    for format in [BlockFormat::Q4_1, BlockFormat::Q6_K] {
+        let cols = format.block_len().max(64);
+        check_matmul_t(&small, format, 4096 / format.row_bytes(cols) * 3 + 5, cols, 3, &mut r);
     }
     // The embedding gather too: ids land in different parts.
     let (rows, cols) = (300, 64);

@@ -6,6 +6,7 @@ pub mod elementwise;
 pub mod embed;
 pub mod loss;
 pub mod matmul;
+pub mod matmul_t;
 pub mod norm;
 pub mod optim;
 pub mod rope;

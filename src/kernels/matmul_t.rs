@@ -1,0 +1,45 @@
+//! The transposed quantized product (the gradient through a frozen projection) — launcher of
+//! `shaders/quant_matmul_t.wgsl`.
+
+use super::norm::Rows;
+use crate::error::Result;
+use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
+
+const WGSL: &str = include_str!("../../shaders/quant_matmul_t.wgsl");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    k: u32,
+    m: u32,
+    row_bytes: u32,
+    dy_offset: u32,
+    dy_stride: u32,
+    dx_offset: u32,
+    dx_stride: u32,
+    n_offset: u32,
+    accumulate: u32,
+}
+
+/// Record `dx (+)= dy·W` for `m` rows (`dy` rows of `w.rows`, `dx` rows of `w.cols`): the
+/// gradient with respect to `x` of `y = W·x`. Every part of a split matrix adds its rows' share.
+pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: Rows, dx: Rows, m: usize, accumulate: bool) -> Result<()> {
+    let kernel = ctx.kernel(&super::weight_reader("quant_matmul_t", WGSL, "main", w.format, &[]))?;
+    for (i, (row0, buf, rows)) in w.parts.iter().enumerate() {
+        let p = Params {
+            n: *rows as u32,
+            k: w.cols as u32,
+            m: m as u32,
+            row_bytes: w.format.row_bytes(w.cols) as u32,
+            dy_offset: dy.offset as u32,
+            dy_stride: dy.stride as u32,
+            dx_offset: dx.offset as u32,
+            dx_stride: dx.stride as u32,
+            n_offset: *row0 as u32,
+            accumulate: (accumulate || i > 0) as u32,
+        };
+        rec.dispatch(&kernel, &p, vec![Binding::whole(buf), Binding::whole(dy.buf), Binding::whole(dx.buf)], [super::groups(w.cols / 32, 64), m as u32, 1])?;
+    }
+    Ok(())
+}
