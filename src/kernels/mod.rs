@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod embed;
+pub mod lora_backward;
 pub mod loss;
 pub mod matmul;
 pub mod matmul_t;
