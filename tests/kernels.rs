@@ -524,3 +524,32 @@ fn lora_backward_matches_the_reference() {
         assert_close(&format!("{what} dx"), &read_f32(&ctx, &dxb, 0, m * k).unwrap(), &want_dx, 2e-4);
     }
 }
+
+/// Attention gradients for a step's rows over a cache holding a prefix: against the reference
+/// backward of the whole sequence with no gradient arriving at the prefix's rows.
+#[test]
+fn attention_backward_over_a_cached_prefix() {
+    use agentflux::kernels::attention_backward::{attention_backward, AttentionGrads};
+    let ctx = ctx();
+    let mut r = rng("attention-backward");
+    for (heads, kvh, hd, pos0, t, window) in [(4, 2, 16, 5, 4, 0), (2, 2, 32, 0, 6, 0), (6, 3, 8, 7, 5, 4), (4, 1, 64, 3, 1, 0)] {
+        let (row, kv_row, n) = (heads * hd, kvh * hd, pos0 + t);
+        let q_full = random_vec(&mut r, n * row, 1.0);
+        let (k, v) = (random_vec(&mut r, n * kv_row, 1.0), random_vec(&mut r, n * kv_row, 1.0));
+        let mut dout_full = vec![0f32; pos0 * row];
+        dout_full.extend(random_vec(&mut r, t * row, 1.0));
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (qb, kb, vb, db) = (f32_buf(&ctx, &q_full[pos0 * row..]), f32_buf(&ctx, &k), f32_buf(&ctx, &v), f32_buf(&ctx, &dout_full[pos0 * row..]));
+        let zeros = |n: usize| storage_buffer_zeroed(&ctx, "g", (n * 4) as u64);
+        let (dqb, dkb, dvb, sb) = (zeros(t * row), zeros(t * kv_row), zeros(t * kv_row), zeros(t * heads * 3));
+        let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
+        let mut rec = Recorder::new(&ctx);
+        attention_backward(&mut rec, &ctx, &shape, &qb, &kb, &vb, &db, AttentionGrads { dq: &dqb, dk: &dkb, dv: &dvb, stats: &sb }, t, pos0).unwrap();
+        rec.submit();
+        let (dq, dk, dv) = reference::attention_backward(&q_full, &k, &v, &dout_full, heads, kvh, hd, window, scale);
+        let what = format!("attention_backward h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window}");
+        assert_close(&format!("{what} dq"), &read_f32(&ctx, &dqb, 0, t * row).unwrap(), &dq[pos0 * row..], 1e-4);
+        assert_close(&format!("{what} dk"), &read_f32(&ctx, &dkb, 0, t * kv_row).unwrap(), &dk[pos0 * kv_row..], 1e-4);
+        assert_close(&format!("{what} dv"), &read_f32(&ctx, &dvb, 0, t * kv_row).unwrap(), &dv[pos0 * kv_row..], 1e-4);
+    }
+}

@@ -2,6 +2,7 @@
 //! uniform block the shader declares and a function that records a dispatch.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod elementwise;
 pub mod embed;
 pub mod lora_backward;

@@ -1,0 +1,138 @@
+// attention_backward.wgsl — gradients of causal attention for the rows a training step computes,
+// over the cached keys of the frozen prefix and the step's own keys.
+//
+// The forward (attention.wgsl): for query row t at position pos0 + t and head h (key head
+// kh = h / (n_heads / n_kv_heads)), p_j = softmax_j(scale · q·k_j) over key positions
+// j ∈ [start, pos0 + t] (start = pos + 1 − window with a sliding window, else 0), o = Σ_j p_j v_j.
+// Given dO:
+//   `grad_q`   dq = scale · Σ_j p_j (dO·v_j − D) k_j, with D = Σ_j p_j dO·v_j; also stores
+//              (max, sum, D) of the row's softmax for `grad_kv`.   one invocation per (t, h)
+//   `grad_kv`  for key rows i of the step (position pos0 + i) and key head kh, over the queries
+//              that see them and the heads sharing kh: dv_i = Σ p dO, dk_i = scale · Σ p (dO·v_i − D) q.
+//              one invocation per (i, kh); run after `grad_q`.
+// Keys of the prefix (positions < pos0) get no gradient: nothing before the step depends on the
+// adapter being trained.
+// Layout: q, dO, dq: T rows of n_heads·head_dim f32; k, v: rows of n_kv_heads·head_dim f32 for
+//   positions 0 .. pos0 + T (the layer's KV cache); dk, dv: T rows of n_kv_heads·head_dim (the
+//   step's own keys); stats: 3 f32 per (t, h).
+// Work split: one invocation per output row and head, loops over keys (or queries) and the head
+//   dimension; rows are written by their owner only, so no atomics or barriers.
+// Limits: n_heads a multiple of n_kv_heads.
+
+struct Params {
+    n_tokens: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos0: u32,
+    window: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(6) var<storage, read_write> stats: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dv: array<f32>;
+@group(0) @binding(6) var<storage, read> stats_in: array<f32>;
+
+fn first_key(pos: u32) -> u32 {
+    if (p.window > 0u && pos + 1u > p.window) {
+        return pos + 1u - p.window;
+    }
+    return 0u;
+}
+
+fn dot_qk(qo: u32, ko: u32) -> f32 {
+    var s = 0.0;
+    for (var d = 0u; d < p.head_dim; d++) {
+        s += q[qo + d] * k[ko + d];
+    }
+    return s * p.scale;
+}
+
+fn dot_ov(qo: u32, vo: u32) -> f32 {
+    var s = 0.0;
+    for (var d = 0u; d < p.head_dim; d++) {
+        s += dout[qo + d] * v[vo + d];
+    }
+    return s;
+}
+
+@compute @workgroup_size(64)
+fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let h = gid.x;
+    let t = gid.y;
+    if (h >= p.n_heads || t >= p.n_tokens) {
+        return;
+    }
+    let kv_row = p.n_kv_heads * p.head_dim;
+    let kh = h / (p.n_heads / p.n_kv_heads);
+    let qo = (t * p.n_heads + h) * p.head_dim;
+    let pos = p.pos0 + t;
+    let start = first_key(pos);
+    var m = -3.4e38;
+    for (var j = start; j <= pos; j++) {
+        m = max(m, dot_qk(qo, j * kv_row + kh * p.head_dim));
+    }
+    var l = 0.0;
+    var dd = 0.0;
+    for (var j = start; j <= pos; j++) {
+        let o = j * kv_row + kh * p.head_dim;
+        let e = exp(dot_qk(qo, o) - m);
+        l += e;
+        dd += e * dot_ov(qo, o);
+    }
+    dd /= l;
+    for (var d = 0u; d < p.head_dim; d++) {
+        dq[qo + d] = 0.0;
+    }
+    for (var j = start; j <= pos; j++) {
+        let o = j * kv_row + kh * p.head_dim;
+        let ds = exp(dot_qk(qo, o) - m) / l * (dot_ov(qo, o) - dd) * p.scale;
+        for (var d = 0u; d < p.head_dim; d++) {
+            dq[qo + d] += ds * k[o + d];
+        }
+    }
+    let so = (t * p.n_heads + h) * 3u;
+    stats[so] = m;
+    stats[so + 1u] = l;
+    stats[so + 2u] = dd;
+}
+
+@compute @workgroup_size(64)
+fn grad_kv(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let kh = gid.x;
+    let i = gid.y;
+    if (kh >= p.n_kv_heads || i >= p.n_tokens) {
+        return;
+    }
+    let kv_row = p.n_kv_heads * p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
+    let key = p.pos0 + i;
+    let ko = key * kv_row + kh * p.head_dim;
+    let go = (i * p.n_kv_heads + kh) * p.head_dim;
+    for (var d = 0u; d < p.head_dim; d++) {
+        dk[go + d] = 0.0;
+        dv[go + d] = 0.0;
+    }
+    for (var t = i; t < p.n_tokens; t++) {
+        if (first_key(p.pos0 + t) > key) {
+            break;
+        }
+        for (var h = kh * group; h < (kh + 1u) * group; h++) {
+            let qo = (t * p.n_heads + h) * p.head_dim;
+            let so = (t * p.n_heads + h) * 3u;
+            let pr = exp(dot_qk(qo, ko) - stats_in[so]) / stats_in[so + 1u];
+            let ds = pr * (dot_ov(qo, ko) - stats_in[so + 2u]) * p.scale;
+            for (var d = 0u; d < p.head_dim; d++) {
+                dv[go + d] += pr * dout[qo + d];
+                dk[go + d] += ds * q[qo + d];
+            }
+        }
+    }
+}

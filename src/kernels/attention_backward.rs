@@ -1,0 +1,58 @@
+//! Gradients of causal attention for a training step — launcher of
+//! `shaders/attention_backward.wgsl`.
+
+use super::attention::AttentionShape;
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, GpuContext, Recorder};
+
+const WGSL: &str = include_str!("../../shaders/attention_backward.wgsl");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n_tokens: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos0: u32,
+    window: u32,
+    scale: f32,
+}
+
+/// Where the gradients go: `dq` (`n_tokens` rows of `n_heads·head_dim`), `dk`, `dv` (`n_tokens`
+/// rows of `n_kv_heads·head_dim`: the step's own keys), and scratch for the softmax statistics
+/// (3 floats per row and head).
+pub struct AttentionGrads<'a> {
+    pub dq: &'a wgpu::Buffer,
+    pub dk: &'a wgpu::Buffer,
+    pub dv: &'a wgpu::Buffer,
+    pub stats: &'a wgpu::Buffer,
+}
+
+/// Record the gradients of attention for `n_tokens` query rows at positions `pos0..` (queries
+/// `q`, output gradient `dout`) over the layer's cache `k_cache`/`v_cache` (positions
+/// `0..pos0 + n_tokens`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, dout: &wgpu::Buffer, g: AttentionGrads, n_tokens: usize, pos0: usize) -> Result<()> {
+    if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+        return Err(Error::Shape { op: "attention_backward", msg: format!("heads {} / kv heads {}", s.n_heads, s.n_kv_heads) });
+    }
+    let p = Params {
+        n_tokens: n_tokens as u32,
+        n_heads: s.n_heads as u32,
+        n_kv_heads: s.n_kv_heads as u32,
+        head_dim: s.head_dim as u32,
+        pos0: pos0 as u32,
+        window: s.window as u32,
+        scale: s.scale,
+    };
+    let grad_q = ctx.kernel(&super::plain("attention_grad_q", WGSL, "grad_q"))?;
+    let qkv = || vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(dout)];
+    let mut b = qkv();
+    b.extend([Binding::whole(g.dq), Binding::whole(g.stats)]);
+    rec.dispatch(&grad_q, &p, b, [super::groups(s.n_heads, 64), n_tokens as u32, 1])?;
+    let grad_kv = ctx.kernel(&super::plain("attention_grad_kv", WGSL, "grad_kv"))?;
+    let mut b = qkv();
+    b.extend([Binding::whole(g.stats).at(6), Binding::whole(g.dk).at(7), Binding::whole(g.dv).at(8)]);
+    rec.dispatch(&grad_kv, &p, b, [super::groups(s.n_kv_heads, 64), n_tokens as u32, 1])
+}
