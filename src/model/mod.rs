@@ -3,6 +3,7 @@
 //! A [`Model`] is immutable once loaded: the KV cache is an explicit argument of every forward
 //! call, so several conversations can share one model.
 
+mod backward;
 mod config;
 mod gemma3;
 mod llama;
@@ -10,6 +11,7 @@ mod qwen2;
 mod qwen3;
 mod weights;
 
+pub use backward::AdapterGrads;
 pub use config::{Arch, ModelConfig};
 pub use weights::{LayerWeights, Weights};
 
@@ -384,7 +386,7 @@ impl Model {
                     })
                     .collect()
             };
-            self.record_chunk(&mut rec, s, &segs, &logit_rows, lora.as_ref(), tree.as_ref().map(|_| &s.tree))?;
+            self.record_chunk(&mut rec, s, &segs, &logit_rows, lora.as_ref(), tree.as_ref().map(|_| &s.tree), None)?;
             let n_rows: usize = logit_rows.iter().map(|r| r.1).sum();
             match pick {
                 Some(Pick::Greedy) if n_rows > 0 => argmax(&mut rec, &self.ctx, &s.logits, 0, n_vocab, n_rows, &s.picked)?,
@@ -456,11 +458,19 @@ impl Model {
     }
 
     /// Record the whole network for the segments' rows (each appended to its own cache), with
-    /// logits for the `(first row, rows)` ranges of `logit_rows`, packed in order.
+    /// logits for the `(first row, rows)` ranges of `logit_rows`, packed in order. With `trace`
+    /// (one segment) every activation the backward pass reads is copied there as it is made.
     #[allow(clippy::too_many_arguments)]
-    fn record_chunk(&self, rec: &mut Recorder, s: &Scratch, segs: &[Segment], logit_rows: &[(usize, usize)], lora: Option<&ChunkLora>, tree: Option<&wgpu::Buffer>) -> Result<()> {
+    fn record_chunk(&self, rec: &mut Recorder, s: &Scratch, segs: &[Segment], logit_rows: &[(usize, usize)], lora: Option<&ChunkLora>, tree: Option<&wgpu::Buffer>, trace: Option<&backward::ForwardTrace>) -> Result<()> {
         let (c, w, ctx) = (&self.config, &self.weights, &*self.ctx);
         let t: usize = segs.iter().map(|g| g.len).sum();
+        // Copy `floats` floats per row of the chunk from `src` (at float `from`) to a trace buffer.
+        let keep = |rec: &mut Recorder, src: &wgpu::Buffer, from: usize, dst: Option<&wgpu::Buffer>, floats: usize| {
+            if let Some(dst) = dst {
+                rec.copy(src, (from * 4) as u64, dst, 0, (t * floats * 4) as u64);
+            }
+        };
+        let layer_trace = |l: usize| trace.map(|tr| &tr.layers[l]);
         let (d, q_dim, kv_dim, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim);
         let dense = |buf, stride| Rows { buf, offset: 0, stride };
         // One sequence writes its keys and values straight into its cache; a batch of several
@@ -468,7 +478,10 @@ impl Model {
         let direct = segs.len() == 1;
         embed(rec, ctx, &w.embed, &s.ids, t, c.embed_scale, &s.h)?;
         for (l, lw) in w.layers.iter().enumerate() {
+            let tr = layer_trace(l);
+            keep(rec, &s.h, 0, tr.map(|x| &x.h_in), d);
             rms_norm(rec, ctx, &lw.attn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
+            keep(rec, &s.xn, 0, tr.map(|x| &x.x1), d);
             self.project(rec, lora, l, Proj::Q, &lw.wq, MatmulIo::dense(&s.xn, &s.q, &lw.wq, t))?;
             for (proj, wm, cached, scratch) in [(Proj::K, &lw.wk, &segs[0].kv.layers[l].0, &s.k), (Proj::V, &lw.wv, &segs[0].kv.layers[l].1, &s.v)] {
                 let io = if direct { MatmulIo { y_offset: segs[0].kv.len() * kv_dim, ..MatmulIo::dense(&s.xn, cached, wm, t) } } else { MatmulIo::dense(&s.xn, scratch, wm, t) };
@@ -490,6 +503,8 @@ impl Model {
                     add_rows(rec, ctx, kr, bk, g.len, kv_dim)?;
                     add_rows(rec, ctx, vr, bv, g.len, kv_dim)?;
                 }
+                keep(rec, &s.q, 0, tr.map(|x| &x.q_pre), q_dim);
+                keep(rec, kr.buf, kr.offset, tr.map(|x| &x.k_pre), kv_dim);
                 if let Some([qn, kn]) = &lw.qk_norm {
                     rms_norm_inplace(rec, ctx, qn, Rows { stride: hd, ..qr }, g.len * c.n_heads, hd, c.norm_eps)?;
                     rms_norm_inplace(rec, ctx, kn, Rows { stride: hd, ..kr }, g.len * c.n_kv_heads, hd, c.norm_eps)?;
@@ -503,13 +518,23 @@ impl Model {
                 }
                 attention(rec, ctx, &shape, &s.q, kc, vc, &s.attn, g.row0, g.len, pos0, tree)?;
             }
+            keep(rec, &s.q, 0, tr.map(|x| &x.q), q_dim);
+            keep(rec, &s.attn, 0, tr.map(|x| &x.att), q_dim);
             self.residual(rec, lora, l, Proj::O, &lw.wo, &s.attn, lw.post_attn_norm.as_ref(), s, t)?;
+            keep(rec, &s.tmp, 0, tr.map(|x| &x.o_pre), d);
+            keep(rec, &s.h, 0, tr.map(|x| &x.h_mid), d);
             rms_norm(rec, ctx, &lw.ffn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
+            keep(rec, &s.xn, 0, tr.map(|x| &x.x2), d);
             self.project(rec, lora, l, Proj::Gate, &lw.w_gate, MatmulIo::dense(&s.xn, &s.gate, &lw.w_gate, t))?;
             self.project(rec, lora, l, Proj::Up, &lw.w_up, MatmulIo::dense(&s.xn, &s.up, &lw.w_up, t))?;
+            keep(rec, &s.gate, 0, tr.map(|x| &x.gate), c.ffn_dim);
+            keep(rec, &s.up, 0, tr.map(|x| &x.up), c.ffn_dim);
             glu(rec, ctx, c.act, &s.gate, &s.up, t * c.ffn_dim)?;
+            keep(rec, &s.gate, 0, tr.map(|x| &x.g), c.ffn_dim);
             self.residual(rec, lora, l, Proj::Down, &lw.w_down, &s.gate, lw.post_ffn_norm.as_ref(), s, t)?;
+            keep(rec, &s.tmp, 0, tr.map(|x| &x.y_pre), d);
         }
+        keep(rec, &s.h, 0, trace.map(|x| &x.h_final), d);
         let mut n_rows = 0;
         for &(first, rows) in logit_rows {
             let h_rows = Rows { buf: &s.h, offset: first * d, stride: d };
