@@ -3,12 +3,14 @@
 // Computes, per element: m = β₁m + (1−β₁)g;  v = β₂v + (1−β₂)g²;
 //   w −= lr · (wd·w + (m / c1) / (sqrt(v / c2) + eps)),  c1 = 1−β₁ᵗ, c2 = 1−β₂ᵗ (bias corrections,
 //   computed on the host for step t). The same rule as `train::optim::AdamW::step`.
-// Layout: w, g, m, v: `n` f32 each.
+// Layout: w, g, m, v: f32 arrays of the same layout; the step covers elements offset..offset+n
+//   (one adapter's range inside buffers shaped like the adapter packs).
 // Work split: one invocation per element, flat 2-D grid (x + y·65535·64).
 // Limits: none.
 
 struct Params {
     n: u32,
+    offset: u32,
     lr: f32,
     beta1: f32,
     beta2: f32,
@@ -26,10 +28,11 @@ struct Params {
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x + gid.y * 65535u * 64u;
-    if (i >= p.n) {
+    let e = gid.x + gid.y * 65535u * 64u;
+    if (e >= p.n) {
         return;
     }
+    let i = p.offset + e;
     let gi = g[i];
     let mi = p.beta1 * m[i] + (1.0 - p.beta1) * gi;
     let vi = p.beta2 * v[i] + (1.0 - p.beta2) * gi * gi;

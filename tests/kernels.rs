@@ -459,8 +459,8 @@ fn backward_kernels_match_the_reference() {
     let (wb, gb1, gb2) = (f32_buf(&ctx, &w), f32_buf(&ctx, &g1), f32_buf(&ctx, &g2));
     let (mb, vb) = (storage_buffer_zeroed(&ctx, "m", (n * 4) as u64), storage_buffer_zeroed(&ctx, "v", (n * 4) as u64));
     let mut rec = Recorder::new(&ctx);
-    adamw(&mut rec, &ctx, &opt, &wb, &gb1, GpuMoments { m: &mb, v: &vb }, n, 1, 1e-2).unwrap();
-    adamw(&mut rec, &ctx, &opt, &wb, &gb2, GpuMoments { m: &mb, v: &vb }, n, 2, 5e-3).unwrap();
+    adamw(&mut rec, &ctx, &opt, &wb, &gb1, GpuMoments { m: &mb, v: &vb }, (0, n), 1, 1e-2).unwrap();
+    adamw(&mut rec, &ctx, &opt, &wb, &gb2, GpuMoments { m: &mb, v: &vb }, (0, n), 2, 5e-3).unwrap();
     rec.submit();
     let (mut want, mut st) = (w.clone(), Moments::default());
     opt.step(&mut want, &g1, &mut st, 1, 1e-2);

@@ -10,6 +10,7 @@ const WGSL: &str = include_str!("../../shaders/adamw.wgsl");
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     n: u32,
+    offset: u32,
     lr: f32,
     beta1: f32,
     beta2: f32,
@@ -27,13 +28,15 @@ pub struct GpuMoments<'a> {
     pub v: &'a wgpu::Buffer,
 }
 
-/// Record one AdamW step (`opt`'s rule, step `t` ≥ 1, learning rate `lr`) of the `n` parameters
-/// in `w` with gradients `g`.
+/// Record one AdamW step (`opt`'s rule, step `t` ≥ 1, learning rate `lr`) of the parameters
+/// `range` (start, length in floats) of `w` with gradients `g` (moments laid out alike).
 #[allow(clippy::too_many_arguments)]
-pub fn adamw(rec: &mut Recorder, ctx: &GpuContext, opt: &AdamW, w: &wgpu::Buffer, g: &wgpu::Buffer, state: GpuMoments, n: usize, t: u64, lr: f32) -> Result<()> {
+pub fn adamw(rec: &mut Recorder, ctx: &GpuContext, opt: &AdamW, w: &wgpu::Buffer, g: &wgpu::Buffer, state: GpuMoments, range: (usize, usize), t: u64, lr: f32) -> Result<()> {
+    let (offset, n) = range;
     let kernel = ctx.kernel(&super::plain("adamw", WGSL, "main"))?;
     let p = Params {
         n: n as u32,
+        offset: offset as u32,
         lr,
         beta1: opt.beta1,
         beta2: opt.beta2,

@@ -223,6 +223,11 @@ impl AdapterRegistry {
         }
     }
 
+    /// Where an adapter's floats lie in the A and B packs: (start, length) of each.
+    pub(crate) fn ranges(&self, id: AdapterId) -> Option<[(usize, usize); 2]> {
+        self.adapters.get(&id).map(|r| [(r.a_base, r.a_len), (r.b_base, r.b_len)])
+    }
+
     /// The packed A and B buffers.
     pub(crate) fn packs(&self) -> (&wgpu::Buffer, &wgpu::Buffer) {
         (&self.a.buf, &self.b.buf)

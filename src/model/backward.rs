@@ -19,7 +19,9 @@ use crate::kernels::matmul::{lora_shrink, LoraIo, MatmulIo};
 use crate::kernels::matmul_t::matmul_t;
 use crate::kernels::norm::{rms_norm_backward, Rows};
 use crate::kernels::rope::rope_backward;
-use crate::lora::{ActiveAdapter, AdapterId, LoraWeights, Proj};
+use crate::kernels::optim::{adamw, GpuMoments};
+use crate::lora::{ActiveAdapter, AdapterId, AdapterRegistry, LoraWeights, Proj};
+use crate::train::AdamW;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
@@ -46,35 +48,79 @@ pub(super) struct ForwardTrace {
     pub h_final: wgpu::Buffer,
 }
 
-/// Gradients of one adapter, laid out like the registry's A and B packs (an adapter's matrices
-/// sit at the same offsets as its weights). Accumulated over examples until cleared.
-pub struct AdapterGrads {
-    /// dA, like the A pack.
+/// Buffers laid out like the registry's A and B packs (an adapter's matrices sit at the same
+/// offsets as its weights): its gradients (accumulated over examples until a step) and its
+/// optimizer moments. Make them after the adapters are loaded (a pack that grows moves).
+pub struct AdapterBuffers {
+    /// Like the A pack.
     pub a: wgpu::Buffer,
-    /// dB, like the B pack.
+    /// Like the B pack.
     pub b: wgpu::Buffer,
 }
 
+/// What training an adapter keeps on the GPU besides its weights.
+pub struct AdapterTraining {
+    /// Accumulated gradients.
+    pub grads: AdapterBuffers,
+    /// AdamW's first and second moments.
+    pub m: AdapterBuffers,
+    pub v: AdapterBuffers,
+}
+
 impl Model {
-    /// Zeroed gradient buffers shaped like the adapter packs as they are now.
-    pub fn adapter_grads(&self) -> Result<AdapterGrads> {
+    /// Zeroed buffers shaped like the adapter packs as they are now.
+    pub fn adapter_buffers(&self) -> Result<AdapterBuffers> {
         let reg = self.registry()?;
         let (a, b) = reg.packs();
-        Ok(AdapterGrads { a: storage_buffer_zeroed(&self.ctx, "grad_a", a.size()), b: storage_buffer_zeroed(&self.ctx, "grad_b", b.size()) })
+        Ok(AdapterBuffers { a: storage_buffer_zeroed(&self.ctx, "pack_a", a.size()), b: storage_buffer_zeroed(&self.ctx, "pack_b", b.size()) })
+    }
+
+    /// Zeroed gradients and moments for training resident adapters.
+    pub fn adapter_training(&self) -> Result<AdapterTraining> {
+        Ok(AdapterTraining { grads: self.adapter_buffers()?, m: self.adapter_buffers()?, v: self.adapter_buffers()? })
+    }
+
+    /// One AdamW step of adapter `id` (in place in the packs, so the next forward uses it) with
+    /// the gradients accumulated in `state`, which are then cleared. `t` counts steps from 1.
+    pub fn adapter_step(&self, id: AdapterId, state: &AdapterTraining, opt: &AdamW, t: u64, lr: f32) -> Result<()> {
+        let registry = self.registry()?;
+        let ranges = registry.ranges(id).ok_or(Error::UnknownAdapter(id))?;
+        let (a_pack, b_pack) = registry.packs();
+        let mut rec = Recorder::new(&self.ctx);
+        for ((w, g, m, v), range) in [(a_pack, &state.grads.a, &state.m.a, &state.v.a), (b_pack, &state.grads.b, &state.m.b, &state.v.b)].into_iter().zip(ranges) {
+            adamw(&mut rec, &self.ctx, opt, w, g, GpuMoments { m, v }, range, t, lr)?;
+        }
+        rec.submit();
+        for (g, (start, len)) in [&state.grads.a, &state.grads.b].into_iter().zip(ranges) {
+            upload(&self.ctx, g, (start * 4) as u64, &vec![0f32; len]);
+        }
+        Ok(())
+    }
+
+    /// The current weights of adapter `id` (engine row order), per targeted (layer, projection).
+    pub fn read_adapter_weights(&self, id: AdapterId) -> Result<BTreeMap<(usize, Proj), LoraWeights>> {
+        let registry = self.registry()?;
+        let (a, b) = registry.packs();
+        self.read_packed(&registry, id, a, b)
     }
 
     /// An adapter's gradients out of `grads`, per targeted (layer, projection), shaped like its
     /// weights (engine row order).
-    pub fn read_adapter_grads(&self, id: AdapterId, grads: &AdapterGrads) -> Result<BTreeMap<(usize, Proj), LoraWeights>> {
+    pub fn read_adapter_grads(&self, id: AdapterId, grads: &AdapterBuffers) -> Result<BTreeMap<(usize, Proj), LoraWeights>> {
         let registry = self.registry()?;
+        self.read_packed(&registry, id, &grads.a, &grads.b)
+    }
+
+    fn read_packed(&self, registry: &AdapterRegistry, id: AdapterId, a_buf: &wgpu::Buffer, b_buf: &wgpu::Buffer) -> Result<BTreeMap<(usize, Proj), LoraWeights>> {
+        registry.check_resident(&[ActiveAdapter::new(id)])?;
         let active = [ActiveAdapter::new(id)];
         let mut out = BTreeMap::new();
         for l in 0..self.config.n_layers {
             for p in Proj::ALL {
                 let Some((slots, rank)) = registry.slots(l, p, &active) else { continue };
                 let (n, k) = p.shape(&self.config);
-                let a = read_f32(&self.ctx, &grads.a, slots[0].a_offset, rank * k)?;
-                let b = read_f32(&self.ctx, &grads.b, slots[0].b_offset, n * rank)?;
+                let a = read_f32(&self.ctx, a_buf, slots[0].a_offset, rank * k)?;
+                let b = read_f32(&self.ctx, b_buf, slots[0].b_offset, n * rank)?;
                 out.insert((l, p), LoraWeights { a, b });
             }
         }
@@ -85,7 +131,7 @@ impl Model {
     /// predicting `tokens[p]` — with `adapter` active from row `from`, and its gradient with
     /// respect to the adapter's A and B added into `grads`. Targets must come after `from` (the
     /// rows before it do not depend on the adapter). At most one pass of rows (256) may be active.
-    pub fn adapter_gradient(&self, tokens: &[u32], from: usize, targets: &[Range<usize>], adapter: ActiveAdapter, grads: &AdapterGrads) -> Result<f32> {
+    pub fn adapter_gradient(&self, tokens: &[u32], from: usize, targets: &[Range<usize>], adapter: ActiveAdapter, grads: &AdapterBuffers) -> Result<f32> {
         let (c, ctx) = (&self.config, &*self.ctx);
         let t = tokens.len().saturating_sub(from);
         if t == 0 || t > self.max_batch {
