@@ -442,3 +442,46 @@ fn toy_task_is_learned_on_the_gpu() {
     let greedy: Vec<u32> = (5..12).map(|p| agentflux::reference::argmax(&logits[(p - 1) * c.n_vocab..][..c.n_vocab]) as u32).collect();
     assert_eq!(greedy, tokens[5..]);
 }
+
+/// `agentflux train` end to end on a tiny model carrying the real tokenizer: a few steps for the
+/// selector and the tool's argument adapter, saved as PEFT directories with the manifest, which
+/// `agentflux call --adapters` then loads and uses.
+#[test]
+fn train_command_writes_an_adapter_set_that_call_uses() {
+    let Some(f) = default_model() else { return };
+    let model = common::tiny_with_tokenizer(&f, rng("train-cli").next_u64(), "train-cli");
+    let dir = std::env::temp_dir().join(format!("agentflux-train-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tools = json!([{"type": "function", "function": {"name": "read_text_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 24}}, "required": ["path"]}}}]);
+    let lines: Vec<String> = (0..20)
+        .map(|i| {
+            let messages = json!([{"role": "user", "content": format!("Show notes/{i}.txt")}, call("c", "read_text_file", json!({"path": format!("notes/{i}.txt")})), {"role": "tool", "tool_call_id": "c", "content": "hi"}, {"role": "assistant", "content": "It says hi."}]);
+            json!({"messages": messages, "tools": tools}).to_string()
+        })
+        .collect();
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.join("set");
+    let m = model.to_str().unwrap();
+    let (ok, stdout, err) = agentflux(&["train", "--model", m, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "2", "--batch", "2", "--rank", "2", "--eval-every", "1"]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("wrote the adapter set"), "{stdout}");
+    assert!(err.contains("[selector] step 2/2") && err.contains("[read_text_file] step 2/2") && err.contains("val "), "{err}");
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["selector"], "selector");
+    assert_eq!(manifest["arguments"]["read_text_file"], "args/read_text_file");
+    assert_eq!(manifest["tools"], json!(["read_text_file"]));
+    for sub in ["selector", "args/read_text_file"] {
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join(sub).join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!((config["r"].as_u64(), config["peft_type"].as_str()), (Some(2), Some("LORA")), "{config}");
+        assert!(out.join(sub).join("adapter_model.safetensors").exists());
+    }
+    let tools_file = dir.join("tools.json");
+    std::fs::write(&tools_file, tools.to_string()).unwrap();
+    let (ok, stdout, err) = agentflux(&["call", "--model", m, "--tools", tools_file.to_str().unwrap(), "--adapters", out.to_str().unwrap(), "Show notes/3.txt"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(v["candidates"].as_object().unwrap().contains_key("read_text_file"), "{v}");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_file(&model).ok();
+}

@@ -7,6 +7,7 @@ mod generate;
 mod info;
 mod run;
 mod serve;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,8 @@ enum Command {
     /// Training data: validate trajectories, count the decoupled examples, split.
     #[command(subcommand)]
     Data(data::Command),
+    /// Train the decoupled adapter set (selector + one argument adapter per tool) on the GPU.
+    Train(train::Args),
     /// Serve an OpenAI-compatible /v1/chat/completions (with tools) on the loopback interface.
     Serve(serve::Args),
 }
@@ -55,6 +58,7 @@ fn main() {
         Command::Run(a) => run::run(a, &gpu),
         Command::Serve(a) => serve::run(a, &gpu),
         Command::Data(c) => data::run(c),
+        Command::Train(a) => train::run(a, &gpu),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -1,0 +1,110 @@
+//! `agentflux train`: the decoupled adapter set — one selector, one argument adapter per tool —
+//! trained on the GPU from trajectories, saved in PEFT format with the set's manifest.
+
+use agentflux::gpu::GpuOptions;
+use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS};
+use agentflux::train::{decoupled_examples, read_trajectories, split, train_adapter, AdapterRole, Example, TrainOptions};
+use agentflux::{resolve_model, Engine};
+use anyhow::{Context, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A GGUF path, or `default` from the model cache.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Trajectories: OpenAI chat JSONL with tool calls (see `agentflux data check`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the adapter set goes (manifest.json, selector/, args/<tool>/).
+    #[arg(long)]
+    out: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (scale = alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Optimizer steps per adapter.
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    /// Examples per step (gradient accumulation).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Peak learning rate (warmup then cosine decay to a tenth).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// Validation loss every N steps.
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    /// Seed of the split, the initial weights and the example order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Longest training sequence in tokens.
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: usize,
+    /// Train only these adapters (`selector` or tool names; repeatable).
+    #[arg(long)]
+    only: Vec<String>,
+}
+
+pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
+    let text = std::fs::read_to_string(&a.data).with_context(|| format!("reading {}", a.data.display()))?;
+    let path = resolve_model(&a.model)?;
+    let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
+    let caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
+    let (trajectories, mut report) = read_trajectories(&text, MAX_RESULT_CHARS);
+    let tools: BTreeSet<String> = trajectories.iter().flat_map(|t| t.catalog.names().into_iter().map(str::to_string)).collect();
+    let parts = split(trajectories, a.seed);
+    let train = decoupled_examples(&caller, &parts.train, a.max_tokens, &mut report)?;
+    let val = decoupled_examples(&caller, &parts.val, a.max_tokens, &mut report)?;
+    eprint!("{}", report.summary(3));
+    eprintln!("{} training and {} validation examples on {}", train.len(), val.len(), eng.ctx.describe());
+    let by_role = |examples: Vec<Example>| {
+        let mut m: BTreeMap<AdapterRole, Vec<Example>> = BTreeMap::new();
+        for e in examples {
+            m.entry(e.role.clone()).or_default().push(e);
+        }
+        m
+    };
+    let (train, mut val) = (by_role(train), by_role(val));
+    let opts = TrainOptions { rank: a.rank, alpha: a.alpha, steps: a.steps, batch: a.batch, lr: a.lr, min_lr: a.lr / 10.0, warmup: a.warmup, eval_every: a.eval_every, seed: a.seed, ..Default::default() };
+    let mut manifest = Manifest {
+        base_model: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        tools: tools.into_iter().collect(),
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    for (role, examples) in &train {
+        let (name, dir) = match role {
+            AdapterRole::Selector => ("selector".to_string(), "selector".to_string()),
+            AdapterRole::Arguments(tool) => (tool.clone(), format!("args/{tool}")),
+        };
+        if !a.only.is_empty() && !a.only.contains(&name) {
+            continue;
+        }
+        let t0 = std::time::Instant::now();
+        let held_out = val.remove(role).unwrap_or_default();
+        let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
+            let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
+            eprint!("\r[{name}] step {}/{} · loss {:.3}{eval} · {:.1} examples/s   ", p.step, p.steps, p.loss, p.examples_per_s);
+            let _ = std::io::stderr().flush();
+        })?;
+        eprintln!("\n[{name}] {} examples, {:.0} s{}", examples.len(), t0.elapsed().as_secs_f64(), eval.map_or(String::new(), |l| format!(", validation loss {l:.3}")));
+        adapter.save_peft(a.out.join(&dir), &eng.model.config)?;
+        match role {
+            AdapterRole::Selector => manifest.selector = Some(dir),
+            AdapterRole::Arguments(tool) => {
+                manifest.arguments.insert(tool.clone(), dir);
+            }
+        }
+    }
+    manifest.write(&a.out)?;
+    println!("wrote the adapter set to {}", a.out.display());
+    Ok(())
+}
