@@ -238,28 +238,24 @@ impl Model {
         let norm_back = |rec: &mut Recorder, w: &wgpu::Buffer, x: &wgpu::Buffer, dy: &wgpu::Buffer, dx: &wgpu::Buffer, rows: usize, n: usize, accumulate: bool| {
             rms_norm_backward(rec, ctx, w, dense(x, n), dy, dense(dx, n), rows, n, c.norm_eps, accumulate)
         };
+        // A block's output gradient: dh itself, or through the block's post-norm (gemma3) of
+        // its pre-norm output `x`.
+        let post_norm_back = |rec: &mut Recorder, norm: Option<&wgpu::Buffer>, x: &wgpu::Buffer| -> Result<&wgpu::Buffer> {
+            match norm {
+                Some(pn) => norm_back(rec, pn, x, &dh, &dtmp, t, d, false).map(|_| &dtmp),
+                None => Ok(&dh),
+            }
+        };
         for (l, (lw, tr)) in self.weights.layers.iter().zip(&trace.layers).enumerate().rev() {
             // Feed-forward block.
-            let dy = match &lw.post_ffn_norm {
-                Some(pn) => {
-                    norm_back(&mut rec, pn, &tr.y_pre, &dh, &dtmp, t, d, false)?;
-                    &dtmp
-                }
-                None => &dh,
-            };
+            let dy = post_norm_back(&mut rec, lw.post_ffn_norm.as_ref(), &tr.y_pre)?;
             back(&mut rec, l, Proj::Down, &lw.w_down, &tr.g, dy, &dg, false)?;
             glu_backward(&mut rec, ctx, c.act, &tr.gate, &tr.up, &dg, t * ffn)?;
             back(&mut rec, l, Proj::Gate, &lw.w_gate, &tr.x2, &tr.gate, &dx2, false)?;
             back(&mut rec, l, Proj::Up, &lw.w_up, &tr.x2, &tr.up, &dx2, true)?;
             norm_back(&mut rec, &lw.ffn_norm, &tr.h_mid, &dx2, &dh, t, d, true)?;
             // Attention block.
-            let dy = match &lw.post_attn_norm {
-                Some(pn) => {
-                    norm_back(&mut rec, pn, &tr.o_pre, &dh, &dtmp, t, d, false)?;
-                    &dtmp
-                }
-                None => &dh,
-            };
+            let dy = post_norm_back(&mut rec, lw.post_attn_norm.as_ref(), &tr.o_pre)?;
             back(&mut rec, l, Proj::O, &lw.wo, &tr.att, dy, &datt, false)?;
             let shape = AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
             let (kc, vc) = &kv.layers[l];
