@@ -485,3 +485,37 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_file(&model).ok();
 }
+
+/// A run interrupted after step 2 and resumed from its checkpoint ends with exactly the weights
+/// of the same run done in one go (weights, AdamW moments, step and example order restored).
+#[test]
+fn an_interrupted_run_resumes_to_the_same_weights() {
+    use agentflux::gguf::{BlockFormat, GgufFile};
+    use agentflux::model::Model;
+    use agentflux::reference::{tiny_model, TinyModelSpec};
+    use agentflux::train::{train_adapter, AdapterRole, Example, TrainOptions};
+    let mut r = rng("resume");
+    let path = std::env::temp_dir().join(format!("agentflux-resume-{}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q8_0), r.next_u64())).unwrap();
+    let model = Model::load(common::ctx(), &GgufFile::open(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).ok();
+    let n_vocab = model.config.n_vocab as u64;
+    let examples: Vec<Example> = (0..5)
+        .map(|i| Example { role: AdapterRole::Selector, tokens: (0..10).map(|_| (r.next_u64() % n_vocab) as u32).collect(), active_from: 3, targets: vec![5..10], line: i })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("agentflux-ckpt-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    let opts = TrainOptions { rank: 2, steps: 4, batch: 2, lr: 1e-2, eval_every: 0, seed: 7, ..Default::default() };
+    let (straight, _) = train_adapter(&model, "straight", &examples, &examples[..1], &opts, |_| {}).unwrap();
+    let ckpt = TrainOptions { checkpoint: Some(dir.clone()), ..opts.clone() };
+    let mut steps = Vec::new();
+    train_adapter(&model, "part1", &examples, &examples[..1], &TrainOptions { stop_after: Some(2), ..ckpt.clone() }, |p| steps.push(p.step)).unwrap();
+    let (resumed, _) = train_adapter(&model, "part2", &examples, &examples[..1], &ckpt, |p| steps.push(p.step)).unwrap();
+    assert_eq!(steps, [1, 2, 3, 4], "two steps, then the last two after resuming");
+    assert!(dir.join("state.json").exists() && dir.join("adapter/adapter_model.safetensors").exists());
+    for (key, w) in &straight.targets {
+        assert_eq!(w, &resumed.targets[key], "{key:?}: the resumed run differs");
+    }
+    assert!(straight.targets.values().any(|w| w.b.iter().any(|v| *v != 0.0)), "training moved B");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -97,6 +97,26 @@ impl Model {
         Ok(())
     }
 
+    /// Adapter `id`'s optimizer moments out of `state`: m and v of its A range, then of its B.
+    pub fn read_adapter_moments(&self, id: AdapterId, state: &AdapterTraining) -> Result<[Vec<f32>; 4]> {
+        let ranges = self.registry()?.ranges(id).ok_or(Error::UnknownAdapter(id))?;
+        let [(a0, an), (b0, bn)] = ranges;
+        Ok([read_f32(&self.ctx, &state.m.a, a0, an)?, read_f32(&self.ctx, &state.v.a, a0, an)?, read_f32(&self.ctx, &state.m.b, b0, bn)?, read_f32(&self.ctx, &state.v.b, b0, bn)?])
+    }
+
+    /// Put moments read by [`read_adapter_moments`](Self::read_adapter_moments) back (resuming).
+    pub fn write_adapter_moments(&self, id: AdapterId, state: &AdapterTraining, moments: &[Vec<f32>; 4]) -> Result<()> {
+        let [(a0, an), (b0, bn)] = self.registry()?.ranges(id).ok_or(Error::UnknownAdapter(id))?;
+        let targets = [(&state.m.a, a0, an), (&state.v.a, a0, an), (&state.m.b, b0, bn), (&state.v.b, b0, bn)];
+        for ((buf, start, len), data) in targets.into_iter().zip(moments) {
+            if data.len() != len {
+                return Err(Error::InvalidOption(format!("optimizer moments of {} floats for a range of {len}", data.len())));
+            }
+            upload(&self.ctx, buf, (start * 4) as u64, data);
+        }
+        Ok(())
+    }
+
     /// The current weights of adapter `id` (engine row order), per targeted (layer, projection).
     pub fn read_adapter_weights(&self, id: AdapterId) -> Result<BTreeMap<(usize, Proj), LoraWeights>> {
         let registry = self.registry()?;

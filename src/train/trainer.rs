@@ -4,7 +4,8 @@
 use super::{AdamW, Example, Schedule};
 use crate::decode::SplitMix64;
 use crate::error::{Error, Result};
-use crate::lora::{ActiveAdapter, LoraAdapter, LoraWeights, Proj};
+use crate::lora::{ActiveAdapter, AdapterId, LoraAdapter, LoraWeights, Proj};
+use std::path::{Path, PathBuf};
 use crate::model::Model;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -30,11 +31,16 @@ pub struct TrainOptions {
     pub eval_every: u64,
     /// Seed of the initial A matrices and of the example order.
     pub seed: u64,
+    /// Save the run here at every validation step (and when stopping), and resume from it when
+    /// it holds one.
+    pub checkpoint: Option<PathBuf>,
+    /// Stop after this step, as if interrupted (the schedule still spans `steps`).
+    pub stop_after: Option<u64>,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        Self { rank: 8, alpha: 16.0, steps: 200, batch: 4, lr: 1e-3, min_lr: 1e-4, warmup: 10, optimizer: AdamW::default(), eval_every: 50, seed: 0 }
+        Self { rank: 8, alpha: 16.0, steps: 200, batch: 4, lr: 1e-3, min_lr: 1e-4, warmup: 10, optimizer: AdamW::default(), eval_every: 50, seed: 0, checkpoint: None, stop_after: None }
     }
 }
 
@@ -75,22 +81,35 @@ pub fn train_adapter(model: &Model, name: &str, train: &[Example], val: &[Exampl
     if train.is_empty() {
         return Err(Error::InvalidOption(format!("{name}: no training examples")));
     }
-    let init = init_adapter(model, opts.rank, opts.alpha, opts.seed);
+    let resume = match &opts.checkpoint {
+        Some(dir) if dir.join(STATE_FILE).exists() => Some(Checkpoint::load(dir, model)?),
+        _ => None,
+    };
+    let init = match &resume {
+        Some(c) => c.adapter.clone(),
+        None => init_adapter(model, opts.rank, opts.alpha, opts.seed),
+    };
     let id = model.add_adapter(name, &init)?;
-    let result = run(model, id, train, val, opts, &mut on_progress);
+    let result = run(model, id, &init, train, val, opts, resume, &mut on_progress);
     let weights = result.and_then(|eval| Ok((model.read_adapter_weights(id)?, eval)));
     model.remove_adapter(id)?;
     let (targets, eval) = weights?;
     Ok((LoraAdapter { targets, ..init }, eval))
 }
 
-fn run(model: &Model, id: crate::lora::AdapterId, train: &[Example], val: &[Example], opts: &TrainOptions, on_progress: &mut impl FnMut(&Progress)) -> Result<Option<f32>> {
+#[allow(clippy::too_many_arguments)]
+fn run(model: &Model, id: AdapterId, init: &LoraAdapter, train: &[Example], val: &[Example], opts: &TrainOptions, resume: Option<Checkpoint>, on_progress: &mut impl FnMut(&Progress)) -> Result<Option<f32>> {
     let adapter = ActiveAdapter::new(id);
-    let state = model.adapter_training()?;
+    let buffers = model.adapter_training()?;
     let scratch = model.adapter_buffers()?;
     let schedule = Schedule { peak: opts.lr, min: opts.min_lr, warmup: opts.warmup, total: opts.steps };
     let mut rng = SplitMix64(opts.seed ^ 0x5eed);
     let mut order: Vec<usize> = Vec::new();
+    let mut first = 1;
+    if let Some(c) = resume {
+        model.write_adapter_moments(id, &buffers, &c.moments)?;
+        (first, rng, order) = (c.state.step + 1, SplitMix64(c.state.rng), c.state.order);
+    }
     let (t0, mut seen) = (Instant::now(), 0usize);
     let mut eval_loss = None;
     let eval = |scratch: &crate::model::AdapterBuffers| -> Result<Option<f32>> {
@@ -104,7 +123,8 @@ fn run(model: &Model, id: crate::lora::AdapterId, train: &[Example], val: &[Exam
         }
         Ok(Some(sum / val.len() as f32))
     };
-    for step in 1..=opts.steps {
+    let last = opts.stop_after.map_or(opts.steps, |s| s.min(opts.steps));
+    for step in first..=last {
         let mut loss = 0.0;
         for _ in 0..opts.batch.max(1) {
             if order.is_empty() {
@@ -114,15 +134,81 @@ fn run(model: &Model, id: crate::lora::AdapterId, train: &[Example], val: &[Exam
                 }
             }
             let e = &train[order.pop().expect("refilled above")];
-            loss += model.adapter_gradient(&e.tokens, e.active_from, &e.targets, adapter, &state.grads)?;
+            loss += model.adapter_gradient(&e.tokens, e.active_from, &e.targets, adapter, &buffers.grads)?;
             seen += 1;
         }
-        model.adapter_step(id, &state, &opts.optimizer, step, schedule.lr(step))?;
-        if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == opts.steps {
+        model.adapter_step(id, &buffers, &opts.optimizer, step, schedule.lr(step))?;
+        if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last {
             eval_loss = eval(&scratch)?;
+            if let Some(dir) = &opts.checkpoint {
+                let adapter = LoraAdapter { targets: model.read_adapter_weights(id)?, ..init.clone() };
+                let state = State { step, rng: rng.0, order: order.clone() };
+                Checkpoint { adapter, moments: model.read_adapter_moments(id, &buffers)?, state }.save(dir, model)?;
+            }
         }
         let examples_per_s = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         on_progress(&Progress { step, steps: opts.steps, loss: loss / opts.batch.max(1) as f32, eval_loss, examples_per_s });
     }
     Ok(eval_loss)
+}
+
+/// The checkpoint's bookkeeping file.
+const STATE_FILE: &str = "state.json";
+/// The optimizer moments' file.
+const MOMENTS_FILE: &str = "moments.safetensors";
+/// The order of the moments in that file.
+const MOMENT_NAMES: [&str; 4] = ["m_a", "v_a", "m_b", "v_b"];
+
+/// Where a run stands: the step done, the example order's generator and what is left of the
+/// current pass over the examples.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct State {
+    step: u64,
+    rng: u64,
+    order: Vec<usize>,
+}
+
+/// A run saved mid-way: the adapter (PEFT, in `adapter/`), AdamW's moments, and [`State`].
+struct Checkpoint {
+    adapter: LoraAdapter,
+    moments: [Vec<f32>; 4],
+    state: State,
+}
+
+impl Checkpoint {
+    fn save(&self, dir: &Path, model: &Model) -> Result<()> {
+        let io = |e: std::io::Error| Error::InvalidOption(format!("checkpoint {}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // Until the new state file is written the directory holds no checkpoint to resume.
+        if dir.join(STATE_FILE).exists() {
+            std::fs::remove_file(dir.join(STATE_FILE)).map_err(io)?;
+        }
+        self.adapter.save_peft(dir.join("adapter"), &model.config)?;
+        let bytes: Vec<Vec<u8>> = self.moments.iter().map(|m| bytemuck::cast_slice(m).to_vec()).collect();
+        let views = MOMENT_NAMES
+            .iter()
+            .zip(&bytes)
+            .zip(&self.moments)
+            .map(|((n, b), m)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![m.len()], b).map(|v| (n.to_string(), v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::InvalidOption(format!("checkpoint {}: {e}", dir.display())))?;
+        let data = safetensors::serialize(views, None).map_err(|e| Error::InvalidOption(format!("checkpoint {}: {e}", dir.display())))?;
+        std::fs::write(dir.join(MOMENTS_FILE), data).map_err(io)?;
+        let state = serde_json::to_string(&self.state).map_err(|e| Error::InvalidOption(e.to_string()))?;
+        // The state file last: a checkpoint without it is incomplete and is not resumed from.
+        std::fs::write(dir.join(STATE_FILE), state).map_err(io)
+    }
+
+    fn load(dir: &Path, model: &Model) -> Result<Self> {
+        let bad = |what: String| Error::InvalidOption(format!("checkpoint {}: {what}", dir.display()));
+        let state: State = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).map_err(|e| bad(e.to_string()))?).map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
+        let adapter = LoraAdapter::load_peft(dir.join("adapter"), &model.config, &Default::default())?;
+        let bytes = std::fs::read(dir.join(MOMENTS_FILE)).map_err(|e| bad(format!("{MOMENTS_FILE}: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{MOMENTS_FILE}: {e}")))?;
+        let read = |name: &str| -> Result<Vec<f32>> {
+            let t = st.tensor(name).map_err(|e| bad(format!("{MOMENTS_FILE}: {name}: {e}")))?;
+            Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        };
+        Ok(Self { adapter, moments: [read(MOMENT_NAMES[0])?, read(MOMENT_NAMES[1])?, read(MOMENT_NAMES[2])?, read(MOMENT_NAMES[3])?], state })
+    }
 }

@@ -51,6 +51,13 @@ pub struct Args {
     /// Train only these adapters (`selector` or tool names; repeatable).
     #[arg(long)]
     only: Vec<String>,
+    /// Checkpoint each adapter's run under DIR/<adapter> at every validation step; a rerun with
+    /// the same options resumes from there.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Stop each adapter after this step (resume later with --checkpoint).
+    #[arg(long)]
+    stop_after: Option<u64>,
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
@@ -90,6 +97,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         }
         let t0 = std::time::Instant::now();
         let held_out = val.remove(role).unwrap_or_default();
+        let opts = TrainOptions { checkpoint: a.checkpoint.as_ref().map(|c| c.join(&dir)), stop_after: a.stop_after, ..opts.clone() };
         let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
             let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
             eprint!("\r[{name}] step {}/{} · loss {:.3}{eval} · {:.1} examples/s   ", p.step, p.steps, p.loss, p.examples_per_s);
