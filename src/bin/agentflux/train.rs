@@ -100,7 +100,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         let opts = TrainOptions { checkpoint: a.checkpoint.as_ref().map(|c| c.join(&dir)), stop_after: a.stop_after, ..opts.clone() };
         let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
             let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
-            eprint!("\r[{name}] step {}/{} · loss {:.3}{eval} · {:.1} examples/s   ", p.step, p.steps, p.loss, p.examples_per_s);
+            let speed = if p.examples_per_s >= 1.0 { format!("{:.1} examples/s", p.examples_per_s) } else { format!("{:.1} s/example", 1.0 / p.examples_per_s.max(1e-9)) };
+            eprint!("\r[{name}] step {}/{} · loss {:.3}{eval} · {speed}   ", p.step, p.steps, p.loss);
             let _ = std::io::stderr().flush();
         })?;
         eprintln!("\n[{name}] {} examples, {:.0} s{}", examples.len(), t0.elapsed().as_secs_f64(), eval.map_or(String::new(), |l| format!(", validation loss {l:.3}")));
