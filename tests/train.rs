@@ -474,6 +474,10 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     for sub in ["selector", "args/read_text_file"] {
         let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join(sub).join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!((config["r"].as_u64(), config["peft_type"].as_str()), (Some(2), Some("LORA")), "{config}");
+        // Activated LoRA, invoked at the cue where inference activates it.
+        let cue = if sub == "selector" { agentflux::toolcall::SELECT_CUE } else { agentflux::toolcall::SCHEMA_CUE };
+        let tok = agentflux::text::Tokenizer::from_gguf(&f).unwrap();
+        assert_eq!(config["alora_invocation_tokens"], json!(tok.encode(cue, false).unwrap()), "{config}");
         assert!(out.join(sub).join("adapter_model.safetensors").exists());
     }
     let tools_file = dir.join("tools.json");

@@ -2,7 +2,7 @@
 //! trained on the GPU from trajectories, saved in PEFT format with the set's manifest.
 
 use agentflux::gpu::GpuOptions;
-use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS};
+use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
 use agentflux::train::{decoupled_examples, read_trajectories, split, train_adapter, AdapterRole, Example, TrainOptions};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
@@ -105,6 +105,14 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             let _ = std::io::stderr().flush();
         })?;
         eprintln!("\n[{name}] {} examples, {:.0} s{}", examples.len(), t0.elapsed().as_secs_f64(), eval.map_or(String::new(), |l| format!(", validation loss {l:.3}")));
+        // Exported as activated LoRA: it applies from the cue where inference activates it
+        // (`call:` for the selector, `schema:` for an argument adapter), for PEFT and vLLM too.
+        let cue = eng.tokenizer.encode(if *role == AdapterRole::Selector { SELECT_CUE } else { SCHEMA_CUE }, false)?;
+        let invocation = examples.iter().all(|e| e.tokens[e.active_from..].starts_with(&cue)).then_some(cue);
+        if invocation.is_none() {
+            eprintln!("[{name}] the examples do not all start at the cue: saved as a standard LoRA");
+        }
+        let adapter = agentflux::lora::LoraAdapter { invocation_tokens: invocation, ..adapter };
         adapter.save_peft(a.out.join(&dir), &eng.model.config)?;
         match role {
             AdapterRole::Selector => manifest.selector = Some(dir),
