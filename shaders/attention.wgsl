@@ -9,10 +9,18 @@
 // Layout: q, o: rows of n_heads·head_dim f32 (vec4 units) at q_offset + t·q_stride;
 //   k, v: the layer's cache, row j = position j (tree tokens: row pos0 + t), n_kv_heads·head_dim
 //   f32 per row; tree: per new token (parent index or −1, depth).
-// Work split: one invocation per (head, token) with an online softmax (one pass over the keys,
-//   running max and sum, f32 accumulator in registers) — suits CPU-backed devices; a split-KV
-//   variant for GPUs is future work (see README, performance).
-// Limits: head_dim % 4 == 0, head_dim ≤ 256.
+// Work split: an invocation serves G consecutive query heads (a head group) that share one KV
+//   head (G divides n_heads / n_kv_heads), so each key and value row is loaded once for all of
+//   them, with an online softmax per head (one pass over the keys, running max and sum, f32
+//   accumulators in registers).
+//   `main` (prefill, token trees): one invocation per (head group, token), 64 per workgroup.
+//   `decode` (one token, no tree): one workgroup of SPLIT invocations per head group; invocation i
+//   folds keys i, i + SPLIT, … into its own running softmaxes, then the SPLIT partial softmaxes
+//   are merged through workgroup memory — every SIMD lane and every workgroup thread has keys
+//   to read even with few heads.
+// Specialised on D4 = head_dim / 4, G and SPLIT (launcher constants), so the loops over them
+//   unroll and the per-head arrays stay in registers.
+// Limits: head_dim % 4 == 0, head_dim ≤ 256; n_tokens · n_heads / G ≤ 65535 · 64; SPLIT · G · (head_dim + 2) · 4 bytes of workgroup memory.
 
 struct Params {
     n_tokens: u32,
@@ -36,38 +44,67 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> tree: array<vec2<i32>>;
 
-var<private> acc: array<vec4<f32>, 64>;
-var<private> mx: f32;
-var<private> l: f32;
+var<private> qv: array<array<vec4<f32>, D4>, G>;
+var<private> acc: array<array<vec4<f32>, D4>, G>;
+var<private> mx: array<f32, G>;
+var<private> l: array<f32, G>;
 
-// Fold key/value row j into the running softmax of query q[qo..].
-fn attend(qo: u32, ko: u32, d4: u32) {
-    var s = 0.0;
-    for (var d = 0u; d < d4; d++) {
-        s += dot(q[qo + d], kc[ko + d]);
-    }
-    s *= p.scale;
-    let m_new = max(mx, s);
-    let c = exp(mx - m_new);
-    let e = exp(s - m_new);
-    l = l * c + e;
-    for (var d = 0u; d < d4; d++) {
-        acc[d] = acc[d] * c + e * vc[ko + d];
-    }
-    mx = m_new;
+// The KV head of head group `hg`.
+fn kv_head(hg: u32) -> u32 {
+    return hg * G / (p.n_heads / p.n_kv_heads);
 }
 
-@compute @workgroup_size(8, 8)
+// Load the G queries of head group `hg` from row offset `qo` (vec4 units); reset the softmaxes.
+fn begin(qo: u32, hg: u32) {
+    for (var g = 0u; g < G; g++) {
+        for (var d = 0u; d < D4; d++) {
+            qv[g][d] = q[qo + (hg * G + g) * D4 + d];
+            acc[g][d] = vec4<f32>(0.0);
+        }
+        mx[g] = -3.0e38;
+        l[g] = 0.0;
+    }
+}
+
+// Fold key/value row j (at ko) into the G running softmaxes.
+fn attend(ko: u32) {
+    var sc: array<f32, G>;
+    for (var d = 0u; d < D4; d++) {
+        let k = kc[ko + d];
+        for (var g = 0u; g < G; g++) {
+            sc[g] += dot(qv[g][d], k);
+        }
+    }
+    var c: array<f32, G>;
+    var e: array<f32, G>;
+    for (var g = 0u; g < G; g++) {
+        let s = sc[g] * p.scale;
+        let m_new = max(mx[g], s);
+        c[g] = exp(mx[g] - m_new);
+        e[g] = exp(s - m_new);
+        l[g] = l[g] * c[g] + e[g];
+        mx[g] = m_new;
+    }
+    for (var d = 0u; d < D4; d++) {
+        let v = vc[ko + d];
+        for (var g = 0u; g < G; g++) {
+            acc[g][d] = acc[g][d] * c[g] + e[g] * v;
+        }
+    }
+}
+
+// Invocation i serves head group i % groups of token i / groups: all SIMD lanes are busy even
+// with few head groups.
+@compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let h = gid.x;
-    let t = gid.y;
-    if (h >= p.n_heads || t >= p.n_tokens) {
+    let groups = p.n_heads / G;
+    let hg = gid.x % groups;
+    let t = gid.x / groups;
+    if (t >= p.n_tokens) {
         return;
     }
-    let d4 = p.head_dim / 4u;
-    let kvh = h / (p.n_heads / p.n_kv_heads);
-    let row4 = p.n_kv_heads * d4;
-    let qo = (p.q_offset + t * p.q_stride) / 4u + h * d4;
+    let kvh = kv_head(hg);
+    let row4 = p.n_kv_heads * D4;
     var pos = p.pos0 + t;
     if (p.tree == 1u) {
         pos = p.pos0 + u32(tree[t].y);
@@ -76,30 +113,73 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (p.window > 0u && pos + 1u > p.window) {
         start = pos + 1u - p.window;
     }
-    for (var d = 0u; d < d4; d++) {
-        acc[d] = vec4<f32>(0.0);
-    }
-    mx = -3.0e38;
-    l = 0.0;
+    begin((p.q_offset + t * p.q_stride) / 4u, hg);
     if (p.tree == 0u) {
         for (var j = start; j <= pos; j++) {
-            attend(qo, j * row4 + kvh * d4, d4);
+            attend(j * row4 + kvh * D4);
         }
     } else {
         for (var j = start; j < p.pos0; j++) {
-            attend(qo, j * row4 + kvh * d4, d4);
+            attend(j * row4 + kvh * D4);
         }
         // The token itself and its ancestors, nearest first (the sum does not depend on order).
         var s = i32(t);
         while (s >= 0) {
             if (p.pos0 + u32(tree[s].y) >= start) {
-                attend(qo, (p.pos0 + u32(s)) * row4 + kvh * d4, d4);
+                attend((p.pos0 + u32(s)) * row4 + kvh * D4);
             }
             s = tree[s].x;
         }
     }
-    let oo = (p.o_offset + t * p.o_stride) / 4u + h * d4;
-    for (var d = 0u; d < d4; d++) {
-        o[oo + d] = acc[d] / l;
+    let oo = (p.o_offset + t * p.o_stride) / 4u + hg * G * D4;
+    for (var g = 0u; g < G; g++) {
+        for (var d = 0u; d < D4; d++) {
+            o[oo + g * D4 + d] = acc[g][d] / l[g];
+        }
+    }
+}
+
+var<workgroup> part_ml: array<array<vec2<f32>, G>, SPLIT>;
+var<workgroup> part_acc: array<array<array<vec4<f32>, D4>, G>, SPLIT>;
+
+@compute @workgroup_size(SPLIT)
+fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) i: u32) {
+    let hg = wid.x;
+    let kvh = kv_head(hg);
+    let row4 = p.n_kv_heads * D4;
+    let pos = p.pos0;
+    var start = 0u;
+    if (p.window > 0u && pos + 1u > p.window) {
+        start = pos + 1u - p.window;
+    }
+    begin(p.q_offset / 4u, hg);
+    for (var j = start + i; j <= pos; j += SPLIT) {
+        attend(j * row4 + kvh * D4);
+    }
+    for (var g = 0u; g < G; g++) {
+        part_ml[i][g] = vec2<f32>(mx[g], l[g]);
+        for (var d = 0u; d < D4; d++) {
+            part_acc[i][g][d] = acc[g][d];
+        }
+    }
+    workgroupBarrier();
+    // A part without keys has l = 0 and a max of −3e38: its weight below is 0.
+    let oo = p.o_offset / 4u + hg * G * D4;
+    for (var g = 0u; g < G; g++) {
+        var m = -3.0e38;
+        for (var s = 0u; s < SPLIT; s++) {
+            m = max(m, part_ml[s][g].x);
+        }
+        var total = 0.0;
+        for (var s = 0u; s < SPLIT; s++) {
+            total += part_ml[s][g].y * exp(part_ml[s][g].x - m);
+        }
+        for (var d = i; d < D4; d += SPLIT) {
+            var a = vec4<f32>(0.0);
+            for (var s = 0u; s < SPLIT; s++) {
+                a += part_acc[s][g][d] * exp(part_ml[s][g].x - m);
+            }
+            o[oo + g * D4 + d] = a / total;
+        }
     }
 }

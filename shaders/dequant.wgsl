@@ -16,23 +16,41 @@
 //   q5_K 256 / 176 B: d, dmin, scales[12], qh[32], qs[128]
 //   q6_K 256 / 210 B: ql[128], qh[64], scales:i8[16], d:f16 → d·sc·(q−32)
 // Limits: rows hold a multiple of 32 values. Blocks need not be 4-byte aligned (q4_0, q5_0, q8_0,
-// q6_K are not): `rd_u32` reads any byte offset.
+// q6_K are not; they are 2-byte aligned): `rd_u32`/`rd_u32x4` read any byte offset, formats whose
+// blocks are 4-byte aligned index `w` directly. On CPU-backed drivers each storage load whose
+// address differs per invocation is a loop over the SIMD lanes, so the decoders load every word
+// once and avoid branches on per-invocation values.
+
+// Branch-free: on CPU-backed drivers a branch on a per-invocation value runs both sides, and
+// every storage load is costly, so unaligned words are two loads and a funnel shift.
+fn funnel(lo: u32, hi: u32, s: u32) -> u32 {
+    return select((lo >> s) | (hi << (32u - s)), lo, s == 0u);
+}
 
 fn rd_u32(off: u32) -> u32 {
     let i = off >> 2u;
+    return funnel(w[i], w[i + 1u], (off & 3u) * 8u);
+}
+
+// Four consecutive words from any byte offset: five loads.
+fn rd_u32x4(off: u32) -> vec4<u32> {
+    let i = off >> 2u;
     let s = (off & 3u) * 8u;
-    if (s == 0u) {
-        return w[i];
-    }
-    return (w[i] >> s) | (w[i + 1u] << (32u - s));
+    let a = w[i];
+    let b = w[i + 1u];
+    let c = w[i + 2u];
+    let d = w[i + 3u];
+    let e = w[i + 4u];
+    return vec4<u32>(funnel(a, b, s), funnel(b, c, s), funnel(c, d, s), funnel(d, e, s));
 }
 
 fn rd_u8(off: u32) -> u32 {
     return (w[off >> 2u] >> ((off & 3u) * 8u)) & 0xffu;
 }
 
+// An f16 at an even byte offset: one load.
 fn rd_f16(off: u32) -> f32 {
-    return unpack2x16float(rd_u32(off) & 0xffffu).x;
+    return unpack2x16float(w[off >> 2u] >> ((off & 2u) * 8u)).x;
 }
 
 alias V32 = array<vec4<f32>, 8>;
@@ -43,11 +61,11 @@ fn lanes(v: u32, sh: u32, mask: u32) -> vec4<u32> {
     return vec4<u32>(x & mask, (x >> 8u) & mask, (x >> 16u) & mask, (x >> 24u) & mask);
 }
 
-// 16 bytes at `off`: low nibbles (values 0..15) then high nibbles (16..31), scaled and offset.
-fn nibbles32(off: u32, d: f32, m: f32) -> V32 {
+// 16 bytes of packed nibbles: low nibbles (values 0..15) then high nibbles (16..31), scaled and offset.
+fn nibbles32(qs: vec4<u32>, d: f32, m: f32) -> V32 {
     var r: V32;
     for (var i = 0u; i < 4u; i++) {
-        let q = rd_u32(off + 4u * i);
+        let q = qs[i];
         r[i] = vec4<f32>(lanes(q, 0u, 0xfu)) * d + m;
         r[i + 4u] = vec4<f32>(lanes(q, 4u, 0xfu)) * d + m;
     }
@@ -65,10 +83,10 @@ fn load32_f32(row_byte: u32, k: u32) -> V32 {
 }
 
 fn load32_f16(row_byte: u32, k: u32) -> V32 {
-    let o = row_byte + k * 2u;
+    let i = (row_byte >> 2u) + (k >> 1u);
     var r: V32;
     for (var j = 0u; j < 8u; j++) {
-        r[j] = vec4<f32>(unpack2x16float(rd_u32(o + 8u * j)), unpack2x16float(rd_u32(o + 8u * j + 4u)));
+        r[j] = vec4<f32>(unpack2x16float(w[i + 2u * j]), unpack2x16float(w[i + 2u * j + 1u]));
     }
     return r;
 }
@@ -78,10 +96,10 @@ fn bf16x2(v: u32) -> vec2<f32> {
 }
 
 fn load32_bf16(row_byte: u32, k: u32) -> V32 {
-    let o = row_byte + k * 2u;
+    let i = (row_byte >> 2u) + (k >> 1u);
     var r: V32;
     for (var j = 0u; j < 8u; j++) {
-        r[j] = vec4<f32>(bf16x2(rd_u32(o + 8u * j)), bf16x2(rd_u32(o + 8u * j + 4u)));
+        r[j] = vec4<f32>(bf16x2(w[i + 2u * j]), bf16x2(w[i + 2u * j + 1u]));
     }
     return r;
 }
@@ -89,13 +107,14 @@ fn load32_bf16(row_byte: u32, k: u32) -> V32 {
 fn load32_q4_0(row_byte: u32, k: u32) -> V32 {
     let b = row_byte + (k >> 5u) * 18u;
     let d = rd_f16(b);
-    return nibbles32(b + 2u, d, -8.0 * d);
+    return nibbles32(rd_u32x4(b + 2u), d, -8.0 * d);
 }
 
 fn load32_q4_1(row_byte: u32, k: u32) -> V32 {
     let b = row_byte + (k >> 5u) * 20u;
-    let dm = unpack2x16float(rd_u32(b));
-    return nibbles32(b + 4u, dm.x, dm.y);
+    let i = b >> 2u;
+    let dm = unpack2x16float(w[i]);
+    return nibbles32(vec4<u32>(w[i + 1u], w[i + 2u], w[i + 3u], w[i + 4u]), dm.x, dm.y);
 }
 
 // Bits j..j+3 of `v`, one per lane.
@@ -108,7 +127,7 @@ fn load32_q5_0(row_byte: u32, k: u32) -> V32 {
     let b = row_byte + (k >> 5u) * 22u;
     let d = rd_f16(b);
     let qh = rd_u32(b + 2u);
-    var r = nibbles32(b + 6u, d, -16.0 * d);
+    var r = nibbles32(rd_u32x4(b + 6u), d, -16.0 * d);
     for (var i = 0u; i < 8u; i++) {
         r[i] += bits4(qh, 4u * i) * (16.0 * d);
     }
@@ -118,9 +137,12 @@ fn load32_q5_0(row_byte: u32, k: u32) -> V32 {
 fn load32_q8_0(row_byte: u32, k: u32) -> V32 {
     let b = row_byte + (k >> 5u) * 34u;
     let d = rd_f16(b);
+    let lo = rd_u32x4(b + 2u);
+    let hi = rd_u32x4(b + 18u);
     var r: V32;
-    for (var i = 0u; i < 8u; i++) {
-        r[i] = vec4<f32>(unpack4xI8(rd_u32(b + 2u + 4u * i))) * d;
+    for (var i = 0u; i < 4u; i++) {
+        r[i] = vec4<f32>(unpack4xI8(lo[i])) * d;
+        r[i + 4u] = vec4<f32>(unpack4xI8(hi[i])) * d;
     }
     return r;
 }
@@ -139,7 +161,7 @@ fn scale_min_k4(sc: u32, s: u32) -> vec2<f32> {
 // q4_K and q5_K: sub-block s of the super-block at b; `qh_off` = 0 for q4_K (no fifth bit).
 fn load32_k4(b: u32, k: u32, qs_off: u32, qh_off: u32) -> V32 {
     let s = (k & 255u) >> 5u;
-    let dm = unpack2x16float(rd_u32(b));
+    let dm = unpack2x16float(w[b >> 2u]);
     let scm = scale_min_k4(b + 4u, s);
     let d = dm.x * scm.x;
     let m = dm.y * scm.y;
@@ -147,9 +169,9 @@ fn load32_k4(b: u32, k: u32, qs_off: u32, qh_off: u32) -> V32 {
     let sh = (s & 1u) * 4u;
     var r: V32;
     for (var i = 0u; i < 8u; i++) {
-        var v = vec4<f32>(lanes(rd_u32(q + 4u * i), sh, 0xfu));
+        var v = vec4<f32>(lanes(w[(q >> 2u) + i], sh, 0xfu));
         if (qh_off != 0u) {
-            v += vec4<f32>(lanes(rd_u32(b + qh_off + 4u * i), s, 1u)) * 16.0;
+            v += vec4<f32>(lanes(w[((b + qh_off) >> 2u) + i], s, 1u)) * 16.0;
         }
         r[i] = v * d - m;
     }
@@ -177,10 +199,12 @@ fn load32_q6_k(row_byte: u32, k: u32) -> V32 {
     let ql = b + n * 64u + (quarter & 1u) * 32u;
     let sh = (quarter >> 1u) * 4u;
     let qh = b + 128u + n * 32u;
+    let ql4 = array<vec4<u32>, 2>(rd_u32x4(ql), rd_u32x4(ql + 16u));
+    let qh4 = array<vec4<u32>, 2>(rd_u32x4(qh), rd_u32x4(qh + 16u));
     var r: V32;
     for (var i = 0u; i < 8u; i++) {
-        let lo = lanes(rd_u32(ql + 4u * i), sh, 0xfu);
-        let hi = lanes(rd_u32(qh + 4u * i), 2u * quarter, 3u);
+        let lo = lanes(ql4[i >> 2u][i & 3u], sh, 0xfu);
+        let hi = lanes(qh4[i >> 2u][i & 3u], 2u * quarter, 3u);
         let f = select(f1, f0, i < 4u);
         r[i] = (vec4<f32>(lo | (hi << vec4<u32>(4u))) - 32.0) * f;
     }

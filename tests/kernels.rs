@@ -211,7 +211,18 @@ fn rope_both_layouts_partial_rotation() {
 fn attention_prefill_decode_gqa_window_and_row_offset() {
     let ctx = ctx();
     let mut r = rng("attention");
-    for (heads, kvh, hd, pos0, t, window, row0) in [(9, 3, 64, 0, 7, 0, 0), (4, 1, 256, 5, 3, 0, 2), (4, 2, 16, 20, 1, 0, 3), (2, 2, 32, 10, 6, 4, 1)] {
+    // t = 1 without a tree runs the split-key decode entry: short and long contexts, a window,
+    // the widest head.
+    for (heads, kvh, hd, pos0, t, window, row0) in [
+        (9, 3, 64, 0, 7, 0, 0),
+        (4, 1, 256, 5, 3, 0, 2),
+        (4, 2, 16, 20, 1, 0, 3),
+        (2, 2, 32, 10, 6, 4, 1),
+        (9, 3, 64, 0, 1, 0, 0),
+        (9, 3, 64, 300, 1, 0, 0),
+        (4, 2, 16, 40, 1, 7, 1),
+        (4, 1, 256, 33, 1, 0, 0),
+    ] {
         let n_kv = pos0 + t;
         let row = heads * hd;
         // Rows before `row0` belong to other sequences of a batch: the kernel must not touch them.

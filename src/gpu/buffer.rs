@@ -31,7 +31,7 @@ pub fn upload<T: bytemuck::Pod>(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u6
     ctx.queue.write_buffer(buf, offset, bytemuck::cast_slice(data));
 }
 
-fn read_bytes(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_bytes(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
     let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
         size,

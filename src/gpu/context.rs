@@ -51,6 +51,8 @@ pub struct GpuContext {
     max_binding: u64,
     placeholder: wgpu::Buffer,
     pub(crate) pipelines: Mutex<HashMap<String, Arc<super::kernel::Kernel>>>,
+    /// Per-kernel timings while profiling is on.
+    pub(crate) profile: Mutex<Option<super::profile::Profile>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -136,7 +138,24 @@ impl GpuContext {
             class,
             max_binding,
             pipelines: Mutex::new(HashMap::new()),
+            profile: Mutex::new(None),
         })
+    }
+
+    /// Start timing every dispatch per kernel (timestamp queries), clearing earlier totals.
+    /// Fails where the device has no timestamp queries.
+    pub fn start_profiling(&self) -> Result<()> {
+        if !self.features.timestamps {
+            return Err(Error::Gpu(format!("'{}' has no timestamp queries: per-kernel times are not available", self.info.name)));
+        }
+        *self.profile.lock().map_err(|_| Error::Gpu("profile lock poisoned".into()))? = Some(Default::default());
+        Ok(())
+    }
+
+    /// Stop profiling; the totals per kernel, the most expensive first (empty if it was not on).
+    pub fn stop_profiling(&self) -> Vec<super::KernelTime> {
+        let taken = self.profile.lock().map(|mut p| p.take()).unwrap_or(None);
+        taken.map(|p| p.sorted()).unwrap_or_default()
     }
 
     /// The largest storage binding, in bytes, this context will create (tensors beyond it are split).

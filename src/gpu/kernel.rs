@@ -34,6 +34,7 @@ impl GpuContext {
         if let Some(k) = self.pipelines.lock().map_err(|_| poisoned())?.get(&key) {
             return Ok(k.clone());
         }
+        let started = std::time::Instant::now();
         let mut code = src.prelude.clone();
         for f in &src.files {
             code.push('\n');
@@ -57,7 +58,9 @@ impl GpuContext {
             return Err(Error::Gpu(format!("building kernel '{}' ({}): {e}", src.name, src.entry)));
         }
         let layout = pipeline.get_bind_group_layout(0);
-        let k = Arc::new(Kernel { pipeline, layout, name: src.name.clone() });
+        tracing::debug!(kernel = %src.name, entry = src.entry, ms = started.elapsed().as_millis() as u64, "pipeline built");
+        let name = if src.entry == "main" { src.name.clone() } else { format!("{}:{}", src.name, src.entry) };
+        let k = Arc::new(Kernel { pipeline, layout, name });
         self.pipelines.lock().map_err(|_| poisoned())?.insert(key, k.clone());
         Ok(k)
     }
@@ -98,6 +101,7 @@ struct Dispatch {
     uniform_size: u64,
     bindings: Vec<Binding>,
     groups: [u32; 3],
+    bytes: u64,
 }
 
 enum Op {
@@ -147,8 +151,17 @@ impl<'a> Recorder<'a> {
             uniform_size: size as u64,
             bindings,
             groups,
+            bytes: 0,
         }));
         Ok(())
+    }
+
+    /// Declare the bytes the last recorded dispatch must move at least (its weights, inputs and
+    /// outputs), for the profile's GB/s column.
+    pub fn declare_bytes(&mut self, bytes: u64) {
+        if let Some(Op::Dispatch(d)) = self.ops.last_mut() {
+            d.bytes = bytes;
+        }
     }
 
     /// Queue a buffer-to-buffer copy, ordered after everything recorded before it.
@@ -198,6 +211,12 @@ impl<'a> Recorder<'a> {
             dev.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&d.kernel.name), layout: &d.kernel.layout, entries: &entries })
         };
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("agentflux") });
+        let timed: Vec<&Dispatch> = match self.ctx.profile.lock() {
+            Ok(p) if p.is_some() => self.ops.iter().filter_map(|op| if let Op::Dispatch(d) = op { Some(d) } else { None }).collect(),
+            _ => Vec::new(),
+        };
+        let stamps = Timestamps::new(self.ctx, timed.len());
+        let mut n_timed = 0;
         let mut ops = self.ops.iter().peekable();
         while let Some(op) = ops.next() {
             match op {
@@ -205,14 +224,19 @@ impl<'a> Recorder<'a> {
                     enc.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
                 }
                 Op::Dispatch(first) => {
-                    // Consecutive dispatches share one compute pass.
-                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                    // Consecutive dispatches share one compute pass, except when each is timed.
+                    let timestamp_writes = stamps.as_ref().map(|s| s.writes(n_timed));
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
                     let mut run = |d: &Dispatch| {
                         pass.set_pipeline(&d.kernel.pipeline);
                         pass.set_bind_group(0, &bind_group(d), &[]);
                         pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
                     };
                     run(first);
+                    if stamps.is_some() {
+                        n_timed += 1;
+                        continue;
+                    }
                     while let Some(Op::Dispatch(d)) = ops.peek() {
                         run(d);
                         ops.next();
@@ -220,6 +244,83 @@ impl<'a> Recorder<'a> {
                 }
             }
         }
-        self.ctx.queue.submit([enc.finish()])
+        let Some(stamps) = stamps else {
+            return self.ctx.queue.submit([enc.finish()]);
+        };
+        let resolved = stamps.resolve(&mut enc);
+        let index = self.ctx.queue.submit([enc.finish()]);
+        // A profile that cannot be read back is skipped, not fatal: it is a measurement aid.
+        match super::buffer::read_bytes(self.ctx, &resolved, 0, resolved.size()) {
+            Ok(bytes) => {
+                let ticks: &[u64] = bytemuck::cast_slice(&bytes);
+                let period = self.ctx.queue.get_timestamp_period() as f64 * 1e-9;
+                if let Ok(mut guard) = self.ctx.profile.lock() {
+                    if let Some(profile) = guard.as_mut() {
+                        for (i, d) in timed.iter().enumerate() {
+                            let (t0, t1) = (ticks[2 * i], ticks[2 * i + 1]);
+                            profile.add(&d.kernel.name, t1.saturating_sub(t0) as f64 * period, d.bytes);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("reading the kernel timestamps back: {e}"),
+        }
+        index
+    }
+}
+
+/// Query sets holding a start and an end timestamp per timed dispatch.
+struct Timestamps {
+    sets: Vec<wgpu::QuerySet>,
+    buffer: wgpu::Buffer,
+    count: u32,
+}
+
+impl Timestamps {
+    /// Room for `n` dispatches, or `None` when there is nothing to time.
+    fn new(ctx: &GpuContext, n: usize) -> Option<Self> {
+        if n == 0 {
+            return None;
+        }
+        let count = 2 * n as u32;
+        let per_set = wgpu::QUERY_SET_MAX_QUERIES;
+        let sets = (0..count.div_ceil(per_set))
+            .map(|i| {
+                ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("kernel timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: (count - i * per_set).min(per_set),
+                })
+            })
+            .collect();
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kernel timestamps"),
+            size: count as u64 * 8,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Some(Self { sets, buffer, count })
+    }
+
+    /// Where dispatch `i` writes its start and end.
+    fn writes(&self, i: usize) -> wgpu::ComputePassTimestampWrites<'_> {
+        let q = 2 * i as u32;
+        let per_set = wgpu::QUERY_SET_MAX_QUERIES;
+        wgpu::ComputePassTimestampWrites {
+            query_set: &self.sets[(q / per_set) as usize],
+            beginning_of_pass_write_index: Some(q % per_set),
+            end_of_pass_write_index: Some(q % per_set + 1),
+        }
+    }
+
+    /// Record the copy of every timestamp into one buffer (start, end per dispatch, in order).
+    fn resolve(self, enc: &mut wgpu::CommandEncoder) -> wgpu::Buffer {
+        let per_set = wgpu::QUERY_SET_MAX_QUERIES;
+        for (i, set) in self.sets.iter().enumerate() {
+            let first = i as u32 * per_set;
+            let n = (self.count - first).min(per_set);
+            enc.resolve_query_set(set, 0..n, &self.buffer, first as u64 * 8);
+        }
+        self.buffer
     }
 }

@@ -47,7 +47,17 @@ pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &w
             msg: format!("head_dim {} (needs a multiple of 4, at most 256), heads {} / kv heads {}", s.head_dim, s.n_heads, s.n_kv_heads),
         });
     }
-    let kernel = ctx.kernel(&super::plain("attention", WGSL, "main"))?;
+    let decode = n_tokens == 1 && tree.is_none();
+    // Query heads per invocation: the most that share a KV head and keep their queries and
+    // accumulators within 64 vec4 (larger groups only spill and compile slowly).
+    let d4 = s.head_dim / 4;
+    let g = (1..=s.n_heads / s.n_kv_heads).rev().find(|g| (s.n_heads / s.n_kv_heads) % g == 0 && g * d4 <= 64).unwrap_or(1);
+    // Invocations per head group in decode: as many as workgroup memory holds.
+    let per_part = g * (s.head_dim + 2) * 4;
+    let limit = ctx.limits.max_compute_workgroup_storage_size as usize;
+    let split = [16, 8, 4, 2, 1].into_iter().find(|n| n * per_part <= limit).unwrap_or(1);
+    let consts = [("D4", d4 as u32), ("G", g as u32), ("SPLIT", split as u32)];
+    let kernel = ctx.kernel(&super::specialized("attention", WGSL, if decode { "decode" } else { "main" }, &consts))?;
     let row = s.n_heads * s.head_dim;
     let p = Params {
         n_tokens: n_tokens as u32,
@@ -64,6 +74,12 @@ pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &w
         tree: tree.is_some() as u32,
     };
     let tree = tree.unwrap_or(ctx.placeholder());
-    let bindings = vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(o), Binding::whole(tree)];
-    rec.dispatch(&kernel, &p, bindings, [super::groups(s.n_heads, 8), super::groups(n_tokens, 8), 1])
+    let mut bindings = vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(o)];
+    // The decode entry has no tree binding.
+    if !decode {
+        bindings.push(Binding::whole(tree));
+    }
+    let head_groups = s.n_heads / g;
+    let groups = if decode { [head_groups as u32, 1, 1] } else { [super::groups(head_groups * n_tokens, 64), 1, 1] };
+    rec.dispatch(&kernel, &p, bindings, groups)
 }

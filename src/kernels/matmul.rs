@@ -7,6 +7,9 @@ use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
 
 const WGSL: &str = include_str!("../../shaders/quant_matmul.wgsl");
 const WG: usize = 64;
+/// Output rows × batch rows one invocation computes: decode (`main_m1`) and prefill (`main`).
+const DECODE_TILE: (usize, usize) = (4, 1);
+const PREFILL_TILE: (usize, usize) = (8, 8);
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -113,9 +116,8 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
     if io.x_offset % 4 != 0 || io.x_stride % 4 != 0 {
         return Err(Error::Shape { op: "matmul", msg: format!("x offset {} / stride {} not multiples of 4", io.x_offset, io.x_stride) });
     }
-    let tile = if io.m == 1 { 1 } else { 4 };
     let entry = if io.m == 1 { "main_m1" } else { "main" };
-    let kernel = ctx.kernel(&super::weight_reader("quant_matmul", WGSL, entry, w.format, &[("TILE_M", tile), ("WG", WG as u32)]))?;
+    let kernel = ctx.kernel(&super::weight_reader("quant_matmul", WGSL, entry, w.format, &[("WG", WG as u32)]))?;
     let slots = io.lora.as_ref().map(|l| l.packed_slots()).transpose()?.unwrap_or_default();
     let none = ctx.placeholder();
     let (row_slot, u, b_pack) = io.lora.as_ref().map_or((none, none, none), |l| (l.row_slot, l.u, l.b_pack));
@@ -145,7 +147,10 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
             Binding::whole(u),
             Binding::whole(b_pack),
         ];
-        rec.dispatch(&kernel, &p, bindings, [super::groups(*rows, WG), super::groups(io.m, tile as usize), 1])?;
+        let (tile_n, tile_m) = if io.m == 1 { DECODE_TILE } else { PREFILL_TILE };
+        rec.dispatch(&kernel, &p, bindings, [super::groups(rows.div_ceil(tile_n), WG), super::groups(io.m, tile_m), 1])?;
+        let activations = 4 * io.m * (w.cols + rows * (1 + io.accumulate as usize));
+        rec.declare_bytes((w.format.row_bytes(w.cols) * rows + activations) as u64);
     }
     Ok(())
 }

@@ -22,10 +22,7 @@ const DEQUANT_WGSL: &str = include_str!("../../shaders/dequant.wgsl");
 /// A kernel that reads weights in `format`: dequant.wgsl plus `file`, with `load32` bound to the
 /// format's decoder and `consts` emitted as WGSL `const` lines.
 fn weight_reader(name: &str, file: &'static str, entry: &'static str, format: BlockFormat, consts: &[(&str, u32)]) -> ShaderSource {
-    let mut prelude = String::new();
-    for (k, v) in consts {
-        prelude.push_str(&format!("const {k}: u32 = {v}u;\n"));
-    }
+    let mut prelude = const_lines(consts);
     prelude.push_str(&format!(
         "fn load32(row_byte: u32, k: u32) -> V32 {{ return load32_{}(row_byte, k); }}\n",
         format.name()
@@ -35,7 +32,17 @@ fn weight_reader(name: &str, file: &'static str, entry: &'static str, format: Bl
 
 /// A kernel with no weight decoding: `file` alone, entry point `entry`.
 fn plain(name: &str, file: &'static str, entry: &'static str) -> ShaderSource {
-    ShaderSource { name: name.to_string(), prelude: String::new(), files: vec![file], entry }
+    specialized(name, file, entry, &[])
+}
+
+/// `file` alone with `consts` emitted as WGSL `const` lines (sizes the shader's loops are
+/// unrolled over, so CPU-backed drivers keep its arrays in registers).
+fn specialized(name: &str, file: &'static str, entry: &'static str, consts: &[(&str, u32)]) -> ShaderSource {
+    ShaderSource { name: name.to_string(), prelude: const_lines(consts), files: vec![file], entry }
+}
+
+fn const_lines(consts: &[(&str, u32)]) -> String {
+    consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")).collect()
 }
 
 /// Workgroups to cover `n` invocations with groups of `wg`.

@@ -3,7 +3,7 @@
 //! and with `--lora` the cost of adapters and the tokens the shared-KV handoff saves.
 
 use agentflux::decode::GenerateOptions;
-use agentflux::gpu::GpuOptions;
+use agentflux::gpu::{GpuOptions, KernelTime};
 use agentflux::kv::KvCache;
 use agentflux::lora::{ActiveAdapter, AdapterId, Proj};
 use agentflux::model::{Logits, LoraMode, Model, Sequence};
@@ -37,6 +37,10 @@ pub struct Args {
     /// Rank of the random adapters (every projection of every layer).
     #[arg(long, default_value_t = 8)]
     lora_rank: usize,
+    /// Also time every kernel (GPU timestamp queries): a table per kernel for one decode step
+    /// (averaged over the decode test's tokens) and for the prefill, with GB/s where known.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// One measured row: what, tokens per second, and its ratio to a baseline row.
@@ -73,10 +77,12 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     if a.lora {
         lora_rows(&mut eng.model, &a, &tokens, reps, &mut rows)?;
     }
+    let profiles = if a.profile { profile(&eng, &tokens, a.decode)? } else { Vec::new() };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if a.json {
         let rows: Vec<_> = rows.iter().map(|r| serde_json::json!({"test": r.test, "tok_s": r.tok_s, "vs": r.vs.as_ref().map(|v| &v.0), "ratio": r.vs.as_ref().map(|v| v.1)})).collect();
-        println!("{}", serde_json::json!({"model": path, "device": eng.ctx.describe(), "rows": rows}));
+        let profiles: Vec<_> = profiles.iter().map(|(what, per, k)| serde_json::json!({"test": what, "per_token": per, "kernels": k})).collect();
+        println!("{}", serde_json::json!({"model": path, "device": eng.ctx.describe(), "rows": rows, "profiles": profiles}));
     } else {
         println!("| engine | model | device | test | tok/s | vs |");
         println!("|---|---|---|---|---:|---|");
@@ -84,8 +90,40 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             let vs = r.vs.as_ref().map(|(what, x)| format!("{x:.2}× {what}")).unwrap_or_default();
             println!("| agentflux | {name} | {} | {} | {:.1} | {vs} |", eng.ctx.info.name, r.test, r.tok_s);
         }
+        for (what, per, kernels) in &profiles {
+            print_profile(what, *per, kernels);
+        }
     }
     Ok(())
+}
+
+/// Per-kernel GPU time of a prefill of `tokens` and of `n` decode steps after it.
+fn profile(eng: &Engine, tokens: &[u32], n: usize) -> Result<Vec<(String, usize, Vec<KernelTime>)>> {
+    let m = &eng.model;
+    let mut kv = m.new_cache(tokens.len() + n + 1)?;
+    eng.ctx.start_profiling()?;
+    m.forward(tokens, &mut kv, Logits::Last)?;
+    let prefill = eng.ctx.stop_profiling();
+    let mut next = 13;
+    eng.ctx.start_profiling()?;
+    for _ in 0..n {
+        next = m.forward_greedy(&[next], &mut kv)?;
+    }
+    let decode = eng.ctx.stop_profiling();
+    Ok(vec![(format!("pp{}", tokens.len()), tokens.len(), prefill), (format!("tg{n}"), n, decode)])
+}
+
+/// A markdown table: per kernel, dispatches and GPU milliseconds per token, share, GB/s.
+fn print_profile(what: &str, per: usize, kernels: &[KernelTime]) {
+    let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+    let per = per.max(1) as f64;
+    println!("\n{what}: GPU time per token by kernel ({:.2} ms per token in all; each dispatch timed alone)\n", total * 1e3 / per);
+    println!("| kernel | dispatches/token | ms/token | share | GB/s |");
+    println!("|---|---:|---:|---:|---:|");
+    for k in kernels {
+        let gb = k.gb_per_s().map(|g| format!("{g:.2}")).unwrap_or_default();
+        println!("| {} | {:.1} | {:.3} | {:.1}% | {gb} |", k.name, k.calls as f64 / per, k.seconds * 1e3 / per, 100.0 * k.seconds / total.max(1e-12));
+    }
 }
 
 fn best_of(reps: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
