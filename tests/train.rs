@@ -7,6 +7,7 @@
 mod common;
 
 use agentflux::mcp::{McpClient, ServerOptions};
+use agentflux::model::PrefixCache;
 use agentflux::session::Session;
 use agentflux::text::ChatMessage;
 use agentflux::toolcall::{AdapterSet, CallEvent, Catalog, ConstraintFactory, ToolCaller, ToolChoice, FINISH, MAX_RESULT_CHARS};
@@ -378,7 +379,8 @@ fn gpu_adapter_gradient_matches_the_reference() {
         let lora = ReferenceAdapter { adapter: &adapter, multiplier: 1.0, from };
         let (want_loss, want) = reference.lora_loss_and_grads(&tokens, lora, &targets);
         let grads = model.adapter_buffers().unwrap();
-        let loss = model.adapter_gradient(&tokens, from, &targets, ActiveAdapter::new(id), &grads).unwrap();
+        let mut prefix = PrefixCache::new();
+        let loss = model.adapter_gradient(&mut prefix, &tokens, from, &targets, ActiveAdapter::new(id), &grads).unwrap();
         let what = format!("{arch} {format:?}");
         assert!((loss - want_loss).abs() < 1e-3 * want_loss.abs().max(1.0), "{what}: loss {loss} vs reference {want_loss}");
         let got = model.read_adapter_grads(id, &grads).unwrap();
@@ -388,12 +390,24 @@ fn gpu_adapter_gradient_matches_the_reference() {
             common::assert_close(&format!("{what} {key:?} dA"), &g.a, &w.a, 2e-3);
             common::assert_close(&format!("{what} {key:?} dB"), &g.b, &w.b, 2e-3);
         }
-        // A second example accumulates into the same buffers.
-        model.adapter_gradient(&tokens, from, &targets, ActiveAdapter::new(id), &grads).unwrap();
+        // A second example accumulates into the same buffers; its prefix comes from the cache.
+        model.adapter_gradient(&mut prefix, &tokens, from, &targets, ActiveAdapter::new(id), &grads).unwrap();
+        assert_eq!((prefix.reused(), prefix.computed()), (from, from));
         let twice = model.read_adapter_grads(id, &grads).unwrap();
         let (key, g) = twice.iter().next().unwrap();
         let doubled: Vec<f32> = want[key].b.iter().map(|v| 2.0 * v).collect();
         common::assert_close(&format!("{what} accumulated dB"), &g.b, &doubled, 2e-3);
+        // An example sharing only part of the cached prefix: the same gradient as from scratch.
+        let mut other = tokens.clone();
+        other[2] = (other[2] + 1) % c.n_vocab as u32;
+        let (cached, fresh) = (model.adapter_buffers().unwrap(), model.adapter_buffers().unwrap());
+        model.adapter_gradient(&mut prefix, &other, from, &targets, ActiveAdapter::new(id), &cached).unwrap();
+        model.adapter_gradient(&mut PrefixCache::new(), &other, from, &targets, ActiveAdapter::new(id), &fresh).unwrap();
+        assert_eq!(prefix.reused(), from + 2);
+        let (a, b) = (model.read_adapter_grads(id, &cached).unwrap(), model.read_adapter_grads(id, &fresh).unwrap());
+        for (key, g) in &a {
+            common::assert_close(&format!("{what} {key:?} dA, partly cached prefix"), &g.a, &b[key].a, 1e-6);
+        }
     }
 }
 
@@ -424,8 +438,9 @@ fn toy_task_is_learned_on_the_gpu() {
     let (from, targets) = (4, [5..12]);
     let (opt, schedule) = (AdamW::default(), Schedule { peak: 1e-2, min: 1e-3, warmup: 10, total: 400 });
     let mut losses = Vec::new();
+    let mut prefix = PrefixCache::new();
     for t in 1..=schedule.total {
-        losses.push(model.adapter_gradient(&tokens, from, &targets, adapter, &state.grads).unwrap());
+        losses.push(model.adapter_gradient(&mut prefix, &tokens, from, &targets, adapter, &state.grads).unwrap());
         model.adapter_step(id, &state, &opt, t, schedule.lr(t)).unwrap();
         if *losses.last().unwrap() < 0.03 {
             break;

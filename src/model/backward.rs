@@ -17,6 +17,7 @@ use crate::kernels::lora_backward::{lora_backward, At, LoraBackward};
 use crate::kernels::loss::cross_entropy;
 use crate::kernels::matmul::{lora_shrink, LoraIo, MatmulIo};
 use crate::kernels::matmul_t::matmul_t;
+use crate::kv::KvCache;
 use crate::kernels::norm::{rms_norm_backward, Rows};
 use crate::kernels::rope::rope_backward;
 use crate::kernels::optim::{adamw, GpuMoments};
@@ -65,6 +66,56 @@ pub struct AdapterTraining {
     /// AdamW's first and second moments.
     pub m: AdapterBuffers,
     pub v: AdapterBuffers,
+}
+
+/// The frozen prefix's KV cache kept from one training example to the next: examples of a
+/// tool set share their prompt's beginning (system prompt, tool list, often the conversation),
+/// and only the positions after the longest common prefix are computed again.
+#[derive(Default)]
+pub struct PrefixCache {
+    kv: Option<KvCache>,
+    tokens: Vec<u32>,
+    reused: usize,
+    computed: usize,
+}
+
+impl PrefixCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Prefix positions taken from the cache so far.
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
+
+    /// Prefix positions computed so far.
+    pub fn computed(&self) -> usize {
+        self.computed
+    }
+
+    /// The cache holding exactly `prefix` (base weights, no adapter), with room for `total`
+    /// positions: the common beginning with the previous prefix is kept, the rest computed.
+    fn prepare(&mut self, model: &Model, prefix: &[u32], total: usize) -> Result<&KvCache> {
+        if self.kv.as_ref().is_none_or(|kv| kv.n_ctx() < total) {
+            // Room in steps of 512 positions, so a slightly longer example does not reallocate.
+            self.kv = Some(model.new_cache(total.div_ceil(512) * 512)?);
+            self.tokens.clear();
+        }
+        let kv = self.kv.as_mut().expect("allocated above");
+        let common = self.tokens.iter().zip(prefix).take_while(|(a, b)| a == b).count();
+        // Positions past the previous prefix hold the adapter's rows: never reused.
+        kv.truncate(common);
+        self.tokens.truncate(common);
+        if common < prefix.len() {
+            model.forward(&prefix[common..], kv, Logits::None)?;
+            self.tokens.extend_from_slice(&prefix[common..]);
+        }
+        self.reused += common;
+        self.computed += prefix.len() - common;
+        Ok(kv)
+    }
 }
 
 impl Model {
@@ -151,7 +202,7 @@ impl Model {
     /// predicting `tokens[p]` — with `adapter` active from row `from`, and its gradient with
     /// respect to the adapter's A and B added into `grads`. Targets must come after `from` (the
     /// rows before it do not depend on the adapter). At most one pass of rows (256) may be active.
-    pub fn adapter_gradient(&self, tokens: &[u32], from: usize, targets: &[Range<usize>], adapter: ActiveAdapter, grads: &AdapterBuffers) -> Result<f32> {
+    pub fn adapter_gradient(&self, prefix: &mut PrefixCache, tokens: &[u32], from: usize, targets: &[Range<usize>], adapter: ActiveAdapter, grads: &AdapterBuffers) -> Result<f32> {
         let (c, ctx) = (&self.config, &*self.ctx);
         let t = tokens.len().saturating_sub(from);
         if t == 0 || t > self.max_batch {
@@ -164,10 +215,7 @@ impl Model {
         // Chunk rows whose logits are targets: position p is predicted by row p − 1 − from.
         let logit_rows: Vec<(usize, usize)> = targets.iter().filter(|r| !r.is_empty()).map(|r| (r.start - 1 - from, r.len())).collect();
         let n_t: usize = logit_rows.iter().map(|r| r.1).sum();
-        let mut kv = self.new_cache(tokens.len())?;
-        if from > 0 {
-            self.forward(&tokens[..from], &mut kv, Logits::None)?;
-        }
+        let kv = prefix.prepare(self, &tokens[..from], tokens.len())?;
         let registry = self.registry()?;
         registry.check_resident(&[adapter])?;
         let f = |name: &str, floats: usize| storage_buffer_zeroed(ctx, name, (floats.max(1) * 4) as u64);
@@ -206,7 +254,7 @@ impl Model {
         let active = [adapter];
         let lora = ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u };
         let mut rec = Recorder::new(ctx);
-        self.record_chunk(&mut rec, s, &[Segment { kv: &kv, row0: 0, len: t }], &logit_rows, Some(&lora), None, Some(&trace))?;
+        self.record_chunk(&mut rec, s, &[Segment { kv, row0: 0, len: t }], &logit_rows, Some(&lora), None, Some(&trace))?;
 
         // Loss: the target rows' logits become their gradients (of the mean) in place.
         let target_tokens: Vec<u32> = logit_rows.iter().flat_map(|&(r, n)| (r..r + n).map(|row| tokens[from + row + 1])).collect();

@@ -11,7 +11,7 @@ mod qwen2;
 mod qwen3;
 mod weights;
 
-pub use backward::{AdapterBuffers, AdapterTraining};
+pub use backward::{AdapterBuffers, AdapterTraining, PrefixCache};
 pub use config::{Arch, ModelConfig};
 pub use weights::{LayerWeights, Weights};
 

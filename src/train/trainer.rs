@@ -6,7 +6,7 @@ use crate::decode::SplitMix64;
 use crate::error::{Error, Result};
 use crate::lora::{ActiveAdapter, AdapterId, LoraAdapter, LoraWeights, Proj};
 use std::path::{Path, PathBuf};
-use crate::model::Model;
+use crate::model::{Model, PrefixCache};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -112,14 +112,15 @@ fn run(model: &Model, id: AdapterId, init: &LoraAdapter, train: &[Example], val:
     }
     let (t0, mut seen) = (Instant::now(), 0usize);
     let mut eval_loss = None;
-    let eval = |scratch: &crate::model::AdapterBuffers| -> Result<Option<f32>> {
+    let mut prefix = PrefixCache::new();
+    let eval = |prefix: &mut PrefixCache, scratch: &crate::model::AdapterBuffers| -> Result<Option<f32>> {
         if val.is_empty() {
             return Ok(None);
         }
         let mut sum = 0.0;
         for e in val {
             // The gradient lands in scratch buffers nobody reads: the loss is what is wanted.
-            sum += model.adapter_gradient(&e.tokens, e.active_from, &e.targets, adapter, scratch)?;
+            sum += model.adapter_gradient(prefix, &e.tokens, e.active_from, &e.targets, adapter, scratch)?;
         }
         Ok(Some(sum / val.len() as f32))
     };
@@ -134,12 +135,12 @@ fn run(model: &Model, id: AdapterId, init: &LoraAdapter, train: &[Example], val:
                 }
             }
             let e = &train[order.pop().expect("refilled above")];
-            loss += model.adapter_gradient(&e.tokens, e.active_from, &e.targets, adapter, &buffers.grads)?;
+            loss += model.adapter_gradient(&mut prefix, &e.tokens, e.active_from, &e.targets, adapter, &buffers.grads)?;
             seen += 1;
         }
         model.adapter_step(id, &buffers, &opts.optimizer, step, schedule.lr(step))?;
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last {
-            eval_loss = eval(&scratch)?;
+            eval_loss = eval(&mut prefix, &scratch)?;
             if let Some(dir) = &opts.checkpoint {
                 let adapter = LoraAdapter { targets: model.read_adapter_weights(id)?, ..init.clone() };
                 let state = State { step, rng: rng.0, order: order.clone() };
