@@ -42,6 +42,19 @@ pub enum Error {
     /// Invalid user-supplied option.
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A tool server failed (crashed, hung, answered out of protocol).
+    #[error(transparent)]
+    Mcp(#[from] crate::mcp::McpError),
+}
+
+impl Error {
+    /// An I/O failure on `path`.
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_path_buf(), source }
+    }
 }
 
 /// Shorthand for results of this crate.

@@ -55,6 +55,17 @@ pub struct GpuContext {
     pub(crate) profile: Mutex<Option<super::profile::Profile>>,
 }
 
+impl Drop for GpuContext {
+    /// With `AGENTFLUX_PROFILE` set, the whole run's per-kernel table goes to stderr.
+    fn drop(&mut self) {
+        let kernels = self.stop_profiling();
+        if !kernels.is_empty() {
+            let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+            eprintln!("\nGPU time by kernel on {} ({total:.2} s in all; each dispatch timed alone):\n\n{}", self.info.name, super::profile_table(&kernels, 1, "run"));
+        }
+    }
+}
+
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "GpuContext({})", self.describe())
@@ -139,6 +150,13 @@ impl GpuContext {
             max_binding,
             pipelines: Mutex::new(HashMap::new()),
             profile: Mutex::new(None),
+        })
+        .inspect(|ctx| {
+            if std::env::var("AGENTFLUX_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0") {
+                if let Err(e) = ctx.start_profiling() {
+                    tracing::warn!("AGENTFLUX_PROFILE: {e}");
+                }
+            }
         })
     }
 

@@ -3,7 +3,9 @@
 //! submission, and adds each dispatch's time to its kernel's total.
 //!
 //! Profiling serialises submissions and adds a pass per dispatch, so it measures what each kernel
-//! costs, not the throughput of an unprofiled run.
+//! costs, not the throughput of an unprofiled run. `agentflux bench --profile` prints tables per
+//! token; `AGENTFLUX_PROFILE=1` profiles any command and prints the table when its GPU context
+//! closes.
 
 use std::collections::HashMap;
 
@@ -47,4 +49,17 @@ impl Profile {
         v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         v
     }
+}
+
+/// A markdown table of `kernels`: dispatches and GPU milliseconds per `unit` (there were `per`
+/// of them), share of the total, GB/s where known.
+pub fn profile_table(kernels: &[KernelTime], per: usize, unit: &str) -> String {
+    let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+    let n = per.max(1) as f64;
+    let mut s = format!("| kernel | dispatches/{unit} | ms/{unit} | share | GB/s |\n|---|---:|---:|---:|---:|\n");
+    for k in kernels {
+        let gb = k.gb_per_s().map(|g| format!("{g:.2}")).unwrap_or_default();
+        s.push_str(&format!("| {} | {:.1} | {:.3} | {:.1}% | {gb} |\n", k.name, k.calls as f64 / n, k.seconds * 1e3 / n, 100.0 * k.seconds / total.max(1e-12)));
+    }
+    s
 }

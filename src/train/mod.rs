@@ -6,6 +6,8 @@
 //! - [`examples`]: the decoupled examples — the selector trained only on the names it writes,
 //!   each tool's argument adapter only on its arguments — laid out exactly as inference lays
 //!   out its prompts, with the position where each adapter is activated;
+//! - [`synth`]: conversations made offline from a tool set's seed file and the real results of
+//!   its MCP server, in the format [`data`] reads;
 //! - [`optim`]: AdamW with warmup and cosine decay;
 //! - [`trainer`]: one adapter trained on the GPU (`Model::adapter_gradient`: the frozen prefix
 //!   forward only, forward and backward only where the adapter is active).
@@ -13,9 +15,11 @@
 pub mod data;
 pub mod examples;
 pub mod optim;
+pub mod synth;
 pub mod trainer;
 
 pub use data::{read_trajectories, split, DataReport, DropKind, Dropped, Split, Trajectory};
 pub use examples::{decoupled_examples, AdapterRole, Example};
 pub use optim::{AdamW, Moments, Schedule};
+pub use synth::{synthesize, Seed, SynthOptions, SynthReport};
 pub use trainer::{init_adapter, train_adapter, Progress, TrainOptions};

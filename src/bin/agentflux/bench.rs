@@ -3,7 +3,7 @@
 //! and with `--lora` the cost of adapters and the tokens the shared-KV handoff saves.
 
 use agentflux::decode::GenerateOptions;
-use agentflux::gpu::{GpuOptions, KernelTime};
+use agentflux::gpu::{profile_table, GpuOptions, KernelTime};
 use agentflux::kv::KvCache;
 use agentflux::lora::{ActiveAdapter, AdapterId, Proj};
 use agentflux::model::{Logits, LoraMode, Model, Sequence};
@@ -113,17 +113,11 @@ fn profile(eng: &Engine, tokens: &[u32], n: usize) -> Result<Vec<(String, usize,
     Ok(vec![(format!("pp{}", tokens.len()), tokens.len(), prefill), (format!("tg{n}"), n, decode)])
 }
 
-/// A markdown table: per kernel, dispatches and GPU milliseconds per token, share, GB/s.
+/// The profile of `what`, per token.
 fn print_profile(what: &str, per: usize, kernels: &[KernelTime]) {
     let total: f64 = kernels.iter().map(|k| k.seconds).sum();
-    let per = per.max(1) as f64;
-    println!("\n{what}: GPU time per token by kernel ({:.2} ms per token in all; each dispatch timed alone)\n", total * 1e3 / per);
-    println!("| kernel | dispatches/token | ms/token | share | GB/s |");
-    println!("|---|---:|---:|---:|---:|");
-    for k in kernels {
-        let gb = k.gb_per_s().map(|g| format!("{g:.2}")).unwrap_or_default();
-        println!("| {} | {:.1} | {:.3} | {:.1}% | {gb} |", k.name, k.calls as f64 / per, k.seconds * 1e3 / per, 100.0 * k.seconds / total.max(1e-12));
-    }
+    println!("\n{what}: GPU time per token by kernel ({:.2} ms per token in all; each dispatch timed alone)\n", total * 1e3 / per.max(1) as f64);
+    print!("{}", profile_table(kernels, per, "token"));
 }
 
 fn best_of(reps: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {

@@ -4,7 +4,9 @@ use agentflux::gguf::GgufFile;
 use agentflux::resolve_model;
 use agentflux::text::{ChatTemplate, Tokenizer};
 use agentflux::toolcall::{ToolCaller, MAX_RESULT_CHARS};
-use agentflux::train::{decoupled_examples, examples::counts, read_trajectories, split, AdapterRole};
+use agentflux::mcp::{McpClient, ServerOptions};
+use agentflux::train::{decoupled_examples, examples::counts, read_trajectories, split, synthesize, AdapterRole, Seed, SynthOptions};
+use std::io::{IsTerminal, Write};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +16,39 @@ pub enum Command {
     /// Validate trajectories (OpenAI chat JSONL with tool calls), report what is dropped and
     /// why, count the decoupled examples per adapter, and optionally write a seeded split.
     Check(CheckArgs),
+    /// Make trajectories offline for a tool set: requests drawn from its seed file (phrasings
+    /// in several styles, realistic argument values, chains of calls, requests without a tool),
+    /// each call run on the real MCP server in a sandbox workspace, its real result fed back.
+    Synth(SynthArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SynthArgs {
+    /// The tool set's seed file.
+    #[arg(long, default_value = "adapters/filesystem/data/seed.json")]
+    seed_file: PathBuf,
+    /// Conversations to write.
+    #[arg(long, default_value_t = 400)]
+    conversations: usize,
+    /// Most user requests per conversation.
+    #[arg(long, default_value_t = 3)]
+    max_steps: usize,
+    /// Random seed (the same seed and seed file give the same data).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The sandbox workspace the server runs in; its contents are replaced before every
+    /// conversation.
+    #[arg(long, default_value = "/tmp/agentflux-ws")]
+    workspace: PathBuf,
+    /// Allow replacing the contents of a workspace directory that is not empty.
+    #[arg(long)]
+    replace_workspace: bool,
+    /// Server command instead of the seed's (`{ws}` is replaced by the workspace).
+    #[arg(long)]
+    mcp: Option<String>,
+    /// Where to write the JSONL.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -37,7 +72,45 @@ pub struct CheckArgs {
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Check(a) => check(a),
+        Command::Synth(a) => synth(a),
     }
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let seed = Seed::load(&a.seed_file)?;
+    let opts = SynthOptions { conversations: a.conversations, max_steps: a.max_steps, seed: a.seed, workspace: a.workspace.clone(), ..Default::default() };
+    let occupied = std::fs::read_dir(&opts.workspace).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if occupied && !a.replace_workspace {
+        anyhow::bail!(
+            "{} is not empty; synth replaces a workspace's contents before every conversation. Pass --replace-workspace to allow it, or choose an empty --workspace",
+            opts.workspace.display()
+        );
+    }
+    // The server starts in the workspace, so it must exist with its files first.
+    seed.reset_workspace(&opts.workspace)?;
+    let command = a.mcp.as_deref().map_or_else(|| seed.server_command(&opts.workspace), |c| c.replace("{ws}", &opts.workspace.to_string_lossy()));
+    let mut server = McpClient::spawn(&command, ServerOptions::default()).with_context(|| format!("starting the tool server `{command}`"))?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?);
+    let started = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let report = synthesize(&seed, &mut server, &opts, |i, line| {
+        writeln!(out, "{line}").map_err(|e| agentflux::Error::io(&a.out, e))?;
+        // A live line on a terminal; in a log, one line per tenth of the work.
+        let done = i + 1;
+        if tty {
+            eprint!("\r[synth] conversation {done}/{} · {:.0} s   ", opts.conversations, started.elapsed().as_secs_f64());
+        } else if done % opts.conversations.div_ceil(10).max(1) == 0 {
+            eprintln!("[synth] conversation {done}/{} · {:.0} s", opts.conversations, started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })?;
+    out.flush().with_context(|| format!("writing {}", a.out.display()))?;
+    if tty {
+        eprintln!();
+    }
+    print!("{}", report.summary());
+    eprintln!("wrote {} ({} conversations in {:.0} s)", a.out.display(), report.conversations, started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn check(a: CheckArgs) -> Result<()> {

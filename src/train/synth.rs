@@ -1,0 +1,539 @@
+//! Training data made offline: conversations for a tool set, built from a small seed file
+//! (a sandbox workspace, value lists, and per tool its argument templates and phrasings) and
+//! the tool results of the real MCP server running in that workspace.
+//!
+//! Every conversation starts from a freshly written workspace and has one to `max_steps` user
+//! requests; each is a single tool call, a chain of calls the request asks for in order, or a
+//! request that needs no tool. After each call the real result is fed back and, once the request
+//! is served, the assistant answers in text — the `finish` turns the selector learns. The output
+//! is OpenAI chat JSONL that [`super::read_trajectories`] reads.
+
+use crate::decode::SplitMix64;
+use crate::error::{Error, Result};
+use crate::mcp::{McpClient, Tool};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// A tool set's seed file (`adapters/<set>/data/seed.json`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seed {
+    /// What the file is (free text).
+    #[serde(default)]
+    pub about: String,
+    /// The MCP server command; `{ws}` stands for the workspace path.
+    pub server: String,
+    /// The sandbox the server works in, rewritten before every conversation.
+    pub workspace: WorkspaceSeed,
+    /// Value lists the `{slot}` placeholders draw from.
+    pub values: BTreeMap<String, Vec<Value>>,
+    /// Per tool: argument templates with their phrasings, and the answer after its result.
+    pub tools: BTreeMap<String, ToolSeed>,
+    /// Requests served by several calls in order.
+    #[serde(default)]
+    pub chains: Vec<ChainSeed>,
+    /// Requests that need no tool, with their answers.
+    pub finish: FinishSeed,
+}
+
+/// The workspace's contents, paths relative to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceSeed {
+    /// Text files.
+    pub files: BTreeMap<String, String>,
+    /// Binary files, hex-encoded.
+    #[serde(default)]
+    pub binary_files_hex: BTreeMap<String, String>,
+    /// Empty directories.
+    #[serde(default)]
+    pub dirs: Vec<String>,
+}
+
+/// How one tool is asked for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSeed {
+    /// Argument shapes (for example with and without an optional key), each with its phrasings.
+    pub forms: Vec<FormSeed>,
+    /// The assistant's text after the result: `{result}` and the arguments' top-level keys.
+    pub answer: String,
+}
+
+/// One argument template and the requests that ask for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FormSeed {
+    /// The arguments, with `{slot}` placeholders.
+    pub arguments: Value,
+    /// Phrasings by style (imperative, question, vague, …).
+    pub phrasings: BTreeMap<String, Vec<String>>,
+    /// Slot values that must go together (a file and text it really contains).
+    #[serde(default)]
+    pub cases: Vec<BTreeMap<String, Value>>,
+}
+
+/// A request served by several calls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainSeed {
+    /// The calls, in order.
+    pub calls: Vec<ChainCall>,
+    /// The requests.
+    pub phrasings: Vec<String>,
+}
+
+/// One call of a chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainCall {
+    /// Tool name.
+    pub name: String,
+    /// Arguments, with `{slot}` placeholders shared with the chain's phrasing.
+    pub arguments: Value,
+}
+
+/// Requests without a tool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinishSeed {
+    /// The requests.
+    pub requests: Vec<String>,
+    /// The answer to each request (same length).
+    pub answers: Vec<String>,
+}
+
+impl Seed {
+    /// Read and check a seed file: every tool must exist on the server (checked later against
+    /// its list), every form needs phrasings, answers pair with requests.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let seed: Seed = serde_json::from_str(&text).map_err(|e| Error::InvalidOption(format!("{}: {e}", path.display())))?;
+        let bad = |what: String| Err(Error::InvalidOption(format!("{}: {what}", path.display())));
+        if seed.finish.requests.len() != seed.finish.answers.len() || seed.finish.requests.is_empty() {
+            return bad("finish.requests and finish.answers must be non-empty and of the same length".into());
+        }
+        for (name, t) in &seed.tools {
+            if t.forms.is_empty() {
+                return bad(format!("tools.{name}: no forms"));
+            }
+            for (i, f) in t.forms.iter().enumerate() {
+                if f.phrasings.values().all(Vec::is_empty) {
+                    return bad(format!("tools.{name}.forms[{i}]: no phrasings"));
+                }
+            }
+        }
+        for (i, c) in seed.chains.iter().enumerate() {
+            if c.calls.len() < 2 || c.phrasings.is_empty() {
+                return bad(format!("chains[{i}]: a chain needs two calls or more and a phrasing"));
+            }
+        }
+        for (name, v) in &seed.values {
+            if v.is_empty() {
+                return bad(format!("values.{name}: empty list"));
+            }
+        }
+        Ok(seed)
+    }
+
+    /// The server command for `workspace`.
+    pub fn server_command(&self, workspace: &Path) -> String {
+        self.server.replace("{ws}", &workspace.to_string_lossy())
+    }
+
+    /// Write the workspace afresh at `dir` (its old contents are removed).
+    pub fn reset_workspace(&self, dir: &Path) -> Result<()> {
+        if dir.exists() {
+            for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+                let p = entry.map_err(|e| Error::io(dir, e))?.path();
+                let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                r.map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let write = |rel: &str, bytes: &[u8]| -> Result<()> {
+            let p = dir.join(rel);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))
+        };
+        for (rel, text) in &self.workspace.files {
+            write(rel, text.as_bytes())?;
+        }
+        for (rel, hex) in &self.workspace.binary_files_hex {
+            let bytes = decode_hex(hex).ok_or_else(|| Error::InvalidOption(format!("workspace.binary_files_hex.{rel}: not hex")))?;
+            write(rel, &bytes)?;
+        }
+        for rel in &self.workspace.dirs {
+            let p = dir.join(rel);
+            std::fs::create_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        }
+        Ok(())
+    }
+
+    /// Every phrasing this seed can produce a request from (for the dev set's disjointness check).
+    pub fn phrasings(&self) -> Vec<&str> {
+        let tools = self.tools.values().flat_map(|t| t.forms.iter().flat_map(|f| f.phrasings.values().flatten()));
+        let chains = self.chains.iter().flat_map(|c| c.phrasings.iter());
+        tools.chain(chains).chain(self.finish.requests.iter()).map(String::as_str).collect()
+    }
+}
+
+/// Uniform in 0..n (n > 0).
+fn below(rng: &mut SplitMix64, n: usize) -> usize {
+    (rng.next_u64() % n as u64) as usize
+}
+
+/// Uniform in [0, 1).
+fn unit(rng: &mut SplitMix64) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    s.chunks(2).map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok()).collect()
+}
+
+/// How many conversations, how long, and where.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    /// Conversations to write.
+    pub conversations: usize,
+    /// Most user requests per conversation.
+    pub max_steps: usize,
+    /// Random seed: the same seed, seed file and server give the same data.
+    pub seed: u64,
+    /// The sandbox workspace (rewritten before every conversation).
+    pub workspace: PathBuf,
+    /// Share of requests that need no tool.
+    pub finish_rate: f64,
+    /// Share of requests served by a chain of calls.
+    pub chain_rate: f64,
+    /// Share of requests with a distractor sentence before or after them.
+    pub distractor_rate: f64,
+    /// Tool results longer than this many characters are cut in answers.
+    pub max_answer_chars: usize,
+}
+
+impl Default for SynthOptions {
+    fn default() -> Self {
+        Self {
+            conversations: 100,
+            max_steps: 3,
+            seed: 1,
+            workspace: PathBuf::from("/tmp/agentflux-ws"),
+            finish_rate: 0.12,
+            chain_rate: 0.15,
+            distractor_rate: 0.25,
+            max_answer_chars: 400,
+        }
+    }
+}
+
+/// What was made.
+#[derive(Debug, Clone, Default)]
+pub struct SynthReport {
+    /// Conversations written.
+    pub conversations: usize,
+    /// Tool calls per tool.
+    pub calls: BTreeMap<String, usize>,
+    /// Single-call requests per phrasing style.
+    pub styles: BTreeMap<String, usize>,
+    /// Requests served by a chain.
+    pub chains: usize,
+    /// Requests that needed no tool.
+    pub finish_requests: usize,
+    /// Requests with a distractor sentence.
+    pub distractors: usize,
+    /// Calls whose real result was an error (kept: the call was still the right one).
+    pub tool_errors: usize,
+    /// Conversations per number of requests.
+    pub lengths: BTreeMap<usize, usize>,
+}
+
+impl SynthReport {
+    /// A few lines for people.
+    pub fn summary(&self) -> String {
+        let calls: usize = self.calls.values().sum();
+        let mut s = format!(
+            "{} conversations, {calls} tool calls ({} tool errors), {} chained requests, {} requests without a tool, {} with a distractor\n",
+            self.conversations, self.tool_errors, self.chains, self.finish_requests, self.distractors
+        );
+        s.push_str(&format!("  requests per conversation: {}\n", join(&self.lengths)));
+        s.push_str(&format!("  styles: {}\n", join(&self.styles)));
+        s.push_str(&format!("  calls: {}\n", join(&self.calls)));
+        s
+    }
+}
+
+fn join<K: std::fmt::Display>(m: &BTreeMap<K, usize>) -> String {
+    m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The tools in OpenAI's `tools` shape.
+pub fn openai_tools(tools: &[Tool]) -> Value {
+    Value::Array(tools.iter().map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}})).collect())
+}
+
+/// Build `opts.conversations` conversations with `server` (running in `opts.workspace`), one
+/// JSONL line each; `on_line` sees each line as it is made (progress, writing).
+pub fn synthesize(seed: &Seed, server: &mut McpClient, opts: &SynthOptions, mut on_line: impl FnMut(usize, &str) -> Result<()>) -> Result<SynthReport> {
+    let tools = server.list_tools()?;
+    for name in seed.tools.keys().chain(seed.chains.iter().flat_map(|c| c.calls.iter().map(|k| &k.name))) {
+        if !tools.iter().any(|t| &t.name == name) {
+            return Err(Error::InvalidOption(format!("the seed names tool '{name}', which the server '{}' does not have", server.command())));
+        }
+    }
+    let tools_json = openai_tools(&tools);
+    let mut rng = SplitMix64(opts.seed);
+    let mut report = SynthReport::default();
+    let tool_names: Vec<&String> = seed.tools.keys().collect();
+    if tool_names.is_empty() {
+        return Err(Error::InvalidOption("the seed has no tools".into()));
+    }
+    for c in 0..opts.conversations {
+        seed.reset_workspace(&opts.workspace)?;
+        let mut conv = Conversation { ws: opts.workspace.to_string_lossy().into_owned(), messages: Vec::new(), calls: 0 };
+        let steps = 1 + below(&mut rng, opts.max_steps.max(1));
+        for _ in 0..steps {
+            let r = unit(&mut rng);
+            if r < opts.finish_rate {
+                let i = below(&mut rng, seed.finish.requests.len());
+                conv.user(seed.finish.requests[i].clone());
+                conv.assistant_text(seed.finish.answers[i].clone());
+                report.finish_requests += 1;
+                continue;
+            }
+            let mut b = Bindings::default();
+            let (request, calls): (String, Vec<(String, Value, &str)>) = if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
+                let chain = &seed.chains[below(&mut rng, seed.chains.len())];
+                let phrasing = &chain.phrasings[below(&mut rng, chain.phrasings.len())];
+                let request = b.render_text(phrasing, seed, &conv.ws, &mut rng)?;
+                let calls = chain.calls.iter().map(|k| Ok((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?, seed.tools.get(&k.name).map_or("Done.", |t| t.answer.as_str())))).collect::<Result<_>>()?;
+                report.chains += 1;
+                (request, calls)
+            } else {
+                let name = tool_names[below(&mut rng, tool_names.len())];
+                let tool = &seed.tools[name];
+                let form = &tool.forms[below(&mut rng, tool.forms.len())];
+                if !form.cases.is_empty() {
+                    b.take_case(&form.cases[below(&mut rng, form.cases.len())], &conv.ws);
+                }
+                let styles: Vec<(&String, &Vec<String>)> = form.phrasings.iter().filter(|(_, v)| !v.is_empty()).collect();
+                let (style, list) = styles[below(&mut rng, styles.len())];
+                let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
+                *report.styles.entry(style.clone()).or_default() += 1;
+                (request, vec![(name.clone(), b.render(&form.arguments, seed, &conv.ws, &mut rng)?, tool.answer.as_str())])
+            };
+            let request = if unit(&mut rng) < opts.distractor_rate {
+                report.distractors += 1;
+                let d = b.render_text("{distractor}", seed, &conv.ws, &mut rng).unwrap_or_default();
+                if below(&mut rng, 2) == 0 {
+                    format!("{d} {request}")
+                } else {
+                    format!("{request} {d}")
+                }
+            } else {
+                request
+            };
+            conv.user(request);
+            let mut answers = Vec::new();
+            for (name, args, answer) in calls {
+                let result = server.call_tool(&name, &args)?;
+                let text = result.text();
+                if result.is_error {
+                    report.tool_errors += 1;
+                }
+                *report.calls.entry(name.clone()).or_default() += 1;
+                conv.call(&name, &args, &text);
+                let shown = cut(&text, opts.max_answer_chars);
+                answers.push(if result.is_error { format!("The tool reported an error: {shown}") } else { fill_answer(answer, &args, &shown) });
+            }
+            conv.assistant_text(answers.join("\n\n"));
+        }
+        *report.lengths.entry(steps).or_default() += 1;
+        report.conversations += 1;
+        let line = json!({"messages": conv.messages, "tools": tools_json}).to_string();
+        on_line(c, &line)?;
+    }
+    Ok(report)
+}
+
+/// The answer template with `{result}` and the arguments' top-level string or number values.
+fn fill_answer(template: &str, args: &Value, result: &str) -> String {
+    let mut s = template.to_string();
+    if let Some(obj) = args.as_object() {
+        for (k, v) in obj {
+            let text = match v {
+                Value::String(x) => x.clone(),
+                other => other.to_string(),
+            };
+            s = s.replace(&format!("{{{k}}}"), &text);
+        }
+    }
+    s.replace("{result}", result)
+}
+
+fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    }
+}
+
+/// The messages of one conversation in OpenAI's shape.
+struct Conversation {
+    ws: String,
+    messages: Vec<Value>,
+    calls: usize,
+}
+
+impl Conversation {
+    fn user(&mut self, content: String) {
+        self.messages.push(json!({"role": "user", "content": content}));
+    }
+
+    fn assistant_text(&mut self, content: String) {
+        self.messages.push(json!({"role": "assistant", "content": content}));
+    }
+
+    fn call(&mut self, name: &str, args: &Value, result: &str) {
+        self.calls += 1;
+        let id = format!("call_{}", self.calls);
+        self.messages.push(json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": name, "arguments": args.to_string()}}]}));
+        self.messages.push(json!({"role": "tool", "tool_call_id": id, "content": result}));
+    }
+}
+
+/// Slot values drawn for one request: the phrasing and the arguments share them.
+#[derive(Default)]
+struct Bindings(HashMap<String, Value>);
+
+impl Bindings {
+    fn take_case(&mut self, case: &BTreeMap<String, Value>, ws: &str) {
+        for (k, v) in case {
+            self.0.insert(k.clone(), with_ws(v, ws));
+        }
+    }
+
+    /// The value of `slot` (`name` or `name#n`), drawn on first use; `name#n` differs from the
+    /// other draws of `name` when the list allows.
+    fn value(&mut self, slot: &str, seed: &Seed, ws: &str, rng: &mut SplitMix64) -> Result<Value> {
+        if let Some(v) = self.0.get(slot) {
+            return Ok(v.clone());
+        }
+        let list_name = slot.split('#').next().unwrap_or(slot);
+        let list = seed.values.get(list_name).ok_or_else(|| Error::InvalidOption(format!("the seed uses {{{slot}}} but has no values.{list_name}")))?;
+        let taken: Vec<Value> = self.0.iter().filter(|(k, _)| k.split('#').next() == Some(list_name)).map(|(_, v)| v.clone()).collect();
+        let fresh: Vec<Value> = list.iter().map(|v| with_ws(v, ws)).filter(|v| !taken.contains(v)).collect();
+        let pool = if fresh.is_empty() { list.iter().map(|v| with_ws(v, ws)).collect() } else { fresh };
+        let v = pool[below(rng, pool.len())].clone();
+        self.0.insert(slot.to_string(), v.clone());
+        Ok(v)
+    }
+
+    /// `template` with every `{slot}` replaced by its value's text.
+    fn render_text(&mut self, template: &str, seed: &Seed, ws: &str, rng: &mut SplitMix64) -> Result<String> {
+        let mut out = String::new();
+        let mut rest = template;
+        while let Some(start) = rest.find('{') {
+            let Some(len) = rest[start..].find('}') else { break };
+            let slot = &rest[start + 1..start + len];
+            out.push_str(&rest[..start]);
+            if slot == "ws" {
+                out.push_str(ws);
+            } else if is_slot(slot) {
+                match self.value(slot, seed, ws, rng)? {
+                    Value::String(s) => out.push_str(&s),
+                    v => out.push_str(&v.to_string()),
+                }
+            } else {
+                out.push_str(&rest[start..start + len + 1]);
+            }
+            rest = &rest[start + len + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    /// The arguments template with its slots filled: a string that is exactly `{slot}` becomes
+    /// the slot's JSON value, other strings are filled as text.
+    fn render(&mut self, template: &Value, seed: &Seed, ws: &str, rng: &mut SplitMix64) -> Result<Value> {
+        Ok(match template {
+            Value::String(s) => match s.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
+                Some(slot) if is_slot(slot) && slot != "ws" => self.value(slot, seed, ws, rng)?,
+                _ => Value::String(self.render_text(s, seed, ws, rng)?),
+            },
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.render(v, seed, ws, rng)).collect::<Result<_>>()?),
+            Value::Object(m) => {
+                let mut out = Map::new();
+                for (k, v) in m {
+                    out.insert(k.clone(), self.render(v, seed, ws, rng)?);
+                }
+                Value::Object(out)
+            }
+            other => other.clone(),
+        })
+    }
+}
+
+fn is_slot(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '#')
+}
+
+fn with_ws(v: &Value, ws: &str) -> Value {
+    match v {
+        Value::String(s) => Value::String(s.replace("{ws}", ws)),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed() -> Seed {
+        serde_json::from_value(json!({
+            "server": "srv {ws}",
+            "workspace": {"files": {"a.txt": "x"}},
+            "values": {"file": ["{ws}/a.txt", "{ws}/b.txt"], "n": [3]},
+            "tools": {"read": {"forms": [{"arguments": {"path": "{file}", "head": "{n}", "both": ["{file}", "{file#2}"]}, "phrasings": {"q": ["{file} and {file#2}, {n} lines, {unknown text}"]}}], "answer": "{path}: {result}"}},
+            "finish": {"requests": ["hi"], "answers": ["hello"]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn slots_are_shared_between_phrasing_and_arguments() {
+        let s = seed();
+        let mut rng = SplitMix64(3);
+        let mut b = Bindings::default();
+        let form = &s.tools["read"].forms[0];
+        let text = b.render_text(&form.phrasings["q"][0], &s, "/w", &mut rng).unwrap();
+        let args = b.render(&form.arguments, &s, "/w", &mut rng).unwrap();
+        let (f1, f2) = (args["both"][0].as_str().unwrap(), args["both"][1].as_str().unwrap());
+        assert_eq!(args["path"], f1);
+        assert_ne!(f1, f2, "a second draw differs from the first");
+        assert_eq!(args["head"], json!(3), "a whole-string slot keeps its JSON type");
+        assert_eq!(text, format!("{f1} and {f2}, 3 lines, {{unknown text}}"));
+        assert!(f1.starts_with("/w/"));
+        assert_eq!(fill_answer(&s.tools["read"].answer, &args, "R"), format!("{f1}: R"));
+        let err = Bindings::default().render_text("{nope}", &s, "/w", &mut rng).unwrap_err().to_string();
+        assert!(err.contains("values.nope"), "{err}");
+    }
+
+    #[test]
+    fn hex_and_cuts() {
+        assert_eq!(decode_hex("00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(decode_hex("0"), None);
+        assert_eq!(cut("abcdef", 3), "abc…");
+        assert_eq!(seed().phrasings(), ["{file} and {file#2}, {n} lines, {unknown text}", "hi"]);
+    }
+}

@@ -1,0 +1,223 @@
+//! Training data made offline (`agentflux data synth`) against the real filesystem MCP server,
+//! and the hand-written dev set kept apart from the synthesizer's seed.
+
+mod common;
+
+use agentflux::mcp::{McpClient, ServerOptions};
+use agentflux::text::{ChatTemplate, Tokenizer};
+use agentflux::toolcall::{read_messages, schema, ToolCaller, FINISH, MAX_RESULT_CHARS};
+use agentflux::train::{decoupled_examples, read_trajectories, synthesize, AdapterRole, Seed, SynthOptions};
+use common::{agentflux, default_model, filesystem_server};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const SEED: &str = "adapters/filesystem/data/seed.json";
+const DEV: &str = "adapters/filesystem/data/dev.jsonl";
+
+fn workspace(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("agentflux-synth-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    dir
+}
+
+fn start(seed: &Seed, ws: &Path) -> McpClient {
+    seed.reset_workspace(ws).unwrap();
+    McpClient::spawn(&seed.server_command(ws), ServerOptions::default()).unwrap()
+}
+
+fn synth(seed: &Seed, ws: &Path, opts: &SynthOptions) -> (Vec<String>, agentflux::train::SynthReport) {
+    let mut server = start(seed, ws);
+    let mut lines = Vec::new();
+    let report = synthesize(seed, &mut server, opts, |_, l| {
+        lines.push(l.to_string());
+        Ok(())
+    })
+    .unwrap();
+    (lines, report)
+}
+
+/// Tool calls of a line: (name, arguments, the real result).
+fn calls(line: &str) -> Vec<(String, Value, String)> {
+    let v: Value = serde_json::from_str(line).unwrap();
+    let msgs = v["messages"].as_array().unwrap();
+    let mut out = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        for c in m["tool_calls"].as_array().into_iter().flatten() {
+            let args: Value = serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+            let result = msgs[i + 1]["content"].as_str().unwrap().to_string();
+            out.push((c["function"]["name"].as_str().unwrap().to_string(), args, result));
+        }
+    }
+    out
+}
+
+#[test]
+fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
+    if filesystem_server().is_none() {
+        return;
+    }
+    let seed = Seed::load(Path::new(SEED)).unwrap();
+    let ws = workspace("lib");
+    let opts = SynthOptions { conversations: 60, seed: 5, workspace: ws.clone(), ..Default::default() };
+    let (lines, report) = synth(&seed, &ws, &opts);
+    assert_eq!(lines.len(), 60);
+    eprintln!("{}", report.summary());
+
+    // Every line is a valid trajectory: calls of listed tools with schema-valid arguments.
+    let (trajectories, dropped) = read_trajectories(&lines.join("\n"), MAX_RESULT_CHARS);
+    assert_eq!((trajectories.len(), dropped.dropped.len()), (60, 0), "{}", dropped.summary(3));
+
+    // Varied: every tool of the seed, every style, chains, requests without a tool, distractors,
+    // conversations of one to three requests.
+    let called: BTreeSet<&str> = report.calls.keys().map(String::as_str).collect();
+    let seeded: BTreeSet<&str> = seed.tools.keys().map(String::as_str).collect();
+    assert!(called.is_superset(&seeded), "tools never called: {:?}", seeded.difference(&called).collect::<Vec<_>>());
+    assert_eq!(report.styles.keys().map(String::as_str).collect::<Vec<_>>(), ["imperative", "question", "vague"]);
+    assert!(report.chains > 0 && report.finish_requests > 0 && report.distractors > 0, "{report:?}");
+    assert_eq!(report.lengths.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+    let multi = lines.iter().filter(|l| calls(l).len() >= 2).count();
+    assert!(multi > 0, "no conversation with two calls or more");
+
+    // Real results: a whole-file read returns the seeded text, a listing names seeded entries,
+    // an edit of a seeded case really applies (the server answers with a diff).
+    let mut checked = BTreeMap::new();
+    for line in &lines {
+        for (name, args, result) in calls(line) {
+            let path = args.get("path").and_then(Value::as_str).unwrap_or("");
+            let rel = path.strip_prefix(&format!("{}/", ws.display())).unwrap_or("");
+            match name.as_str() {
+                "read_text_file" if args.get("head").is_none() && args.get("tail").is_none() => {
+                    if let Some(text) = seed.workspace.files.get(rel) {
+                        assert_eq!(result.trim_end(), text.trim_end(), "{path}");
+                        *checked.entry("read").or_insert(0) += 1;
+                    }
+                }
+                "list_directory" if path == ws.to_string_lossy() => {
+                    assert!(result.contains("[DIR] notes") && result.contains("[FILE] budget.txt"), "{result}");
+                    *checked.entry("list").or_insert(0) += 1;
+                }
+                "edit_file" => {
+                    assert!(result.contains("diff") || result.contains("@@"), "{result}");
+                    *checked.entry("edit").or_insert(0) += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(checked.contains_key("read") && checked.contains_key("edit"), "{checked:?}");
+
+    // The same seed makes the same requests and calls (results may carry timestamps).
+    let (again, _) = synth(&seed, &ws, &opts);
+    let requests = |ls: &[String]| ls.iter().map(|l| calls(l).into_iter().map(|(n, a, _)| (n, a)).collect::<Vec<_>>()).collect::<Vec<_>>();
+    assert_eq!(requests(&again), requests(&lines));
+    let other = synth(&seed, &ws, &SynthOptions { seed: 6, ..opts.clone() }).0;
+    assert_ne!(requests(&other), requests(&lines));
+
+    // They become decoupled examples: a selector example per assistant action, an argument
+    // example per call, laid out by the real tokenizer and template.
+    if let Some(f) = default_model() {
+        let tok = Arc::new(Tokenizer::from_gguf(&f).unwrap());
+        let caller = ToolCaller::new(tok.clone(), ChatTemplate::from_gguf(&f, &tok).unwrap()).unwrap();
+        let mut rep = dropped;
+        let examples = decoupled_examples(&caller, &trajectories, 4096, &mut rep).unwrap();
+        let n_calls: usize = report.calls.values().sum();
+        let actions: usize = trajectories.iter().map(|t| t.turns().count()).sum();
+        let selector = examples.iter().filter(|e| e.role == AdapterRole::Selector).count();
+        assert_eq!((selector, examples.len() - selector), (actions, n_calls));
+    }
+    std::fs::remove_dir_all(&ws).ok();
+}
+
+/// Every text a slot can take: its value list and the values the seed's cases give it.
+fn slot_values(seed: &Seed, slot: &str, ws: &str) -> Vec<String> {
+    let list = slot.split('#').next().unwrap_or(slot);
+    let text = |v: &Value| match v {
+        Value::String(s) => s.replace("{ws}", ws),
+        other => other.to_string(),
+    };
+    let listed = seed.values.get(list).into_iter().flatten().map(text);
+    let cases = seed.tools.values().flat_map(|t| &t.forms).flat_map(|f| &f.cases).filter_map(|c| c.get(list)).map(text);
+    listed.chain(cases).collect()
+}
+
+/// Whether the synthesizer could write `text` from `template`: each `{slot}` filled with one of
+/// its values (`{ws}` with the workspace).
+fn producible(text: &str, template: &str, seed: &Seed, ws: &str) -> bool {
+    let Some(open) = template.find('{') else { return text == template };
+    let Some(len) = template[open..].find('}') else { return text == template };
+    let Some(rest) = text.strip_prefix(&template[..open]) else { return false };
+    let (slot, after) = (&template[open + 1..open + len], &template[open + len + 1..]);
+    let values = if slot == "ws" { vec![ws.to_string()] } else { slot_values(seed, slot, ws) };
+    values.iter().any(|v| rest.strip_prefix(v.as_str()).is_some_and(|r| producible(r, after, seed, ws)))
+}
+
+#[test]
+fn dev_set_is_valid_and_shares_no_phrasing_with_the_seed() {
+    let Some(_) = filesystem_server() else { return };
+    let seed = Seed::load(Path::new(SEED)).unwrap();
+    let ws = workspace("dev");
+    // The check itself: a seed phrasing filled with seed values is caught, other text is not.
+    let w = ws.to_string_lossy();
+    assert!(producible(&format!("What's inside {w}/budget.txt?"), "What's inside {file}?", &seed, &w));
+    assert!(!producible(&format!("What's inside {w}/other.txt?"), "What's inside {file}?", &seed, &w));
+    let mut server = start(&seed, &ws);
+    let tools = server.list_tools().unwrap();
+    let text = std::fs::read_to_string(DEV).unwrap();
+    let ws_s = ws.to_string_lossy().into_owned();
+    let mut expected_names = BTreeSet::new();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 40, "{} dev lines", lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let v: Value = serde_json::from_str(&line.replace("{ws}", &ws_s)).unwrap_or_else(|e| panic!("dev line {}: {e}", i + 1));
+        read_messages(v.get("messages"), MAX_RESULT_CHARS).unwrap_or_else(|e| panic!("dev line {}: {e}", i + 1));
+        let name = v["expected"]["name"].as_str().unwrap();
+        expected_names.insert(name.to_string());
+        if name != FINISH {
+            let tool = tools.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("dev line {}: no tool {name}", i + 1));
+            schema::validate(&v["expected"]["arguments"], &tool.input_schema).unwrap_or_else(|e| panic!("dev line {}: {name}: {e}", i + 1));
+        }
+        // No request could have come from the synthesizer, with or without a distractor.
+        let distractors = slot_values(&seed, "distractor", &ws_s);
+        for m in v["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "user") {
+            let msg = m["content"].as_str().unwrap();
+            let cores = std::iter::once(msg).chain(distractors.iter().flat_map(|d| [msg.strip_prefix(&format!("{d} ")), msg.strip_suffix(&format!(" {d}"))]).flatten());
+            for core in cores {
+                for p in seed.phrasings() {
+                    assert!(!producible(core, p, &seed, &ws_s), "dev line {}: {msg:?} is the seed's phrasing {p:?}", i + 1);
+                }
+            }
+        }
+    }
+    let seeded: BTreeSet<String> = seed.tools.keys().cloned().chain([FINISH.to_string()]).collect();
+    assert!(expected_names.is_superset(&seeded), "the dev set misses {:?}", seeded.difference(&expected_names).collect::<Vec<_>>());
+    std::fs::remove_dir_all(&ws).ok();
+}
+
+#[test]
+fn synth_cli_writes_data_that_check_accepts_and_keeps_user_files() {
+    if filesystem_server().is_none() {
+        return;
+    }
+    let ws = workspace("cli");
+    let out = std::env::temp_dir().join(format!("agentflux-synth-cli-{}.jsonl", std::process::id()));
+    // A directory with someone's file in it is not wiped without --replace-workspace.
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("mine.txt"), "keep me").unwrap();
+    let (ws_s, out_s) = (ws.to_string_lossy().into_owned(), out.to_string_lossy().into_owned());
+    let (ok, _, err) = agentflux(&["data", "synth", "--conversations", "4", "--seed", "3", "--workspace", &ws_s, "--out", &out_s]);
+    assert!(!ok && err.contains("--replace-workspace"), "{err}");
+    assert_eq!(std::fs::read_to_string(ws.join("mine.txt")).unwrap(), "keep me");
+    let (ok, stdout, err) = agentflux(&["data", "synth", "--conversations", "4", "--seed", "3", "--workspace", &ws_s, "--replace-workspace", "--out", &out_s]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("4 conversations"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 4);
+    if default_model().is_some() {
+        let (ok, report, err) = agentflux(&["data", "check", &out_s]);
+        assert!(ok, "{err}");
+        assert!(report.contains("4 lines read, 4 kept, 0 dropped"), "{report}");
+    }
+    std::fs::remove_dir_all(&ws).ok();
+    std::fs::remove_file(&out).ok();
+}
