@@ -28,6 +28,7 @@
 pub mod decode;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod gguf;
 pub mod gpu;
 pub mod kernels;

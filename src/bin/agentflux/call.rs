@@ -5,7 +5,7 @@ use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
 use agentflux::text::ChatMessage;
-use agentflux::toolcall::{AdapterSet, Agent, Catalog, ToolCaller};
+use agentflux::toolcall::{AdapterSet, Agent, Catalog, ToolCall, ToolCaller};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -40,7 +40,7 @@ pub struct Args {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Mode {
+pub enum Mode {
     Decoupled,
     Monolithic,
     MonolithicConstrained,
@@ -82,11 +82,27 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
     let messages = [ChatMessage::new("user", &a.query)];
-    let call = match a.mode {
-        Mode::Decoupled => l.caller.call(&mut session, &catalog, &messages, &l.adapters)?,
-        Mode::Monolithic => l.caller.call_monolithic(&mut session, &catalog, &messages, false)?,
-        Mode::MonolithicConstrained => l.caller.call_monolithic(&mut session, &catalog, &messages, true)?,
-    };
+    let call = a.mode.call(&l, &mut session, &catalog, &messages)?;
     println!("{}", serde_json::to_string(&call)?);
     Ok(())
+}
+
+impl Mode {
+    /// One call in this mode.
+    pub fn call(self, l: &Loaded, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage]) -> agentflux::Result<ToolCall> {
+        match self {
+            Mode::Decoupled => l.caller.call(session, catalog, messages, &l.adapters),
+            Mode::Monolithic => l.caller.call_monolithic(session, catalog, messages, false),
+            Mode::MonolithicConstrained => l.caller.call_monolithic(session, catalog, messages, true),
+        }
+    }
+
+    /// The mode as the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Decoupled => "decoupled",
+            Mode::Monolithic => "monolithic",
+            Mode::MonolithicConstrained => "monolithic-constrained",
+        }
+    }
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod call;
 mod data;
+mod eval;
 mod generate;
 mod info;
 mod run;
@@ -34,7 +35,10 @@ enum Command {
     Call(call::Args),
     /// Carry out a task with MCP tool servers: call tools, read their results, answer.
     Run(run::Args),
-    /// Training data: validate trajectories, count the decoupled examples, split.
+    /// Score tool calls on a dataset (expected call per conversation): selection, arguments,
+    /// schema validity, confidence, latency; a markdown table and per-example JSON.
+    Eval(eval::Args),
+    /// Training data: make trajectories offline, validate them, count the decoupled examples, split.
     #[command(subcommand)]
     Data(data::Command),
     /// Train the decoupled adapter set (selector + one argument adapter per tool) on the GPU.
@@ -57,6 +61,7 @@ fn main() {
         Command::Call(a) => call::run(a, &gpu),
         Command::Run(a) => run::run(a, &gpu),
         Command::Serve(a) => serve::run(a, &gpu),
+        Command::Eval(a) => eval::run(a, &gpu),
         Command::Data(c) => data::run(c),
         Command::Train(a) => train::run(a, &gpu),
     };

@@ -1,0 +1,286 @@
+//! Deterministic evaluation of tool calls: a dataset of conversations with the expected next
+//! call (or `finish`), scored without a judge — the tool's name exactly, the arguments after
+//! normalisation (paths resolved, numbers by value, optional keys at their default may be
+//! omitted), schema validity — with confidence, latency per stage and recomputed prefill.
+//!
+//! Dataset lines: `{"messages":[..], "tools":[OpenAI tools] | "mcp":["CMD ARGS",..],
+//! "expected":{"name":"..","arguments":{..}}}`; `{ws}` anywhere in a line stands for the
+//! evaluation workspace.
+
+mod score;
+
+pub use score::{arguments_match, normalize_path};
+
+use crate::text::ChatMessage;
+use crate::toolcall::{read_messages, Catalog, ToolCall, FINISH};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Where an example's tools come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolSource {
+    /// Listed in the line (OpenAI `tools`).
+    Inline(Catalog),
+    /// The tools of these MCP server commands.
+    Mcp(Vec<String>),
+}
+
+/// One evaluation example.
+#[derive(Debug, Clone)]
+pub struct EvalExample {
+    /// Line in the dataset (1-based).
+    pub line: usize,
+    /// The conversation so far, in the caller's layout.
+    pub messages: Vec<ChatMessage>,
+    /// Its tools.
+    pub tools: ToolSource,
+    /// The expected tool (or `finish`).
+    pub expected_name: String,
+    /// The expected arguments (none for `finish`).
+    pub expected_arguments: Option<Value>,
+}
+
+/// Read a dataset, `{ws}` replaced by `workspace`. A malformed line is an error naming it.
+pub fn read_dataset(text: &str, workspace: &str, max_result_chars: usize) -> Result<Vec<EvalExample>, String> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let line = i + 1;
+        let err = |what: String| format!("line {line}: {what}");
+        let v: Value = serde_json::from_str(&raw.replace("{ws}", workspace)).map_err(|e| err(e.to_string()))?;
+        let messages = read_messages(v.get("messages"), max_result_chars).map_err(|e| err(e.to_string()))?;
+        let tools = match (v.get("tools"), v.get("mcp")) {
+            (Some(t), None) => ToolSource::Inline(Catalog::from_openai_tools("tools", t).map_err(|e| err(e.to_string()))?),
+            (None, Some(Value::Array(cmds))) if !cmds.is_empty() => {
+                ToolSource::Mcp(cmds.iter().map(|c| c.as_str().map(str::to_string).ok_or_else(|| err("mcp: expected strings".into()))).collect::<Result<_, _>>()?)
+            }
+            _ => return Err(err("give exactly one of \"tools\" (OpenAI tools) or \"mcp\" (server commands)".into())),
+        };
+        let expected = v.get("expected").ok_or_else(|| err("no \"expected\"".into()))?;
+        let expected_name = expected.get("name").and_then(Value::as_str).ok_or_else(|| err("expected.name: a string is required".into()))?.to_string();
+        let expected_arguments = match expected.get("arguments") {
+            Some(a) if a.is_object() => Some(a.clone()),
+            None if expected_name == FINISH => None,
+            _ => return Err(err("expected.arguments: an object is required for a tool".into())),
+        };
+        out.push(EvalExample { line, messages: messages.into_iter().map(|m| m.chat).collect(), tools, expected_name, expected_arguments });
+    }
+    Ok(out)
+}
+
+/// How one example went.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Outcome {
+    /// Dataset line.
+    pub line: usize,
+    /// Expected name and arguments.
+    pub expected_name: String,
+    pub expected_arguments: Option<Value>,
+    /// What the model called (`None` when the call failed).
+    pub name: Option<String>,
+    pub arguments: Option<Value>,
+    /// The right tool (or `finish`).
+    pub name_ok: bool,
+    /// Given the right tool: the arguments match (`None` when the tool was wrong or `finish`).
+    pub arguments_ok: Option<bool>,
+    /// Name and arguments both right.
+    pub full_ok: bool,
+    /// The call names a real tool (or `finish`) with arguments valid for its schema.
+    pub schema_valid: bool,
+    /// The chosen name's probability, where the mode scores names.
+    pub confidence: Option<f64>,
+    /// Milliseconds: the whole call and its stages.
+    pub ms: f64,
+    pub prefix_ms: f64,
+    pub select_ms: f64,
+    pub args_ms: f64,
+    /// Prompt positions computed, reused from the cache, and computed again (cached under
+    /// another adapter).
+    pub prefilled: usize,
+    pub reused: usize,
+    pub recomputed: usize,
+    /// Why the call failed, if it did.
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    /// Score `call` (or the error that replaced it) against `ex`, with the tools of `catalog`.
+    pub fn score(ex: &EvalExample, catalog: &Catalog, call: Result<&ToolCall, String>) -> Self {
+        let mut o = Outcome { line: ex.line, expected_name: ex.expected_name.clone(), expected_arguments: ex.expected_arguments.clone(), ..Default::default() };
+        let call = match call {
+            Ok(c) => c,
+            Err(e) => {
+                o.error = Some(e);
+                return o;
+            }
+        };
+        let s = &call.stats;
+        (o.prefix_ms, o.select_ms, o.args_ms) = (s.prefix_ms, s.select_ms, s.args_ms);
+        o.ms = s.prefix_ms + s.select_ms + s.args_ms;
+        (o.prefilled, o.reused, o.recomputed) = (s.session.prefilled, s.session.reused, s.session.recomputed);
+        o.confidence = call.confidence;
+        o.name = Some(call.name.clone());
+        o.arguments = Some(call.arguments.clone());
+        o.name_ok = call.name == ex.expected_name;
+        let tool = catalog.find(&call.name).map(|(_, t)| t);
+        o.schema_valid = match tool {
+            Some(t) => crate::toolcall::schema::validate(&call.arguments, &t.input_schema).is_ok(),
+            None => call.name == FINISH,
+        };
+        if o.name_ok {
+            o.arguments_ok = match (tool, &ex.expected_arguments) {
+                (Some(t), Some(want)) => Some(arguments_match(want, &call.arguments, &t.input_schema)),
+                _ => None,
+            };
+            o.full_ok = o.arguments_ok.unwrap_or(true);
+        }
+        o
+    }
+}
+
+/// The metrics over a set of outcomes.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    /// Examples.
+    pub n: usize,
+    /// Right tool (or `finish`).
+    pub selection: f64,
+    /// Right arguments among the examples with the right tool that take arguments.
+    pub arguments_given_tool: Option<f64>,
+    /// Right tool and arguments.
+    pub full: f64,
+    /// Calls that name a real tool (or finish) with schema-valid arguments.
+    pub schema_valid: f64,
+    /// Mean confidence when the tool was right, and when it was wrong.
+    pub confidence_right: Option<f64>,
+    pub confidence_wrong: Option<f64>,
+    /// Mean milliseconds per call and per stage.
+    pub ms: f64,
+    pub prefix_ms: f64,
+    pub select_ms: f64,
+    pub args_ms: f64,
+    /// Mean prompt positions computed and reused per call; total recomputed.
+    pub prefilled: f64,
+    pub reused: f64,
+    pub recomputed: usize,
+    /// Calls that failed with an error.
+    pub errors: usize,
+    /// Selection accuracy per expected tool: (right, total).
+    pub per_tool: BTreeMap<String, (usize, usize)>,
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| s / n as f64)
+}
+
+impl Summary {
+    /// Aggregate `outcomes`.
+    pub fn of(outcomes: &[Outcome]) -> Self {
+        let n = outcomes.len();
+        let frac = |f: &dyn Fn(&Outcome) -> bool| if n == 0 { 0.0 } else { outcomes.iter().filter(|o| f(o)).count() as f64 / n as f64 };
+        let mut per_tool: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for o in outcomes {
+            let e = per_tool.entry(o.expected_name.clone()).or_default();
+            e.0 += o.name_ok as usize;
+            e.1 += 1;
+        }
+        Summary {
+            n,
+            selection: frac(&|o| o.name_ok),
+            arguments_given_tool: mean(outcomes.iter().filter_map(|o| o.arguments_ok).map(|ok| ok as u8 as f64)),
+            full: frac(&|o| o.full_ok),
+            schema_valid: frac(&|o| o.schema_valid),
+            confidence_right: mean(outcomes.iter().filter(|o| o.name_ok).filter_map(|o| o.confidence)),
+            confidence_wrong: mean(outcomes.iter().filter(|o| !o.name_ok).filter_map(|o| o.confidence)),
+            ms: mean(outcomes.iter().map(|o| o.ms)).unwrap_or(0.0),
+            prefix_ms: mean(outcomes.iter().map(|o| o.prefix_ms)).unwrap_or(0.0),
+            select_ms: mean(outcomes.iter().map(|o| o.select_ms)).unwrap_or(0.0),
+            args_ms: mean(outcomes.iter().map(|o| o.args_ms)).unwrap_or(0.0),
+            prefilled: mean(outcomes.iter().map(|o| o.prefilled as f64)).unwrap_or(0.0),
+            reused: mean(outcomes.iter().map(|o| o.reused as f64)).unwrap_or(0.0),
+            recomputed: outcomes.iter().map(|o| o.recomputed).sum(),
+            errors: outcomes.iter().filter(|o| o.error.is_some()).count(),
+            per_tool,
+        }
+    }
+
+    /// The header of [`Summary::row`]'s table.
+    pub const HEADER: &'static str = "| mode | examples | tool selection | arguments (right tool) | full call | schema-valid | confidence right / wrong | ms per call (prefix / select / args) | positions computed / reused per call | recomputed |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+
+    /// One markdown row for `mode`.
+    pub fn row(&self, mode: &str) -> String {
+        let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+        let opt = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("–".to_string(), f);
+        let conf = format!("{} / {}", opt(self.confidence_right, &|c| format!("{c:.2}")), opt(self.confidence_wrong, &|c| format!("{c:.2}")));
+        format!(
+            "| {mode} | {} | {} | {} | {} | {} | {conf} | {:.0} ({:.0} / {:.0} / {:.0}) | {:.0} / {:.0} | {} |",
+            self.n,
+            pct(self.selection),
+            opt(self.arguments_given_tool, &pct),
+            pct(self.full),
+            pct(self.schema_valid),
+            self.ms,
+            self.prefix_ms,
+            self.select_ms,
+            self.args_ms,
+            self.prefilled,
+            self.reused,
+            self.recomputed
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tools() -> Value {
+        json!([{"type": "function", "function": {"name": "read", "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "head": {"type": "integer", "default": 0}}, "required": ["path"]}}}])
+    }
+
+    #[test]
+    fn dataset_lines_are_read_or_refused_by_line() {
+        let ok = json!({"messages": [{"role": "user", "content": "read {ws}/a"}], "tools": tools(), "expected": {"name": "read", "arguments": {"path": "{ws}/a"}}}).to_string();
+        let fin = json!({"messages": [{"role": "user", "content": "hi"}], "mcp": ["srv {ws}"], "expected": {"name": "finish"}}).to_string();
+        let ex = read_dataset(&format!("{ok}\n\n{fin}\n"), "/w", 100).unwrap();
+        assert_eq!(ex.len(), 2);
+        assert_eq!(ex[0].expected_arguments, Some(json!({"path": "/w/a"})));
+        assert_eq!(ex[1].tools, ToolSource::Mcp(vec!["srv /w".into()]));
+        assert_eq!((ex[1].line, ex[1].expected_arguments.clone()), (3, None));
+        let bad = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools(), "expected": {"name": "read"}}).to_string();
+        assert!(read_dataset(&bad, "/w", 100).unwrap_err().contains("line 1: expected.arguments"));
+        let both = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools(), "mcp": ["s"], "expected": {"name": "finish"}}).to_string();
+        assert!(read_dataset(&format!("\n{both}"), "/w", 100).unwrap_err().starts_with("line 2: give exactly one"));
+    }
+
+    fn call(name: &str, args: Value, confidence: f64) -> ToolCall {
+        ToolCall { name: name.into(), arguments: args, confidence: Some(confidence), candidates: Default::default(), stats: Default::default(), output: None }
+    }
+
+    #[test]
+    fn outcomes_and_summary() {
+        let line = json!({"messages": [{"role": "user", "content": "read a"}], "tools": tools(), "expected": {"name": "read", "arguments": {"path": "/w/a"}}}).to_string();
+        let ex = &read_dataset(&line, "/w", 100).unwrap()[0];
+        let ToolSource::Inline(cat) = &ex.tools else { unreachable!() };
+        let right = Outcome::score(ex, cat, Ok(&call("read", json!({"path": "/w/./a", "head": 0}), 0.9)));
+        assert!(right.name_ok && right.arguments_ok == Some(true) && right.full_ok && right.schema_valid);
+        let wrong_args = Outcome::score(ex, cat, Ok(&call("read", json!({"path": "/w/b"}), 0.7)));
+        assert!(wrong_args.name_ok && wrong_args.arguments_ok == Some(false) && !wrong_args.full_ok && wrong_args.schema_valid);
+        let wrong_tool = Outcome::score(ex, cat, Ok(&call("finish", json!({}), 0.4)));
+        assert!(!wrong_tool.name_ok && wrong_tool.arguments_ok.is_none() && wrong_tool.schema_valid);
+        let invented = Outcome::score(ex, cat, Ok(&call("delete", json!({}), 0.1)));
+        assert!(!invented.schema_valid);
+        let failed = Outcome::score(ex, cat, Err("boom".into()));
+        assert_eq!(failed.error.as_deref(), Some("boom"));
+        let s = Summary::of(&[right, wrong_args, wrong_tool, invented, failed]);
+        assert_eq!((s.n, s.selection, s.full, s.schema_valid, s.errors), (5, 0.4, 0.2, 0.6, 1));
+        assert_eq!(s.arguments_given_tool, Some(0.5));
+        assert!((s.confidence_right.unwrap() - 0.8).abs() < 1e-9 && (s.confidence_wrong.unwrap() - 0.25).abs() < 1e-9);
+        assert_eq!(s.per_tool["read"], (2, 5));
+        assert!(s.row("decoupled").starts_with("| decoupled | 5 | 40.0% | 50.0% | 20.0% | 60.0% | 0.80 / 0.25 |"), "{}", s.row("decoupled"));
+    }
+}

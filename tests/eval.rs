@@ -1,0 +1,69 @@
+//! `agentflux eval` on a tiny dataset: inline tools and the real filesystem server, every mode;
+//! the summary is checked against the per-example results it is made of.
+
+mod common;
+
+use common::{agentflux, default_model, filesystem_server, tiny_with_tokenizer};
+use serde_json::{json, Value};
+
+fn run_eval(model: &str, dataset: &str, mode: &str, tag: &str) -> (String, Value) {
+    let out = std::env::temp_dir().join(format!("agentflux-eval-{tag}-{}.json", std::process::id()));
+    let ws = std::env::temp_dir().join(format!("agentflux-eval-ws-{}", std::process::id()));
+    let (ok, stdout, err) = agentflux(&["eval", "--model", model, "--dataset", dataset, "--mode", mode, "--workspace", &ws.to_string_lossy(), "--json", &out.to_string_lossy()]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    std::fs::remove_file(&out).ok();
+    (stdout, v)
+}
+
+#[test]
+fn eval_scores_every_mode_and_its_summary_adds_up() {
+    let (Some(f), Some(_)) = (default_model(), filesystem_server()) else { return };
+    let model = tiny_with_tokenizer(&f, 11, "eval");
+    let weather = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "default": 1}}, "required": ["city"]}}},
+                        {"type": "function", "function": {"name": "get_time", "description": "Time in a city.", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let mut lines = vec![
+        json!({"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": weather, "expected": {"name": "get_weather", "arguments": {"city": "Oslo"}}}).to_string(),
+        json!({"messages": [{"role": "user", "content": "What time is it in Lima?"}], "tools": weather, "expected": {"name": "get_time", "arguments": {"city": "Lima"}}}).to_string(),
+        json!({"messages": [{"role": "user", "content": "Hello!"}], "tools": weather, "expected": {"name": "finish"}}).to_string(),
+    ];
+    // Three lines of the hand-written dev set, on the real filesystem server.
+    let dev = std::fs::read_to_string("adapters/filesystem/data/dev.jsonl").unwrap();
+    lines.extend(dev.lines().take(3).map(str::to_string));
+    let dataset = std::env::temp_dir().join(format!("agentflux-eval-{}.jsonl", std::process::id()));
+    std::fs::write(&dataset, lines.join("\n")).unwrap();
+    let (m, d) = (model.to_string_lossy().into_owned(), dataset.to_string_lossy().into_owned());
+    for mode in ["decoupled", "monolithic", "monolithic-constrained"] {
+        let (stdout, v) = run_eval(&m, &d, mode, mode);
+        assert!(stdout.contains("| mode | examples | tool selection |") && stdout.contains(&format!("| {mode} | 6 |")), "{stdout}");
+        let ex = v["examples"].as_array().unwrap();
+        assert_eq!(ex.len(), 6);
+        let s = &v["summary"];
+        let frac = |key: &str| ex.iter().filter(|e| e[key] == true).count() as f64 / 6.0;
+        for key in ["selection", "full", "schema_valid"] {
+            let field = if key == "selection" { "name_ok" } else if key == "full" { "full_ok" } else { "schema_valid" };
+            assert!((s[key].as_f64().unwrap() - frac(field)).abs() < 1e-9, "{mode} {key}: {s}");
+        }
+        for e in ex {
+            assert!(e["error"].is_null(), "{mode}: {e}");
+            assert!(e["full_ok"] == false || e["name_ok"] == true);
+            assert!(e["ms"].as_f64().unwrap() > 0.0);
+        }
+        if mode != "monolithic" {
+            // Scored names are real; constrained arguments always fit their schema.
+            assert_eq!(s["schema_valid"], 1.0, "{mode}: {s}");
+        }
+        if mode == "decoupled" {
+            assert!(ex.iter().all(|e| e["confidence"].as_f64().is_some_and(|c| c > 0.0 && c <= 1.0)));
+            // The second example shares the first one's system text and tool list.
+            assert!(ex[1]["reused"].as_u64().unwrap() > 0, "{}", ex[1]);
+            assert_eq!(s["recomputed"], 0);
+        }
+    }
+    // A malformed line is refused with its number.
+    std::fs::write(&dataset, format!("{}\n{{\"messages\": []}}", lines[0])).unwrap();
+    let (ok, _, err) = agentflux(&["eval", "--model", &m, "--dataset", &d]);
+    assert!(!ok && err.contains("line 2"), "{err}");
+    std::fs::remove_file(&dataset).ok();
+    std::fs::remove_file(&model).ok();
+}
