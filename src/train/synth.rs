@@ -215,7 +215,7 @@ pub struct SynthOptions {
     pub finish_rate: f64,
     /// Share of requests served by a chain of calls.
     pub chain_rate: f64,
-    /// Share of requests with a distractor sentence before or after them.
+    /// Share of requests with a distractor sentence (from `values.distractor`) before or after them.
     pub distractor_rate: f64,
     /// Tool results longer than this many characters are cut in answers.
     pub max_answer_chars: usize,
@@ -331,9 +331,9 @@ pub fn synthesize(seed: &Seed, server: &mut McpClient, opts: &SynthOptions, mut 
                 *report.styles.entry(style.clone()).or_default() += 1;
                 (request, vec![(name.clone(), b.render(&form.arguments, seed, &conv.ws, &mut rng)?, tool.answer.as_str())])
             };
-            let request = if unit(&mut rng) < opts.distractor_rate {
+            let request = if seed.values.contains_key("distractor") && unit(&mut rng) < opts.distractor_rate {
                 report.distractors += 1;
-                let d = b.render_text("{distractor}", seed, &conv.ws, &mut rng).unwrap_or_default();
+                let d = b.render_text("{distractor}", seed, &conv.ws, &mut rng)?;
                 if below(&mut rng, 2) == 0 {
                     format!("{d} {request}")
                 } else {
