@@ -7,7 +7,7 @@ use agentflux::train::{decoupled_examples, read_trajectories, split, train_adapt
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -87,6 +87,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         ..Default::default()
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let tty = std::io::stderr().is_terminal();
     for (role, examples) in &train {
         let (name, dir) = match role {
             AdapterRole::Selector => ("selector".to_string(), "selector".to_string()),
@@ -101,10 +102,19 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
             let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
             let speed = if p.examples_per_s >= 1.0 { format!("{:.1} examples/s", p.examples_per_s) } else { format!("{:.1} s/example", 1.0 / p.examples_per_s.max(1e-9)) };
-            eprint!("\r[{name}] step {}/{} · loss {:.3}{eval} · {speed}   ", p.step, p.steps, p.loss);
-            let _ = std::io::stderr().flush();
+            let line = format!("[{name}] step {}/{} · loss {:.3}{eval} · {speed}", p.step, p.steps, p.loss);
+            // A live line on a terminal; in a log, a line per tenth of the steps and at each validation.
+            if tty {
+                eprint!("\r{line}   ");
+                let _ = std::io::stderr().flush();
+            } else if p.step % p.steps.div_ceil(10).max(1) == 0 || (a.eval_every > 0 && p.step % a.eval_every == 0) || p.step == p.steps {
+                eprintln!("{line}");
+            }
         })?;
-        eprintln!("\n[{name}] {} examples, {:.0} s{}", examples.len(), t0.elapsed().as_secs_f64(), eval.map_or(String::new(), |l| format!(", validation loss {l:.3}")));
+        if tty {
+            eprintln!();
+        }
+        eprintln!("[{name}] {} examples, {:.0} s{}", examples.len(), t0.elapsed().as_secs_f64(), eval.map_or(String::new(), |l| format!(", validation loss {l:.3}")));
         // Exported as activated LoRA: it applies from the cue where inference activates it
         // (`call:` for the selector, `schema:` for an argument adapter), for PEFT and vLLM too.
         let cue = eng.tokenizer.encode(if *role == AdapterRole::Selector { SELECT_CUE } else { SCHEMA_CUE }, false)?;
