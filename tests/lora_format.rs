@@ -1,7 +1,7 @@
 //! PEFT adapter files: round trip, Hugging Face row order of q/k, and every refusal names what is wrong.
 
 use agentflux::gguf::{BlockFormat, GgufFile};
-use agentflux::lora::{LoraAdapter, LoraLimits, Proj};
+use agentflux::lora::{LoraAdapter, LoraLimits, Proj, SavedDtype};
 use agentflux::model::ModelConfig;
 use agentflux::reference::{tiny_model, TinyModelSpec};
 use std::path::PathBuf;
@@ -39,6 +39,40 @@ fn save_then_load_is_identity_for_every_architecture() {
         assert_eq!(b.scale(), 4.0);
         std::fs::remove_dir_all(d).ok();
     }
+}
+
+/// Saved as f16: the file holds F16 tensors, loading gives each value rounded to f16 (the
+/// independent reference: `half`'s rounding of the original), and a value beyond f16's range is
+/// refused with the tensor's name instead of being written as infinity.
+#[test]
+fn f16_export_rounds_each_value_and_refuses_overflow() {
+    let c = config("llama");
+    let a = random_adapter(&c, 4, 11);
+    let d = tmp_dir("f16");
+    a.save_peft_as(&d, &c, SavedDtype::F16).unwrap();
+    let bytes = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::F16));
+    let f32_size = {
+        let d32 = tmp_dir("f32");
+        a.save_peft(&d32, &c).unwrap();
+        let n = std::fs::metadata(d32.join("adapter_model.safetensors")).unwrap().len();
+        std::fs::remove_dir_all(d32).ok();
+        n
+    };
+    assert!((bytes.len() as u64) < f32_size * 6 / 10, "{} bytes in f16, {f32_size} in f32", bytes.len());
+    let b = LoraAdapter::load_peft(&d, &c, &LoraLimits::default()).unwrap();
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect() };
+    for (key, w) in &a.targets {
+        assert_eq!(b.targets[key].a, round(&w.a), "{key:?} A");
+        assert_eq!(b.targets[key].b, round(&w.b), "{key:?} B");
+    }
+    assert!(a.targets.values().any(|w| w.a != round(&w.a)), "the test values are not all exact in f16");
+    let mut big = a.clone();
+    big.targets.get_mut(&(1, Proj::Up)).unwrap().b[3] = 1e6;
+    let e = big.save_peft_as(&d, &c, SavedDtype::F16).unwrap_err().to_string();
+    assert!(e.contains("layers.1.mlp.up_proj.lora_B") && e.contains("1000000"), "{e}");
+    std::fs::remove_dir_all(d).ok();
 }
 
 /// llama GGUF q/k rows are llama.cpp's permutation of Hugging Face's: per head, HF row j·half + i

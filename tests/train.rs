@@ -467,10 +467,18 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     let model = common::tiny_with_tokenizer(&f, rng("train-cli").next_u64(), "train-cli");
     let dir = std::env::temp_dir().join(format!("agentflux-train-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let tools = json!([{"type": "function", "function": {"name": "read_text_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 24}}, "required": ["path"]}}}]);
+    // A tool without arguments too: its adapter learns the bare `{}`.
+    let tools = json!([
+        {"type": "function", "function": {"name": "read_text_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 24}}, "required": ["path"]}}},
+        {"type": "function", "function": {"name": "list_allowed_directories", "description": "The folders it may use.", "parameters": {"type": "object", "properties": {}, "required": []}}}
+    ]);
     let lines: Vec<String> = (0..20)
         .map(|i| {
-            let messages = json!([{"role": "user", "content": format!("Show notes/{i}.txt")}, call("c", "read_text_file", json!({"path": format!("notes/{i}.txt")})), {"role": "tool", "tool_call_id": "c", "content": "hi"}, {"role": "assistant", "content": "It says hi."}]);
+            let messages = if i % 2 == 0 {
+                json!([{"role": "user", "content": format!("Show notes/{i}.txt")}, call("c", "read_text_file", json!({"path": format!("notes/{i}.txt")})), {"role": "tool", "tool_call_id": "c", "content": "hi"}, {"role": "assistant", "content": "It says hi."}])
+            } else {
+                json!([{"role": "user", "content": "Which folders can you use?"}, call("c", "list_allowed_directories", json!({})), {"role": "tool", "tool_call_id": "c", "content": "/ws"}, {"role": "assistant", "content": "Only /ws."}])
+            };
             json!({"messages": messages, "tools": tools}).to_string()
         })
         .collect();
@@ -481,12 +489,13 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     let (ok, stdout, err) = agentflux(&["train", "--model", m, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "2", "--batch", "2", "--rank", "2", "--eval-every", "1"]);
     assert!(ok, "{err}");
     assert!(stdout.contains("wrote the adapter set"), "{stdout}");
-    assert!(err.contains("[selector] step 2/2") && err.contains("[read_text_file] step 2/2") && err.contains("val "), "{err}");
+    assert!(err.contains("[selector] step 2/2") && err.contains("[read_text_file] step 2/2") && err.contains("[list_allowed_directories] step 2/2") && err.contains("val "), "{err}");
+    assert!(!err.to_lowercase().contains("nan"), "every loss is finite: {err}");
     let manifest: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["selector"], "selector");
     assert_eq!(manifest["arguments"]["read_text_file"], "args/read_text_file");
-    assert_eq!(manifest["tools"], json!(["read_text_file"]));
-    for sub in ["selector", "args/read_text_file"] {
+    assert_eq!(manifest["tools"], json!(["list_allowed_directories", "read_text_file"]));
+    for sub in ["selector", "args/read_text_file", "args/list_allowed_directories"] {
         let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join(sub).join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!((config["r"].as_u64(), config["peft_type"].as_str()), (Some(2), Some("LORA")), "{config}");
         // Activated LoRA, invoked at the cue where inference activates it.

@@ -339,6 +339,12 @@ impl LoraAdapter {
 
     /// Write the adapter as a PEFT directory (f32 tensors) for a base model shaped like `c`.
     pub fn save_peft(&self, dir: impl AsRef<Path>, c: &ModelConfig) -> Result<(), LoraError> {
+        self.save_peft_as(dir, c, SavedDtype::F32)
+    }
+
+    /// [`Self::save_peft`] with the weights stored as `dtype` (f16 halves the file; a value
+    /// beyond f16's range is refused rather than saved as infinity).
+    pub fn save_peft_as(&self, dir: impl AsRef<Path>, c: &ModelConfig, dtype: SavedDtype) -> Result<(), LoraError> {
         let dir = dir.as_ref();
         let err = |msg: String| LoraError { adapter: dir.display().to_string(), msg };
         std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create the directory: {e}")))?;
@@ -369,16 +375,53 @@ impl LoraAdapter {
                 Some(h) => permute_rows(&w.b, self.rank, h, false),
                 None => w.b.clone(),
             };
-            data.push((tensor_name(*layer, *proj, 'A'), vec![self.rank, inp], bytemuck::cast_slice(&w.a).to_vec()));
-            data.push((tensor_name(*layer, *proj, 'B'), vec![out, self.rank], bytemuck::cast_slice(&b).to_vec()));
+            for (ab, shape, values) in [('A', vec![self.rank, inp], &w.a), ('B', vec![out, self.rank], &b)] {
+                let name = tensor_name(*layer, *proj, ab);
+                let bytes = dtype.encode(values).map_err(|v| err(format!("{name}: {v} does not fit in {dtype:?}")))?;
+                data.push((name, shape, bytes));
+            }
         }
         let views = data
             .iter()
-            .map(|(n, s, b)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+            .map(|(n, s, b)| safetensors::tensor::TensorView::new(dtype.safetensors(), s.clone(), b).map(|v| (n.clone(), v)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| err(e.to_string()))?;
         let bytes = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
         std::fs::write(dir.join(WEIGHTS_FILE), bytes).map_err(|e| err(format!("cannot write {WEIGHTS_FILE}: {e}")))
+    }
+}
+
+/// How [`LoraAdapter::save_peft_as`] stores the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavedDtype {
+    F32,
+    F16,
+}
+
+impl SavedDtype {
+    fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            Self::F32 => safetensors::Dtype::F32,
+            Self::F16 => safetensors::Dtype::F16,
+        }
+    }
+
+    /// Little-endian bytes of `values`, or the first value that does not fit.
+    fn encode(self, values: &[f32]) -> Result<Vec<u8>, f32> {
+        match self {
+            Self::F32 => Ok(bytemuck::cast_slice(values).to_vec()),
+            Self::F16 => {
+                let mut out = Vec::with_capacity(values.len() * 2);
+                for &v in values {
+                    let h = f16::from_f32(v);
+                    if h.is_infinite() && v.is_finite() {
+                        return Err(v);
+                    }
+                    out.extend_from_slice(&h.to_le_bytes());
+                }
+                Ok(out)
+            }
+        }
     }
 }
 

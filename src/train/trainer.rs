@@ -129,10 +129,7 @@ fn run(model: &Model, id: AdapterId, init: &LoraAdapter, train: &[Example], val:
         let mut loss = 0.0;
         for _ in 0..opts.batch.max(1) {
             if order.is_empty() {
-                order = (0..train.len()).collect();
-                for i in (1..order.len()).rev() {
-                    order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-                }
+                order = epoch_order(train, &mut rng);
             }
             let e = &train[order.pop().expect("refilled above")];
             loss += model.adapter_gradient(&mut prefix, &e.tokens, e.active_from, &e.targets, adapter, &buffers.grads)?;
@@ -151,6 +148,24 @@ fn run(model: &Model, id: AdapterId, init: &LoraAdapter, train: &[Example], val:
         on_progress(&Progress { step, steps: opts.steps, loss: loss / opts.batch.max(1) as f32, eval_loss, examples_per_s });
     }
     Ok(eval_loss)
+}
+
+/// One pass over `train`, to be taken from the back: the data lines (conversations) in a
+/// seeded random order, each line's examples together and in their order. A conversation's
+/// examples are nested prefixes of one another, so in this order the [`PrefixCache`] computes
+/// each conversation once instead of once per example.
+fn epoch_order(train: &[Example], rng: &mut SplitMix64) -> Vec<usize> {
+    let mut lines: Vec<Vec<usize>> = Vec::new();
+    for (i, e) in train.iter().enumerate() {
+        match lines.last_mut() {
+            Some(group) if train[group[0]].line == e.line => group.push(i),
+            _ => lines.push(vec![i]),
+        }
+    }
+    for i in (1..lines.len()).rev() {
+        lines.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    lines.into_iter().rev().flat_map(|g| g.into_iter().rev()).collect()
 }
 
 /// The checkpoint's bookkeeping file.
@@ -211,5 +226,37 @@ impl Checkpoint {
             Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
         };
         Ok(Self { adapter, moments: [read(MOMENT_NAMES[0])?, read(MOMENT_NAMES[1])?, read(MOMENT_NAMES[2])?, read(MOMENT_NAMES[3])?], state })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::AdapterRole;
+
+    fn example(line: usize) -> Example {
+        Example { role: AdapterRole::Selector, tokens: vec![1, 2, 3], active_from: 1, targets: vec![2..3], line }
+    }
+
+    #[test]
+    fn an_epoch_takes_every_example_once_conversation_by_conversation() {
+        let train: Vec<Example> = [3, 3, 3, 5, 8, 8, 9, 9, 9, 9].into_iter().map(example).collect();
+        let mut rng = SplitMix64(7);
+        let mut taken: Vec<usize> = epoch_order(&train, &mut rng);
+        taken.reverse();
+        let mut sorted = taken.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..train.len()).collect::<Vec<_>>());
+        // Each line's examples are consecutive and in their original order.
+        for w in taken.windows(2) {
+            if train[w[0]].line == train[w[1]].line {
+                assert_eq!(w[1], w[0] + 1, "order {taken:?}");
+            }
+        }
+        let changes = taken.windows(2).filter(|w| train[w[0]].line != train[w[1]].line).count();
+        assert_eq!(changes, 3, "four lines, so three changes of line: {taken:?}");
+        // Another seed gives another order of the lines.
+        let orders: std::collections::BTreeSet<Vec<usize>> = (0..8).map(|s| epoch_order(&train, &mut SplitMix64(s))).collect();
+        assert!(orders.len() > 1);
     }
 }

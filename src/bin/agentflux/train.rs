@@ -2,12 +2,12 @@
 //! trained on the GPU from trajectories, saved in PEFT format with the set's manifest.
 
 use agentflux::gpu::GpuOptions;
+use agentflux::lora::SavedDtype;
 use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
 use agentflux::train::{decoupled_examples, read_trajectories, split, train_adapter, AdapterRole, Example, TrainOptions};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -58,6 +58,18 @@ pub struct Args {
     /// Stop each adapter after this step (resume later with --checkpoint).
     #[arg(long)]
     stop_after: Option<u64>,
+    /// Validation examples per adapter at most (the first ones, whole conversations; 0: all).
+    #[arg(long, default_value_t = 0)]
+    val_examples: usize,
+    /// How the exported weights are stored: f16 (half the size) or f32.
+    #[arg(long, value_enum, default_value_t = Dtype::F16)]
+    dtype: Dtype,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Dtype {
+    F16,
+    F32,
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
@@ -87,7 +99,6 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         ..Default::default()
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let tty = std::io::stderr().is_terminal();
     for (role, examples) in &train {
         let (name, dir) = match role {
             AdapterRole::Selector => ("selector".to_string(), "selector".to_string()),
@@ -97,23 +108,21 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             continue;
         }
         let t0 = std::time::Instant::now();
-        let held_out = val.remove(role).unwrap_or_default();
-        let opts = TrainOptions { checkpoint: a.checkpoint.as_ref().map(|c| c.join(&dir)), stop_after: a.stop_after, ..opts.clone() };
-        let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
-            let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
-            let speed = if p.examples_per_s >= 1.0 { format!("{:.1} examples/s", p.examples_per_s) } else { format!("{:.1} s/example", 1.0 / p.examples_per_s.max(1e-9)) };
-            let line = format!("[{name}] step {}/{} · loss {:.3}{eval} · {speed}", p.step, p.steps, p.loss);
-            // A live line on a terminal; in a log, a line per tenth of the steps and at each validation.
-            if tty {
-                eprint!("\r{line}   ");
-                let _ = std::io::stderr().flush();
-            } else if p.step % p.steps.div_ceil(10).max(1) == 0 || (a.eval_every > 0 && p.step % a.eval_every == 0) || p.step == p.steps {
-                eprintln!("{line}");
-            }
-        })?;
-        if tty {
-            eprintln!();
+        let mut held_out = val.remove(role).unwrap_or_default();
+        if a.val_examples > 0 {
+            held_out.truncate(a.val_examples);
         }
+        let opts = TrainOptions { checkpoint: a.checkpoint.as_ref().map(|c| c.join(&dir)), stop_after: a.stop_after, ..opts.clone() };
+        let mut progress = crate::progress::ProgressLine::new(opts.steps);
+        let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
+            let validated = a.eval_every > 0 && p.step % a.eval_every == 0;
+            progress.update(p.step, validated, || {
+                let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
+                let speed = if p.examples_per_s >= 1.0 { format!("{:.1} examples/s", p.examples_per_s) } else { format!("{:.1} s/example", 1.0 / p.examples_per_s.max(1e-9)) };
+                format!("[{name}] step {}/{} · loss {:.3}{eval} · {speed}", p.step, p.steps, p.loss)
+            });
+        })?;
+        progress.finish();
         eprintln!("[{name}] {} examples, {:.0} s{}", examples.len(), t0.elapsed().as_secs_f64(), eval.map_or(String::new(), |l| format!(", validation loss {l:.3}")));
         // Exported as activated LoRA: it applies from the cue where inference activates it
         // (`call:` for the selector, `schema:` for an argument adapter), for PEFT and vLLM too.
@@ -123,7 +132,11 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             eprintln!("[{name}] the examples do not all start at the cue: saved as a standard LoRA");
         }
         let adapter = agentflux::lora::LoraAdapter { invocation_tokens: invocation, ..adapter };
-        adapter.save_peft(a.out.join(&dir), &eng.model.config)?;
+        let dtype = match a.dtype {
+            Dtype::F16 => SavedDtype::F16,
+            Dtype::F32 => SavedDtype::F32,
+        };
+        adapter.save_peft_as(a.out.join(&dir), &eng.model.config, dtype)?;
         match role {
             AdapterRole::Selector => manifest.selector = Some(dir),
             AdapterRole::Arguments(tool) => {
