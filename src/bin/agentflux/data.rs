@@ -6,7 +6,7 @@ use agentflux::text::{ChatTemplate, Tokenizer};
 use agentflux::toolcall::{ToolCaller, MAX_RESULT_CHARS};
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::train::{decoupled_examples, examples::counts, read_trajectories, split, synthesize, AdapterRole, Seed, SynthOptions};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,22 +92,15 @@ fn synth(a: SynthArgs) -> Result<()> {
     let mut server = McpClient::spawn(&command, ServerOptions::default()).with_context(|| format!("starting the tool server `{command}`"))?;
     let mut out = std::io::BufWriter::new(std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?);
     let started = std::time::Instant::now();
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = crate::progress::ProgressLine::new(opts.conversations as u64);
     let report = synthesize(&seed, &mut server, &opts, |i, line| {
         writeln!(out, "{line}").map_err(|e| agentflux::Error::io(&a.out, e))?;
-        // A live line on a terminal; in a log, one line per tenth of the work.
         let done = i + 1;
-        if tty {
-            eprint!("\r[synth] conversation {done}/{} · {:.0} s   ", opts.conversations, started.elapsed().as_secs_f64());
-        } else if done % opts.conversations.div_ceil(10).max(1) == 0 {
-            eprintln!("[synth] conversation {done}/{} · {:.0} s", opts.conversations, started.elapsed().as_secs_f64());
-        }
+        progress.update(done as u64, false, || format!("[synth] conversation {done}/{} · {:.0} s", opts.conversations, started.elapsed().as_secs_f64()));
         Ok(())
     })?;
     out.flush().with_context(|| format!("writing {}", a.out.display()))?;
-    if tty {
-        eprintln!();
-    }
+    progress.finish();
     print!("{}", report.summary());
     eprintln!("wrote {} ({} conversations in {:.0} s)", a.out.display(), report.conversations, started.elapsed().as_secs_f64());
     Ok(())

@@ -8,7 +8,6 @@ use agentflux::session::Session;
 use agentflux::toolcall::{Catalog, MAX_RESULT_CHARS};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -53,7 +52,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
     // Each server is started once, for its name and tools (calls are scored, not run).
     let mut servers: HashMap<String, (String, Vec<Tool>)> = HashMap::new();
-    let (tty, started) = (std::io::stderr().is_terminal(), Instant::now());
+    let started = Instant::now();
+    let mut progress = crate::progress::ProgressLine::new(examples.len() as u64);
     let mut outcomes = Vec::new();
     for (i, ex) in examples.iter().enumerate() {
         let catalog = match &ex.tools {
@@ -75,19 +75,12 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         let call = a.mode.call(&l, &mut session, &catalog, &ex.messages);
         outcomes.push(Outcome::score(ex, &catalog, call.as_ref().map_err(|e| e.to_string())));
         let done = i + 1;
-        if tty || done % examples.len().div_ceil(10).max(1) == 0 || done == examples.len() {
+        progress.update(done as u64, false, || {
             let right = outcomes.iter().filter(|o| o.full_ok).count();
-            let line = format!("[eval] {done}/{} · {right} full calls right · {:.0} s", examples.len(), started.elapsed().as_secs_f64());
-            if tty {
-                eprint!("\r{line}   ");
-            } else {
-                eprintln!("{line}");
-            }
-        }
+            format!("[eval] {done}/{} · {right} full calls right · {:.0} s", examples.len(), started.elapsed().as_secs_f64())
+        });
     }
-    if tty {
-        eprintln!();
-    }
+    progress.finish();
     let summary = Summary::of(&outcomes);
     println!("{}\n{}", Summary::HEADER, summary.row(a.mode.name()));
     let per_tool: Vec<String> = summary.per_tool.iter().map(|(t, (ok, n))| format!("{t} {ok}/{n}")).collect();

@@ -6,6 +6,7 @@ mod data;
 mod eval;
 mod generate;
 mod info;
+mod progress;
 mod run;
 mod serve;
 mod train;
