@@ -33,7 +33,8 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
     let dataset = std::env::temp_dir().join(format!("agentflux-eval-{}.jsonl", std::process::id()));
     std::fs::write(&dataset, lines.join("\n")).unwrap();
     let (m, d) = (model.to_string_lossy().into_owned(), dataset.to_string_lossy().into_owned());
-    for mode in ["decoupled", "monolithic", "monolithic-constrained"] {
+    let mut decoupled_prefilled = Vec::new();
+    for mode in ["decoupled", "monolithic", "monolithic-constrained", "reference"] {
         let (stdout, v) = run_eval(&m, &d, mode, mode);
         assert!(stdout.contains("| mode | examples | tool selection |") && stdout.contains(&format!("| {mode} | 6 |")), "{stdout}");
         let ex = v["examples"].as_array().unwrap();
@@ -53,8 +54,21 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
             // Scored names are real; constrained arguments always fit their schema.
             assert_eq!(s["schema_valid"], 1.0, "{mode}: {s}");
         }
-        if mode == "decoupled" {
+        if mode == "decoupled" || mode == "reference" {
             assert!(ex.iter().all(|e| e["confidence"].as_f64().is_some_and(|c| c > 0.0 && c <= 1.0)));
+        }
+        if mode == "reference" {
+            // Every stage re-sends the conversation: nothing is reused, and a tool call computes
+            // its prefix twice (selection, then arguments), so more than the shared-cache run.
+            // (The shared-cache run computed everything for its first example too.)
+            for (i, (e, shared)) in ex.iter().zip(&decoupled_prefilled).enumerate() {
+                assert_eq!(e["reused"], 0, "{e}");
+                let computed = e["prefilled"].as_u64().unwrap();
+                assert!(computed > *shared || (i == 0 && computed >= *shared), "{e} vs {shared} positions computed with the shared cache");
+            }
+        }
+        if mode == "decoupled" {
+            decoupled_prefilled = ex.iter().map(|e| e["prefilled"].as_u64().unwrap()).collect();
             // The second example shares the first one's system text and tool list.
             assert!(ex[1]["reused"].as_u64().unwrap() > 0, "{}", ex[1]);
             assert_eq!(s["recomputed"], 0);

@@ -26,7 +26,7 @@
 use super::catalog::{short_description, Catalog, FINISH};
 use super::select::{normalise, TokenTrie};
 use super::ConstraintFactory;
-use crate::decode::GenerateOptions;
+use crate::decode::{GenerateOptions, SplitMix64};
 use crate::error::{Error, Result};
 use crate::lora::ActiveAdapter;
 use crate::session::{Activation, Session, SessionStats};
@@ -150,19 +150,45 @@ pub struct ToolCall {
     pub output: Option<String>,
 }
 
+/// How the decoupled call chooses and what its stages share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// The most probable candidate under the trie; every stage continues the one KV cache.
+    #[default]
+    Shared,
+    /// The paper's public code, emulated for comparison: the choice is a majority vote of
+    /// `samples` draws at temperature 1 (from the candidates' probabilities, so every draw is a
+    /// real name), and each stage starts from an empty cache, as when the whole conversation is
+    /// sent again to a server for every adapter.
+    Reference { samples: usize, seed: u64 },
+}
+
 /// Everything a call needs besides the session: tokenizer, chat template, constraints.
 pub struct ToolCaller {
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     constraints: ConstraintFactory,
     hierarchy: bool,
+    strategy: Strategy,
 }
 
 impl ToolCaller {
     /// A caller for a model's tokenizer and chat template.
     pub fn new(tokenizer: Arc<Tokenizer>, template: Option<ChatTemplate>) -> Result<Self> {
         let constraints = ConstraintFactory::new(tokenizer.clone())?;
-        Ok(Self { tokenizer, template, constraints, hierarchy: true })
+        Ok(Self { tokenizer, template, constraints, hierarchy: true, strategy: Strategy::Shared })
+    }
+
+    /// How decoupled calls choose and whether their stages share the cache ([`Strategy`]).
+    pub fn set_strategy(&mut self, strategy: Strategy) {
+        self.strategy = strategy;
+    }
+
+    /// Under [`Strategy::Reference`] a stage starts from nothing cached.
+    fn resend(&self, session: &mut Session) {
+        if let Strategy::Reference { .. } = self.strategy {
+            session.truncate(0);
+        }
     }
 
     /// Choose the server first when there are several (the default), or among every tool at once.
@@ -254,7 +280,11 @@ impl ToolCaller {
         let trie = TokenTrie::new(&tokens);
         let nodes = session.tree_logits(&trie.tokens, &trie.parents, plan)?;
         let probs = normalise(&trie.log_probs(&root, &nodes, root.len()));
-        let best = (0..names.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap_or(0);
+        let best = match self.strategy {
+            Strategy::Shared => (0..names.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap_or(0),
+            // Seeded by the prompt's length, so a rerun of the same example votes the same.
+            Strategy::Reference { samples, seed } => majority_vote(&probs, samples, &mut SplitMix64(seed ^ (prompt.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))),
+        };
         Ok(Choice { names, tokens, probs, best })
     }
 
@@ -272,7 +302,12 @@ impl ToolCaller {
         let before = session.stats();
         let t0 = Instant::now();
         let prefix = self.prefix_tokens(catalog, messages)?;
-        session.prefill(&prefix, None)?;
+        if self.strategy == Strategy::Shared {
+            session.prefill(&prefix, None)?;
+        } else {
+            // One request: the selection stage computes the whole prompt itself.
+            self.resend(session);
+        }
         let prefix_ms = ms(t0);
 
         let t1 = Instant::now();
@@ -294,6 +329,7 @@ impl ToolCaller {
             let from = prompt.len();
             prompt.extend(self.schema_tokens(tool)?);
             let plan = adapters.arguments.get(&name).map(|&a| Activation { adapter: a, from });
+            self.resend(session);
             let (value, n) = self.arguments(session, &prompt, plan, &tool.input_schema, &mut |t| on_event(CallEvent::ArgumentToken(t)))?;
             arguments = value;
             arg_tokens = n;
@@ -523,6 +559,27 @@ impl ToolCaller {
 }
 
 /// The first JSON object in `text` (models often wrap it in prose or code fences).
+/// The candidate drawn most often in `samples` draws from `probs` (ties: the first to reach the
+/// count; at least one draw).
+fn majority_vote(probs: &[f64], samples: usize, rng: &mut SplitMix64) -> usize {
+    let mut votes = vec![0usize; probs.len()];
+    let mut best = 0;
+    for _ in 0..samples.max(1) {
+        let u = rng.next_f32() as f64;
+        let mut acc = 0.0;
+        let drawn = probs.iter().position(|p| {
+            acc += p;
+            u < acc
+        });
+        let i = drawn.unwrap_or(probs.len().saturating_sub(1));
+        votes[i] += 1;
+        if votes[i] > votes[best] {
+            best = i;
+        }
+    }
+    best
+}
+
 fn first_json_object(text: &str) -> Option<Value> {
     text.match_indices('{').find_map(|(i, _)| serde_json::Deserializer::from_str(&text[i..]).into_iter::<Value>().next().and_then(|r| r.ok()))
 }
@@ -542,4 +599,22 @@ fn tool_lines<'a>(tools: impl IntoIterator<Item = &'a crate::mcp::Tool>) -> Stri
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn majority_vote_follows_the_distribution() {
+        // A certain candidate always wins; with many draws the mode wins (law of large numbers).
+        assert_eq!(majority_vote(&[0.0, 1.0, 0.0], 10, &mut SplitMix64(3)), 1);
+        for seed in 0..20 {
+            assert_eq!(majority_vote(&[0.35, 0.45, 0.2], 2001, &mut SplitMix64(seed)), 1, "seed {seed}");
+        }
+        // Ten draws from a 0.6 / 0.4 split: the minority wins some votes but fewer than a
+        // single draw would (binomial: P(≥ 6 of 10 for 0.4) ≈ 0.17, plus half the 5–5 ties at most).
+        let wins = (0..2000).filter(|&s| majority_vote(&[0.6, 0.4], 10, &mut SplitMix64(s)) == 1).count();
+        assert!((200..600).contains(&wins), "{wins} of 2000 votes went to the 0.4 candidate");
+    }
 }

@@ -5,7 +5,7 @@ use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
 use agentflux::text::ChatMessage;
-use agentflux::toolcall::{AdapterSet, Agent, Catalog, ToolCall, ToolCaller};
+use agentflux::toolcall::{AdapterSet, Agent, Catalog, Strategy, ToolCall, ToolCaller};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -29,7 +29,9 @@ pub struct Args {
     ctx: usize,
     /// decoupled: scored selection then schema-constrained arguments (adapters apply);
     /// monolithic: the base model writes the whole call with every schema in its prompt;
-    /// monolithic-constrained: the same under one grammar covering every tool's call.
+    /// monolithic-constrained: the same under one grammar covering every tool's call;
+    /// reference: decoupled the way the paper's public code does it (the selector sampled 10
+    /// times at temperature 1 with a majority vote, every stage re-sending the conversation).
     #[arg(long, value_enum, default_value = "decoupled")]
     mode: Mode,
     /// With several servers, choose among every tool at once instead of the server first.
@@ -44,6 +46,7 @@ pub enum Mode {
     Decoupled,
     Monolithic,
     MonolithicConstrained,
+    Reference,
 }
 
 /// What `call` and `run` share: the model, its adapter set and a tool caller.
@@ -79,7 +82,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             catalog.add(&g.server, g.tools)?;
         }
     }
-    let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
+    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
+    l.caller.set_strategy(a.mode.strategy());
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
     let messages = [ChatMessage::new("user", &a.query)];
     let call = a.mode.call(&l, &mut session, &catalog, &messages)?;
@@ -91,7 +95,7 @@ impl Mode {
     /// One call in this mode.
     pub fn call(self, l: &Loaded, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage]) -> agentflux::Result<ToolCall> {
         match self {
-            Mode::Decoupled => l.caller.call(session, catalog, messages, &l.adapters),
+            Mode::Decoupled | Mode::Reference => l.caller.call(session, catalog, messages, &l.adapters),
             Mode::Monolithic => l.caller.call_monolithic(session, catalog, messages, false),
             Mode::MonolithicConstrained => l.caller.call_monolithic(session, catalog, messages, true),
         }
@@ -103,6 +107,15 @@ impl Mode {
             Mode::Decoupled => "decoupled",
             Mode::Monolithic => "monolithic",
             Mode::MonolithicConstrained => "monolithic-constrained",
+            Mode::Reference => "reference",
+        }
+    }
+
+    /// How the caller chooses in this mode.
+    pub fn strategy(self) -> Strategy {
+        match self {
+            Mode::Reference => Strategy::Reference { samples: 10, seed: 0 },
+            _ => Strategy::Shared,
         }
     }
 }

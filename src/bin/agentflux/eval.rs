@@ -46,7 +46,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     if examples.iter().any(|e| matches!(e.tools, ToolSource::Mcp(_))) {
         std::fs::create_dir_all(&a.workspace).with_context(|| format!("creating {}", a.workspace.display()))?;
     }
-    let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
+    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
+    l.caller.set_strategy(a.mode.strategy());
     // One session for every example: the prompt they share (system text, tool list) is
     // computed once and reused.
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
