@@ -81,3 +81,46 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
     std::fs::remove_file(&dataset).ok();
     std::fs::remove_file(&model).ok();
 }
+
+/// `agentflux eval --tasks`: the agent loop on the real filesystem server in a workspace rebuilt
+/// from the seed before every task, each task judged by its checks. The checks here do not depend
+/// on what the (tiny, random) model does — a file the seed writes, a file nobody writes, a fact
+/// from that file — so the expected success of each is known independently of the model.
+#[test]
+fn tasks_run_on_the_real_server_and_are_judged_by_their_checks() {
+    let (Some(f), Some(_)) = (default_model(), filesystem_server()) else { return };
+    let model = tiny_with_tokenizer(&f, 12, "eval-tasks");
+    let dir = std::env::temp_dir().join(format!("agentflux-eval-tasks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ws = dir.join("ws");
+    let server = r#""mcp": ["tools/mcp/node_modules/.bin/mcp-server-filesystem {ws}"]"#;
+    let tasks = [
+        format!(r#"{{"task": "Is my to-do list in {{ws}}/notes?", {server}, "max_steps": 1, "checks": {{"files_exist": ["{{ws}}/notes/todo.txt"], "file_contains": {{"{{ws}}/notes/todo.txt": "plumber"}}}}}}"#),
+        format!(r#"{{"task": "Make {{ws}}/never/made.txt", {server}, "max_steps": 1, "checks": {{"files_exist": ["{{ws}}/never/made.txt"]}}}}"#),
+    ];
+    let file = dir.join("tasks.jsonl");
+    std::fs::write(&file, tasks.join("\n")).unwrap();
+    // A leftover from an earlier run is removed by the rebuild.
+    std::fs::create_dir_all(ws.join("never")).unwrap();
+    std::fs::write(ws.join("never/made.txt"), "stale").unwrap();
+    let out = dir.join("out.json");
+    let (m, t, w, o) = (model.to_str().unwrap(), file.to_str().unwrap(), ws.to_str().unwrap(), out.to_str().unwrap());
+    let (ok, stdout, err) = agentflux(&["eval", "--model", m, "--tasks", t, "--workspace", w, "--json", o]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("| mode | tasks | succeeded |") && stdout.contains("| decoupled | 2 | 1 (50.0%) |"), "{stdout}");
+    assert!(stdout.contains("line 2:") && stdout.contains("made.txt does not exist"), "{stdout}");
+    let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let outcomes = v["outcomes"].as_array().unwrap();
+    assert_eq!(outcomes.iter().map(|o| o["success"].as_bool().unwrap()).collect::<Vec<_>>(), [true, false]);
+    for o in outcomes {
+        assert!(o["error"].is_null() && !o["calls"].as_array().unwrap().is_empty(), "{o}");
+    }
+    // Only the agent modes run tasks, and a malformed line is refused with its number.
+    let (ok, _, err) = agentflux(&["eval", "--model", m, "--tasks", t, "--mode", "monolithic", "--workspace", w]);
+    assert!(!ok && err.contains("--mode decoupled or reference"), "{err}");
+    std::fs::write(&file, format!("{}\n{{\"task\": \"x\"}}", tasks[0])).unwrap();
+    let (ok, _, err) = agentflux(&["eval", "--model", m, "--tasks", t, "--workspace", w]);
+    assert!(!ok && err.contains("line 2"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_file(&model).ok();
+}

@@ -8,8 +8,10 @@
 //! evaluation workspace.
 
 mod score;
+mod tasks;
 
 pub use score::{arguments_match, normalize_path};
+pub use tasks::{judge, read_tasks, task_row, Checks, Task, TaskOutcome, TASK_HEADER};
 
 use crate::text::ChatMessage;
 use crate::toolcall::{read_messages, Catalog, ToolCall, FINISH};

@@ -1,11 +1,14 @@
-//! `agentflux eval`: tool calls scored on a dataset, deterministically (no judge).
+//! `agentflux eval`: tool calls scored on a dataset, or end-to-end tasks judged by their checks —
+//! deterministically, no judge model.
 
 use crate::call::{load, Mode};
-use agentflux::eval::{read_dataset, Outcome, Summary, ToolSource};
+use agentflux::decode::{GenerateOptions, SamplerConfig};
+use agentflux::eval::{judge, read_dataset, read_tasks, task_row, Outcome, Summary, TaskOutcome, ToolSource, TASK_HEADER};
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions, Tool};
 use agentflux::session::Session;
-use agentflux::toolcall::{Catalog, MAX_RESULT_CHARS};
+use agentflux::toolcall::{Agent, AgentOptions, Catalog, MAX_RESULT_CHARS};
+use agentflux::train::Seed;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,8 +20,15 @@ pub struct Args {
     #[arg(long, default_value = "default")]
     model: String,
     /// The dataset: JSONL of {"messages", "tools" | "mcp", "expected": {"name", "arguments"}}.
+    #[arg(long, required_unless_present = "tasks", conflicts_with = "tasks")]
+    dataset: Option<PathBuf>,
+    /// End-to-end tasks instead: JSONL of {"task", "mcp", "max_steps", "checks"}, each run by
+    /// the agent loop on the real servers in the workspace, rebuilt from --seed-file first.
     #[arg(long)]
-    dataset: PathBuf,
+    tasks: Option<PathBuf>,
+    /// The tool set's seed file, whose workspace the tasks start from.
+    #[arg(long, default_value = "adapters/filesystem/data/seed.json")]
+    seed_file: PathBuf,
     /// An adapter-set directory (decoupled mode).
     #[arg(long)]
     adapters: Option<PathBuf>,
@@ -28,7 +38,8 @@ pub struct Args {
     /// With several servers, choose among every tool at once instead of the server first.
     #[arg(long)]
     no_hierarchy: bool,
-    /// The directory `{ws}` stands for (created if missing; calls are scored, not run).
+    /// The directory `{ws}` stands for (created if missing; dataset calls are scored, not run;
+    /// with --tasks its contents are replaced by the seed's workspace before every task).
     #[arg(long, default_value = "/tmp/agentflux-eval-ws")]
     workspace: PathBuf,
     /// Context size.
@@ -40,9 +51,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
-    let text = std::fs::read_to_string(&a.dataset).with_context(|| format!("reading {}", a.dataset.display()))?;
+    let Some(dataset) = &a.dataset else { return run_tasks(&a, gpu) };
+    let text = std::fs::read_to_string(dataset).with_context(|| format!("reading {}", dataset.display()))?;
     let ws = a.workspace.to_string_lossy().into_owned();
-    let examples = read_dataset(&text, &ws, MAX_RESULT_CHARS).map_err(|e| anyhow::anyhow!("{}: {e}", a.dataset.display()))?;
+    let examples = read_dataset(&text, &ws, MAX_RESULT_CHARS).map_err(|e| anyhow::anyhow!("{}: {e}", dataset.display()))?;
     if examples.iter().any(|e| matches!(e.tools, ToolSource::Mcp(_))) {
         std::fs::create_dir_all(&a.workspace).with_context(|| format!("creating {}", a.workspace.display()))?;
     }
@@ -92,6 +104,54 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     if let Some(path) = &a.json {
         let v = serde_json::json!({"mode": a.mode.name(), "model": a.model, "dataset": a.dataset, "adapters": a.adapters, "device": l.eng.ctx.describe(), "summary": summary, "examples": outcomes});
         std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `--tasks`: every task from the seed's workspace, by the agent loop on its real servers,
+/// judged by its checks.
+fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
+    let path = a.tasks.as_ref().context("--dataset or --tasks is required")?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let ws = a.workspace.to_string_lossy().into_owned();
+    let tasks = read_tasks(&text, &ws).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let seed = Seed::load(&a.seed_file)?;
+    if !matches!(a.mode, Mode::Decoupled | Mode::Reference) {
+        anyhow::bail!("--tasks runs the agent loop: --mode decoupled or reference");
+    }
+    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
+    l.caller.set_strategy(a.mode.strategy());
+    let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
+    let opts = AgentOptions { max_steps: 0, max_result_chars: MAX_RESULT_CHARS, answer: GenerateOptions { max_tokens: 160, sampler: SamplerConfig::default(), stop: l.eng.tokenizer.stop.clone() } };
+    let started = Instant::now();
+    let mut progress = crate::progress::ProgressLine::new(tasks.len() as u64);
+    let mut outcomes = Vec::new();
+    for (i, task) in tasks.iter().enumerate() {
+        seed.reset_workspace(&a.workspace)?;
+        let t0 = Instant::now();
+        let servers = task.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default()).with_context(|| format!("line {}: starting `{cmd}`", task.line))).collect::<Result<Vec<_>>>()?;
+        let mut agent = Agent::new(servers).with_context(|| format!("line {}", task.line))?;
+        let run = agent.run(&l.caller, &mut session, &l.adapters, &task.task, &AgentOptions { max_steps: task.max_steps, ..opts.clone() }, |_| {});
+        let mut outcome = match run {
+            Ok(events) => judge(task, &events),
+            Err(e) => TaskOutcome { line: task.line, failed: vec![format!("the run failed: {e}")], error: Some(e.to_string()), ..Default::default() },
+        };
+        outcome.ms = t0.elapsed().as_secs_f64() * 1e3;
+        outcomes.push(outcome);
+        let done = i + 1;
+        progress.update(done as u64, false, || {
+            let ok = outcomes.iter().filter(|o| o.success).count();
+            format!("[eval] task {done}/{} · {ok} succeeded · {:.0} s", tasks.len(), started.elapsed().as_secs_f64())
+        });
+    }
+    progress.finish();
+    println!("{TASK_HEADER}\n{}", task_row(a.mode.name(), &outcomes));
+    for o in outcomes.iter().filter(|o| !o.success) {
+        println!("line {}: {} (calls: {})", o.line, o.failed.join("; "), o.calls.join(", "));
+    }
+    if let Some(out) = &a.json {
+        let v = serde_json::json!({"mode": a.mode.name(), "model": a.model, "tasks": path, "adapters": a.adapters, "device": l.eng.ctx.describe(), "outcomes": outcomes});
+        std::fs::write(out, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
 }
