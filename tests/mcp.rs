@@ -121,3 +121,37 @@ fn real_memory_server_stores_entities() {
     assert!(found.text().contains("first program"), "{found:?}");
     std::fs::remove_file(&file).ok();
 }
+
+/// The multi-server dev set (adapters/multi/data/dev.jsonl, for hierarchical against flat
+/// selection) names real tools of its four real servers, with arguments valid for their schemas,
+/// and asks something of every server.
+#[test]
+fn multi_server_dev_set_is_valid_for_its_real_servers() {
+    use agentflux::toolcall::schema;
+    let Some(_) = node_server("mcp-server-everything") else { return };
+    let ws = std::env::temp_dir().join(format!("agentflux-multi-dev-{}", std::process::id()));
+    std::fs::create_dir_all(&ws).unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/adapters/multi/data/dev.jsonl")).unwrap().replace("{ws}", &ws.to_string_lossy());
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let commands: Vec<String> = lines[0]["mcp"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
+    assert_eq!(commands.len(), 4);
+    let mut servers = Vec::new();
+    for cmd in &commands {
+        let mut c = McpClient::spawn(&format!("{root}/{cmd}"), quick()).unwrap();
+        servers.push((c.name(), c.list_tools().unwrap()));
+    }
+    let mut asked = std::collections::BTreeSet::new();
+    for (i, v) in lines.iter().enumerate() {
+        assert_eq!(v["mcp"].as_array().unwrap().len(), 4, "line {}", i + 1);
+        let name = v["expected"]["name"].as_str().unwrap();
+        if name == "finish" {
+            continue;
+        }
+        let (server, tool) = servers.iter().find_map(|(s, tools)| tools.iter().find(|t| t.name == name).map(|t| (s, t))).unwrap_or_else(|| panic!("line {}: no server has {name}", i + 1));
+        schema::validate(&v["expected"]["arguments"], &tool.input_schema).unwrap_or_else(|e| panic!("line {}: {name}: {e}", i + 1));
+        asked.insert(server.clone());
+    }
+    assert_eq!(asked.len(), 4, "every server is asked something: {asked:?}");
+    std::fs::remove_dir_all(&ws).ok();
+}
