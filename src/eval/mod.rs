@@ -43,6 +43,9 @@ pub struct EvalExample {
 }
 
 /// Read a dataset, `{ws}` replaced by `workspace`. A malformed line is an error naming it.
+/// A line without `expected` is a whole trajectory (as `agentflux data check` splits them): each
+/// of its assistant turns becomes an example, the conversation before it with that turn's call
+/// (or `finish` for a text answer) expected.
 pub fn read_dataset(text: &str, workspace: &str, max_result_chars: usize) -> Result<Vec<EvalExample>, String> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -52,24 +55,49 @@ pub fn read_dataset(text: &str, workspace: &str, max_result_chars: usize) -> Res
         let line = i + 1;
         let err = |what: String| format!("line {line}: {what}");
         let v: Value = serde_json::from_str(&raw.replace("{ws}", workspace)).map_err(|e| err(e.to_string()))?;
-        let messages = read_messages(v.get("messages"), max_result_chars).map_err(|e| err(e.to_string()))?;
-        let tools = match (v.get("tools"), v.get("mcp")) {
-            (Some(t), None) => ToolSource::Inline(Catalog::from_openai_tools("tools", t).map_err(|e| err(e.to_string()))?),
-            (None, Some(Value::Array(cmds))) if !cmds.is_empty() => {
-                ToolSource::Mcp(cmds.iter().map(|c| c.as_str().map(str::to_string).ok_or_else(|| err("mcp: expected strings".into()))).collect::<Result<_, _>>()?)
-            }
-            _ => return Err(err("give exactly one of \"tools\" (OpenAI tools) or \"mcp\" (server commands)".into())),
-        };
-        let expected = v.get("expected").ok_or_else(|| err("no \"expected\"".into()))?;
-        let expected_name = expected.get("name").and_then(Value::as_str).ok_or_else(|| err("expected.name: a string is required".into()))?.to_string();
-        let expected_arguments = match expected.get("arguments") {
-            Some(a) if a.is_object() => Some(a.clone()),
-            None if expected_name == FINISH => None,
-            _ => return Err(err("expected.arguments: an object is required for a tool".into())),
-        };
-        out.push(EvalExample { line, messages: messages.into_iter().map(|m| m.chat).collect(), tools, expected_name, expected_arguments });
+        if v.get("expected").is_some() {
+            out.push(parse_example(&v, line, max_result_chars).map_err(err)?);
+            continue;
+        }
+        let messages = v.get("messages").and_then(Value::as_array).ok_or_else(|| err("no \"expected\" and no trajectory \"messages\"".into()))?;
+        let mut turns = 0;
+        for (j, m) in messages.iter().enumerate().filter(|(_, m)| m["role"] == "assistant") {
+            let expected = match m["tool_calls"].as_array().and_then(|c| c.first()) {
+                Some(c) => {
+                    let args = c.pointer("/function/arguments").and_then(Value::as_str).unwrap_or("{}");
+                    let args: Value = serde_json::from_str(args).map_err(|e| err(format!("messages[{j}]: arguments: {e}")))?;
+                    serde_json::json!({"name": c.pointer("/function/name"), "arguments": args})
+                }
+                None => serde_json::json!({"name": FINISH}),
+            };
+            let mut ex = v.clone();
+            ex["messages"] = Value::Array(messages[..j].to_vec());
+            ex["expected"] = expected;
+            out.push(parse_example(&ex, line, max_result_chars).map_err(|e| err(format!("assistant turn messages[{j}]: {e}")))?);
+            turns += 1;
+        }
+        if turns == 0 {
+            return Err(err("no \"expected\" and no assistant turn to expect".into()));
+        }
     }
     Ok(out)
+}
+
+fn parse_example(v: &Value, line: usize, max_result_chars: usize) -> Result<EvalExample, String> {
+    let messages = read_messages(v.get("messages"), max_result_chars).map_err(|e| e.to_string())?;
+    let tools = match (v.get("tools"), v.get("mcp")) {
+        (Some(t), None) => ToolSource::Inline(Catalog::from_openai_tools("tools", t).map_err(|e| e.to_string())?),
+        (None, Some(Value::Array(cmds))) if !cmds.is_empty() => ToolSource::Mcp(cmds.iter().map(|c| c.as_str().map(str::to_string).ok_or_else(|| "mcp: expected strings".to_string())).collect::<Result<_, _>>()?),
+        _ => return Err("give exactly one of \"tools\" (OpenAI tools) or \"mcp\" (server commands)".into()),
+    };
+    let expected = &v["expected"];
+    let expected_name = expected.get("name").and_then(Value::as_str).ok_or("expected.name: a string is required")?.to_string();
+    let expected_arguments = match expected.get("arguments") {
+        Some(a) if a.is_object() => Some(a.clone()),
+        None if expected_name == FINISH => None,
+        _ => return Err("expected.arguments: an object is required for a tool".into()),
+    };
+    Ok(EvalExample { line, messages: messages.into_iter().map(|m| m.chat).collect(), tools, expected_name, expected_arguments })
 }
 
 /// How one example went.
@@ -257,6 +285,25 @@ mod tests {
         assert!(read_dataset(&bad, "/w", 100).unwrap_err().contains("line 1: expected.arguments"));
         let both = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools(), "mcp": ["s"], "expected": {"name": "finish"}}).to_string();
         assert!(read_dataset(&format!("\n{both}"), "/w", 100).unwrap_err().starts_with("line 2: give exactly one"));
+    }
+
+    #[test]
+    fn a_trajectory_line_is_one_example_per_assistant_turn() {
+        let messages = json!([
+            {"role": "user", "content": "read {ws}/a"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "read", "arguments": "{\"path\":\"{ws}/a\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "A"},
+            {"role": "assistant", "content": "It says A."},
+            {"role": "user", "content": "thanks"},
+            {"role": "assistant", "content": "You're welcome."}
+        ]);
+        let line = json!({"messages": messages, "tools": tools()}).to_string();
+        let ex = read_dataset(&line, "/w", 100).unwrap();
+        let got: Vec<(&str, usize, Option<Value>)> = ex.iter().map(|e| (e.expected_name.as_str(), e.messages.len(), e.expected_arguments.clone())).collect();
+        assert_eq!(got, [("read", 1, Some(json!({"path": "/w/a"}))), ("finish", 3, None), ("finish", 5, None)]);
+        assert!(ex.iter().all(|e| e.line == 1));
+        let none = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools()}).to_string();
+        assert!(read_dataset(&none, "/w", 100).unwrap_err().contains("no assistant turn"));
     }
 
     fn call(name: &str, args: Value, confidence: f64) -> ToolCall {
