@@ -7,7 +7,10 @@ use agentflux::reference::{tiny_model, TinyModelSpec};
 use std::path::PathBuf;
 
 fn config(arch: &'static str) -> ModelConfig {
-    let p = std::env::temp_dir().join(format!("agentflux-lora-{arch}-{}.gguf", std::process::id()));
+    // One file per call: tests run in parallel threads of one process.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!("agentflux-lora-{arch}-{}-{n}.gguf", std::process::id()));
     std::fs::write(&p, tiny_model(&TinyModelSpec::new(arch, BlockFormat::Q8_0), 1)).unwrap();
     let c = ModelConfig::from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
     std::fs::remove_file(p).ok();
