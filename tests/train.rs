@@ -148,13 +148,29 @@ fn data_check_reports_and_splits() {
     let file = dir.join("t.jsonl");
     std::fs::write(&file, lines.join("\n")).unwrap();
     let out_dir = dir.join("split");
-    let (ok, out, err) = agentflux(&["data", "check", file.to_str().unwrap(), "--seed", "3", "--out", out_dir.to_str().unwrap()]);
+    let examples = dir.join("examples.jsonl");
+    let (ok, out, err) = agentflux(&["data", "check", file.to_str().unwrap(), "--seed", "3", "--out", out_dir.to_str().unwrap(), "--examples", examples.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(out.contains("22 lines read, 20 kept, 2 dropped"), "{out}");
     assert!(out.contains("line 21: read_text_file: $: the required key \"path\" is missing") && out.contains("NotJson: 1"), "{out}");
     assert!(out.contains("selector: 40 examples") && out.contains("arguments of read_text_file: 20 examples"), "{out}");
     let count = |p: &str| std::fs::read_to_string(out_dir.join(p)).unwrap().lines().count();
     assert_eq!((count("train.jsonl"), count("val.jsonl"), count("test.jsonl")), (16, 2, 2));
+    // The exported examples are the training split's: two selector turns and one call per line,
+    // each target after its activation point.
+    let exported: Vec<Value> = std::fs::read_to_string(&examples).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train_text: std::collections::HashSet<String> = std::fs::read_to_string(out_dir.join("train.jsonl")).unwrap().lines().map(str::to_string).collect();
+    assert_eq!(exported.len(), 48);
+    assert_eq!(exported.iter().filter(|e| e["adapter"] == "selector").count(), 32);
+    for e in &exported {
+        let line = e["line"].as_u64().unwrap() as usize;
+        assert!(train_text.contains(&lines[line - 1]), "line {line} is not in the training split");
+        let (n, from) = (e["tokens"].as_array().unwrap().len() as u64, e["active_from"].as_u64().unwrap());
+        for r in e["targets"].as_array().unwrap() {
+            let (start, end) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+            assert!(from < start && start < end && end <= n, "{e}");
+        }
+    }
     let (ok, _, err) = agentflux(&["data", "check", "/nonexistent.jsonl"]);
     assert!(!ok && err.contains("/nonexistent.jsonl"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
@@ -510,6 +526,12 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(v["candidates"].as_object().unwrap().contains_key("read_text_file"), "{v}");
+    // Retraining one adapter of the set keeps the others in its manifest.
+    let (ok, _, err) = agentflux(&["train", "--model", m, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--only", "read_text_file", "--steps", "1", "--batch", "2", "--rank", "2"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("[read_text_file] step 1/1") && err.contains(", training ") && !err.contains("[selector]"), "{err}");
+    let after: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(after, manifest);
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_file(&model).ok();
 }

@@ -5,6 +5,7 @@ use crate::error::Result;
 use crate::kv::KvCache;
 use crate::lora::ActiveAdapter;
 use crate::model::{Logits, Model, Pick, Sequence};
+use crate::text::Tokenizer;
 use std::time::Instant;
 
 /// What to generate.
@@ -16,6 +17,13 @@ pub struct GenerateOptions {
     pub sampler: SamplerConfig,
     /// Tokens that end the generation (they are kept in the output).
     pub stop: Vec<u32>,
+}
+
+impl GenerateOptions {
+    /// Greedy text of at most `max_tokens`, ending at the tokenizer's stop tokens.
+    pub fn greedy(max_tokens: usize, tokenizer: &Tokenizer) -> Self {
+        Self { max_tokens, sampler: SamplerConfig::default(), stop: tokenizer.stop.clone() }
+    }
 }
 
 /// A finished generation and its timings.

@@ -6,7 +6,7 @@ use crate::decode::GenerateOptions;
 use crate::error::{Error, Result};
 use crate::mcp::McpClient;
 use crate::session::Session;
-use crate::text::ChatMessage;
+use crate::text::{ChatMessage, Tokenizer};
 
 /// Characters of a tool's output the model sees by default (a small model's context is short).
 pub const MAX_RESULT_CHARS: usize = 1500;
@@ -20,6 +20,14 @@ pub struct AgentOptions {
     pub max_result_chars: usize,
     /// The final answer's generation.
     pub answer: GenerateOptions,
+}
+
+impl AgentOptions {
+    /// At most `max_steps` calls, results cut to [`MAX_RESULT_CHARS`], a greedy answer of at
+    /// most `answer_tokens`.
+    pub fn new(max_steps: usize, answer_tokens: usize, tokenizer: &Tokenizer) -> Self {
+        Self { max_steps, max_result_chars: MAX_RESULT_CHARS, answer: GenerateOptions::greedy(answer_tokens, tokenizer) }
+    }
 }
 
 /// What happened at one step, reported as it happens.

@@ -302,11 +302,12 @@ impl ToolCaller {
         let before = session.stats();
         let t0 = Instant::now();
         let prefix = self.prefix_tokens(catalog, messages)?;
-        if self.strategy == Strategy::Shared {
-            session.prefill(&prefix, None)?;
-        } else {
+        match self.strategy {
+            Strategy::Shared => {
+                session.prefill(&prefix, None)?;
+            }
             // One request: the selection stage computes the whole prompt itself.
-            self.resend(session);
+            Strategy::Reference { .. } => session.truncate(0),
         }
         let prefix_ms = ms(t0);
 
@@ -509,7 +510,7 @@ impl ToolCaller {
             let (v, n) = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}), &mut |_| ControlFlow::Continue(()))?;
             (v.to_string(), n)
         } else {
-            let opts = GenerateOptions { max_tokens: MAX_FREE_CALL_TOKENS, sampler: Default::default(), stop: self.tokenizer.stop.clone() };
+            let opts = GenerateOptions::greedy(MAX_FREE_CALL_TOKENS, &self.tokenizer);
             let g = session.generate(&prompt, None, &opts, |_| {})?;
             let ids: Vec<u32> = g.tokens.iter().copied().filter(|t| !self.tokenizer.is_stop(*t)).collect();
             (self.tokenizer.decode(&ids, true)?, g.tokens.len())

@@ -54,7 +54,7 @@ pub struct Progress {
     pub loss: f32,
     /// The latest validation loss.
     pub eval_loss: Option<f32>,
-    /// Examples per second so far.
+    /// Training examples per second so far (time spent on validation not counted).
     pub examples_per_s: f64,
 }
 
@@ -110,7 +110,7 @@ fn run(model: &Model, id: AdapterId, init: &LoraAdapter, train: &[Example], val:
         model.write_adapter_moments(id, &buffers, &c.moments)?;
         (first, rng, order) = (c.state.step + 1, SplitMix64(c.state.rng), c.state.order);
     }
-    let (t0, mut seen) = (Instant::now(), 0usize);
+    let (t0, mut seen, mut validating) = (Instant::now(), 0usize, 0.0f64);
     let mut eval_loss = None;
     let mut prefix = PrefixCache::new();
     let eval = |prefix: &mut PrefixCache, scratch: &crate::model::AdapterBuffers| -> Result<Option<f32>> {
@@ -137,14 +137,16 @@ fn run(model: &Model, id: AdapterId, init: &LoraAdapter, train: &[Example], val:
         }
         model.adapter_step(id, &buffers, &opts.optimizer, step, schedule.lr(step))?;
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last {
+            let v0 = Instant::now();
             eval_loss = eval(&mut prefix, &scratch)?;
+            validating += v0.elapsed().as_secs_f64();
             if let Some(dir) = &opts.checkpoint {
                 let adapter = LoraAdapter { targets: model.read_adapter_weights(id)?, ..init.clone() };
                 let state = State { step, rng: rng.0, order: order.clone() };
                 Checkpoint { adapter, moments: model.read_adapter_moments(id, &buffers)?, state }.save(dir, model)?;
             }
         }
-        let examples_per_s = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let examples_per_s = seen as f64 / (t0.elapsed().as_secs_f64() - validating).max(1e-9);
         on_progress(&Progress { step, steps: opts.steps, loss: loss / opts.batch.max(1) as f32, eval_loss, examples_per_s });
     }
     Ok(eval_loss)

@@ -56,8 +56,9 @@ pub struct Loaded {
     pub caller: ToolCaller,
 }
 
-/// Load the model, the adapter set (if any) and a caller choosing hierarchically or not.
-pub fn load(model: &str, adapters: Option<&Path>, hierarchy: bool, gpu: &GpuOptions) -> Result<Loaded> {
+/// Load the model, the adapter set (if any) and a caller choosing hierarchically or not, by
+/// `strategy`.
+pub fn load(model: &str, adapters: Option<&Path>, hierarchy: bool, strategy: Strategy, gpu: &GpuOptions) -> Result<Loaded> {
     let path = resolve_model(model)?;
     let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
     let adapters = match adapters {
@@ -66,6 +67,7 @@ pub fn load(model: &str, adapters: Option<&Path>, hierarchy: bool, gpu: &GpuOpti
     };
     let mut caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
     caller.set_hierarchy(hierarchy);
+    caller.set_strategy(strategy);
     Ok(Loaded { eng, adapters, caller })
 }
 
@@ -82,8 +84,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             catalog.add(&g.server, g.tools)?;
         }
     }
-    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
-    l.caller.set_strategy(a.mode.strategy());
+    let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
     let messages = [ChatMessage::new("user", &a.query)];
     let call = a.mode.call(&l, &mut session, &catalog, &messages)?;

@@ -65,6 +65,11 @@ pub struct CheckArgs {
     /// Write train.jsonl, val.jsonl, test.jsonl (the kept lines) and report.txt here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write the training split's examples here as JSONL, one per line: `adapter` (`selector`
+    /// or the tool), `line`, `tokens`, `active_from` and the target ranges — what `agentflux
+    /// train` trains on, for other trainers (tools/train-vs-peft).
+    #[arg(long)]
+    examples: Option<PathBuf>,
     /// The trajectories.
     file: PathBuf,
 }
@@ -129,6 +134,23 @@ fn check(a: CheckArgs) -> Result<()> {
     let parts = split(kept, a.seed);
     out.push_str(&format!("split (seed {}): {} train, {} val, {} test\n", a.seed, parts.train.len(), parts.val.len(), parts.test.len()));
     print!("{out}");
+    if let Some(path) = &a.examples {
+        let train: std::collections::HashSet<usize> = parts.train.iter().copied().collect();
+        let body: String = examples
+            .iter()
+            .filter(|e| train.contains(&e.line))
+            .map(|e| {
+                let adapter = match &e.role {
+                    AdapterRole::Selector => "selector",
+                    AdapterRole::Arguments(t) => t.as_str(),
+                };
+                let targets: Vec<[usize; 2]> = e.targets.iter().map(|r| [r.start, r.end]).collect();
+                format!("{}\n", serde_json::json!({"adapter": adapter, "line": e.line, "tokens": e.tokens, "active_from": e.active_from, "targets": targets}))
+            })
+            .collect();
+        std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote the training split's examples to {}", path.display());
+    }
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let lines: Vec<&str> = text.lines().collect();

@@ -2,7 +2,6 @@
 //! deterministically, no judge model.
 
 use crate::call::{load, Mode};
-use agentflux::decode::{GenerateOptions, SamplerConfig};
 use agentflux::eval::{judge, read_dataset, read_tasks, task_row, Outcome, Summary, TaskOutcome, ToolSource, TASK_HEADER};
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions, Tool};
@@ -58,8 +57,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     if examples.iter().any(|e| matches!(e.tools, ToolSource::Mcp(_))) {
         std::fs::create_dir_all(&a.workspace).with_context(|| format!("creating {}", a.workspace.display()))?;
     }
-    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
-    l.caller.set_strategy(a.mode.strategy());
+    let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
     // One session for every example: the prompt they share (system text, tool list) is
     // computed once and reused.
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
@@ -119,10 +117,8 @@ fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
     if !matches!(a.mode, Mode::Decoupled | Mode::Reference) {
         anyhow::bail!("--tasks runs the agent loop: --mode decoupled or reference");
     }
-    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
-    l.caller.set_strategy(a.mode.strategy());
+    let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
-    let opts = AgentOptions { max_steps: 0, max_result_chars: MAX_RESULT_CHARS, answer: GenerateOptions { max_tokens: 160, sampler: SamplerConfig::default(), stop: l.eng.tokenizer.stop.clone() } };
     let started = Instant::now();
     let mut progress = crate::progress::ProgressLine::new(tasks.len() as u64);
     let mut outcomes = Vec::new();
@@ -131,7 +127,7 @@ fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
         let t0 = Instant::now();
         let servers = task.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default()).with_context(|| format!("line {}: starting `{cmd}`", task.line))).collect::<Result<Vec<_>>>()?;
         let mut agent = Agent::new(servers).with_context(|| format!("line {}", task.line))?;
-        let run = agent.run(&l.caller, &mut session, &l.adapters, &task.task, &AgentOptions { max_steps: task.max_steps, ..opts.clone() }, |_| {});
+        let run = agent.run(&l.caller, &mut session, &l.adapters, &task.task, &AgentOptions::new(task.max_steps, 160, &l.eng.tokenizer), |_| {});
         let mut outcome = match run {
             Ok(events) => judge(task, &events),
             Err(e) => TaskOutcome { line: task.line, failed: vec![format!("the run failed: {e}")], error: Some(e.to_string()), ..Default::default() },

@@ -1,10 +1,9 @@
 //! `agentflux run`: the agent loop over MCP servers, printing each step as it happens.
 
-use agentflux::decode::{GenerateOptions, SamplerConfig};
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
-use agentflux::toolcall::{Agent, AgentEvent, AgentOptions, MAX_RESULT_CHARS};
+use agentflux::toolcall::{Agent, AgentEvent, AgentOptions, Strategy};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -41,13 +40,9 @@ pub struct Args {
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
     let mut agent = Agent::new(servers)?;
-    let super::call::Loaded { eng, adapters, caller } = super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, gpu)?;
+    let super::call::Loaded { eng, adapters, caller } = super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
     let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
-    let opts = AgentOptions {
-        max_steps: a.max_steps,
-        max_result_chars: MAX_RESULT_CHARS,
-        answer: GenerateOptions { max_tokens: a.answer_tokens, sampler: SamplerConfig::default(), stop: eng.tokenizer.stop.clone() },
-    };
+    let opts = AgentOptions::new(a.max_steps, a.answer_tokens, &eng.tokenizer);
     if !a.json {
         eprintln!("{} tools from {} server(s) on {}", agent.catalog.names().len(), agent.servers.len(), eng.ctx.describe());
     }

@@ -2,6 +2,7 @@
 
 use agentflux::gpu::GpuOptions;
 use agentflux::serve::{Backend, ServeOptions, Server};
+use agentflux::toolcall::Strategy;
 use anyhow::Result;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -34,7 +35,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
-    let super::call::Loaded { eng, adapters, .. } = super::call::load(&a.model, a.adapters.as_deref(), true, gpu)?;
+    let super::call::Loaded { eng, adapters, .. } = super::call::load(&a.model, a.adapters.as_deref(), true, Strategy::Shared, gpu)?;
     let device = eng.ctx.describe();
     let opts = ServeOptions { addr: SocketAddr::new(a.host, a.port), n_ctx: a.ctx, max_queue: a.max_queue, default_max_tokens: a.max_tokens, ..Default::default() };
     let server = Server::start(Backend { engine: eng, adapters }, opts)?;

@@ -48,7 +48,8 @@ pub struct Args {
     /// Longest training sequence in tokens.
     #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
-    /// Train only these adapters (`selector` or tool names; repeatable).
+    /// Train only these adapters (`selector` or tool names; repeatable); the other adapters of a
+    /// set already in --out stay in its manifest.
     #[arg(long)]
     only: Vec<String>,
     /// Checkpoint each adapter's run under DIR/<adapter> at every validation step; a rerun with
@@ -93,11 +94,19 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     };
     let (train, mut val) = (by_role(train), by_role(val));
     let opts = TrainOptions { rank: a.rank, alpha: a.alpha, steps: a.steps, batch: a.batch, lr: a.lr, min_lr: a.lr / 10.0, warmup: a.warmup, eval_every: a.eval_every, seed: a.seed, ..Default::default() };
-    let mut manifest = Manifest {
-        base_model: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        tools: tools.into_iter().collect(),
-        ..Default::default()
+    let base_model = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // With --only, the set's other adapters stay as they are: start from its manifest.
+    let existing = a.out.join(agentflux::toolcall::MANIFEST_FILE);
+    let mut manifest = if !a.only.is_empty() && existing.exists() {
+        let m = Manifest::read(&a.out)?;
+        if m.base_model != base_model {
+            anyhow::bail!("{}: the set was trained for {}, not {base_model}; train it whole (no --only) or into another --out", existing.display(), m.base_model);
+        }
+        m
+    } else {
+        Manifest { base_model, ..Default::default() }
     };
+    manifest.tools = tools.into_iter().collect();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for (role, examples) in &train {
         let (name, dir) = match role {
@@ -114,16 +123,18 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         }
         let opts = TrainOptions { checkpoint: a.checkpoint.as_ref().map(|c| c.join(&dir)), stop_after: a.stop_after, ..opts.clone() };
         let mut progress = crate::progress::ProgressLine::new(opts.steps);
+        let mut examples_per_s = 0.0;
         let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
             let validated = a.eval_every > 0 && p.step % a.eval_every == 0;
+            examples_per_s = p.examples_per_s;
             progress.update(p.step, validated, || {
                 let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
-                let speed = if p.examples_per_s >= 1.0 { format!("{:.1} examples/s", p.examples_per_s) } else { format!("{:.1} s/example", 1.0 / p.examples_per_s.max(1e-9)) };
-                format!("[{name}] step {}/{} · loss {:.3}{eval} · {speed}", p.step, p.steps, p.loss)
+                format!("[{name}] step {}/{} · loss {:.3}{eval} · {}", p.step, p.steps, p.loss, speed(p.examples_per_s))
             });
         })?;
         progress.finish();
-        eprintln!("[{name}] {} examples, {:.0} s{}", examples.len(), t0.elapsed().as_secs_f64(), eval.map_or(String::new(), |l| format!(", validation loss {l:.3}")));
+        let eval = eval.map_or(String::new(), |l| format!(", validation loss {l:.3}"));
+        eprintln!("[{name}] {} examples, {:.0} s, training {}{eval}", examples.len(), t0.elapsed().as_secs_f64(), speed(examples_per_s));
         // Exported as activated LoRA: it applies from the cue where inference activates it
         // (`call:` for the selector, `schema:` for an argument adapter), for PEFT and vLLM too.
         let cue = eng.tokenizer.encode(if *role == AdapterRole::Selector { SELECT_CUE } else { SCHEMA_CUE }, false)?;
@@ -147,4 +158,13 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     manifest.write(&a.out)?;
     println!("wrote the adapter set to {}", a.out.display());
     Ok(())
+}
+
+/// A rate as people read it: examples per second, or seconds per example when slower.
+fn speed(examples_per_s: f64) -> String {
+    if examples_per_s >= 1.0 {
+        format!("{examples_per_s:.2} examples/s")
+    } else {
+        format!("{:.2} s/example", 1.0 / examples_per_s.max(1e-9))
+    }
 }
