@@ -191,3 +191,30 @@ fn token_tree_equals_each_path_run_alone() {
         assert_eq!(kv.len(), 0, "a refused call leaves the cache as it was");
     }
 }
+
+/// Memory reporting: a KV cache's buffers show in the context's GPU figure when allocated and
+/// leave it when dropped (a context of the test's own, so other tests' buffers do not count).
+#[test]
+fn memory_use_counts_a_kv_cache() {
+    use agentflux::gpu::{GpuContext, GpuOptions};
+    let mut r = rng("memory");
+    let ctx = std::sync::Arc::new(GpuContext::new(&GpuOptions::default()).unwrap());
+    let path = std::env::temp_dir().join(format!("agentflux-memory-{}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q8_0), r.next_u64())).unwrap();
+    let model = Model::load(ctx.clone(), &GgufFile::open(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).ok();
+    let before = ctx.memory_use();
+    let gpu = |m: agentflux::gpu::MemoryUse| m.gpu_buffers.expect("wgpu's Vulkan backend counts buffer memory") as f64;
+    let n_ctx = 4096;
+    let kv = model.new_cache(n_ctx).unwrap();
+    let with_kv = ctx.memory_use();
+    let expected = (2 * model.config.n_layers * model.config.kv_dim() * 4 * n_ctx) as f64;
+    let grown = gpu(with_kv) - gpu(before);
+    assert!(grown >= expected && grown < expected * 1.1 + 65536.0, "a cache of {expected} bytes grew the figure by {grown}");
+    drop(kv);
+    let after = ctx.memory_use();
+    assert!(gpu(after) < gpu(before) + expected * 0.1, "dropped: {} bytes, before {}", gpu(after), gpu(before));
+    if cfg!(target_os = "linux") {
+        assert!(after.host_peak.is_some_and(|b| b > 0), "{after:?}");
+    }
+}

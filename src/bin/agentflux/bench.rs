@@ -3,7 +3,7 @@
 //! and with `--lora` the cost of adapters and the tokens the shared-KV handoff saves.
 
 use agentflux::decode::GenerateOptions;
-use agentflux::gpu::{profile_table, GpuOptions, KernelTime};
+use agentflux::gpu::{profile_table, GpuOptions, KernelTime, MemoryUse};
 use agentflux::kv::KvCache;
 use agentflux::lora::{ActiveAdapter, AdapterId, Proj};
 use agentflux::model::{Logits, LoraMode, Model, Sequence};
@@ -43,6 +43,9 @@ pub struct Args {
     profile: bool,
 }
 
+/// Random adapters `--lora` loads (a mixed batch runs one sequence on each).
+const LORA_ADAPTERS: usize = 4;
+
 /// One measured row: what, tokens per second, and its ratio to a baseline row.
 struct Row {
     test: String,
@@ -58,9 +61,11 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let tokens: Vec<u32> = (0..a.prefill.max(1) as u64).map(|i| ((i * 7919 + 13) % n_vocab) as u32).collect();
     let reps = a.reps.max(1);
     let mut rows = Vec::new();
+    let mut memory = vec![("the model".to_string(), eng.ctx.memory_use())];
     {
         let m = &eng.model;
         let mut kv = m.new_cache((a.prefill + a.decode + 1).max(16))?;
+        memory.push((format!("+ a KV cache of {} positions", kv.n_ctx()), eng.ctx.memory_use()));
         // Warm-up: pipelines compile on first use.
         m.forward_greedy(&tokens[..tokens.len().min(8)], &mut kv)?;
         let pp = best_of(reps, || {
@@ -74,15 +79,18 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     }
     let tg = decode_rate(&eng.model, &[None], a.decode, reps)?;
     rows.push(Row { test: format!("tg{}", a.decode), tok_s: tg, vs: None });
+    memory.push(("+ the forward pass's scratch, after pp and tg".to_string(), eng.ctx.memory_use()));
     if a.lora {
         lora_rows(&mut eng.model, &a, &tokens, reps, &mut rows)?;
+        memory.push((format!("+ {LORA_ADAPTERS} adapters of rank {} and their runs", a.lora_rank), eng.ctx.memory_use()));
     }
     let profiles = if a.profile { profile(&eng, &tokens, a.decode)? } else { Vec::new() };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if a.json {
         let rows: Vec<_> = rows.iter().map(|r| serde_json::json!({"test": r.test, "tok_s": r.tok_s, "vs": r.vs.as_ref().map(|v| &v.0), "ratio": r.vs.as_ref().map(|v| v.1)})).collect();
         let profiles: Vec<_> = profiles.iter().map(|(what, per, k)| serde_json::json!({"test": what, "per_token": per, "kernels": k})).collect();
-        println!("{}", serde_json::json!({"model": path, "device": eng.ctx.describe(), "rows": rows, "profiles": profiles}));
+        let memory: Vec<_> = memory.iter().map(|(after, m)| serde_json::json!({"after": after, "gpu_buffers": m.gpu_buffers, "host_peak": m.host_peak})).collect();
+        println!("{}", serde_json::json!({"model": path, "device": eng.ctx.describe(), "rows": rows, "memory": memory, "profiles": profiles}));
     } else {
         println!("| engine | model | device | test | tok/s | vs |");
         println!("|---|---|---|---|---:|---|");
@@ -90,6 +98,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             let vs = r.vs.as_ref().map(|(what, x)| format!("{x:.2}× {what}")).unwrap_or_default();
             println!("| agentflux | {name} | {} | {} | {:.1} | {vs} |", eng.ctx.info.name, r.test, r.tok_s);
         }
+        print_memory(&memory);
         for (what, per, kernels) in &profiles {
             print_profile(what, *per, kernels);
         }
@@ -111,6 +120,15 @@ fn profile(eng: &Engine, tokens: &[u32], n: usize) -> Result<Vec<(String, usize,
     }
     let decode = eng.ctx.stop_profiling();
     Ok(vec![(format!("pp{}", tokens.len()), tokens.len(), prefill), (format!("tg{n}"), n, decode)])
+}
+
+/// Memory in use after each stage of the run.
+fn print_memory(memory: &[(String, MemoryUse)]) {
+    let mib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.1}", b as f64 / (1u64 << 20) as f64));
+    println!("\n| memory after | GPU buffers MiB | host peak MiB |\n|---|---:|---:|");
+    for (after, m) in memory {
+        println!("| {after} | {} | {} |", mib(m.gpu_buffers), mib(m.host_peak));
+    }
 }
 
 /// The profile of `what`, per token.
@@ -169,20 +187,20 @@ fn decode_rate(m: &Model, plans: &[Option<ActiveAdapter>], n: usize, reps: usize
 fn lora_rows(m: &mut Model, a: &Args, tokens: &[u32], reps: usize, rows: &mut Vec<Row>) -> Result<()> {
     let mut rng = agentflux::decode::SplitMix64(7);
     let c = m.config.clone();
-    let ids = (0..4)
+    let ids = (0..LORA_ADAPTERS)
         .map(|i| m.add_adapter(&format!("random-{i}"), &random_adapter(&mut rng, &c, a.lora_rank, &Proj::ALL, 0.02)))
         .collect::<agentflux::Result<Vec<_>>>()?;
     let one = vec![Some(ActiveAdapter::new(ids[0]))];
-    let four: Vec<_> = ids.iter().map(|&id| Some(ActiveAdapter::new(id))).collect();
-    let r = a.lora_rank;
+    let mixed: Vec<_> = ids.iter().map(|&id| Some(ActiveAdapter::new(id))).collect();
+    let (r, n) = (a.lora_rank, LORA_ADAPTERS);
     // (test, plans, mode, index of the row it is compared with)
     let configs = [
         ("base".to_string(), vec![None], LoraMode::Fused, None),
         (format!("rank-{r} adapter, fused"), one.clone(), LoraMode::Fused, Some(0)),
         (format!("rank-{r} adapter, separate expand"), one, LoraMode::Separate, Some(0)),
-        ("×4 sequences, base".to_string(), vec![None; 4], LoraMode::Fused, None),
-        (format!("×4 sequences, 4 rank-{r} adapters, fused"), four.clone(), LoraMode::Fused, Some(3)),
-        (format!("×4 sequences, 4 rank-{r} adapters, separate expand"), four, LoraMode::Separate, Some(3)),
+        (format!("×{n} sequences, base"), vec![None; n], LoraMode::Fused, None),
+        (format!("×{n} sequences, {n} rank-{r} adapters, fused"), mixed.clone(), LoraMode::Fused, Some(3)),
+        (format!("×{n} sequences, {n} rank-{r} adapters, separate expand"), mixed, LoraMode::Separate, Some(3)),
     ];
     let mut batches = configs.iter().map(|(_, plans, _, _)| DecodeBatch::new(m, plans.clone(), a.decode)).collect::<Result<Vec<_>>>()?;
     let mut best = vec![0f64; configs.len()];
