@@ -74,6 +74,22 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
             assert_eq!(s["recomputed"], 0);
         }
     }
+    // The tool given: lines expecting finish are left out, every name is the expected one, and
+    // only the arguments decide a full call.
+    let out = std::env::temp_dir().join(format!("agentflux-eval-given-{}.json", std::process::id()));
+    let ws = std::env::temp_dir().join(format!("agentflux-eval-ws-{}", std::process::id()));
+    let (ok, stdout, err) = agentflux(&["eval", "--model", &m, "--dataset", &d, "--given-tool", "--workspace", &ws.to_string_lossy(), "--json", &out.to_string_lossy()]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("| decoupled (tool given) | 5 |") && err.contains("1 lines expecting finish left out"), "{stdout}\n{err}");
+    let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    std::fs::remove_file(&out).ok();
+    let ex = v["examples"].as_array().unwrap();
+    // (A random tiny model may not close a string within the token or context limit: an error,
+    // not a call.)
+    assert!(ex.iter().filter(|e| e["error"].is_null()).all(|e| e["name"] == e["expected_name"] && e["full_ok"] == e["arguments_ok"]), "{v}");
+    assert!(ex.iter().any(|e| e["error"].is_null()), "{v}");
+    let (ok, _, err) = agentflux(&["eval", "--model", &m, "--dataset", &d, "--given-tool", "--mode", "monolithic"]);
+    assert!(!ok && err.contains("--given-tool"), "{err}");
     // A malformed line is refused with its number.
     std::fs::write(&dataset, format!("{}\n{{\"messages\": []}}", lines[0])).unwrap();
     let (ok, _, err) = agentflux(&["eval", "--model", &m, "--dataset", &d]);

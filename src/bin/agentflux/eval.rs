@@ -6,7 +6,8 @@ use agentflux::eval::{judge, read_dataset, read_tasks, task_row, Outcome, Summar
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions, Tool};
 use agentflux::session::Session;
-use agentflux::toolcall::{Agent, AgentOptions, Catalog, MAX_RESULT_CHARS};
+use agentflux::toolcall::{Agent, AgentOptions, Catalog, ToolChoice, FINISH, MAX_RESULT_CHARS};
+use std::ops::ControlFlow;
 use agentflux::train::Seed;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -37,6 +38,11 @@ pub struct Args {
     /// With several servers, choose among every tool at once instead of the server first.
     #[arg(long)]
     no_hierarchy: bool,
+    /// Give each call its expected tool (lines expecting `finish` are left out): only the
+    /// arguments are generated and scored, so the argument adapters are measured apart from the
+    /// selector (decoupled and reference modes).
+    #[arg(long, conflicts_with = "tasks")]
+    given_tool: bool,
     /// The directory `{ws}` stands for (created if missing; dataset calls are scored, not run;
     /// with --tasks its contents are replaced by the seed's workspace before every task).
     #[arg(long, default_value = "/tmp/agentflux-eval-ws")]
@@ -53,7 +59,15 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let Some(dataset) = &a.dataset else { return run_tasks(&a, gpu) };
     let text = std::fs::read_to_string(dataset).with_context(|| format!("reading {}", dataset.display()))?;
     let ws = a.workspace.to_string_lossy().into_owned();
-    let examples = read_dataset(&text, &ws, MAX_RESULT_CHARS).map_err(|e| anyhow::anyhow!("{}: {e}", dataset.display()))?;
+    let mut examples = read_dataset(&text, &ws, MAX_RESULT_CHARS).map_err(|e| anyhow::anyhow!("{}: {e}", dataset.display()))?;
+    if a.given_tool {
+        if !matches!(a.mode, Mode::Decoupled | Mode::Reference) {
+            anyhow::bail!("--given-tool gives the argument stage its tool: --mode decoupled or reference");
+        }
+        let before = examples.len();
+        examples.retain(|e| e.expected_name != FINISH);
+        eprintln!("--given-tool: {} lines expecting finish left out, {} scored", before - examples.len(), examples.len());
+    }
     if examples.iter().any(|e| matches!(e.tools, ToolSource::Mcp(_))) {
         std::fs::create_dir_all(&a.workspace).with_context(|| format!("creating {}", a.workspace.display()))?;
     }
@@ -83,7 +97,11 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
                 c
             }
         };
-        let call = a.mode.call(&l, &mut session, &catalog, &ex.messages);
+        let call = if a.given_tool {
+            l.caller.call_with(&mut session, &catalog, &ex.messages, &l.adapters, &ToolChoice::Function(ex.expected_name.clone()), |_| ControlFlow::Continue(()))
+        } else {
+            a.mode.call(&l, &mut session, &catalog, &ex.messages)
+        };
         outcomes.push(Outcome::score(ex, &catalog, call.as_ref().map_err(|e| e.to_string())));
         let done = i + 1;
         progress.update(done as u64, false, || {
@@ -93,14 +111,15 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     }
     progress.finish();
     let summary = Summary::of(&outcomes);
-    println!("{}\n{}", Summary::HEADER, summary.row(a.mode.name()));
+    let label = if a.given_tool { format!("{} (tool given)", a.mode.name()) } else { a.mode.name().to_string() };
+    println!("{}\n{}", Summary::HEADER, summary.row(&label));
     let per_tool: Vec<String> = summary.per_tool.iter().map(|(t, (ok, n))| format!("{t} {ok}/{n}")).collect();
     println!("\nselection by expected tool: {}", per_tool.join(", "));
     if summary.errors > 0 {
         println!("{} calls failed (see --json for the errors)", summary.errors);
     }
     if let Some(path) = &a.json {
-        let v = serde_json::json!({"mode": a.mode.name(), "model": a.model, "dataset": a.dataset, "adapters": a.adapters, "device": l.eng.ctx.describe(), "summary": summary, "examples": outcomes});
+        let v = serde_json::json!({"mode": a.mode.name(), "given_tool": a.given_tool, "model": a.model, "dataset": a.dataset, "adapters": a.adapters, "device": l.eng.ctx.describe(), "summary": summary, "examples": outcomes});
         std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
