@@ -137,7 +137,9 @@ fn data_check_reports_and_splits() {
     let tools = json!([{"type": "function", "function": {"name": "read_text_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]);
     let mut lines: Vec<String> = (0..20)
         .map(|i| {
-            let messages = json!([{"role": "user", "content": format!("Show notes/{i}.txt")}, call("c", "read_text_file", json!({"path": format!("notes/{i}.txt")})), {"role": "tool", "tool_call_id": "c", "content": "hi"}, {"role": "assistant", "content": "It says hi."}]);
+            // Every seventh request is long, for the over-length check below.
+            let request = if i % 7 == 3 { format!("Show notes/{i}.txt{}", " please".repeat(300)) } else { format!("Show notes/{i}.txt") };
+            let messages = json!([{"role": "user", "content": request}, call("c", "read_text_file", json!({"path": format!("notes/{i}.txt")})), {"role": "tool", "tool_call_id": "c", "content": "hi"}, {"role": "assistant", "content": "It says hi."}]);
             json!({"messages": messages, "tools": tools}).to_string()
         })
         .collect();
@@ -171,6 +173,16 @@ fn data_check_reports_and_splits() {
             assert!(from < start && start < end && end <= n, "{e}");
         }
     }
+    // A lower --max-tokens drops the long conversations and moves no other line to another part:
+    // the valid lines are split first, as `agentflux train` splits them.
+    let short = exported.iter().filter(|e| !lines[e["line"].as_u64().unwrap() as usize - 1].contains("please")).map(|e| e["tokens"].as_array().unwrap().len()).max().unwrap();
+    let parts = |dir: &std::path::Path| -> Vec<Vec<String>> { ["train", "val", "test"].iter().map(|p| std::fs::read_to_string(dir.join(format!("{p}.jsonl"))).unwrap().lines().map(str::to_string).collect()).collect() };
+    let short_dir = dir.join("split-short");
+    let (ok, out, err) = agentflux(&["data", "check", file.to_str().unwrap(), "--seed", "3", "--max-tokens", &(short + 50).to_string(), "--out", short_dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("22 lines read, 17 kept, 5 dropped") && out.contains("TooLong: 3"), "{out}");
+    let without_long: Vec<Vec<String>> = parts(&out_dir).into_iter().map(|p| p.into_iter().filter(|l| !l.contains("please")).collect()).collect();
+    assert_eq!(parts(&short_dir), without_long);
     let (ok, _, err) = agentflux(&["data", "check", "/nonexistent.jsonl"]);
     assert!(!ok && err.contains("/nonexistent.jsonl"), "{err}");
     std::fs::remove_dir_all(&dir).ok();

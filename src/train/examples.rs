@@ -3,12 +3,12 @@
 //! only the arguments of the calls of its tool. The token sequences are the ones inference
 //! builds ([`ToolCaller::call_layout`]), so what is trained is exactly what is run.
 
-use super::data::{DataReport, DropKind, Trajectory};
+use super::data::{split, DataReport, DropKind, Trajectory};
 use crate::error::Result;
 use crate::text::ChatMessage;
 use crate::toolcall::{AssistantTurn, ToolCaller, FINISH};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 /// Which adapter an example trains.
@@ -70,8 +70,36 @@ pub fn decoupled_examples(caller: &ToolCaller, trajectories: &[Trajectory], max_
     Ok(out)
 }
 
+/// One part of a split: its data lines (over-length conversations left out) and their examples.
+#[derive(Debug, Clone, Default)]
+pub struct SplitPart {
+    pub lines: Vec<usize>,
+    pub examples: Vec<Example>,
+}
+
+/// The three parts of [`split_examples`]: 80%, 10%, 10% of the valid lines.
+#[derive(Debug, Clone, Default)]
+pub struct SplitExamples {
+    pub train: SplitPart,
+    pub val: SplitPart,
+    pub test: SplitPart,
+}
+
+/// The seeded 80/10/10 split of `trajectories`, each part laid out as decoupled examples. The
+/// valid lines are split before over-length ones are dropped, so `max_tokens` never moves a line
+/// into another part; `agentflux train` and `agentflux data check` both split here.
+pub fn split_examples(caller: &ToolCaller, trajectories: Vec<Trajectory>, seed: u64, max_tokens: usize, report: &mut DataReport) -> Result<SplitExamples> {
+    let parts = split(trajectories, seed);
+    let mut lay_out = |part: Vec<Trajectory>| -> Result<SplitPart> {
+        let examples = decoupled_examples(caller, &part, max_tokens, report)?;
+        let dropped: BTreeSet<usize> = report.dropped.iter().map(|d| d.line).collect();
+        Ok(SplitPart { lines: part.iter().map(|t| t.line).filter(|l| !dropped.contains(l)).collect(), examples })
+    };
+    Ok(SplitExamples { train: lay_out(parts.train)?, val: lay_out(parts.val)?, test: lay_out(parts.test)? })
+}
+
 /// Examples and target tokens per adapter, for reports.
-pub fn counts(examples: &[Example]) -> BTreeMap<AdapterRole, (usize, usize)> {
+pub fn counts<'a>(examples: impl IntoIterator<Item = &'a Example>) -> BTreeMap<AdapterRole, (usize, usize)> {
     let mut m: BTreeMap<AdapterRole, (usize, usize)> = BTreeMap::new();
     for e in examples {
         let c = m.entry(e.role.clone()).or_default();

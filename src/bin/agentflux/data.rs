@@ -5,7 +5,7 @@ use agentflux::resolve_model;
 use agentflux::text::{ChatTemplate, Tokenizer};
 use agentflux::toolcall::{ToolCaller, MAX_RESULT_CHARS};
 use agentflux::mcp::{McpClient, ServerOptions};
-use agentflux::train::{decoupled_examples, examples::counts, read_trajectories, split, synthesize, AdapterRole, Seed, SynthOptions};
+use agentflux::train::{examples::counts, read_trajectories, split_examples, synthesize, AdapterRole, Seed, SynthOptions};
 use std::io::Write;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -119,26 +119,24 @@ fn check(a: CheckArgs) -> Result<()> {
     let template = ChatTemplate::from_gguf(&f, &tok)?;
     let caller = ToolCaller::new(tok, template)?;
     let (trajectories, mut report) = read_trajectories(&text, MAX_RESULT_CHARS);
-    let examples = decoupled_examples(&caller, &trajectories, a.max_tokens, &mut report)?;
+    let parts = split_examples(&caller, trajectories, a.seed, a.max_tokens, &mut report)?;
+    let examples: Vec<&agentflux::train::Example> = [&parts.train, &parts.val, &parts.test].into_iter().flat_map(|p| &p.examples).collect();
     let mut out = report.summary(3);
     out.push_str(&format!("{} examples (sequences of up to {} tokens):\n", examples.len(), examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0)));
-    for (role, (n, targets)) in counts(&examples) {
+    for (role, (n, targets)) in counts(examples.iter().copied()) {
         let name = match role {
             AdapterRole::Selector => "selector".to_string(),
             AdapterRole::Arguments(t) => format!("arguments of {t}"),
         };
         out.push_str(&format!("  {name}: {n} examples, {targets} target tokens\n"));
     }
-    let dropped: std::collections::HashSet<usize> = report.dropped.iter().map(|d| d.line).collect();
-    let kept: Vec<usize> = trajectories.iter().map(|t| t.line).filter(|l| !dropped.contains(l)).collect();
-    let parts = split(kept, a.seed);
-    out.push_str(&format!("split (seed {}): {} train, {} val, {} test\n", a.seed, parts.train.len(), parts.val.len(), parts.test.len()));
+    out.push_str(&format!("split (seed {}): {} train, {} val, {} test\n", a.seed, parts.train.lines.len(), parts.val.lines.len(), parts.test.lines.len()));
     print!("{out}");
     if let Some(path) = &a.examples {
-        let train: std::collections::HashSet<usize> = parts.train.iter().copied().collect();
-        let body: String = examples
+        let body: String = parts
+            .train
+            .examples
             .iter()
-            .filter(|e| train.contains(&e.line))
             .map(|e| {
                 let adapter = match &e.role {
                     AdapterRole::Selector => "selector",
@@ -155,7 +153,7 @@ fn check(a: CheckArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let lines: Vec<&str> = text.lines().collect();
         for (name, part) in [("train", &parts.train), ("val", &parts.val), ("test", &parts.test)] {
-            let body: String = part.iter().map(|&l| format!("{}\n", lines[l - 1])).collect();
+            let body: String = part.lines.iter().map(|&l| format!("{}\n", lines[l - 1])).collect();
             let p = dir.join(format!("{name}.jsonl"));
             std::fs::write(&p, body).with_context(|| format!("writing {}", p.display()))?;
         }

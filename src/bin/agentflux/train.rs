@@ -4,7 +4,7 @@
 use agentflux::gpu::GpuOptions;
 use agentflux::lora::SavedDtype;
 use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
-use agentflux::train::{decoupled_examples, read_trajectories, split, train_adapter, AdapterRole, Example, TrainOptions};
+use agentflux::train::{read_trajectories, split_examples, train_adapter, AdapterRole, Example, TrainOptions};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -80,9 +80,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
     let (trajectories, mut report) = read_trajectories(&text, MAX_RESULT_CHARS);
     let tools: BTreeSet<String> = trajectories.iter().flat_map(|t| t.catalog.names().into_iter().map(str::to_string)).collect();
-    let parts = split(trajectories, a.seed);
-    let train = decoupled_examples(&caller, &parts.train, a.max_tokens, &mut report)?;
-    let val = decoupled_examples(&caller, &parts.val, a.max_tokens, &mut report)?;
+    let parts = split_examples(&caller, trajectories, a.seed, a.max_tokens, &mut report)?;
+    let (train, val) = (parts.train.examples, parts.val.examples);
     eprint!("{}", report.summary(3));
     eprintln!("{} training and {} validation examples on {}", train.len(), val.len(), eng.ctx.describe());
     let by_role = |examples: Vec<Example>| {
