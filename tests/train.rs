@@ -514,7 +514,10 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out = dir.join("set");
     let m = model.to_str().unwrap();
-    let (ok, stdout, err) = agentflux(&["train", "--model", m, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "2", "--batch", "2", "--rank", "2", "--eval-every", "1"]);
+    // Without --data the tool set's seed file makes the data: none here, so a clear refusal.
+    let (ok, _, err) = agentflux(&["train", "--model", m, "--toolset", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("no --data given") && err.contains("data/seed.json"), "{err}");
+    let (ok, stdout, err) = agentflux(&["train", "--model", m, "--data", data.to_str().unwrap(), "--toolset", out.to_str().unwrap(), "--steps", "2", "--batch", "2", "--rank", "2", "--eval-every", "1"]);
     assert!(ok, "{err}");
     assert!(stdout.contains("wrote the adapter set"), "{stdout}");
     assert!(err.contains("[selector] step 2/2") && err.contains("[read_text_file] step 2/2") && err.contains("[list_allowed_directories] step 2/2") && err.contains("val "), "{err}");

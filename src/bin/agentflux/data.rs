@@ -81,7 +81,18 @@ pub fn run(cmd: Command) -> Result<()> {
     }
 }
 
-fn synth(a: SynthArgs) -> Result<()> {
+impl SynthArgs {
+    /// `agentflux data synth --seed-file SEED --out OUT` with every other option at its default.
+    pub fn with_defaults(seed_file: &std::path::Path, out: &std::path::Path) -> Result<Self> {
+        use clap::{Args, FromArgMatches};
+        let argv = [std::ffi::OsStr::new("synth"), "--seed-file".as_ref(), seed_file.as_os_str(), "--out".as_ref(), out.as_os_str()];
+        let matches = Self::augment_args(clap::Command::new("synth")).try_get_matches_from(argv)?;
+        Ok(Self::from_arg_matches(&matches)?)
+    }
+}
+
+/// `agentflux data synth`.
+pub fn synth(a: SynthArgs) -> Result<()> {
     let seed = Seed::load(&a.seed_file)?;
     let opts = SynthOptions { conversations: a.conversations, max_steps: a.max_steps, seed: a.seed, workspace: a.workspace.clone(), ..Default::default() };
     let occupied = std::fs::read_dir(&opts.workspace).map(|mut d| d.next().is_some()).unwrap_or(false);

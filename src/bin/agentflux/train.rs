@@ -15,12 +15,15 @@ pub struct Args {
     /// A GGUF path, or `default` from the model cache.
     #[arg(long, default_value = "default")]
     model: String,
-    /// Trajectories: OpenAI chat JSONL with tool calls (see `agentflux data check`).
+    /// Trajectories: OpenAI chat JSONL with tool calls (see `agentflux data check`). Default:
+    /// TOOLSET/data/synth.jsonl, made first from TOOLSET/data/seed.json by `agentflux data synth`
+    /// (its defaults) when it does not exist.
     #[arg(long)]
-    data: PathBuf,
-    /// Where the adapter set goes (manifest.json, selector/, args/<tool>/).
-    #[arg(long)]
-    out: PathBuf,
+    data: Option<PathBuf>,
+    /// The tool set's directory, where its adapter set is written (manifest.json, selector/,
+    /// args/<tool>/).
+    #[arg(long, visible_alias = "out")]
+    toolset: PathBuf,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     rank: usize,
@@ -49,7 +52,7 @@ pub struct Args {
     #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
     /// Train only these adapters (`selector` or tool names; repeatable); the other adapters of a
-    /// set already in --out stay in its manifest.
+    /// set already in --toolset stay in its manifest.
     #[arg(long)]
     only: Vec<String>,
     /// Checkpoint each adapter's run under DIR/<adapter> at every validation step; a rerun with
@@ -74,7 +77,11 @@ enum Dtype {
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
-    let text = std::fs::read_to_string(&a.data).with_context(|| format!("reading {}", a.data.display()))?;
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => synthesized(&a.toolset)?,
+    };
+    let text = std::fs::read_to_string(&data).with_context(|| format!("reading {}", data.display()))?;
     let path = resolve_model(&a.model)?;
     let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
     let caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
@@ -95,18 +102,18 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let opts = TrainOptions { rank: a.rank, alpha: a.alpha, steps: a.steps, batch: a.batch, lr: a.lr, min_lr: a.lr / 10.0, warmup: a.warmup, eval_every: a.eval_every, seed: a.seed, ..Default::default() };
     let base_model = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // With --only, the set's other adapters stay as they are: start from its manifest.
-    let existing = a.out.join(agentflux::toolcall::MANIFEST_FILE);
+    let existing = a.toolset.join(agentflux::toolcall::MANIFEST_FILE);
     let mut manifest = if !a.only.is_empty() && existing.exists() {
-        let m = Manifest::read(&a.out)?;
+        let m = Manifest::read(&a.toolset)?;
         if m.base_model != base_model {
-            anyhow::bail!("{}: the set was trained for {}, not {base_model}; train it whole (no --only) or into another --out", existing.display(), m.base_model);
+            anyhow::bail!("{}: the set was trained for {}, not {base_model}; train it whole (no --only) or into another --toolset", existing.display(), m.base_model);
         }
         m
     } else {
         Manifest { base_model, ..Default::default() }
     };
     manifest.tools = tools.into_iter().collect();
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    std::fs::create_dir_all(&a.toolset).with_context(|| format!("creating {}", a.toolset.display()))?;
     for (role, examples) in &train {
         let (name, dir) = match role {
             AdapterRole::Selector => ("selector".to_string(), "selector".to_string()),
@@ -146,7 +153,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             Dtype::F16 => SavedDtype::F16,
             Dtype::F32 => SavedDtype::F32,
         };
-        adapter.save_peft_as(a.out.join(&dir), &eng.model.config, dtype)?;
+        adapter.save_peft_as(a.toolset.join(&dir), &eng.model.config, dtype)?;
         match role {
             AdapterRole::Selector => manifest.selector = Some(dir),
             AdapterRole::Arguments(tool) => {
@@ -154,9 +161,26 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             }
         }
     }
-    manifest.write(&a.out)?;
-    println!("wrote the adapter set to {}", a.out.display());
+    manifest.write(&a.toolset)?;
+    println!("wrote the adapter set to {}", a.toolset.display());
     Ok(())
+}
+
+/// The tool set's synthesized trajectories, made from its seed file the first time.
+fn synthesized(toolset: &std::path::Path) -> Result<PathBuf> {
+    let (seed, out) = (toolset.join("data/seed.json"), toolset.join("data/synth.jsonl"));
+    if !out.exists() {
+        if !seed.exists() {
+            anyhow::bail!("no --data given and {} does not exist to make it from: pass --data FILE.jsonl, or a --toolset with data/seed.json", seed.display());
+        }
+        eprintln!("no --data given: making {} from {} (agentflux data synth)", out.display(), seed.display());
+        // Written aside and renamed when complete, so an interrupted run leaves no partial data.
+        let part = out.with_extension("jsonl.part");
+        let made = crate::data::SynthArgs::with_defaults(&seed, &part).and_then(crate::data::synth);
+        made.with_context(|| format!("making {} (or make it yourself with `agentflux data synth --seed-file {} --out FILE`, then pass --data FILE)", out.display(), seed.display()))?;
+        std::fs::rename(&part, &out).with_context(|| format!("renaming {} to {}", part.display(), out.display()))?;
+    }
+    Ok(out)
 }
 
 /// A rate as people read it: examples per second, or seconds per example when slower.
