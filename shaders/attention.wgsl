@@ -8,7 +8,8 @@
 //   rows pos0 + s for s = t and each ancestor of t (parent[s] ≥ 0), instead of every row before it.
 // Layout: q, o: rows of n_heads·head_dim f32 (vec4 units) at q_offset + t·q_stride;
 //   k, v: the layer's cache, row j = position j (tree tokens: row pos0 + t), n_kv_heads·head_dim
-//   f32 per row; tree: per new token (parent index or −1, depth).
+//   f16 per row, two per u32 word (kv_store.wgsl writes them; a vec2<u32> holds 4 values, so cache
+//   indices count in the same vec4 units as q and o); tree: per new token (parent index or −1, depth).
 // Work split: an invocation serves G consecutive query heads (a head group) that share one KV
 //   head (G divides n_heads / n_kv_heads), so each key and value row is loaded once for all of
 //   them, with an online softmax per head (one pass over the keys, running max and sum, f32
@@ -39,8 +40,8 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> kc: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> vc: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> kc: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read> vc: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> tree: array<vec2<i32>>;
 
@@ -48,6 +49,11 @@ var<private> qv: array<array<vec4<f32>, D4>, G>;
 var<private> acc: array<array<vec4<f32>, D4>, G>;
 var<private> mx: array<f32, G>;
 var<private> l: array<f32, G>;
+
+// Four cached f16 values as f32.
+fn half4(w: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
 
 // The KV head of head group `hg`.
 fn kv_head(hg: u32) -> u32 {
@@ -70,7 +76,7 @@ fn begin(qo: u32, hg: u32) {
 fn attend(ko: u32) {
     var sc: array<f32, G>;
     for (var d = 0u; d < D4; d++) {
-        let k = kc[ko + d];
+        let k = half4(kc[ko + d]);
         for (var g = 0u; g < G; g++) {
             sc[g] += dot(qv[g][d], k);
         }
@@ -86,7 +92,7 @@ fn attend(ko: u32) {
         mx[g] = m_new;
     }
     for (var d = 0u; d < D4; d++) {
-        let v = vc[ko + d];
+        let v = half4(vc[ko + d]);
         for (var g = 0u; g < G; g++) {
             acc[g][d] = acc[g][d] * c[g] + e[g] * v;
         }

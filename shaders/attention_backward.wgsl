@@ -12,12 +12,13 @@
 //              one invocation per (i, kh); run after `grad_q`.
 // Keys of the prefix (positions < pos0) get no gradient: nothing before the step depends on the
 // adapter being trained.
-// Layout: q, dO, dq: T rows of n_heads·head_dim f32; k, v: rows of n_kv_heads·head_dim f32 for
-//   positions 0 .. pos0 + T (the layer's KV cache); dk, dv: T rows of n_kv_heads·head_dim (the
+// Layout: q, dO, dq: T rows of n_heads·head_dim f32; k, v: rows of n_kv_heads·head_dim f16 for
+//   positions 0 .. pos0 + T (the layer's KV cache, two values per u32 word, as kv_store.wgsl
+//   writes them); dk, dv: T rows of n_kv_heads·head_dim (the
 //   step's own keys); stats: 3 f32 per (t, h).
 // Work split: one invocation per output row and head, loops over keys (or queries) and the head
 //   dimension; rows are written by their owner only, so no atomics or barriers.
-// Limits: n_heads a multiple of n_kv_heads.
+// Limits: n_heads a multiple of n_kv_heads; head_dim even.
 
 struct Params {
     n_tokens: u32,
@@ -31,8 +32,8 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<u32>;
+@group(0) @binding(3) var<storage, read> v: array<u32>;
 @group(0) @binding(4) var<storage, read> dout: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dq: array<f32>;
 @group(0) @binding(6) var<storage, read_write> stats: array<f32>;
@@ -47,18 +48,27 @@ fn first_key(pos: u32) -> u32 {
     return 0u;
 }
 
+// Cached values d, d + 1 of the row at `o` (d and o even).
+fn key2(o: u32, d: u32) -> vec2<f32> {
+    return unpack2x16float(k[(o + d) / 2u]);
+}
+
+fn value2(o: u32, d: u32) -> vec2<f32> {
+    return unpack2x16float(v[(o + d) / 2u]);
+}
+
 fn dot_qk(qo: u32, ko: u32) -> f32 {
     var s = 0.0;
-    for (var d = 0u; d < p.head_dim; d++) {
-        s += q[qo + d] * k[ko + d];
+    for (var d = 0u; d < p.head_dim; d += 2u) {
+        s += dot(vec2<f32>(q[qo + d], q[qo + d + 1u]), key2(ko, d));
     }
     return s * p.scale;
 }
 
 fn dot_ov(qo: u32, vo: u32) -> f32 {
     var s = 0.0;
-    for (var d = 0u; d < p.head_dim; d++) {
-        s += dout[qo + d] * v[vo + d];
+    for (var d = 0u; d < p.head_dim; d += 2u) {
+        s += dot(vec2<f32>(dout[qo + d], dout[qo + d + 1u]), value2(vo, d));
     }
     return s;
 }
@@ -94,8 +104,10 @@ fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var j = start; j <= pos; j++) {
         let o = j * kv_row + kh * p.head_dim;
         let ds = exp(dot_qk(qo, o) - m) / l * (dot_ov(qo, o) - dd) * p.scale;
-        for (var d = 0u; d < p.head_dim; d++) {
-            dq[qo + d] += ds * k[o + d];
+        for (var d = 0u; d < p.head_dim; d += 2u) {
+            let kk = key2(o, d);
+            dq[qo + d] += ds * kk.x;
+            dq[qo + d + 1u] += ds * kk.y;
         }
     }
     let so = (t * p.n_heads + h) * 3u;

@@ -6,9 +6,10 @@ use crate::model::ModelConfig;
 
 /// Keys and values of every processed position, one buffer pair per layer.
 ///
-/// Row `j` of a layer's buffer holds position `j` (`n_kv_heads × head_dim` f32). The cache is
-/// written at `len()` by the forward pass; `truncate` forgets positions (their rows are simply
-/// overwritten later).
+/// Row `j` of a layer's buffer holds position `j`: `n_kv_heads × head_dim` f16, two per u32 word
+/// (half the memory of f32, as llama.cpp keeps its cache; `kernels::kv_store` writes them). The
+/// cache is written at `len()` by the forward pass; `truncate` forgets positions (their rows are
+/// simply overwritten later).
 pub struct KvCache {
     /// Per layer: (keys, values).
     pub(crate) layers: Vec<(wgpu::Buffer, wgpu::Buffer)>,
@@ -19,7 +20,7 @@ pub struct KvCache {
 impl KvCache {
     /// A cache for `n_ctx` positions of a model shaped like `cfg`.
     pub fn new(ctx: &GpuContext, cfg: &ModelConfig, n_ctx: usize) -> Result<Self> {
-        let bytes = (n_ctx * cfg.kv_dim() * 4) as u64;
+        let bytes = n_ctx as u64 * Self::row_bytes(cfg);
         if bytes > ctx.max_binding() {
             return Err(Error::InvalidOption(format!(
                 "a context of {n_ctx} positions needs {bytes} bytes per layer cache, over this device's binding limit of {} bytes",
@@ -30,6 +31,16 @@ impl KvCache {
             .map(|l| (storage_buffer_zeroed(ctx, &format!("k_cache.{l}"), bytes), storage_buffer_zeroed(ctx, &format!("v_cache.{l}"), bytes)))
             .collect();
         Ok(Self { layers, n_ctx, len: 0 })
+    }
+
+    /// Bytes of one position in one layer's key (or value) buffer.
+    pub fn row_bytes(cfg: &ModelConfig) -> u64 {
+        (cfg.kv_dim() * 2) as u64
+    }
+
+    /// Bytes of one position over every layer, keys and values.
+    pub fn bytes_per_position(cfg: &ModelConfig) -> u64 {
+        2 * cfg.n_layers as u64 * Self::row_bytes(cfg)
     }
 
     /// Positions held.

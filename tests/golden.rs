@@ -3,8 +3,9 @@
 //! sdist, CPU backend) in `tests/fixtures/golden/`.
 //!
 //! Tolerance: llama.cpp's CPU backend quantizes activations to 8 bits (Q8_1/Q8_K) for its
-//! quantized dot products and keeps an f16 KV cache; this engine keeps both in f32 and matches its
-//! own f32 reference on the real model within 1e-3 (`real_model_matches_f32_reference`). The
+//! quantized dot products and keeps an f16 KV cache; this engine keeps activations in f32 (its KV
+//! cache in f16 too) and matches its own f32 reference on the real model within 3e-4
+//! (`real_model_matches_f32_reference`). The
 //! measured gap to llama.cpp is activation-quantization noise: it moves a position's top-5 logits
 //! together (SmolLM2: up to 0.91, mean 0.2). So: max |Δ| ≤ LOGIT_TOL, mean |Δ| ≤ MEAN_TOL, and
 //! greedy tokens equal wherever llama.cpp's best logit leads its runner-up by more than TIE_MARGIN
@@ -167,7 +168,8 @@ fn gemma3_matches_llama_cpp() {
 }
 
 /// The GPU forward pass on the real default model equals the f32 reference forward (every
-/// weight dequantized on the host) at every position of a chat prompt.
+/// weight dequantized on the host, keys and values rounded to f16 as the engine's cache holds
+/// them) at every position of a chat prompt.
 #[test]
 fn real_model_matches_f32_reference() {
     let Some((_, eng)) = load("SmolLM2-135M-Instruct.Q4_1.json") else { return };
@@ -175,5 +177,9 @@ fn real_model_matches_f32_reference() {
     let want = agentflux::reference::ReferenceModel::from_gguf(&eng.file).unwrap().forward(&toks);
     let mut kv = eng.model.new_cache(64).unwrap();
     let got = eng.model.forward(&toks, &mut kv, Logits::All).unwrap();
-    common::assert_close("SmolLM2 logits vs f32 reference", &got, &want, 1e-4);
+    // Both round keys and values to f16, but an element whose f32 values on the two sides
+    // straddle a rounding boundary lands one f16 step (2^-11 of it) apart; over 30 layers those
+    // steps reach ~2e-4 of the largest logit (measured 1.7e-4; 3.1e-4 when the reference keeps
+    // f32 keys and values, ≤ 1e-4 with the f32 cache the engine had before).
+    common::assert_close("SmolLM2 logits vs f32 reference", &got, &want, 3e-4);
 }

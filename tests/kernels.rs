@@ -23,6 +23,14 @@ fn f32_buf(ctx: &GpuContext, v: &[f32]) -> wgpu::Buffer {
     storage_buffer(ctx, "test", bytemuck::cast_slice(v))
 }
 
+/// `v` rounded to f16 and packed two per u32 word, lower half first (the KV cache's layout), with
+/// the rounded values the reference is given.
+fn f16_cache(ctx: &GpuContext, v: &[f32]) -> (wgpu::Buffer, Vec<f32>) {
+    let halves: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let words: Vec<u32> = halves.chunks(2).map(|p| p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16).collect();
+    (storage_buffer(ctx, "kv", bytemuck::cast_slice(&words)), halves.iter().map(|h| h.to_f32()).collect())
+}
+
 fn dequant(format: BlockFormat, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
     let mut w = vec![0f32; rows * cols];
     dequantize(format, bytes, &mut w);
@@ -227,9 +235,9 @@ fn attention_prefill_decode_gqa_window_and_row_offset() {
         let row = heads * hd;
         // Rows before `row0` belong to other sequences of a batch: the kernel must not touch them.
         let q = random_vec(&mut r, (row0 + t) * row, 1.0);
-        let k = random_vec(&mut r, n_kv * kvh * hd, 1.0);
-        let v = random_vec(&mut r, n_kv * kvh * hd, 1.0);
-        let (qb, kb, vb) = (f32_buf(&ctx, &q), f32_buf(&ctx, &k), f32_buf(&ctx, &v));
+        let (kb, k) = f16_cache(&ctx, &random_vec(&mut r, n_kv * kvh * hd, 1.0));
+        let (vb, v) = f16_cache(&ctx, &random_vec(&mut r, n_kv * kvh * hd, 1.0));
+        let qb = f32_buf(&ctx, &q);
         let ob = storage_buffer_zeroed(&ctx, "o", (q.len() * 4) as u64);
         let scale = 1.0 / (hd as f32).sqrt();
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
@@ -241,6 +249,36 @@ fn attention_prefill_decode_gqa_window_and_row_offset() {
         let what = format!("attention h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window} row0={row0}");
         assert_close(&what, &read_f32(&ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
     }
+}
+
+/// Keys and values stored as f16 at a cache position: every value within f16's rounding of the
+/// f32 row, the rows around it untouched.
+#[test]
+fn kv_store_appends_f16_rows() {
+    use agentflux::kernels::kv_store::kv_store;
+    let ctx = ctx();
+    let mut r = rng("kv_store");
+    for (row_len, row0, pos0, t, n_ctx) in [(64, 0, 0, 5, 8), (192, 2, 7, 3, 12), (6, 1, 1000, 70, 1100)] {
+        let (k, v) = (random_vec(&mut r, (row0 + t) * row_len, 4.0), random_vec(&mut r, (row0 + t) * row_len, 4.0));
+        let (kb, vb) = (f32_buf(&ctx, &k), f32_buf(&ctx, &v));
+        let cache = |name| storage_buffer_zeroed(&ctx, name, (n_ctx * row_len * 2) as u64);
+        let (kc, vc) = (cache("kc"), cache("vc"));
+        let mut rec = Recorder::new(&ctx);
+        kv_store(&mut rec, &ctx, &kb, &vb, row0, &kc, &vc, pos0, t, row_len).unwrap();
+        rec.submit();
+        for (what, src, buf) in [("keys", &k, &kc), ("values", &v, &vc)] {
+            let words = read_u32(&ctx, buf, 0, n_ctx * row_len / 2).unwrap();
+            let got: Vec<f32> = words.iter().flat_map(|w| [half::f16::from_bits(*w as u16).to_f32(), half::f16::from_bits((*w >> 16) as u16).to_f32()]).collect();
+            let stored = pos0 * row_len..(pos0 + t) * row_len;
+            assert!(got[..stored.start].iter().chain(&got[stored.end..]).all(|&x| x == 0.0), "{what}: rows outside {stored:?} written");
+            for (i, (g, x)) in got[stored].iter().zip(&src[row0 * row_len..]).enumerate() {
+                // One f16 rounding: half an ulp is 2^-11 of the value (f16 normals).
+                assert!((g - x).abs() <= x.abs() * 4.9e-4 + 1e-7, "{what} row_len {row_len} value {i}: {g} for {x}");
+            }
+        }
+    }
+    let (kb, kc) = (f32_buf(&ctx, &[0.0; 6]), storage_buffer_zeroed(&ctx, "kc", 12));
+    assert!(kv_store(&mut Recorder::new(&ctx), &ctx, &kb, &kb, 0, &kc, &kc, 0, 2, 3).is_err(), "odd rows refused");
 }
 
 #[test]
@@ -546,11 +584,11 @@ fn attention_backward_over_a_cached_prefix() {
     for (heads, kvh, hd, pos0, t, window) in [(4, 2, 16, 5, 4, 0), (2, 2, 32, 0, 6, 0), (6, 3, 8, 7, 5, 4), (4, 1, 64, 3, 1, 0)] {
         let (row, kv_row, n) = (heads * hd, kvh * hd, pos0 + t);
         let q_full = random_vec(&mut r, n * row, 1.0);
-        let (k, v) = (random_vec(&mut r, n * kv_row, 1.0), random_vec(&mut r, n * kv_row, 1.0));
+        let ((kb, k), (vb, v)) = (f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)), f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)));
         let mut dout_full = vec![0f32; pos0 * row];
         dout_full.extend(random_vec(&mut r, t * row, 1.0));
         let scale = 1.0 / (hd as f32).sqrt();
-        let (qb, kb, vb, db) = (f32_buf(&ctx, &q_full[pos0 * row..]), f32_buf(&ctx, &k), f32_buf(&ctx, &v), f32_buf(&ctx, &dout_full[pos0 * row..]));
+        let (qb, db) = (f32_buf(&ctx, &q_full[pos0 * row..]), f32_buf(&ctx, &dout_full[pos0 * row..]));
         let zeros = |n: usize| storage_buffer_zeroed(&ctx, "g", (n * 4) as u64);
         let (dqb, dkb, dvb, sb) = (zeros(t * row), zeros(t * kv_row), zeros(t * kv_row), zeros(t * heads * 3));
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };

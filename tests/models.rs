@@ -208,7 +208,8 @@ fn memory_use_counts_a_kv_cache() {
     let n_ctx = 4096;
     let kv = model.new_cache(n_ctx).unwrap();
     let with_kv = ctx.memory_use();
-    let expected = (2 * model.config.n_layers * model.config.kv_dim() * 4 * n_ctx) as f64;
+    // Keys and values, f16: 2 bytes per value.
+    let expected = (2 * model.config.n_layers * model.config.kv_dim() * 2 * n_ctx) as f64;
     let grown = gpu(with_kv) - gpu(before);
     assert!(grown >= expected && grown < expected * 1.1 + 65536.0, "a cache of {expected} bytes grew the figure by {grown}");
     drop(kv);

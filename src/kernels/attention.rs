@@ -34,7 +34,8 @@ pub struct AttentionShape {
     pub scale: f32,
 }
 
-/// Record attention of `n_tokens` queries at positions `pos0..` against cache rows `0..pos0+n_tokens`.
+/// Record attention of `n_tokens` queries at positions `pos0..` against the f16 cache rows
+/// `0..pos0+n_tokens` (as [`kv_store`](super::kv_store::kv_store) writes them).
 /// `q` and `o` hold rows of `n_heads × head_dim` floats; the queries are rows `row0..` of both
 /// (one sequence of a batch that packs several). With `tree` (per new token: parent or −1,
 /// depth; see `shaders/attention.wgsl`) each new token sees the cache before `pos0` and its own

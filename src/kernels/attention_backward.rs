@@ -30,12 +30,12 @@ pub struct AttentionGrads<'a> {
 }
 
 /// Record the gradients of attention for `n_tokens` query rows at positions `pos0..` (queries
-/// `q`, output gradient `dout`) over the layer's cache `k_cache`/`v_cache` (positions
-/// `0..pos0 + n_tokens`).
+/// `q`, output gradient `dout`) over the layer's f16 cache `k_cache`/`v_cache` (positions
+/// `0..pos0 + n_tokens`, as [`kv_store`](super::kv_store::kv_store) writes them).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, dout: &wgpu::Buffer, g: AttentionGrads, n_tokens: usize, pos0: usize) -> Result<()> {
-    if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
-        return Err(Error::Shape { op: "attention_backward", msg: format!("heads {} / kv heads {}", s.n_heads, s.n_kv_heads) });
+    if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 || s.head_dim % 2 != 0 {
+        return Err(Error::Shape { op: "attention_backward", msg: format!("heads {} / kv heads {}, head_dim {} (the f16 cache needs it even)", s.n_heads, s.n_kv_heads, s.head_dim) });
     }
     let p = Params {
         n_tokens: n_tokens as u32,

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod attention_backward;
 pub mod elementwise;
 pub mod embed;
+pub mod kv_store;
 pub mod lora_backward;
 pub mod loss;
 pub mod matmul;

@@ -24,7 +24,7 @@ use crate::kernels::elementwise::{add_rows, glu};
 use crate::kernels::matmul::{lora_expand, lora_shrink, matmul, LoraIo, MatmulIo, MAX_SLOTS};
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
 use crate::kernels::sample::{argmax, sample, OUT_WORDS};
-use crate::kernels::{embed::embed, rope::rope};
+use crate::kernels::{embed::embed, kv_store::kv_store, rope::rope};
 use crate::kv::KvCache;
 use crate::lora::{ActiveAdapter, AdapterId, AdapterInfo, AdapterRegistry, LoraAdapter, LoraLimits, Proj};
 use std::path::{Path, PathBuf};
@@ -473,9 +473,6 @@ impl Model {
         let layer_trace = |l: usize| trace.map(|tr| &tr.layers[l]);
         let (d, q_dim, kv_dim, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim);
         let dense = |buf, stride| Rows { buf, offset: 0, stride };
-        // One sequence writes its keys and values straight into its cache; a batch of several
-        // writes them to scratch rows and copies each sequence's rows into its own cache.
-        let direct = segs.len() == 1;
         embed(rec, ctx, &w.embed, &s.ids, t, c.embed_scale, &s.h)?;
         for (l, lw) in w.layers.iter().enumerate() {
             let tr = layer_trace(l);
@@ -483,20 +480,16 @@ impl Model {
             rms_norm(rec, ctx, &lw.attn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
             keep(rec, &s.xn, 0, tr.map(|x| &x.x1), d);
             self.project(rec, lora, l, Proj::Q, &lw.wq, MatmulIo::dense(&s.xn, &s.q, &lw.wq, t))?;
-            for (proj, wm, cached, scratch) in [(Proj::K, &lw.wk, &segs[0].kv.layers[l].0, &s.k), (Proj::V, &lw.wv, &segs[0].kv.layers[l].1, &s.v)] {
-                let io = if direct { MatmulIo { y_offset: segs[0].kv.len() * kv_dim, ..MatmulIo::dense(&s.xn, cached, wm, t) } } else { MatmulIo::dense(&s.xn, scratch, wm, t) };
-                self.project(rec, lora, l, proj, wm, io)?;
-            }
+            // Keys and values in f32 scratch rows (bias, norm and RoPE apply there), then stored
+            // into each sequence's f16 cache.
+            self.project(rec, lora, l, Proj::K, &lw.wk, MatmulIo::dense(&s.xn, &s.k, &lw.wk, t))?;
+            self.project(rec, lora, l, Proj::V, &lw.wv, MatmulIo::dense(&s.xn, &s.v, &lw.wv, t))?;
             let rp = c.layer_rope(l);
             let shape = AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
             for g in segs {
                 let (kc, vc) = &g.kv.layers[l];
                 let pos0 = g.kv.len();
-                let (kr, vr) = if direct {
-                    (Rows { buf: kc, offset: pos0 * kv_dim, stride: kv_dim }, Rows { buf: vc, offset: pos0 * kv_dim, stride: kv_dim })
-                } else {
-                    (Rows { buf: &s.k, offset: g.row0 * kv_dim, stride: kv_dim }, Rows { buf: &s.v, offset: g.row0 * kv_dim, stride: kv_dim })
-                };
+                let (kr, vr) = (Rows { buf: &s.k, offset: g.row0 * kv_dim, stride: kv_dim }, Rows { buf: &s.v, offset: g.row0 * kv_dim, stride: kv_dim });
                 let qr = Rows { buf: &s.q, offset: g.row0 * q_dim, stride: q_dim };
                 if let Some([bq, bk, bv]) = &lw.qkv_bias {
                     add_rows(rec, ctx, qr, bq, g.len, q_dim)?;
@@ -511,11 +504,7 @@ impl Model {
                 }
                 rope(rec, ctx, &rp, qr, g.len, c.n_heads, hd, pos0, tree)?;
                 rope(rec, ctx, &rp, kr, g.len, c.n_kv_heads, hd, pos0, tree)?;
-                if !direct {
-                    let (from, to, bytes) = ((g.row0 * kv_dim * 4) as u64, (pos0 * kv_dim * 4) as u64, (g.len * kv_dim * 4) as u64);
-                    rec.copy(&s.k, from, kc, to, bytes);
-                    rec.copy(&s.v, from, vc, to, bytes);
-                }
+                kv_store(rec, ctx, &s.k, &s.v, g.row0, kc, vc, pos0, g.len, kv_dim)?;
                 attention(rec, ctx, &shape, &s.q, kc, vc, &s.attn, g.row0, g.len, pos0, tree)?;
             }
             keep(rec, &s.q, 0, tr.map(|x| &x.q), q_dim);

@@ -42,6 +42,10 @@ pub struct ReferenceModel {
     layers: Vec<Layer>,
     out_norm: Vec<f32>,
     output: Vec<f32>,
+    /// Keys and values rounded to f16 after RoPE, as the engine's KV cache stores them (the
+    /// default); the backward pass takes the rounding as the identity, as the engine's does.
+    /// `false` gives the exact f32 function, which finite differences need.
+    pub kv_f16: bool,
 }
 
 impl ReferenceModel {
@@ -82,7 +86,7 @@ impl ReferenceModel {
             Some(o) => o,
             None => embed.clone(),
         };
-        Ok(Self { out_norm: t("output_norm.weight".into())?, config, embed, layers, output })
+        Ok(Self { out_norm: t("output_norm.weight".into())?, config, embed, layers, output, kv_f16: true })
     }
 
     /// Logits of every position of `tokens` (a fresh sequence from position 0).
@@ -134,6 +138,9 @@ impl ReferenceModel {
             let rp = c.layer_rope(l);
             ops::rope(&mut q, c.n_heads, hd, &rp, 0);
             ops::rope(&mut k, c.n_kv_heads, hd, &rp, 0);
+            if self.kv_f16 {
+                k.iter_mut().chain(v.iter_mut()).for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+            }
             let att = ops::attention(&q, &k, &v, c.n_heads, c.n_kv_heads, hd, 0, c.layer_window(l), c.attn_scale);
             let o_pre = mm(l, Proj::O, &ly.wo, &att);
             let o = match &ly.post_attn_norm {

@@ -39,8 +39,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let ctx = GpuContext::new(gpu)?;
     let l = &ctx.limits;
     let weight_bytes: u64 = types.values().map(|(_, b)| b).sum();
-    // Keys and values of every layer, f32 (KvCache).
-    let kv_bytes_per_position = (2 * config.n_layers * config.kv_dim() * 4) as u64;
+    let kv_bytes_per_position = agentflux::kv::KvCache::bytes_per_position(&config);
     if a.json {
         let out = serde_json::json!({
             "model": path,
@@ -67,7 +66,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     for (ty, (n, bytes)) in &types {
         println!("tensors    {ty:>5}: {n:>4} tensors, {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
     }
-    println!("memory     weights {:.1} MiB on the GPU (as stored: quantized tensors stay quantized), KV cache {:.1} MiB per 1024 positions (f32); `agentflux bench` measures a run",
+    println!("memory     weights {:.1} MiB on the GPU (as stored: quantized tensors stay quantized), KV cache {:.1} MiB per 1024 positions (f16); `agentflux bench` measures a run",
         weight_bytes as f64 / (1 << 20) as f64, (kv_bytes_per_position * 1024) as f64 / (1 << 20) as f64);
     println!("device     {} [{:?}]", ctx.describe(), ctx.class);
     println!("features   shader-f16 {}, subgroups {}, timestamps {}", ctx.features.shader_f16, ctx.features.subgroups, ctx.features.timestamps);

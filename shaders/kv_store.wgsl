@@ -1,0 +1,32 @@
+// kv_store.wgsl — append a step's keys and values to a layer's KV cache as f16.
+//
+// Computes: for each new row t < n_tokens and each pair i < row_len / 2:
+//   k_cache[(pos0 + t) · row_len / 2 + i] = pack2x16float(k[src + t · row_len + 2i .. +2]), the same for v.
+// Layout: k, v: rows of row_len f32 from float `src` (the step's rows after bias, norm and RoPE);
+//   k_cache, v_cache: rows of row_len f16, two per u32 word (the lower half first), row j holding
+//   position j — what attention.wgsl and attention_backward.wgsl read.
+// Work split: one invocation per (pair, row), both caches written by it.
+// Limits: row_len even; values beyond f16's range (±65504) are not representable.
+
+struct Params {
+    n_words: u32,
+    src: u32,
+    dst: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> k_cache: array<u32>;
+@group(0) @binding(4) var<storage, read_write> v_cache: array<u32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let w = gid.x + gid.y * 65535u * 64u;
+    if (w >= p.n_words) {
+        return;
+    }
+    let s = p.src + 2u * w;
+    k_cache[p.dst + w] = pack2x16float(vec2<f32>(k[s], k[s + 1u]));
+    v_cache[p.dst + w] = pack2x16float(vec2<f32>(v[s], v[s + 1u]));
+}
