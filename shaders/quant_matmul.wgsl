@@ -6,13 +6,15 @@
 //   with `+=` when `accumulate` is 1 (fuses the residual add into the projection).
 // Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load32`);
 //   x is M rows of K f32 at x_offset + m·x_stride (both in vec4 units); y is f32.
-// Work split (CPU-friendly family): prefill (`main`): one invocation owns 8 output rows × 8 batch
-//   rows, so each 32-value weight group is decoded once per 8 tokens and each x load serves 8
-//   rows; decode (`main_m1`): 4 output rows of one token, each x load serving the 4. f32
-//   accumulation, no barriers. On CPU-backed drivers every storage load whose address differs
-//   per invocation is a loop over the SIMD lanes, which is what these tiles amortise.
-//   A matrix split across bindings runs once per part.
-// Limits: K a multiple of 32 and of the format's block; N ≤ 4·65535·WG per part; M ≤ 8·65535.
+// Work split (CPU-friendly family): one invocation owns a tile of ROWS output rows × COLS batch
+//   rows (launcher constants: decode is COLS = 1). Per 32-value group it loads each batch row's
+//   x once, then decodes each weight row once and dots it with all COLS of them. On CPU-backed
+//   drivers every storage load whose address differs per invocation is a loop over the SIMD
+//   lanes, which these tiles amortise; small workgroups (WG) keep both threads busy on the
+//   narrow K/V projections. f32 accumulation, no barriers. A matrix split across bindings runs
+//   once per part.
+// Limits: K a multiple of 32 and of the format's block; N ≤ ROWS·65535·WG per part;
+//   M ≤ COLS·65535.
 
 struct Params {
     n: u32,
@@ -58,96 +60,59 @@ fn lora_delta(n: u32, m: u32) -> f32 {
     return d * bitcast<f32>(slot.w);
 }
 
-// Σ over one 32-value group of the four rows' weights times x[xi..xi+8] (vec4 units): one x
-// load serves four rows, which matters on CPU-backed drivers where every storage load whose
-// address differs per invocation is a per-lane loop.
-fn dot4(w0: V32, w1: V32, w2: V32, w3: V32, xi: u32) -> vec4<f32> {
-    var s = vec4<f32>(0.0);
-    for (var j = 0u; j < 8u; j++) {
-        let xv = x[xi + j];
-        s += vec4<f32>(dot(w0[j], xv), dot(w1[j], xv), dot(w2[j], xv), dot(w3[j], xv));
+// Writes output row n (if below N) of batch row m.
+fn store(n: u32, m: u32, v: f32) {
+    if (n < p.n) {
+        let yi = p.y_offset + m * p.y_stride + p.n_offset + n;
+        let r = v + lora_delta(n, m);
+        if (p.accumulate != 0u) {
+            y[yi] += r;
+        } else {
+            y[yi] = r;
+        }
     }
-    return s;
 }
 
-// Writes the four rows n0.. (those below N) of batch row m.
-fn store4(n0: u32, m: u32, v: vec4<f32>) {
-    for (var t = 0u; t < 4u; t++) {
-        let n = n0 + t;
-        if (n < p.n) {
-            let yi = p.y_offset + m * p.y_stride + p.n_offset + n;
-            let r = v[t] + lora_delta(n, m);
-            if (p.accumulate != 0u) {
-                y[yi] += r;
-            } else {
-                y[yi] = r;
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let n0 = gid.x * ROWS;
+    if (n0 >= p.n) {
+        return;
+    }
+    let m0 = wid.y * COLS;
+    // Rows and batch rows past the end repeat the last one; their results are not stored.
+    var rb: array<u32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        rb[r] = min(n0 + r, p.n - 1u) * p.row_bytes;
+    }
+    var xo: array<u32, COLS>;
+    for (var t = 0u; t < COLS; t++) {
+        xo[t] = p.x_offset + min(m0 + t, p.m - 1u) * p.x_stride;
+    }
+    var acc: array<f32, ROWS * COLS>;
+    for (var k = 0u; k < p.k; k += 32u) {
+        var xv: array<V32, COLS>;
+        for (var t = 0u; t < COLS; t++) {
+            for (var j = 0u; j < 8u; j++) {
+                xv[t][j] = x[xo[t] + (k >> 2u) + j];
+            }
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            let wr = load32(rb[r], k);
+            for (var t = 0u; t < COLS; t++) {
+                var s = 0.0;
+                for (var j = 0u; j < 8u; j++) {
+                    s += dot(wr[j], xv[t][j]);
+                }
+                acc[r * COLS + t] += s;
             }
         }
     }
-}
-
-// Four rows n0.. (clamped to N) times the eight batch rows whose x rows start at `xo` (vec4
-// units), over the 32-value group at k: columns 0..3 of the first matrix are batch rows 0..3.
-fn rows4(n0: u32, k: u32, xo: array<u32, 8>) -> array<mat4x4<f32>, 2> {
-    let last = p.n - 1u;
-    let w0 = load32(min(n0, last) * p.row_bytes, k);
-    let w1 = load32(min(n0 + 1u, last) * p.row_bytes, k);
-    let w2 = load32(min(n0 + 2u, last) * p.row_bytes, k);
-    let w3 = load32(min(n0 + 3u, last) * p.row_bytes, k);
-    let kv = k >> 2u;
-    return array<mat4x4<f32>, 2>(
-        mat4x4<f32>(dot4(w0, w1, w2, w3, xo[0] + kv), dot4(w0, w1, w2, w3, xo[1] + kv),
-                    dot4(w0, w1, w2, w3, xo[2] + kv), dot4(w0, w1, w2, w3, xo[3] + kv)),
-        mat4x4<f32>(dot4(w0, w1, w2, w3, xo[4] + kv), dot4(w0, w1, w2, w3, xo[5] + kv),
-                    dot4(w0, w1, w2, w3, xo[6] + kv), dot4(w0, w1, w2, w3, xo[7] + kv)));
-}
-
-// Prefill: eight output rows × eight batch rows per invocation, so each weight group is decoded
-// once per eight tokens and each x load serves eight rows.
-@compute @workgroup_size(WG)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let n0 = gid.x * 8u;
-    if (n0 >= p.n) {
-        return;
-    }
-    let m0 = wid.y * 8u;
-    var xo: array<u32, 8>;
-    for (var t = 0u; t < 8u; t++) {
-        xo[t] = p.x_offset + min(m0 + t, p.m - 1u) * p.x_stride;
-    }
-    var lo = array<mat4x4<f32>, 2>(mat4x4<f32>(), mat4x4<f32>());
-    var hi = lo;
-    for (var k = 0u; k < p.k; k += 32u) {
-        let a = rows4(n0, k, xo);
-        let b = rows4(n0 + 4u, k, xo);
-        lo[0] += a[0];
-        lo[1] += a[1];
-        hi[0] += b[0];
-        hi[1] += b[1];
-    }
-    for (var t = 0u; t < 8u; t++) {
+    for (var t = 0u; t < COLS; t++) {
         if (m0 + t < p.m) {
-            store4(n0, m0 + t, lo[t >> 2u][t & 3u]);
-            store4(n0 + 4u, m0 + t, hi[t >> 2u][t & 3u]);
+            for (var r = 0u; r < ROWS; r++) {
+                store(n0 + r, m0 + t, acc[r * COLS + t]);
+            }
         }
     }
-}
-
-// Decode (M = 1): four output rows per invocation.
-@compute @workgroup_size(WG)
-fn main_m1(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let n0 = gid.x * 4u;
-    if (n0 >= p.n) {
-        return;
-    }
-    let last = p.n - 1u;
-    let r0 = n0 * p.row_bytes;
-    let r1 = min(n0 + 1u, last) * p.row_bytes;
-    let r2 = min(n0 + 2u, last) * p.row_bytes;
-    let r3 = min(n0 + 3u, last) * p.row_bytes;
-    var a = vec4<f32>(0.0);
-    for (var k = 0u; k < p.k; k += 32u) {
-        a += dot4(load32(r0, k), load32(r1, k), load32(r2, k), load32(r3, k), p.x_offset + (k >> 2u));
-    }
-    store4(n0, 0u, a);
 }

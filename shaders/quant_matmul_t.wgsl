@@ -5,10 +5,11 @@
 //   parts of a matrix split across bindings, and several projections of one input, sum up).
 // Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load32`);
 //   dy and dx are f32 rows.
-// Work split: one invocation per (32-column group, batch row): it walks down the 32-column strip
-//   of W, decoding each block once for its row — the transposed walk keeps the decoders'
-//   row-major access; f32 accumulation, no barriers.
-// Limits: K a multiple of 32 and of the format's block; K/32 ≤ 65535·64.
+// Work split: one invocation per (32-column group, COLS batch rows): it walks down the 32-column
+//   strip of W, decoding each block once for all COLS rows — the transposed walk keeps the
+//   decoders' row-major access; small workgroups (WG) so a 576-column strip set still spreads
+//   over the threads of a CPU-backed device; f32 accumulation, no barriers.
+// Limits: K a multiple of 32 and of the format's block; K/32 ≤ 65535·WG; M ≤ 65535·COLS.
 
 struct Params {
     n: u32,
@@ -28,29 +29,40 @@ struct Params {
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let k = gid.x * 32u;
-    let m = gid.y;
-    if (k >= p.k || m >= p.m) {
+    let m0 = wid.y * COLS;
+    if (k >= p.k) {
         return;
     }
-    var acc: V32;
-    let dyo = p.dy_offset + m * p.dy_stride + p.n_offset;
+    // Batch rows past the end repeat the last one; their results are not stored.
+    var dyo: array<u32, COLS>;
+    for (var t = 0u; t < COLS; t++) {
+        dyo[t] = p.dy_offset + min(m0 + t, p.m - 1u) * p.dy_stride + p.n_offset;
+    }
+    var acc: array<V32, COLS>;
     for (var n = 0u; n < p.n; n++) {
-        let g = dy[dyo + n];
         let wv = load32(n * p.row_bytes, k);
-        for (var j = 0u; j < 8u; j++) {
-            acc[j] += g * wv[j];
+        for (var t = 0u; t < COLS; t++) {
+            let g = dy[dyo[t] + n];
+            for (var j = 0u; j < 8u; j++) {
+                acc[t][j] += g * wv[j];
+            }
         }
     }
-    let o = p.dx_offset + m * p.dx_stride + k;
-    for (var j = 0u; j < 8u; j++) {
-        for (var c = 0u; c < 4u; c++) {
-            if (p.accumulate != 0u) {
-                dx[o + 4u * j + c] += acc[j][c];
-            } else {
-                dx[o + 4u * j + c] = acc[j][c];
+    for (var t = 0u; t < COLS; t++) {
+        if (m0 + t >= p.m) {
+            break;
+        }
+        let o = p.dx_offset + (m0 + t) * p.dx_stride + k;
+        for (var j = 0u; j < 8u; j++) {
+            for (var c = 0u; c < 4u; c++) {
+                if (p.accumulate != 0u) {
+                    dx[o + 4u * j + c] += acc[t][j][c];
+                } else {
+                    dx[o + 4u * j + c] = acc[t][j][c];
+                }
             }
         }
     }

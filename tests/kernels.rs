@@ -77,7 +77,9 @@ fn transposed_matmul_every_format() {
     let mut r = rng("matmul_t");
     for format in [BlockFormat::F32, BlockFormat::F16, BlockFormat::BF16, BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q5_0, BlockFormat::Q8_0, BlockFormat::Q4_K, BlockFormat::Q5_K, BlockFormat::Q6_K] {
         let cols = format.block_len().max(32) * 2;
+        // Fewer batch rows than one invocation's tile, and several tiles with a partial last one.
         check_matmul_t(&ctx, format, 37, cols, 3, &mut r);
+        check_matmul_t(&ctx, format, 37, cols, 10, &mut r);
     }
 }
 
@@ -87,8 +89,9 @@ fn matmul_every_format_decode_and_prefill_shapes() {
     let mut r = rng("matmul_every_format");
     for format in BlockFormat::ALL {
         let k = format.block_len().max(32);
-        // Odd row counts and batch sizes, K of one and several blocks.
-        for (rows, cols, m) in [(1, k.max(32), 1), (37, k * 3, 1), (67, k * 2, 5), (128, k * 4, 9)] {
+        // Odd row counts and batch sizes, K of one and several blocks; a matrix as tall as an LM
+        // head, which decode gives a taller tile.
+        for (rows, cols, m) in [(1, k.max(32), 1), (37, k * 3, 1), (67, k * 2, 5), (128, k * 4, 9), (16_387, k, 1)] {
             let cols = cols.div_ceil(k) * k;
             check_matmul(&ctx, format, rows, cols, m, &mut r);
         }

@@ -6,10 +6,20 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
 
 const WGSL: &str = include_str!("../../shaders/quant_matmul.wgsl");
-const WG: usize = 64;
-/// Output rows × batch rows one invocation computes: decode (`main_m1`) and prefill (`main`).
-const DECODE_TILE: (usize, usize) = (4, 1);
-const PREFILL_TILE: (usize, usize) = (8, 8);
+/// Invocations per workgroup: small, so even a 192-row projection spreads over both threads of
+/// a CPU-backed device.
+const WG: usize = 16;
+
+/// Output rows × batch rows one invocation computes (the shader's ROWS × COLS). Measured side by
+/// side on lavapipe (README, Performance): decode 8 rows, 16 for a matrix as tall as an LM head
+/// (rows to spare; each x load serves more of them); prefill 32 × 4.
+fn tile(rows: usize, m: usize) -> (usize, usize) {
+    match (m, rows) {
+        (1, r) if r >= 16384 => (16, 1),
+        (1, _) => (8, 1),
+        _ => (32, 4),
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -116,12 +126,13 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
     if io.x_offset % 4 != 0 || io.x_stride % 4 != 0 {
         return Err(Error::Shape { op: "matmul", msg: format!("x offset {} / stride {} not multiples of 4", io.x_offset, io.x_stride) });
     }
-    let entry = if io.m == 1 { "main_m1" } else { "main" };
-    let kernel = ctx.kernel(&super::weight_reader("quant_matmul", WGSL, entry, w.format, &[("WG", WG as u32)]))?;
     let slots = io.lora.as_ref().map(|l| l.packed_slots()).transpose()?.unwrap_or_default();
     let none = ctx.placeholder();
     let (row_slot, u, b_pack) = io.lora.as_ref().map_or((none, none, none), |l| (l.row_slot, l.u, l.b_pack));
     for (row0, buf, rows) in &w.parts {
+        let (tile_n, tile_m) = tile(*rows, io.m);
+        let consts = [("WG", WG as u32), ("ROWS", tile_n as u32), ("COLS", tile_m as u32)];
+        let kernel = ctx.kernel(&super::weight_reader("quant_matmul", WGSL, "main", w.format, &consts))?;
         let p = Params {
             n: *rows as u32,
             k: w.cols as u32,
@@ -147,7 +158,6 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
             Binding::whole(u),
             Binding::whole(b_pack),
         ];
-        let (tile_n, tile_m) = if io.m == 1 { DECODE_TILE } else { PREFILL_TILE };
         rec.dispatch(&kernel, &p, bindings, [super::groups(rows.div_ceil(tile_n), WG), super::groups(io.m, tile_m), 1])?;
         let activations = 4 * io.m * (w.cols + rows * (1 + io.accumulate as usize));
         rec.declare_bytes((w.format.row_bytes(w.cols) * rows + activations) as u64);

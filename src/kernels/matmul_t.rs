@@ -6,6 +6,9 @@ use crate::error::Result;
 use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
 
 const WGSL: &str = include_str!("../../shaders/quant_matmul_t.wgsl");
+/// Invocations per workgroup and batch rows per invocation (each decoded block serves COLS rows).
+const WG: usize = 16;
+const COLS: usize = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -25,7 +28,7 @@ struct Params {
 /// Record `dx (+)= dy·W` for `m` rows (`dy` rows of `w.rows`, `dx` rows of `w.cols`): the
 /// gradient with respect to `x` of `y = W·x`. Every part of a split matrix adds its rows' share.
 pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: Rows, dx: Rows, m: usize, accumulate: bool) -> Result<()> {
-    let kernel = ctx.kernel(&super::weight_reader("quant_matmul_t", WGSL, "main", w.format, &[]))?;
+    let kernel = ctx.kernel(&super::weight_reader("quant_matmul_t", WGSL, "main", w.format, &[("WG", WG as u32), ("COLS", COLS as u32)]))?;
     for (i, (row0, buf, rows)) in w.parts.iter().enumerate() {
         let p = Params {
             n: *rows as u32,
@@ -39,7 +42,7 @@ pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: Rows
             n_offset: *row0 as u32,
             accumulate: (accumulate || i > 0) as u32,
         };
-        rec.dispatch(&kernel, &p, vec![Binding::whole(buf), Binding::whole(dy.buf), Binding::whole(dx.buf)], [super::groups(w.cols / 32, 64), m as u32, 1])?;
+        rec.dispatch(&kernel, &p, vec![Binding::whole(buf), Binding::whole(dy.buf), Binding::whole(dx.buf)], [super::groups(w.cols / 32, WG), super::groups(m, COLS), 1])?;
     }
     Ok(())
 }
