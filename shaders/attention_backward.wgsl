@@ -6,7 +6,10 @@
 // j ∈ [start, pos0 + t] (start = pos + 1 − window with a sliding window, else 0), o = Σ_j p_j v_j.
 // Given dO:
 //   `grad_q`   dq = scale · Σ_j p_j (dO·v_j − D) k_j, with D = Σ_j p_j dO·v_j; also stores
-//              (max, sum, D) of the row's softmax for `grad_kv`.   one invocation per (t, h)
+//              (max, sum, D) of the row's softmax for `grad_kv`.   one invocation per (t, h),
+//              one pass over the keys: with e_j = exp(s_j − max), dq = scale/l · (Σ e_j dO·v_j k_j
+//              − D · Σ e_j k_j), both sums and l = Σ e_j rescaled as the running max grows (as
+//              the forward's online softmax), q, dO and the sums held in registers (D4 vec4).
 //   `grad_kv`  for key rows i of the step (position pos0 + i) and key head kh, over the queries
 //              that see them and the heads sharing kh: dv_i = Σ p dO, dk_i = scale · Σ p (dO·v_i − D) q.
 //              one invocation per (i, kh); run after `grad_q`.
@@ -17,8 +20,9 @@
 //   writes them); dk, dv: T rows of n_kv_heads·head_dim (the
 //   step's own keys); stats: 3 f32 per (t, h).
 // Work split: one invocation per output row and head, loops over keys (or queries) and the head
-//   dimension; rows are written by their owner only, so no atomics or barriers.
-// Limits: n_heads a multiple of n_kv_heads; head_dim even.
+//   dimension; rows are written by their owner only, so no atomics or barriers. `grad_q` runs
+//   in workgroups of 16 over the flattened (t, h), so every lane works even with 9 heads.
+// Limits: n_heads a multiple of n_kv_heads; head_dim = 4·D4, at most 256.
 
 struct Params {
     n_tokens: u32,
@@ -73,42 +77,72 @@ fn dot_ov(qo: u32, vo: u32) -> f32 {
     return s;
 }
 
-@compute @workgroup_size(64)
+// Cached values d..d+3 of the row at `o` (o and d multiples of 4).
+fn key4(o: u32, d: u32) -> vec4<f32> {
+    let i = (o + d) / 2u;
+    return vec4<f32>(unpack2x16float(k[i]), unpack2x16float(k[i + 1u]));
+}
+
+fn value4(o: u32, d: u32) -> vec4<f32> {
+    let i = (o + d) / 2u;
+    return vec4<f32>(unpack2x16float(v[i]), unpack2x16float(v[i + 1u]));
+}
+
+@compute @workgroup_size(16)
 fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let h = gid.x;
-    let t = gid.y;
-    if (h >= p.n_heads || t >= p.n_tokens) {
+    if (gid.x >= p.n_tokens * p.n_heads) {
         return;
     }
+    let t = gid.x / p.n_heads;
+    let h = gid.x % p.n_heads;
     let kv_row = p.n_kv_heads * p.head_dim;
     let kh = h / (p.n_heads / p.n_kv_heads);
     let qo = (t * p.n_heads + h) * p.head_dim;
     let pos = p.pos0 + t;
-    let start = first_key(pos);
+    var qv: array<vec4<f32>, D4>;
+    var gv: array<vec4<f32>, D4>;
+    for (var d = 0u; d < D4; d++) {
+        let o = qo + 4u * d;
+        qv[d] = vec4<f32>(q[o], q[o + 1u], q[o + 2u], q[o + 3u]);
+        gv[d] = vec4<f32>(dout[o], dout[o + 1u], dout[o + 2u], dout[o + 3u]);
+    }
+    // a = Σ e·(dO·v)·k, b = Σ e·k, l = Σ e, sov = Σ e·(dO·v), all relative to the running max m.
+    var a: array<vec4<f32>, D4>;
+    var b: array<vec4<f32>, D4>;
     var m = -3.4e38;
-    for (var j = start; j <= pos; j++) {
-        m = max(m, dot_qk(qo, j * kv_row + kh * p.head_dim));
-    }
     var l = 0.0;
-    var dd = 0.0;
-    for (var j = start; j <= pos; j++) {
+    var sov = 0.0;
+    for (var j = first_key(pos); j <= pos; j++) {
         let o = j * kv_row + kh * p.head_dim;
-        let e = exp(dot_qk(qo, o) - m);
-        l += e;
-        dd += e * dot_ov(qo, o);
-    }
-    dd /= l;
-    for (var d = 0u; d < p.head_dim; d++) {
-        dq[qo + d] = 0.0;
-    }
-    for (var j = start; j <= pos; j++) {
-        let o = j * kv_row + kh * p.head_dim;
-        let ds = exp(dot_qk(qo, o) - m) / l * (dot_ov(qo, o) - dd) * p.scale;
-        for (var d = 0u; d < p.head_dim; d += 2u) {
-            let kk = key2(o, d);
-            dq[qo + d] += ds * kk.x;
-            dq[qo + d + 1u] += ds * kk.y;
+        var kr: array<vec4<f32>, D4>;
+        var s = 0.0;
+        var ov = 0.0;
+        for (var d = 0u; d < D4; d++) {
+            kr[d] = key4(o, 4u * d);
+            s += dot(qv[d], kr[d]);
+            ov += dot(gv[d], value4(o, 4u * d));
         }
+        s *= p.scale;
+        let m_new = max(m, s);
+        let c = exp(m - m_new);
+        let e = exp(s - m_new);
+        m = m_new;
+        l = l * c + e;
+        sov = sov * c + e * ov;
+        for (var d = 0u; d < D4; d++) {
+            a[d] = a[d] * c + (e * ov) * kr[d];
+            b[d] = b[d] * c + e * kr[d];
+        }
+    }
+    let dd = sov / l;
+    let f = p.scale / l;
+    for (var d = 0u; d < D4; d++) {
+        let g = f * (a[d] - dd * b[d]);
+        let o = qo + 4u * d;
+        dq[o] = g.x;
+        dq[o + 1u] = g.y;
+        dq[o + 2u] = g.z;
+        dq[o + 3u] = g.w;
     }
     let so = (t * p.n_heads + h) * 3u;
     stats[so] = m;

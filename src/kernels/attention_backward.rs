@@ -34,8 +34,8 @@ pub struct AttentionGrads<'a> {
 /// `0..pos0 + n_tokens`, as [`kv_store`](super::kv_store::kv_store) writes them).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, dout: &wgpu::Buffer, g: AttentionGrads, n_tokens: usize, pos0: usize) -> Result<()> {
-    if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 || s.head_dim % 2 != 0 {
-        return Err(Error::Shape { op: "attention_backward", msg: format!("heads {} / kv heads {}, head_dim {} (the f16 cache needs it even)", s.n_heads, s.n_kv_heads, s.head_dim) });
+    if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 || s.head_dim % 4 != 0 || s.head_dim > 256 {
+        return Err(Error::Shape { op: "attention_backward", msg: format!("heads {} / kv heads {}, head_dim {} (needs a multiple of 4, at most 256)", s.n_heads, s.n_kv_heads, s.head_dim) });
     }
     let p = Params {
         n_tokens: n_tokens as u32,
@@ -46,12 +46,14 @@ pub fn attention_backward(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionSha
         window: s.window as u32,
         scale: s.scale,
     };
-    let grad_q = ctx.kernel(&super::plain("attention_grad_q", WGSL, "grad_q"))?;
+    // The query gradient keeps q, dO and its two sums in registers: specialised on head_dim / 4.
+    let consts = [("D4", (s.head_dim / 4) as u32)];
+    let grad_q = ctx.kernel(&super::specialized("attention_grad_q", WGSL, "grad_q", &consts))?;
     let qkv = || vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(dout)];
     let mut b = qkv();
     b.extend([Binding::whole(g.dq), Binding::whole(g.stats)]);
-    rec.dispatch(&grad_q, &p, b, [super::groups(s.n_heads, 64), n_tokens as u32, 1])?;
-    let grad_kv = ctx.kernel(&super::plain("attention_grad_kv", WGSL, "grad_kv"))?;
+    rec.dispatch(&grad_q, &p, b, [super::groups(s.n_heads * n_tokens, 16), 1, 1])?;
+    let grad_kv = ctx.kernel(&super::specialized("attention_grad_kv", WGSL, "grad_kv", &consts))?;
     let mut b = qkv();
     b.extend([Binding::whole(g.stats).at(6), Binding::whole(g.dk).at(7), Binding::whole(g.dv).at(8)]);
     rec.dispatch(&grad_kv, &p, b, [super::groups(s.n_kv_heads, 64), n_tokens as u32, 1])
