@@ -568,7 +568,7 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     std::fs::remove_file(&path).ok();
     let n_vocab = model.config.n_vocab as u64;
     let examples: Vec<Example> = (0..5)
-        .map(|i| Example { role: AdapterRole::Selector, tokens: (0..10).map(|_| (r.next_u64() % n_vocab) as u32).collect(), active_from: 3, targets: vec![5..10], line: i })
+        .map(|i| Example { role: AdapterRole::Selector, tokens: (0..10).map(|_| (r.next_u64() % n_vocab) as u32).collect(), active_from: 3, targets: vec![5..10], line: i, name: "t".into() })
         .collect();
     let dir = std::env::temp_dir().join(format!("agentflux-ckpt-{}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
@@ -585,4 +585,12 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     }
     assert!(straight.targets.values().any(|w| w.b.iter().any(|v| *v != 0.0)), "training moved B");
     std::fs::remove_dir_all(&dir).ok();
+    // Continued training starts from the given adapter (its rank, not the options'): with a zero
+    // learning rate it comes back unchanged, with the run's rate it moves on from there.
+    let from = |lr: f32| TrainOptions { init: Some(straight.clone()), rank: 4, lr, min_lr: lr / 10.0, ..opts.clone() };
+    let (still, _) = train_adapter(&model, "still", &examples, &examples[..1], &from(0.0), |_| {}).unwrap();
+    assert_eq!(still.rank, straight.rank);
+    assert_eq!(still.targets, straight.targets, "a zero learning rate keeps the initial adapter");
+    let (moved, _) = train_adapter(&model, "moved", &examples, &examples[..1], &from(1e-2), |_| {}).unwrap();
+    assert!(moved.targets.iter().any(|(key, w)| w != &straight.targets[key]), "continued training moved the weights");
 }

@@ -33,6 +33,9 @@ pub struct Example {
     pub targets: Vec<Range<usize>>,
     /// The data line it came from.
     pub line: usize,
+    /// The name the turn calls ([`FINISH`] for a final answer): what the selector writes, or the
+    /// tool whose arguments follow.
+    pub name: String,
 }
 
 impl Example {
@@ -57,9 +60,9 @@ pub fn decoupled_examples(caller: &ToolCaller, trajectories: &[Trajectory], max_
             };
             let layout = caller.call_layout(&t.catalog, &context, name, arguments)?;
             let choice_end = layout.choice_spans.last().map_or(layout.prefix_len, |r| r.end);
-            mine.push(Example { role: AdapterRole::Selector, tokens: layout.tokens[..choice_end].to_vec(), active_from: layout.prefix_len, targets: layout.choice_spans.clone(), line: t.line });
+            mine.push(Example { role: AdapterRole::Selector, tokens: layout.tokens[..choice_end].to_vec(), active_from: layout.prefix_len, targets: layout.choice_spans.clone(), line: t.line, name: name.to_string() });
             if let (Some(from), Some(span)) = (layout.args_from, layout.args_span) {
-                mine.push(Example { role: AdapterRole::Arguments(name.to_string()), tokens: layout.tokens, active_from: from, targets: vec![span], line: t.line });
+                mine.push(Example { role: AdapterRole::Arguments(name.to_string()), tokens: layout.tokens, active_from: from, targets: vec![span], line: t.line, name: name.to_string() });
             }
         }
         match mine.iter().map(|e| e.tokens.len()).max() {
@@ -98,6 +101,27 @@ pub fn split_examples(caller: &ToolCaller, trajectories: Vec<Trajectory>, seed: 
     Ok(SplitExamples { train: lay_out(parts.train)?, val: lay_out(parts.val)?, test: lay_out(parts.test)? })
 }
 
+/// `examples` with a seeded subset of the [`FINISH`] ones left out so that they make at most
+/// `share` of the result (0 ≤ share < 1); the others are all kept, in their order. Synthesized
+/// conversations end in a final answer after one to three calls, so about half of the selector's
+/// examples are `finish`, far more than in requests people write; this brings the selector's
+/// prior back towards the tools.
+pub fn cap_finish_share(examples: Vec<Example>, share: f32, seed: u64) -> Vec<Example> {
+    let finishes: Vec<usize> = examples.iter().enumerate().filter(|(_, e)| e.name == FINISH).map(|(i, _)| i).collect();
+    let others = examples.len() - finishes.len();
+    let keep = if share <= 0.0 { 0 } else { ((share as f64 * others as f64) / (1.0 - share as f64)).floor() as usize };
+    if keep >= finishes.len() {
+        return examples;
+    }
+    let mut order = finishes;
+    let mut rng = crate::decode::SplitMix64(seed ^ 0xf1a1);
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let dropped: BTreeSet<usize> = order[keep..].iter().copied().collect();
+    examples.into_iter().enumerate().filter(|(i, _)| !dropped.contains(i)).map(|(_, e)| e).collect()
+}
+
 /// Examples and target tokens per adapter, for reports.
 pub fn counts<'a>(examples: impl IntoIterator<Item = &'a Example>) -> BTreeMap<AdapterRole, (usize, usize)> {
     let mut m: BTreeMap<AdapterRole, (usize, usize)> = BTreeMap::new();
@@ -107,4 +131,28 @@ pub fn counts<'a>(examples: impl IntoIterator<Item = &'a Example>) -> BTreeMap<A
         c.1 += e.n_targets();
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(line: usize, name: &str) -> Example {
+        Example { role: AdapterRole::Selector, tokens: vec![1, 2], active_from: 1, targets: vec![1..2], line, name: name.into() }
+    }
+
+    #[test]
+    fn finish_share_is_capped_and_tools_kept_in_order() {
+        let all: Vec<Example> = (0..40).map(|i| ex(i / 2, if i % 2 == 1 { FINISH } else { "read" })).collect();
+        for share in [0.0, 0.2, 0.5] {
+            let kept = cap_finish_share(all.clone(), share, 3);
+            let finishes = kept.iter().filter(|e| e.name == FINISH).count();
+            assert!(finishes as f32 <= share * kept.len() as f32 + 1e-6, "share {share}: {finishes} of {}", kept.len());
+            assert_eq!(kept.iter().filter(|e| e.name != FINISH).count(), 20, "every tool example kept");
+            assert!(kept.windows(2).all(|w| w[0].line <= w[1].line), "order kept");
+            assert_eq!(kept, cap_finish_share(all.clone(), share, 3), "seeded");
+        }
+        assert_eq!(cap_finish_share(all.clone(), 0.2, 3).len(), 25, "20 tools and 5 finishes: 20%");
+        assert_eq!(cap_finish_share(all.clone(), 0.9, 3), all, "a share above the data's keeps everything");
+    }
 }

@@ -19,7 +19,7 @@ pub mod synth;
 pub mod trainer;
 
 pub use data::{read_trajectories, split, DataReport, DropKind, Dropped, Split, Trajectory};
-pub use examples::{decoupled_examples, split_examples, AdapterRole, Example, SplitExamples, SplitPart};
+pub use examples::{cap_finish_share, decoupled_examples, split_examples, AdapterRole, Example, SplitExamples, SplitPart};
 pub use optim::{AdamW, Moments, Schedule};
 pub use synth::{synthesize, Seed, SynthOptions, SynthReport};
 pub use trainer::{init_adapter, train_adapter, Progress, TrainOptions};

@@ -36,11 +36,14 @@ pub struct TrainOptions {
     pub checkpoint: Option<PathBuf>,
     /// Stop after this step, as if interrupted (the schedule still spans `steps`).
     pub stop_after: Option<u64>,
+    /// Start from this adapter (its rank, alpha and weights) instead of a fresh one: training
+    /// continued, with new optimizer moments and schedule. A checkpoint to resume wins over it.
+    pub init: Option<LoraAdapter>,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        Self { rank: 8, alpha: 16.0, steps: 200, batch: 4, lr: 1e-3, min_lr: 1e-4, warmup: 10, optimizer: AdamW::default(), eval_every: 50, seed: 0, checkpoint: None, stop_after: None }
+        Self { rank: 8, alpha: 16.0, steps: 200, batch: 4, lr: 1e-3, min_lr: 1e-4, warmup: 10, optimizer: AdamW::default(), eval_every: 50, seed: 0, checkpoint: None, stop_after: None, init: None }
     }
 }
 
@@ -87,7 +90,10 @@ pub fn train_adapter(model: &Model, name: &str, train: &[Example], val: &[Exampl
     };
     let init = match &resume {
         Some(c) => c.adapter.clone(),
-        None => init_adapter(model, opts.rank, opts.alpha, opts.seed),
+        None => match &opts.init {
+            Some(a) => LoraAdapter { invocation_tokens: None, ..a.clone() },
+            None => init_adapter(model, opts.rank, opts.alpha, opts.seed),
+        },
     };
     let id = model.add_adapter(name, &init)?;
     let result = run(model, id, &init, train, val, opts, resume, &mut on_progress);
@@ -237,7 +243,7 @@ mod tests {
     use crate::train::AdapterRole;
 
     fn example(line: usize) -> Example {
-        Example { role: AdapterRole::Selector, tokens: vec![1, 2, 3], active_from: 1, targets: vec![2..3], line }
+        Example { role: AdapterRole::Selector, tokens: vec![1, 2, 3], active_from: 1, targets: vec![2..3], line, name: "t".into() }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use agentflux::gpu::GpuOptions;
 use agentflux::lora::SavedDtype;
 use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
-use agentflux::train::{read_trajectories, split_examples, train_adapter, AdapterRole, Example, TrainOptions};
+use agentflux::lora::{LoraAdapter, LoraLimits};
+use agentflux::train::{cap_finish_share, read_trajectories, split_examples, train_adapter, AdapterRole, Example, TrainOptions};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -65,6 +66,16 @@ pub struct Args {
     /// Validation examples per adapter at most (the first ones, whole conversations; 0: all).
     #[arg(long, default_value_t = 0)]
     val_examples: usize,
+    /// Continue training: start each adapter from the one --toolset already holds (its rank,
+    /// alpha and weights; fresh optimizer moments and schedule). Use another --seed than the
+    /// first run's to see other examples first.
+    #[arg(long = "continue")]
+    continue_set: bool,
+    /// Leave out a seeded subset of the selector's `finish` examples so they make at most this
+    /// share of its training examples (synthesized conversations end in an answer after one to
+    /// three calls, so about half are `finish`). 1 keeps them all.
+    #[arg(long, default_value_t = 1.0)]
+    finish_share: f32,
     /// How the exported weights are stored: f16 (half the size) or f32.
     #[arg(long, value_enum, default_value_t = Dtype::F16)]
     dtype: Dtype,
@@ -98,7 +109,18 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         }
         m
     };
-    let (train, mut val) = (by_role(train), by_role(val));
+    let (mut train, mut val) = (by_role(train), by_role(val));
+    if !(0.0..=1.0).contains(&a.finish_share) {
+        anyhow::bail!("--finish-share {}: a share between 0 and 1", a.finish_share);
+    }
+    if a.finish_share < 1.0 {
+        if let Some(sel) = train.remove(&AdapterRole::Selector) {
+            let before = sel.len();
+            let kept = cap_finish_share(sel, a.finish_share, a.seed);
+            eprintln!("selector: {} of {before} training examples kept, `finish` at most {:.0}% (--finish-share)", kept.len(), a.finish_share * 100.0);
+            train.insert(AdapterRole::Selector, kept);
+        }
+    }
     let opts = TrainOptions { rank: a.rank, alpha: a.alpha, steps: a.steps, batch: a.batch, lr: a.lr, min_lr: a.lr / 10.0, warmup: a.warmup, eval_every: a.eval_every, seed: a.seed, ..Default::default() };
     let base_model = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // With --only, the set's other adapters stay as they are: start from its manifest.
@@ -127,7 +149,20 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         if a.val_examples > 0 {
             held_out.truncate(a.val_examples);
         }
-        let opts = TrainOptions { checkpoint: a.checkpoint.as_ref().map(|c| c.join(&dir)), stop_after: a.stop_after, ..opts.clone() };
+        let init = if a.continue_set {
+            let from = a.toolset.join(&dir);
+            if from.join("adapter_config.json").exists() {
+                let prev = LoraAdapter::load_peft(&from, &eng.model.config, &LoraLimits::default()).with_context(|| format!("--continue: loading {}", from.display()))?;
+                eprintln!("[{name}] continuing from {} (rank {}, alpha {})", from.display(), prev.rank, prev.alpha);
+                Some(prev)
+            } else {
+                eprintln!("[{name}] --continue: no adapter in {} yet, starting fresh", from.display());
+                None
+            }
+        } else {
+            None
+        };
+        let opts = TrainOptions { checkpoint: a.checkpoint.as_ref().map(|c| c.join(&dir)), stop_after: a.stop_after, init, ..opts.clone() };
         let mut progress = crate::progress::ProgressLine::new(opts.steps);
         let mut examples_per_s = 0.0;
         let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
