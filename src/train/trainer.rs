@@ -85,7 +85,7 @@ pub fn train_adapter(model: &Model, name: &str, train: &[Example], val: &[Exampl
         return Err(Error::InvalidOption(format!("{name}: no training examples")));
     }
     let resume = match &opts.checkpoint {
-        Some(dir) if dir.join(STATE_FILE).exists() => Some(Checkpoint::load(dir, model)?),
+        Some(dir) if has_checkpoint(dir) => Some(Checkpoint::load(dir, model)?),
         _ => None,
     };
     let init = match &resume {
@@ -174,6 +174,11 @@ fn epoch_order(train: &[Example], rng: &mut SplitMix64) -> Vec<usize> {
         lines.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
     }
     lines.into_iter().rev().flat_map(|g| g.into_iter().rev()).collect()
+}
+
+/// Whether `dir` holds a run to resume.
+pub fn has_checkpoint(dir: &Path) -> bool {
+    dir.join(STATE_FILE).exists()
 }
 
 /// The checkpoint's bookkeeping file.

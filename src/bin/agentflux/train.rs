@@ -5,7 +5,7 @@ use agentflux::gpu::GpuOptions;
 use agentflux::lora::SavedDtype;
 use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
 use agentflux::lora::{LoraAdapter, LoraLimits};
-use agentflux::train::{cap_finish_share, read_trajectories, split_examples, train_adapter, AdapterRole, Example, TrainOptions};
+use agentflux::train::{cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter, AdapterRole, Example, TrainOptions};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -149,20 +149,26 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         if a.val_examples > 0 {
             held_out.truncate(a.val_examples);
         }
-        let init = if a.continue_set {
-            let from = a.toolset.join(&dir);
-            if from.join("adapter_config.json").exists() {
+        let checkpoint = a.checkpoint.as_ref().map(|c| c.join(&dir));
+        let from = a.toolset.join(&dir);
+        let init = match &checkpoint {
+            // A saved run wins over --continue: its adapter, moments and order are resumed.
+            Some(c) if has_checkpoint(c) => {
+                eprintln!("[{name}] resuming the run saved in {}", c.display());
+                None
+            }
+            _ if a.continue_set && from.join("adapter_config.json").exists() => {
                 let prev = LoraAdapter::load_peft(&from, &eng.model.config, &LoraLimits::default()).with_context(|| format!("--continue: loading {}", from.display()))?;
                 eprintln!("[{name}] continuing from {} (rank {}, alpha {})", from.display(), prev.rank, prev.alpha);
                 Some(prev)
-            } else {
+            }
+            _ if a.continue_set => {
                 eprintln!("[{name}] --continue: no adapter in {} yet, starting fresh", from.display());
                 None
             }
-        } else {
-            None
+            _ => None,
         };
-        let opts = TrainOptions { checkpoint: a.checkpoint.as_ref().map(|c| c.join(&dir)), stop_after: a.stop_after, init, ..opts.clone() };
+        let opts = TrainOptions { checkpoint, stop_after: a.stop_after, init, ..opts.clone() };
         let mut progress = crate::progress::ProgressLine::new(opts.steps);
         let mut examples_per_s = 0.0;
         let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
