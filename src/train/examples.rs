@@ -138,7 +138,8 @@ mod tests {
     use super::*;
 
     fn ex(line: usize, name: &str) -> Example {
-        Example { role: AdapterRole::Selector, tokens: vec![1, 2], active_from: 1, targets: vec![1..2], line, name: name.into() }
+        let target = 1..2;
+        Example { role: AdapterRole::Selector, tokens: vec![1, 2], active_from: 1, targets: vec![target], line, name: name.into() }
     }
 
     #[test]
