@@ -52,31 +52,6 @@ fn first_key(pos: u32) -> u32 {
     return 0u;
 }
 
-// Cached values d, d + 1 of the row at `o` (d and o even).
-fn key2(o: u32, d: u32) -> vec2<f32> {
-    return unpack2x16float(k[(o + d) / 2u]);
-}
-
-fn value2(o: u32, d: u32) -> vec2<f32> {
-    return unpack2x16float(v[(o + d) / 2u]);
-}
-
-fn dot_qk(qo: u32, ko: u32) -> f32 {
-    var s = 0.0;
-    for (var d = 0u; d < p.head_dim; d += 2u) {
-        s += dot(vec2<f32>(q[qo + d], q[qo + d + 1u]), key2(ko, d));
-    }
-    return s * p.scale;
-}
-
-fn dot_ov(qo: u32, vo: u32) -> f32 {
-    var s = 0.0;
-    for (var d = 0u; d < p.head_dim; d += 2u) {
-        s += dot(vec2<f32>(dout[qo + d], dout[qo + d + 1u]), value2(vo, d));
-    }
-    return s;
-}
-
 // Cached values d..d+3 of the row at `o` (o and d multiples of 4).
 fn key4(o: u32, d: u32) -> vec4<f32> {
     let i = (o + d) / 2u;
@@ -86,6 +61,22 @@ fn key4(o: u32, d: u32) -> vec4<f32> {
 fn value4(o: u32, d: u32) -> vec4<f32> {
     let i = (o + d) / 2u;
     return vec4<f32>(unpack2x16float(v[i]), unpack2x16float(v[i + 1u]));
+}
+
+fn dot_qk(qo: u32, ko: u32) -> f32 {
+    var s = 0.0;
+    for (var d = 0u; d < p.head_dim; d += 4u) {
+        s += dot(vec4<f32>(q[qo + d], q[qo + d + 1u], q[qo + d + 2u], q[qo + d + 3u]), key4(ko, d));
+    }
+    return s * p.scale;
+}
+
+fn dot_ov(qo: u32, vo: u32) -> f32 {
+    var s = 0.0;
+    for (var d = 0u; d < p.head_dim; d += 4u) {
+        s += dot(vec4<f32>(dout[qo + d], dout[qo + d + 1u], dout[qo + d + 2u], dout[qo + d + 3u]), value4(vo, d));
+    }
+    return s;
 }
 
 @compute @workgroup_size(16)

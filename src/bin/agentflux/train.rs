@@ -67,8 +67,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     val_examples: usize,
     /// Continue training: start each adapter from the one --toolset already holds (its rank,
-    /// alpha and weights; fresh optimizer moments and schedule). Use another --seed than the
-    /// first run's to see other examples first.
+    /// alpha and weights; fresh optimizer moments and schedule). --seed also sets the split, so
+    /// keep it; to go on through the same pass over the examples, rerun with the --checkpoint.
     #[arg(long = "continue")]
     continue_set: bool,
     /// Leave out a seeded subset of the selector's `finish` examples so they make at most this
