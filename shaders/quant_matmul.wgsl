@@ -6,15 +6,21 @@
 //   with `+=` when `accumulate` is 1 (fuses the residual add into the projection).
 // Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load32`);
 //   x is M rows of K f32 at x_offset + m·x_stride (both in vec4 units); y is f32.
-// Work split (CPU-friendly family): one invocation owns a tile of ROWS output rows × COLS batch
-//   rows (launcher constants: decode is COLS = 1). Per 32-value group it loads each batch row's
-//   x once, then decodes each weight row once and dots it with all COLS of them. On CPU-backed
-//   drivers every storage load whose address differs per invocation is a loop over the SIMD
-//   lanes, which these tiles amortise; small workgroups (WG) keep both threads busy on the
-//   narrow K/V projections. f32 accumulation, no barriers. A matrix split across bindings runs
-//   once per part.
-// Limits: K a multiple of 32 and of the format's block; N ≤ ROWS·65535·WG per part;
-//   M ≤ COLS·65535.
+// Two work splits, one entry point each (the launcher picks by the device's class):
+//   `main` (CPU-backed devices): one invocation owns a tile of ROWS output rows × COLS batch
+//     rows (launcher constants: decode is COLS = 1). Per 32-value group it loads each batch
+//     row's x once, then decodes each weight row once and dots it with all COLS of them. On
+//     CPU-backed drivers every storage load whose address differs per invocation is a loop over
+//     the SIMD lanes, which these tiles amortise; small workgroups (WG) keep both threads busy
+//     on the narrow K/V projections. No barriers.
+//   `cooperative` (GPUs): LANES neighbouring invocations share one output row and split its
+//     32-value groups (lane l takes groups l, l + LANES, …, so a row's blocks are read side by
+//     side), each for COLS batch rows; a workgroup holds WG / LANES rows. The lanes' partial sums
+//     meet in `reduce_lanes` (reduce_subgroup.wgsl: subgroup shuffles; reduce_workgroup.wgsl:
+//     workgroup memory and one barrier).
+//   f32 accumulation in both. A matrix split across bindings runs once per part.
+// Limits: K a multiple of 32 and of the format's block; N ≤ ROWS·65535·WG (`main`) or
+//   65535·WG/LANES (`cooperative`) per part; M ≤ COLS·65535.
 
 struct Params {
     n: u32,
@@ -112,6 +118,39 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
         if (m0 + t < p.m) {
             for (var r = 0u; r < ROWS; r++) {
                 store(n0 + r, m0 + t, acc[r * COLS + t]);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn cooperative(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let lane = li % LANES;
+    let n = wid.x * (WG / LANES) + li / LANES;
+    let m0 = wid.y * COLS;
+    // No early return: every lane must reach the reduction. Rows and batch rows past the end
+    // repeat the last one; their results are not stored.
+    let rb = min(n, p.n - 1u) * p.row_bytes;
+    var xo: array<u32, COLS>;
+    for (var t = 0u; t < COLS; t++) {
+        xo[t] = p.x_offset + min(m0 + t, p.m - 1u) * p.x_stride;
+    }
+    var acc: array<f32, COLS>;
+    for (var k = lane * 32u; k < p.k; k += LANES * 32u) {
+        let wr = load32(rb, k);
+        for (var t = 0u; t < COLS; t++) {
+            var s = 0.0;
+            for (var j = 0u; j < 8u; j++) {
+                s += dot(wr[j], x[xo[t] + (k >> 2u) + j]);
+            }
+            acc[t] += s;
+        }
+    }
+    let total = reduce_lanes(acc, li);
+    if (lane == 0u) {
+        for (var t = 0u; t < COLS; t++) {
+            if (m0 + t < p.m) {
+                store(n, m0 + t, total[t]);
             }
         }
     }

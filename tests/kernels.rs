@@ -8,7 +8,7 @@
 mod common;
 
 use agentflux::gguf::{dequantize, BlockFormat};
-use agentflux::gpu::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, GpuContext, GpuOptions, Recorder, WeightMatrix};
+use agentflux::gpu::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, DeviceClass, GpuContext, GpuOptions, Recorder, WeightMatrix};
 use agentflux::kernels::attention::{attention, AttentionShape};
 use agentflux::kernels::elementwise::{add_rows, glu, Activation};
 use agentflux::kernels::matmul::{matmul, MatmulIo};
@@ -49,7 +49,7 @@ fn check_matmul(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usize,
     rec.submit();
     let got = read_f32(ctx, &yb, 0, m * rows).unwrap();
     let want = reference::matmul(&dequant(format, &bytes, rows, cols), &x, rows, cols);
-    assert_close(&format!("matmul {format:?} {rows}x{cols} m={m} parts={}", w.parts.len()), &got, &want, 2e-4);
+    assert_close(&format!("matmul {format:?} {rows}x{cols} m={m} parts={} ({:?} kernels)", w.parts.len(), ctx.class), &got, &want, 2e-4);
 }
 
 /// dx = dy·W on the GPU (the gradient through a frozen projection), plain and accumulated,
@@ -85,15 +85,18 @@ fn transposed_matmul_every_format() {
 
 #[test]
 fn matmul_every_format_decode_and_prefill_shapes() {
-    let ctx = ctx();
     let mut r = rng("matmul_every_format");
-    for format in BlockFormat::ALL {
-        let k = format.block_len().max(32);
-        // Odd row counts and batch sizes, K of one and several blocks; a matrix as tall as an LM
-        // head, which decode gives a taller tile.
-        for (rows, cols, m) in [(1, k.max(32), 1), (37, k * 3, 1), (67, k * 2, 5), (128, k * 4, 9), (16_387, k, 1)] {
-            let cols = cols.div_ceil(k) * k;
-            check_matmul(&ctx, format, rows, cols, m, &mut r);
+    for (family, ctx) in common::kernel_families() {
+        eprintln!("{family}");
+        for format in BlockFormat::ALL {
+            let k = format.block_len().max(32);
+            // Odd row counts and batch sizes, K of one and several blocks (fewer and more than the
+            // GPU family's lanes per row); a matrix as tall as an LM head, which decode gives a
+            // taller tile.
+            for (rows, cols, m) in [(1, k.max(32), 1), (37, k * 3, 1), (67, k * 2, 5), (128, k * 4, 9), (9, 32 * 19, 2), (16_387, k, 1)] {
+                let cols = cols.div_ceil(k) * k;
+                check_matmul(&ctx, format, rows, cols, m, &mut r);
+            }
         }
     }
 }
@@ -130,12 +133,15 @@ fn matmul_accumulates_and_respects_offsets() {
 fn tensors_split_across_a_small_binding_limit_stay_correct() {
     // A context that pretends bindings hold at most 4 KiB: every matrix below spans several parts.
     let small = GpuContext::new(&GpuOptions { max_binding_bytes: Some(4096), ..Default::default() }).unwrap();
+    let small_gpu = GpuContext::new(&GpuOptions { max_binding_bytes: Some(4096), kernels: Some(DeviceClass::Gpu), ..Default::default() }).unwrap();
     let mut r = rng("binding_split");
     for format in [BlockFormat::Q4_1, BlockFormat::Q6_K, BlockFormat::F32] {
         let cols = format.block_len().max(64);
         let rows = 4096 / format.row_bytes(cols) * 3 + 5;
-        check_matmul(&small, format, rows, cols, 1, &mut r);
-        check_matmul(&small, format, rows, cols, 6, &mut r);
+        for ctx in [&small, &small_gpu] {
+            check_matmul(ctx, format, rows, cols, 1, &mut r);
+            check_matmul(ctx, format, rows, cols, 6, &mut r);
+        }
     }
     for format in [BlockFormat::Q4_1, BlockFormat::Q6_K] {
         let cols = format.block_len().max(64);
@@ -394,7 +400,8 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
         a_pack.extend(random_vec(&mut r, rank * cols, 0.5));
         b_pack.extend(random_vec(&mut r, rows * rank, 0.5));
     }
-    for (ctx, row_slot) in [(&*big, vec![0i32, -1, 1, 0, 1]), (&*big, vec![1]), (&small, vec![-1, 1, 0]), (&small, vec![0])] {
+    let gpu = common::kernel_families().swap_remove(1).1;
+    for (ctx, row_slot) in [(&*big, vec![0i32, -1, 1, 0, 1]), (&*big, vec![1]), (&small, vec![-1, 1, 0]), (&small, vec![0]), (&*gpu, vec![1, -1, 0, 0, 1, 1]), (&*gpu, vec![0])] {
         let m = row_slot.len();
         let bytes = random_matrix_bytes(&mut r, BlockFormat::Q4_1, rows, cols, 1.0);
         let w = WeightMatrix::upload(ctx, "w", BlockFormat::Q4_1, rows, cols, &bytes).unwrap();
@@ -432,7 +439,7 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
                 want[t * rows + n] += sl.scale * d[n];
             }
         }
-        assert_close(&format!("multi-LoRA rows {row_slot:?}, {} parts", w.parts.len()), &got, &want, 2e-4);
+        assert_close(&format!("multi-LoRA rows {row_slot:?}, {} parts, {:?} kernels", w.parts.len(), ctx.class), &got, &want, 2e-4);
         assert_close(&format!("separate multi-LoRA rows {row_slot:?}, {} parts", w.parts.len()), &separate, &want, 2e-4);
     }
 }

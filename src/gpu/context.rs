@@ -4,7 +4,9 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// What kind of device runs the kernels; picks kernel variants at pipeline creation.
+/// What kind of device the kernels are tuned for; picks kernel variants at pipeline creation.
+/// Detected from the adapter's type; `$AGENTFLUX_KERNELS` (`gpu` or `cpu`) or
+/// [`GpuOptions::kernels`] choose either family on any device, to benchmark or test it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum DeviceClass {
     /// A discrete or integrated GPU: workgroup-cooperative kernels.
@@ -21,6 +23,22 @@ pub struct GpuOptions {
     pub adapter: Option<String>,
     /// Pretend storage bindings can hold at most this many bytes (tests of tensor splitting).
     pub max_binding_bytes: Option<u64>,
+    /// The kernel family to use. Default: `$AGENTFLUX_KERNELS` (`gpu`/`cpu`), else the family
+    /// that suits the adapter's type.
+    pub kernels: Option<DeviceClass>,
+    /// Leave subgroup operations off even where the device has them (their fallbacks run).
+    pub no_subgroups: bool,
+}
+
+impl DeviceClass {
+    /// `gpu` or `cpu`, case-insensitive.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "gpu" => Ok(Self::Gpu),
+            "cpu" => Ok(Self::Cpu),
+            _ => Err(Error::InvalidOption(format!("kernel family '{s}': expected gpu or cpu"))),
+        }
+    }
 }
 
 /// Optional device features the kernels can use.
@@ -115,7 +133,10 @@ impl GpuContext {
         };
         let info = adapter.get_info();
         let available = adapter.features();
-        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let mut wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        if opts.no_subgroups {
+            wanted.remove(wgpu::Features::SUBGROUP);
+        }
         let features = available & wanted;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -125,7 +146,14 @@ impl GpuContext {
             ..Default::default()
         }))
         .map_err(|e| Error::Gpu(format!("requesting a device from '{}': {e}", info.name)))?;
-        let class = if info.device_type == wgpu::DeviceType::Cpu { DeviceClass::Cpu } else { DeviceClass::Gpu };
+        let class = match opts.kernels {
+            Some(c) => c,
+            None => match std::env::var("AGENTFLUX_KERNELS") {
+                Ok(v) if !v.is_empty() => DeviceClass::parse(&v).map_err(|e| Error::InvalidOption(format!("AGENTFLUX_KERNELS: {e}")))?,
+                _ if info.device_type == wgpu::DeviceType::Cpu => DeviceClass::Cpu,
+                _ => DeviceClass::Gpu,
+            },
+        };
         let hw_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
         let max_binding = opts.max_binding_bytes.map_or(hw_binding, |m| m.min(hw_binding));
         tracing::info!(adapter = %info.name, backend = ?info.backend, ?class, max_binding, "GPU ready");
@@ -174,6 +202,12 @@ impl GpuContext {
     pub fn stop_profiling(&self) -> Vec<super::KernelTime> {
         let taken = self.profile.lock().map(|mut p| p.take()).unwrap_or(None);
         taken.map(|p| p.sorted()).unwrap_or_default()
+    }
+
+    /// Whether `lanes` neighbouring invocations always share a subgroup, so subgroup operations
+    /// can combine them (the device has subgroups and none is smaller than `lanes`).
+    pub fn subgroups_hold(&self, lanes: u32) -> bool {
+        self.features.subgroups && self.info.subgroup_min_size >= lanes
     }
 
     /// The largest storage binding, in bytes, this context will create (tensors beyond it are split).

@@ -3,22 +3,51 @@
 //! expand fused into the product, and the unfused expand it is measured against.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
+use crate::gguf::BlockFormat;
+use crate::gpu::{Binding, DeviceClass, GpuContext, Kernel, Recorder, WeightMatrix};
+use std::sync::Arc;
 
 const WGSL: &str = include_str!("../../shaders/quant_matmul.wgsl");
-/// Invocations per workgroup: small, so even a 192-row projection spreads over both threads of
-/// a CPU-backed device.
+/// Invocations per workgroup in the CPU-backed family: small, so even a 192-row projection
+/// spreads over both threads of a CPU-backed device.
 const WG: usize = 16;
 
-/// Output rows × batch rows one invocation computes (the shader's ROWS × COLS). Measured side by
-/// side on lavapipe (README, Performance): decode 8 rows, 16 for a matrix as tall as an LM head
-/// (rows to spare; each x load serves more of them); prefill 32 × 4.
+/// Output rows × batch rows one invocation computes (the shader's ROWS × COLS) in the CPU-backed
+/// family. Measured side by side on lavapipe (README, Performance): decode 8 rows, 16 for a
+/// matrix as tall as an LM head (rows to spare; each x load serves more of them); prefill 32 × 4.
 fn tile(rows: usize, m: usize) -> (usize, usize) {
     match (m, rows) {
         (1, r) if r >= 16384 => (16, 1),
         (1, _) => (8, 1),
         _ => (32, 4),
     }
+}
+
+/// The GPU family: invocations sharing one output row (a power of two no larger than any common
+/// GPU's subgroup), the workgroup size, and the batch rows each invocation serves in prefill.
+const LANES: usize = 8;
+const GPU_WG: usize = 64;
+const GPU_COLS: usize = 4;
+
+/// The product kernel for `format` in `ctx`'s kernel family, and its grid for a part of `rows`
+/// rows and `m` batch rows.
+fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize) -> Result<(Arc<Kernel>, [u32; 3])> {
+    let (name, entry, consts, grid) = match ctx.class {
+        DeviceClass::Cpu => {
+            let (tile_n, tile_m) = tile(rows, m);
+            let grid = [super::groups(rows.div_ceil(tile_n), WG), super::groups(m, tile_m), 1];
+            ("quant_matmul", "main", [("WG", WG), ("ROWS", tile_n), ("COLS", tile_m), ("LANES", 1)], grid)
+        }
+        DeviceClass::Gpu => {
+            let cols = if m == 1 { 1 } else { GPU_COLS };
+            let grid = [super::groups(rows, GPU_WG / LANES), super::groups(m, cols), 1];
+            ("quant_matmul_coop", "cooperative", [("WG", GPU_WG), ("ROWS", 1), ("COLS", cols), ("LANES", LANES)], grid)
+        }
+    };
+    let consts = consts.map(|(k, v)| (k, v as u32));
+    let subgroups = ctx.class == DeviceClass::Gpu && ctx.subgroups_hold(LANES as u32);
+    let src = super::with_lane_reduce(super::weight_reader(name, WGSL, entry, format, &consts), subgroups);
+    Ok((ctx.kernel(&src)?, grid))
 }
 
 #[repr(C)]
@@ -130,9 +159,7 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
     let none = ctx.placeholder();
     let (row_slot, u, b_pack) = io.lora.as_ref().map_or((none, none, none), |l| (l.row_slot, l.u, l.b_pack));
     for (row0, buf, rows) in &w.parts {
-        let (tile_n, tile_m) = tile(*rows, io.m);
-        let consts = [("WG", WG as u32), ("ROWS", tile_n as u32), ("COLS", tile_m as u32)];
-        let kernel = ctx.kernel(&super::weight_reader("quant_matmul", WGSL, "main", w.format, &consts))?;
+        let (kernel, grid) = product_kernel(ctx, w.format, *rows, io.m)?;
         let p = Params {
             n: *rows as u32,
             k: w.cols as u32,
@@ -158,7 +185,7 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
             Binding::whole(u),
             Binding::whole(b_pack),
         ];
-        rec.dispatch(&kernel, &p, bindings, [super::groups(rows.div_ceil(tile_n), WG), super::groups(io.m, tile_m), 1])?;
+        rec.dispatch(&kernel, &p, bindings, grid)?;
         let activations = 4 * io.m * (w.cols + rows * (1 + io.accumulate as usize));
         rec.declare_bytes((w.format.row_bytes(w.cols) * rows + activations) as u64);
     }

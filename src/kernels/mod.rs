@@ -19,6 +19,8 @@ use crate::gguf::BlockFormat;
 use crate::gpu::ShaderSource;
 
 const DEQUANT_WGSL: &str = include_str!("../../shaders/dequant.wgsl");
+const REDUCE_SUBGROUP_WGSL: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
+const REDUCE_WORKGROUP_WGSL: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 
 /// A kernel that reads weights in `format`: dequant.wgsl plus `file`, with `load32` bound to the
 /// format's decoder and `consts` emitted as WGSL `const` lines.
@@ -29,6 +31,20 @@ fn weight_reader(name: &str, file: &'static str, entry: &'static str, format: Bl
         format.name()
     ));
     ShaderSource { name: format!("{name}_{}", format.name()), prelude, files: vec![DEQUANT_WGSL, file], entry }
+}
+
+/// `src` with `reduce_lanes` for a cooperative entry point: subgroup shuffles where `subgroups`
+/// (see [`crate::gpu::GpuContext::subgroups_hold`]), else workgroup memory. Kernels of the
+/// CPU-backed family take the latter: their entry point never calls it, but the module must
+/// define it.
+fn with_lane_reduce(mut src: ShaderSource, subgroups: bool) -> ShaderSource {
+    if subgroups {
+        src.files.insert(0, REDUCE_SUBGROUP_WGSL);
+        src.name.push_str("_sg");
+    } else {
+        src.files.insert(0, REDUCE_WORKGROUP_WGSL);
+    }
+    src
 }
 
 /// A kernel with no weight decoding: `file` alone, entry point `entry`.

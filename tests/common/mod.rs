@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use agentflux::decode::SplitMix64;
-use agentflux::gpu::{GpuContext, GpuOptions};
+use agentflux::gpu::{DeviceClass, GpuContext, GpuOptions};
 use agentflux::gguf::{BlockFormat, GgufFile};
 use agentflux::model::Model;
 use agentflux::text::{ChatTemplate, Tokenizer};
@@ -14,6 +14,20 @@ pub fn ctx() -> Arc<GpuContext> {
     static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
     CTX.get_or_init(|| Arc::new(GpuContext::new(&GpuOptions::default()).expect("a GPU adapter (install mesa-vulkan-drivers)")))
         .clone()
+}
+
+/// A context on the default device for each kernel family (see `DeviceClass`): the CPU-backed
+/// family, the GPU family with subgroup shuffles where the device has them, and the GPU family
+/// with its workgroup-memory reduction. Each names itself for assertion messages.
+pub fn kernel_families() -> Vec<(String, Arc<GpuContext>)> {
+    let make = |kernels, no_subgroups| Arc::new(GpuContext::new(&GpuOptions { kernels: Some(kernels), no_subgroups, ..Default::default() }).expect("a GPU adapter"));
+    let gpu = make(DeviceClass::Gpu, false);
+    let reduce = if gpu.subgroups_hold(8) { "subgroup shuffles" } else { "workgroup memory (no subgroups of 8)" };
+    vec![
+        ("CPU-backed family".to_string(), make(DeviceClass::Cpu, false)),
+        (format!("GPU family, {reduce}"), gpu),
+        ("GPU family, workgroup memory".to_string(), make(DeviceClass::Gpu, true)),
+    ]
 }
 
 /// A fresh seed each run (AGENTFLUX_SEED reproduces one), printed so a failure can be replayed.
