@@ -152,7 +152,7 @@ fn a_batch_mixing_adapters_equals_separate_runs() {
 }
 
 fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions { max_tokens: n, sampler: SamplerConfig::default(), stop: vec![] }
+    GenerateOptions { max_tokens: n, sampler: SamplerConfig::default(), stop: vec![], stop_on_repeat: false }
 }
 
 #[test]

@@ -17,13 +17,32 @@ pub struct GenerateOptions {
     pub sampler: SamplerConfig,
     /// Tokens that end the generation (they are kept in the output).
     pub stop: Vec<u32>,
+    /// End when the newest tokens are [`REPEAT_COPIES`] copies in a row of one span of 4..=64
+    /// tokens, keeping the first copy: a small model's greedy answer that starts looping (the
+    /// same listing line over and over) ends there instead of at `max_tokens`. `on_token` has
+    /// seen the dropped copies.
+    pub stop_on_repeat: bool,
 }
 
 impl GenerateOptions {
     /// Greedy text of at most `max_tokens`, ending at the tokenizer's stop tokens.
     pub fn greedy(max_tokens: usize, tokenizer: &Tokenizer) -> Self {
-        Self { max_tokens, sampler: SamplerConfig::default(), stop: tokenizer.stop.clone() }
+        Self { max_tokens, sampler: SamplerConfig::default(), stop: tokenizer.stop.clone(), stop_on_repeat: false }
     }
+}
+
+/// Copies in a row of one span that end a generation with [`GenerateOptions::stop_on_repeat`].
+pub const REPEAT_COPIES: usize = 3;
+const REPEAT_SPAN: std::ops::RangeInclusive<usize> = 4..=64;
+
+/// The length of the shortest span (4..=64 tokens) whose [`REPEAT_COPIES`] copies in a row end
+/// `tokens`.
+fn repeated_span(tokens: &[u32]) -> Option<usize> {
+    let n = tokens.len();
+    REPEAT_SPAN.take_while(|l| l * REPEAT_COPIES <= n).find(|&l| {
+        let last = &tokens[n - l..];
+        (1..REPEAT_COPIES).all(|c| &tokens[n - (c + 1) * l..n - c * l] == last)
+    })
 }
 
 /// A finished generation and its timings.
@@ -88,7 +107,34 @@ pub fn generate_adapted(model: &Model, kv: &mut KvCache, prompt: &[u32], adapter
         if opts.stop.contains(&next) || out.len() == opts.max_tokens {
             break;
         }
+        if let Some(span) = repeated_span(&out).filter(|_| opts.stop_on_repeat) {
+            out.truncate(out.len() - (REPEAT_COPIES - 1) * span);
+            break;
+        }
         next = feed(kv, &[next], &mut sampler)?;
     }
     Ok(Generation { tokens: out, prefill_secs, decode_secs: t1.elapsed().as_secs_f64(), prompt_len: prompt.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_span_repeated_three_times_ends_the_text() {
+        let line = [11u32, 12, 13, 14, 15];
+        let mut text: Vec<u32> = vec![1, 2, 3];
+        for copies in 1..=3 {
+            text.extend(line);
+            let want = (copies == REPEAT_COPIES).then_some(line.len());
+            assert_eq!(repeated_span(&text), want, "after {copies} copies");
+        }
+        // Shorter than 4 tokens, or fewer copies than required: text goes on.
+        assert_eq!(repeated_span(&[7, 8, 7, 8, 7, 8]), None);
+        assert_eq!(repeated_span(&[5; 11]), None);
+        assert_eq!(repeated_span(&[5; 12]), Some(4));
+        // Lines that differ (a listing) are not a repetition.
+        let listing: Vec<u32> = (0..10).flat_map(|i| [20, 21, 22, 100 + i, 23]).collect();
+        assert_eq!(repeated_span(&listing), None);
+    }
 }

@@ -138,7 +138,7 @@ impl Worker<'_> {
             None => self.limits.default_max_tokens.min(room),
         };
         let tokenizer = &self.backend.engine.tokenizer;
-        let opts = GenerateOptions { max_tokens, sampler: job.request.sampler, stop: tokenizer.stop.clone() };
+        let opts = GenerateOptions { max_tokens, sampler: job.request.sampler, stop: tokenizer.stop.clone(), stop_on_repeat: false };
         let mut stream = TextStream::new(tokenizer.clone());
         let g = session.generate(&prompt, None, &opts, |t| match stream.push(t) {
             Ok(piece) if !piece.is_empty() => {

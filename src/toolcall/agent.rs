@@ -24,9 +24,11 @@ pub struct AgentOptions {
 
 impl AgentOptions {
     /// At most `max_steps` calls, results cut to [`MAX_RESULT_CHARS`], a greedy answer of at
-    /// most `answer_tokens`.
+    /// most `answer_tokens` that ends where it starts repeating itself
+    /// ([`GenerateOptions::stop_on_repeat`]).
     pub fn new(max_steps: usize, answer_tokens: usize, tokenizer: &Tokenizer) -> Self {
-        Self { max_steps, max_result_chars: MAX_RESULT_CHARS, answer: GenerateOptions::greedy(answer_tokens, tokenizer) }
+        let answer = GenerateOptions { stop_on_repeat: true, ..GenerateOptions::greedy(answer_tokens, tokenizer) };
+        Self { max_steps, max_result_chars: MAX_RESULT_CHARS, answer }
     }
 }
 

@@ -230,7 +230,7 @@ fn handoff_rows(m: &Model, ids: &[AdapterId], prefix: &[u32], reps: usize, rows:
     let (sel, arg) = (ActiveAdapter::new(ids[0]), ActiveAdapter::new(ids[1]));
     let with = |tail: &[u32]| prefix.iter().chain(tail).copied().collect::<Vec<u32>>();
     let (prompt_a, prompt_b) = (with(&[1, 2]), with(&[3, 4, 5]));
-    let opts = |n| GenerateOptions { max_tokens: n, sampler: Default::default(), stop: vec![] };
+    let opts = |n| GenerateOptions { max_tokens: n, sampler: Default::default(), stop: vec![], stop_on_repeat: false };
     let mut computed = [0usize; 2];
     let mut rates = [0f64; 2];
     // Taking turns, as in `lora_rows`.

@@ -83,6 +83,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         max_tokens: a.max_tokens,
         sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
         stop: if a.ignore_eos { Vec::new() } else { eng.tokenizer.stop.clone() },
+        stop_on_repeat: false,
     };
     let mut stdout = std::io::stdout();
     let mut stream = TextStream::new(eng.tokenizer.clone());
