@@ -1,13 +1,17 @@
 //! Kernel microbenchmarks, on whatever GPU wgpu finds: the matrix-vector product (decode) of every
-//! block format, reported as GB/s of weight bytes read; and multi-LoRA on one projection (fused
-//! and separate expand, one adapter and a 4-row batch on 4 adapters) against the base product.
+//! block format, reported as GB/s of weight bytes read; multi-LoRA on one projection (fused
+//! and separate expand, one adapter and a 4-row batch on 4 adapters) against the base product;
+//! and a feed-forward block's gate and up projections with the GLU, as three dispatches and as
+//! the one gated product.
 //!
-//! `cargo bench --bench kernels [-- lora]`; `AGENTFLUX_ADAPTER` picks the device.
+//! `cargo bench --bench kernels [-- lora|ffn]`; `AGENTFLUX_ADAPTER` picks the device,
+//! `AGENTFLUX_KERNELS=gpu|cpu` the kernel family.
 
 use agentflux::decode::SplitMix64;
 use agentflux::gguf::BlockFormat;
 use agentflux::gpu::{read_f32, storage_buffer, storage_buffer_zeroed, GpuContext, GpuOptions, Recorder, WeightMatrix};
-use agentflux::kernels::matmul::{lora_expand, lora_shrink, matmul, LoraIo, LoraSlot, MatmulIo};
+use agentflux::kernels::elementwise::{glu, Activation};
+use agentflux::kernels::matmul::{lora_expand, lora_shrink, matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo};
 use agentflux::reference::{random_matrix_bytes, random_vec};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -89,5 +93,39 @@ fn bench_lora(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matvec, bench_lora);
+/// SmolLM2's gate and up projections (Q4_1, 1536 × 576 each, one buffer) and the SwiGLU for one
+/// token: two products and a GLU dispatch against the gated product.
+fn bench_ffn(c: &mut Criterion) {
+    let ctx = GpuContext::new(&GpuOptions::default()).expect("a GPU adapter");
+    let mut rng = SplitMix64(3);
+    let (rows, cols) = (1536, 576);
+    let (gb, ub) = (random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0), random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0));
+    let [gate, up] = WeightMatrix::upload_pair(&ctx, ["gate", "up"], [BlockFormat::Q4_1; 2], [rows; 2], cols, [&gb, &ub]).unwrap();
+    let x = storage_buffer(&ctx, "x", bytemuck::cast_slice(&random_vec(&mut rng, cols, 1.0)));
+    let (g, u) = (storage_buffer_zeroed(&ctx, "g", (rows * 4) as u64), storage_buffer_zeroed(&ctx, "u", (rows * 4) as u64));
+    let mut group = c.benchmark_group(format!("ffn/{}/q4_1/{rows}x{cols}", ctx.info.name));
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes((2 * gate.n_bytes() * REPEAT) as u64));
+    for fused in [false, true] {
+        group.bench_function(if fused { "gated product" } else { "gate, up, glu" }, |b| {
+            b.iter(|| {
+                let mut rec = Recorder::new(&ctx);
+                for _ in 0..REPEAT {
+                    if fused {
+                        matmul_gated(&mut rec, &ctx, &gate, GatedUp { up: &up, act: Activation::Silu, lora: None }, MatmulIo::dense(&x, &g, &gate, 1)).unwrap();
+                    } else {
+                        matmul(&mut rec, &ctx, &gate, MatmulIo::dense(&x, &g, &gate, 1)).unwrap();
+                        matmul(&mut rec, &ctx, &up, MatmulIo::dense(&x, &u, &up, 1)).unwrap();
+                        glu(&mut rec, &ctx, Activation::Silu, &g, &u, rows).unwrap();
+                    }
+                }
+                rec.submit();
+                read_f32(&ctx, &g, 0, 1).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_matvec, bench_lora, bench_ffn);
 criterion_main!(benches);

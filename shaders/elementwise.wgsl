@@ -7,7 +7,7 @@
 //               (the gradients with respect to gate and up, written over them)
 // Layout: f32 arrays; `total` elements for glu, `rows` × `n` for add_rows.
 // Work split: one invocation per element; 2-D grid (x + y·65535·64) so large tensors fit.
-// Limits: none.
+// Limits: none. The activations come from activation.wgsl.
 
 struct Params {
     total: u32,
@@ -25,27 +25,13 @@ fn flat(gid: vec3<u32>) -> u32 {
     return gid.x + gid.y * 65535u * 64u;
 }
 
-// act(g) and act'(g) for the gate activation `p.act`.
-fn activation(g: f32) -> vec2<f32> {
-    if (p.act == 0u) {
-        let s = 1.0 / (1.0 + exp(-g));
-        return vec2<f32>(g * s, s * (1.0 + g * (1.0 - s)));
-    }
-    // tanh via exp of a clamped argument: tanh saturates long before the clamp.
-    let c = 0.7978845608;
-    let u = clamp(c * (g + 0.044715 * g * g * g), -15.0, 15.0);
-    let e = exp(2.0 * u);
-    let t = (e - 1.0) / (e + 1.0);
-    return vec2<f32>(0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * g * g));
-}
-
 @compute @workgroup_size(64)
 fn glu(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = flat(gid);
     if (i >= p.total) {
         return;
     }
-    a[i] = activation(a[i]).x * b[i];
+    a[i] = gate_act(a[i], p.act).x * b[i];
 }
 
 @group(0) @binding(2) var<storage, read_write> up: array<f32>;
@@ -57,7 +43,7 @@ fn glu_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= p.total) {
         return;
     }
-    let act = activation(a[i]);
+    let act = gate_act(a[i], p.act);
     let d = dy[i];
     a[i] = d * up[i] * act.y;
     up[i] = d * act.x;

@@ -4,6 +4,11 @@
 //   (+ scale_s · Σ_j B_s[n_offset + n, j] · u[m, j] when `lora` is 1 and row m has adapter slot
 //   s = row_slot[m] ≥ 0: the multi-LoRA "expand", u from lora_shrink.wgsl),
 //   with `+=` when `accumulate` is 1 (fuses the residual add into the projection).
+// With GLU = 1 (a launcher constant) the product is gated: W is a feed-forward block's gate and
+//   its up projection sits `pair_offset` bytes further in the same buffer; the kernel decodes
+//   both rows n and writes y = act(gate + Δgate) · (up + Δup) (activation.wgsl; `act`), each Δ
+//   from its own adapter slots (`slots`/`u` for the gate, `up_slots`/`u_up` for up) — the two
+//   products and the GLU in one dispatch. `accumulate` must be 0.
 // Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load32`);
 //   x is M rows of K f32 at x_offset + m·x_stride (both in vec4 units); y is f32.
 // Two work splits, one entry point each (the launcher picks by the device's class):
@@ -36,8 +41,14 @@ struct Params {
     lora: u32,
     max_rank: u32,
     n_slots: u32,
+    pair_offset: u32,
+    act: u32,
+    up_lora: u32,
+    up_max_rank: u32,
+    up_n_slots: u32,
     // Per adapter slot: (A offset, B offset in floats, rank, bitcast scale).
     slots: array<vec4<u32>, 8>,
+    up_slots: array<vec4<u32>, 8>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -47,30 +58,49 @@ struct Params {
 @group(0) @binding(4) var<storage, read> row_slot: array<i32>;
 @group(0) @binding(5) var<storage, read> u: array<f32>;
 @group(0) @binding(6) var<storage, read> b_pack: array<f32>;
+@group(0) @binding(7) var<storage, read> u_up: array<f32>;
 
-// The LoRA delta of output row `n` for batch row `m` (0 without an adapter).
-fn lora_delta(n: u32, m: u32) -> f32 {
-    if (p.lora == 0u) {
+// The LoRA delta of output row `n` for batch row `m` (0 without an adapter): the gate's (or the
+// only projection's) with `up` false, the up projection's with `up` true.
+fn lora_delta(n: u32, m: u32, up: bool) -> f32 {
+    if (select(p.lora, p.up_lora, up) == 0u) {
         return 0.0;
     }
     let s = row_slot[m];
-    if (s < 0 || u32(s) >= p.n_slots) {
+    if (s < 0 || u32(s) >= select(p.n_slots, p.up_n_slots, up)) {
         return 0.0;
     }
-    let slot = p.slots[s];
+    var slot: vec4<u32>;
+    var u0: u32;
+    if (up) {
+        slot = p.up_slots[s];
+        u0 = m * p.up_max_rank;
+    } else {
+        slot = p.slots[s];
+        u0 = m * p.max_rank;
+    }
     let b = slot.y + (p.n_offset + n) * slot.z;
     var d = 0.0;
     for (var j = 0u; j < slot.z; j++) {
-        d += b_pack[b + j] * u[m * p.max_rank + j];
+        var uj: f32;
+        if (up) {
+            uj = u_up[u0 + j];
+        } else {
+            uj = u[u0 + j];
+        }
+        d += b_pack[b + j] * uj;
     }
     return d * bitcast<f32>(slot.w);
 }
 
-// Writes output row n (if below N) of batch row m.
-fn store(n: u32, m: u32, v: f32) {
+// Writes output row n (if below N) of batch row m: `v` (and, gated, `v_up`) are its sums.
+fn store(n: u32, m: u32, v: f32, v_up: f32) {
     if (n < p.n) {
         let yi = p.y_offset + m * p.y_stride + p.n_offset + n;
-        let r = v + lora_delta(n, m);
+        var r = v + lora_delta(n, m, false);
+        if (GLU == 1u) {
+            r = gate_act(r, p.act).x * (v_up + lora_delta(n, m, true));
+        }
         if (p.accumulate != 0u) {
             y[yi] += r;
         } else {
@@ -96,6 +126,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
         xo[t] = p.x_offset + min(m0 + t, p.m - 1u) * p.x_stride;
     }
     var acc: array<f32, ROWS * COLS>;
+    var acc_up: array<f32, ROWS * COLS>;
     for (var k = 0u; k < p.k; k += 32u) {
         var xv: array<V32, COLS>;
         for (var t = 0u; t < COLS; t++) {
@@ -112,12 +143,22 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
                 }
                 acc[r * COLS + t] += s;
             }
+            if (GLU == 1u) {
+                let wu = load32(rb[r] + p.pair_offset, k);
+                for (var t = 0u; t < COLS; t++) {
+                    var s = 0.0;
+                    for (var j = 0u; j < 8u; j++) {
+                        s += dot(wu[j], xv[t][j]);
+                    }
+                    acc_up[r * COLS + t] += s;
+                }
+            }
         }
     }
     for (var t = 0u; t < COLS; t++) {
         if (m0 + t < p.m) {
             for (var r = 0u; r < ROWS; r++) {
-                store(n0 + r, m0 + t, acc[r * COLS + t]);
+                store(n0 + r, m0 + t, acc[r * COLS + t], acc_up[r * COLS + t]);
             }
         }
     }
@@ -136,21 +177,36 @@ fn cooperative(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) 
         xo[t] = p.x_offset + min(m0 + t, p.m - 1u) * p.x_stride;
     }
     var acc: array<f32, COLS>;
+    var acc_up: array<f32, COLS>;
     for (var k = lane * 32u; k < p.k; k += LANES * 32u) {
         let wr = load32(rb, k);
+        var wu: V32;
+        if (GLU == 1u) {
+            wu = load32(rb + p.pair_offset, k);
+        }
         for (var t = 0u; t < COLS; t++) {
             var s = 0.0;
+            var s_up = 0.0;
             for (var j = 0u; j < 8u; j++) {
-                s += dot(wr[j], x[xo[t] + (k >> 2u) + j]);
+                let xj = x[xo[t] + (k >> 2u) + j];
+                s += dot(wr[j], xj);
+                if (GLU == 1u) {
+                    s_up += dot(wu[j], xj);
+                }
             }
             acc[t] += s;
+            acc_up[t] += s_up;
         }
     }
     let total = reduce_lanes(acc, li);
+    var total_up: array<f32, COLS>;
+    if (GLU == 1u) {
+        total_up = reduce_lanes(acc_up, li);
+    }
     if (lane == 0u) {
         for (var t = 0u; t < COLS; t++) {
             if (m0 + t < p.m) {
-                store(n, m0 + t, total[t]);
+                store(n, m0 + t, total[t], total_up[t]);
             }
         }
     }

@@ -444,6 +444,75 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
     }
 }
 
+/// The gated product (gate and up projections and the GLU in one dispatch) against the
+/// reference `glu(W_gate·x + Δgate, W_up·x + Δup)`, in every kernel family, decode and prefill
+/// shapes, both activations, with adapters on the gate, on up, on both and on neither.
+#[test]
+fn gated_matmul_matches_glu_of_two_products() {
+    use agentflux::kernels::matmul::{lora_shrink, matmul_gated, GatedUp, LoraIo, LoraSlot};
+    let mut r = rng("gated_matmul");
+    let rank = 4;
+    for (family, ctx) in common::kernel_families() {
+        for (i, format) in [BlockFormat::Q4_1, BlockFormat::Q6_K, BlockFormat::Q4_0, BlockFormat::F16].into_iter().enumerate() {
+            let k = format.block_len().max(32);
+            let act = if i % 2 == 0 { Activation::Silu } else { Activation::GeluTanh };
+            for (rows, cols, m) in [(37, k * 3, 1), (67, k * 2, 5)] {
+                let (gb, ub) = (random_matrix_bytes(&mut r, format, rows, cols, 1.0), random_matrix_bytes(&mut r, format, rows, cols, 1.0));
+                let [gate, up] = WeightMatrix::upload_pair(&ctx, ["gate", "up"], [format; 2], [rows; 2], cols, [&gb, &ub]).unwrap();
+                assert!(gate.pair_offset(&up).is_some(), "{format:?}: gate and up share a buffer");
+                let x = random_vec(&mut r, m * cols, 1.0);
+                // One adapter per projection; the rows alternate between it and none.
+                let (a_pack, b_pack) = (random_vec(&mut r, 2 * rank * cols, 0.5), random_vec(&mut r, 2 * rows * rank, 0.5));
+                let slot = |j: usize| [LoraSlot { a_offset: j * rank * cols, b_offset: j * rows * rank, rank, scale: 1.5 }];
+                let (gate_slot, up_slot) = (slot(0), slot(1));
+                let row_slot: Vec<i32> = (0..m).map(|t| if t % 2 == 0 { 0 } else { -1 }).collect();
+                let (xb, ab, bb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &a_pack), f32_buf(&ctx, &b_pack));
+                let sb = storage_buffer(&ctx, "row_slot", bytemuck::cast_slice(&row_slot));
+                let (ug, uu) = (storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64), storage_buffer_zeroed(&ctx, "u_up", (m * rank * 4) as u64));
+                let wf = |b: &[u8]| dequant(format, b, rows, cols);
+                let (wg, wu) = (wf(&gb), wf(&ub));
+                for (on_gate, on_up) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let lora = |on: bool, slots, u| on.then_some(LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u, max_rank: rank, slots });
+                    let (gl, ul) = (lora(on_gate, &gate_slot[..], &ug), lora(on_up, &up_slot[..], &uu));
+                    let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
+                    let io = MatmulIo { lora: gl, ..MatmulIo::dense(&xb, &y, &gate, m) };
+                    let mut rec = Recorder::new(&ctx);
+                    lora_shrink(&mut rec, &ctx, cols, &io).unwrap();
+                    lora_shrink(&mut rec, &ctx, cols, &MatmulIo { lora: ul, ..io }).unwrap();
+                    matmul_gated(&mut rec, &ctx, &gate, GatedUp { up: &up, act, lora: ul }, io).unwrap();
+                    rec.submit();
+                    let got = read_f32(&ctx, &y, 0, m * rows).unwrap();
+                    let (mut g, mut u) = (reference::matmul(&wg, &x, rows, cols), reference::matmul(&wu, &x, rows, cols));
+                    for (t, &sl) in row_slot.iter().enumerate() {
+                        for (on, j, out) in [(on_gate, 0, &mut g), (on_up, 1, &mut u)] {
+                            if !on || sl < 0 {
+                                continue;
+                            }
+                            let s = slot(j)[0];
+                            let ua = reference::matmul(&a_pack[s.a_offset..][..rank * cols], &x[t * cols..][..cols], rank, cols);
+                            let d = reference::matmul(&b_pack[s.b_offset..][..rows * rank], &ua, rows, rank);
+                            for n in 0..rows {
+                                out[t * rows + n] += s.scale * d[n];
+                            }
+                        }
+                    }
+                    let want = reference::glu(&g, &u, act);
+                    assert_close(&format!("gated {format:?} {act:?} {rows}x{cols} m={m} lora gate {on_gate} up {on_up}, {family}"), &got, &want, 2e-4);
+                }
+            }
+        }
+        // Matrices in separate buffers (different formats) cannot be fused: refused, not wrong.
+        let (cols, rows) = (64, 8);
+        let gb = random_matrix_bytes(&mut r, BlockFormat::Q8_0, rows, cols, 1.0);
+        let ub = random_matrix_bytes(&mut r, BlockFormat::Q4_1, rows, cols, 1.0);
+        let [gate, up] = WeightMatrix::upload_pair(&ctx, ["gate", "up"], [BlockFormat::Q8_0, BlockFormat::Q4_1], [rows; 2], cols, [&gb, &ub]).unwrap();
+        assert!(gate.pair_offset(&up).is_none());
+        let (xb, y) = (f32_buf(&ctx, &random_vec(&mut r, cols, 1.0)), storage_buffer_zeroed(&ctx, "y", (rows * 4) as u64));
+        let err = matmul_gated(&mut Recorder::new(&ctx), &ctx, &gate, GatedUp { up: &up, act: Activation::Silu, lora: None }, MatmulIo::dense(&xb, &y, &gate, 1)).unwrap_err();
+        assert!(err.to_string().contains("share the gate's buffer"), "{err}");
+    }
+}
+
 /// The training kernels against the reference backward operators and optimizer: RMSNorm's
 /// gradient (plain and accumulated, offset rows), GLU's for both activations, RoPE's inverse
 /// rotation for both layouts, masked cross-entropy with its gradient, and one AdamW step.

@@ -70,7 +70,8 @@ pub fn read_u32(ctx: &GpuContext, buf: &wgpu::Buffer, start: usize, n: usize) ->
 /// A weight matrix `rows × cols` in a GGUF block format, resident on the GPU.
 ///
 /// Rows are stored as in GGUF (row-major blocks). A matrix larger than the device's largest
-/// storage binding is split by rows into several buffers; kernels run once per part.
+/// storage binding is split by rows into several parts; kernels run once per part. Two matrices
+/// may share one buffer ([`WeightMatrix::upload_pair`]) so that one kernel reads both.
 pub struct WeightMatrix {
     /// Output rows (`N` of `y = W x`).
     pub rows: usize,
@@ -78,26 +79,53 @@ pub struct WeightMatrix {
     pub cols: usize,
     /// Block format of the stored rows.
     pub format: BlockFormat,
-    /// (first row, buffer) of each part, in row order.
-    pub parts: Vec<(usize, wgpu::Buffer, usize)>,
+    /// The parts, in row order.
+    pub parts: Vec<WeightPart>,
+}
+
+/// Rows `row0 .. row0 + rows` of a weight matrix, stored at byte `offset` of `buf`.
+#[derive(Clone)]
+pub struct WeightPart {
+    /// First row.
+    pub row0: usize,
+    /// Rows in this part.
+    pub rows: usize,
+    /// The buffer holding them.
+    pub buf: wgpu::Buffer,
+    /// Byte offset of the first row in `buf` (a multiple of the device's storage offset alignment).
+    pub offset: u64,
+    /// Bytes of the rows, padded to 4.
+    pub bytes: u64,
+}
+
+impl WeightPart {
+    /// The part's rows as a kernel binding.
+    pub fn binding(&self) -> super::Binding {
+        super::Binding::range(&self.buf, self.offset, self.bytes)
+    }
+}
+
+fn check_matrix(name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<usize> {
+    if cols % format.block_len() != 0 || cols % 32 != 0 {
+        return Err(Error::Shape {
+            op: "WeightMatrix::upload",
+            msg: format!("{name}: {cols} columns is not a multiple of 32 and of the {format:?} block ({})", format.block_len()),
+        });
+    }
+    let row_bytes = format.row_bytes(cols);
+    if bytes.len() != rows * row_bytes {
+        return Err(Error::Shape {
+            op: "WeightMatrix::upload",
+            msg: format!("{name}: {} bytes given for {rows}×{cols} {format:?} ({} expected)", bytes.len(), rows * row_bytes),
+        });
+    }
+    Ok(row_bytes)
 }
 
 impl WeightMatrix {
     /// Upload `bytes` (`rows` rows of `cols` values in `format`), split to fit the binding limit.
     pub fn upload(ctx: &GpuContext, name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
-        if cols % format.block_len() != 0 || cols % 32 != 0 {
-            return Err(Error::Shape {
-                op: "WeightMatrix::upload",
-                msg: format!("{name}: {cols} columns is not a multiple of 32 and of the {format:?} block ({})", format.block_len()),
-            });
-        }
-        let row_bytes = format.row_bytes(cols);
-        if bytes.len() != rows * row_bytes {
-            return Err(Error::Shape {
-                op: "WeightMatrix::upload",
-                msg: format!("{name}: {} bytes given for {rows}×{cols} {format:?} ({} expected)", bytes.len(), rows * row_bytes),
-            });
-        }
+        let row_bytes = check_matrix(name, format, rows, cols, bytes)?;
         let rows_per_part = (ctx.max_binding() as usize / row_bytes).max(1);
         if rows_per_part * row_bytes > ctx.max_binding() as usize {
             return Err(Error::Shape {
@@ -110,10 +138,43 @@ impl WeightMatrix {
         while r < rows {
             let n = rows_per_part.min(rows - r);
             let buf = storage_buffer(ctx, name, &bytes[r * row_bytes..(r + n) * row_bytes]);
-            parts.push((r, buf, n));
+            parts.push(WeightPart { row0: r, rows: n, buf, offset: 0, bytes: (n * row_bytes).div_ceil(4) as u64 * 4 });
             r += n;
         }
         Ok(Self { rows, cols, format, parts })
+    }
+
+    /// Two matrices of one format and width (`rows[i]` rows of `cols` values each) in one
+    /// buffer, the second at the next offset a binding may start at, so one kernel can read both
+    /// (the gate and up projections of a feed-forward block) while each stays usable alone.
+    /// Where the formats differ or the pair would not fit one binding, each gets its own buffers.
+    pub fn upload_pair(ctx: &GpuContext, names: [&str; 2], formats: [BlockFormat; 2], rows: [usize; 2], cols: usize, bytes: [&[u8]; 2]) -> Result<[Self; 2]> {
+        let row_bytes = check_matrix(names[0], formats[0], rows[0], cols, bytes[0])?;
+        check_matrix(names[1], formats[1], rows[1], cols, bytes[1])?;
+        let align = (ctx.limits.min_storage_buffer_offset_alignment as usize).max(4);
+        let second = bytes[0].len().div_ceil(align) * align;
+        if formats[0] != formats[1] || (second + bytes[1].len()) as u64 > ctx.max_binding() {
+            return Ok([Self::upload(ctx, names[0], formats[0], rows[0], cols, bytes[0])?, Self::upload(ctx, names[1], formats[1], rows[1], cols, bytes[1])?]);
+        }
+        let mut both = vec![0u8; second + bytes[1].len()];
+        both[..bytes[0].len()].copy_from_slice(bytes[0]);
+        both[second..].copy_from_slice(bytes[1]);
+        let buf = storage_buffer(ctx, &format!("{} + {}", names[0], names[1]), &both);
+        let view = |i: usize, offset: usize| Self {
+            rows: rows[i],
+            cols,
+            format: formats[i],
+            parts: vec![WeightPart { row0: 0, rows: rows[i], buf: buf.clone(), offset: offset as u64, bytes: (rows[i] * row_bytes).div_ceil(4) as u64 * 4 }],
+        };
+        Ok([view(0, 0), view(1, second)])
+    }
+
+    /// Where `other`'s rows start, in bytes from this matrix's first row, when both are whole
+    /// (one part each) in one buffer with the same format and width: one kernel can then read
+    /// both through a binding of this matrix's buffer.
+    pub fn pair_offset(&self, other: &WeightMatrix) -> Option<u64> {
+        let ([a], [b]) = (&self.parts[..], &other.parts[..]) else { return None };
+        (a.buf == b.buf && b.offset >= a.offset && self.format == other.format && self.cols == other.cols).then(|| b.offset - a.offset)
     }
 
     /// Bytes of weights (what one full matrix-vector product must read).

@@ -6,7 +6,7 @@ mod kernel;
 mod memory;
 mod profile;
 
-pub use buffer::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, upload, WeightMatrix};
+pub use buffer::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, upload, WeightMatrix, WeightPart};
 pub use context::{list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions};
 pub use kernel::{Binding, Kernel, Recorder, ShaderSource};
 pub use memory::MemoryUse;

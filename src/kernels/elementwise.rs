@@ -2,9 +2,14 @@
 
 use super::norm::Rows;
 use crate::error::Result;
-use crate::gpu::{Binding, GpuContext, Recorder};
+use crate::gpu::{Binding, GpuContext, Recorder, ShaderSource};
 
 const WGSL: &str = include_str!("../../shaders/elementwise.wgsl");
+
+/// An entry point of elementwise.wgsl (with the activations it shares with the fused product).
+fn kernel(ctx: &GpuContext, entry: &'static str) -> Result<std::sync::Arc<crate::gpu::Kernel>> {
+    ctx.kernel(&ShaderSource { files: vec![super::ACTIVATION_WGSL, WGSL], ..super::plain(entry, WGSL, entry) })
+}
 
 /// The gate activation of a gated feed-forward block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -13,6 +18,13 @@ pub enum Activation {
     Silu,
     /// tanh-approximated GELU (GeGLU): gemma.
     GeluTanh,
+}
+
+impl Activation {
+    /// The shaders' number for it (activation.wgsl's `act`).
+    pub(crate) fn code(self) -> u32 {
+        (self == Activation::GeluTanh) as u32
+    }
 }
 
 #[repr(C)]
@@ -27,22 +39,22 @@ struct Params {
 
 /// Record `gate[i] = act(gate[i]) · up[i]` for the first `total` elements.
 pub fn glu(rec: &mut Recorder, ctx: &GpuContext, act: Activation, gate: &wgpu::Buffer, up: &wgpu::Buffer, total: usize) -> Result<()> {
-    let kernel = ctx.kernel(&super::plain("glu", WGSL, "glu"))?;
-    let p = Params { total: total as u32, n: 0, offset: 0, stride: 0, act: (act == Activation::GeluTanh) as u32 };
+    let kernel = kernel(ctx, "glu")?;
+    let p = Params { total: total as u32, n: 0, offset: 0, stride: 0, act: act.code() };
     rec.dispatch(&kernel, &p, vec![Binding::whole(gate), Binding::whole(up)], super::flat_grid(total))
 }
 
 /// Record the gradient through [`glu`] for the first `total` elements: given the gate's input in
 /// `gate`, `up` and the output's gradient `dy`, `gate` becomes ∂/∂gate and `up` ∂/∂up.
 pub fn glu_backward(rec: &mut Recorder, ctx: &GpuContext, act: Activation, gate: &wgpu::Buffer, up: &wgpu::Buffer, dy: &wgpu::Buffer, total: usize) -> Result<()> {
-    let kernel = ctx.kernel(&super::plain("glu_backward", WGSL, "glu_backward"))?;
-    let p = Params { total: total as u32, n: 0, offset: 0, stride: 0, act: (act == Activation::GeluTanh) as u32 };
+    let kernel = kernel(ctx, "glu_backward")?;
+    let p = Params { total: total as u32, n: 0, offset: 0, stride: 0, act: act.code() };
     rec.dispatch(&kernel, &p, vec![Binding::whole(gate), Binding::whole(up), Binding::whole(dy)], super::flat_grid(total))
 }
 
 /// Record `a[row r][i] += bias[i]` for `rows` rows of `n`.
 pub fn add_rows(rec: &mut Recorder, ctx: &GpuContext, a: Rows, bias: &wgpu::Buffer, rows: usize, n: usize) -> Result<()> {
-    let kernel = ctx.kernel(&super::plain("add_rows", WGSL, "add_rows"))?;
+    let kernel = kernel(ctx, "add_rows")?;
     let p = Params { total: (rows * n) as u32, n: n as u32, offset: a.offset as u32, stride: a.stride as u32, act: 0 };
     rec.dispatch(&kernel, &p, vec![Binding::whole(a.buf), Binding::whole(bias)], super::flat_grid(rows * n))
 }

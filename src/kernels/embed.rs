@@ -19,16 +19,16 @@ struct Params {
 /// Record `out[t] = scale · table[ids[t]]` for `n_tokens` ids (already range-checked).
 pub fn embed(rec: &mut Recorder, ctx: &GpuContext, table: &WeightMatrix, ids: &wgpu::Buffer, n_tokens: usize, scale: f32, out: &wgpu::Buffer) -> Result<()> {
     let kernel = ctx.kernel(&super::weight_reader("embed", WGSL, "main", table.format, &[]))?;
-    for (row0, buf, rows) in &table.parts {
+    for part in &table.parts {
         let p = Params {
             n_tokens: n_tokens as u32,
             cols: table.cols as u32,
             row_bytes: table.format.row_bytes(table.cols) as u32,
-            row_start: *row0 as u32,
-            row_end: (*row0 + *rows) as u32,
+            row_start: part.row0 as u32,
+            row_end: (part.row0 + part.rows) as u32,
             scale,
         };
-        let bindings = vec![Binding::whole(ids), Binding::whole(buf), Binding::whole(out)];
+        let bindings = vec![Binding::whole(ids), part.binding(), Binding::whole(out)];
         rec.dispatch(&kernel, &p, bindings, [super::groups(table.cols / 32, 64), n_tokens as u32, 1])?;
     }
     Ok(())

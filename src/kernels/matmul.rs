@@ -3,6 +3,7 @@
 //! expand fused into the product, and the unfused expand it is measured against.
 
 use crate::error::{Error, Result};
+use super::elementwise::Activation;
 use crate::gguf::BlockFormat;
 use crate::gpu::{Binding, DeviceClass, GpuContext, Kernel, Recorder, WeightMatrix};
 use std::sync::Arc;
@@ -31,22 +32,26 @@ const GPU_COLS: usize = 4;
 
 /// The product kernel for `format` in `ctx`'s kernel family, and its grid for a part of `rows`
 /// rows and `m` batch rows.
-fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize) -> Result<(Arc<Kernel>, [u32; 3])> {
+fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, gated: bool) -> Result<(Arc<Kernel>, [u32; 3])> {
     let (name, entry, consts, grid) = match ctx.class {
         DeviceClass::Cpu => {
             let (tile_n, tile_m) = tile(rows, m);
             let grid = [super::groups(rows.div_ceil(tile_n), WG), super::groups(m, tile_m), 1];
-            ("quant_matmul", "main", [("WG", WG), ("ROWS", tile_n), ("COLS", tile_m), ("LANES", 1)], grid)
+            ("quant_matmul", "main", [("WG", WG), ("ROWS", tile_n), ("COLS", tile_m), ("LANES", 1), ("GLU", gated as usize)], grid)
         }
         DeviceClass::Gpu => {
             let cols = if m == 1 { 1 } else { GPU_COLS };
             let grid = [super::groups(rows, GPU_WG / LANES), super::groups(m, cols), 1];
-            ("quant_matmul_coop", "cooperative", [("WG", GPU_WG), ("ROWS", 1), ("COLS", cols), ("LANES", LANES)], grid)
+            ("quant_matmul_coop", "cooperative", [("WG", GPU_WG), ("ROWS", 1), ("COLS", cols), ("LANES", LANES), ("GLU", gated as usize)], grid)
         }
     };
     let consts = consts.map(|(k, v)| (k, v as u32));
     let subgroups = ctx.class == DeviceClass::Gpu && ctx.subgroups_hold(LANES as u32);
-    let src = super::with_lane_reduce(super::weight_reader(name, WGSL, entry, format, &consts), subgroups);
+    let mut src = super::with_lane_reduce(super::weight_reader(name, WGSL, entry, format, &consts), subgroups);
+    src.files.push(super::ACTIVATION_WGSL);
+    if gated {
+        src.name.push_str("_glu");
+    }
     Ok((ctx.kernel(&src)?, grid))
 }
 
@@ -66,9 +71,15 @@ struct Params {
     lora: u32,
     max_rank: u32,
     n_slots: u32,
-    // WGSL aligns the slot array to 16 bytes.
-    _pad: [u32; 3],
+    pair_offset: u32,
+    act: u32,
+    up_lora: u32,
+    up_max_rank: u32,
+    up_n_slots: u32,
+    // WGSL aligns the slot arrays to 16 bytes.
+    _pad: [u32; 2],
     slots: [[u32; 4]; MAX_SLOTS],
+    up_slots: [[u32; 4]; MAX_SLOTS],
 }
 
 /// Most adapters one dispatch can mix.
@@ -152,16 +163,60 @@ impl<'a> MatmulIo<'a> {
 
 /// Record `y (+)= W·x` for every part of `w`.
 pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo) -> Result<()> {
+    product(rec, ctx, w, io, None)
+}
+
+/// The up half of a gated product (see [`matmul_gated`]).
+#[derive(Clone, Copy)]
+pub struct GatedUp<'a> {
+    /// The up projection, in the gate's buffer ([`WeightMatrix::upload_pair`]).
+    pub up: &'a WeightMatrix,
+    /// The gate's activation.
+    pub act: Activation,
+    /// The up projection's adapters (their shrink already recorded into `lora.u`); the gate's
+    /// are `io.lora`. Both must use the same `row_slot`.
+    pub lora: Option<LoraIo<'a>>,
+}
+
+/// Record `y = act(W_gate·x) · (W_up·x)` (each with its adapters' deltas) in one dispatch: the
+/// two projections of a gated feed-forward block and its GLU. `up.up` must share the gate's
+/// buffer ([`WeightMatrix::pair_offset`]) and `io.accumulate` must be off.
+pub fn matmul_gated(rec: &mut Recorder, ctx: &GpuContext, gate: &WeightMatrix, up: GatedUp, io: MatmulIo) -> Result<()> {
+    product(rec, ctx, gate, io, Some(up))
+}
+
+fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo, gated: Option<GatedUp>) -> Result<()> {
     if io.x_offset % 4 != 0 || io.x_stride % 4 != 0 {
         return Err(Error::Shape { op: "matmul", msg: format!("x offset {} / stride {} not multiples of 4", io.x_offset, io.x_stride) });
     }
+    let pair_offset = match &gated {
+        None => 0,
+        Some(g) => {
+            let off = w.pair_offset(g.up).filter(|_| g.up.rows == w.rows && !io.accumulate);
+            let off = off.ok_or_else(|| Error::Shape {
+                op: "matmul_gated",
+                msg: format!("the up projection ({}×{} {:?}) must share the gate's buffer and shape, without accumulation", g.up.rows, g.up.cols, g.up.format),
+            })?;
+            u32::try_from(off).map_err(|_| Error::Shape { op: "matmul_gated", msg: format!("up projection at byte {off}: beyond 4 GiB") })?
+        }
+    };
+    let up_lora = gated.as_ref().and_then(|g| g.lora);
+    if let (Some(a), Some(b)) = (&io.lora, &up_lora) {
+        if a.row_slot != b.row_slot {
+            return Err(Error::Shape { op: "matmul_gated", msg: "the gate's and the up projection's adapters must share one row_slot buffer".into() });
+        }
+    }
     let slots = io.lora.as_ref().map(|l| l.packed_slots()).transpose()?.unwrap_or_default();
+    let up_slots = up_lora.as_ref().map(|l| l.packed_slots()).transpose()?.unwrap_or_default();
     let none = ctx.placeholder();
-    let (row_slot, u, b_pack) = io.lora.as_ref().map_or((none, none, none), |l| (l.row_slot, l.u, l.b_pack));
-    for (row0, buf, rows) in &w.parts {
-        let (kernel, grid) = product_kernel(ctx, w.format, *rows, io.m)?;
+    let any_lora = io.lora.as_ref().or(up_lora.as_ref());
+    let (row_slot, b_pack) = any_lora.map_or((none, none), |l| (l.row_slot, l.b_pack));
+    let u = io.lora.as_ref().map_or(none, |l| l.u);
+    let u_up = up_lora.as_ref().map_or(none, |l| l.u);
+    for part in &w.parts {
+        let (kernel, grid) = product_kernel(ctx, w.format, part.rows, io.m, gated.is_some())?;
         let p = Params {
-            n: *rows as u32,
+            n: part.rows as u32,
             k: w.cols as u32,
             m: io.m as u32,
             row_bytes: w.format.row_bytes(w.cols) as u32,
@@ -169,25 +224,30 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
             x_stride: (io.x_stride / 4) as u32,
             y_offset: io.y_offset as u32,
             y_stride: io.y_stride as u32,
-            n_offset: *row0 as u32,
+            n_offset: part.row0 as u32,
             accumulate: io.accumulate as u32,
             lora: io.lora.is_some() as u32,
             max_rank: io.lora.as_ref().map_or(0, |l| l.max_rank as u32),
             n_slots: io.lora.as_ref().map_or(0, |l| l.slots.len() as u32),
-            _pad: [0; 3],
+            pair_offset,
+            act: gated.as_ref().map_or(0, |g| g.act.code()),
+            up_lora: up_lora.is_some() as u32,
+            up_max_rank: up_lora.as_ref().map_or(0, |l| l.max_rank as u32),
+            up_n_slots: up_lora.as_ref().map_or(0, |l| l.slots.len() as u32),
+            _pad: [0; 2],
             slots,
+            up_slots,
         };
-        let bindings = vec![
-            Binding::whole(buf),
-            Binding::whole(io.x),
-            Binding::whole(io.y),
-            Binding::whole(row_slot),
-            Binding::whole(u),
-            Binding::whole(b_pack),
-        ];
+        // Gated, the binding spans the gate's rows and the up projection's after them.
+        let weights = match &gated {
+            None => part.binding(),
+            Some(g) => Binding::range(&part.buf, part.offset, pair_offset as u64 + g.up.parts[0].bytes),
+        };
+        let bindings = vec![weights, Binding::whole(io.x), Binding::whole(io.y), Binding::whole(row_slot), Binding::whole(u), Binding::whole(b_pack), Binding::whole(u_up)];
         rec.dispatch(&kernel, &p, bindings, grid)?;
-        let activations = 4 * io.m * (w.cols + rows * (1 + io.accumulate as usize));
-        rec.declare_bytes((w.format.row_bytes(w.cols) * rows + activations) as u64);
+        let matrices = 1 + gated.is_some() as usize;
+        let activations = 4 * io.m * (w.cols + part.rows * (1 + io.accumulate as usize));
+        rec.declare_bytes((matrices * w.format.row_bytes(w.cols) * part.rows + activations) as u64);
     }
     Ok(())
 }

@@ -29,9 +29,9 @@ struct Params {
 /// gradient with respect to `x` of `y = W·x`. Every part of a split matrix adds its rows' share.
 pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: Rows, dx: Rows, m: usize, accumulate: bool) -> Result<()> {
     let kernel = ctx.kernel(&super::weight_reader("quant_matmul_t", WGSL, "main", w.format, &[("WG", WG as u32), ("COLS", COLS as u32)]))?;
-    for (i, (row0, buf, rows)) in w.parts.iter().enumerate() {
+    for (i, part) in w.parts.iter().enumerate() {
         let p = Params {
-            n: *rows as u32,
+            n: part.rows as u32,
             k: w.cols as u32,
             m: m as u32,
             row_bytes: w.format.row_bytes(w.cols) as u32,
@@ -39,10 +39,10 @@ pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: Rows
             dy_stride: dy.stride as u32,
             dx_offset: dx.offset as u32,
             dx_stride: dx.stride as u32,
-            n_offset: *row0 as u32,
+            n_offset: part.row0 as u32,
             accumulate: (accumulate || i > 0) as u32,
         };
-        rec.dispatch(&kernel, &p, vec![Binding::whole(buf), Binding::whole(dy.buf), Binding::whole(dx.buf)], [super::groups(w.cols / 32, WG), super::groups(m, COLS), 1])?;
+        rec.dispatch(&kernel, &p, vec![part.binding(), Binding::whole(dy.buf), Binding::whole(dx.buf)], [super::groups(w.cols / 32, WG), super::groups(m, COLS), 1])?;
     }
     Ok(())
 }

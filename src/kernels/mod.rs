@@ -19,6 +19,7 @@ use crate::gguf::BlockFormat;
 use crate::gpu::ShaderSource;
 
 const DEQUANT_WGSL: &str = include_str!("../../shaders/dequant.wgsl");
+const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
 const REDUCE_SUBGROUP_WGSL: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const REDUCE_WORKGROUP_WGSL: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 

@@ -252,7 +252,7 @@ impl Model {
         upload(ctx, &s.ids, 0, &tokens[from..]);
         upload(ctx, &s.row_slot, 0, &vec![0i32; t]);
         let active = [adapter];
-        let lora = ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u };
+        let lora = ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u, u_up: &s.lora_u_up };
         let mut rec = Recorder::new(ctx);
         self.record_chunk(&mut rec, s, &[Segment { kv, row0: 0, len: t }], &logit_rows, Some(&lora), None, Some(&trace))?;
 

@@ -21,7 +21,7 @@ use crate::decode::SamplerConfig;
 use crate::gpu::{read_f32, read_u32, storage_buffer_zeroed, upload, GpuContext, Recorder, WeightMatrix};
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_rows, glu};
-use crate::kernels::matmul::{lora_expand, lora_shrink, matmul, LoraIo, MatmulIo, MAX_SLOTS};
+use crate::kernels::matmul::{lora_expand, lora_shrink, matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo, MAX_SLOTS};
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
 use crate::kernels::sample::{argmax, sample, OUT_WORDS};
 use crate::kernels::{embed::embed, kv_store::kv_store, rope::rope};
@@ -143,6 +143,7 @@ struct Scratch {
     row_slot: wgpu::Buffer,
     tree: wgpu::Buffer,
     lora_u: wgpu::Buffer,
+    lora_u_up: wgpu::Buffer,
 }
 
 /// One sequence's rows in a chunk: batch rows `row0..row0 + len`, appended to `kv`.
@@ -158,6 +159,8 @@ struct ChunkLora<'r> {
     active: &'r [ActiveAdapter],
     row_slot: &'r wgpu::Buffer,
     u: &'r wgpu::Buffer,
+    /// The up projection's shrink when it runs fused with the gate's (see `Model::gated_ffn`).
+    u_up: &'r wgpu::Buffer,
 }
 
 /// A loaded model: configuration, GPU weights, and the adapters resident beside them.
@@ -369,7 +372,7 @@ impl Model {
             upload(&self.ctx, &s.ids, 0, &ids);
             let lora = slots.iter().any(|&v| v >= 0).then(|| {
                 upload(&self.ctx, &s.row_slot, 0, &slots);
-                ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u }
+                ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u, u_up: &s.lora_u_up }
             });
             if let Some(rows) = &tree {
                 upload(&self.ctx, &s.tree, 0, rows);
@@ -436,6 +439,7 @@ impl Model {
             row_slot: f("row_slot", tokens),
             tree: f("tree", 2 * tokens),
             lora_u: f("lora_u", tokens * max_rank),
+            lora_u_up: f("lora_u_up", tokens * max_rank),
         }
     }
 
@@ -443,10 +447,9 @@ impl Model {
     /// (shrink, then the expand fused into the base product).
     fn project(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, proj: Proj, w: &WeightMatrix, io: MatmulIo) -> Result<()> {
         let ctx = &*self.ctx;
-        let Some(l) = lora else { return matmul(rec, ctx, w, io) };
-        let Some((slots, max_rank)) = l.registry.slots(layer, proj, l.active) else { return matmul(rec, ctx, w, io) };
-        let (a_pack, b_pack) = l.registry.packs();
-        let io = MatmulIo { lora: Some(LoraIo { a_pack, b_pack, row_slot: l.row_slot, u: l.u, max_rank, slots: &slots }), ..io };
+        let slots = lora.and_then(|l| l.registry.slots(layer, proj, l.active));
+        let (Some(l), Some(slots)) = (lora, &slots) else { return matmul(rec, ctx, w, io) };
+        let io = MatmulIo { lora: Some(lora_io(l, slots, l.u)), ..io };
         lora_shrink(rec, ctx, w.cols, &io)?;
         match self.lora_mode {
             LoraMode::Fused => matmul(rec, ctx, w, io),
@@ -455,6 +458,28 @@ impl Model {
                 lora_expand(rec, ctx, w.cols, w.rows, &io)
             }
         }
+    }
+
+    /// `gate = act(W_gate·x) · (W_up·x)` for `t` rows: one dispatch for both projections and the
+    /// GLU where the two share a buffer (adapters on either shrink first and expand inside it;
+    /// with `LoraMode::Separate` and adapters, or without a shared buffer, three steps).
+    fn gated_ffn(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, s: &Scratch, t: usize) -> Result<()> {
+        let (ctx, c) = (&*self.ctx, &self.config);
+        let (gate, up) = (&lw.w_gate, &lw.w_up);
+        let io = MatmulIo::dense(&s.xn, &s.gate, gate, t);
+        if gate.pair_offset(up).is_none() || (lora.is_some() && self.lora_mode == LoraMode::Separate) {
+            self.project(rec, lora, layer, Proj::Gate, gate, io)?;
+            self.project(rec, lora, layer, Proj::Up, up, MatmulIo::dense(&s.xn, &s.up, up, t))?;
+            return glu(rec, ctx, c.act, &s.gate, &s.up, t * c.ffn_dim);
+        }
+        let slots = |proj| lora.and_then(|l| l.registry.slots(layer, proj, l.active));
+        let (gate_slots, up_slots) = (slots(Proj::Gate), slots(Proj::Up));
+        let gate_lora = lora.zip(gate_slots.as_ref()).map(|(l, sl)| lora_io(l, sl, l.u));
+        let up_lora = lora.zip(up_slots.as_ref()).map(|(l, sl)| lora_io(l, sl, l.u_up));
+        let io = MatmulIo { lora: gate_lora, ..io };
+        lora_shrink(rec, ctx, gate.cols, &io)?;
+        lora_shrink(rec, ctx, up.cols, &MatmulIo { lora: up_lora, ..io })?;
+        matmul_gated(rec, ctx, gate, GatedUp { up, act: c.act, lora: up_lora }, io)
     }
 
     /// Record the whole network for the segments' rows (each appended to its own cache), with
@@ -514,12 +539,18 @@ impl Model {
             keep(rec, &s.h, 0, tr.map(|x| &x.h_mid), d);
             rms_norm(rec, ctx, &lw.ffn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
             keep(rec, &s.xn, 0, tr.map(|x| &x.x2), d);
-            self.project(rec, lora, l, Proj::Gate, &lw.w_gate, MatmulIo::dense(&s.xn, &s.gate, &lw.w_gate, t))?;
-            self.project(rec, lora, l, Proj::Up, &lw.w_up, MatmulIo::dense(&s.xn, &s.up, &lw.w_up, t))?;
-            keep(rec, &s.gate, 0, tr.map(|x| &x.gate), c.ffn_dim);
-            keep(rec, &s.up, 0, tr.map(|x| &x.up), c.ffn_dim);
-            glu(rec, ctx, c.act, &s.gate, &s.up, t * c.ffn_dim)?;
-            keep(rec, &s.gate, 0, tr.map(|x| &x.g), c.ffn_dim);
+            match tr {
+                // The backward pass needs the gate and up projections before the GLU.
+                Some(tr) => {
+                    self.project(rec, lora, l, Proj::Gate, &lw.w_gate, MatmulIo::dense(&s.xn, &s.gate, &lw.w_gate, t))?;
+                    self.project(rec, lora, l, Proj::Up, &lw.w_up, MatmulIo::dense(&s.xn, &s.up, &lw.w_up, t))?;
+                    keep(rec, &s.gate, 0, Some(&tr.gate), c.ffn_dim);
+                    keep(rec, &s.up, 0, Some(&tr.up), c.ffn_dim);
+                    glu(rec, ctx, c.act, &s.gate, &s.up, t * c.ffn_dim)?;
+                    keep(rec, &s.gate, 0, Some(&tr.g), c.ffn_dim);
+                }
+                None => self.gated_ffn(rec, lora, l, lw, s, t)?,
+            }
             self.residual(rec, lora, l, Proj::Down, &lw.w_down, &s.gate, lw.post_ffn_norm.as_ref(), s, t)?;
             keep(rec, &s.tmp, 0, tr.map(|x| &x.y_pre), d);
         }
@@ -550,6 +581,12 @@ impl Model {
             }
         }
     }
+}
+
+/// The adapters `slots` (with their largest rank) of a chunk as a product's LoRA input, shrinking into `u`.
+fn lora_io<'a>(l: &ChunkLora<'a>, (slots, max_rank): &'a (Vec<LoraSlot>, usize), u: &'a wgpu::Buffer) -> LoraIo<'a> {
+    let (a_pack, b_pack) = l.registry.packs();
+    LoraIo { a_pack, b_pack, row_slot: l.row_slot, u, max_rank: *max_rank, slots }
 }
 
 /// Open a GGUF file and load its model.

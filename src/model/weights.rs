@@ -19,6 +19,8 @@ pub struct LayerWeights {
     /// Norm of the attention output before the residual add (gemma3).
     pub post_attn_norm: Option<wgpu::Buffer>,
     pub ffn_norm: wgpu::Buffer,
+    /// Gate and up projections, in one buffer where their formats allow (one kernel then
+    /// computes both and the GLU).
     pub w_gate: WeightMatrix,
     pub w_up: WeightMatrix,
     pub w_down: WeightMatrix,
@@ -47,6 +49,14 @@ impl Loader<'_> {
         WeightMatrix::upload(self.ctx, name, format, rows, cols, bytes)
     }
 
+    /// Two matrices of `rows` rows each, in one buffer where their formats allow
+    /// ([`WeightMatrix::upload_pair`]).
+    fn matrix_pair(&self, names: [&str; 2], rows: usize, cols: usize) -> Result<[WeightMatrix; 2]> {
+        let [a, b] = names.map(|n| self.f.tensor_with_shape(n, &[cols as u64, rows as u64]));
+        let ((fa, ba), (fb, bb)) = (self.f.tensor_data(a?)?, self.f.tensor_data(b?)?);
+        WeightMatrix::upload_pair(self.ctx, names, [fa, fb], [rows, rows], cols, [ba, bb])
+    }
+
     fn vector(&self, name: &str, n: usize) -> Result<wgpu::Buffer> {
         self.f.tensor_with_shape(name, &[n as u64])?;
         Ok(storage_buffer(self.ctx, name, bytemuck::cast_slice(&self.f.tensor_f32(name)?)))
@@ -61,6 +71,7 @@ impl Weights {
         let mut layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let n = |s: &str| format!("blk.{l}.{s}");
+            let [w_gate, w_up] = ld.matrix_pair([&n("ffn_gate.weight"), &n("ffn_up.weight")], ff, d)?;
             layers.push(LayerWeights {
                 attn_norm: ld.vector(&n("attn_norm.weight"), d)?,
                 wq: ld.matrix(&n("attn_q.weight"), q, d)?,
@@ -79,8 +90,8 @@ impl Weights {
                 },
                 post_attn_norm: if c.post_norms { Some(ld.vector(&n("post_attention_norm.weight"), d)?) } else { None },
                 ffn_norm: ld.vector(&n("ffn_norm.weight"), d)?,
-                w_gate: ld.matrix(&n("ffn_gate.weight"), ff, d)?,
-                w_up: ld.matrix(&n("ffn_up.weight"), ff, d)?,
+                w_gate,
+                w_up,
                 w_down: ld.matrix(&n("ffn_down.weight"), d, ff)?,
                 post_ffn_norm: if c.post_norms { Some(ld.vector(&n("post_ffw_norm.weight"), d)?) } else { None },
             });
