@@ -74,7 +74,9 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
     let called: BTreeSet<&str> = report.calls.keys().map(String::as_str).collect();
     let seeded: BTreeSet<&str> = seed.tools.keys().map(String::as_str).collect();
     assert!(called.is_superset(&seeded), "tools never called: {:?}", seeded.difference(&called).collect::<Vec<_>>());
-    assert_eq!(report.styles.keys().map(String::as_str).collect::<Vec<_>>(), ["imperative", "question", "vague"]);
+    let styles: BTreeSet<&str> = seed.tools.values().flat_map(|t| &t.forms).flat_map(|f| f.phrasings.iter().filter(|(_, v)| !v.is_empty()).map(|(k, _)| k.as_str())).collect();
+    assert_eq!(report.styles.keys().map(String::as_str).collect::<BTreeSet<_>>(), styles);
+    assert!(styles.len() >= 4, "the filesystem seed phrases requests in four styles: {styles:?}");
     assert!(report.chains > 0 && report.finish_requests > 0 && report.distractors > 0, "{report:?}");
     assert_eq!(report.lengths.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
     let multi = lines.iter().filter(|l| calls(l).len() >= 2).count();
