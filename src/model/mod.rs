@@ -460,6 +460,12 @@ impl Model {
         }
     }
 
+    /// The gate and up projections of `x = s.xn` into `s.gate` and `s.up`, each its own product.
+    fn gate_up(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, s: &Scratch, t: usize) -> Result<()> {
+        self.project(rec, lora, layer, Proj::Gate, &lw.w_gate, MatmulIo::dense(&s.xn, &s.gate, &lw.w_gate, t))?;
+        self.project(rec, lora, layer, Proj::Up, &lw.w_up, MatmulIo::dense(&s.xn, &s.up, &lw.w_up, t))
+    }
+
     /// `gate = act(W_gate·x) · (W_up·x)` for `t` rows: one dispatch for both projections and the
     /// GLU where the two share a buffer (adapters on either shrink first and expand inside it;
     /// with `LoraMode::Separate` and adapters, or without a shared buffer, three steps).
@@ -468,8 +474,7 @@ impl Model {
         let (gate, up) = (&lw.w_gate, &lw.w_up);
         let io = MatmulIo::dense(&s.xn, &s.gate, gate, t);
         if gate.pair_offset(up).is_none() || (lora.is_some() && self.lora_mode == LoraMode::Separate) {
-            self.project(rec, lora, layer, Proj::Gate, gate, io)?;
-            self.project(rec, lora, layer, Proj::Up, up, MatmulIo::dense(&s.xn, &s.up, up, t))?;
+            self.gate_up(rec, lora, layer, lw, s, t)?;
             return glu(rec, ctx, c.act, &s.gate, &s.up, t * c.ffn_dim);
         }
         let slots = |proj| lora.and_then(|l| l.registry.slots(layer, proj, l.active));
@@ -542,8 +547,7 @@ impl Model {
             match tr {
                 // The backward pass needs the gate and up projections before the GLU.
                 Some(tr) => {
-                    self.project(rec, lora, l, Proj::Gate, &lw.w_gate, MatmulIo::dense(&s.xn, &s.gate, &lw.w_gate, t))?;
-                    self.project(rec, lora, l, Proj::Up, &lw.w_up, MatmulIo::dense(&s.xn, &s.up, &lw.w_up, t))?;
+                    self.gate_up(rec, lora, l, lw, s, t)?;
                     keep(rec, &s.gate, 0, Some(&tr.gate), c.ffn_dim);
                     keep(rec, &s.up, 0, Some(&tr.up), c.ffn_dim);
                     glu(rec, ctx, c.act, &s.gate, &s.up, t * c.ffn_dim)?;
