@@ -2,9 +2,10 @@
 //! block format, reported as GB/s of weight bytes read; multi-LoRA on one projection (fused
 //! and separate expand, one adapter and a 4-row batch on 4 adapters) against the base product;
 //! and a feed-forward block's gate and up projections with the GLU, as three dispatches and as
-//! the one gated product.
+//! the one gated product; and the cost of a dispatch itself, with its bind group reused from the
+//! last submission and built anew.
 //!
-//! `cargo bench --bench kernels [-- lora|ffn]`; `AGENTFLUX_ADAPTER` picks the device,
+//! `cargo bench --bench kernels [-- lora|ffn|dispatch]`; `AGENTFLUX_ADAPTER` picks the device,
 //! `AGENTFLUX_KERNELS=gpu|cpu` the kernel family.
 
 use agentflux::decode::SplitMix64;
@@ -127,5 +128,34 @@ fn bench_ffn(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matvec, bench_lora, bench_ffn);
+/// A decode step's worth of dispatches of a kernel with almost no work (a GLU over 64 values),
+/// so what is timed is the dispatch: with the bind groups the last submission built, and with
+/// the cache emptied before each submission (every group built again, as before the cache).
+fn bench_dispatch(c: &mut Criterion) {
+    const DISPATCHES: usize = 364;
+    let ctx = GpuContext::new(&GpuOptions::default()).expect("a GPU adapter");
+    let mut rng = SplitMix64(4);
+    let n = 64;
+    let (g, u) = (storage_buffer(&ctx, "g", bytemuck::cast_slice(&random_vec(&mut rng, n, 1.0))), storage_buffer(&ctx, "u", bytemuck::cast_slice(&random_vec(&mut rng, n, 1.0))));
+    let mut group = c.benchmark_group(format!("dispatch/{}/{DISPATCHES} per submission", ctx.info.name));
+    group.sample_size(10);
+    for reuse in [true, false] {
+        group.bench_function(if reuse { "bind groups reused" } else { "bind groups built" }, |b| {
+            b.iter(|| {
+                if !reuse {
+                    ctx.release_bind_groups();
+                }
+                let mut rec = Recorder::new(&ctx);
+                for _ in 0..DISPATCHES {
+                    glu(&mut rec, &ctx, Activation::Silu, &g, &u, n).unwrap();
+                }
+                rec.submit();
+                read_f32(&ctx, &g, 0, 1).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_matvec, bench_lora, bench_ffn, bench_dispatch);
 criterion_main!(benches);

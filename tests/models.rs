@@ -192,6 +192,35 @@ fn token_tree_equals_each_path_run_alone() {
     }
 }
 
+/// Bind groups are kept between submissions: once a decode step has run, the next one (new
+/// position, new token, the same buffers) builds none, and its logits still match a fresh run
+/// (a context of the test's own, so other tests' dispatches do not count).
+#[test]
+fn decode_steps_reuse_their_bind_groups() {
+    use agentflux::gpu::{GpuContext, GpuOptions};
+    let mut r = rng("bind groups");
+    let ctx = std::sync::Arc::new(GpuContext::new(&GpuOptions::default()).unwrap());
+    let spec = TinyModelSpec::new("llama", BlockFormat::Q4_1);
+    let path = write_model(&spec, r.next_u64(), "bind-groups");
+    let model = Model::load(ctx.clone(), &GgufFile::open(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).ok();
+    let tokens = random_tokens(&mut r, 9, spec.n_vocab);
+    let mut kv = model.new_cache(32).unwrap();
+    model.forward(&tokens[..6], &mut kv, Logits::None).unwrap();
+    model.forward(&tokens[6..7], &mut kv, Logits::Last).unwrap();
+    let (built, reused) = ctx.bind_group_counts();
+    let mut last = Vec::new();
+    for &t in &tokens[7..] {
+        last = model.forward(&[t], &mut kv, Logits::Last).unwrap();
+    }
+    let (built_after, reused_after) = ctx.bind_group_counts();
+    assert_eq!(built_after, built, "decode steps after the first built bind groups");
+    assert!(reused_after > reused + 20, "{reused} -> {reused_after} reused");
+    let mut fresh = model.new_cache(32).unwrap();
+    let want = model.forward(&tokens, &mut fresh, Logits::Last).unwrap();
+    assert_close("decoded step by step vs one pass", &last, &want, 2e-3);
+}
+
 /// Memory reporting: a KV cache's buffers show in the context's GPU figure when allocated and
 /// leave it when dropped (a context of the test's own, so other tests' buffers do not count).
 #[test]

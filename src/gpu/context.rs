@@ -69,6 +69,8 @@ pub struct GpuContext {
     max_binding: u64,
     placeholder: wgpu::Buffer,
     pub(crate) pipelines: Mutex<HashMap<String, Arc<super::kernel::Kernel>>>,
+    /// The uniform buffer and the bind groups recent submissions used.
+    pub(crate) bind_cache: Mutex<super::bind_cache::BindCache>,
     /// Per-kernel timings while profiling is on.
     pub(crate) profile: Mutex<Option<super::profile::Profile>>,
 }
@@ -177,6 +179,7 @@ impl GpuContext {
             class,
             max_binding,
             pipelines: Mutex::new(HashMap::new()),
+            bind_cache: Mutex::new(Default::default()),
             profile: Mutex::new(None),
         })
         .inspect(|ctx| {
@@ -208,6 +211,19 @@ impl GpuContext {
     /// can combine them (the device has subgroups and none is smaller than `lanes`).
     pub fn subgroups_hold(&self, lanes: u32) -> bool {
         self.features.subgroups && self.info.subgroup_min_size >= lanes
+    }
+
+    /// Bind groups built, and reused from earlier submissions, since the context was made: a
+    /// decode step that reuses all of its groups builds none.
+    pub fn bind_group_counts(&self) -> (u64, u64) {
+        let cache = self.bind_cache.lock().unwrap_or_else(|p| p.into_inner());
+        (cache.built, cache.reused)
+    }
+
+    /// Drop the bind groups kept for reuse, which hold the buffers they bind alive (otherwise a
+    /// buffer its owner dropped is freed two submissions later).
+    pub fn release_bind_groups(&self) {
+        self.bind_cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The largest storage binding, in bytes, this context will create (tensors beyond it are split).

@@ -180,36 +180,24 @@ impl<'a> Recorder<'a> {
     }
 
     /// Encode everything into one command buffer and submit it.
+    ///
+    /// The uniform blocks go to the context's persistent uniform buffer and each dispatch's bind
+    /// group comes from the context's [`BindCache`](super::bind_cache::BindCache), so a batch that
+    /// repeats the last one (a decode step) builds none. The cache stays locked until the
+    /// submission is queued: another thread's uniforms must not overwrite these before they run.
     pub fn submit(self) -> wgpu::SubmissionIndex {
         let dev = &self.ctx.device;
-        let ubuf = dev.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("uniforms"),
-            size: self.uniforms.len().max(16) as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let mut cache = self.ctx.bind_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let ubuf = cache.uniforms(dev, self.uniforms.len() as u64);
         self.ctx.queue.write_buffer(&ubuf, 0, &self.uniforms);
-        let bind_group = |d: &Dispatch| {
-            let mut entries = vec![wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &ubuf,
-                    offset: d.uniform_offset,
-                    size: wgpu::BufferSize::new(d.uniform_size),
-                }),
-            }];
-            for (i, b) in d.bindings.iter().enumerate() {
-                entries.push(wgpu::BindGroupEntry {
-                    binding: b.slot.unwrap_or(i as u32 + 1),
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &b.buffer,
-                        offset: b.offset,
-                        size: b.size.and_then(wgpu::BufferSize::new),
-                    }),
-                });
-            }
-            dev.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&d.kernel.name), layout: &d.kernel.layout, entries: &entries })
-        };
+        let groups: Vec<Option<wgpu::BindGroup>> = self
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Dispatch(d) => Some(cache.group(dev, &ubuf, &d.kernel, d.uniform_offset, d.uniform_size, &d.bindings)),
+                Op::Copy { .. } => None,
+            })
+            .collect();
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("agentflux") });
         let timed: Vec<&Dispatch> = match self.ctx.profile.lock() {
             Ok(p) if p.is_some() => self.ops.iter().filter_map(|op| if let Op::Dispatch(d) = op { Some(d) } else { None }).collect(),
@@ -217,8 +205,8 @@ impl<'a> Recorder<'a> {
         };
         let stamps = Timestamps::new(self.ctx, timed.len());
         let mut n_timed = 0;
-        let mut ops = self.ops.iter().peekable();
-        while let Some(op) = ops.next() {
+        let mut ops = self.ops.iter().zip(&groups).peekable();
+        while let Some((op, group)) = ops.next() {
             match op {
                 Op::Copy { src, src_offset, dst, dst_offset, size } => {
                     enc.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
@@ -227,28 +215,32 @@ impl<'a> Recorder<'a> {
                     // Consecutive dispatches share one compute pass, except when each is timed.
                     let timestamp_writes = stamps.as_ref().map(|s| s.writes(n_timed));
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
-                    let mut run = |d: &Dispatch| {
+                    let mut run = |d: &Dispatch, group: &Option<wgpu::BindGroup>| {
                         pass.set_pipeline(&d.kernel.pipeline);
-                        pass.set_bind_group(0, &bind_group(d), &[]);
+                        pass.set_bind_group(0, group.as_ref(), &[]);
                         pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
                     };
-                    run(first);
+                    run(first, group);
                     if stamps.is_some() {
                         n_timed += 1;
                         continue;
                     }
-                    while let Some(Op::Dispatch(d)) = ops.peek() {
-                        run(d);
+                    while let Some((Op::Dispatch(d), group)) = ops.peek() {
+                        run(d, group);
                         ops.next();
                     }
                 }
             }
         }
         let Some(stamps) = stamps else {
-            return self.ctx.queue.submit([enc.finish()]);
+            let index = self.ctx.queue.submit([enc.finish()]);
+            cache.submitted();
+            return index;
         };
         let resolved = stamps.resolve(&mut enc);
         let index = self.ctx.queue.submit([enc.finish()]);
+        cache.submitted();
+        drop(cache);
         // A profile that cannot be read back is skipped, not fatal: it is a measurement aid.
         match super::buffer::read_bytes(self.ctx, &resolved, 0, resolved.size()) {
             Ok(bytes) => {

@@ -13,9 +13,11 @@ pub struct MemoryUse {
 }
 
 impl GpuContext {
-    /// Memory in use now, once the GPU has finished its work (so that buffers already dropped
-    /// and the staging of queued writes are freed rather than counted).
+    /// Memory in use now, once the GPU has finished its work (so that buffers already dropped,
+    /// including those only the reusable bind groups still named, and the staging of queued
+    /// writes are freed rather than counted).
     pub fn memory_use(&self) -> MemoryUse {
+        self.release_bind_groups();
         // The submission flushes queued writes, whose staging buffers are then freed; a failed
         // wait only leaves freed buffers counted a little longer.
         self.queue.submit([]);

@@ -1,5 +1,6 @@
 //! The GPU layer: device and limits, buffers, pipelines, and batched dispatch.
 
+mod bind_cache;
 mod buffer;
 mod context;
 mod kernel;
