@@ -101,7 +101,7 @@ fn bench_ffn(c: &mut Criterion) {
     let mut rng = SplitMix64(3);
     let (rows, cols) = (1536, 576);
     let (gb, ub) = (random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0), random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0));
-    let [gate, up] = WeightMatrix::upload_pair(&ctx, ["gate", "up"], [BlockFormat::Q4_1; 2], [rows; 2], cols, [&gb, &ub]).unwrap();
+    let [gate, up] = WeightMatrix::upload_group(&ctx, ["gate", "up"], [BlockFormat::Q4_1; 2], [rows; 2], cols, [&gb, &ub]).unwrap();
     let x = storage_buffer(&ctx, "x", bytemuck::cast_slice(&random_vec(&mut rng, cols, 1.0)));
     let (g, u) = (storage_buffer_zeroed(&ctx, "g", (rows * 4) as u64), storage_buffer_zeroed(&ctx, "u", (rows * 4) as u64));
     let mut group = c.benchmark_group(format!("ffn/{}/q4_1/{rows}x{cols}", ctx.info.name));

@@ -1,16 +1,22 @@
 // kv_store.wgsl — append a step's keys and values to a layer's KV cache as f16.
 //
 // Computes: for each new row t < n_tokens and each pair i < row_len / 2:
-//   k_cache[(pos0 + t) · row_len / 2 + i] = pack2x16float(k[src + t · row_len + 2i .. +2]), the same for v.
-// Layout: k, v: rows of row_len f32 from float `src` (the step's rows after bias, norm and RoPE);
+//   k_cache[(pos0 + t) · row_len / 2 + i] = pack2x16float(k[k_offset + t · k_stride + 2i .. +2]),
+//   the same for v.
+// Layout: k, v: rows of row_len f32 (the step's rows after bias, norm and RoPE), row t at float
+//   offset + t · stride of each (the same buffer may hold both, and the queries between);
 //   k_cache, v_cache: rows of row_len f16, two per u32 word (the lower half first), row j holding
 //   position j — what attention.wgsl and attention_backward.wgsl read.
 // Work split: one invocation per (pair, row), both caches written by it.
-// Limits: row_len even; values beyond f16's range (±65504) are not representable.
+// Limits: row_len, offsets and strides even; values beyond f16's range (±65504) are not representable.
 
 struct Params {
     n_words: u32,
-    src: u32,
+    row_words: u32,
+    k_offset: u32,
+    k_stride: u32,
+    v_offset: u32,
+    v_stride: u32,
     dst: u32,
 }
 
@@ -26,7 +32,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (w >= p.n_words) {
         return;
     }
-    let s = p.src + 2u * w;
-    k_cache[p.dst + w] = pack2x16float(vec2<f32>(k[s], k[s + 1u]));
-    v_cache[p.dst + w] = pack2x16float(vec2<f32>(v[s], v[s + 1u]));
+    let t = w / p.row_words;
+    let i = 2u * (w % p.row_words);
+    let ks = p.k_offset + t * p.k_stride + i;
+    let vs = p.v_offset + t * p.v_stride + i;
+    k_cache[p.dst + w] = pack2x16float(vec2<f32>(k[ks], k[ks + 1u]));
+    v_cache[p.dst + w] = pack2x16float(vec2<f32>(v[vs], v[vs + 1u]));
 }

@@ -251,7 +251,8 @@ fn attention_prefill_decode_gqa_window_and_row_offset() {
         let scale = 1.0 / (hd as f32).sqrt();
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
         let mut rec = Recorder::new(&ctx);
-        attention(&mut rec, &ctx, &shape, &qb, &kb, &vb, &ob, row0, t, pos0, None).unwrap();
+        let rows = |buf| Rows { buf, offset: row0 * row, stride: row };
+        attention(&mut rec, &ctx, &shape, rows(&qb), &kb, &vb, rows(&ob), t, pos0, None).unwrap();
         rec.submit();
         let mut want = vec![0f32; row0 * row];
         want.extend(reference::attention(&q[row0 * row..], &k, &v, heads, kvh, hd, pos0, window, scale));
@@ -261,7 +262,8 @@ fn attention_prefill_decode_gqa_window_and_row_offset() {
 }
 
 /// Keys and values stored as f16 at a cache position: every value within f16's rounding of the
-/// f32 row, the rows around it untouched.
+/// f32 row, the rows around it untouched; from buffers of their own, or from one buffer where a
+/// token's key and value rows sit side by side behind its query row (the fused QKV layout).
 #[test]
 fn kv_store_appends_f16_rows() {
     use agentflux::kernels::kv_store::kv_store;
@@ -270,24 +272,40 @@ fn kv_store_appends_f16_rows() {
     for (row_len, row0, pos0, t, n_ctx) in [(64, 0, 0, 5, 8), (192, 2, 7, 3, 12), (6, 1, 1000, 70, 1100)] {
         let (k, v) = (random_vec(&mut r, (row0 + t) * row_len, 4.0), random_vec(&mut r, (row0 + t) * row_len, 4.0));
         let (kb, vb) = (f32_buf(&ctx, &k), f32_buf(&ctx, &v));
-        let cache = |name| storage_buffer_zeroed(&ctx, name, (n_ctx * row_len * 2) as u64);
-        let (kc, vc) = (cache("kc"), cache("vc"));
-        let mut rec = Recorder::new(&ctx);
-        kv_store(&mut rec, &ctx, &kb, &vb, row0, &kc, &vc, pos0, t, row_len).unwrap();
-        rec.submit();
-        for (what, src, buf) in [("keys", &k, &kc), ("values", &v, &vc)] {
-            let words = read_u32(&ctx, buf, 0, n_ctx * row_len / 2).unwrap();
-            let got: Vec<f32> = words.iter().flat_map(|w| [half::f16::from_bits(*w as u16).to_f32(), half::f16::from_bits((*w >> 16) as u16).to_f32()]).collect();
-            let stored = pos0 * row_len..(pos0 + t) * row_len;
-            assert!(got[..stored.start].iter().chain(&got[stored.end..]).all(|&x| x == 0.0), "{what}: rows outside {stored:?} written");
-            for (i, (g, x)) in got[stored].iter().zip(&src[row0 * row_len..]).enumerate() {
-                // One f16 rounding: half an ulp is 2^-11 of the value (f16 normals).
-                assert!((g - x).abs() <= x.abs() * 4.9e-4 + 1e-7, "{what} row_len {row_len} value {i}: {g} for {x}");
+        // Interleaved: per token `q_len` unused query floats, then its key row, then its value row.
+        let q_len = 2 * row_len;
+        let stride = q_len + 2 * row_len;
+        let mut qkv = random_vec(&mut r, (row0 + t) * stride, 1.0);
+        for i in 0..row0 + t {
+            qkv[i * stride + q_len..][..row_len].copy_from_slice(&k[i * row_len..][..row_len]);
+            qkv[i * stride + q_len + row_len..][..row_len].copy_from_slice(&v[i * row_len..][..row_len]);
+        }
+        let qkv_b = f32_buf(&ctx, &qkv);
+        let layouts = [
+            ("own buffers", Rows { buf: &kb, offset: row0 * row_len, stride: row_len }, Rows { buf: &vb, offset: row0 * row_len, stride: row_len }),
+            ("one interleaved buffer", Rows { buf: &qkv_b, offset: row0 * stride + q_len, stride }, Rows { buf: &qkv_b, offset: row0 * stride + q_len + row_len, stride }),
+        ];
+        for (layout, kr, vr) in layouts {
+            let cache = |name| storage_buffer_zeroed(&ctx, name, (n_ctx * row_len * 2) as u64);
+            let (kc, vc) = (cache("kc"), cache("vc"));
+            let mut rec = Recorder::new(&ctx);
+            kv_store(&mut rec, &ctx, kr, vr, &kc, &vc, pos0, t, row_len).unwrap();
+            rec.submit();
+            for (what, src, buf) in [("keys", &k, &kc), ("values", &v, &vc)] {
+                let words = read_u32(&ctx, buf, 0, n_ctx * row_len / 2).unwrap();
+                let got: Vec<f32> = words.iter().flat_map(|w| [half::f16::from_bits(*w as u16).to_f32(), half::f16::from_bits((*w >> 16) as u16).to_f32()]).collect();
+                let stored = pos0 * row_len..(pos0 + t) * row_len;
+                assert!(got[..stored.start].iter().chain(&got[stored.end..]).all(|&x| x == 0.0), "{layout}, {what}: rows outside {stored:?} written");
+                for (i, (g, x)) in got[stored].iter().zip(&src[row0 * row_len..]).enumerate() {
+                    // One f16 rounding: half an ulp is 2^-11 of the value (f16 normals).
+                    assert!((g - x).abs() <= x.abs() * 4.9e-4 + 1e-7, "{layout}, {what} row_len {row_len} value {i}: {g} for {x}");
+                }
             }
         }
     }
     let (kb, kc) = (f32_buf(&ctx, &[0.0; 6]), storage_buffer_zeroed(&ctx, "kc", 12));
-    assert!(kv_store(&mut Recorder::new(&ctx), &ctx, &kb, &kb, 0, &kc, &kc, 0, 2, 3).is_err(), "odd rows refused");
+    let rows = Rows { buf: &kb, offset: 0, stride: 3 };
+    assert!(kv_store(&mut Recorder::new(&ctx), &ctx, rows, rows, &kc, &kc, 0, 2, 3).is_err(), "odd rows refused");
 }
 
 #[test]
@@ -458,7 +476,7 @@ fn gated_matmul_matches_glu_of_two_products() {
             let act = if i % 2 == 0 { Activation::Silu } else { Activation::GeluTanh };
             for (rows, cols, m) in [(37, k * 3, 1), (67, k * 2, 5)] {
                 let (gb, ub) = (random_matrix_bytes(&mut r, format, rows, cols, 1.0), random_matrix_bytes(&mut r, format, rows, cols, 1.0));
-                let [gate, up] = WeightMatrix::upload_pair(&ctx, ["gate", "up"], [format; 2], [rows; 2], cols, [&gb, &ub]).unwrap();
+                let [gate, up] = WeightMatrix::upload_group(&ctx, ["gate", "up"], [format; 2], [rows; 2], cols, [&gb, &ub]).unwrap();
                 assert!(gate.pair_offset(&up).is_some(), "{format:?}: gate and up share a buffer");
                 let x = random_vec(&mut r, m * cols, 1.0);
                 // One adapter per projection; the rows alternate between it and none.
@@ -505,7 +523,7 @@ fn gated_matmul_matches_glu_of_two_products() {
         let (cols, rows) = (64, 8);
         let gb = random_matrix_bytes(&mut r, BlockFormat::Q8_0, rows, cols, 1.0);
         let ub = random_matrix_bytes(&mut r, BlockFormat::Q4_1, rows, cols, 1.0);
-        let [gate, up] = WeightMatrix::upload_pair(&ctx, ["gate", "up"], [BlockFormat::Q8_0, BlockFormat::Q4_1], [rows; 2], cols, [&gb, &ub]).unwrap();
+        let [gate, up] = WeightMatrix::upload_group(&ctx, ["gate", "up"], [BlockFormat::Q8_0, BlockFormat::Q4_1], [rows; 2], cols, [&gb, &ub]).unwrap();
         assert!(gate.pair_offset(&up).is_none());
         let (xb, y) = (f32_buf(&ctx, &random_vec(&mut r, cols, 1.0)), storage_buffer_zeroed(&ctx, "y", (rows * 4) as u64));
         let err = matmul_gated(&mut Recorder::new(&ctx), &ctx, &gate, GatedUp { up: &up, act: Activation::Silu, lora: None }, MatmulIo::dense(&xb, &y, &gate, 1)).unwrap_err();

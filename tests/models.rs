@@ -31,7 +31,9 @@ fn random_tokens(r: &mut agentflux::decode::SplitMix64, n: usize, vocab: usize) 
     (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
 }
 
-fn check_arch(spec: &TinyModelSpec, tag: &str) {
+/// Checks `spec`'s model against the reference; returns whether its q, k and v projections run as
+/// one stacked product.
+fn check_arch(spec: &TinyModelSpec, tag: &str) -> bool {
     let mut r = rng(tag);
     let (file, model) = load_tiny(spec, r.next_u64(), tag);
     let reference = ReferenceModel::from_gguf(&file).unwrap();
@@ -61,6 +63,7 @@ fn check_arch(spec: &TinyModelSpec, tag: &str) {
     if last[best] - runner_up > 1e-3 {
         assert_eq!(id as usize, best, "{tag}: greedy token");
     }
+    model.weights.layers.iter().all(|l| l.wqkv.is_some())
 }
 
 #[test]
@@ -68,7 +71,10 @@ fn llama_matches_reference_for_every_format() {
     for format in BlockFormat::ALL {
         let mut spec = TinyModelSpec::new("llama", format);
         spec.embed_format = BlockFormat::Q8_0;
-        check_arch(&spec, &format!("llama-{}", format.name()));
+        let stacked = check_arch(&spec, &format!("llama-{}", format.name()));
+        // Q4_1 rows of these shapes end on every binding alignment, so the stacked QKV product
+        // is what was checked for it.
+        assert!(stacked || format != BlockFormat::Q4_1, "llama-q4_1: q, k, v not stacked");
     }
 }
 

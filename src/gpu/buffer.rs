@@ -144,29 +144,62 @@ impl WeightMatrix {
         Ok(Self { rows, cols, format, parts })
     }
 
-    /// Two matrices of one format and width (`rows[i]` rows of `cols` values each) in one
-    /// buffer, the second at the next offset a binding may start at, so one kernel can read both
-    /// (the gate and up projections of a feed-forward block) while each stays usable alone.
-    /// Where the formats differ or the pair would not fit one binding, each gets its own buffers.
-    pub fn upload_pair(ctx: &GpuContext, names: [&str; 2], formats: [BlockFormat; 2], rows: [usize; 2], cols: usize, bytes: [&[u8]; 2]) -> Result<[Self; 2]> {
-        let row_bytes = check_matrix(names[0], formats[0], rows[0], cols, bytes[0])?;
-        check_matrix(names[1], formats[1], rows[1], cols, bytes[1])?;
-        let align = (ctx.limits.min_storage_buffer_offset_alignment as usize).max(4);
-        let second = bytes[0].len().div_ceil(align) * align;
-        if formats[0] != formats[1] || (second + bytes[1].len()) as u64 > ctx.max_binding() {
-            return Ok([Self::upload(ctx, names[0], formats[0], rows[0], cols, bytes[0])?, Self::upload(ctx, names[1], formats[1], rows[1], cols, bytes[1])?]);
+    /// `N` matrices of one format and width (`rows[i]` rows of `cols` values each) in one
+    /// buffer, each at the next offset a binding may start at, so one kernel can read several
+    /// (a feed-forward block's gate and up projections; an attention block's query, key and value
+    /// projections, which [`WeightMatrix::stacked`] then reads as one matrix) while each stays
+    /// usable alone. Where the formats differ or the group would not fit one binding, each gets
+    /// its own buffers.
+    pub fn upload_group<const N: usize>(ctx: &GpuContext, names: [&str; N], formats: [BlockFormat; N], rows: [usize; N], cols: usize, bytes: [&[u8]; N]) -> Result<[Self; N]> {
+        let mut row_bytes = 0;
+        for i in 0..N {
+            row_bytes = check_matrix(names[i], formats[i], rows[i], cols, bytes[i])?;
         }
-        let mut both = vec![0u8; second + bytes[1].len()];
-        both[..bytes[0].len()].copy_from_slice(bytes[0]);
-        both[second..].copy_from_slice(bytes[1]);
-        let buf = storage_buffer(ctx, &format!("{} + {}", names[0], names[1]), &both);
-        let view = |i: usize, offset: usize| Self {
+        let align = (ctx.limits.min_storage_buffer_offset_alignment as usize).max(4);
+        let mut offsets = [0usize; N];
+        let mut end = 0usize;
+        for i in 0..N {
+            offsets[i] = end.div_ceil(align) * align;
+            end = offsets[i] + bytes[i].len();
+        }
+        if formats.iter().any(|&f| f != formats[0]) || end as u64 > ctx.max_binding() {
+            let mut out = Vec::with_capacity(N);
+            for i in 0..N {
+                out.push(Self::upload(ctx, names[i], formats[i], rows[i], cols, bytes[i])?);
+            }
+            return out.try_into().map_err(|_| Error::Shape { op: "WeightMatrix::upload_group", msg: "group size".into() });
+        }
+        let mut all = vec![0u8; end];
+        for i in 0..N {
+            all[offsets[i]..offsets[i] + bytes[i].len()].copy_from_slice(bytes[i]);
+        }
+        let buf = storage_buffer(ctx, &names.join(" + "), &all);
+        Ok(std::array::from_fn(|i| Self {
             rows: rows[i],
             cols,
             format: formats[i],
-            parts: vec![WeightPart { row0: 0, rows: rows[i], buf: buf.clone(), offset: offset as u64, bytes: (rows[i] * row_bytes).div_ceil(4) as u64 * 4 }],
-        };
-        Ok([view(0, 0), view(1, second)])
+            parts: vec![WeightPart { row0: 0, rows: rows[i], buf: buf.clone(), offset: offsets[i] as u64, bytes: (rows[i] * row_bytes).div_ceil(4) as u64 * 4 }],
+        }))
+    }
+
+    /// The matrices `ms` read as one whose rows are theirs in order, when they lie back to back
+    /// in one buffer ([`WeightMatrix::upload_group`] places them so where each one's bytes end
+    /// at a binding offset): one product then computes all of them.
+    pub fn stacked(ms: &[&WeightMatrix]) -> Option<WeightMatrix> {
+        let first = ms.first()?;
+        let [head] = &first.parts[..] else { return None };
+        let row_bytes = first.format.row_bytes(first.cols);
+        let mut rows = 0;
+        for m in ms {
+            let [p] = &m.parts[..] else { return None };
+            let next = head.offset + (rows * row_bytes) as u64;
+            if p.buf != head.buf || p.offset != next || m.format != first.format || m.cols != first.cols {
+                return None;
+            }
+            rows += m.rows;
+        }
+        let part = WeightPart { row0: 0, rows, buf: head.buf.clone(), offset: head.offset, bytes: (rows * row_bytes).div_ceil(4) as u64 * 4 };
+        Some(WeightMatrix { rows, cols: first.cols, format: first.format, parts: vec![part] })
     }
 
     /// Where `other`'s rows start, in bytes from this matrix's first row, when both are whole

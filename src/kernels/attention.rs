@@ -1,6 +1,7 @@
 //! Causal attention over the KV cache — launcher of `shaders/attention.wgsl`.
 
 use crate::error::{Error, Result};
+use super::norm::Rows;
 use crate::gpu::{Binding, GpuContext, Recorder};
 
 const WGSL: &str = include_str!("../../shaders/attention.wgsl");
@@ -36,17 +37,21 @@ pub struct AttentionShape {
 
 /// Record attention of `n_tokens` queries at positions `pos0..` against the f16 cache rows
 /// `0..pos0+n_tokens` (as [`kv_store`](super::kv_store::kv_store) writes them).
-/// `q` and `o` hold rows of `n_heads × head_dim` floats; the queries are rows `row0..` of both
-/// (one sequence of a batch that packs several). With `tree` (per new token: parent or −1,
+/// `q` and `o` are rows of `n_heads × head_dim` floats (one sequence of a batch that packs
+/// several starts at its own offset; the queries may sit between the keys and values of a
+/// token, with a longer stride). With `tree` (per new token: parent or −1,
 /// depth; see `shaders/attention.wgsl`) each new token sees the cache before `pos0` and its own
 /// ancestors only.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, o: &wgpu::Buffer, row0: usize, n_tokens: usize, pos0: usize, tree: Option<&wgpu::Buffer>) -> Result<()> {
+pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: Rows, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, o: Rows, n_tokens: usize, pos0: usize, tree: Option<&wgpu::Buffer>) -> Result<()> {
     if s.head_dim % 4 != 0 || s.head_dim > 256 || s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
         return Err(Error::Shape {
             op: "attention",
             msg: format!("head_dim {} (needs a multiple of 4, at most 256), heads {} / kv heads {}", s.head_dim, s.n_heads, s.n_kv_heads),
         });
+    }
+    if [q.offset, q.stride, o.offset, o.stride].iter().any(|v| v % 4 != 0) {
+        return Err(Error::Shape { op: "attention", msg: format!("q rows at {} (stride {}), o rows at {} (stride {}): multiples of 4 needed", q.offset, q.stride, o.offset, o.stride) });
     }
     let decode = n_tokens == 1 && tree.is_none();
     // Query heads per invocation: the most that share a KV head and keep their queries and
@@ -59,7 +64,6 @@ pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &w
     let split = [16, 8, 4, 2, 1].into_iter().find(|n| n * per_part <= limit).unwrap_or(1);
     let consts = [("D4", d4 as u32), ("G", g as u32), ("SPLIT", split as u32)];
     let kernel = ctx.kernel(&super::specialized("attention", WGSL, if decode { "decode" } else { "main" }, &consts))?;
-    let row = s.n_heads * s.head_dim;
     let p = Params {
         n_tokens: n_tokens as u32,
         n_heads: s.n_heads as u32,
@@ -67,15 +71,15 @@ pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &w
         head_dim: s.head_dim as u32,
         pos0: pos0 as u32,
         window: s.window as u32,
-        q_offset: (row0 * row) as u32,
-        q_stride: row as u32,
-        o_offset: (row0 * row) as u32,
-        o_stride: row as u32,
+        q_offset: q.offset as u32,
+        q_stride: q.stride as u32,
+        o_offset: o.offset as u32,
+        o_stride: o.stride as u32,
         scale: s.scale,
         tree: tree.is_some() as u32,
     };
     let tree = tree.unwrap_or(ctx.placeholder());
-    let mut bindings = vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(o)];
+    let mut bindings = vec![Binding::whole(q.buf), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(o.buf)];
     // The decode entry has no tree binding.
     if !decode {
         bindings.push(Binding::whole(tree));

@@ -169,7 +169,7 @@ pub fn matmul(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: Matmul
 /// The up half of a gated product (see [`matmul_gated`]).
 #[derive(Clone, Copy)]
 pub struct GatedUp<'a> {
-    /// The up projection, in the gate's buffer ([`WeightMatrix::upload_pair`]).
+    /// The up projection, in the gate's buffer ([`WeightMatrix::upload_group`]).
     pub up: &'a WeightMatrix,
     /// The gate's activation.
     pub act: Activation,

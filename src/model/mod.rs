@@ -131,9 +131,8 @@ struct Scratch {
     ids: wgpu::Buffer,
     h: wgpu::Buffer,
     xn: wgpu::Buffer,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
+    /// Queries, keys and values ([`QkvRows`] says where).
+    qkv: wgpu::Buffer,
     attn: wgpu::Buffer,
     tmp: wgpu::Buffer,
     gate: wgpu::Buffer,
@@ -144,6 +143,30 @@ struct Scratch {
     tree: wgpu::Buffer,
     lora_u: wgpu::Buffer,
     lora_u_up: wgpu::Buffer,
+}
+
+/// Where a chunk's queries, keys and values lie in the scratch buffer: interleaved (each token's
+/// q, k and v rows side by side, as the stacked product writes them) or in three dense regions
+/// (what the training trace copies, and what per-head norms need: a chunk's heads as one run of
+/// rows).
+struct QkvRows<'a> {
+    q: Rows<'a>,
+    k: Rows<'a>,
+    v: Rows<'a>,
+    interleaved: bool,
+}
+
+impl<'a> QkvRows<'a> {
+    fn new(c: &ModelConfig, buf: &'a wgpu::Buffer, t: usize, interleaved: bool) -> Self {
+        let (q, kv) = (c.q_dim(), c.kv_dim());
+        let rows = |offset, stride| Rows { buf, offset, stride };
+        if interleaved {
+            let stride = q + 2 * kv;
+            Self { q: rows(0, stride), k: rows(q, stride), v: rows(q + kv, stride), interleaved }
+        } else {
+            Self { q: rows(0, q), k: rows(t * q, kv), v: rows(t * (q + kv), kv), interleaved }
+        }
+    }
 }
 
 /// One sequence's rows in a chunk: batch rows `row0..row0 + len`, appended to `kv`.
@@ -427,9 +450,7 @@ impl Model {
             ids: f("ids", tokens),
             h: f("h", tokens * c.d_model),
             xn: f("xn", tokens * c.d_model.max(c.q_dim())),
-            q: f("q", tokens * c.q_dim()),
-            k: f("k", tokens * c.kv_dim()),
-            v: f("v", tokens * c.kv_dim()),
+            qkv: f("qkv", tokens * (c.q_dim() + 2 * c.kv_dim())),
             attn: f("attn", tokens * c.q_dim()),
             tmp: f("tmp", tokens * c.d_model),
             gate: f("gate", tokens * c.ffn_dim),
@@ -458,6 +479,21 @@ impl Model {
                 lora_expand(rec, ctx, w.cols, w.rows, &io)
             }
         }
+    }
+
+    /// The query, key and value projections of `x` into `qkv`'s rows: one product where the
+    /// three are stacked ([`LayerWeights::wqkv`]), the rows interleaved and no adapter targets
+    /// them in this chunk; else one each (with its adapters).
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_projections(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, x: &wgpu::Buffer, qkv: &QkvRows, t: usize) -> Result<()> {
+        let adapted = |proj| lora.is_some_and(|l| l.registry.slots(layer, proj, l.active).is_some());
+        if let Some(w) = lw.wqkv.as_ref().filter(|_| qkv.interleaved && ![Proj::Q, Proj::K, Proj::V].into_iter().any(adapted)) {
+            return matmul(rec, &self.ctx, w, MatmulIo::dense(x, qkv.q.buf, w, t));
+        }
+        for (proj, w, r) in [(Proj::Q, &lw.wq, qkv.q), (Proj::K, &lw.wk, qkv.k), (Proj::V, &lw.wv, qkv.v)] {
+            self.project(rec, lora, layer, proj, w, MatmulIo { y_offset: r.offset, y_stride: r.stride, ..MatmulIo::dense(x, r.buf, w, t) })?;
+        }
+        Ok(())
     }
 
     /// The gate and up projections of `x = s.xn` into `s.gate` and `s.up`, each its own product.
@@ -509,24 +545,22 @@ impl Model {
             keep(rec, &s.h, 0, tr.map(|x| &x.h_in), d);
             rms_norm(rec, ctx, &lw.attn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
             keep(rec, &s.xn, 0, tr.map(|x| &x.x1), d);
-            self.project(rec, lora, l, Proj::Q, &lw.wq, MatmulIo::dense(&s.xn, &s.q, &lw.wq, t))?;
             // Keys and values in f32 scratch rows (bias, norm and RoPE apply there), then stored
             // into each sequence's f16 cache.
-            self.project(rec, lora, l, Proj::K, &lw.wk, MatmulIo::dense(&s.xn, &s.k, &lw.wk, t))?;
-            self.project(rec, lora, l, Proj::V, &lw.wv, MatmulIo::dense(&s.xn, &s.v, &lw.wv, t))?;
+            let qkv = QkvRows::new(c, &s.qkv, t, tr.is_none() && lw.qk_norm.is_none());
+            self.qkv_projections(rec, lora, l, lw, &s.xn, &qkv, t)?;
             let rp = c.layer_rope(l);
             let shape = AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
             for g in segs {
                 let (kc, vc) = &g.kv.layers[l];
                 let pos0 = g.kv.len();
-                let (kr, vr) = (Rows { buf: &s.k, offset: g.row0 * kv_dim, stride: kv_dim }, Rows { buf: &s.v, offset: g.row0 * kv_dim, stride: kv_dim });
-                let qr = Rows { buf: &s.q, offset: g.row0 * q_dim, stride: q_dim };
+                let [qr, kr, vr] = [qkv.q, qkv.k, qkv.v].map(|r| Rows { offset: r.offset + g.row0 * r.stride, ..r });
                 if let Some([bq, bk, bv]) = &lw.qkv_bias {
                     add_rows(rec, ctx, qr, bq, g.len, q_dim)?;
                     add_rows(rec, ctx, kr, bk, g.len, kv_dim)?;
                     add_rows(rec, ctx, vr, bv, g.len, kv_dim)?;
                 }
-                keep(rec, &s.q, 0, tr.map(|x| &x.q_pre), q_dim);
+                keep(rec, &s.qkv, qr.offset, tr.map(|x| &x.q_pre), q_dim);
                 keep(rec, kr.buf, kr.offset, tr.map(|x| &x.k_pre), kv_dim);
                 if let Some([qn, kn]) = &lw.qk_norm {
                     rms_norm_inplace(rec, ctx, qn, Rows { stride: hd, ..qr }, g.len * c.n_heads, hd, c.norm_eps)?;
@@ -534,10 +568,10 @@ impl Model {
                 }
                 rope(rec, ctx, &rp, qr, g.len, c.n_heads, hd, pos0, tree)?;
                 rope(rec, ctx, &rp, kr, g.len, c.n_kv_heads, hd, pos0, tree)?;
-                kv_store(rec, ctx, &s.k, &s.v, g.row0, kc, vc, pos0, g.len, kv_dim)?;
-                attention(rec, ctx, &shape, &s.q, kc, vc, &s.attn, g.row0, g.len, pos0, tree)?;
+                kv_store(rec, ctx, kr, vr, kc, vc, pos0, g.len, kv_dim)?;
+                attention(rec, ctx, &shape, qr, kc, vc, Rows { buf: &s.attn, offset: g.row0 * q_dim, stride: q_dim }, g.len, pos0, tree)?;
             }
-            keep(rec, &s.q, 0, tr.map(|x| &x.q), q_dim);
+            keep(rec, &s.qkv, qkv.q.offset, tr.map(|x| &x.q), q_dim);
             keep(rec, &s.attn, 0, tr.map(|x| &x.att), q_dim);
             self.residual(rec, lora, l, Proj::O, &lw.wo, &s.attn, lw.post_attn_norm.as_ref(), s, t)?;
             keep(rec, &s.tmp, 0, tr.map(|x| &x.o_pre), d);

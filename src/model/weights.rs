@@ -8,9 +8,13 @@ use crate::gpu::{storage_buffer, GpuContext, WeightMatrix};
 /// One transformer block's weights.
 pub struct LayerWeights {
     pub attn_norm: wgpu::Buffer,
+    /// Query, key and value projections, in one buffer where their formats allow.
     pub wq: WeightMatrix,
     pub wk: WeightMatrix,
     pub wv: WeightMatrix,
+    /// The three read as one matrix of `q_dim + 2·kv_dim` rows, where they lie back to back:
+    /// one product then writes a token's queries, keys and values side by side.
+    pub wqkv: Option<WeightMatrix>,
     pub wo: WeightMatrix,
     /// q, k, v biases (qwen2).
     pub qkv_bias: Option<[wgpu::Buffer; 3]>,
@@ -49,12 +53,14 @@ impl Loader<'_> {
         WeightMatrix::upload(self.ctx, name, format, rows, cols, bytes)
     }
 
-    /// Two matrices of `rows` rows each, in one buffer where their formats allow
-    /// ([`WeightMatrix::upload_pair`]).
-    fn matrix_pair(&self, names: [&str; 2], rows: usize, cols: usize) -> Result<[WeightMatrix; 2]> {
-        let [a, b] = names.map(|n| self.f.tensor_with_shape(n, &[cols as u64, rows as u64]));
-        let ((fa, ba), (fb, bb)) = (self.f.tensor_data(a?)?, self.f.tensor_data(b?)?);
-        WeightMatrix::upload_pair(self.ctx, names, [fa, fb], [rows, rows], cols, [ba, bb])
+    /// Matrices of `rows[i]` rows each, in one buffer where their formats allow
+    /// ([`WeightMatrix::upload_group`]).
+    fn matrix_group<const N: usize>(&self, names: [&str; N], rows: [usize; N], cols: usize) -> Result<[WeightMatrix; N]> {
+        let mut data = Vec::with_capacity(N);
+        for (n, r) in names.iter().zip(rows) {
+            data.push(self.f.tensor_data(self.f.tensor_with_shape(n, &[cols as u64, r as u64])?)?);
+        }
+        WeightMatrix::upload_group(self.ctx, names, std::array::from_fn(|i| data[i].0), rows, cols, std::array::from_fn(|i| data[i].1))
     }
 
     fn vector(&self, name: &str, n: usize) -> Result<wgpu::Buffer> {
@@ -71,12 +77,14 @@ impl Weights {
         let mut layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let n = |s: &str| format!("blk.{l}.{s}");
-            let [w_gate, w_up] = ld.matrix_pair([&n("ffn_gate.weight"), &n("ffn_up.weight")], ff, d)?;
+            let [w_gate, w_up] = ld.matrix_group([&n("ffn_gate.weight"), &n("ffn_up.weight")], [ff, ff], d)?;
+            let [wq, wk, wv] = ld.matrix_group([&n("attn_q.weight"), &n("attn_k.weight"), &n("attn_v.weight")], [q, kv, kv], d)?;
             layers.push(LayerWeights {
                 attn_norm: ld.vector(&n("attn_norm.weight"), d)?,
-                wq: ld.matrix(&n("attn_q.weight"), q, d)?,
-                wk: ld.matrix(&n("attn_k.weight"), kv, d)?,
-                wv: ld.matrix(&n("attn_v.weight"), kv, d)?,
+                wqkv: WeightMatrix::stacked(&[&wq, &wk, &wv]),
+                wq,
+                wk,
+                wv,
                 wo: ld.matrix(&n("attn_output.weight"), d, q)?,
                 qkv_bias: if c.qkv_bias {
                     Some([ld.vector(&n("attn_q.bias"), q)?, ld.vector(&n("attn_k.bias"), kv)?, ld.vector(&n("attn_v.bias"), kv)?])
