@@ -3,7 +3,9 @@
 // Computes: for m < M, n < N:  y[y_offset + m·y_stride + n_offset + n] (+)= Σ_k W[n, k] · x[m, k]
 //   (+ scale_s · Σ_j B_s[n_offset + n, j] · u[m, j] when `lora` is 1 and row m has adapter slot
 //   s = row_slot[m] ≥ 0: the multi-LoRA "expand", u from lora_shrink.wgsl),
-//   with `+=` when `accumulate` is 1 (fuses the residual add into the projection).
+//   with `+=` when `accumulate` is 1 (fuses the residual add into the projection). Projections
+//   stacked into one W (query, key, value), after one shrink over their stacked A matrices, read
+//   u one rank further from row `lora_split1` and two from `lora_split2` (else both are ~0u).
 // With GLU = 1 (a launcher constant) the product is gated: W is a feed-forward block's gate and
 //   its up projection sits `pair_offset` bytes further in the same buffer; the kernel decodes
 //   both rows n and writes y = act(gate + Δgate) · (up + Δup) (activation.wgsl; `act`), each Δ
@@ -46,6 +48,8 @@ struct Params {
     up_lora: u32,
     up_max_rank: u32,
     up_n_slots: u32,
+    lora_split1: u32,
+    lora_split2: u32,
     // Per adapter slot: (A offset, B offset in floats, rank, bitcast scale).
     slots: array<vec4<u32>, 8>,
     up_slots: array<vec4<u32>, 8>,
@@ -70,6 +74,7 @@ fn lora_delta(n: u32, m: u32, up: bool) -> f32 {
     if (s < 0 || u32(s) >= select(p.n_slots, p.up_n_slots, up)) {
         return 0.0;
     }
+    let row = p.n_offset + n;
     var slot: vec4<u32>;
     var u0: u32;
     if (up) {
@@ -77,9 +82,9 @@ fn lora_delta(n: u32, m: u32, up: bool) -> f32 {
         u0 = m * p.up_max_rank;
     } else {
         slot = p.slots[s];
-        u0 = m * p.max_rank;
+        u0 = m * p.max_rank + select(0u, slot.z, row >= p.lora_split1) + select(0u, slot.z, row >= p.lora_split2);
     }
-    let b = slot.y + (p.n_offset + n) * slot.z;
+    let b = slot.y + row * slot.z;
     var d = 0.0;
     for (var j = 0u; j < slot.z; j++) {
         var uj: f32;

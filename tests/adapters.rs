@@ -104,6 +104,9 @@ fn adapted_qwen2_qwen3_gemma3_match_reference() {
     check_adapted(&TinyModelSpec::new("gemma3", BlockFormat::Q5_0), "lora-gemma3", &[Proj::Gate, Proj::Up, Proj::Down, Proj::Q]);
 }
 
+/// Batches mixing adapters equal each sequence run alone: with one adapter that targets only some
+/// of q, k, v (each projection its own product), and with adapters of two ranks that target all
+/// of them (one stacked product after one stacked shrink).
 #[test]
 fn a_batch_mixing_adapters_equals_separate_runs() {
     let mut r = rng("mixed-batch");
@@ -111,9 +114,16 @@ fn a_batch_mixing_adapters_equals_separate_runs() {
     let c = model.config.clone();
     let a = model.add_adapter("a", &random_adapter(&mut r, &c, 3, &[Proj::Q, Proj::V, Proj::Down], 0.3)).unwrap();
     let b = model.add_adapter("b", &random_adapter(&mut r, &c, 8, &Proj::ALL, 0.3)).unwrap();
-    let plans = [Some(ActiveAdapter::new(a)), None, Some(ActiveAdapter { id: b, scale: 0.5 }), Some(ActiveAdapter::new(a))];
-    let prompts: Vec<Vec<u32>> = (0..plans.len()).map(|i| tokens(&mut r, 3 + i, c.n_vocab)).collect();
-    let next: Vec<Vec<u32>> = (0..plans.len()).map(|i| tokens(&mut r, 1 + i % 2, c.n_vocab)).collect();
+    let d = model.add_adapter("d", &random_adapter(&mut r, &c, 5, &Proj::ALL, 0.3)).unwrap();
+    let b_half = Some(ActiveAdapter { id: b, scale: 0.5 });
+    check_mixed_batch(&model, &[Some(ActiveAdapter::new(a)), None, b_half, Some(ActiveAdapter::new(a))], &mut r);
+    check_mixed_batch(&model, &[Some(ActiveAdapter::new(d)), None, b_half, Some(ActiveAdapter::new(d))], &mut r);
+}
+
+fn check_mixed_batch(model: &Model, plans: &[Option<ActiveAdapter>], r: &mut SplitMix64) {
+    let c = model.config.clone();
+    let prompts: Vec<Vec<u32>> = (0..plans.len()).map(|i| tokens(r, 3 + i, c.n_vocab)).collect();
+    let next: Vec<Vec<u32>> = (0..plans.len()).map(|i| tokens(r, 1 + i % 2, c.n_vocab)).collect();
 
     // Each sequence alone: prompt, then its next tokens.
     let mut alone = Vec::new();
@@ -128,13 +138,13 @@ fn a_batch_mixing_adapters_equals_separate_runs() {
 
     // All four in one pass per step: prompts (several rows each) together, then next tokens.
     let mut caches: Vec<_> = (0..plans.len()).map(|_| model.new_cache(32).unwrap()).collect();
-    let mut seqs: Vec<Sequence> = caches.iter_mut().zip(&prompts).zip(&plans).map(|((kv, p), plan)| Sequence::adapted(kv, p, *plan, 0)).collect();
+    let mut seqs: Vec<Sequence> = caches.iter_mut().zip(&prompts).zip(plans).map(|((kv, p), plan)| Sequence::adapted(kv, p, *plan, 0)).collect();
     model.forward_seqs(&mut seqs, Logits::None).unwrap();
     let mut forks: Vec<_> = caches.iter().map(|kv| kv.fork(model.ctx()).unwrap()).collect();
-    let mut seqs: Vec<Sequence> = caches.iter_mut().zip(&next).zip(&plans).map(|((kv, t), plan)| Sequence::adapted(kv, t, *plan, 0)).collect();
+    let mut seqs: Vec<Sequence> = caches.iter_mut().zip(&next).zip(plans).map(|((kv, t), plan)| Sequence::adapted(kv, t, *plan, 0)).collect();
     let together = model.forward_seqs(&mut seqs, Logits::All).unwrap();
     assert_close("mixed batch logits vs separate runs", &together, &alone, 1e-5);
-    let mut seqs: Vec<Sequence> = forks.iter_mut().zip(&next).zip(&plans).map(|((kv, t), plan)| Sequence::adapted(kv, t, *plan, 0)).collect();
+    let mut seqs: Vec<Sequence> = forks.iter_mut().zip(&next).zip(plans).map(|((kv, t), plan)| Sequence::adapted(kv, t, *plan, 0)).collect();
     let together_greedy = model.next_tokens_greedy(&mut seqs).unwrap();
     // Ties aside (random tiny models), the GPU picks agree.
     for (i, (g, a)) in together_greedy.iter().zip(&alone_greedy).enumerate() {

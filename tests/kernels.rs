@@ -428,7 +428,7 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
         let sb = storage_buffer(ctx, "row_slot", bytemuck::cast_slice(&row_slot));
         let u = storage_buffer_zeroed(ctx, "u", (m * 8 * 4) as u64);
         let y = storage_buffer_zeroed(ctx, "y", (m * rows * 4) as u64);
-        let lora = LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u: &u, max_rank: 8, slots: &slots };
+        let lora = LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u: &u, max_rank: 8, slots: &slots, u_splits: None };
         let io = MatmulIo { lora: Some(lora), ..MatmulIo::dense(&xb, &y, &w, m) };
         let mut rec = Recorder::new(ctx);
         lora_shrink(&mut rec, ctx, cols, &io).unwrap();
@@ -490,7 +490,7 @@ fn gated_matmul_matches_glu_of_two_products() {
                 let wf = |b: &[u8]| dequant(format, b, rows, cols);
                 let (wg, wu) = (wf(&gb), wf(&ub));
                 for (on_gate, on_up) in [(false, false), (true, false), (false, true), (true, true)] {
-                    let lora = |on: bool, slots, u| on.then_some(LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u, max_rank: rank, slots });
+                    let lora = |on: bool, slots, u| on.then_some(LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u, max_rank: rank, slots, u_splits: None });
                     let (gl, ul) = (lora(on_gate, &gate_slot[..], &ug), lora(on_up, &up_slot[..], &uu));
                     let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
                     let io = MatmulIo { lora: gl, ..MatmulIo::dense(&xb, &y, &gate, m) };

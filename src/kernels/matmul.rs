@@ -76,8 +76,8 @@ struct Params {
     up_lora: u32,
     up_max_rank: u32,
     up_n_slots: u32,
-    // WGSL aligns the slot arrays to 16 bytes.
-    _pad: [u32; 2],
+    lora_split1: u32,
+    lora_split2: u32,
     slots: [[u32; 4]; MAX_SLOTS],
     up_slots: [[u32; 4]; MAX_SLOTS],
 }
@@ -113,6 +113,11 @@ pub struct LoraIo<'a> {
     pub max_rank: usize,
     /// The adapters.
     pub slots: &'a [LoraSlot],
+    /// For projections stacked into one product (query, key, value), whose shrink ran over their
+    /// A matrices stacked too: the output rows from which an adapter's `u` is read one of its
+    /// ranks further, and two (each projection's rows use its own part of `u`). `None`: one
+    /// projection.
+    pub u_splits: Option<[usize; 2]>,
 }
 
 impl LoraIo<'_> {
@@ -213,6 +218,7 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
     let (row_slot, b_pack) = any_lora.map_or((none, none), |l| (l.row_slot, l.b_pack));
     let u = io.lora.as_ref().map_or(none, |l| l.u);
     let u_up = up_lora.as_ref().map_or(none, |l| l.u);
+    let split = io.lora.as_ref().and_then(|l| l.u_splits).map_or([u32::MAX; 2], |s| s.map(|r| r as u32));
     for part in &w.parts {
         let (kernel, grid) = product_kernel(ctx, w.format, part.rows, io.m, gated.is_some())?;
         let p = Params {
@@ -234,7 +240,8 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
             up_lora: up_lora.is_some() as u32,
             up_max_rank: up_lora.as_ref().map_or(0, |l| l.max_rank as u32),
             up_n_slots: up_lora.as_ref().map_or(0, |l| l.slots.len() as u32),
-            _pad: [0; 2],
+            lora_split1: split[0],
+            lora_split2: split[1],
             slots,
             up_slots,
         };
@@ -304,6 +311,9 @@ pub fn lora_shrink(rec: &mut Recorder, ctx: &GpuContext, k: usize, io: &MatmulIo
 /// of its own — the unfused expand, kept to measure the fusion in [`matmul`] against.
 pub fn lora_expand(rec: &mut Recorder, ctx: &GpuContext, k: usize, n: usize, io: &MatmulIo) -> Result<()> {
     let Some(l) = &io.lora else { return Ok(()) };
+    if l.u_splits.is_some() {
+        return Err(Error::Shape { op: "lora_expand", msg: "stacked projections (u_splits) are expanded inside the product only".into() });
+    }
     let kernel = ctx.kernel(&super::plain("lora", LORA_WGSL, "expand"))?;
     let p = lora_params(l, io, k, n)?;
     let bindings = vec![Binding::whole(l.row_slot).at(3), Binding::whole(l.u).at(4), Binding::whole(l.b_pack).at(5), Binding::whole(io.y).at(6)];

@@ -249,4 +249,46 @@ impl AdapterRegistry {
             .collect();
         (max_rank > 0).then_some((slots, max_rank))
     }
+
+    /// Slots for projections `projs` of `layer` (`rows[i]` outputs each, `cols` inputs) run as one
+    /// stacked product: for the shrink over their A matrices, which each adapter holds back to
+    /// back (`rank × projs.len()` rows), and for the expand (each projection's own rank, reading
+    /// its part of `u`); with the shrink's largest rank. `None` where an active adapter targets
+    /// some of the projections but not all, or none targets any.
+    pub(crate) fn stacked_slots(&self, layer: usize, projs: &[Proj], rows: &[usize], cols: usize, active: &[ActiveAdapter]) -> Option<StackedSlots> {
+        let (mut shrink, mut expand, mut max_rank) = (Vec::new(), Vec::new(), 0);
+        for a in active {
+            let r = self.adapters.get(&a.id)?;
+            let offsets: Vec<_> = projs.iter().map(|p| r.offsets.get(layer * N_PROJ + p.index()).copied().flatten()).collect();
+            let rank = r.info.rank;
+            let slot = match offsets[..] {
+                [Some((a0, b0)), ..] if offsets.iter().all(Option::is_some) => {
+                    let (mut a_at, mut b_at) = (a0, b0);
+                    for (o, n) in offsets.iter().flatten().zip(rows) {
+                        if *o != (a_at, b_at) {
+                            return None;
+                        }
+                        (a_at, b_at) = (a_at + rank * cols, b_at + n * rank);
+                    }
+                    max_rank = max_rank.max(rank * projs.len());
+                    LoraSlot { a_offset: r.a_base + a0, b_offset: r.b_base + b0, rank, scale: r.info.scale * a.scale }
+                }
+                _ if offsets.iter().any(Option::is_some) => return None,
+                _ => LoraSlot { a_offset: 0, b_offset: 0, rank: 0, scale: 0.0 },
+            };
+            shrink.push(LoraSlot { rank: slot.rank * projs.len(), ..slot });
+            expand.push(slot);
+        }
+        (max_rank > 0).then_some(StackedSlots { shrink, expand, max_rank })
+    }
+}
+
+/// Adapter slots of stacked projections ([`AdapterRegistry::stacked_slots`]).
+pub(crate) struct StackedSlots {
+    /// Over the stacked A matrices.
+    pub shrink: Vec<LoraSlot>,
+    /// Each projection's rank.
+    pub expand: Vec<LoraSlot>,
+    /// The shrink's largest rank: floats of `u` per batch row.
+    pub max_rank: usize,
 }

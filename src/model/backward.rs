@@ -280,7 +280,7 @@ impl Model {
             let Some((slots, rank)) = registry.slots(l, p, &active) else { return Ok(()) };
             let slot = slots[0];
             // u = A·x again (cheaper to recompute at rank r than to keep).
-            let io = MatmulIo { lora: Some(LoraIo { a_pack, b_pack, row_slot: &s.row_slot, u: &u, max_rank: rank, slots: &slots }), ..MatmulIo::dense(x, dx, w, t) };
+            let io = MatmulIo { lora: Some(LoraIo { a_pack, b_pack, row_slot: &s.row_slot, u: &u, max_rank: rank, slots: &slots, u_splits: None }), ..MatmulIo::dense(x, dx, w, t) };
             lora_shrink(rec, ctx, k, &io)?;
             let io = LoraBackward {
                 x: dense(x, k),

@@ -459,7 +459,8 @@ impl Model {
             picked: f("picked", logit_rows.min(tokens) * OUT_WORDS),
             row_slot: f("row_slot", tokens),
             tree: f("tree", 2 * tokens),
-            lora_u: f("lora_u", tokens * max_rank),
+            // Three ranks per row: the stacked query/key/value shrink.
+            lora_u: f("lora_u", tokens * 3 * max_rank),
             lora_u_up: f("lora_u_up", tokens * max_rank),
         }
     }
@@ -482,13 +483,28 @@ impl Model {
     }
 
     /// The query, key and value projections of `x` into `qkv`'s rows: one product where the
-    /// three are stacked ([`LayerWeights::wqkv`]), the rows interleaved and no adapter targets
-    /// them in this chunk; else one each (with its adapters).
+    /// three are stacked ([`LayerWeights::wqkv`]) and the rows interleaved — with the chunk's
+    /// adapters, one shrink over their stacked A matrices first — else one each.
     #[allow(clippy::too_many_arguments)]
     fn qkv_projections(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, x: &wgpu::Buffer, qkv: &QkvRows, t: usize) -> Result<()> {
-        let adapted = |proj| lora.is_some_and(|l| l.registry.slots(layer, proj, l.active).is_some());
-        if let Some(w) = lw.wqkv.as_ref().filter(|_| qkv.interleaved && ![Proj::Q, Proj::K, Proj::V].into_iter().any(adapted)) {
-            return matmul(rec, &self.ctx, w, MatmulIo::dense(x, qkv.q.buf, w, t));
+        let ctx = &*self.ctx;
+        const QKV: [Proj; 3] = [Proj::Q, Proj::K, Proj::V];
+        if let Some(w) = lw.wqkv.as_ref().filter(|_| qkv.interleaved) {
+            let io = MatmulIo::dense(x, qkv.q.buf, w, t);
+            let adapted = |l: &ChunkLora| QKV.into_iter().any(|p| l.registry.slots(layer, p, l.active).is_some());
+            match lora.filter(|l| adapted(l)) {
+                None => return matmul(rec, ctx, w, io),
+                Some(l) if self.lora_mode == LoraMode::Fused => {
+                    let (c, (a_pack, b_pack)) = (&self.config, l.registry.packs());
+                    let (q, kv) = (c.q_dim(), c.kv_dim());
+                    if let Some(st) = l.registry.stacked_slots(layer, &QKV, &[q, kv, kv], w.cols, l.active) {
+                        let lora = |slots, u_splits| LoraIo { a_pack, b_pack, row_slot: l.row_slot, u: l.u, max_rank: st.max_rank, slots, u_splits };
+                        lora_shrink(rec, ctx, w.cols, &MatmulIo { lora: Some(lora(&st.shrink, None)), ..io })?;
+                        return matmul(rec, ctx, w, MatmulIo { lora: Some(lora(&st.expand, Some([q, q + kv]))), ..io });
+                    }
+                }
+                Some(_) => {}
+            }
         }
         for (proj, w, r) in [(Proj::Q, &lw.wq, qkv.q), (Proj::K, &lw.wk, qkv.k), (Proj::V, &lw.wv, qkv.v)] {
             self.project(rec, lora, layer, proj, w, MatmulIo { y_offset: r.offset, y_stride: r.stride, ..MatmulIo::dense(x, r.buf, w, t) })?;
@@ -624,7 +640,7 @@ impl Model {
 /// The adapters `slots` (with their largest rank) of a chunk as a product's LoRA input, shrinking into `u`.
 fn lora_io<'a>(l: &ChunkLora<'a>, (slots, max_rank): &'a (Vec<LoraSlot>, usize), u: &'a wgpu::Buffer) -> LoraIo<'a> {
     let (a_pack, b_pack) = l.registry.packs();
-    LoraIo { a_pack, b_pack, row_slot: l.row_slot, u, max_rank: *max_rank, slots }
+    LoraIo { a_pack, b_pack, row_slot: l.row_slot, u, max_rank: *max_rank, slots, u_splits: None }
 }
 
 /// Open a GGUF file and load its model.
