@@ -72,7 +72,7 @@ fn bench_lora(c: &mut Criterion) {
         let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
         let u = storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64);
         let sb = storage_buffer(&ctx, "row_slot", bytemuck::cast_slice(&row_slot));
-        let lora = row_slot.iter().any(|&s| s >= 0).then_some(LoraIo { a_pack: &a_pack, b_pack: &b_pack, row_slot: &sb, u: &u, max_rank: rank, slots: &slots });
+        let lora = row_slot.iter().any(|&s| s >= 0).then_some(LoraIo { a_pack: &a_pack, b_pack: &b_pack, row_slot: &sb, u: &u, max_rank: rank, slots: &slots, u_splits: None });
         let io = MatmulIo { lora, ..MatmulIo::dense(&x, &y, &w, m) };
         group.bench_function(name, |b| {
             b.iter(|| {

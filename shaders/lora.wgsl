@@ -2,7 +2,9 @@
 //
 // Computes, for row t with adapter slot s = row_slot[t] (−1: none — the base weights alone; an
 // activated LoRA marks the rows before its invocation −1):
-//   shrink: u[t·max_rank + j] = Σ_k A_s[j, k] · x[t, k]   for j < max_rank (0 for j ≥ rank_s or s = −1)
+//   shrink: u[t·max_rank + j] = Σ_k A_s[j, k] · x[t, k]   for j < max_rank (0 for j ≥ rank_s or s = −1),
+//     of RMSNorm(x[t]) · nw with `norm` = 1 (the norm before the projections, fused as in
+//     quant_matmul.wgsl)
 //   expand: y[t, n] += scale_s · Σ_j B_s[n, j] · u[t·max_rank + j]   for n < N
 // The engine fuses the expand into quant_matmul.wgsl (`lora_delta`), so the base weights are read
 // once per pass whatever the mix of adapters; the separate `expand` entry exists to measure that
@@ -23,6 +25,8 @@ struct Params {
     y_stride: u32,
     max_rank: u32,
     n_slots: u32,
+    norm: u32,
+    eps: f32,
     // Per adapter slot: (A offset, B offset in floats, rank, bitcast scale).
     slots: array<vec4<u32>, 8>,
 }
@@ -34,6 +38,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> u: array<f32>;
 @group(0) @binding(5) var<storage, read> b_pack: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
+@group(0) @binding(7) var<storage, read> nw: array<vec4<f32>>;
 
 fn slot_of(t: u32) -> i32 {
     let s = row_slot[t];
@@ -56,10 +61,19 @@ fn shrink(@builtin(global_invocation_id) gid: vec3<u32>) {
         let a = (p.slots[s].x >> 2u) + j * (p.k >> 2u);
         let xo = p.x_offset + t * p.x_stride;
         var v = vec4<f32>(0.0);
+        var ss = 0.0;
         for (var k = 0u; k < (p.k >> 2u); k++) {
-            v += a_pack[a + k] * x[xo + k];
+            var xk = x[xo + k];
+            if (p.norm != 0u) {
+                ss += dot(xk, xk);
+                xk *= nw[k];
+            }
+            v += a_pack[a + k] * xk;
         }
         acc = v.x + v.y + v.z + v.w;
+        if (p.norm != 0u) {
+            acc *= inverseSqrt(ss / f32(p.k) + p.eps);
+        }
     }
     u[t * p.max_rank + j] = acc;
 }

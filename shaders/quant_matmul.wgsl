@@ -11,6 +11,9 @@
 //   both rows n and writes y = act(gate + Δgate) · (up + Δup) (activation.wgsl; `act`), each Δ
 //   from its own adapter slots (`slots`/`u` for the gate, `up_slots`/`u_up` for up) — the two
 //   products and the GLU in one dispatch. `accumulate` must be 0.
+// With `norm` = 1 the product is of RMSNorm(x) · nw instead of x (the norm that precedes the
+//   projections, fused): each invocation sums x² over the row it already reads and scales its
+//   sums by 1 / sqrt(mean(x²) + eps) at the end.
 // Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load32`);
 //   x is M rows of K f32 at x_offset + m·x_stride (both in vec4 units); y is f32.
 // Two work splits, one entry point each (the launcher picks by the device's class):
@@ -50,6 +53,8 @@ struct Params {
     up_n_slots: u32,
     lora_split1: u32,
     lora_split2: u32,
+    norm: u32,
+    eps: f32,
     // Per adapter slot: (A offset, B offset in floats, rank, bitcast scale).
     slots: array<vec4<u32>, 8>,
     up_slots: array<vec4<u32>, 8>,
@@ -63,6 +68,15 @@ struct Params {
 @group(0) @binding(5) var<storage, read> u: array<f32>;
 @group(0) @binding(6) var<storage, read> b_pack: array<f32>;
 @group(0) @binding(7) var<storage, read> u_up: array<f32>;
+@group(0) @binding(8) var<storage, read> nw: array<vec4<f32>>;
+
+// 1 / RMS of a row whose squares sum to `ss` (1 without `norm`).
+fn norm_scale(ss: f32) -> f32 {
+    if (p.norm == 0u) {
+        return 1.0;
+    }
+    return inverseSqrt(ss / f32(p.k) + p.eps);
+}
 
 // The LoRA delta of output row `n` for batch row `m` (0 without an adapter): the gate's (or the
 // only projection's) with `up` false, the up projection's with `up` true.
@@ -132,11 +146,21 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
     }
     var acc: array<f32, ROWS * COLS>;
     var acc_up: array<f32, ROWS * COLS>;
+    var ss: array<f32, COLS>;
     for (var k = 0u; k < p.k; k += 32u) {
         var xv: array<V32, COLS>;
         for (var t = 0u; t < COLS; t++) {
             for (var j = 0u; j < 8u; j++) {
                 xv[t][j] = x[xo[t] + (k >> 2u) + j];
+            }
+        }
+        if (p.norm != 0u) {
+            for (var j = 0u; j < 8u; j++) {
+                let g = nw[(k >> 2u) + j];
+                for (var t = 0u; t < COLS; t++) {
+                    ss[t] += dot(xv[t][j], xv[t][j]);
+                    xv[t][j] *= g;
+                }
             }
         }
         for (var r = 0u; r < ROWS; r++) {
@@ -162,8 +186,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
     }
     for (var t = 0u; t < COLS; t++) {
         if (m0 + t < p.m) {
+            let f = norm_scale(ss[t]);
             for (var r = 0u; r < ROWS; r++) {
-                store(n0 + r, m0 + t, acc[r * COLS + t], acc_up[r * COLS + t]);
+                store(n0 + r, m0 + t, acc[r * COLS + t] * f, acc_up[r * COLS + t] * f);
             }
         }
     }
@@ -183,6 +208,7 @@ fn cooperative(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) 
     }
     var acc: array<f32, COLS>;
     var acc_up: array<f32, COLS>;
+    var ss: array<f32, COLS>;
     for (var k = lane * 32u; k < p.k; k += LANES * 32u) {
         let wr = load32(rb, k);
         var wu: V32;
@@ -193,7 +219,11 @@ fn cooperative(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) 
             var s = 0.0;
             var s_up = 0.0;
             for (var j = 0u; j < 8u; j++) {
-                let xj = x[xo[t] + (k >> 2u) + j];
+                var xj = x[xo[t] + (k >> 2u) + j];
+                if (p.norm != 0u) {
+                    ss[t] += dot(xj, xj);
+                    xj *= nw[(k >> 2u) + j];
+                }
                 s += dot(wr[j], xj);
                 if (GLU == 1u) {
                     s_up += dot(wu[j], xj);
@@ -208,10 +238,15 @@ fn cooperative(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) 
     if (GLU == 1u) {
         total_up = reduce_lanes(acc_up, li);
     }
+    var total_ss: array<f32, COLS>;
+    if (p.norm != 0u) {
+        total_ss = reduce_lanes(ss, li);
+    }
     if (lane == 0u) {
         for (var t = 0u; t < COLS; t++) {
             if (m0 + t < p.m) {
-                store(n, m0 + t, total[t], total_up[t]);
+                let f = norm_scale(total_ss[t]);
+                store(n, m0 + t, total[t] * f, total_up[t] * f);
             }
         }
     }

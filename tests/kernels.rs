@@ -101,6 +101,56 @@ fn matmul_every_format_decode_and_prefill_shapes() {
     }
 }
 
+/// The RMSNorm fused into a product (and into the LoRA shrink before it): `W·(rmsnorm(x)·g)`
+/// plus an adapter's `s·B·A·(rmsnorm(x)·g)` on the rows that have one, against the reference
+/// norm followed by the reference products, in every kernel variant.
+#[test]
+fn products_fuse_the_norm_before_them() {
+    use agentflux::kernels::matmul::{lora_shrink, LoraIo, LoraSlot, RowNorm};
+    let mut r = rng("fused_norm");
+    let (rank, eps) = (4, 1e-5);
+    for (family, ctx) in common::kernel_families() {
+        for format in [BlockFormat::Q4_1, BlockFormat::Q6_K, BlockFormat::Q8_0] {
+            let k = format.block_len().max(32);
+            for (rows, cols, row_slot) in [(37, k * 3, vec![0i32]), (67, k * 2, vec![-1, 0, 0, -1, 0])] {
+                let m = row_slot.len();
+                let bytes = random_matrix_bytes(&mut r, format, rows, cols, 1.0);
+                let w = WeightMatrix::upload(&ctx, "w", format, rows, cols, &bytes).unwrap();
+                let (x, g) = (random_vec(&mut r, m * cols, 3.0), random_vec(&mut r, cols, 1.0));
+                let (a, b) = (random_vec(&mut r, rank * cols, 0.5), random_vec(&mut r, rows * rank, 0.5));
+                let slots = [LoraSlot { a_offset: 0, b_offset: 0, rank, scale: 0.7 }];
+                let (xb, gb, ab, bb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &g), f32_buf(&ctx, &a), f32_buf(&ctx, &b));
+                let sb = storage_buffer(&ctx, "row_slot", bytemuck::cast_slice(&row_slot));
+                let u = storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64);
+                let (y, y_lora) = (storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64), storage_buffer_zeroed(&ctx, "y_lora", (m * rows * 4) as u64));
+                let norm = Some(RowNorm { w: &gb, eps });
+                let io = MatmulIo { norm, ..MatmulIo::dense(&xb, &y, &w, m) };
+                let lora = LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u: &u, max_rank: rank, slots: &slots, u_splits: None };
+                let io_lora = MatmulIo { y: &y_lora, lora: Some(lora), ..io };
+                let mut rec = Recorder::new(&ctx);
+                matmul(&mut rec, &ctx, &w, io).unwrap();
+                lora_shrink(&mut rec, &ctx, cols, &io_lora).unwrap();
+                matmul(&mut rec, &ctx, &w, io_lora).unwrap();
+                rec.submit();
+                let xn = reference::rms_norm(&x, &g, cols, eps);
+                let want = reference::matmul(&dequant(format, &bytes, rows, cols), &xn, rows, cols);
+                let what = format!("{family}: {format:?} {rows}x{cols} m={m}, norm fused");
+                assert_close(&what, &read_f32(&ctx, &y, 0, m * rows).unwrap(), &want, 2e-4);
+                let mut want_lora = want.clone();
+                for (t, &s) in row_slot.iter().enumerate() {
+                    if s == 0 {
+                        let ua = reference::matmul(&a, &xn[t * cols..][..cols], rank, cols);
+                        for (n, d) in reference::matmul(&b, &ua, rows, rank).iter().enumerate() {
+                            want_lora[t * rows + n] += 0.7 * d;
+                        }
+                    }
+                }
+                assert_close(&format!("{what}, with an adapter"), &read_f32(&ctx, &y_lora, 0, m * rows).unwrap(), &want_lora, 2e-4);
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_accumulates_and_respects_offsets() {
     let ctx = ctx();
@@ -113,7 +163,7 @@ fn matmul_accumulates_and_respects_offsets() {
     let y0 = random_vec(&mut r, 5 + m * 30, 1.0);
     let (xb, yb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &y0));
     let mut rec = Recorder::new(&ctx);
-    let io = MatmulIo { x: &xb, x_offset: 8, x_stride: 72, m, y: &yb, y_offset: 5, y_stride: 30, accumulate: true, lora: None };
+    let io = MatmulIo { x: &xb, x_offset: 8, x_stride: 72, m, y: &yb, y_offset: 5, y_stride: 30, accumulate: true, lora: None, norm: None };
     matmul(&mut rec, &ctx, &w, io).unwrap();
     rec.submit();
     let got = read_f32(&ctx, &yb, 0, y0.len()).unwrap();

@@ -78,6 +78,10 @@ struct Params {
     up_n_slots: u32,
     lora_split1: u32,
     lora_split2: u32,
+    norm: u32,
+    eps: f32,
+    // WGSL aligns the slot arrays to 16 bytes.
+    _pad: [u32; 2],
     slots: [[u32; 4]; MAX_SLOTS],
     up_slots: [[u32; 4]; MAX_SLOTS],
 }
@@ -157,12 +161,23 @@ pub struct MatmulIo<'a> {
     pub accumulate: bool,
     /// Adapters whose expand is fused into this product (their shrink must already be recorded).
     pub lora: Option<LoraIo<'a>>,
+    /// Normalize each row of `x` first (the RMSNorm before the projections, fused into them).
+    pub norm: Option<RowNorm<'a>>,
+}
+
+/// RMSNorm applied to a product's input rows on the fly: `x / sqrt(mean(x²) + eps) · w`.
+#[derive(Clone, Copy)]
+pub struct RowNorm<'a> {
+    /// The norm's weights: `cols` f32.
+    pub w: &'a wgpu::Buffer,
+    /// Added to the mean of squares.
+    pub eps: f32,
 }
 
 impl<'a> MatmulIo<'a> {
     /// Dense rows: `x` is `m × w.cols`, `y` is `m × w.rows`, both from offset 0.
     pub fn dense(x: &'a wgpu::Buffer, y: &'a wgpu::Buffer, w: &WeightMatrix, m: usize) -> Self {
-        Self { x, x_offset: 0, x_stride: w.cols, m, y, y_offset: 0, y_stride: w.rows, accumulate: false, lora: None }
+        Self { x, x_offset: 0, x_stride: w.cols, m, y, y_offset: 0, y_stride: w.rows, accumulate: false, lora: None, norm: None }
     }
 }
 
@@ -242,6 +257,9 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
             up_n_slots: up_lora.as_ref().map_or(0, |l| l.slots.len() as u32),
             lora_split1: split[0],
             lora_split2: split[1],
+            norm: io.norm.is_some() as u32,
+            eps: io.norm.map_or(0.0, |n| n.eps),
+            _pad: [0; 2],
             slots,
             up_slots,
         };
@@ -250,7 +268,8 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
             None => part.binding(),
             Some(g) => Binding::range(&part.buf, part.offset, pair_offset as u64 + g.up.parts[0].bytes),
         };
-        let bindings = vec![weights, Binding::whole(io.x), Binding::whole(io.y), Binding::whole(row_slot), Binding::whole(u), Binding::whole(b_pack), Binding::whole(u_up)];
+        let nw = io.norm.map_or(none, |n| n.w);
+        let bindings = vec![weights, Binding::whole(io.x), Binding::whole(io.y), Binding::whole(row_slot), Binding::whole(u), Binding::whole(b_pack), Binding::whole(u_up), Binding::whole(nw)];
         rec.dispatch(&kernel, &p, bindings, grid)?;
         let matrices = 1 + gated.is_some() as usize;
         let activations = 4 * io.m * (w.cols + part.rows * (1 + io.accumulate as usize));
@@ -273,7 +292,9 @@ struct LoraParams {
     y_stride: u32,
     max_rank: u32,
     n_slots: u32,
-    _pad: [u32; 3],
+    norm: u32,
+    eps: f32,
+    _pad: [u32; 1],
     slots: [[u32; 4]; MAX_SLOTS],
 }
 
@@ -291,7 +312,9 @@ fn lora_params(l: &LoraIo, io: &MatmulIo, k: usize, n: usize) -> Result<LoraPara
         y_stride: io.y_stride as u32,
         max_rank: l.max_rank as u32,
         n_slots: l.slots.len() as u32,
-        _pad: [0; 3],
+        norm: io.norm.is_some() as u32,
+        eps: io.norm.map_or(0.0, |n| n.eps),
+        _pad: [0; 1],
         slots: l.packed_slots()?,
     })
 }
@@ -303,7 +326,8 @@ pub fn lora_shrink(rec: &mut Recorder, ctx: &GpuContext, k: usize, io: &MatmulIo
     let Some(l) = &io.lora else { return Ok(()) };
     let kernel = ctx.kernel(&super::plain("lora", LORA_WGSL, "shrink"))?;
     let p = lora_params(l, io, k, 0)?;
-    let bindings = vec![Binding::whole(io.x), Binding::whole(l.a_pack), Binding::whole(l.row_slot), Binding::whole(l.u)];
+    let nw = io.norm.map_or(ctx.placeholder(), |n| n.w);
+    let bindings = vec![Binding::whole(io.x), Binding::whole(l.a_pack), Binding::whole(l.row_slot), Binding::whole(l.u), Binding::whole(nw).at(7)];
     rec.dispatch(&kernel, &p, bindings, [super::groups(l.max_rank, 8), super::groups(io.m, 8), 1])
 }
 

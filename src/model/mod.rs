@@ -21,7 +21,7 @@ use crate::decode::SamplerConfig;
 use crate::gpu::{read_f32, read_u32, storage_buffer_zeroed, upload, GpuContext, Recorder, WeightMatrix};
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_rows, glu};
-use crate::kernels::matmul::{lora_expand, lora_shrink, matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo, MAX_SLOTS};
+use crate::kernels::matmul::{lora_expand, lora_shrink, matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo, RowNorm, MAX_SLOTS};
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
 use crate::kernels::sample::{argmax, sample, OUT_WORDS};
 use crate::kernels::{embed::embed, kv_store::kv_store, rope::rope};
@@ -482,21 +482,22 @@ impl Model {
         }
     }
 
-    /// The query, key and value projections of `x` into `qkv`'s rows: one product where the
-    /// three are stacked ([`LayerWeights::wqkv`]) and the rows interleaved — with the chunk's
-    /// adapters, one shrink over their stacked A matrices first — else one each.
+    /// The query, key and value projections of `x` (normalized by `norm` on the way in, if
+    /// given) into `qkv`'s rows: one product where the three are stacked
+    /// ([`LayerWeights::wqkv`]) and the rows interleaved — with the chunk's adapters, one shrink
+    /// over their stacked A matrices first — else one each.
     #[allow(clippy::too_many_arguments)]
-    fn qkv_projections(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, x: &wgpu::Buffer, qkv: &QkvRows, t: usize) -> Result<()> {
+    fn qkv_projections(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, x: &wgpu::Buffer, norm: Option<RowNorm>, qkv: &QkvRows, t: usize) -> Result<()> {
         let ctx = &*self.ctx;
         const QKV: [Proj; 3] = [Proj::Q, Proj::K, Proj::V];
         if let Some(w) = lw.wqkv.as_ref().filter(|_| qkv.interleaved) {
-            let io = MatmulIo::dense(x, qkv.q.buf, w, t);
+            let io = MatmulIo { norm, ..MatmulIo::dense(x, qkv.q.buf, w, t) };
             let adapted = |l: &ChunkLora| QKV.into_iter().any(|p| l.registry.slots(layer, p, l.active).is_some());
             match lora.filter(|l| adapted(l)) {
                 None => return matmul(rec, ctx, w, io),
                 Some(l) if self.lora_mode == LoraMode::Fused => {
-                    let (c, (a_pack, b_pack)) = (&self.config, l.registry.packs());
-                    let (q, kv) = (c.q_dim(), c.kv_dim());
+                    let (a_pack, b_pack) = l.registry.packs();
+                    let (q, kv) = (self.config.q_dim(), self.config.kv_dim());
                     if let Some(st) = l.registry.stacked_slots(layer, &QKV, &[q, kv, kv], w.cols, l.active) {
                         let lora = |slots, u_splits| LoraIo { a_pack, b_pack, row_slot: l.row_slot, u: l.u, max_rank: st.max_rank, slots, u_splits };
                         lora_shrink(rec, ctx, w.cols, &MatmulIo { lora: Some(lora(&st.shrink, None)), ..io })?;
@@ -507,28 +508,32 @@ impl Model {
             }
         }
         for (proj, w, r) in [(Proj::Q, &lw.wq, qkv.q), (Proj::K, &lw.wk, qkv.k), (Proj::V, &lw.wv, qkv.v)] {
-            self.project(rec, lora, layer, proj, w, MatmulIo { y_offset: r.offset, y_stride: r.stride, ..MatmulIo::dense(x, r.buf, w, t) })?;
+            self.project(rec, lora, layer, proj, w, MatmulIo { y_offset: r.offset, y_stride: r.stride, norm, ..MatmulIo::dense(x, r.buf, w, t) })?;
         }
         Ok(())
     }
 
-    /// The gate and up projections of `x = s.xn` into `s.gate` and `s.up`, each its own product.
-    fn gate_up(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, s: &Scratch, t: usize) -> Result<()> {
-        self.project(rec, lora, layer, Proj::Gate, &lw.w_gate, MatmulIo::dense(&s.xn, &s.gate, &lw.w_gate, t))?;
-        self.project(rec, lora, layer, Proj::Up, &lw.w_up, MatmulIo::dense(&s.xn, &s.up, &lw.w_up, t))
+    /// The gate and up projections of `x` (normalized by `norm` on the way in, if given) into
+    /// `s.gate` and `s.up`, each its own product.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, s: &Scratch, x: &wgpu::Buffer, norm: Option<RowNorm>, t: usize) -> Result<()> {
+        self.project(rec, lora, layer, Proj::Gate, &lw.w_gate, MatmulIo { norm, ..MatmulIo::dense(x, &s.gate, &lw.w_gate, t) })?;
+        self.project(rec, lora, layer, Proj::Up, &lw.w_up, MatmulIo { norm, ..MatmulIo::dense(x, &s.up, &lw.w_up, t) })
     }
 
-    /// `gate = act(W_gate·x) · (W_up·x)` for `t` rows: one dispatch for both projections and the
-    /// GLU where the two share a buffer (adapters on either shrink first and expand inside it;
-    /// with `LoraMode::Separate` and adapters, or without a shared buffer, three steps).
+    /// `gate = act(W_gate·x) · (W_up·x)` for `t` rows, `x` the feed-forward norm of `s.h` (fused
+    /// into the products): one dispatch for the norm, both projections and the GLU where the two
+    /// share a buffer (adapters on either shrink first and expand inside it; with
+    /// `LoraMode::Separate` and adapters, or without a shared buffer, three steps).
     fn gated_ffn(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, s: &Scratch, t: usize) -> Result<()> {
         let (ctx, c) = (&*self.ctx, &self.config);
         let (gate, up) = (&lw.w_gate, &lw.w_up);
-        let io = MatmulIo::dense(&s.xn, &s.gate, gate, t);
+        let norm = Some(RowNorm { w: &lw.ffn_norm, eps: c.norm_eps });
         if gate.pair_offset(up).is_none() || (lora.is_some() && self.lora_mode == LoraMode::Separate) {
-            self.gate_up(rec, lora, layer, lw, s, t)?;
+            self.gate_up(rec, lora, layer, lw, s, &s.h, norm, t)?;
             return glu(rec, ctx, c.act, &s.gate, &s.up, t * c.ffn_dim);
         }
+        let io = MatmulIo { norm, ..MatmulIo::dense(&s.h, &s.gate, gate, t) };
         let slots = |proj| lora.and_then(|l| l.registry.slots(layer, proj, l.active));
         let (gate_slots, up_slots) = (slots(Proj::Gate), slots(Proj::Up));
         let gate_lora = lora.zip(gate_slots.as_ref()).map(|(l, sl)| lora_io(l, sl, l.u));
@@ -559,12 +564,20 @@ impl Model {
         for (l, lw) in w.layers.iter().enumerate() {
             let tr = layer_trace(l);
             keep(rec, &s.h, 0, tr.map(|x| &x.h_in), d);
-            rms_norm(rec, ctx, &lw.attn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
-            keep(rec, &s.xn, 0, tr.map(|x| &x.x1), d);
+            // The norms before the projections are fused into them, except where the backward
+            // pass needs their output.
+            let (x, norm) = match tr {
+                Some(tr) => {
+                    rms_norm(rec, ctx, &lw.attn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
+                    keep(rec, &s.xn, 0, Some(&tr.x1), d);
+                    (&s.xn, None)
+                }
+                None => (&s.h, Some(RowNorm { w: &lw.attn_norm, eps: c.norm_eps })),
+            };
             // Keys and values in f32 scratch rows (bias, norm and RoPE apply there), then stored
             // into each sequence's f16 cache.
             let qkv = QkvRows::new(c, &s.qkv, t, tr.is_none() && lw.qk_norm.is_none());
-            self.qkv_projections(rec, lora, l, lw, &s.xn, &qkv, t)?;
+            self.qkv_projections(rec, lora, l, lw, x, norm, &qkv, t)?;
             let rp = c.layer_rope(l);
             let shape = AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
             for g in segs {
@@ -592,12 +605,12 @@ impl Model {
             self.residual(rec, lora, l, Proj::O, &lw.wo, &s.attn, lw.post_attn_norm.as_ref(), s, t)?;
             keep(rec, &s.tmp, 0, tr.map(|x| &x.o_pre), d);
             keep(rec, &s.h, 0, tr.map(|x| &x.h_mid), d);
-            rms_norm(rec, ctx, &lw.ffn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
-            keep(rec, &s.xn, 0, tr.map(|x| &x.x2), d);
             match tr {
-                // The backward pass needs the gate and up projections before the GLU.
+                // The backward pass needs the norm, and the gate and up projections before the GLU.
                 Some(tr) => {
-                    self.gate_up(rec, lora, l, lw, s, t)?;
+                    rms_norm(rec, ctx, &lw.ffn_norm, dense(&s.h, d), dense(&s.xn, d), t, d, c.norm_eps, false)?;
+                    keep(rec, &s.xn, 0, Some(&tr.x2), d);
+                    self.gate_up(rec, lora, l, lw, s, &s.xn, None, t)?;
                     keep(rec, &s.gate, 0, Some(&tr.gate), c.ffn_dim);
                     keep(rec, &s.up, 0, Some(&tr.up), c.ffn_dim);
                     glu(rec, ctx, c.act, &s.gate, &s.up, t * c.ffn_dim)?;
