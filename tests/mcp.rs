@@ -79,6 +79,10 @@ fn faults_are_clear_errors_and_leave_no_process() {
     assert!(matches!(expect("rpc-error", &["refused tools/call", "bad arguments", "-32602"]), McpError::Rpc { .. }));
     let missing = McpClient::spawn("/nonexistent/server --flag", quick()).err().unwrap().to_string();
     assert!(missing.contains("/nonexistent/server") && missing.contains("could not be started"), "{missing}");
+    // A relative path that is not there says where it was looked for.
+    let relative = McpClient::spawn("no/such/server", quick()).err().unwrap().to_string();
+    let cwd = std::env::current_dir().unwrap();
+    assert!(relative.contains("no/such/server") && relative.contains(&format!("working directory {}", cwd.display())), "{relative}");
 }
 
 #[test]

@@ -58,6 +58,18 @@ pub struct McpClient {
     pub instructions: Option<String>,
 }
 
+/// Why `program` did not start; a relative path that was not found names the directory it was
+/// looked up from (commands in tool-set files are usually relative to the repository root).
+fn spawn_failure(program: &str, e: &std::io::Error) -> String {
+    let path = std::path::Path::new(program);
+    match std::env::current_dir() {
+        Ok(cwd) if e.kind() == std::io::ErrorKind::NotFound && path.is_relative() && path.components().count() > 1 => {
+            format!("{e} (a relative path, looked up from the working directory {})", cwd.display())
+        }
+        _ => e.to_string(),
+    }
+}
+
 impl McpClient {
     /// Start `command` (split like a shell would, without expansion: `npx -y server /tmp`) and
     /// complete the `initialize` handshake.
@@ -70,7 +82,7 @@ impl McpClient {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| McpError::Spawn { command: command.into(), msg: e.to_string() })?;
+            .map_err(|e| McpError::Spawn { command: command.into(), msg: spawn_failure(program, &e) })?;
         let (stdin, stdout, mut stderr_pipe) = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
             (Some(i), Some(o), Some(e)) => (i, o, e),
             _ => {
