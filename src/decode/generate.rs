@@ -17,7 +17,7 @@ pub struct GenerateOptions {
     pub sampler: SamplerConfig,
     /// Tokens that end the generation (they are kept in the output).
     pub stop: Vec<u32>,
-    /// End when the newest tokens are [`REPEAT_COPIES`] copies in a row of one span of 4..=64
+    /// End when the newest tokens are three copies in a row of one span of 4..=64
     /// tokens, keeping the first copy: a small model's greedy answer that starts looping (the
     /// same listing line over and over) ends there instead of at `max_tokens`. `on_token` has
     /// seen the dropped copies.

@@ -70,8 +70,8 @@ pub fn read_u32(ctx: &GpuContext, buf: &wgpu::Buffer, start: usize, n: usize) ->
 /// A weight matrix `rows × cols` in a GGUF block format, resident on the GPU.
 ///
 /// Rows are stored as in GGUF (row-major blocks). A matrix larger than the device's largest
-/// storage binding is split by rows into several parts; kernels run once per part. Two matrices
-/// may share one buffer ([`WeightMatrix::upload_pair`]) so that one kernel reads both.
+/// storage binding is split by rows into several parts; kernels run once per part. Several matrices
+/// may share one buffer ([`WeightMatrix::upload_group`]) so that one kernel reads them together.
 pub struct WeightMatrix {
     /// Output rows (`N` of `y = W x`).
     pub rows: usize,

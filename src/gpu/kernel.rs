@@ -182,7 +182,7 @@ impl<'a> Recorder<'a> {
     /// Encode everything into one command buffer and submit it.
     ///
     /// The uniform blocks go to the context's persistent uniform buffer and each dispatch's bind
-    /// group comes from the context's [`BindCache`](super::bind_cache::BindCache), so a batch that
+    /// group comes from the context's cache of them (`bind_cache.rs`), so a batch that
     /// repeats the last one (a decode step) builds none. The cache stays locked until the
     /// submission is queued: another thread's uniforms must not overwrite these before they run.
     pub fn submit(self) -> wgpu::SubmissionIndex {
