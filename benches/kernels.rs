@@ -60,19 +60,34 @@ fn bench_lora(c: &mut Criterion) {
     let (rows, cols, rank) = (1536, 576, 8);
     let bytes = random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0);
     let w = WeightMatrix::upload(&ctx, "w", BlockFormat::Q4_1, rows, cols, &bytes).unwrap();
-    let slots: Vec<LoraSlot> = (0..4).map(|i| LoraSlot { a_offset: i * rank * cols, b_offset: i * rows * rank, rank, scale: 2.0 }).collect();
+    let slots: Vec<LoraSlot> =
+        (0..4).map(|i| LoraSlot { a_offset: i * rank * cols, b_offset: i * rows * rank, rank, scale: 2.0 }).collect();
     let f32s = |v: Vec<f32>| storage_buffer(&ctx, "f32", bytemuck::cast_slice(&v));
     let a_pack = f32s(random_vec(&mut rng, 4 * rank * cols, 0.1));
     let b_pack = f32s(random_vec(&mut rng, 4 * rows * rank, 0.1));
     let mut group = c.benchmark_group(format!("lora/{}/q4_1/{rows}x{cols}/rank{rank}", ctx.info.name));
     group.sample_size(10);
-    for (name, row_slot, fused) in [("base", vec![-1], true), ("1 adapter fused", vec![0], true), ("1 adapter separate", vec![0], false), ("4 rows 4 adapters fused", vec![0, 1, 2, 3], true), ("4 rows base", vec![-1; 4], true)] {
+    for (name, row_slot, fused) in [
+        ("base", vec![-1], true),
+        ("1 adapter fused", vec![0], true),
+        ("1 adapter separate", vec![0], false),
+        ("4 rows 4 adapters fused", vec![0, 1, 2, 3], true),
+        ("4 rows base", vec![-1; 4], true),
+    ] {
         let m = row_slot.len();
         let x = f32s(random_vec(&mut rng, m * cols, 1.0));
         let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
         let u = storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64);
         let sb = storage_buffer(&ctx, "row_slot", bytemuck::cast_slice(&row_slot));
-        let lora = row_slot.iter().any(|&s| s >= 0).then_some(LoraIo { a_pack: &a_pack, b_pack: &b_pack, row_slot: &sb, u: &u, max_rank: rank, slots: &slots, u_splits: None });
+        let lora = row_slot.iter().any(|&s| s >= 0).then_some(LoraIo {
+            a_pack: &a_pack,
+            b_pack: &b_pack,
+            row_slot: &sb,
+            u: &u,
+            max_rank: rank,
+            slots: &slots,
+            u_splits: None,
+        });
         let io = MatmulIo { lora, ..MatmulIo::dense(&x, &y, &w, m) };
         group.bench_function(name, |b| {
             b.iter(|| {
@@ -100,7 +115,10 @@ fn bench_ffn(c: &mut Criterion) {
     let ctx = GpuContext::new(&GpuOptions::default()).expect("a GPU adapter");
     let mut rng = SplitMix64(3);
     let (rows, cols) = (1536, 576);
-    let (gb, ub) = (random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0), random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0));
+    let (gb, ub) = (
+        random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0),
+        random_matrix_bytes(&mut rng, BlockFormat::Q4_1, rows, cols, 1.0),
+    );
     let [gate, up] = WeightMatrix::upload_group(&ctx, ["gate", "up"], [BlockFormat::Q4_1; 2], [rows; 2], cols, [&gb, &ub]).unwrap();
     let x = storage_buffer(&ctx, "x", bytemuck::cast_slice(&random_vec(&mut rng, cols, 1.0)));
     let (g, u) = (storage_buffer_zeroed(&ctx, "g", (rows * 4) as u64), storage_buffer_zeroed(&ctx, "u", (rows * 4) as u64));
@@ -113,7 +131,14 @@ fn bench_ffn(c: &mut Criterion) {
                 let mut rec = Recorder::new(&ctx);
                 for _ in 0..REPEAT {
                     if fused {
-                        matmul_gated(&mut rec, &ctx, &gate, GatedUp { up: &up, act: Activation::Silu, lora: None }, MatmulIo::dense(&x, &g, &gate, 1)).unwrap();
+                        matmul_gated(
+                            &mut rec,
+                            &ctx,
+                            &gate,
+                            GatedUp { up: &up, act: Activation::Silu, lora: None },
+                            MatmulIo::dense(&x, &g, &gate, 1),
+                        )
+                        .unwrap();
                     } else {
                         matmul(&mut rec, &ctx, &gate, MatmulIo::dense(&x, &g, &gate, 1)).unwrap();
                         matmul(&mut rec, &ctx, &up, MatmulIo::dense(&x, &u, &up, 1)).unwrap();
@@ -136,7 +161,10 @@ fn bench_dispatch(c: &mut Criterion) {
     let ctx = GpuContext::new(&GpuOptions::default()).expect("a GPU adapter");
     let mut rng = SplitMix64(4);
     let n = 64;
-    let (g, u) = (storage_buffer(&ctx, "g", bytemuck::cast_slice(&random_vec(&mut rng, n, 1.0))), storage_buffer(&ctx, "u", bytemuck::cast_slice(&random_vec(&mut rng, n, 1.0))));
+    let (g, u) = (
+        storage_buffer(&ctx, "g", bytemuck::cast_slice(&random_vec(&mut rng, n, 1.0))),
+        storage_buffer(&ctx, "u", bytemuck::cast_slice(&random_vec(&mut rng, n, 1.0))),
+    );
     let mut group = c.benchmark_group(format!("dispatch/{}/{DISPATCHES} per submission", ctx.info.name));
     group.sample_size(10);
     for reuse in [true, false] {

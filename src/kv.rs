@@ -28,7 +28,9 @@ impl KvCache {
             )));
         }
         let layers = (0..cfg.n_layers)
-            .map(|l| (storage_buffer_zeroed(ctx, &format!("k_cache.{l}"), bytes), storage_buffer_zeroed(ctx, &format!("v_cache.{l}"), bytes)))
+            .map(|l| {
+                (storage_buffer_zeroed(ctx, &format!("k_cache.{l}"), bytes), storage_buffer_zeroed(ctx, &format!("v_cache.{l}"), bytes))
+            })
             .collect();
         Ok(Self { layers, n_ctx, len: 0 })
     }

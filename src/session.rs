@@ -214,7 +214,13 @@ impl<'m> Session<'m> {
     /// Generate after `prompt` (the whole conversation so far) under `plan`, reusing what the
     /// cache holds. Afterwards the session holds the prompt and every generated token but the
     /// last (which was never fed back).
-    pub fn generate(&mut self, prompt: &[u32], plan: Option<Activation>, opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<Generation> {
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        plan: Option<Activation>,
+        opts: &GenerateOptions,
+        on_token: impl FnMut(u32),
+    ) -> Result<Generation> {
         let keep = self.reuse(prompt, plan)?;
         let mut generated = Vec::new();
         let mut on_token = on_token;

@@ -75,7 +75,14 @@ fn check_adapted(spec: &TinyModelSpec, tag: &str, projs: &[Proj]) {
     let mut steps = model.forward_seqs(&mut [Sequence::adapted(&mut kv, &t[..5], Some(active), from)], Logits::All).unwrap();
     for (i, tok) in t[5..].iter().enumerate() {
         let at = 5 + i;
-        steps.extend(model.forward_seqs(&mut [Sequence::adapted(&mut kv, std::slice::from_ref(tok), Some(active), from.saturating_sub(at))], Logits::Last).unwrap());
+        steps.extend(
+            model
+                .forward_seqs(
+                    &mut [Sequence::adapted(&mut kv, std::slice::from_ref(tok), Some(active), from.saturating_sub(at))],
+                    Logits::Last,
+                )
+                .unwrap(),
+        );
     }
     assert_close(&format!("{tag}: adapted decode steps"), &steps, &want, 2e-3);
 
@@ -138,13 +145,16 @@ fn check_mixed_batch(model: &Model, plans: &[Option<ActiveAdapter>], r: &mut Spl
 
     // All four in one pass per step: prompts (several rows each) together, then next tokens.
     let mut caches: Vec<_> = (0..plans.len()).map(|_| model.new_cache(32).unwrap()).collect();
-    let mut seqs: Vec<Sequence> = caches.iter_mut().zip(&prompts).zip(plans).map(|((kv, p), plan)| Sequence::adapted(kv, p, *plan, 0)).collect();
+    let mut seqs: Vec<Sequence> =
+        caches.iter_mut().zip(&prompts).zip(plans).map(|((kv, p), plan)| Sequence::adapted(kv, p, *plan, 0)).collect();
     model.forward_seqs(&mut seqs, Logits::None).unwrap();
     let mut forks: Vec<_> = caches.iter().map(|kv| kv.fork(model.ctx()).unwrap()).collect();
-    let mut seqs: Vec<Sequence> = caches.iter_mut().zip(&next).zip(plans).map(|((kv, t), plan)| Sequence::adapted(kv, t, *plan, 0)).collect();
+    let mut seqs: Vec<Sequence> =
+        caches.iter_mut().zip(&next).zip(plans).map(|((kv, t), plan)| Sequence::adapted(kv, t, *plan, 0)).collect();
     let together = model.forward_seqs(&mut seqs, Logits::All).unwrap();
     assert_close("mixed batch logits vs separate runs", &together, &alone, 1e-5);
-    let mut seqs: Vec<Sequence> = forks.iter_mut().zip(&next).zip(plans).map(|((kv, t), plan)| Sequence::adapted(kv, t, *plan, 0)).collect();
+    let mut seqs: Vec<Sequence> =
+        forks.iter_mut().zip(&next).zip(plans).map(|((kv, t), plan)| Sequence::adapted(kv, t, *plan, 0)).collect();
     let together_greedy = model.next_tokens_greedy(&mut seqs).unwrap();
     // Ties aside (random tiny models), the GPU picks agree.
     for (i, (g, a)) in together_greedy.iter().zip(&alone_greedy).enumerate() {
@@ -174,7 +184,10 @@ fn activated_handoff_computes_the_prefix_once() {
     selector.invocation_tokens = Some(vec![5, 9]);
     let mut args = random_adapter(&mut r, &c, 4, &[Proj::Q, Proj::K, Proj::V, Proj::O], 0.3);
     args.invocation_tokens = Some(vec![7, 3, 7]);
-    let (sel, arg) = (ActiveAdapter::new(model.add_adapter("selector", &selector).unwrap()), ActiveAdapter::new(model.add_adapter("args", &args).unwrap()));
+    let (sel, arg) = (
+        ActiveAdapter::new(model.add_adapter("selector", &selector).unwrap()),
+        ActiveAdapter::new(model.add_adapter("args", &args).unwrap()),
+    );
 
     let prefix = tokens(&mut r, 12, c.n_vocab);
     let with = |tail: &[u32]| prefix.iter().chain(tail).copied().collect::<Vec<u32>>();
@@ -301,7 +314,10 @@ fn refused_adapters_leave_the_others_serving() {
     model.remove_adapter(second).unwrap();
     expect_err(model.remove_adapter(second), &["is not loaded"]);
     let mut kv = model.new_cache(16).unwrap();
-    expect_err(model.forward_seqs(&mut [Sequence::adapted(&mut kv, &t, Some(ActiveAdapter::new(second)), 0)], Logits::Last), &["is not loaded"]);
+    expect_err(
+        model.forward_seqs(&mut [Sequence::adapted(&mut kv, &t, Some(ActiveAdapter::new(second)), 0)], Logits::Last),
+        &["is not loaded"],
+    );
     assert_eq!(run(good), before);
     assert_eq!(model.adapters().unwrap().0, vec![good, third]);
 }
@@ -336,9 +352,13 @@ fn a_peft_layout_adapter_written_by_python_loads_and_matches_the_reference() {
     let c = model.config.clone();
     for dtype in ["f16", "bf16"] {
         let dir = std::env::temp_dir().join(format!("agentflux-peft-fixture-{dtype}-{}", std::process::id()));
-        let dims = [("--layers", c.n_layers), ("--hidden", c.d_model), ("--q-dim", c.q_dim()), ("--kv-dim", c.kv_dim()), ("--ffn", c.ffn_dim)];
+        let dims =
+            [("--layers", c.n_layers), ("--hidden", c.d_model), ("--q-dim", c.q_dim()), ("--kv-dim", c.kv_dim()), ("--ffn", c.ffn_dim)];
         let mut cmd = std::process::Command::new("python3");
-        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/make-peft-fixture")).arg(&dir).args(["--dtype", dtype, "--invocation", "5,9", "--seed"]).arg(r.next_u64().to_string());
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/make-peft-fixture"))
+            .arg(&dir)
+            .args(["--dtype", dtype, "--invocation", "5,9", "--seed"])
+            .arg(r.next_u64().to_string());
         for (flag, v) in dims {
             cmd.arg(flag).arg(v.to_string());
         }
@@ -347,7 +367,8 @@ fn a_peft_layout_adapter_written_by_python_loads_and_matches_the_reference() {
 
         let adapter = LoraAdapter::load_peft(&dir, &c, &LoraLimits::default()).unwrap();
         assert_eq!(adapter.invocation_tokens, Some(vec![5, 9]));
-        let expected: std::collections::BTreeMap<String, Vec<f32>> = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+        let expected: std::collections::BTreeMap<String, Vec<f32>> =
+            serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
         let down = &adapter.targets[&(0, Proj::Down)];
         assert_eq!(&down.a[..8], &expected["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"][..], "{dtype} lora_A values");
         assert_eq!(&down.b[..8], &expected["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"][..], "{dtype} lora_B values");

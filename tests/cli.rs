@@ -43,7 +43,8 @@ fn generate_json_matches_llama_cpp_greedy() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden/SmolLM2-135M-Instruct.Q4_1.json");
     let golden: Golden = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let case = golden.generate.iter().find(|c| c.prompt == "The quick brown fox").unwrap();
-    let (ok, out, err) = agentflux(&["generate", "--model", "default", "--prompt", &case.prompt, "--max-tokens", "16", "--ignore-eos", "--json"]);
+    let (ok, out, err) =
+        agentflux(&["generate", "--model", "default", "--prompt", &case.prompt, "--max-tokens", "16", "--ignore-eos", "--json"]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
     let ids = |k: &str| -> Vec<u32> { v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
@@ -126,7 +127,8 @@ fn generate_with_an_activated_adapter() {
     let base = agentflux(&["generate", "--prompt", prompt, "--max-tokens", "6", "--ignore-eos", "--json"]);
     assert!(base.0, "{}", base.2);
     // The invocation token must occur in the prompt: " jumps" is 27003 in SmolLM2's vocabulary.
-    let zero = agentflux(&["generate", "--prompt", prompt, "--max-tokens", "6", "--ignore-eos", "--json", "--lora", d, "--lora-scale", "0"]);
+    let zero =
+        agentflux(&["generate", "--prompt", prompt, "--max-tokens", "6", "--ignore-eos", "--json", "--lora", d, "--lora-scale", "0"]);
     assert!(zero.0, "{}", zero.2);
     assert_eq!(ids(&zero.1), ids(&base.1), "scale 0 must be the base model");
     let on = agentflux(&["generate", "--prompt", prompt, "--max-tokens", "6", "--ignore-eos", "--json", "--lora", d]);

@@ -9,7 +9,19 @@ use serde_json::{json, Value};
 fn run_eval(model: &str, dataset: &str, mode: &str, tag: &str) -> (String, Value) {
     let out = std::env::temp_dir().join(format!("agentflux-eval-{tag}-{}.json", std::process::id()));
     let ws = std::env::temp_dir().join(format!("agentflux-eval-ws-{}", std::process::id()));
-    let (ok, stdout, err) = agentflux(&["eval", "--model", model, "--dataset", dataset, "--mode", mode, "--workspace", &ws.to_string_lossy(), "--json", &out.to_string_lossy()]);
+    let (ok, stdout, err) = agentflux(&[
+        "eval",
+        "--model",
+        model,
+        "--dataset",
+        dataset,
+        "--mode",
+        mode,
+        "--workspace",
+        &ws.to_string_lossy(),
+        "--json",
+        &out.to_string_lossy(),
+    ]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     std::fs::remove_file(&out).ok();
@@ -42,7 +54,13 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
         let s = &v["summary"];
         let frac = |key: &str| ex.iter().filter(|e| e[key] == true).count() as f64 / 6.0;
         for key in ["selection", "full", "schema_valid"] {
-            let field = if key == "selection" { "name_ok" } else if key == "full" { "full_ok" } else { "schema_valid" };
+            let field = if key == "selection" {
+                "name_ok"
+            } else if key == "full" {
+                "full_ok"
+            } else {
+                "schema_valid"
+            };
             assert!((s[key].as_f64().unwrap() - frac(field)).abs() < 1e-9, "{mode} {key}: {s}");
         }
         for e in ex {
@@ -78,7 +96,18 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
     // only the arguments decide a full call.
     let out = std::env::temp_dir().join(format!("agentflux-eval-given-{}.json", std::process::id()));
     let ws = std::env::temp_dir().join(format!("agentflux-eval-ws-{}", std::process::id()));
-    let (ok, stdout, err) = agentflux(&["eval", "--model", &m, "--dataset", &d, "--given-tool", "--workspace", &ws.to_string_lossy(), "--json", &out.to_string_lossy()]);
+    let (ok, stdout, err) = agentflux(&[
+        "eval",
+        "--model",
+        &m,
+        "--dataset",
+        &d,
+        "--given-tool",
+        "--workspace",
+        &ws.to_string_lossy(),
+        "--json",
+        &out.to_string_lossy(),
+    ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("| decoupled (tool given) | 5 |") && err.contains("1 lines expecting finish left out"), "{stdout}\n{err}");
     let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
@@ -86,7 +115,10 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
     let ex = v["examples"].as_array().unwrap();
     // (A random tiny model may not close a string within the token or context limit: an error,
     // not a call.)
-    assert!(ex.iter().filter(|e| e["error"].is_null()).all(|e| e["name"] == e["expected_name"] && e["full_ok"] == e["arguments_ok"]), "{v}");
+    assert!(
+        ex.iter().filter(|e| e["error"].is_null()).all(|e| e["name"] == e["expected_name"] && e["full_ok"] == e["arguments_ok"]),
+        "{v}"
+    );
     assert!(ex.iter().any(|e| e["error"].is_null()), "{v}");
     let (ok, _, err) = agentflux(&["eval", "--model", &m, "--dataset", &d, "--given-tool", "--mode", "monolithic"]);
     assert!(!ok && err.contains("--given-tool"), "{err}");
@@ -111,8 +143,12 @@ fn tasks_run_on_the_real_server_and_are_judged_by_their_checks() {
     let ws = dir.join("ws");
     let server = r#""mcp": ["tools/mcp/node_modules/.bin/mcp-server-filesystem {ws}"]"#;
     let tasks = [
-        format!(r#"{{"task": "Is my to-do list in {{ws}}/notes?", {server}, "max_steps": 1, "checks": {{"files_exist": ["{{ws}}/notes/todo.txt"], "file_contains": {{"{{ws}}/notes/todo.txt": "plumber"}}}}}}"#),
-        format!(r#"{{"task": "Make {{ws}}/never/made.txt", {server}, "max_steps": 1, "checks": {{"files_exist": ["{{ws}}/never/made.txt"]}}}}"#),
+        format!(
+            r#"{{"task": "Is my to-do list in {{ws}}/notes?", {server}, "max_steps": 1, "checks": {{"files_exist": ["{{ws}}/notes/todo.txt"], "file_contains": {{"{{ws}}/notes/todo.txt": "plumber"}}}}}}"#
+        ),
+        format!(
+            r#"{{"task": "Make {{ws}}/never/made.txt", {server}, "max_steps": 1, "checks": {{"files_exist": ["{{ws}}/never/made.txt"]}}}}"#
+        ),
     ];
     let file = dir.join("tasks.jsonl");
     std::fs::write(&file, tasks.join("\n")).unwrap();

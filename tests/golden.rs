@@ -134,7 +134,8 @@ fn check_greedy(fx: &Fixture, eng: &Engine) {
         let n_prompt = case.prompt_tokens.len();
         let n = case.greedy_tokens.len();
         let mut kv = eng.model.new_cache(n_prompt + n + 8).unwrap();
-        let opts = agentflux::decode::GenerateOptions { max_tokens: n, sampler: Default::default(), stop: Vec::new(), stop_on_repeat: false };
+        let opts =
+            agentflux::decode::GenerateOptions { max_tokens: n, sampler: Default::default(), stop: Vec::new(), stop_on_repeat: false };
         let g = agentflux::decode::generate(&eng.model, &mut kv, &case.prompt_tokens, &opts, |_| {}).unwrap();
         let same = g.tokens.iter().zip(&case.greedy_tokens).take_while(|(a, b)| a == b).count();
         eprintln!("{:?}: {same} of {n} greedy tokens equal llama.cpp's", case.prompt);
@@ -145,7 +146,9 @@ fn check_greedy(fx: &Fixture, eng: &Engine) {
             assert!(
                 margin <= TIE_MARGIN,
                 "{:?}: greedy token {same} is {} but llama.cpp's is {} with a clear margin {margin:.3}",
-                case.prompt, g.tokens[same], case.greedy_tokens[same]
+                case.prompt,
+                g.tokens[same],
+                case.greedy_tokens[same]
             );
         }
     }

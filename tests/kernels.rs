@@ -8,13 +8,15 @@
 mod common;
 
 use agentflux::gguf::{dequantize, BlockFormat};
-use agentflux::gpu::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, DeviceClass, GpuContext, GpuOptions, Recorder, WeightMatrix};
+use agentflux::gpu::{
+    read_f32, read_u32, storage_buffer, storage_buffer_zeroed, DeviceClass, GpuContext, GpuOptions, Recorder, WeightMatrix,
+};
 use agentflux::kernels::attention::{attention, AttentionShape};
 use agentflux::kernels::elementwise::{add_rows, glu, Activation};
+use agentflux::kernels::embed::embed;
 use agentflux::kernels::matmul::{matmul, MatmulIo};
 use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
 use agentflux::kernels::rope::{rope, Rope, RopeLayout};
-use agentflux::kernels::embed::embed;
 use agentflux::kernels::sample::{argmax, OUT_WORDS};
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
 use common::{assert_close, ctx, rng};
@@ -61,8 +63,10 @@ fn check_matmul_t(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usiz
     let (dy, dx0) = (random_vec(r, m * rows, 1.0), random_vec(r, m * cols, 1.0));
     let (dyb, dxb, accb) = (f32_buf(ctx, &dy), storage_buffer_zeroed(ctx, "dx", (m * cols * 4) as u64), f32_buf(ctx, &dx0));
     let mut rec = Recorder::new(ctx);
-    matmul_t(&mut rec, ctx, &w, Rows { buf: &dyb, offset: 0, stride: rows }, Rows { buf: &dxb, offset: 0, stride: cols }, m, false).unwrap();
-    matmul_t(&mut rec, ctx, &w, Rows { buf: &dyb, offset: 0, stride: rows }, Rows { buf: &accb, offset: 0, stride: cols }, m, true).unwrap();
+    matmul_t(&mut rec, ctx, &w, Rows { buf: &dyb, offset: 0, stride: rows }, Rows { buf: &dxb, offset: 0, stride: cols }, m, false)
+        .unwrap();
+    matmul_t(&mut rec, ctx, &w, Rows { buf: &dyb, offset: 0, stride: rows }, Rows { buf: &accb, offset: 0, stride: cols }, m, true)
+        .unwrap();
     rec.submit();
     let want = reference::matmul_backward_x(&dequant(format, &bytes, rows, cols), &dy, rows, cols);
     let what = format!("matmul_t {format:?} {rows}x{cols} m={m} parts={}", w.parts.len());
@@ -75,7 +79,18 @@ fn check_matmul_t(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usiz
 fn transposed_matmul_every_format() {
     let ctx = ctx();
     let mut r = rng("matmul_t");
-    for format in [BlockFormat::F32, BlockFormat::F16, BlockFormat::BF16, BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q5_0, BlockFormat::Q8_0, BlockFormat::Q4_K, BlockFormat::Q5_K, BlockFormat::Q6_K] {
+    for format in [
+        BlockFormat::F32,
+        BlockFormat::F16,
+        BlockFormat::BF16,
+        BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q5_0,
+        BlockFormat::Q8_0,
+        BlockFormat::Q4_K,
+        BlockFormat::Q5_K,
+        BlockFormat::Q6_K,
+    ] {
         let cols = format.block_len().max(32) * 2;
         // Fewer batch rows than one invocation's tile, and several tiles with a partial last one.
         check_matmul_t(&ctx, format, 37, cols, 3, &mut r);
@@ -122,7 +137,8 @@ fn products_fuse_the_norm_before_them() {
                 let (xb, gb, ab, bb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &g), f32_buf(&ctx, &a), f32_buf(&ctx, &b));
                 let sb = storage_buffer(&ctx, "row_slot", bytemuck::cast_slice(&row_slot));
                 let u = storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64);
-                let (y, y_lora) = (storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64), storage_buffer_zeroed(&ctx, "y_lora", (m * rows * 4) as u64));
+                let (y, y_lora) =
+                    (storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64), storage_buffer_zeroed(&ctx, "y_lora", (m * rows * 4) as u64));
                 let norm = Some(RowNorm { w: &gb, eps });
                 let io = MatmulIo { norm, ..MatmulIo::dense(&xb, &y, &w, m) };
                 let lora = LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u: &u, max_rank: rank, slots: &slots, u_splits: None };
@@ -183,7 +199,8 @@ fn matmul_accumulates_and_respects_offsets() {
 fn tensors_split_across_a_small_binding_limit_stay_correct() {
     // A context that pretends bindings hold at most 4 KiB: every matrix below spans several parts.
     let small = GpuContext::new(&GpuOptions { max_binding_bytes: Some(4096), ..Default::default() }).unwrap();
-    let small_gpu = GpuContext::new(&GpuOptions { max_binding_bytes: Some(4096), kernels: Some(DeviceClass::Gpu), ..Default::default() }).unwrap();
+    let small_gpu =
+        GpuContext::new(&GpuOptions { max_binding_bytes: Some(4096), kernels: Some(DeviceClass::Gpu), ..Default::default() }).unwrap();
     let mut r = rng("binding_split");
     for format in [BlockFormat::Q4_1, BlockFormat::Q6_K, BlockFormat::F32] {
         let cols = format.block_len().max(64);
@@ -332,8 +349,16 @@ fn kv_store_appends_f16_rows() {
         }
         let qkv_b = f32_buf(&ctx, &qkv);
         let layouts = [
-            ("own buffers", Rows { buf: &kb, offset: row0 * row_len, stride: row_len }, Rows { buf: &vb, offset: row0 * row_len, stride: row_len }),
-            ("one interleaved buffer", Rows { buf: &qkv_b, offset: row0 * stride + q_len, stride }, Rows { buf: &qkv_b, offset: row0 * stride + q_len + row_len, stride }),
+            (
+                "own buffers",
+                Rows { buf: &kb, offset: row0 * row_len, stride: row_len },
+                Rows { buf: &vb, offset: row0 * row_len, stride: row_len },
+            ),
+            (
+                "one interleaved buffer",
+                Rows { buf: &qkv_b, offset: row0 * stride + q_len, stride },
+                Rows { buf: &qkv_b, offset: row0 * stride + q_len + row_len, stride },
+            ),
         ];
         for (layout, kr, vr) in layouts {
             let cache = |name| storage_buffer_zeroed(&ctx, name, (n_ctx * row_len * 2) as u64);
@@ -343,9 +368,15 @@ fn kv_store_appends_f16_rows() {
             rec.submit();
             for (what, src, buf) in [("keys", &k, &kc), ("values", &v, &vc)] {
                 let words = read_u32(&ctx, buf, 0, n_ctx * row_len / 2).unwrap();
-                let got: Vec<f32> = words.iter().flat_map(|w| [half::f16::from_bits(*w as u16).to_f32(), half::f16::from_bits((*w >> 16) as u16).to_f32()]).collect();
+                let got: Vec<f32> = words
+                    .iter()
+                    .flat_map(|w| [half::f16::from_bits(*w as u16).to_f32(), half::f16::from_bits((*w >> 16) as u16).to_f32()])
+                    .collect();
                 let stored = pos0 * row_len..(pos0 + t) * row_len;
-                assert!(got[..stored.start].iter().chain(&got[stored.end..]).all(|&x| x == 0.0), "{layout}, {what}: rows outside {stored:?} written");
+                assert!(
+                    got[..stored.start].iter().chain(&got[stored.end..]).all(|&x| x == 0.0),
+                    "{layout}, {what}: rows outside {stored:?} written"
+                );
                 for (i, (g, x)) in got[stored].iter().zip(&src[row0 * row_len..]).enumerate() {
                     // One f16 rounding: half an ulp is 2^-11 of the value (f16 normals).
                     assert!((g - x).abs() <= x.abs() * 4.9e-4 + 1e-7, "{layout}, {what} row_len {row_len} value {i}: {g} for {x}");
@@ -469,7 +500,14 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
         b_pack.extend(random_vec(&mut r, rows * rank, 0.5));
     }
     let gpu = common::kernel_families().swap_remove(1).1;
-    for (ctx, row_slot) in [(&*big, vec![0i32, -1, 1, 0, 1]), (&*big, vec![1]), (&small, vec![-1, 1, 0]), (&small, vec![0]), (&*gpu, vec![1, -1, 0, 0, 1, 1]), (&*gpu, vec![0])] {
+    for (ctx, row_slot) in [
+        (&*big, vec![0i32, -1, 1, 0, 1]),
+        (&*big, vec![1]),
+        (&small, vec![-1, 1, 0]),
+        (&small, vec![0]),
+        (&*gpu, vec![1, -1, 0, 0, 1, 1]),
+        (&*gpu, vec![0]),
+    ] {
         let m = row_slot.len();
         let bytes = random_matrix_bytes(&mut r, BlockFormat::Q4_1, rows, cols, 1.0);
         let w = WeightMatrix::upload(ctx, "w", BlockFormat::Q4_1, rows, cols, &bytes).unwrap();
@@ -536,11 +574,14 @@ fn gated_matmul_matches_glu_of_two_products() {
                 let row_slot: Vec<i32> = (0..m).map(|t| if t % 2 == 0 { 0 } else { -1 }).collect();
                 let (xb, ab, bb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &a_pack), f32_buf(&ctx, &b_pack));
                 let sb = storage_buffer(&ctx, "row_slot", bytemuck::cast_slice(&row_slot));
-                let (ug, uu) = (storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64), storage_buffer_zeroed(&ctx, "u_up", (m * rank * 4) as u64));
+                let (ug, uu) =
+                    (storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64), storage_buffer_zeroed(&ctx, "u_up", (m * rank * 4) as u64));
                 let wf = |b: &[u8]| dequant(format, b, rows, cols);
                 let (wg, wu) = (wf(&gb), wf(&ub));
                 for (on_gate, on_up) in [(false, false), (true, false), (false, true), (true, true)] {
-                    let lora = |on: bool, slots, u| on.then_some(LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u, max_rank: rank, slots, u_splits: None });
+                    let lora = |on: bool, slots, u| {
+                        on.then_some(LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u, max_rank: rank, slots, u_splits: None })
+                    };
                     let (gl, ul) = (lora(on_gate, &gate_slot[..], &ug), lora(on_up, &up_slot[..], &uu));
                     let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
                     let io = MatmulIo { lora: gl, ..MatmulIo::dense(&xb, &y, &gate, m) };
@@ -565,7 +606,12 @@ fn gated_matmul_matches_glu_of_two_products() {
                         }
                     }
                     let want = reference::glu(&g, &u, act);
-                    assert_close(&format!("gated {format:?} {act:?} {rows}x{cols} m={m} lora gate {on_gate} up {on_up}, {family}"), &got, &want, 2e-4);
+                    assert_close(
+                        &format!("gated {format:?} {act:?} {rows}x{cols} m={m} lora gate {on_gate} up {on_up}, {family}"),
+                        &got,
+                        &want,
+                        2e-4,
+                    );
                 }
             }
         }
@@ -573,10 +619,18 @@ fn gated_matmul_matches_glu_of_two_products() {
         let (cols, rows) = (64, 8);
         let gb = random_matrix_bytes(&mut r, BlockFormat::Q8_0, rows, cols, 1.0);
         let ub = random_matrix_bytes(&mut r, BlockFormat::Q4_1, rows, cols, 1.0);
-        let [gate, up] = WeightMatrix::upload_group(&ctx, ["gate", "up"], [BlockFormat::Q8_0, BlockFormat::Q4_1], [rows; 2], cols, [&gb, &ub]).unwrap();
+        let [gate, up] =
+            WeightMatrix::upload_group(&ctx, ["gate", "up"], [BlockFormat::Q8_0, BlockFormat::Q4_1], [rows; 2], cols, [&gb, &ub]).unwrap();
         assert!(gate.pair_offset(&up).is_none());
         let (xb, y) = (f32_buf(&ctx, &random_vec(&mut r, cols, 1.0)), storage_buffer_zeroed(&ctx, "y", (rows * 4) as u64));
-        let err = matmul_gated(&mut Recorder::new(&ctx), &ctx, &gate, GatedUp { up: &up, act: Activation::Silu, lora: None }, MatmulIo::dense(&xb, &y, &gate, 1)).unwrap_err();
+        let err = matmul_gated(
+            &mut Recorder::new(&ctx),
+            &ctx,
+            &gate,
+            GatedUp { up: &up, act: Activation::Silu, lora: None },
+            MatmulIo::dense(&xb, &y, &gate, 1),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("share the gate's buffer"), "{err}");
     }
 }
@@ -596,7 +650,12 @@ fn backward_kernels_match_the_reference() {
     let mut r = rng("backward-kernels");
 
     for (rows, n) in [(1, 576), (7, 100), (5, 16)] {
-        let (x, w, dy, d0) = (random_vec(&mut r, rows * n, 2.0), random_vec(&mut r, n, 1.0), random_vec(&mut r, rows * n, 1.0), random_vec(&mut r, rows * n, 1.0));
+        let (x, w, dy, d0) = (
+            random_vec(&mut r, rows * n, 2.0),
+            random_vec(&mut r, n, 1.0),
+            random_vec(&mut r, rows * n, 1.0),
+            random_vec(&mut r, rows * n, 1.0),
+        );
         let (xb, wb, dyb, db, eb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &w), f32_buf(&ctx, &dy), f32_buf(&ctx, &d0), f32_buf(&ctx, &d0));
         let dense = |buf| Rows { buf, offset: 0, stride: n };
         let mut rec = Recorder::new(&ctx);
@@ -731,7 +790,8 @@ fn attention_backward_over_a_cached_prefix() {
     for (heads, kvh, hd, pos0, t, window) in [(4, 2, 16, 5, 4, 0), (2, 2, 32, 0, 6, 0), (6, 3, 8, 7, 5, 4), (4, 1, 64, 3, 1, 0)] {
         let (row, kv_row, n) = (heads * hd, kvh * hd, pos0 + t);
         let q_full = random_vec(&mut r, n * row, 1.0);
-        let ((kb, k), (vb, v)) = (f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)), f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)));
+        let ((kb, k), (vb, v)) =
+            (f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)), f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)));
         let mut dout_full = vec![0f32; pos0 * row];
         dout_full.extend(random_vec(&mut r, t * row, 1.0));
         let scale = 1.0 / (hd as f32).sqrt();
@@ -740,7 +800,19 @@ fn attention_backward_over_a_cached_prefix() {
         let (dqb, dkb, dvb, sb) = (zeros(t * row), zeros(t * kv_row), zeros(t * kv_row), zeros(t * heads * 3));
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
         let mut rec = Recorder::new(&ctx);
-        attention_backward(&mut rec, &ctx, &shape, &qb, &kb, &vb, &db, AttentionGrads { dq: &dqb, dk: &dkb, dv: &dvb, stats: &sb }, t, pos0).unwrap();
+        attention_backward(
+            &mut rec,
+            &ctx,
+            &shape,
+            &qb,
+            &kb,
+            &vb,
+            &db,
+            AttentionGrads { dq: &dqb, dk: &dkb, dv: &dvb, stats: &sb },
+            t,
+            pos0,
+        )
+        .unwrap();
         rec.submit();
         let (dq, dk, dv) = reference::attention_backward(&q_full, &k, &v, &dout_full, heads, kvh, hd, window, scale);
         let what = format!("attention_backward h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window}");

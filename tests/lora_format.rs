@@ -89,7 +89,8 @@ fn llama_q_rows_are_permuted_like_the_base_weights() {
     a.save_peft(&d, &c).unwrap();
     let bytes = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let hf: Vec<f32> = bytemuck::pod_collect_to_vec(st.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").unwrap().data());
+    let hf: Vec<f32> =
+        bytemuck::pod_collect_to_vec(st.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").unwrap().data());
     let gguf = &a.targets[&(0, Proj::Q)].b;
     let (head, half, r) = (c.head_dim, c.head_dim / 2, 2);
     for h in 0..c.n_heads {
@@ -125,7 +126,12 @@ fn bad_adapters_are_refused_with_the_reason() {
     let mut other = c.clone();
     other.d_model *= 2;
     // (Sorted names: layer 0's down_proj A, 4 × ffn, is checked first and its `in` is unchanged; its B is not.)
-    expect_error(&d, &other, &limits, &["layers.0.mlp.down_proj.lora_B.weight", "has shape [64, 4]", "needs [128, 4]", "another base model"]);
+    expect_error(
+        &d,
+        &other,
+        &limits,
+        &["layers.0.mlp.down_proj.lora_B.weight", "has shape [64, 4]", "needs [128, 4]", "another base model"],
+    );
 
     // Unknown target module in the config.
     let cfg_path = d.join("adapter_config.json");
@@ -134,7 +140,12 @@ fn bad_adapters_are_refused_with_the_reason() {
     expect_error(&d, &c, &limits, &["unknown target module 'w_proj'"]);
 
     // PEFT features the engine does not implement are refused, not silently ignored.
-    for (field, value, named) in [("use_dora", "true", "DoRA"), ("rank_pattern", r#"{"q_proj": 16}"#, "rank_pattern"), ("modules_to_save", r#"["lm_head"]"#, "modules_to_save"), ("bias", r#""all""#, "bias")] {
+    for (field, value, named) in [
+        ("use_dora", "true", "DoRA"),
+        ("rank_pattern", r#"{"q_proj": 16}"#, "rank_pattern"),
+        ("modules_to_save", r#"["lm_head"]"#, "modules_to_save"),
+        ("bias", r#""all""#, "bias"),
+    ] {
         let mut edited: serde_json::Value = serde_json::from_str(&cfg).unwrap();
         edited[field] = serde_json::from_str(value).unwrap();
         std::fs::write(&cfg_path, edited.to_string()).unwrap();
@@ -164,8 +175,14 @@ fn f16_and_bf16_tensors_load() {
     let a: Vec<u8> = (0..2 * inp).flat_map(|i| half::f16::from_f32(i as f32 / 64.0).to_le_bytes()).collect();
     let b: Vec<u8> = (0..out * 2).flat_map(|i| half::bf16::from_f32(i as f32 / 8.0).to_le_bytes()).collect();
     let views = vec![
-        ("base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![2, inp], &a).unwrap()),
-        ("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![out, 2], &b).unwrap()),
+        (
+            "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight".to_string(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![2, inp], &a).unwrap(),
+        ),
+        (
+            "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight".to_string(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![out, 2], &b).unwrap(),
+        ),
     ];
     std::fs::write(d.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
     let ad = LoraAdapter::load_peft(&d, &c, &LoraLimits::default()).unwrap();

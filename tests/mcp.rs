@@ -71,7 +71,10 @@ fn faults_are_clear_errors_and_leave_no_process() {
         }
         err
     };
-    assert!(matches!(expect("crash", &["closed the connection during tools/call", "exit status: 3", "crashing on purpose"]), McpError::Closed { .. }));
+    assert!(matches!(
+        expect("crash", &["closed the connection during tools/call", "exit status: 3", "crashing on purpose"]),
+        McpError::Closed { .. }
+    ));
     assert!(matches!(expect("hang", &["did not answer tools/call within 2 s"]), McpError::Timeout { .. }));
     assert!(matches!(expect("garbage", &["not JSON-RPC", "this is not json"]), McpError::Garbage { .. }));
     assert!(matches!(expect("close", &["closed the connection during tools/list", "closing stdout on purpose"]), McpError::Closed { .. }));
@@ -119,7 +122,12 @@ fn real_memory_server_stores_entities() {
     let mut c = McpClient::spawn(&format!("env MEMORY_FILE_PATH={} {}", file.display(), bin.display()), ServerOptions::default()).unwrap();
     let tools = c.list_tools().unwrap();
     assert!(tools.iter().any(|t| t.name == "create_entities") && tools.iter().any(|t| t.name == "search_nodes"), "{tools:?}");
-    let made = c.call_tool("create_entities", &json!({"entities": [{"name": "Ada", "entityType": "person", "observations": ["wrote the first program"]}]})).unwrap();
+    let made = c
+        .call_tool(
+            "create_entities",
+            &json!({"entities": [{"name": "Ada", "entityType": "person", "observations": ["wrote the first program"]}]}),
+        )
+        .unwrap();
     assert!(!made.is_error, "{made:?}");
     let found = c.call_tool("search_nodes", &json!({"query": "Ada"})).unwrap();
     assert!(found.text().contains("first program"), "{found:?}");
@@ -152,7 +160,10 @@ fn multi_server_dev_set_is_valid_for_its_real_servers() {
         if name == "finish" {
             continue;
         }
-        let (server, tool) = servers.iter().find_map(|(s, tools)| tools.iter().find(|t| t.name == name).map(|t| (s, t))).unwrap_or_else(|| panic!("line {}: no server has {name}", i + 1));
+        let (server, tool) = servers
+            .iter()
+            .find_map(|(s, tools)| tools.iter().find(|t| t.name == name).map(|t| (s, t)))
+            .unwrap_or_else(|| panic!("line {}: no server has {name}", i + 1));
         schema::validate(&v["expected"]["arguments"], &tool.input_schema).unwrap_or_else(|e| panic!("line {}: {name}: {e}", i + 1));
         asked.insert(server.clone());
     }

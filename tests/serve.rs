@@ -19,7 +19,10 @@ fn start(tag: &str, opts: ServeOptions) -> Option<Server> {
     let path = tiny_with_tokenizer(&f, rng(tag).next_u64(), tag);
     let engine = Engine::load_on(ctx(), &path).unwrap();
     std::fs::remove_file(&path).ok();
-    Some(Server::start(Backend { engine, adapters: AdapterSet::default() }, ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), ..opts }).unwrap())
+    Some(
+        Server::start(Backend { engine, adapters: AdapterSet::default() }, ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), ..opts })
+            .unwrap(),
+    )
 }
 
 struct Reply {
@@ -104,7 +107,12 @@ fn chat_completions_with_every_tool_choice() {
     assert!(models.json()["data"][0]["id"].as_str().unwrap().ends_with(".gguf"));
 
     // max_tokens bounds the text of an answer without a tool (a random model rambles).
-    let ask = |tool_choice: Value| post(addr, &json!({"model": "x", "messages": user("Weather in Oslo, in Celsius?"), "tools": weather_tools(), "tool_choice": tool_choice, "max_tokens": 8}));
+    let ask = |tool_choice: Value| {
+        post(
+            addr,
+            &json!({"model": "x", "messages": user("Weather in Oslo, in Celsius?"), "tools": weather_tools(), "tool_choice": tool_choice, "max_tokens": 8}),
+        )
+    };
     // required: a real tool with arguments valid for its schema; finish is no candidate.
     let r = ask(json!("required"));
     assert_eq!(r.status, 200, "{}", r.body);
@@ -177,7 +185,12 @@ fn chat_completions_with_every_tool_choice() {
     let whole = post(addr, &text_body).json();
     let mut streamed = text_body.clone();
     streamed["stream"] = json!(true);
-    let text: String = post(addr, &streamed).events().iter().filter(|e| *e != "[DONE]").filter_map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().map(str::to_string)).collect();
+    let text: String = post(addr, &streamed)
+        .events()
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
     assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
 
     // Malformed requests: 4xx with OpenAI's error object naming the field.
@@ -191,8 +204,19 @@ fn chat_completions_with_every_tool_choice() {
     };
     refused(http(addr, "POST", "/v1/chat/completions", "{oops"), 400, Some("body"));
     refused(post(addr, &json!({"messages": [{"role": "user"}]})), 400, Some("messages[0].content"));
-    refused(post(addr, &json!({"messages": user("hi"), "tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}})), 400, Some("tool_choice"));
-    refused(post(addr, &json!({"messages": user("hi"), "tools": [{"type": "function", "function": {"name": "bad name"}}]})), 400, Some("tools"));
+    refused(
+        post(
+            addr,
+            &json!({"messages": user("hi"), "tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+        ),
+        400,
+        Some("tool_choice"),
+    );
+    refused(
+        post(addr, &json!({"messages": user("hi"), "tools": [{"type": "function", "function": {"name": "bad name"}}]})),
+        400,
+        Some("tools"),
+    );
     refused(http(addr, "GET", "/v1/chat/completions", ""), 405, None);
     refused(http(addr, "GET", "/v1/nothing", ""), 404, None);
     refused(post(addr, &json!({"messages": user(&"x".repeat(70 << 10))})), 413, None);
@@ -238,7 +262,14 @@ fn a_full_queue_is_refused_at_once() {
     let Some(server) = start("serve-queue", ServeOptions { n_ctx: 1024, max_queue: 1, ..Default::default() }) else { return };
     let addr = server.addr();
     let body = json!({"messages": user("Write a long story."), "max_tokens": 96});
-    let handles: Vec<_> = (0..6).map(|_| std::thread::spawn({ let b = body.clone(); move || post(addr, &b) })).collect();
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            std::thread::spawn({
+                let b = body.clone();
+                move || post(addr, &b)
+            })
+        })
+        .collect();
     let replies: Vec<Reply> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let ok = replies.iter().filter(|r| r.status == 200).count();
     let busy: Vec<&Reply> = replies.iter().filter(|r| r.status == 503).collect();
@@ -261,7 +292,8 @@ fn serve_command_listens_on_loopback() {
         .unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr: SocketAddr = line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("first line: {line}")).parse().unwrap();
+    let addr: SocketAddr =
+        line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("first line: {line}")).parse().unwrap();
     assert!(addr.ip().is_loopback(), "{addr}");
     let r = http(addr, "GET", "/v1/models", "");
     child.kill().ok();

@@ -74,7 +74,12 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
     let called: BTreeSet<&str> = report.calls.keys().map(String::as_str).collect();
     let seeded: BTreeSet<&str> = seed.tools.keys().map(String::as_str).collect();
     assert!(called.is_superset(&seeded), "tools never called: {:?}", seeded.difference(&called).collect::<Vec<_>>());
-    let styles: BTreeSet<&str> = seed.tools.values().flat_map(|t| &t.forms).flat_map(|f| f.phrasings.iter().filter(|(_, v)| !v.is_empty()).map(|(k, _)| k.as_str())).collect();
+    let styles: BTreeSet<&str> = seed
+        .tools
+        .values()
+        .flat_map(|t| &t.forms)
+        .flat_map(|f| f.phrasings.iter().filter(|(_, v)| !v.is_empty()).map(|(k, _)| k.as_str()))
+        .collect();
     assert_eq!(report.styles.keys().map(String::as_str).collect::<BTreeSet<_>>(), styles);
     assert!(styles.len() >= 4, "the filesystem seed phrases requests in four styles: {styles:?}");
     assert!(report.chains > 0 && report.finish_requests > 0 && report.distractors > 0, "{report:?}");
@@ -184,7 +189,8 @@ fn dev_set_is_valid_and_shares_no_phrasing_with_the_seed() {
         let distractors = slot_values(&seed, "distractor", &ws_s);
         for m in v["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "user") {
             let msg = m["content"].as_str().unwrap();
-            let cores = std::iter::once(msg).chain(distractors.iter().flat_map(|d| [msg.strip_prefix(&format!("{d} ")), msg.strip_suffix(&format!(" {d}"))]).flatten());
+            let cores = std::iter::once(msg)
+                .chain(distractors.iter().flat_map(|d| [msg.strip_prefix(&format!("{d} ")), msg.strip_suffix(&format!(" {d}"))]).flatten());
             for core in cores {
                 for p in seed.phrasings() {
                     assert!(!producible(core, p, &seed, &ws_s), "dev line {}: {msg:?} is the seed's phrasing {p:?}", i + 1);
@@ -211,7 +217,8 @@ fn synth_cli_writes_data_that_check_accepts_and_keeps_user_files() {
     let (ok, _, err) = agentflux(&["data", "synth", "--conversations", "4", "--seed", "3", "--workspace", &ws_s, "--out", &out_s]);
     assert!(!ok && err.contains("--replace-workspace"), "{err}");
     assert_eq!(std::fs::read_to_string(ws.join("mine.txt")).unwrap(), "keep me");
-    let (ok, stdout, err) = agentflux(&["data", "synth", "--conversations", "4", "--seed", "3", "--workspace", &ws_s, "--replace-workspace", "--out", &out_s]);
+    let (ok, stdout, err) =
+        agentflux(&["data", "synth", "--conversations", "4", "--seed", "3", "--workspace", &ws_s, "--replace-workspace", "--out", &out_s]);
     assert!(ok, "{err}");
     assert!(stdout.contains("4 conversations"), "{stdout}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 4);

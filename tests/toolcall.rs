@@ -20,7 +20,8 @@ fn token_bytes_spell_what_the_tokenizer_encodes() {
     let tok = Tokenizer::from_gguf(&f).unwrap();
     let bytes = tok.token_bytes();
     assert_eq!(bytes.len(), tok.n_vocab());
-    for text in ["Hello, world!", "  two spaces\nand a newline\t tab", "naïve café — 東京 🚀", "{\"path\": \"/tmp/a b.txt\"}", "x = 12345;"] {
+    for text in ["Hello, world!", "  two spaces\nand a newline\t tab", "naïve café — 東京 🚀", "{\"path\": \"/tmp/a b.txt\"}", "x = 12345;"]
+    {
         let ids = tok.encode(text, false).unwrap();
         let spelled: Vec<u8> = ids.iter().flat_map(|&i| bytes[i as usize].clone()).collect();
         assert_eq!(String::from_utf8_lossy(&spelled), text, "ids {ids:?}");
@@ -69,9 +70,14 @@ fn schema_constraint_only_lets_valid_json_through() {
             // A random walk through the allowed tokens, leaning towards closing quotes and
             // brackets so it ends: every token the mask offers must keep the output valid.
             for _ in 0..400 {
-                let allowed: Vec<u32> = c.allowed(tok.n_vocab()).unwrap().iter().enumerate().filter(|(_, &a)| a).map(|(i, _)| i as u32).collect();
+                let allowed: Vec<u32> =
+                    c.allowed(tok.n_vocab()).unwrap().iter().enumerate().filter(|(_, &a)| a).map(|(i, _)| i as u32).collect();
                 assert!(!allowed.is_empty(), "{schema}: no token allowed after {:?}", tok.decode(&out, false));
-                let closing: Vec<u32> = allowed.iter().copied().filter(|&t| matches!(bytes[t as usize].as_slice(), b"\"" | b"}" | b"]" | b"\"}" | b"\"," | b",")).collect();
+                let closing: Vec<u32> = allowed
+                    .iter()
+                    .copied()
+                    .filter(|&t| matches!(bytes[t as usize].as_slice(), b"\"" | b"}" | b"]" | b"\"}" | b"\"," | b","))
+                    .collect();
                 let pick = |v: &[u32], r: &mut SplitMix64| v[(r.next_u64() % v.len() as u64) as usize];
                 let t = if !closing.is_empty() && r.next_f32() < 0.5 { pick(&closing, &mut r) } else { pick(&allowed, &mut r) };
                 if t == c.eos() {
@@ -130,7 +136,11 @@ fn two_stage_call_on_the_real_filesystem_server() {
     more.push(ChatMessage::new("assistant", &format!("call: {}", call.name)));
     more.push(ChatMessage::new("user", "Now list the directory."));
     let again = caller.call(&mut session, &catalog, &more, &AdapterSet::default()).unwrap();
-    assert!(again.stats.session.reused > 0 && session.stats().prefilled - before.prefilled < again.stats.prefix_tokens, "{:?}", again.stats);
+    assert!(
+        again.stats.session.reused > 0 && session.stats().prefilled - before.prefilled < again.stats.prefix_tokens,
+        "{:?}",
+        again.stats
+    );
 
     // With an adapter set (random selector and read_text_file adapters, activated at their
     // cues): the call still yields a real candidate and schema-valid arguments, and the prefix
@@ -140,7 +150,12 @@ fn two_stage_call_on_the_real_filesystem_server() {
     for (dir, rank) in [("selector", 4), ("args_read", 2)] {
         agentflux::reference::random_adapter(&mut r, &c, rank, &agentflux::lora::Proj::ALL, 0.05).save_peft(set.join(dir), &c).unwrap();
     }
-    let manifest = |base: &str| Manifest { base_model: base.into(), selector: Some("selector".into()), arguments: [("read_text_file".to_string(), "args_read".to_string())].into(), tools: Vec::new() };
+    let manifest = |base: &str| Manifest {
+        base_model: base.into(),
+        selector: Some("selector".into()),
+        arguments: [("read_text_file".to_string(), "args_read".to_string())].into(),
+        tools: Vec::new(),
+    };
     manifest("another-model.gguf").write(&set).unwrap();
     let err = AdapterSet::load(&model, &set).unwrap_err().to_string();
     assert!(err.contains("another-model.gguf") && err.contains("manifest.json"), "{err}");
@@ -182,9 +197,23 @@ fn call_and_run_commands_drive_the_filesystem_server() {
     for key in ["name", "arguments", "confidence", "candidates", "stats"] {
         assert!(v.get(key).is_some(), "no {key} in {v}");
     }
-    assert!(v["candidates"].as_object().unwrap().contains_key("read_text_file") && v["candidates"].as_object().unwrap().contains_key("finish"));
+    assert!(
+        v["candidates"].as_object().unwrap().contains_key("read_text_file") && v["candidates"].as_object().unwrap().contains_key("finish")
+    );
 
-    let (ok, out, err) = agentflux(&["run", "--model", m, "--mcp", &mcp, "--max-steps", "2", "--answer-tokens", "4", "--json", "Read notes/todo.txt and tell me what to buy."]);
+    let (ok, out, err) = agentflux(&[
+        "run",
+        "--model",
+        m,
+        "--mcp",
+        &mcp,
+        "--max-steps",
+        "2",
+        "--answer-tokens",
+        "4",
+        "--json",
+        "Read notes/todo.txt and tell me what to buy.",
+    ]);
     assert!(ok, "{err}");
     let events: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
     let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
@@ -199,7 +228,8 @@ fn call_and_run_commands_drive_the_filesystem_server() {
     }
     // The monolithic baselines: free (whatever the model writes, kept in "output") and
     // grammar-constrained (always a real tool and schema-valid arguments).
-    let (ok, out, err) = agentflux(&["call", "--model", m, "--mcp", &mcp, "--mode", "monolithic-constrained", "What is in notes/todo.txt?"]);
+    let (ok, out, err) =
+        agentflux(&["call", "--model", m, "--mcp", &mcp, "--mode", "monolithic-constrained", "What is in notes/todo.txt?"]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["confidence"].is_null() && v["output"].is_string(), "{v}");
@@ -239,7 +269,8 @@ fn hierarchical_choice_over_two_real_servers() {
     std::fs::create_dir_all(&root).unwrap();
     let mut catalog = Catalog::default();
     let mem_file = root.join("memory.jsonl");
-    for cmd in [format!("{} {}", fs.display(), root.display()), format!("env MEMORY_FILE_PATH={} {}", mem_file.display(), memory.display())] {
+    for cmd in [format!("{} {}", fs.display(), root.display()), format!("env MEMORY_FILE_PATH={} {}", mem_file.display(), memory.display())]
+    {
         let mut c = McpClient::spawn(&cmd, ServerOptions::default()).unwrap();
         catalog.add(&c.name(), c.list_tools().unwrap()).unwrap();
     }
@@ -264,7 +295,9 @@ fn hierarchical_choice_over_two_real_servers() {
     // tool_choice: `required` never yields finish; a named tool of the second server is written
     // after its server and tool list, exactly as if the selector had chosen it.
     let mut session = Session::new(&model, 4096).unwrap();
-    let required = caller.call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Required, |_| ControlFlow::Continue(())).unwrap();
+    let required = caller
+        .call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Required, |_| ControlFlow::Continue(()))
+        .unwrap();
     assert!(required.name != FINISH && !required.candidates.contains_key(FINISH), "{:?}", required.candidates);
     assert!((required.candidates.values().sum::<f64>() - 1.0).abs() < 1e-6);
     let named = catalog.groups[1].tools[0].clone();

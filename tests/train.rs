@@ -30,10 +30,17 @@ fn examples_are_the_prompts_inference_builds() {
     let mut fs_server = McpClient::spawn(&format!("{} {}", fs.display(), root.display()), ServerOptions::default()).unwrap();
     let fs_tools = fs_server.list_tools().unwrap();
     let memory = fs.with_file_name("mcp-server-memory");
-    let mut mem_server = McpClient::spawn(&format!("env MEMORY_FILE_PATH={} {}", root.join("m.jsonl").display(), memory.display()), ServerOptions::default()).unwrap();
+    let mut mem_server = McpClient::spawn(
+        &format!("env MEMORY_FILE_PATH={} {}", root.join("m.jsonl").display(), memory.display()),
+        ServerOptions::default(),
+    )
+    .unwrap();
     let mem_tools = mem_server.list_tools().unwrap();
     let openai = |tools: &[agentflux::mcp::Tool]| -> Value {
-        tools.iter().map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}})).collect()
+        tools
+            .iter()
+            .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}}))
+            .collect()
     };
     let messages = json!([
         {"role": "user", "content": "Fix the typo 'mlik' in notes/todo.txt."},
@@ -51,13 +58,21 @@ fn examples_are_the_prompts_inference_builds() {
     let examples = decoupled_examples(&caller, &trajectories, 4096, &mut report).unwrap();
     let roles: Vec<&AdapterRole> = examples.iter().map(|e| &e.role).collect();
     let args = |t: &str| AdapterRole::Arguments(t.into());
-    assert_eq!(roles, [&AdapterRole::Selector, &args("read_text_file"), &AdapterRole::Selector, &args("edit_file"), &AdapterRole::Selector]);
+    assert_eq!(
+        roles,
+        [&AdapterRole::Selector, &args("read_text_file"), &AdapterRole::Selector, &args("edit_file"), &AdapterRole::Selector]
+    );
 
     // The masks cover the names the selector writes and the arguments' JSON, nothing else.
-    let text = |e: &agentflux::train::Example| -> Vec<String> { e.targets.iter().map(|r| tok.decode(&e.tokens[r.clone()], false).unwrap()).collect() };
+    let text = |e: &agentflux::train::Example| -> Vec<String> {
+        e.targets.iter().map(|r| tok.decode(&e.tokens[r.clone()], false).unwrap()).collect()
+    };
     assert_eq!(text(&examples[0]), [" read_text_file\n"]);
     assert_eq!(text(&examples[1]), ["{\"path\":\"notes/todo.txt\"}"]);
-    assert_eq!(text(&examples[3]), ["{\"path\":\"notes/todo.txt\",\"edits\":[{\"oldText\":\"mlik\",\"newText\":\"milk\"}],\"dryRun\":false}"]);
+    assert_eq!(
+        text(&examples[3]),
+        ["{\"path\":\"notes/todo.txt\",\"edits\":[{\"oldText\":\"mlik\",\"newText\":\"milk\"}],\"dryRun\":false}"]
+    );
     assert_eq!(text(&examples[4]), [format!(" {FINISH}\n")]);
     for e in &examples {
         assert!(e.active_from <= e.targets[0].start && e.targets.last().unwrap().end <= e.tokens.len(), "{:?}", e.role);
@@ -91,12 +106,14 @@ fn examples_are_the_prompts_inference_builds() {
         let examples = decoupled_examples(&caller, &ts, 4096, &mut report).unwrap();
         let turns: Vec<_> = ts[0].turns().collect();
         let arg_examples = examples.iter().filter(|e| e.role != AdapterRole::Selector);
-        for (e, (before, _)) in arg_examples.zip(turns.iter().filter(|(_, t)| matches!(t, agentflux::toolcall::AssistantTurn::Call { .. }))) {
+        for (e, (before, _)) in arg_examples.zip(turns.iter().filter(|(_, t)| matches!(t, agentflux::toolcall::AssistantTurn::Call { .. })))
+        {
             let AdapterRole::Arguments(name) = &e.role else { unreachable!() };
             let context: Vec<ChatMessage> = before.iter().map(|m| m.chat.clone()).collect();
             let mut session = Session::new(&model, 4096).unwrap();
             // Stopped at the first argument token: the prompt is what is compared.
-            let stop = |e: CallEvent| if matches!(e, CallEvent::ArgumentToken(_)) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+            let stop =
+                |e: CallEvent| if matches!(e, CallEvent::ArgumentToken(_)) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
             let r = caller.call_with(&mut session, &catalog, &context, &AdapterSet::default(), &ToolChoice::Function(name.clone()), stop);
             assert!(matches!(r, Err(agentflux::Error::Cancelled)), "{r:?}");
             let start = e.targets[0].start;
@@ -143,7 +160,10 @@ fn data_check_reports_and_splits() {
             json!({"messages": messages, "tools": tools}).to_string()
         })
         .collect();
-    lines.push(json!({"messages": [{"role": "user", "content": "x"}, call("c", "read_text_file", json!({"file": "a"}))], "tools": tools}).to_string());
+    lines.push(
+        json!({"messages": [{"role": "user", "content": "x"}, call("c", "read_text_file", json!({"file": "a"}))], "tools": tools})
+            .to_string(),
+    );
     lines.push("{broken".into());
     let dir = std::env::temp_dir().join(format!("agentflux-data-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -151,7 +171,17 @@ fn data_check_reports_and_splits() {
     std::fs::write(&file, lines.join("\n")).unwrap();
     let out_dir = dir.join("split");
     let examples = dir.join("examples.jsonl");
-    let (ok, out, err) = agentflux(&["data", "check", file.to_str().unwrap(), "--seed", "3", "--out", out_dir.to_str().unwrap(), "--examples", examples.to_str().unwrap()]);
+    let (ok, out, err) = agentflux(&[
+        "data",
+        "check",
+        file.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--examples",
+        examples.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("22 lines read, 20 kept, 2 dropped"), "{out}");
     assert!(out.contains("line 21: read_text_file: $: the required key \"path\" is missing") && out.contains("NotJson: 1"), "{out}");
@@ -161,7 +191,8 @@ fn data_check_reports_and_splits() {
     // The exported examples are the training split's: two selector turns and one call per line,
     // each target after its activation point.
     let exported: Vec<Value> = std::fs::read_to_string(&examples).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let train_text: std::collections::HashSet<String> = std::fs::read_to_string(out_dir.join("train.jsonl")).unwrap().lines().map(str::to_string).collect();
+    let train_text: std::collections::HashSet<String> =
+        std::fs::read_to_string(out_dir.join("train.jsonl")).unwrap().lines().map(str::to_string).collect();
     assert_eq!(exported.len(), 48);
     assert_eq!(exported.iter().filter(|e| e["adapter"] == "selector").count(), 32);
     for e in &exported {
@@ -175,13 +206,34 @@ fn data_check_reports_and_splits() {
     }
     // A lower --max-tokens drops the long conversations and moves no other line to another part:
     // the valid lines are split first, as `agentflux train` splits them.
-    let short = exported.iter().filter(|e| !lines[e["line"].as_u64().unwrap() as usize - 1].contains("please")).map(|e| e["tokens"].as_array().unwrap().len()).max().unwrap();
-    let parts = |dir: &std::path::Path| -> Vec<Vec<String>> { ["train", "val", "test"].iter().map(|p| std::fs::read_to_string(dir.join(format!("{p}.jsonl"))).unwrap().lines().map(str::to_string).collect()).collect() };
+    let short = exported
+        .iter()
+        .filter(|e| !lines[e["line"].as_u64().unwrap() as usize - 1].contains("please"))
+        .map(|e| e["tokens"].as_array().unwrap().len())
+        .max()
+        .unwrap();
+    let parts = |dir: &std::path::Path| -> Vec<Vec<String>> {
+        ["train", "val", "test"]
+            .iter()
+            .map(|p| std::fs::read_to_string(dir.join(format!("{p}.jsonl"))).unwrap().lines().map(str::to_string).collect())
+            .collect()
+    };
     let short_dir = dir.join("split-short");
-    let (ok, out, err) = agentflux(&["data", "check", file.to_str().unwrap(), "--seed", "3", "--max-tokens", &(short + 50).to_string(), "--out", short_dir.to_str().unwrap()]);
+    let (ok, out, err) = agentflux(&[
+        "data",
+        "check",
+        file.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--max-tokens",
+        &(short + 50).to_string(),
+        "--out",
+        short_dir.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("22 lines read, 17 kept, 5 dropped") && out.contains("TooLong: 3"), "{out}");
-    let without_long: Vec<Vec<String>> = parts(&out_dir).into_iter().map(|p| p.into_iter().filter(|l| !l.contains("please")).collect()).collect();
+    let without_long: Vec<Vec<String>> =
+        parts(&out_dir).into_iter().map(|p| p.into_iter().filter(|l| !l.contains("please")).collect()).collect();
     assert_eq!(parts(&short_dir), without_long);
     let (ok, _, err) = agentflux(&["data", "check", "/nonexistent.jsonl"]);
     assert!(!ok && err.contains("/nonexistent.jsonl"), "{err}");
@@ -392,7 +444,13 @@ fn gpu_adapter_gradient_matches_the_reference() {
     use agentflux::model::Model;
     use agentflux::reference::{random_adapter, tiny_model, ReferenceAdapter, ReferenceModel, TinyModelSpec};
     let mut r = rng("gpu-grads");
-    for (arch, format) in [("llama", BlockFormat::F32), ("llama", BlockFormat::Q8_0), ("qwen2", BlockFormat::Q4_K), ("qwen3", BlockFormat::F16), ("gemma3", BlockFormat::Q5_0)] {
+    for (arch, format) in [
+        ("llama", BlockFormat::F32),
+        ("llama", BlockFormat::Q8_0),
+        ("qwen2", BlockFormat::Q4_K),
+        ("qwen3", BlockFormat::F16),
+        ("gemma3", BlockFormat::Q5_0),
+    ] {
         let mut spec = TinyModelSpec::new(arch, format);
         spec.untied_output = arch == "qwen2";
         let path = std::env::temp_dir().join(format!("agentflux-gpugrad-{arch}-{format:?}-{}.gguf", std::process::id()));
@@ -519,10 +577,32 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     // Without --data the tool set's seed file makes the data: none here, so a clear refusal.
     let (ok, _, err) = agentflux(&["train", "--model", m, "--toolset", out.to_str().unwrap()]);
     assert!(!ok && err.contains("no --data given") && err.contains("data/seed.json"), "{err}");
-    let (ok, stdout, err) = agentflux(&["train", "--model", m, "--data", data.to_str().unwrap(), "--toolset", out.to_str().unwrap(), "--steps", "2", "--batch", "2", "--rank", "2", "--eval-every", "1"]);
+    let (ok, stdout, err) = agentflux(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--toolset",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--rank",
+        "2",
+        "--eval-every",
+        "1",
+    ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("wrote the adapter set"), "{stdout}");
-    assert!(err.contains("[selector] step 2/2") && err.contains("[read_text_file] step 2/2") && err.contains("[list_allowed_directories] step 2/2") && err.contains("val "), "{err}");
+    assert!(
+        err.contains("[selector] step 2/2")
+            && err.contains("[read_text_file] step 2/2")
+            && err.contains("[list_allowed_directories] step 2/2")
+            && err.contains("val "),
+        "{err}"
+    );
     assert!(!err.to_lowercase().contains("nan"), "every loss is finite: {err}");
     let manifest: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["selector"], "selector");
@@ -539,12 +619,37 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     }
     let tools_file = dir.join("tools.json");
     std::fs::write(&tools_file, tools.to_string()).unwrap();
-    let (ok, stdout, err) = agentflux(&["call", "--model", m, "--tools", tools_file.to_str().unwrap(), "--adapters", out.to_str().unwrap(), "Show notes/3.txt"]);
+    let (ok, stdout, err) = agentflux(&[
+        "call",
+        "--model",
+        m,
+        "--tools",
+        tools_file.to_str().unwrap(),
+        "--adapters",
+        out.to_str().unwrap(),
+        "Show notes/3.txt",
+    ]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(v["candidates"].as_object().unwrap().contains_key("read_text_file"), "{v}");
     // Retraining one adapter of the set keeps the others in its manifest.
-    let (ok, _, err) = agentflux(&["train", "--model", m, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--only", "read_text_file", "--steps", "1", "--batch", "2", "--rank", "2"]);
+    let (ok, _, err) = agentflux(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--only",
+        "read_text_file",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--rank",
+        "2",
+    ]);
     assert!(ok, "{err}");
     assert!(err.contains("[read_text_file] step 1/1") && err.contains(", training ") && !err.contains("[selector]"), "{err}");
     let after: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
@@ -568,7 +673,14 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     std::fs::remove_file(&path).ok();
     let n_vocab = model.config.n_vocab as u64;
     let examples: Vec<Example> = (0..5)
-        .map(|i| Example { role: AdapterRole::Selector, tokens: (0..10).map(|_| (r.next_u64() % n_vocab) as u32).collect(), active_from: 3, targets: vec![5..10], line: i, name: "t".into() })
+        .map(|i| Example {
+            role: AdapterRole::Selector,
+            tokens: (0..10).map(|_| (r.next_u64() % n_vocab) as u32).collect(),
+            active_from: 3,
+            targets: vec![5..10],
+            line: i,
+            name: "t".into(),
+        })
         .collect();
     let dir = std::env::temp_dir().join(format!("agentflux-ckpt-{}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
@@ -576,7 +688,10 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     let (straight, _) = train_adapter(&model, "straight", &examples, &examples[..1], &opts, |_| {}).unwrap();
     let ckpt = TrainOptions { checkpoint: Some(dir.clone()), ..opts.clone() };
     let mut steps = Vec::new();
-    train_adapter(&model, "part1", &examples, &examples[..1], &TrainOptions { stop_after: Some(2), ..ckpt.clone() }, |p| steps.push(p.step)).unwrap();
+    train_adapter(&model, "part1", &examples, &examples[..1], &TrainOptions { stop_after: Some(2), ..ckpt.clone() }, |p| {
+        steps.push(p.step)
+    })
+    .unwrap();
     let (resumed, _) = train_adapter(&model, "part2", &examples, &examples[..1], &ckpt, |p| steps.push(p.step)).unwrap();
     assert_eq!(steps, [1, 2, 3, 4], "two steps, then the last two after resuming");
     assert!(dir.join("state.json").exists() && dir.join("adapter/adapter_model.safetensors").exists());

@@ -90,7 +90,14 @@ pub fn generate(model: &Model, kv: &mut KvCache, prompt: &[u32], opts: &Generate
 
 /// [`generate`] with `adapter` applied from absolute cache position `from` on (activated LoRA:
 /// its invocation; standard LoRA: 0).
-pub fn generate_adapted(model: &Model, kv: &mut KvCache, prompt: &[u32], adapter: Option<(ActiveAdapter, usize)>, opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Generation> {
+pub fn generate_adapted(
+    model: &Model,
+    kv: &mut KvCache,
+    prompt: &[u32],
+    adapter: Option<(ActiveAdapter, usize)>,
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation> {
     let mut sampler = Sampler::new(opts.sampler);
     let feed = |kv: &mut KvCache, tokens: &[u32], sampler: &mut Sampler| {
         let from = adapter.map_or(0, |(_, from)| from.saturating_sub(kv.len()));

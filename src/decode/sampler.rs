@@ -128,8 +128,14 @@ mod tests {
         let cfg = SamplerConfig { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 7 };
         assert_eq!(Sampler::new(cfg).sample(&logits) as usize, crate::reference::argmax(&logits));
         let cfg = SamplerConfig { temperature: 0.8, top_k: 0, top_p: 0.9, seed: 42 };
-        let a: Vec<u32> = { let mut s = Sampler::new(cfg); (0..20).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(cfg); (0..20).map(|_| s.sample(&logits)).collect() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(cfg);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(cfg);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
         assert!(a.iter().all(|&t| logits[t as usize] >= 9.0), "top-p 0.9 kept an unlikely token: {a:?}");
     }

@@ -59,7 +59,8 @@ pub fn read_dataset(text: &str, workspace: &str, max_result_chars: usize) -> Res
             out.push(parse_example(&v, line, max_result_chars).map_err(err)?);
             continue;
         }
-        let messages = v.get("messages").and_then(Value::as_array).ok_or_else(|| err("no \"expected\" and no trajectory \"messages\"".into()))?;
+        let messages =
+            v.get("messages").and_then(Value::as_array).ok_or_else(|| err("no \"expected\" and no trajectory \"messages\"".into()))?;
         let mut turns = 0;
         for (j, m) in messages.iter().enumerate().filter(|(_, m)| m["role"] == "assistant") {
             let expected = match m["tool_calls"].as_array().and_then(|c| c.first()) {
@@ -87,7 +88,11 @@ fn parse_example(v: &Value, line: usize, max_result_chars: usize) -> Result<Eval
     let messages = read_messages(v.get("messages"), max_result_chars).map_err(|e| e.to_string())?;
     let tools = match (v.get("tools"), v.get("mcp")) {
         (Some(t), None) => ToolSource::Inline(Catalog::from_openai_tools("tools", t).map_err(|e| e.to_string())?),
-        (None, Some(Value::Array(cmds))) if !cmds.is_empty() => ToolSource::Mcp(cmds.iter().map(|c| c.as_str().map(str::to_string).ok_or_else(|| "mcp: expected strings".to_string())).collect::<Result<_, _>>()?),
+        (None, Some(Value::Array(cmds))) if !cmds.is_empty() => ToolSource::Mcp(
+            cmds.iter()
+                .map(|c| c.as_str().map(str::to_string).ok_or_else(|| "mcp: expected strings".to_string()))
+                .collect::<Result<_, _>>()?,
+        ),
         _ => return Err("give exactly one of \"tools\" (OpenAI tools) or \"mcp\" (server commands)".into()),
     };
     let expected = &v["expected"];
@@ -138,7 +143,12 @@ pub struct Outcome {
 impl Outcome {
     /// Score `call` (or the error that replaced it) against `ex`, with the tools of `catalog`.
     pub fn score(ex: &EvalExample, catalog: &Catalog, call: Result<&ToolCall, String>) -> Self {
-        let mut o = Outcome { line: ex.line, expected_name: ex.expected_name.clone(), expected_arguments: ex.expected_arguments.clone(), ..Default::default() };
+        let mut o = Outcome {
+            line: ex.line,
+            expected_name: ex.expected_name.clone(),
+            expected_arguments: ex.expected_arguments.clone(),
+            ..Default::default()
+        };
         let call = match call {
             Ok(c) => c,
             Err(e) => {
@@ -244,7 +254,8 @@ impl Summary {
     pub fn row(&self, mode: &str) -> String {
         let pct = |x: f64| format!("{:.1}%", 100.0 * x);
         let opt = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("–".to_string(), f);
-        let conf = format!("{} / {}", opt(self.confidence_right, &|c| format!("{c:.2}")), opt(self.confidence_wrong, &|c| format!("{c:.2}")));
+        let conf =
+            format!("{} / {}", opt(self.confidence_right, &|c| format!("{c:.2}")), opt(self.confidence_wrong, &|c| format!("{c:.2}")));
         format!(
             "| {mode} | {} | {} | {} | {} | {} | {conf} | {:.0} ({:.0} / {:.0} / {:.0}) | {:.0} / {:.0} | {} |",
             self.n,
@@ -283,7 +294,8 @@ mod tests {
         assert_eq!((ex[1].line, ex[1].expected_arguments.clone()), (3, None));
         let bad = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools(), "expected": {"name": "read"}}).to_string();
         assert!(read_dataset(&bad, "/w", 100).unwrap_err().contains("line 1: expected.arguments"));
-        let both = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools(), "mcp": ["s"], "expected": {"name": "finish"}}).to_string();
+        let both = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools(), "mcp": ["s"], "expected": {"name": "finish"}})
+            .to_string();
         assert!(read_dataset(&format!("\n{both}"), "/w", 100).unwrap_err().starts_with("line 2: give exactly one"));
     }
 
@@ -299,7 +311,8 @@ mod tests {
         ]);
         let line = json!({"messages": messages, "tools": tools()}).to_string();
         let ex = read_dataset(&line, "/w", 100).unwrap();
-        let got: Vec<(&str, usize, Option<Value>)> = ex.iter().map(|e| (e.expected_name.as_str(), e.messages.len(), e.expected_arguments.clone())).collect();
+        let got: Vec<(&str, usize, Option<Value>)> =
+            ex.iter().map(|e| (e.expected_name.as_str(), e.messages.len(), e.expected_arguments.clone())).collect();
         assert_eq!(got, [("read", 1, Some(json!({"path": "/w/a"}))), ("finish", 3, None), ("finish", 5, None)]);
         assert!(ex.iter().all(|e| e.line == 1));
         let none = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools()}).to_string();
@@ -307,7 +320,14 @@ mod tests {
     }
 
     fn call(name: &str, args: Value, confidence: f64) -> ToolCall {
-        ToolCall { name: name.into(), arguments: args, confidence: Some(confidence), candidates: Default::default(), stats: Default::default(), output: None }
+        ToolCall {
+            name: name.into(),
+            arguments: args,
+            confidence: Some(confidence),
+            candidates: Default::default(),
+            stats: Default::default(),
+            output: None,
+        }
     }
 
     #[test]
@@ -330,6 +350,10 @@ mod tests {
         assert_eq!(s.arguments_given_tool, Some(0.5));
         assert!((s.confidence_right.unwrap() - 0.8).abs() < 1e-9 && (s.confidence_wrong.unwrap() - 0.25).abs() < 1e-9);
         assert_eq!(s.per_tool["read"], (2, 5));
-        assert!(s.row("decoupled").starts_with("| decoupled | 5 | 40.0% | 50.0% | 20.0% | 60.0% | 0.80 / 0.25 |"), "{}", s.row("decoupled"));
+        assert!(
+            s.row("decoupled").starts_with("| decoupled | 5 | 40.0% | 50.0% | 20.0% | 60.0% | 0.80 / 0.25 |"),
+            "{}",
+            s.row("decoupled")
+        );
     }
 }

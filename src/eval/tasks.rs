@@ -129,7 +129,12 @@ pub fn judge(task: &Task, events: &[AgentEvent]) -> TaskOutcome {
     let seen = seen_text.to_lowercase();
     let c = &task.checks;
     let mut failed = Vec::new();
-    failed.extend(c.facts.iter().filter(|f| !seen.contains(&f.to_lowercase())).map(|f| format!("fact {f:?} is in neither the answer nor a tool output")));
+    failed.extend(
+        c.facts
+            .iter()
+            .filter(|f| !seen.contains(&f.to_lowercase()))
+            .map(|f| format!("fact {f:?} is in neither the answer nor a tool output")),
+    );
     failed.extend(c.tools.iter().filter(|t| !succeeded.contains(&t.as_str())).map(|t| format!("{t} was not called successfully")));
     failed.extend(c.files_exist.iter().filter(|p| !Path::new(p).exists()).map(|p| format!("{p} does not exist")));
     for (path, text) in &c.file_contains {
@@ -160,7 +165,17 @@ mod tests {
     use crate::toolcall::{CallStats, ToolCall};
 
     fn call(step: usize, name: &str) -> AgentEvent {
-        AgentEvent::Call { step, call: ToolCall { name: name.into(), arguments: Value::Null, confidence: None, candidates: Default::default(), stats: CallStats::default(), output: None } }
+        AgentEvent::Call {
+            step,
+            call: ToolCall {
+                name: name.into(),
+                arguments: Value::Null,
+                confidence: None,
+                candidates: Default::default(),
+                stats: CallStats::default(),
+                output: None,
+            },
+        }
     }
 
     #[test]
@@ -191,10 +206,26 @@ mod tests {
             AgentEvent::Answer { text: "Done, Priya owns it.".into() },
         ];
         let task = |checks: Checks| Task { line: 1, task: "t".into(), mcp: vec!["s".into()], max_steps: 4, checks };
-        let ok = judge(&task(Checks { facts: vec!["plumber".into(), "priya".into()], tools: vec!["read_text_file".into()], files_exist: vec![f.clone()], file_contains: [(f.clone(), "there".into())].into() }), &events);
+        let ok = judge(
+            &task(Checks {
+                facts: vec!["plumber".into(), "priya".into()],
+                tools: vec!["read_text_file".into()],
+                files_exist: vec![f.clone()],
+                file_contains: [(f.clone(), "there".into())].into(),
+            }),
+            &events,
+        );
         assert!(ok.success, "{:?}", ok.failed);
         assert_eq!(ok.calls, ["read_text_file", "write_file", "finish"]);
-        let bad = judge(&task(Checks { facts: vec!["dentist".into()], tools: vec!["write_file".into()], files_exist: vec![format!("{f}.missing")], file_contains: [(f.clone(), "bye".into())].into() }), &events);
+        let bad = judge(
+            &task(Checks {
+                facts: vec!["dentist".into()],
+                tools: vec!["write_file".into()],
+                files_exist: vec![format!("{f}.missing")],
+                file_contains: [(f.clone(), "bye".into())].into(),
+            }),
+            &events,
+        );
         assert!(!bad.success);
         assert_eq!(bad.failed.len(), 4, "{:?}", bad.failed);
         std::fs::remove_dir_all(&dir).ok();

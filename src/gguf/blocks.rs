@@ -110,18 +110,8 @@ pub enum BlockFormat {
 
 impl BlockFormat {
     /// Every supported format, for tests and benchmarks.
-    pub const ALL: [BlockFormat; 10] = [
-        Self::F32,
-        Self::F16,
-        Self::BF16,
-        Self::Q4_0,
-        Self::Q4_1,
-        Self::Q5_0,
-        Self::Q8_0,
-        Self::Q4_K,
-        Self::Q5_K,
-        Self::Q6_K,
-    ];
+    pub const ALL: [BlockFormat; 10] =
+        [Self::F32, Self::F16, Self::BF16, Self::Q4_0, Self::Q4_1, Self::Q5_0, Self::Q8_0, Self::Q4_K, Self::Q5_K, Self::Q6_K];
 
     /// Values per block.
     pub fn block_len(self) -> usize {
@@ -247,11 +237,7 @@ pub fn dequantize(format: BlockFormat, bytes: &[u8], out: &mut [f32]) {
             BlockFormat::Q4_K | BlockFormat::Q5_K => {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
                 let scales = &b[4..16];
-                let (qh, qs) = if format == BlockFormat::Q5_K {
-                    (Some(&b[16..48]), &b[48..176])
-                } else {
-                    (None, &b[16..144])
-                };
+                let (qh, qs) = if format == BlockFormat::Q5_K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
                 for s in 0..8 {
                     let (sc, m) = scale_min_k4(scales, s);
                     let q = &qs[(s / 2) * 32..(s / 2) * 32 + 32];

@@ -103,10 +103,7 @@ impl TensorInfo {
 
     /// The block format, or the error that says this type is not supported.
     pub fn format(&self) -> Result<BlockFormat, GgufErrorKind> {
-        self.ty.format().ok_or_else(|| GgufErrorKind::UnsupportedType {
-            tensor: self.name.clone(),
-            ty: self.ty,
-        })
+        self.ty.format().ok_or_else(|| GgufErrorKind::UnsupportedType { tensor: self.name.clone(), ty: self.ty })
     }
 }
 
@@ -131,11 +128,7 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8], GgufErrorKind> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
         let Some(end) = end else {
-            return Err(GgufErrorKind::Truncated {
-                what: what(),
-                offset: self.pos as u64,
-                file_len: self.buf.len() as u64,
-            });
+            return Err(GgufErrorKind::Truncated { what: what(), offset: self.pos as u64, file_len: self.buf.len() as u64 });
         };
         let s = &self.buf[self.pos..end];
         self.pos = end;
@@ -165,10 +158,7 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String, GgufErrorKind> {
         let n = self.count(what)?;
         let b = self.take(n, what)?;
-        String::from_utf8(b.to_vec()).map_err(|e| GgufErrorKind::Malformed {
-            what: what(),
-            detail: format!("invalid UTF-8: {e}"),
-        })
+        String::from_utf8(b.to_vec()).map_err(|e| GgufErrorKind::Malformed { what: what(), detail: format!("invalid UTF-8: {e}") })
     }
     fn value(&mut self, type_id: u32, what: &dyn Fn() -> String, depth: u32) -> Result<MetaValue, GgufErrorKind> {
         Ok(match type_id {
@@ -290,7 +280,10 @@ impl GgufFile {
                 // Unsupported types stay indexed (so `info` can list them); reading one is an error.
                 (None, Some(_)) => 0,
                 (_, None) => {
-                    return Err(GgufErrorKind::Malformed { what: format!("tensor '{name}'"), detail: format!("dimensions {dims:?} overflow") })
+                    return Err(GgufErrorKind::Malformed {
+                        what: format!("tensor '{name}'"),
+                        detail: format!("dimensions {dims:?} overflow"),
+                    })
                 }
             };
             let start = data_start.checked_add(offset);
@@ -362,11 +355,7 @@ impl GgufFile {
     pub fn tensor_with_shape(&self, name: &str, dims: &[u64]) -> Result<&TensorInfo, GgufError> {
         let t = self.tensor(name)?;
         if t.dims != dims {
-            return Err(self.err(GgufErrorKind::WrongShape {
-                tensor: name.into(),
-                expected: dims.to_vec(),
-                found: t.dims.clone(),
-            }));
+            return Err(self.err(GgufErrorKind::WrongShape { tensor: name.into(), expected: dims.to_vec(), found: t.dims.clone() }));
         }
         Ok(t)
     }

@@ -67,7 +67,15 @@ impl BindCache {
     /// The bind group of a dispatch of `kernel` whose uniform block is at `uniform_offset`
     /// (`uniform_size` bytes) of `uniforms` (the buffer [`BindCache::uniforms`] returned last),
     /// built on first use.
-    pub(crate) fn group(&mut self, device: &wgpu::Device, uniforms: &wgpu::Buffer, kernel: &Arc<Kernel>, uniform_offset: u64, uniform_size: u64, bindings: &[Binding]) -> wgpu::BindGroup {
+    pub(crate) fn group(
+        &mut self,
+        device: &wgpu::Device,
+        uniforms: &wgpu::Buffer,
+        kernel: &Arc<Kernel>,
+        uniform_offset: u64,
+        uniform_size: u64,
+        bindings: &[Binding],
+    ) -> wgpu::BindGroup {
         let slots = bindings.iter().enumerate().map(|(i, b)| (b.slot.unwrap_or(i as u32 + 1), b));
         let key = Key {
             kernel: Arc::as_ptr(kernel) as usize,
@@ -83,13 +91,22 @@ impl BindCache {
         }
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: uniforms, offset: uniform_offset, size: wgpu::BufferSize::new(uniform_size) }),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: uniforms,
+                offset: uniform_offset,
+                size: wgpu::BufferSize::new(uniform_size),
+            }),
         }];
         entries.extend(slots.map(|(slot, b)| wgpu::BindGroupEntry {
             binding: slot,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &b.buffer, offset: b.offset, size: b.size.and_then(wgpu::BufferSize::new) }),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &b.buffer,
+                offset: b.offset,
+                size: b.size.and_then(wgpu::BufferSize::new),
+            }),
         }));
-        let group = device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&kernel.name), layout: &kernel.layout, entries: &entries });
+        let group =
+            device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&kernel.name), layout: &kernel.layout, entries: &entries });
         self.built += 1;
         self.groups.insert(key, Entry { group: group.clone(), last_used: now });
         group

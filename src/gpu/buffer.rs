@@ -4,9 +4,7 @@ use super::GpuContext;
 use crate::error::{Error, Result};
 use crate::gguf::BlockFormat;
 
-const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
-    .union(wgpu::BufferUsages::COPY_DST)
-    .union(wgpu::BufferUsages::COPY_SRC);
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
 
 /// A storage buffer holding `bytes` (padded to 4 bytes, the granularity shaders read).
 pub fn storage_buffer(ctx: &GpuContext, label: &str, bytes: &[u8]) -> wgpu::Buffer {
@@ -45,9 +43,7 @@ pub(crate) fn read_bytes(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u64, size
     staging.map_async(wgpu::MapMode::Read, .., move |r| {
         let _ = tx.send(r);
     });
-    ctx.device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
+    ctx.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
     rx.recv()
         .map_err(|_| Error::Gpu("readback callback never ran".into()))?
         .map_err(|e| Error::Gpu(format!("mapping a readback buffer: {e}")))?;
@@ -150,7 +146,14 @@ impl WeightMatrix {
     /// projections, which [`WeightMatrix::stacked`] then reads as one matrix) while each stays
     /// usable alone. Where the formats differ or the group would not fit one binding, each gets
     /// its own buffers.
-    pub fn upload_group<const N: usize>(ctx: &GpuContext, names: [&str; N], formats: [BlockFormat; N], rows: [usize; N], cols: usize, bytes: [&[u8]; N]) -> Result<[Self; N]> {
+    pub fn upload_group<const N: usize>(
+        ctx: &GpuContext,
+        names: [&str; N],
+        formats: [BlockFormat; N],
+        rows: [usize; N],
+        cols: usize,
+        bytes: [&[u8]; N],
+    ) -> Result<[Self; N]> {
         let mut row_bytes = 0;
         for i in 0..N {
             row_bytes = check_matrix(names[i], formats[i], rows[i], cols, bytes[i])?;
@@ -178,7 +181,13 @@ impl WeightMatrix {
             rows: rows[i],
             cols,
             format: formats[i],
-            parts: vec![WeightPart { row0: 0, rows: rows[i], buf: buf.clone(), offset: offsets[i] as u64, bytes: (rows[i] * row_bytes).div_ceil(4) as u64 * 4 }],
+            parts: vec![WeightPart {
+                row0: 0,
+                rows: rows[i],
+                buf: buf.clone(),
+                offset: offsets[i] as u64,
+                bytes: (rows[i] * row_bytes).div_ceil(4) as u64 * 4,
+            }],
         }))
     }
 
@@ -198,7 +207,8 @@ impl WeightMatrix {
             }
             rows += m.rows;
         }
-        let part = WeightPart { row0: 0, rows, buf: head.buf.clone(), offset: head.offset, bytes: (rows * row_bytes).div_ceil(4) as u64 * 4 };
+        let part =
+            WeightPart { row0: 0, rows, buf: head.buf.clone(), offset: head.offset, bytes: (rows * row_bytes).div_ceil(4) as u64 * 4 };
         Some(WeightMatrix { rows, cols: first.cols, format: first.format, parts: vec![part] })
     }
 

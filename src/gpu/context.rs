@@ -81,7 +81,11 @@ impl Drop for GpuContext {
         let kernels = self.stop_profiling();
         if !kernels.is_empty() {
             let total: f64 = kernels.iter().map(|k| k.seconds).sum();
-            eprintln!("\nGPU time by kernel on {} ({total:.2} s in all; each dispatch timed alone):\n\n{}", self.info.name, super::profile_table(&kernels, 1, "run"));
+            eprintln!(
+                "\nGPU time by kernel on {} ({total:.2} s in all; each dispatch timed alone):\n\n{}",
+                self.info.name,
+                super::profile_table(&kernels, 1, "run")
+            );
         }
     }
 }
@@ -107,12 +111,13 @@ impl GpuContext {
         let adapter = match choice {
             Some(want) => {
                 let lower = want.to_lowercase();
-                let found = adapters.into_iter().enumerate().find(|(i, a)| {
-                    want.parse::<usize>().ok() == Some(*i) || a.get_info().name.to_lowercase().contains(&lower)
-                });
-                found.map(|(_, a)| a).ok_or_else(|| {
-                    Error::Gpu(format!("no adapter matches '{want}' (see `agentflux info --adapters` for the list)"))
-                })?
+                let found = adapters
+                    .into_iter()
+                    .enumerate()
+                    .find(|(i, a)| want.parse::<usize>().ok() == Some(*i) || a.get_info().name.to_lowercase().contains(&lower));
+                found
+                    .map(|(_, a)| a)
+                    .ok_or_else(|| Error::Gpu(format!("no adapter matches '{want}' (see `agentflux info --adapters` for the list)")))?
             }
             None => {
                 // Prefer a real GPU, then anything with compute.

@@ -42,10 +42,9 @@ impl GpuContext {
         }
         // Validation errors surface through the error scope instead of wgpu's panic handler.
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&src.name),
-            source: wgpu::ShaderSource::Wgsl(code.into()),
-        });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(&src.name), source: wgpu::ShaderSource::Wgsl(code.into()) });
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&src.name),
             layout: None,

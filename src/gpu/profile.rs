@@ -59,7 +59,13 @@ pub fn profile_table(kernels: &[KernelTime], per: usize, unit: &str) -> String {
     let mut s = format!("| kernel | dispatches/{unit} | ms/{unit} | share | GB/s |\n|---|---:|---:|---:|---:|\n");
     for k in kernels {
         let gb = k.gb_per_s().map(|g| format!("{g:.2}")).unwrap_or_default();
-        s.push_str(&format!("| {} | {:.1} | {:.3} | {:.1}% | {gb} |\n", k.name, k.calls as f64 / n, k.seconds * 1e3 / n, 100.0 * k.seconds / total.max(1e-12)));
+        s.push_str(&format!(
+            "| {} | {:.1} | {:.3} | {:.1}% | {gb} |\n",
+            k.name,
+            k.calls as f64 / n,
+            k.seconds * 1e3 / n,
+            100.0 * k.seconds / total.max(1e-12)
+        ));
     }
     s
 }

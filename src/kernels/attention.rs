@@ -1,7 +1,7 @@
 //! Causal attention over the KV cache — launcher of `shaders/attention.wgsl`.
 
-use crate::error::{Error, Result};
 use super::norm::Rows;
+use crate::error::{Error, Result};
 use crate::gpu::{Binding, GpuContext, Recorder};
 
 const WGSL: &str = include_str!("../../shaders/attention.wgsl");
@@ -43,7 +43,18 @@ pub struct AttentionShape {
 /// depth; see `shaders/attention.wgsl`) each new token sees the cache before `pos0` and its own
 /// ancestors only.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: Rows, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, o: Rows, n_tokens: usize, pos0: usize, tree: Option<&wgpu::Buffer>) -> Result<()> {
+pub fn attention(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    s: &AttentionShape,
+    q: Rows,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    o: Rows,
+    n_tokens: usize,
+    pos0: usize,
+    tree: Option<&wgpu::Buffer>,
+) -> Result<()> {
     if s.head_dim % 4 != 0 || s.head_dim > 256 || s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
         return Err(Error::Shape {
             op: "attention",
@@ -51,7 +62,13 @@ pub fn attention(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: Ro
         });
     }
     if [q.offset, q.stride, o.offset, o.stride].iter().any(|v| v % 4 != 0) {
-        return Err(Error::Shape { op: "attention", msg: format!("q rows at {} (stride {}), o rows at {} (stride {}): multiples of 4 needed", q.offset, q.stride, o.offset, o.stride) });
+        return Err(Error::Shape {
+            op: "attention",
+            msg: format!(
+                "q rows at {} (stride {}), o rows at {} (stride {}): multiples of 4 needed",
+                q.offset, q.stride, o.offset, o.stride
+            ),
+        });
     }
     let decode = n_tokens == 1 && tree.is_none();
     // Query heads per invocation: the most that share a KV head and keep their queries and

@@ -33,9 +33,23 @@ pub struct AttentionGrads<'a> {
 /// `q`, output gradient `dout`) over the layer's f16 cache `k_cache`/`v_cache` (positions
 /// `0..pos0 + n_tokens`, as [`kv_store`](super::kv_store::kv_store) writes them).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(rec: &mut Recorder, ctx: &GpuContext, s: &AttentionShape, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, dout: &wgpu::Buffer, g: AttentionGrads, n_tokens: usize, pos0: usize) -> Result<()> {
+pub fn attention_backward(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    s: &AttentionShape,
+    q: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    dout: &wgpu::Buffer,
+    g: AttentionGrads,
+    n_tokens: usize,
+    pos0: usize,
+) -> Result<()> {
     if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 || s.head_dim % 4 != 0 || s.head_dim > 256 {
-        return Err(Error::Shape { op: "attention_backward", msg: format!("heads {} / kv heads {}, head_dim {} (needs a multiple of 4, at most 256)", s.n_heads, s.n_kv_heads, s.head_dim) });
+        return Err(Error::Shape {
+            op: "attention_backward",
+            msg: format!("heads {} / kv heads {}, head_dim {} (needs a multiple of 4, at most 256)", s.n_heads, s.n_kv_heads, s.head_dim),
+        });
     }
     let p = Params {
         n_tokens: n_tokens as u32,

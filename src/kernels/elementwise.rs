@@ -46,7 +46,15 @@ pub fn glu(rec: &mut Recorder, ctx: &GpuContext, act: Activation, gate: &wgpu::B
 
 /// Record the gradient through [`glu`] for the first `total` elements: given the gate's input in
 /// `gate`, `up` and the output's gradient `dy`, `gate` becomes ∂/∂gate and `up` ∂/∂up.
-pub fn glu_backward(rec: &mut Recorder, ctx: &GpuContext, act: Activation, gate: &wgpu::Buffer, up: &wgpu::Buffer, dy: &wgpu::Buffer, total: usize) -> Result<()> {
+pub fn glu_backward(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    act: Activation,
+    gate: &wgpu::Buffer,
+    up: &wgpu::Buffer,
+    dy: &wgpu::Buffer,
+    total: usize,
+) -> Result<()> {
     let kernel = kernel(ctx, "glu_backward")?;
     let p = Params { total: total as u32, n: 0, offset: 0, stride: 0, act: act.code() };
     rec.dispatch(&kernel, &p, vec![Binding::whole(gate), Binding::whole(up), Binding::whole(dy)], super::flat_grid(total))

@@ -17,7 +17,15 @@ struct Params {
 }
 
 /// Record `out[t] = scale · table[ids[t]]` for `n_tokens` ids (already range-checked).
-pub fn embed(rec: &mut Recorder, ctx: &GpuContext, table: &WeightMatrix, ids: &wgpu::Buffer, n_tokens: usize, scale: f32, out: &wgpu::Buffer) -> Result<()> {
+pub fn embed(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    table: &WeightMatrix,
+    ids: &wgpu::Buffer,
+    n_tokens: usize,
+    scale: f32,
+    out: &wgpu::Buffer,
+) -> Result<()> {
     let kernel = ctx.kernel(&super::weight_reader("embed", WGSL, "main", table.format, &[]))?;
     for part in &table.parts {
         let p = Params {

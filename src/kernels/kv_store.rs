@@ -1,7 +1,7 @@
 //! Appending keys and values to the f16 KV cache — launcher of `shaders/kv_store.wgsl`.
 
-use crate::error::{Error, Result};
 use super::norm::Rows;
+use crate::error::{Error, Result};
 use crate::gpu::{Binding, GpuContext, Recorder};
 
 const WGSL: &str = include_str!("../../shaders/kv_store.wgsl");
@@ -21,9 +21,25 @@ struct Params {
 /// Record the conversion of `n_tokens` rows of `row_len` f32 keys and values (`k` and `v`: their
 /// own buffers or regions of one) to f16 rows `pos0..` of a layer's caches.
 #[allow(clippy::too_many_arguments)]
-pub fn kv_store(rec: &mut Recorder, ctx: &GpuContext, k: Rows, v: Rows, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, pos0: usize, n_tokens: usize, row_len: usize) -> Result<()> {
+pub fn kv_store(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    k: Rows,
+    v: Rows,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    pos0: usize,
+    n_tokens: usize,
+    row_len: usize,
+) -> Result<()> {
     if row_len % 2 != 0 || [k.offset, k.stride, v.offset, v.stride].iter().any(|o| o % 2 != 0) {
-        return Err(Error::Shape { op: "kv_store", msg: format!("rows of {row_len} values from floats {}, {} (strides {}, {}): f16 pairs need even lengths and offsets", k.offset, v.offset, k.stride, v.stride) });
+        return Err(Error::Shape {
+            op: "kv_store",
+            msg: format!(
+                "rows of {row_len} values from floats {}, {} (strides {}, {}): f16 pairs need even lengths and offsets",
+                k.offset, v.offset, k.stride, v.stride
+            ),
+        });
     }
     let kernel = ctx.kernel(&super::plain("kv_store", WGSL, "main"))?;
     let row_words = row_len / 2;
@@ -37,5 +53,10 @@ pub fn kv_store(rec: &mut Recorder, ctx: &GpuContext, k: Rows, v: Rows, k_cache:
         v_stride: v.stride as u32,
         dst: (pos0 * row_words) as u32,
     };
-    rec.dispatch(&kernel, &p, vec![Binding::whole(k.buf), Binding::whole(v.buf), Binding::whole(k_cache), Binding::whole(v_cache)], super::flat_grid(n_words))
+    rec.dispatch(
+        &kernel,
+        &p,
+        vec![Binding::whole(k.buf), Binding::whole(v.buf), Binding::whole(k_cache), Binding::whole(v_cache)],
+        super::flat_grid(n_words),
+    )
 }

@@ -75,10 +75,11 @@ pub fn lora_backward(rec: &mut Recorder, ctx: &GpuContext, io: &LoraBackward) ->
         g_offset: g_offset as u32,
         accumulate: io.accumulate as u32,
     };
-    let mut run = |entry: &'static str, p: Params, lhs: &wgpu::Buffer, rhs: &wgpu::Buffer, out: &wgpu::Buffer, total: usize| -> Result<()> {
-        let kernel = ctx.kernel(&super::plain(&format!("lora_backward_{entry}"), WGSL, entry))?;
-        rec.dispatch(&kernel, &p, vec![Binding::whole(lhs), Binding::whole(rhs), Binding::whole(out)], [super::groups(total, 64), 1, 1])
-    };
+    let mut run =
+        |entry: &'static str, p: Params, lhs: &wgpu::Buffer, rhs: &wgpu::Buffer, out: &wgpu::Buffer, total: usize| -> Result<()> {
+            let kernel = ctx.kernel(&super::plain(&format!("lora_backward_{entry}"), WGSL, entry))?;
+            rec.dispatch(&kernel, &p, vec![Binding::whole(lhs), Binding::whole(rhs), Binding::whole(out)], [super::groups(total, 64), 1, 1])
+        };
     run("grad_b", params(0, io.db.offset), io.dy.buf, io.u, io.db.buf, io.n * io.r)?;
     run("down", params(io.b.offset, 0), io.dy.buf, io.b.buf, io.du, io.m * io.r)?;
     run("grad_a", params(0, io.da.offset), io.du, io.x.buf, io.da.buf, io.r * io.k)?;

@@ -2,8 +2,8 @@
 //! two halves of multi-LoRA — launchers of `shaders/lora.wgsl`: the shrink that precedes the
 //! expand fused into the product, and the unfused expand it is measured against.
 
-use crate::error::{Error, Result};
 use super::elementwise::Activation;
+use crate::error::{Error, Result};
 use crate::gguf::BlockFormat;
 use crate::gpu::{Binding, DeviceClass, GpuContext, Kernel, Recorder, WeightMatrix};
 use std::sync::Arc;
@@ -42,7 +42,12 @@ fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, 
         DeviceClass::Gpu => {
             let cols = if m == 1 { 1 } else { GPU_COLS };
             let grid = [super::groups(rows, GPU_WG / LANES), super::groups(m, cols), 1];
-            ("quant_matmul_coop", "cooperative", [("WG", GPU_WG), ("ROWS", 1), ("COLS", cols), ("LANES", LANES), ("GLU", gated as usize)], grid)
+            (
+                "quant_matmul_coop",
+                "cooperative",
+                [("WG", GPU_WG), ("ROWS", 1), ("COLS", cols), ("LANES", LANES), ("GLU", gated as usize)],
+                grid,
+            )
         }
     };
     let consts = consts.map(|(k, v)| (k, v as u32));
@@ -132,7 +137,10 @@ impl LoraIo<'_> {
         let mut out = [[0u32; 4]; MAX_SLOTS];
         for (o, s) in out.iter_mut().zip(self.slots) {
             if s.a_offset % 4 != 0 || s.rank > self.max_rank {
-                return Err(Error::Shape { op: "lora", msg: format!("slot {s:?}: A offset must be a multiple of 4 and rank ≤ max_rank {}", self.max_rank) });
+                return Err(Error::Shape {
+                    op: "lora",
+                    msg: format!("slot {s:?}: A offset must be a multiple of 4 and rank ≤ max_rank {}", self.max_rank),
+                });
             }
             *o = [s.a_offset as u32, s.b_offset as u32, s.rank as u32, s.scale.to_bits()];
         }
@@ -215,15 +223,22 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
             let off = w.pair_offset(g.up).filter(|_| g.up.rows == w.rows && !io.accumulate);
             let off = off.ok_or_else(|| Error::Shape {
                 op: "matmul_gated",
-                msg: format!("the up projection ({}×{} {:?}) must share the gate's buffer and shape, without accumulation", g.up.rows, g.up.cols, g.up.format),
+                msg: format!(
+                    "the up projection ({}×{} {:?}) must share the gate's buffer and shape, without accumulation",
+                    g.up.rows, g.up.cols, g.up.format
+                ),
             })?;
-            u32::try_from(off).map_err(|_| Error::Shape { op: "matmul_gated", msg: format!("up projection at byte {off}: beyond 4 GiB") })?
+            u32::try_from(off)
+                .map_err(|_| Error::Shape { op: "matmul_gated", msg: format!("up projection at byte {off}: beyond 4 GiB") })?
         }
     };
     let up_lora = gated.as_ref().and_then(|g| g.lora);
     if let (Some(a), Some(b)) = (&io.lora, &up_lora) {
         if a.row_slot != b.row_slot {
-            return Err(Error::Shape { op: "matmul_gated", msg: "the gate's and the up projection's adapters must share one row_slot buffer".into() });
+            return Err(Error::Shape {
+                op: "matmul_gated",
+                msg: "the gate's and the up projection's adapters must share one row_slot buffer".into(),
+            });
         }
     }
     let slots = io.lora.as_ref().map(|l| l.packed_slots()).transpose()?.unwrap_or_default();
@@ -269,7 +284,16 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
             Some(g) => Binding::range(&part.buf, part.offset, pair_offset as u64 + g.up.parts[0].bytes),
         };
         let nw = io.norm.map_or(none, |n| n.w);
-        let bindings = vec![weights, Binding::whole(io.x), Binding::whole(io.y), Binding::whole(row_slot), Binding::whole(u), Binding::whole(b_pack), Binding::whole(u_up), Binding::whole(nw)];
+        let bindings = vec![
+            weights,
+            Binding::whole(io.x),
+            Binding::whole(io.y),
+            Binding::whole(row_slot),
+            Binding::whole(u),
+            Binding::whole(b_pack),
+            Binding::whole(u_up),
+            Binding::whole(nw),
+        ];
         rec.dispatch(&kernel, &p, bindings, grid)?;
         let matrices = 1 + gated.is_some() as usize;
         let activations = 4 * io.m * (w.cols + part.rows * (1 + io.accumulate as usize));
@@ -300,7 +324,10 @@ struct LoraParams {
 
 fn lora_params(l: &LoraIo, io: &MatmulIo, k: usize, n: usize) -> Result<LoraParams> {
     if k % 4 != 0 || io.x_offset % 4 != 0 || io.x_stride % 4 != 0 {
-        return Err(Error::Shape { op: "lora", msg: format!("k {k}, x offset {}, stride {} must be multiples of 4", io.x_offset, io.x_stride) });
+        return Err(Error::Shape {
+            op: "lora",
+            msg: format!("k {k}, x offset {}, stride {} must be multiples of 4", io.x_offset, io.x_stride),
+        });
     }
     Ok(LoraParams {
         m: io.m as u32,
@@ -327,7 +354,8 @@ pub fn lora_shrink(rec: &mut Recorder, ctx: &GpuContext, k: usize, io: &MatmulIo
     let kernel = ctx.kernel(&super::plain("lora", LORA_WGSL, "shrink"))?;
     let p = lora_params(l, io, k, 0)?;
     let nw = io.norm.map_or(ctx.placeholder(), |n| n.w);
-    let bindings = vec![Binding::whole(io.x), Binding::whole(l.a_pack), Binding::whole(l.row_slot), Binding::whole(l.u), Binding::whole(nw).at(7)];
+    let bindings =
+        vec![Binding::whole(io.x), Binding::whole(l.a_pack), Binding::whole(l.row_slot), Binding::whole(l.u), Binding::whole(nw).at(7)];
     rec.dispatch(&kernel, &p, bindings, [super::groups(l.max_rank, 8), super::groups(io.m, 8), 1])
 }
 
@@ -340,6 +368,7 @@ pub fn lora_expand(rec: &mut Recorder, ctx: &GpuContext, k: usize, n: usize, io:
     }
     let kernel = ctx.kernel(&super::plain("lora", LORA_WGSL, "expand"))?;
     let p = lora_params(l, io, k, n)?;
-    let bindings = vec![Binding::whole(l.row_slot).at(3), Binding::whole(l.u).at(4), Binding::whole(l.b_pack).at(5), Binding::whole(io.y).at(6)];
+    let bindings =
+        vec![Binding::whole(l.row_slot).at(3), Binding::whole(l.u).at(4), Binding::whole(l.b_pack).at(5), Binding::whole(io.y).at(6)];
     rec.dispatch(&kernel, &p, bindings, [super::groups(n, 64), io.m as u32, 1])
 }

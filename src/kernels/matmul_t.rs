@@ -28,7 +28,8 @@ struct Params {
 /// Record `dx (+)= dy·W` for `m` rows (`dy` rows of `w.rows`, `dx` rows of `w.cols`): the
 /// gradient with respect to `x` of `y = W·x`. Every part of a split matrix adds its rows' share.
 pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: Rows, dx: Rows, m: usize, accumulate: bool) -> Result<()> {
-    let kernel = ctx.kernel(&super::weight_reader("quant_matmul_t", WGSL, "main", w.format, &[("WG", WG as u32), ("COLS", COLS as u32)]))?;
+    let kernel =
+        ctx.kernel(&super::weight_reader("quant_matmul_t", WGSL, "main", w.format, &[("WG", WG as u32), ("COLS", COLS as u32)]))?;
     for (i, part) in w.parts.iter().enumerate() {
         let p = Params {
             n: part.rows as u32,
@@ -42,7 +43,12 @@ pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: Rows
             n_offset: part.row0 as u32,
             accumulate: (accumulate || i > 0) as u32,
         };
-        rec.dispatch(&kernel, &p, vec![part.binding(), Binding::whole(dy.buf), Binding::whole(dx.buf)], [super::groups(w.cols / 32, WG), super::groups(m, COLS), 1])?;
+        rec.dispatch(
+            &kernel,
+            &p,
+            vec![part.binding(), Binding::whole(dy.buf), Binding::whole(dx.buf)],
+            [super::groups(w.cols / 32, WG), super::groups(m, COLS), 1],
+        )?;
     }
     Ok(())
 }

@@ -27,10 +27,7 @@ const REDUCE_WORKGROUP_WGSL: &str = include_str!("../../shaders/reduce_workgroup
 /// format's decoder and `consts` emitted as WGSL `const` lines.
 fn weight_reader(name: &str, file: &'static str, entry: &'static str, format: BlockFormat, consts: &[(&str, u32)]) -> ShaderSource {
     let mut prelude = const_lines(consts);
-    prelude.push_str(&format!(
-        "fn load32(row_byte: u32, k: u32) -> V32 {{ return load32_{}(row_byte, k); }}\n",
-        format.name()
-    ));
+    prelude.push_str(&format!("fn load32(row_byte: u32, k: u32) -> V32 {{ return load32_{}(row_byte, k); }}\n", format.name()));
     ShaderSource { name: format!("{name}_{}", format.name()), prelude, files: vec![DEQUANT_WGSL, file], entry }
 }
 

@@ -43,7 +43,17 @@ pub struct Rows<'a> {
 
 /// Record `y (+)= rmsnorm(x) · w` over `rows` rows of `n`.
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm(rec: &mut Recorder, ctx: &GpuContext, w: &wgpu::Buffer, x: Rows, y: Rows, rows: usize, n: usize, eps: f32, accumulate: bool) -> Result<()> {
+pub fn rms_norm(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    w: &wgpu::Buffer,
+    x: Rows,
+    y: Rows,
+    rows: usize,
+    n: usize,
+    eps: f32,
+    accumulate: bool,
+) -> Result<()> {
     let kernel = ctx.kernel(&super::plain("rms_norm", WGSL, "norm"))?;
     let p = Params::new(rows, n, &x, &y, accumulate, eps);
     rec.dispatch(&kernel, &p, vec![Binding::whole(w), Binding::whole(x.buf), Binding::whole(y.buf)], [super::groups(rows, 64), 1, 1])
@@ -60,7 +70,18 @@ pub fn rms_norm_inplace(rec: &mut Recorder, ctx: &GpuContext, w: &wgpu::Buffer, 
 /// Record the gradient through [`rms_norm`]: `dx (+)= ∂/∂x Σ dy·(rmsnorm(x)·w)` over `rows` rows
 /// of `n` (`x` and `dy` laid out alike; the weight is frozen).
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm_backward(rec: &mut Recorder, ctx: &GpuContext, w: &wgpu::Buffer, x: Rows, dy: &wgpu::Buffer, dx: Rows, rows: usize, n: usize, eps: f32, accumulate: bool) -> Result<()> {
+pub fn rms_norm_backward(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    w: &wgpu::Buffer,
+    x: Rows,
+    dy: &wgpu::Buffer,
+    dx: Rows,
+    rows: usize,
+    n: usize,
+    eps: f32,
+    accumulate: bool,
+) -> Result<()> {
     let kernel = ctx.kernel(&super::plain("rms_norm_backward", WGSL, "norm_backward"))?;
     let p = Params::new(rows, n, &x, &dx, accumulate, eps);
     let bindings = vec![Binding::whole(w), Binding::whole(x.buf), Binding::whole(dy), Binding::whole(dx.buf)];

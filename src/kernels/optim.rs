@@ -31,7 +31,17 @@ pub struct GpuMoments<'a> {
 /// Record one AdamW step (`opt`'s rule, step `t` ≥ 1, learning rate `lr`) of the parameters
 /// `range` (start, length in floats) of `w` with gradients `g` (moments laid out alike).
 #[allow(clippy::too_many_arguments)]
-pub fn adamw(rec: &mut Recorder, ctx: &GpuContext, opt: &AdamW, w: &wgpu::Buffer, g: &wgpu::Buffer, state: GpuMoments, range: (usize, usize), t: u64, lr: f32) -> Result<()> {
+pub fn adamw(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    opt: &AdamW,
+    w: &wgpu::Buffer,
+    g: &wgpu::Buffer,
+    state: GpuMoments,
+    range: (usize, usize),
+    t: u64,
+    lr: f32,
+) -> Result<()> {
     let (offset, n) = range;
     let kernel = ctx.kernel(&super::plain("adamw", WGSL, "main"))?;
     let p = Params {
@@ -45,5 +55,10 @@ pub fn adamw(rec: &mut Recorder, ctx: &GpuContext, opt: &AdamW, w: &wgpu::Buffer
         c1: 1.0 - opt.beta1.powi(t as i32),
         c2: 1.0 - opt.beta2.powi(t as i32),
     };
-    rec.dispatch(&kernel, &p, vec![Binding::whole(w), Binding::whole(g), Binding::whole(state.m), Binding::whole(state.v)], super::flat_grid(n))
+    rec.dispatch(
+        &kernel,
+        &p,
+        vec![Binding::whole(w), Binding::whole(g), Binding::whole(state.m), Binding::whole(state.v)],
+        super::flat_grid(n),
+    )
 }

@@ -44,17 +44,44 @@ struct Params {
 /// Record the rotation of `n_tokens` rows of `n_heads × head_dim` at positions `pos0..`, or, with
 /// a token tree (per row: parent, depth — see [`crate::model::Sequence::tree`]), at `pos0 + depth`.
 #[allow(clippy::too_many_arguments)]
-pub fn rope(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: Rows, n_tokens: usize, n_heads: usize, head_dim: usize, pos0: usize, tree: Option<&wgpu::Buffer>) -> Result<()> {
+pub fn rope(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    rope: &Rope,
+    v: Rows,
+    n_tokens: usize,
+    n_heads: usize,
+    head_dim: usize,
+    pos0: usize,
+    tree: Option<&wgpu::Buffer>,
+) -> Result<()> {
     dispatch(rec, ctx, rope, v, [n_tokens, n_heads, head_dim, pos0], tree, false)
 }
 
 /// Record the gradient through [`rope`] (no tree), in place: every pair rotated back.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_backward(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, dv: Rows, n_tokens: usize, n_heads: usize, head_dim: usize, pos0: usize) -> Result<()> {
+pub fn rope_backward(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    rope: &Rope,
+    dv: Rows,
+    n_tokens: usize,
+    n_heads: usize,
+    head_dim: usize,
+    pos0: usize,
+) -> Result<()> {
     dispatch(rec, ctx, rope, dv, [n_tokens, n_heads, head_dim, pos0], None, true)
 }
 
-fn dispatch(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: Rows, [n_tokens, n_heads, head_dim, pos0]: [usize; 4], tree: Option<&wgpu::Buffer>, inverse: bool) -> Result<()> {
+fn dispatch(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    rope: &Rope,
+    v: Rows,
+    [n_tokens, n_heads, head_dim, pos0]: [usize; 4],
+    tree: Option<&wgpu::Buffer>,
+    inverse: bool,
+) -> Result<()> {
     let kernel = ctx.kernel(&super::plain("rope", WGSL, "main"))?;
     let p = Params {
         n_tokens: n_tokens as u32,
@@ -70,5 +97,10 @@ fn dispatch(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: Rows, [n_token
         inverse: inverse as u32,
     };
     let tree = tree.unwrap_or(ctx.placeholder());
-    rec.dispatch(&kernel, &p, vec![Binding::whole(v.buf), Binding::whole(tree)], [super::groups(n_heads * rope.rot_dim / 2, 64), n_tokens as u32, 1])
+    rec.dispatch(
+        &kernel,
+        &p,
+        vec![Binding::whole(v.buf), Binding::whole(tree)],
+        [super::groups(n_heads * rope.rot_dim / 2, 64), n_tokens as u32, 1],
+    )
 }

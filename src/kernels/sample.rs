@@ -26,9 +26,22 @@ struct Params {
 /// Record a draw from `x[offset..offset+n]`: top-`k` (1..=64) at `temperature`, nucleus `top_p`,
 /// with `u` uniform in [0, 1) from the host's seeded generator. `out` holds [`OUT_WORDS`] u32.
 #[allow(clippy::too_many_arguments)]
-pub fn sample(rec: &mut Recorder, ctx: &GpuContext, x: &wgpu::Buffer, offset: usize, n: usize, k: usize, temperature: f32, top_p: f32, u: f32, out: &wgpu::Buffer) -> Result<()> {
+pub fn sample(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    x: &wgpu::Buffer,
+    offset: usize,
+    n: usize,
+    k: usize,
+    temperature: f32,
+    top_p: f32,
+    u: f32,
+    out: &wgpu::Buffer,
+) -> Result<()> {
     if k == 0 || k > K_MAX || k > n || temperature <= 0.0 {
-        return Err(Error::InvalidOption(format!("GPU sampling needs 1 ≤ top-k ≤ {K_MAX} (got {k}) and a positive temperature (got {temperature})")));
+        return Err(Error::InvalidOption(format!(
+            "GPU sampling needs 1 ≤ top-k ≤ {K_MAX} (got {k}) and a positive temperature (got {temperature})"
+        )));
     }
     let kernel = ctx.kernel(&super::plain("sample", WGSL, "main"))?;
     let p = Params { n: n as u32, offset: offset as u32, k: k as u32, temperature, top_p, u };
@@ -37,7 +50,15 @@ pub fn sample(rec: &mut Recorder, ctx: &GpuContext, x: &wgpu::Buffer, offset: us
 
 /// Record the greedy choice of each of `rows` rows of `n` logits from `offset`: the token of row r
 /// lands at `out[r·OUT_WORDS]` (top-1 of the sampler: no randomness is involved).
-pub fn argmax(rec: &mut Recorder, ctx: &GpuContext, x: &wgpu::Buffer, offset: usize, n: usize, rows: usize, out: &wgpu::Buffer) -> Result<()> {
+pub fn argmax(
+    rec: &mut Recorder,
+    ctx: &GpuContext,
+    x: &wgpu::Buffer,
+    offset: usize,
+    n: usize,
+    rows: usize,
+    out: &wgpu::Buffer,
+) -> Result<()> {
     let kernel = ctx.kernel(&super::plain("sample", WGSL, "main"))?;
     let p = Params { n: n as u32, offset: offset as u32, k: 1, temperature: 1.0, top_p: 1.0, u: 0.0 };
     rec.dispatch(&kernel, &p, vec![Binding::whole(x), Binding::whole(out)], [rows as u32, 1, 1])

@@ -229,12 +229,20 @@ impl LoraAdapter {
         for (&(layer, proj), w) in &self.targets {
             let name = |ab| tensor_name(layer, proj, ab);
             if layer >= c.n_layers {
-                return Err(format!("'{}' is for layer {layer} but the base model has {} layers (adapter for another base model?)", name('A'), c.n_layers));
+                return Err(format!(
+                    "'{}' is for layer {layer} but the base model has {} layers (adapter for another base model?)",
+                    name('A'),
+                    c.n_layers
+                ));
             }
             let (out, inp) = proj.shape(c);
             for (ab, v, want) in [('A', &w.a, [self.rank, inp]), ('B', &w.b, [out, self.rank])] {
                 if v.len() != want[0] * want[1] {
-                    return Err(format!("'{}' holds {} values, the base model needs {want:?} (adapter for another base model?)", name(ab), v.len()));
+                    return Err(format!(
+                        "'{}' holds {} values, the base model needs {want:?} (adapter for another base model?)",
+                        name(ab),
+                        v.len()
+                    ));
                 }
                 if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                     return Err(format!("'{}' holds a non-finite value ({}) at element {i}", name(ab), v[i]));
@@ -285,7 +293,9 @@ impl LoraAdapter {
         };
         for m in &modules {
             if Proj::from_module(m).is_none() {
-                return Err(err(format!("{CONFIG_FILE}: unknown target module '{m}' (known: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")));
+                return Err(err(format!(
+                    "{CONFIG_FILE}: unknown target module '{m}' (known: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"
+                )));
             }
         }
         let bytes = read(WEIGHTS_FILE)?;
@@ -295,13 +305,21 @@ impl LoraAdapter {
         // Sorted, so the first problem reported is the same on every run.
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, view) in tensors {
-            let parsed = parse_name(&name).ok_or_else(|| err(format!("{WEIGHTS_FILE}: unexpected tensor '{name}' (not a PEFT LoRA A/B weight of a decoder layer)")))?;
+            let parsed = parse_name(&name).ok_or_else(|| {
+                err(format!("{WEIGHTS_FILE}: unexpected tensor '{name}' (not a PEFT LoRA A/B weight of a decoder layer)"))
+            })?;
             let (layer, proj, ab) = parsed;
             if layer >= c.n_layers {
-                return Err(err(format!("tensor '{name}' is for layer {layer} but the base model has {} layers (adapter for another base model?)", c.n_layers)));
+                return Err(err(format!(
+                    "tensor '{name}' is for layer {layer} but the base model has {} layers (adapter for another base model?)",
+                    c.n_layers
+                )));
             }
             if !modules.iter().any(|m| m == proj.module()) {
-                return Err(err(format!("tensor '{name}' targets {} which adapter_config.json's target_modules does not list", proj.module())));
+                return Err(err(format!(
+                    "tensor '{name}' targets {} which adapter_config.json's target_modules does not list",
+                    proj.module()
+                )));
             }
             let (out, inp) = proj.shape(c);
             let want = if ab == 'A' { [cfg.r, inp] } else { [out, cfg.r] };

@@ -146,7 +146,11 @@ impl AdapterRegistry {
         let err = |msg: String| LoraError { adapter: name.to_string(), msg };
         adapter.check(c, &self.limits).map_err(err)?;
         if self.adapters.len() >= self.limits.max_adapters {
-            return Err(err(format!("{} adapters are already resident, the limit (max_adapters) is {}", self.adapters.len(), self.limits.max_adapters)));
+            return Err(err(format!(
+                "{} adapters are already resident, the limit (max_adapters) is {}",
+                self.adapters.len(),
+                self.limits.max_adapters
+            )));
         }
         let mut a_data = Vec::new();
         let mut b_data = Vec::new();
@@ -172,7 +176,13 @@ impl AdapterRegistry {
         let b_base = self.b.push(ctx, &b_data, max_floats).ok_or_else(|| err("B pack full".into()))?;
         let id = AdapterId(self.next_id);
         self.next_id += 1;
-        let info = AdapterInfo { name: name.to_string(), rank: adapter.rank, scale: adapter.scale(), invocation_tokens: adapter.invocation_tokens.clone(), bytes };
+        let info = AdapterInfo {
+            name: name.to_string(),
+            rank: adapter.rank,
+            scale: adapter.scale(),
+            invocation_tokens: adapter.invocation_tokens.clone(),
+            bytes,
+        };
         self.adapters.insert(id, Resident { info, a_base, b_base, a_len: a_data.len(), b_len: b_data.len(), offsets });
         tracing::info!(%id, name, rank = adapter.rank, bytes, "adapter resident");
         Ok(id)
@@ -255,7 +265,14 @@ impl AdapterRegistry {
     /// back (`rank × projs.len()` rows), and for the expand (each projection's own rank, reading
     /// its part of `u`); with the shrink's largest rank. `None` where an active adapter targets
     /// some of the projections but not all, or none targets any.
-    pub(crate) fn stacked_slots(&self, layer: usize, projs: &[Proj], rows: &[usize], cols: usize, active: &[ActiveAdapter]) -> Option<StackedSlots> {
+    pub(crate) fn stacked_slots(
+        &self,
+        layer: usize,
+        projs: &[Proj],
+        rows: &[usize],
+        cols: usize,
+        active: &[ActiveAdapter],
+    ) -> Option<StackedSlots> {
         let (mut shrink, mut expand, mut max_rank) = (Vec::new(), Vec::new(), 0);
         for a in active {
             let r = self.adapters.get(&a.id)?;

@@ -75,7 +75,8 @@ impl McpClient {
     /// complete the `initialize` handshake.
     pub fn spawn(command: &str, opts: ServerOptions) -> Result<Self, McpError> {
         let words = shell_words(command).ok_or_else(|| McpError::Spawn { command: command.into(), msg: "unbalanced quotes".into() })?;
-        let (program, args) = words.split_first().ok_or_else(|| McpError::Spawn { command: command.into(), msg: "empty command".into() })?;
+        let (program, args) =
+            words.split_first().ok_or_else(|| McpError::Spawn { command: command.into(), msg: "empty command".into() })?;
         let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::piped())
@@ -143,7 +144,9 @@ impl McpClient {
         let init = client.request_within("initialize", params, client.opts.init_timeout)?;
         let version = init["protocolVersion"].as_str().unwrap_or_default().to_string();
         if !PROTOCOL_VERSIONS.contains(&version.as_str()) {
-            return Err(client.protocol(format!("the server speaks protocol revision '{version}'; this client speaks {PROTOCOL_VERSIONS:?}")));
+            return Err(
+                client.protocol(format!("the server speaks protocol revision '{version}'; this client speaks {PROTOCOL_VERSIONS:?}"))
+            );
         }
         client.protocol_version = version;
         client.server_info = init["serverInfo"].clone();
@@ -174,7 +177,10 @@ impl McpClient {
             let page = self.request("tools/list", params)?;
             let list = page["tools"].as_array().ok_or_else(|| self.protocol("tools/list result has no 'tools' array".into()))?;
             for t in list {
-                tools.push(serde_json::from_value::<Tool>(t.clone()).map_err(|e| self.protocol(format!("tools/list: a tool entry is malformed ({e}): {t}")))?);
+                tools.push(
+                    serde_json::from_value::<Tool>(t.clone())
+                        .map_err(|e| self.protocol(format!("tools/list: a tool entry is malformed ({e}): {t}")))?,
+                );
             }
             match page["nextCursor"].as_str() {
                 Some(c) if cursor.as_deref() != Some(c) => cursor = Some(c.to_string()),
@@ -210,10 +216,20 @@ impl McpClient {
                 }
                 Ok(Incoming::Closed) | Err(RecvTimeoutError::Disconnected) => {
                     let status = self.stop();
-                    return Err(McpError::Closed { server: self.command.clone(), method: method.into(), status, stderr: self.stderr_tail() });
+                    return Err(McpError::Closed {
+                        server: self.command.clone(),
+                        method: method.into(),
+                        status,
+                        stderr: self.stderr_tail(),
+                    });
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(self.fail(McpError::Timeout { server: self.command.clone(), method: method.into(), secs: timeout.as_secs_f64(), stderr: self.stderr_tail() }));
+                    return Err(self.fail(McpError::Timeout {
+                        server: self.command.clone(),
+                        method: method.into(),
+                        secs: timeout.as_secs_f64(),
+                        stderr: self.stderr_tail(),
+                    }));
                 }
             };
             if msg.get("method").is_some() {
@@ -254,7 +270,12 @@ impl McpClient {
         let written = self.stdin.write_all(line.as_bytes()).and_then(|_| self.stdin.flush());
         written.map_err(|e| {
             let status = self.child.try_wait().ok().flatten().map_or_else(|| format!("still running ({e})"), |s| s.to_string());
-            McpError::Closed { server: self.command.clone(), method: msg["method"].as_str().unwrap_or("reply").into(), status, stderr: self.stderr_tail() }
+            McpError::Closed {
+                server: self.command.clone(),
+                method: msg["method"].as_str().unwrap_or("reply").into(),
+                status,
+                stderr: self.stderr_tail(),
+            }
         })
     }
 
@@ -351,7 +372,10 @@ mod tests {
     #[test]
     fn shell_words_split_like_a_shell() {
         let w = |s: &str| shell_words(s).unwrap();
-        assert_eq!(w("npx -y @modelcontextprotocol/server-filesystem /tmp/a"), ["npx", "-y", "@modelcontextprotocol/server-filesystem", "/tmp/a"]);
+        assert_eq!(
+            w("npx -y @modelcontextprotocol/server-filesystem /tmp/a"),
+            ["npx", "-y", "@modelcontextprotocol/server-filesystem", "/tmp/a"]
+        );
         assert_eq!(w(r#"python3 "my server.py" 'a b' c\ d"#), ["python3", "my server.py", "a b", "c d"]);
         assert_eq!(w(r#"x "" y"#), ["x", "", "y"]);
         assert!(w("   ").is_empty());

@@ -17,10 +17,10 @@ use crate::kernels::lora_backward::{lora_backward, At, LoraBackward};
 use crate::kernels::loss::cross_entropy;
 use crate::kernels::matmul::{lora_shrink, LoraIo, MatmulIo};
 use crate::kernels::matmul_t::matmul_t;
-use crate::kv::KvCache;
 use crate::kernels::norm::{rms_norm_backward, Rows};
-use crate::kernels::rope::rope_backward;
 use crate::kernels::optim::{adamw, GpuMoments};
+use crate::kernels::rope::rope_backward;
+use crate::kv::KvCache;
 use crate::lora::{ActiveAdapter, AdapterId, AdapterRegistry, LoraWeights, Proj};
 use crate::train::AdamW;
 use std::collections::BTreeMap;
@@ -123,7 +123,10 @@ impl Model {
     pub fn adapter_buffers(&self) -> Result<AdapterBuffers> {
         let reg = self.registry()?;
         let (a, b) = reg.packs();
-        Ok(AdapterBuffers { a: storage_buffer_zeroed(&self.ctx, "pack_a", a.size()), b: storage_buffer_zeroed(&self.ctx, "pack_b", b.size()) })
+        Ok(AdapterBuffers {
+            a: storage_buffer_zeroed(&self.ctx, "pack_a", a.size()),
+            b: storage_buffer_zeroed(&self.ctx, "pack_b", b.size()),
+        })
     }
 
     /// Zeroed gradients and moments for training resident adapters.
@@ -138,7 +141,9 @@ impl Model {
         let ranges = registry.ranges(id).ok_or(Error::UnknownAdapter(id))?;
         let (a_pack, b_pack) = registry.packs();
         let mut rec = Recorder::new(&self.ctx);
-        for ((w, g, m, v), range) in [(a_pack, &state.grads.a, &state.m.a, &state.v.a), (b_pack, &state.grads.b, &state.m.b, &state.v.b)].into_iter().zip(ranges) {
+        for ((w, g, m, v), range) in
+            [(a_pack, &state.grads.a, &state.m.a, &state.v.a), (b_pack, &state.grads.b, &state.m.b, &state.v.b)].into_iter().zip(ranges)
+        {
             adamw(&mut rec, &self.ctx, opt, w, g, GpuMoments { m, v }, range, t, lr)?;
         }
         rec.submit();
@@ -152,7 +157,12 @@ impl Model {
     pub fn read_adapter_moments(&self, id: AdapterId, state: &AdapterTraining) -> Result<[Vec<f32>; 4]> {
         let ranges = self.registry()?.ranges(id).ok_or(Error::UnknownAdapter(id))?;
         let [(a0, an), (b0, bn)] = ranges;
-        Ok([read_f32(&self.ctx, &state.m.a, a0, an)?, read_f32(&self.ctx, &state.v.a, a0, an)?, read_f32(&self.ctx, &state.m.b, b0, bn)?, read_f32(&self.ctx, &state.v.b, b0, bn)?])
+        Ok([
+            read_f32(&self.ctx, &state.m.a, a0, an)?,
+            read_f32(&self.ctx, &state.v.a, a0, an)?,
+            read_f32(&self.ctx, &state.m.b, b0, bn)?,
+            read_f32(&self.ctx, &state.v.b, b0, bn)?,
+        ])
     }
 
     /// Put moments read by [`read_adapter_moments`](Self::read_adapter_moments) back (resuming).
@@ -182,7 +192,13 @@ impl Model {
         self.read_packed(&registry, id, &grads.a, &grads.b)
     }
 
-    fn read_packed(&self, registry: &AdapterRegistry, id: AdapterId, a_buf: &wgpu::Buffer, b_buf: &wgpu::Buffer) -> Result<BTreeMap<(usize, Proj), LoraWeights>> {
+    fn read_packed(
+        &self,
+        registry: &AdapterRegistry,
+        id: AdapterId,
+        a_buf: &wgpu::Buffer,
+        b_buf: &wgpu::Buffer,
+    ) -> Result<BTreeMap<(usize, Proj), LoraWeights>> {
         registry.check_resident(&[ActiveAdapter::new(id)])?;
         let active = [ActiveAdapter::new(id)];
         let mut out = BTreeMap::new();
@@ -202,15 +218,30 @@ impl Model {
     /// predicting `tokens[p]` — with `adapter` active from row `from`, and its gradient with
     /// respect to the adapter's A and B added into `grads`. Targets must come after `from` (the
     /// rows before it do not depend on the adapter). At most one pass of rows (256) may be active.
-    pub fn adapter_gradient(&self, prefix: &mut PrefixCache, tokens: &[u32], from: usize, targets: &[Range<usize>], adapter: ActiveAdapter, grads: &AdapterBuffers) -> Result<f32> {
+    pub fn adapter_gradient(
+        &self,
+        prefix: &mut PrefixCache,
+        tokens: &[u32],
+        from: usize,
+        targets: &[Range<usize>],
+        adapter: ActiveAdapter,
+        grads: &AdapterBuffers,
+    ) -> Result<f32> {
         let (c, ctx) = (&self.config, &*self.ctx);
         let t = tokens.len().saturating_sub(from);
         if t == 0 || t > self.max_batch {
-            return Err(Error::InvalidOption(format!("{t} rows after the activation point; a training example needs 1 to {}", self.max_batch)));
+            return Err(Error::InvalidOption(format!(
+                "{t} rows after the activation point; a training example needs 1 to {}",
+                self.max_batch
+            )));
         }
         let rows: Vec<usize> = targets.iter().flat_map(|r| r.clone()).collect();
         if rows.is_empty() || rows.iter().any(|&p| p <= from || p >= tokens.len()) {
-            return Err(Error::InvalidOption(format!("targets {targets:?} must lie in {}..{}, after the activation point", from + 1, tokens.len())));
+            return Err(Error::InvalidOption(format!(
+                "targets {targets:?} must lie in {}..{}, after the activation point",
+                from + 1,
+                tokens.len()
+            )));
         }
         // Chunk rows whose logits are targets: position p is predicted by row p − 1 − from.
         let logit_rows: Vec<(usize, usize)> = targets.iter().filter(|r| !r.is_empty()).map(|r| (r.start - 1 - from, r.len())).collect();
@@ -266,21 +297,51 @@ impl Model {
         let (dh, dfin) = (f("dh", t * d), f("dfinal", t * d));
         let mut packed = 0;
         for &(r, n) in &logit_rows {
-            matmul_t(&mut rec, ctx, self.weights.output(), Rows { buf: &s.logits, offset: packed * c.n_vocab, stride: c.n_vocab }, Rows { buf: &dfin, offset: r * d, stride: d }, n, false)?;
-            rms_norm_backward(&mut rec, ctx, &self.weights.out_norm, Rows { buf: &trace.h_final, offset: r * d, stride: d }, &dfin, Rows { buf: &dh, offset: r * d, stride: d }, n, d, c.norm_eps, false)?;
+            matmul_t(
+                &mut rec,
+                ctx,
+                self.weights.output(),
+                Rows { buf: &s.logits, offset: packed * c.n_vocab, stride: c.n_vocab },
+                Rows { buf: &dfin, offset: r * d, stride: d },
+                n,
+                false,
+            )?;
+            rms_norm_backward(
+                &mut rec,
+                ctx,
+                &self.weights.out_norm,
+                Rows { buf: &trace.h_final, offset: r * d, stride: d },
+                &dfin,
+                Rows { buf: &dh, offset: r * d, stride: d },
+                n,
+                d,
+                c.norm_eps,
+                false,
+            )?;
             packed += n;
         }
 
         let (a_pack, b_pack) = registry.packs();
         let max_rank = registry.limits().max_rank;
         let (u, du) = (f("u", t * max_rank), f("du", t * max_rank));
-        let back = |rec: &mut Recorder, l: usize, p: Proj, w: &WeightMatrix, x: &wgpu::Buffer, dy: &wgpu::Buffer, dx: &wgpu::Buffer, accumulate: bool| -> Result<()> {
+        let back = |rec: &mut Recorder,
+                    l: usize,
+                    p: Proj,
+                    w: &WeightMatrix,
+                    x: &wgpu::Buffer,
+                    dy: &wgpu::Buffer,
+                    dx: &wgpu::Buffer,
+                    accumulate: bool|
+         -> Result<()> {
             let (n, k) = (w.rows, w.cols);
             matmul_t(rec, ctx, w, dense(dy, n), dense(dx, k), t, accumulate)?;
             let Some((slots, rank)) = registry.slots(l, p, &active) else { return Ok(()) };
             let slot = slots[0];
             // u = A·x again (cheaper to recompute at rank r than to keep).
-            let io = MatmulIo { lora: Some(LoraIo { a_pack, b_pack, row_slot: &s.row_slot, u: &u, max_rank: rank, slots: &slots, u_splits: None }), ..MatmulIo::dense(x, dx, w, t) };
+            let io = MatmulIo {
+                lora: Some(LoraIo { a_pack, b_pack, row_slot: &s.row_slot, u: &u, max_rank: rank, slots: &slots, u_splits: None }),
+                ..MatmulIo::dense(x, dx, w, t)
+            };
             lora_shrink(rec, ctx, k, &io)?;
             let io = LoraBackward {
                 x: dense(x, k),
@@ -302,8 +363,22 @@ impl Model {
             lora_backward(rec, ctx, &io)
         };
         let (dtmp, dg, dx2, datt, dx1) = (f("dtmp", t * d), f("dg", t * ffn), f("dx2", t * d), f("datt", t * q_dim), f("dx1", t * d));
-        let (dq, dqn, dk, dkn, dv, stats) = (f("dq", t * q_dim), f("dqn", t * q_dim), f("dk", t * kv_dim), f("dkn", t * kv_dim), f("dv", t * kv_dim), f("stats", t * c.n_heads * 3));
-        let norm_back = |rec: &mut Recorder, w: &wgpu::Buffer, x: &wgpu::Buffer, dy: &wgpu::Buffer, dx: &wgpu::Buffer, rows: usize, n: usize, accumulate: bool| {
+        let (dq, dqn, dk, dkn, dv, stats) = (
+            f("dq", t * q_dim),
+            f("dqn", t * q_dim),
+            f("dk", t * kv_dim),
+            f("dkn", t * kv_dim),
+            f("dv", t * kv_dim),
+            f("stats", t * c.n_heads * 3),
+        );
+        let norm_back = |rec: &mut Recorder,
+                         w: &wgpu::Buffer,
+                         x: &wgpu::Buffer,
+                         dy: &wgpu::Buffer,
+                         dx: &wgpu::Buffer,
+                         rows: usize,
+                         n: usize,
+                         accumulate: bool| {
             rms_norm_backward(rec, ctx, w, dense(x, n), dy, dense(dx, n), rows, n, c.norm_eps, accumulate)
         };
         // A block's output gradient: dh itself, or through the block's post-norm (gemma3) of
@@ -325,9 +400,26 @@ impl Model {
             // Attention block.
             let dy = post_norm_back(&mut rec, lw.post_attn_norm.as_ref(), &tr.o_pre)?;
             back(&mut rec, l, Proj::O, &lw.wo, &tr.att, dy, &datt, false)?;
-            let shape = AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
+            let shape = AttentionShape {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: hd,
+                window: c.layer_window(l),
+                scale: c.attn_scale,
+            };
             let (kc, vc) = &kv.layers[l];
-            attention_backward(&mut rec, ctx, &shape, &tr.q, kc, vc, &datt, AttentionGrads { dq: &dq, dk: &dk, dv: &dv, stats: &stats }, t, from)?;
+            attention_backward(
+                &mut rec,
+                ctx,
+                &shape,
+                &tr.q,
+                kc,
+                vc,
+                &datt,
+                AttentionGrads { dq: &dq, dk: &dk, dv: &dv, stats: &stats },
+                t,
+                from,
+            )?;
             let rp = c.layer_rope(l);
             rope_backward(&mut rec, ctx, &rp, dense(&dq, q_dim), t, c.n_heads, hd, from)?;
             rope_backward(&mut rec, ctx, &rp, dense(&dk, kv_dim), t, c.n_kv_heads, hd, from)?;

@@ -93,11 +93,7 @@ impl ModelConfig {
             n_vocab,
             n_ctx_train: f.u64(&k("context_length"))? as usize,
             norm_eps: f.f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
-            rope: Rope {
-                layout,
-                rot_dim,
-                base: f.meta(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
-            },
+            rope: Rope { layout, rot_dim, base: f.meta(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32 },
             rope_base_local: None,
             sliding_window: 0,
             sliding_pattern: 0,
@@ -115,13 +111,19 @@ impl ModelConfig {
     fn validate(&self, f: &GgufFile) -> Result<()> {
         let bad = |msg: String| Err(Error::Model { path: f.path().to_path_buf(), msg });
         if self.n_layers == 0 || self.d_model == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
-            return bad(format!("empty dimensions: {} layers, d_model {}, {} heads, {} kv heads", self.n_layers, self.d_model, self.n_heads, self.n_kv_heads));
+            return bad(format!(
+                "empty dimensions: {} layers, d_model {}, {} heads, {} kv heads",
+                self.n_layers, self.d_model, self.n_heads, self.n_kv_heads
+            ));
         }
         if self.n_heads % self.n_kv_heads != 0 {
             return bad(format!("{} heads is not a multiple of {} kv heads", self.n_heads, self.n_kv_heads));
         }
         if self.head_dim % 4 != 0 || self.head_dim > 256 || self.rope.rot_dim % 2 != 0 || self.rope.rot_dim > self.head_dim {
-            return bad(format!("head_dim {} / rope dims {} unsupported (head_dim must be a multiple of 4, at most 256)", self.head_dim, self.rope.rot_dim));
+            return bad(format!(
+                "head_dim {} / rope dims {} unsupported (head_dim must be a multiple of 4, at most 256)",
+                self.head_dim, self.rope.rot_dim
+            ));
         }
         if f.find_tensor("rope_freqs.weight").is_some() {
             return bad("per-dimension rope frequency factors (rope_freqs.weight, Llama 3.1 scaling) are not supported yet".into());

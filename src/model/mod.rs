@@ -15,9 +15,9 @@ pub use backward::{AdapterBuffers, AdapterTraining, PrefixCache};
 pub use config::{Arch, ModelConfig};
 pub use weights::{LayerWeights, Weights};
 
+use crate::decode::SamplerConfig;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::decode::SamplerConfig;
 use crate::gpu::{read_f32, read_u32, storage_buffer_zeroed, upload, GpuContext, Recorder, WeightMatrix};
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_rows, glu};
@@ -212,7 +212,16 @@ impl Model {
         let weights = Weights::load(&ctx, file, &config)?;
         tracing::info!(arch = ?config.arch, layers = config.n_layers, bytes = weights.n_bytes(), "model loaded");
         let adapters = RwLock::new(AdapterRegistry::new(&ctx, config.n_layers, limits));
-        Ok(Self { config, weights, ctx, path: file.path().to_path_buf(), max_batch: DEFAULT_MAX_BATCH, scratch: Mutex::new(None), adapters, lora_mode: LoraMode::from_env() })
+        Ok(Self {
+            config,
+            weights,
+            ctx,
+            path: file.path().to_path_buf(),
+            max_batch: DEFAULT_MAX_BATCH,
+            scratch: Mutex::new(None),
+            adapters,
+            lora_mode: LoraMode::from_env(),
+        })
     }
 
     /// The GGUF file this model came from.
@@ -323,7 +332,11 @@ impl Model {
                 return Err(Error::BadToken { id, n_vocab });
             }
             if s.kv.layers.len() != self.config.n_layers {
-                return Err(Error::InvalidOption(format!("a KV cache of {} layers used with a model of {}", s.kv.layers.len(), self.config.n_layers)));
+                return Err(Error::InvalidOption(format!(
+                    "a KV cache of {} layers used with a model of {}",
+                    s.kv.layers.len(),
+                    self.config.n_layers
+                )));
             }
             s.kv.reserve(s.tokens.len())?;
         }
@@ -348,7 +361,11 @@ impl Model {
             None => None,
             Some(_) if seqs.len() > 1 => return Err(Error::InvalidOption("a token tree takes a call of its own".into())),
             Some(_) if seqs[0].tokens.len() > self.max_batch => {
-                return Err(Error::InvalidOption(format!("a token tree of {} tokens; at most {} fit one pass", seqs[0].tokens.len(), self.max_batch)));
+                return Err(Error::InvalidOption(format!(
+                    "a token tree of {} tokens; at most {} fit one pass",
+                    seqs[0].tokens.len(),
+                    self.max_batch
+                )));
             }
             Some(_) => Some(tree_rows(seqs[0].tree.unwrap_or_default(), seqs[0].tokens.len())?),
         };
@@ -359,7 +376,10 @@ impl Model {
         let chunk = if want == Logits::All { logit_cap } else { self.max_batch };
         let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if seqs.len() > 1 && (total > chunk || seqs.len() > logit_cap) {
-            return Err(Error::InvalidOption(format!("a batch of {} sequences holds {total} tokens; at most {chunk} fit one pass", seqs.len())));
+            return Err(Error::InvalidOption(format!(
+                "a batch of {} sequences holds {total} tokens; at most {chunk} fit one pass",
+                seqs.len()
+            )));
         }
         // Chunks of (sequence, first token, tokens): one sequence may span several passes,
         // several sequences share one.
@@ -416,7 +436,9 @@ impl Model {
             let n_rows: usize = logit_rows.iter().map(|r| r.1).sum();
             match pick {
                 Some(Pick::Greedy) if n_rows > 0 => argmax(&mut rec, &self.ctx, &s.logits, 0, n_vocab, n_rows, &s.picked)?,
-                Some(Pick::Sample(cfg, u)) if n_rows > 0 => sample(&mut rec, &self.ctx, &s.logits, 0, n_vocab, cfg.top_k, cfg.temperature, cfg.top_p, u, &s.picked)?,
+                Some(Pick::Sample(cfg, u)) if n_rows > 0 => {
+                    sample(&mut rec, &self.ctx, &s.logits, 0, n_vocab, cfg.top_k, cfg.temperature, cfg.top_p, u, &s.picked)?
+                }
                 _ => {}
             }
             rec.submit();
@@ -467,7 +489,15 @@ impl Model {
 
     /// `y = W·x` for projection `proj` of `layer`, with the chunk's adapters that target it
     /// (shrink, then the expand fused into the base product).
-    fn project(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, proj: Proj, w: &WeightMatrix, io: MatmulIo) -> Result<()> {
+    fn project(
+        &self,
+        rec: &mut Recorder,
+        lora: Option<&ChunkLora>,
+        layer: usize,
+        proj: Proj,
+        w: &WeightMatrix,
+        io: MatmulIo,
+    ) -> Result<()> {
         let ctx = &*self.ctx;
         let slots = lora.and_then(|l| l.registry.slots(layer, proj, l.active));
         let (Some(l), Some(slots)) = (lora, &slots) else { return matmul(rec, ctx, w, io) };
@@ -487,7 +517,17 @@ impl Model {
     /// ([`LayerWeights::wqkv`]) and the rows interleaved — with the chunk's adapters, one shrink
     /// over their stacked A matrices first — else one each.
     #[allow(clippy::too_many_arguments)]
-    fn qkv_projections(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, x: &wgpu::Buffer, norm: Option<RowNorm>, qkv: &QkvRows, t: usize) -> Result<()> {
+    fn qkv_projections(
+        &self,
+        rec: &mut Recorder,
+        lora: Option<&ChunkLora>,
+        layer: usize,
+        lw: &LayerWeights,
+        x: &wgpu::Buffer,
+        norm: Option<RowNorm>,
+        qkv: &QkvRows,
+        t: usize,
+    ) -> Result<()> {
         let ctx = &*self.ctx;
         const QKV: [Proj; 3] = [Proj::Q, Proj::K, Proj::V];
         if let Some(w) = lw.wqkv.as_ref().filter(|_| qkv.interleaved) {
@@ -499,7 +539,15 @@ impl Model {
                     let (a_pack, b_pack) = l.registry.packs();
                     let (q, kv) = (self.config.q_dim(), self.config.kv_dim());
                     if let Some(st) = l.registry.stacked_slots(layer, &QKV, &[q, kv, kv], w.cols, l.active) {
-                        let lora = |slots, u_splits| LoraIo { a_pack, b_pack, row_slot: l.row_slot, u: l.u, max_rank: st.max_rank, slots, u_splits };
+                        let lora = |slots, u_splits| LoraIo {
+                            a_pack,
+                            b_pack,
+                            row_slot: l.row_slot,
+                            u: l.u,
+                            max_rank: st.max_rank,
+                            slots,
+                            u_splits,
+                        };
                         lora_shrink(rec, ctx, w.cols, &MatmulIo { lora: Some(lora(&st.shrink, None)), ..io })?;
                         return matmul(rec, ctx, w, MatmulIo { lora: Some(lora(&st.expand, Some([q, q + kv]))), ..io });
                     }
@@ -508,7 +556,14 @@ impl Model {
             }
         }
         for (proj, w, r) in [(Proj::Q, &lw.wq, qkv.q), (Proj::K, &lw.wk, qkv.k), (Proj::V, &lw.wv, qkv.v)] {
-            self.project(rec, lora, layer, proj, w, MatmulIo { y_offset: r.offset, y_stride: r.stride, norm, ..MatmulIo::dense(x, r.buf, w, t) })?;
+            self.project(
+                rec,
+                lora,
+                layer,
+                proj,
+                w,
+                MatmulIo { y_offset: r.offset, y_stride: r.stride, norm, ..MatmulIo::dense(x, r.buf, w, t) },
+            )?;
         }
         Ok(())
     }
@@ -516,7 +571,17 @@ impl Model {
     /// The gate and up projections of `x` (normalized by `norm` on the way in, if given) into
     /// `s.gate` and `s.up`, each its own product.
     #[allow(clippy::too_many_arguments)]
-    fn gate_up(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, s: &Scratch, x: &wgpu::Buffer, norm: Option<RowNorm>, t: usize) -> Result<()> {
+    fn gate_up(
+        &self,
+        rec: &mut Recorder,
+        lora: Option<&ChunkLora>,
+        layer: usize,
+        lw: &LayerWeights,
+        s: &Scratch,
+        x: &wgpu::Buffer,
+        norm: Option<RowNorm>,
+        t: usize,
+    ) -> Result<()> {
         self.project(rec, lora, layer, Proj::Gate, &lw.w_gate, MatmulIo { norm, ..MatmulIo::dense(x, &s.gate, &lw.w_gate, t) })?;
         self.project(rec, lora, layer, Proj::Up, &lw.w_up, MatmulIo { norm, ..MatmulIo::dense(x, &s.up, &lw.w_up, t) })
     }
@@ -525,7 +590,15 @@ impl Model {
     /// into the products): one dispatch for the norm, both projections and the GLU where the two
     /// share a buffer (adapters on either shrink first and expand inside it; with
     /// `LoraMode::Separate` and adapters, or without a shared buffer, three steps).
-    fn gated_ffn(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, lw: &LayerWeights, s: &Scratch, t: usize) -> Result<()> {
+    fn gated_ffn(
+        &self,
+        rec: &mut Recorder,
+        lora: Option<&ChunkLora>,
+        layer: usize,
+        lw: &LayerWeights,
+        s: &Scratch,
+        t: usize,
+    ) -> Result<()> {
         let (ctx, c) = (&*self.ctx, &self.config);
         let (gate, up) = (&lw.w_gate, &lw.w_up);
         let norm = Some(RowNorm { w: &lw.ffn_norm, eps: c.norm_eps });
@@ -548,7 +621,16 @@ impl Model {
     /// logits for the `(first row, rows)` ranges of `logit_rows`, packed in order. With `trace`
     /// (one segment) every activation the backward pass reads is copied there as it is made.
     #[allow(clippy::too_many_arguments)]
-    fn record_chunk(&self, rec: &mut Recorder, s: &Scratch, segs: &[Segment], logit_rows: &[(usize, usize)], lora: Option<&ChunkLora>, tree: Option<&wgpu::Buffer>, trace: Option<&backward::ForwardTrace>) -> Result<()> {
+    fn record_chunk(
+        &self,
+        rec: &mut Recorder,
+        s: &Scratch,
+        segs: &[Segment],
+        logit_rows: &[(usize, usize)],
+        lora: Option<&ChunkLora>,
+        tree: Option<&wgpu::Buffer>,
+        trace: Option<&backward::ForwardTrace>,
+    ) -> Result<()> {
         let (c, w, ctx) = (&self.config, &self.weights, &*self.ctx);
         let t: usize = segs.iter().map(|g| g.len).sum();
         // Copy `floats` floats per row of the chunk from `src` (at float `from`) to a trace buffer.
@@ -579,7 +661,13 @@ impl Model {
             let qkv = QkvRows::new(c, &s.qkv, t, tr.is_none() && lw.qk_norm.is_none());
             self.qkv_projections(rec, lora, l, lw, x, norm, &qkv, t)?;
             let rp = c.layer_rope(l);
-            let shape = AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
+            let shape = AttentionShape {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: hd,
+                window: c.layer_window(l),
+                scale: c.attn_scale,
+            };
             for g in segs {
                 let (kc, vc) = &g.kv.layers[l];
                 let pos0 = g.kv.len();
@@ -637,7 +725,18 @@ impl Model {
 
     /// `h += W·x`, or with a post-norm (gemma3) `h += rmsnorm(W·x)`.
     #[allow(clippy::too_many_arguments)]
-    fn residual(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, layer: usize, proj: Proj, wm: &WeightMatrix, x: &wgpu::Buffer, post_norm: Option<&wgpu::Buffer>, s: &Scratch, t: usize) -> Result<()> {
+    fn residual(
+        &self,
+        rec: &mut Recorder,
+        lora: Option<&ChunkLora>,
+        layer: usize,
+        proj: Proj,
+        wm: &WeightMatrix,
+        x: &wgpu::Buffer,
+        post_norm: Option<&wgpu::Buffer>,
+        s: &Scratch,
+        t: usize,
+    ) -> Result<()> {
         let (ctx, d) = (&*self.ctx, self.config.d_model);
         match post_norm {
             None => self.project(rec, lora, layer, proj, wm, MatmulIo { accumulate: true, ..MatmulIo::dense(x, &s.h, wm, t) }),

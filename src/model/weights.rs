@@ -108,12 +108,7 @@ impl Weights {
             Some(_) => Some(ld.matrix("output.weight", c.n_vocab, d)?),
             None => None,
         };
-        Ok(Self {
-            embed: ld.matrix("token_embd.weight", c.n_vocab, d)?,
-            layers,
-            out_norm: ld.vector("output_norm.weight", d)?,
-            lm_head,
-        })
+        Ok(Self { embed: ld.matrix("token_embd.weight", c.n_vocab, d)?, layers, out_norm: ld.vector("output_norm.weight", d)?, lm_head })
     }
 
     /// The matrix that maps the final hidden state to logits.
@@ -123,7 +118,8 @@ impl Weights {
 
     /// Bytes of weights resident on the GPU.
     pub fn n_bytes(&self) -> usize {
-        let mats = |l: &LayerWeights| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.n_bytes()).sum::<usize>();
+        let mats =
+            |l: &LayerWeights| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.n_bytes()).sum::<usize>();
         self.embed.n_bytes() + self.lm_head.as_ref().map_or(0, |m| m.n_bytes()) + self.layers.iter().map(mats).sum::<usize>()
     }
 }

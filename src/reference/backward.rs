@@ -50,7 +50,17 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], dy: &[f32], n: usize, eps: f32) -
 /// Gradients of causal attention from position 0 ([`super::attention`] with `pos0 = 0`) with
 /// respect to `q`, `k` and `v`, given the output's gradient `dout`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], n_heads: usize, n_kv_heads: usize, head_dim: usize, window: usize, scale: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    window: usize,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n_tokens = q.len() / (n_heads * head_dim);
     let kv_row = n_kv_heads * head_dim;
     let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);

@@ -63,7 +63,17 @@ fn rotate(x: &mut [f32], n_heads: usize, head_dim: usize, rope: &Rope, pos0: usi
 /// Causal attention of `n_tokens` queries at positions `pos0..` over keys/values `0..pos0+n_tokens`
 /// (rows of `n_kv_heads × head_dim`), optionally within a sliding window.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], n_heads: usize, n_kv_heads: usize, head_dim: usize, pos0: usize, window: usize, scale: f32) -> Vec<f32> {
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    pos0: usize,
+    window: usize,
+    scale: f32,
+) -> Vec<f32> {
     let n_tokens = q.len() / (n_heads * head_dim);
     let kv_row = n_kv_heads * head_dim;
     let mut out = vec![0f32; q.len()];

@@ -11,12 +11,21 @@ pub fn random_vec(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
 
 /// A random adapter of `rank` on `projs` of every layer of a model shaped like `c` (values in
 /// ±`scale`; alpha = 2·rank so the trained multiplier is 2).
-pub fn random_adapter(rng: &mut SplitMix64, c: &crate::model::ModelConfig, rank: usize, projs: &[crate::lora::Proj], scale: f32) -> crate::lora::LoraAdapter {
+pub fn random_adapter(
+    rng: &mut SplitMix64,
+    c: &crate::model::ModelConfig,
+    rank: usize,
+    projs: &[crate::lora::Proj],
+    scale: f32,
+) -> crate::lora::LoraAdapter {
     let mut targets = std::collections::BTreeMap::new();
     for layer in 0..c.n_layers {
         for &p in projs {
             let (out, inp) = p.shape(c);
-            targets.insert((layer, p), crate::lora::LoraWeights { a: random_vec(rng, rank * inp, scale), b: random_vec(rng, out * rank, scale) });
+            targets.insert(
+                (layer, p),
+                crate::lora::LoraWeights { a: random_vec(rng, rank * inp, scale), b: random_vec(rng, out * rank, scale) },
+            );
         }
     }
     crate::lora::LoraAdapter { rank, alpha: 2.0 * rank as f32, use_rslora: false, invocation_tokens: None, targets }

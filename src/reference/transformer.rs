@@ -5,9 +5,9 @@ use super::ops;
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::lora::{LoraAdapter, LoraWeights, Proj};
+use crate::model::ModelConfig;
 use std::collections::BTreeMap;
 use std::ops::Range;
-use crate::model::ModelConfig;
 
 /// An adapter as the reference applies it: `y += multiplier · adapter.scale() · B·A·x` on rows
 /// `from..` (rows before it are an activated LoRA's un-invoked prefix).
@@ -157,7 +157,23 @@ impl ReferenceModel {
                 None => y_pre.clone(),
             };
             let h_out = add(&h_mid, &y);
-            layers.push(LayerTrace { h_in: std::mem::replace(&mut h, h_out), x1, q_pre, k_pre, q, k, v, att, o_pre, h_mid, x2, gate, up, g, y_pre });
+            layers.push(LayerTrace {
+                h_in: std::mem::replace(&mut h, h_out),
+                x1,
+                q_pre,
+                k_pre,
+                q,
+                k,
+                v,
+                att,
+                o_pre,
+                h_mid,
+                x2,
+                gate,
+                up,
+                g,
+                y_pre,
+            });
         }
         let x = ops::rms_norm(&h, &self.out_norm, d, eps);
         (ops::matmul(&self.output, &x, c.n_vocab, d), Trace { layers, h_final: h })
@@ -172,7 +188,12 @@ impl ReferenceModel {
     /// [`masked_loss`](Self::masked_loss) with `lora` and its gradient with respect to every A and
     /// B matrix of the adapter (same layout as the adapter's), by backpropagation through the
     /// whole model. The base weights are frozen.
-    pub fn lora_loss_and_grads(&self, tokens: &[u32], lora: ReferenceAdapter, targets: &[Range<usize>]) -> (f32, BTreeMap<(usize, Proj), LoraWeights>) {
+    pub fn lora_loss_and_grads(
+        &self,
+        tokens: &[u32],
+        lora: ReferenceAdapter,
+        targets: &[Range<usize>],
+    ) -> (f32, BTreeMap<(usize, Proj), LoraWeights>) {
         let c = &self.config;
         let (d, hd, eps) = (c.d_model, c.head_dim, c.norm_eps);
         let (logits, trace) = self.run(tokens, Some(lora));
@@ -200,7 +221,8 @@ impl ReferenceModel {
                 None => dh.clone(),
             };
             let datt = back(Proj::O, &ly.wo, &t.att, &do_pre);
-            let (mut dq, mut dk, dv) = backward::attention_backward(&t.q, &t.k, &t.v, &datt, c.n_heads, c.n_kv_heads, hd, c.layer_window(l), c.attn_scale);
+            let (mut dq, mut dk, dv) =
+                backward::attention_backward(&t.q, &t.k, &t.v, &datt, c.n_heads, c.n_kv_heads, hd, c.layer_window(l), c.attn_scale);
             let rp = c.layer_rope(l);
             ops::rope_backward(&mut dq, c.n_heads, hd, &rp, 0);
             ops::rope_backward(&mut dk, c.n_kv_heads, hd, &rp, 0);
@@ -218,7 +240,16 @@ impl ReferenceModel {
 
     /// `dx` of [`project`](Self::project), accumulating the adapter's `dA` and `dB` into `grad`.
     #[allow(clippy::too_many_arguments)]
-    fn project_backward(&self, l: usize, p: Proj, w: &[f32], x: &[f32], dy: &[f32], lora: ReferenceAdapter, grad: Option<&mut LoraWeights>) -> Vec<f32> {
+    fn project_backward(
+        &self,
+        l: usize,
+        p: Proj,
+        w: &[f32],
+        x: &[f32],
+        dy: &[f32],
+        lora: ReferenceAdapter,
+        grad: Option<&mut LoraWeights>,
+    ) -> Vec<f32> {
         let (n, k) = p.shape(&self.config);
         let mut dx = backward::matmul_backward_x(w, dy, n, k);
         let (Some(lw), Some(grad)) = (lora.adapter.targets.get(&(l, p)), grad) else { return dx };

@@ -39,7 +39,8 @@ impl Server {
             return Err(Error::InvalidOption("max_queue must be at least 1".into()));
         }
         let model = backend.engine.model.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "agentflux".into());
-        let limits = WorkerLimits { n_ctx: opts.n_ctx.min(backend.engine.model.config.n_ctx_train), default_max_tokens: opts.default_max_tokens };
+        let limits =
+            WorkerLimits { n_ctx: opts.n_ctx.min(backend.engine.model.config.n_ctx_train), default_max_tokens: opts.default_max_tokens };
         let (jobs, queue) = mpsc::sync_channel(opts.max_queue);
         let (ready_tx, ready) = mpsc::channel();
         let worker = std::thread::Builder::new()
@@ -112,12 +113,25 @@ fn handle(shared: &Shared, request: Request) {
         (Method::Post, "/v1/chat/completions") => chat(shared, request),
         (Method::Get, "/v1/models") => {
             let created = now();
-            respond(request, 200, &json!({"object": "list", "data": [{"id": shared.model, "object": "model", "created": created, "owned_by": "agentflux"}]}), &[])
+            respond(
+                request,
+                200,
+                &json!({"object": "list", "data": [{"id": shared.model, "object": "model", "created": created, "owned_by": "agentflux"}]}),
+                &[],
+            )
         }
         (Method::Get, "/health") => respond(request, 200, &json!({"status": "ok"}), &[]),
-        (_, "/v1/chat/completions") => error(request, ApiError::status(405, format!("{method} is not allowed here: use POST")), &[("Allow", "POST")]),
-        (_, "/v1/models" | "/health") => error(request, ApiError::status(405, format!("{method} is not allowed here: use GET")), &[("Allow", "GET")]),
-        _ => error(request, ApiError::status(404, format!("no route {path}: this server answers POST /v1/chat/completions and GET /v1/models")), &[]),
+        (_, "/v1/chat/completions") => {
+            error(request, ApiError::status(405, format!("{method} is not allowed here: use POST")), &[("Allow", "POST")])
+        }
+        (_, "/v1/models" | "/health") => {
+            error(request, ApiError::status(405, format!("{method} is not allowed here: use GET")), &[("Allow", "GET")])
+        }
+        _ => error(
+            request,
+            ApiError::status(404, format!("no route {path}: this server answers POST /v1/chat/completions and GET /v1/models")),
+            &[],
+        ),
     };
     tracing::info!("{method} {path} {status} in {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
 }
@@ -145,7 +159,13 @@ fn chat(shared: &Shared, mut request: Request) -> u16 {
     let (events, answer) = mpsc::channel();
     match shared.jobs.try_send(Job { request: parsed, events, seq }) {
         Ok(()) => {}
-        Err(TrySendError::Full(_)) => return error(request, ApiError::status(503, format!("{} requests are already waiting for the GPU; retry later", shared.opts.max_queue)), &[("Retry-After", "1")]),
+        Err(TrySendError::Full(_)) => {
+            return error(
+                request,
+                ApiError::status(503, format!("{} requests are already waiting for the GPU; retry later", shared.opts.max_queue)),
+                &[("Retry-After", "1")],
+            )
+        }
         Err(TrySendError::Disconnected(_)) => return error(request, ApiError::status(503, "the engine has stopped"), &[]),
     }
     let envelope = Envelope { id: format!("chatcmpl-{seq}"), created: now(), model: shared.model.clone() };
@@ -206,8 +226,16 @@ fn stream_events(request: Request, envelope: &Envelope, first: Event, rest: Rece
         let last = matches!(e, Event::Done { .. } | Event::Failed(_));
         sent = match e {
             Event::Text(t) => event(&mut w, &envelope.chunk(json!({"content": t}), None)),
-            Event::ToolCall { id, name } => event(&mut w, &envelope.chunk(json!({"tool_calls": [{"index": 0, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]}), None)),
-            Event::Arguments(a) => event(&mut w, &envelope.chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}), None)),
+            Event::ToolCall { id, name } => event(
+                &mut w,
+                &envelope.chunk(
+                    json!({"tool_calls": [{"index": 0, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                    None,
+                ),
+            ),
+            Event::Arguments(a) => {
+                event(&mut w, &envelope.chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}), None))
+            }
             Event::Failed(e) => event(&mut w, &e.body()),
             Event::Done { finish_reason, usage, call } => {
                 let mut end = envelope.chunk(json!({}), Some(finish_reason));

@@ -45,7 +45,9 @@ impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
         use crate::Error as E;
         match e {
-            E::ContextOverflow { .. } => Self { status: 400, message: e.to_string(), param: Some("messages".into()), code: Some("context_length_exceeded") },
+            E::ContextOverflow { .. } => {
+                Self { status: 400, message: e.to_string(), param: Some("messages".into()), code: Some("context_length_exceeded") }
+            }
             E::InvalidOption(_) | E::Template(_) | E::Tokenizer(_) => Self::status(400, e.to_string()),
             _ => Self::status(500, e.to_string()),
         }
@@ -94,14 +96,21 @@ pub fn parse_request(body: &[u8], max_result_chars: usize) -> Result<ChatRequest
     refuse_unsupported(o)?;
     let catalog = match o.get("tools") {
         None | Some(Value::Null) => Catalog::default(),
-        Some(t) => Catalog::from_openai_tools("request", t).map_err(|e| ApiError::invalid("tools", e.to_string().trim_start_matches("invalid option: ").to_string()))?,
+        Some(t) => Catalog::from_openai_tools("request", t)
+            .map_err(|e| ApiError::invalid("tools", e.to_string().trim_start_matches("invalid option: ").to_string()))?,
     };
     let work = tool_choice(o.get("tool_choice"), &catalog)?;
-    let messages = read_messages(o.get("messages"), max_result_chars).map_err(|e| ApiError::invalid(e.param, e.message))?.into_iter().map(|m| m.chat).collect();
+    let messages = read_messages(o.get("messages"), max_result_chars)
+        .map_err(|e| ApiError::invalid(e.param, e.message))?
+        .into_iter()
+        .map(|m| m.chat)
+        .collect();
     let stream = opt_bool(o, "stream")?.unwrap_or(false);
     let include_usage = match o.get("stream_options") {
         None | Some(Value::Null) => false,
-        Some(Value::Object(so)) => opt_bool(so, "include_usage").map_err(|e| ApiError { param: Some("stream_options.include_usage".into()), ..e })?.unwrap_or(false),
+        Some(Value::Object(so)) => opt_bool(so, "include_usage")
+            .map_err(|e| ApiError { param: Some("stream_options.include_usage".into()), ..e })?
+            .unwrap_or(false),
         Some(_) => return Err(ApiError::invalid("stream_options", "stream_options must be an object")),
     };
     let max_tokens = match (opt_uint(o, "max_completion_tokens")?, opt_uint(o, "max_tokens")?) {
@@ -135,10 +144,16 @@ fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
         }
     }
     if o.get("stop").is_some_and(|s| !s.is_null()) {
-        return Err(ApiError::invalid("stop", "stop sequences are not supported: text ends at the model's end-of-turn token or max_tokens"));
+        return Err(ApiError::invalid(
+            "stop",
+            "stop sequences are not supported: text ends at the model's end-of-turn token or max_tokens",
+        ));
     }
     if o.get("logprobs").is_some_and(|l| l.as_bool() == Some(true)) {
-        return Err(ApiError::invalid("logprobs", "logprobs are not supported (tool calls carry their candidates' probabilities under \"agentflux\")"));
+        return Err(ApiError::invalid(
+            "logprobs",
+            "logprobs are not supported (tool calls carry their candidates' probabilities under \"agentflux\")",
+        ));
     }
     if let Some(f) = o.get("response_format").filter(|f| !f.is_null()) {
         if f.get("type").and_then(Value::as_str) != Some("text") {
@@ -229,7 +244,14 @@ pub fn tool_call_json(id: &str, name: &str, arguments: &str) -> Value {
 impl Envelope {
     /// A whole answer: text or one tool call, why it ended, usage, and AgentFlux's own details
     /// of a call (confidence, every candidate's probability, stage timings) under `agentflux`.
-    pub fn completion(&self, text: Option<&str>, tool_call: Option<Value>, finish_reason: &str, usage: Usage, details: Option<Value>) -> Value {
+    pub fn completion(
+        &self,
+        text: Option<&str>,
+        tool_call: Option<Value>,
+        finish_reason: &str,
+        usage: Usage,
+        details: Option<Value>,
+    ) -> Value {
         let mut message = json!({"role": "assistant", "content": text});
         if let Some(c) = tool_call {
             message["tool_calls"] = json!([c]);
@@ -279,7 +301,10 @@ mod tests {
         assert_eq!(work(json!("auto")), Ok(Work::Call(ToolChoice::Auto)));
         assert_eq!(work(json!("required")), Ok(Work::Call(ToolChoice::Required)));
         assert_eq!(work(json!("none")), Ok(Work::Answer));
-        assert_eq!(work(json!({"type": "function", "function": {"name": "get_weather"}})), Ok(Work::Call(ToolChoice::Function("get_weather".into()))));
+        assert_eq!(
+            work(json!({"type": "function", "function": {"name": "get_weather"}})),
+            Ok(Work::Call(ToolChoice::Function("get_weather".into())))
+        );
         assert_eq!(work(json!({"type": "function", "function": {"name": "nope"}})).unwrap_err().param.as_deref(), Some("tool_choice"));
         assert_eq!(work(json!("sometimes")).unwrap_err().param.as_deref(), Some("tool_choice"));
         assert_eq!(parse(json!({"messages": user})).unwrap().work, Work::Chat);
@@ -296,7 +321,10 @@ mod tests {
             (json!({"messages": [{"role": "user"}]}), "messages[0].content"),
             (json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "messages[0].content[0]"),
             (json!({"messages": [{"role": "tool", "tool_call_id": "c1", "content": "x"}]}), "messages[0].tool_call_id"),
-            (json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}), "messages[0].tool_calls[0].function.arguments"),
+            (
+                json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
             (json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}), "tools"),
             (json!({"messages": [{"role": "user", "content": "x"}], "temperature": 3}), "temperature"),
             (json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}), "max_tokens"),

@@ -99,14 +99,20 @@ impl Worker<'_> {
                 // A client that left stops the call at its next token.
                 let call = self.caller.call_with(session, &r.catalog, &r.messages, &adapters, choice, |e| {
                     let sent = match e {
-                        CallEvent::Chosen(name) if name != FINISH => job.events.send(Event::ToolCall { id: format!("call_{}", job.seq), name: name.to_string() }),
+                        CallEvent::Chosen(name) if name != FINISH => {
+                            job.events.send(Event::ToolCall { id: format!("call_{}", job.seq), name: name.to_string() })
+                        }
                         CallEvent::Chosen(_) => Ok(()),
                         CallEvent::ArgumentToken(t) => match stream.push(t) {
                             Ok(piece) if !piece.is_empty() => job.events.send(Event::Arguments(piece)),
                             _ => Ok(()),
                         },
                     };
-                    if sent.is_ok() { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
+                    if sent.is_ok() {
+                        ControlFlow::Continue(())
+                    } else {
+                        ControlFlow::Break(())
+                    }
                 })?;
                 let rest = stream.finish()?;
                 if !rest.is_empty() {
@@ -133,7 +139,15 @@ impl Worker<'_> {
         }
         let room = n_ctx - prompt.len();
         let max_tokens = match job.request.max_tokens {
-            Some(n) if n > room => return Err(ApiError { code: Some("context_length_exceeded"), ..ApiError::invalid("max_tokens", format!("the prompt has {} tokens, so at most {room} more fit in the context of {n_ctx}, not {n}", prompt.len())) }),
+            Some(n) if n > room => {
+                return Err(ApiError {
+                    code: Some("context_length_exceeded"),
+                    ..ApiError::invalid(
+                        "max_tokens",
+                        format!("the prompt has {} tokens, so at most {room} more fit in the context of {n_ctx}, not {n}", prompt.len()),
+                    )
+                })
+            }
             Some(n) => n,
             None => self.limits.default_max_tokens.min(room),
         };

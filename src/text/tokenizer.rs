@@ -11,7 +11,9 @@
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetaValue};
-use tokenizers::decoders::{byte_fallback::ByteFallback, byte_level::ByteLevel as ByteLevelDecoder, fuse::Fuse, sequence::Sequence as DecoderSeq, DecoderWrapper};
+use tokenizers::decoders::{
+    byte_fallback::ByteFallback, byte_level::ByteLevel as ByteLevelDecoder, fuse::Fuse, sequence::Sequence as DecoderSeq, DecoderWrapper,
+};
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{replace::Replace, NormalizerWrapper};
 use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence, split::Split, PreTokenizerWrapper};
@@ -23,7 +25,8 @@ const TYPE_USER_DEFINED: i64 = 4;
 
 /// Pre-tokenizer regexes of the gpt2-style vocabularies, keyed by `tokenizer.ggml.pre`.
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A tokenizer and the special tokens the engine needs.
@@ -94,7 +97,8 @@ impl Tokenizer {
                 }
             }
         }
-        let special = types.iter().map(|&t| t == TYPE_CONTROL || t == TYPE_USER_DEFINED).chain(std::iter::repeat(false)).take(tokens.len()).collect();
+        let special =
+            types.iter().map(|&t| t == TYPE_CONTROL || t == TYPE_USER_DEFINED).chain(std::iter::repeat(false)).take(tokens.len()).collect();
         let spelling = if model == "gpt2" { Spelling::ByteLevel } else { Spelling::SentencePiece };
         Ok(Self { inner, bos, eos, stop, add_bos, tokens, special, spelling })
     }
@@ -147,11 +151,15 @@ impl Tokenizer {
                     return [&[0xFFu8][..], t.as_bytes()].concat();
                 }
                 match self.spelling {
-                    Spelling::ByteLevel => t.chars().map(|c| byte_of.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| t.as_bytes().to_vec()),
-                    Spelling::SentencePiece => match t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                        Some(b) if t.len() == 6 => vec![b],
-                        _ => t.replace('\u{2581}', " ").into_bytes(),
-                    },
+                    Spelling::ByteLevel => {
+                        t.chars().map(|c| byte_of.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| t.as_bytes().to_vec())
+                    }
+                    Spelling::SentencePiece => {
+                        match t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                            Some(b) if t.len() == 6 => vec![b],
+                            _ => t.replace('\u{2581}', " ").into_bytes(),
+                        }
+                    }
                 }
             })
             .collect()
@@ -193,9 +201,12 @@ fn gpt2(f: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
         .collect::<Result<Vec<_>>>()?;
     let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(false).build().map_err(tok_err)?;
-    let pre = f.meta("tokenizer.ggml.pre").and_then(|v| if let MetaValue::String(s) = v { Some(s.as_str()) } else { None }).unwrap_or("default");
+    let pre =
+        f.meta("tokenizer.ggml.pre").and_then(|v| if let MetaValue::String(s) = v { Some(s.as_str()) } else { None }).unwrap_or("default");
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
-        Ok(Split::new(tokenizers::pre_tokenizers::split::SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false).map_err(tok_err)?.into())
+        Ok(Split::new(tokenizers::pre_tokenizers::split::SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(tok_err)?
+            .into())
     };
     let byte_level = |regex: bool| -> PreTokenizerWrapper { ByteLevel::new(false, false, regex).into() };
     let steps: Vec<PreTokenizerWrapper> = match pre {

@@ -66,7 +66,15 @@ impl Agent {
     }
 
     /// Run `task` to its answer; `on_event` sees each step as it happens. Returns the events.
-    pub fn run(&mut self, caller: &ToolCaller, session: &mut Session, adapters: &AdapterSet, task: &str, opts: &AgentOptions, mut on_event: impl FnMut(&AgentEvent)) -> Result<Vec<AgentEvent>> {
+    pub fn run(
+        &mut self,
+        caller: &ToolCaller,
+        session: &mut Session,
+        adapters: &AdapterSet,
+        task: &str,
+        opts: &AgentOptions,
+        mut on_event: impl FnMut(&AgentEvent),
+    ) -> Result<Vec<AgentEvent>> {
         let mut events = Vec::new();
         let mut emit = |e: AgentEvent, events: &mut Vec<AgentEvent>| {
             on_event(&e);
@@ -89,7 +97,9 @@ impl Agent {
                 break;
             }
             let group = self.catalog.groups.iter().position(|g| g.tools.iter().any(|t| t.name == call.name));
-            let server = group.and_then(|g| self.servers.get_mut(g)).ok_or_else(|| Error::InvalidOption(format!("no server provides {}", call.name)))?;
+            let server = group
+                .and_then(|g| self.servers.get_mut(g))
+                .ok_or_else(|| Error::InvalidOption(format!("no server provides {}", call.name)))?;
             let (text, is_error) = match server.call_tool(&call.name, &call.arguments) {
                 Ok(r) => (r.text(), r.is_error),
                 // A broken server is reported to the model like a failed tool, once.

@@ -283,7 +283,9 @@ impl ToolCaller {
         let best = match self.strategy {
             Strategy::Shared => (0..names.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap_or(0),
             // Seeded by the prompt's length, so a rerun of the same example votes the same.
-            Strategy::Reference { samples, seed } => majority_vote(&probs, samples, &mut SplitMix64(seed ^ (prompt.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))),
+            Strategy::Reference { samples, seed } => {
+                majority_vote(&probs, samples, &mut SplitMix64(seed ^ (prompt.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            }
         };
         Ok(Choice { names, tokens, probs, best })
     }
@@ -298,7 +300,15 @@ impl ToolCaller {
     /// [`call`](Self::call) restricted by `choice`, reporting the choice and each argument token
     /// to `on_event` as they happen. `on_event` returning `Break` stops the call there (a client
     /// that left) with [`Error::Cancelled`].
-    pub fn call_with(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], adapters: &AdapterSet, choice: &ToolChoice, mut on_event: impl FnMut(CallEvent) -> ControlFlow<()>) -> Result<ToolCall> {
+    pub fn call_with(
+        &self,
+        session: &mut Session,
+        catalog: &Catalog,
+        messages: &[ChatMessage],
+        adapters: &AdapterSet,
+        choice: &ToolChoice,
+        mut on_event: impl FnMut(CallEvent) -> ControlFlow<()>,
+    ) -> Result<ToolCall> {
         let before = session.stats();
         let t0 = Instant::now();
         let prefix = self.prefix_tokens(catalog, messages)?;
@@ -342,7 +352,15 @@ impl ToolCaller {
             arguments,
             confidence,
             candidates,
-            stats: CallStats { prefix_tokens: prefix.len(), prefix_ms, select_ms, args_ms, name_tokens, arg_tokens, session: session_stats },
+            stats: CallStats {
+                prefix_tokens: prefix.len(),
+                prefix_ms,
+                select_ms,
+                args_ms,
+                name_tokens,
+                arg_tokens,
+                session: session_stats,
+            },
             output: None,
         })
     }
@@ -399,7 +417,14 @@ impl ToolCaller {
     /// The selector stage after `prompt` (the prefix and the first cue): the chosen name, its
     /// probability and every candidate's. `prompt` is extended with what was chosen, up to the
     /// chosen tool's name.
-    fn select(&self, session: &mut Session, catalog: &Catalog, prompt: &mut Vec<u32>, plan: Option<Activation>, choice: &ToolChoice) -> Result<(String, Option<f64>, BTreeMap<String, f64>)> {
+    fn select(
+        &self,
+        session: &mut Session,
+        catalog: &Catalog,
+        prompt: &mut Vec<u32>,
+        plan: Option<Activation>,
+        choice: &ToolChoice,
+    ) -> Result<(String, Option<f64>, BTreeMap<String, f64>)> {
         let maybe_finish = |mut v: Vec<String>| {
             if *choice == ToolChoice::Auto {
                 v.push(FINISH.to_string());
@@ -417,7 +442,11 @@ impl ToolCaller {
         if !self.hierarchical(catalog) {
             let tools = self.choose(session, prompt, maybe_finish(catalog.names().into_iter().map(str::to_string).collect()), plan)?;
             prompt.extend_from_slice(&tools.tokens[tools.best]);
-            return Ok((tools.names[tools.best].clone(), Some(tools.probs[tools.best]), tools.names.into_iter().zip(tools.probs).collect()));
+            return Ok((
+                tools.names[tools.best].clone(),
+                Some(tools.probs[tools.best]),
+                tools.names.into_iter().zip(tools.probs).collect(),
+            ));
         }
         let servers = self.choose(session, prompt, maybe_finish(catalog.groups.iter().map(|g| g.server.clone()).collect()), plan)?;
         let mut candidates = BTreeMap::new();
@@ -460,7 +489,14 @@ impl ToolCaller {
 
     /// The final answer after the model chose `finish`: free text continuing the same assistant
     /// turn (`call: finish` then the answer), reusing the cached conversation.
-    pub fn answer(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<String> {
+    pub fn answer(
+        &self,
+        session: &mut Session,
+        catalog: &Catalog,
+        messages: &[ChatMessage],
+        opts: &GenerateOptions,
+        on_token: impl FnMut(u32),
+    ) -> Result<String> {
         let prompt = self.answer_prompt(catalog, messages)?;
         let g = session.generate(&prompt, None, opts, on_token)?;
         let text: Vec<u32> = g.tokens.into_iter().filter(|t| !self.tokenizer.is_stop(*t)).collect();
@@ -484,7 +520,13 @@ impl ToolCaller {
     /// The monolithic baseline: the base model sees every tool's schema in its prompt and writes
     /// the whole call as `{"name":..,"arguments":{..}}` — freely (parsed afterwards; it may fail
     /// to parse or to validate), or with `constrained` under one schema covering every tool.
-    pub fn call_monolithic(&self, session: &mut Session, catalog: &Catalog, messages: &[ChatMessage], constrained: bool) -> Result<ToolCall> {
+    pub fn call_monolithic(
+        &self,
+        session: &mut Session,
+        catalog: &Catalog,
+        messages: &[ChatMessage],
+        constrained: bool,
+    ) -> Result<ToolCall> {
         let before = session.stats();
         let t0 = Instant::now();
         let tools: Vec<Value> = catalog
@@ -507,7 +549,8 @@ impl ToolCaller {
                 .chain([(FINISH, serde_json::json!({"type": "object", "properties": {}}))])
                 .map(|(name, schema)| serde_json::json!({"type": "object", "properties": {"name": {"const": name}, "arguments": schema}, "required": ["name", "arguments"]}))
                 .collect();
-            let (v, n) = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}), &mut |_| ControlFlow::Continue(()))?;
+            let (v, n) =
+                self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}), &mut |_| ControlFlow::Continue(()))?;
             (v.to_string(), n)
         } else {
             let opts = GenerateOptions::greedy(MAX_FREE_CALL_TOKENS, &self.tokenizer);
@@ -523,13 +566,26 @@ impl ToolCaller {
             arguments,
             confidence: None,
             candidates: BTreeMap::new(),
-            stats: CallStats { prefix_tokens: prompt.len(), args_ms: ms(t0), arg_tokens: n, session: session.stats() - before, ..Default::default() },
+            stats: CallStats {
+                prefix_tokens: prompt.len(),
+                args_ms: ms(t0),
+                arg_tokens: n,
+                session: session.stats() - before,
+                ..Default::default()
+            },
             output: Some(text),
         })
     }
 
     /// Greedy decoding of one JSON value under `schema` after `prompt`.
-    fn arguments(&self, session: &mut Session, prompt: &[u32], plan: Option<Activation>, schema: &Value, on_token: &mut dyn FnMut(u32) -> ControlFlow<()>) -> Result<(Value, usize)> {
+    fn arguments(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        plan: Option<Activation>,
+        schema: &Value,
+        on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+    ) -> Result<(Value, usize)> {
         let mut constraint = self.constraints.json(schema)?;
         let mut logits = session.prefill(prompt, plan)?;
         let n_vocab = logits.len();
@@ -554,7 +610,9 @@ impl ToolCaller {
             logits = session.step(next, plan)?;
         }
         let text = self.tokenizer.decode(&out, true)?;
-        let value: Value = serde_json::from_str(text.trim()).map_err(|e| Error::InvalidOption(format!("arguments did not finish within {MAX_ARG_TOKENS} tokens or are not JSON ({e}): {text}")))?;
+        let value: Value = serde_json::from_str(text.trim()).map_err(|e| {
+            Error::InvalidOption(format!("arguments did not finish within {MAX_ARG_TOKENS} tokens or are not JSON ({e}): {text}"))
+        })?;
         Ok((value, out.len()))
     }
 }
@@ -582,7 +640,8 @@ fn majority_vote(probs: &[f64], samples: usize, rng: &mut SplitMix64) -> usize {
 }
 
 fn first_json_object(text: &str) -> Option<Value> {
-    text.match_indices('{').find_map(|(i, _)| serde_json::Deserializer::from_str(&text[i..]).into_iter::<Value>().next().and_then(|r| r.ok()))
+    text.match_indices('{')
+        .find_map(|(i, _)| serde_json::Deserializer::from_str(&text[i..]).into_iter::<Value>().next().and_then(|r| r.ok()))
 }
 
 /// The outcome of one scored choice.

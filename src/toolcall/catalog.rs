@@ -48,11 +48,16 @@ impl Catalog {
     /// Read an OpenAI `tools` array (`[{"type":"function","function":{name, description,
     /// parameters}}]`) as one group named `server`.
     pub fn from_openai_tools(server: &str, v: &Value) -> Result<Self> {
-        let list = v.as_array().ok_or_else(|| Error::InvalidOption("tools: expected a JSON array of {\"type\":\"function\",\"function\":{..}}".into()))?;
+        let list = v
+            .as_array()
+            .ok_or_else(|| Error::InvalidOption("tools: expected a JSON array of {\"type\":\"function\",\"function\":{..}}".into()))?;
         let mut tools = Vec::new();
         for (i, item) in list.iter().enumerate() {
             let f = item.get("function").ok_or_else(|| Error::InvalidOption(format!("tools[{i}]: no \"function\" object")))?;
-            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| Error::InvalidOption(format!("tools[{i}].function: no \"name\" string")))?;
+            let name = f
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::InvalidOption(format!("tools[{i}].function: no \"name\" string")))?;
             tools.push(Tool {
                 name: name.to_string(),
                 description: f.get("description").and_then(Value::as_str).unwrap_or("").to_string(),

@@ -34,12 +34,14 @@ pub struct ConstraintFactory {
 impl ConstraintFactory {
     /// Index `tokenizer`'s vocabulary.
     pub fn new(tokenizer: Arc<Tokenizer>) -> Result<Self> {
-        let eos = tokenizer.eos.or_else(|| tokenizer.stop.first().copied()).ok_or_else(|| Error::Tokenizer("no end-of-sequence token".into()))?;
+        let eos =
+            tokenizer.eos.or_else(|| tokenizer.stop.first().copied()).ok_or_else(|| Error::Tokenizer("no end-of-sequence token".into()))?;
         let info = TokRxInfo::new(tokenizer.n_vocab() as u32, eos);
         let trie = TokTrie::from(&info, &tokenizer.token_bytes());
         let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer });
         let caps = InferenceCapabilities { ff_tokens: false, backtrack: false, conditional_ff_tokens: false, fork: false };
-        let mut factory = ParserFactory::new(&env, caps, &SlicedBiasComputer::general_slices()).map_err(|e| Error::Tokenizer(format!("constraint vocabulary: {e}")))?;
+        let mut factory = ParserFactory::new(&env, caps, &SlicedBiasComputer::general_slices())
+            .map_err(|e| Error::Tokenizer(format!("constraint vocabulary: {e}")))?;
         factory.quiet();
         Ok(Self { factory, eos })
     }

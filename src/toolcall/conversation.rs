@@ -76,20 +76,30 @@ pub fn read_messages(v: Option<&Value>, max_result_chars: usize) -> Result<Vec<M
                 }
                 for (j, c) in tool_calls.iter().enumerate() {
                     let at = |field: &str| format!("messages[{i}].tool_calls[{j}]{field}");
-                    let name = c.pointer("/function/name").and_then(Value::as_str).ok_or_else(|| err(at(".function.name"), "a tool call needs function.name".into()))?;
+                    let name = c
+                        .pointer("/function/name")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| err(at(".function.name"), "a tool call needs function.name".into()))?;
                     let arguments: Value = match c.pointer("/function/arguments") {
                         None | Some(Value::Null) => Value::Object(Default::default()),
-                        Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| err(at(".function.arguments"), format!("arguments must be a JSON string: {e}")))?,
+                        Some(Value::String(s)) => serde_json::from_str(s)
+                            .map_err(|e| err(at(".function.arguments"), format!("arguments must be a JSON string: {e}")))?,
                         Some(_) => return Err(err(at(".function.arguments"), "arguments must be a string of JSON".into())),
                     };
                     if let Some(id) = c.get("id").and_then(Value::as_str) {
                         calls.insert(id.to_string(), name.to_string());
                     }
-                    out.push(Message { chat: ToolCaller::call_message_for(name, &arguments), turn: Some(AssistantTurn::Call { name: name.to_string(), arguments }) });
+                    out.push(Message {
+                        chat: ToolCaller::call_message_for(name, &arguments),
+                        turn: Some(AssistantTurn::Call { name: name.to_string(), arguments }),
+                    });
                 }
             }
             "tool" => {
-                let id = m.get("tool_call_id").and_then(Value::as_str).ok_or_else(|| err(at(".tool_call_id"), "a tool message needs tool_call_id".into()))?;
+                let id = m
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| err(at(".tool_call_id"), "a tool message needs tool_call_id".into()))?;
                 let name = calls.get(id).ok_or_else(|| err(at(".tool_call_id"), format!("'{id}' answers no earlier tool call")))?;
                 out.push(Message { chat: ToolCaller::result_message(name, &content.unwrap_or_default(), max_result_chars), turn: None });
             }
@@ -109,7 +119,12 @@ fn text_content(v: Option<&Value>, param: &str) -> Result<Option<String>, FieldE
             for (k, p) in parts.iter().enumerate() {
                 match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(t)) => text.push_str(t),
-                    (kind, _) => return Err(FieldError { param: format!("{param}[{k}]"), message: format!("only text parts are supported, not {}", kind.unwrap_or("an untyped part")) }),
+                    (kind, _) => {
+                        return Err(FieldError {
+                            param: format!("{param}[{k}]"),
+                            message: format!("only text parts are supported, not {}", kind.unwrap_or("an untyped part")),
+                        })
+                    }
                 }
             }
             Ok(Some(text))

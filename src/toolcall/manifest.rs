@@ -58,7 +58,11 @@ impl AdapterSet {
         let m = Manifest::read(dir)?;
         let ours = model.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if !m.base_model.is_empty() && m.base_model != ours {
-            return Err(Error::InvalidOption(format!("{}: adapters trained for {} cannot run on {ours}", dir.join(MANIFEST_FILE).display(), m.base_model)));
+            return Err(Error::InvalidOption(format!(
+                "{}: adapters trained for {} cannot run on {ours}",
+                dir.join(MANIFEST_FILE).display(),
+                m.base_model
+            )));
         }
         let load = |rel: &str| model.load_adapter(dir.join(rel)).map(ActiveAdapter::new);
         let selector = m.selector.as_deref().map(load).transpose()?;

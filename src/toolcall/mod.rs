@@ -11,9 +11,11 @@ pub mod schema;
 mod select;
 
 pub use agent::{Agent, AgentEvent, AgentOptions, MAX_RESULT_CHARS};
-pub use call::{AdapterSet, CallEvent, CallLayout, CallStats, Strategy, ToolCall, ToolCaller, ToolChoice, ARGS_CUE, SCHEMA_CUE, SELECT_CUE, SERVER_CUE};
+pub use call::{
+    AdapterSet, CallEvent, CallLayout, CallStats, Strategy, ToolCall, ToolCaller, ToolChoice, ARGS_CUE, SCHEMA_CUE, SELECT_CUE, SERVER_CUE,
+};
 pub use catalog::{short_description, Catalog, ToolGroup, FINISH};
-pub use conversation::{read_messages, AssistantTurn, FieldError, Message};
 pub use constraint::{ConstraintFactory, JsonConstraint, MAX_ARRAY_ITEMS, MAX_STRING_CHARS};
+pub use conversation::{read_messages, AssistantTurn, FieldError, Message};
 pub use manifest::{Manifest, MANIFEST_FILE};
 pub use select::{normalise, TokenTrie};

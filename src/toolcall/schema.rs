@@ -29,7 +29,8 @@ pub fn validate(value: &Value, schema: &Value) -> Result<(), SchemaViolation> {
 /// `value` with every object's keys in the order its schema declares them (the order the schema
 /// constraint writes them in); keys the schema does not declare keep their place after those.
 pub fn canonical(value: &Value, schema: &Value) -> Value {
-    let branch = ["anyOf", "oneOf"].iter().filter_map(|k| schema.get(*k).and_then(Value::as_array)).flatten().find(|b| validate(value, b).is_ok());
+    let branch =
+        ["anyOf", "oneOf"].iter().filter_map(|k| schema.get(*k).and_then(Value::as_array)).flatten().find(|b| validate(value, b).is_ok());
     if let Some(b) = branch {
         return canonical(value, b);
     }
@@ -41,7 +42,9 @@ pub fn canonical(value: &Value, schema: &Value) -> Value {
             let sub = |k: &str| props.and_then(|p| p.get(k)).or_else(|| schema.get("additionalProperties")).unwrap_or(&Value::Bool(true));
             Value::Object(declared.chain(rest).map(|k| (k.clone(), canonical(&o[k], sub(k)))).collect())
         }
-        Value::Array(items) => Value::Array(items.iter().map(|x| canonical(x, schema.get("items").unwrap_or(&Value::Bool(true)))).collect()),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|x| canonical(x, schema.get("items").unwrap_or(&Value::Bool(true)))).collect())
+        }
         other => other.clone(),
     }
 }
@@ -176,7 +179,8 @@ mod tests {
             "edits": {"type": "array", "items": {"type": "object", "properties": {"old": {"type": "string"}}, "required": ["old"]}},
             "any": {"anyOf": [{"type": "string"}, {"type": "null"}]},
         }, "required": ["path"]});
-        validate(&json!({"path": "a", "n": 2, "x": 1.5, "ok": true, "mode": "r", "tags": ["t"], "edits": [{"old": "o"}], "any": null}), &s).unwrap();
+        validate(&json!({"path": "a", "n": 2, "x": 1.5, "ok": true, "mode": "r", "tags": ["t"], "edits": [{"old": "o"}], "any": null}), &s)
+            .unwrap();
         validate(&json!({"path": "a", "n": 2.0}), &s).unwrap();
         assert_eq!(why(json!({}), &s), "$: the required key \"path\" is missing");
         assert_eq!(why(json!({"path": 3}), &s), "$.path: expected string, got integer");

@@ -123,7 +123,8 @@ fn read_line(line: &str, max_result_chars: usize) -> Result<(Catalog, Vec<Messag
     for m in &messages {
         match &m.turn {
             Some(AssistantTurn::Call { name, arguments }) => {
-                let (_, tool) = catalog.find(name).ok_or_else(|| (DropKind::UnknownTool, format!("calls '{name}', which is not in tools")))?;
+                let (_, tool) =
+                    catalog.find(name).ok_or_else(|| (DropKind::UnknownTool, format!("calls '{name}', which is not in tools")))?;
                 schema::validate(arguments, &tool.input_schema).map_err(|e| (DropKind::InvalidArguments, format!("{name}: {e}")))?;
                 actions += 1;
             }
@@ -180,14 +181,18 @@ mod tests {
     #[test]
     fn invalid_lines_are_dropped_with_their_reason() {
         let lines = [
-            line(json!([{"role": "user", "content": "read a"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "read_file", "arguments": "{\"path\":\"a\"}"}}]}, {"role": "tool", "tool_call_id": "c", "content": "text"}, {"role": "assistant", "content": "It says text."}])),
+            line(
+                json!([{"role": "user", "content": "read a"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "read_file", "arguments": "{\"path\":\"a\"}"}}]}, {"role": "tool", "tool_call_id": "c", "content": "text"}, {"role": "assistant", "content": "It says text."}]),
+            ),
             "not json".to_string(),
             line(call("{\"path\": 3}")),
             line(call("{}")),
             line(call("{\"path\": \"a\", \"extra\": 1}")),
             line(call("{\"path\": \"a\", \"mode\": \"hex\"}")),
             line(call("{\"path\": \"a\", \"head\": 1.5}")),
-            line(json!([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "delete_all", "arguments": "{}"}}]}])),
+            line(
+                json!([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "delete_all", "arguments": "{}"}}]}]),
+            ),
             line(json!([{"role": "user", "content": "only a question"}])),
             json!({"messages": [{"role": "user", "content": "x"}]}).to_string(),
             line(json!([{"role": "tool", "tool_call_id": "nope", "content": "x"}])),
@@ -197,7 +202,21 @@ mod tests {
         assert_eq!(kept[0].turns().count(), 2, "a call and the final text answer");
         let kinds: Vec<(usize, DropKind)> = report.dropped.iter().map(|d| (d.line, d.kind)).collect();
         use DropKind::*;
-        assert_eq!(kinds, [(2, NotJson), (3, InvalidArguments), (4, InvalidArguments), (5, InvalidArguments), (6, InvalidArguments), (7, InvalidArguments), (8, UnknownTool), (9, NothingToLearn), (10, BadTools), (11, BadMessages)]);
+        assert_eq!(
+            kinds,
+            [
+                (2, NotJson),
+                (3, InvalidArguments),
+                (4, InvalidArguments),
+                (5, InvalidArguments),
+                (6, InvalidArguments),
+                (7, InvalidArguments),
+                (8, UnknownTool),
+                (9, NothingToLearn),
+                (10, BadTools),
+                (11, BadMessages)
+            ]
+        );
         assert!(report.dropped[1].reason.contains("$.path: expected string"), "{:?}", report.dropped[1]);
         assert!(report.dropped[2].reason.contains("\"path\" is missing"));
         assert!(report.dropped[3].reason.contains("undeclared"));

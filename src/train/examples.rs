@@ -47,7 +47,12 @@ impl Example {
 
 /// Every example of `trajectories`. A trajectory with any sequence over `max_tokens` is dropped
 /// whole (recorded in `report`), so no conversation is learned in part.
-pub fn decoupled_examples(caller: &ToolCaller, trajectories: &[Trajectory], max_tokens: usize, report: &mut DataReport) -> Result<Vec<Example>> {
+pub fn decoupled_examples(
+    caller: &ToolCaller,
+    trajectories: &[Trajectory],
+    max_tokens: usize,
+    report: &mut DataReport,
+) -> Result<Vec<Example>> {
     let mut out = Vec::new();
     for t in trajectories {
         let mut mine = Vec::new();
@@ -60,13 +65,29 @@ pub fn decoupled_examples(caller: &ToolCaller, trajectories: &[Trajectory], max_
             };
             let layout = caller.call_layout(&t.catalog, &context, name, arguments)?;
             let choice_end = layout.choice_spans.last().map_or(layout.prefix_len, |r| r.end);
-            mine.push(Example { role: AdapterRole::Selector, tokens: layout.tokens[..choice_end].to_vec(), active_from: layout.prefix_len, targets: layout.choice_spans.clone(), line: t.line, name: name.to_string() });
+            mine.push(Example {
+                role: AdapterRole::Selector,
+                tokens: layout.tokens[..choice_end].to_vec(),
+                active_from: layout.prefix_len,
+                targets: layout.choice_spans.clone(),
+                line: t.line,
+                name: name.to_string(),
+            });
             if let (Some(from), Some(span)) = (layout.args_from, layout.args_span) {
-                mine.push(Example { role: AdapterRole::Arguments(name.to_string()), tokens: layout.tokens, active_from: from, targets: vec![span], line: t.line, name: name.to_string() });
+                mine.push(Example {
+                    role: AdapterRole::Arguments(name.to_string()),
+                    tokens: layout.tokens,
+                    active_from: from,
+                    targets: vec![span],
+                    line: t.line,
+                    name: name.to_string(),
+                });
             }
         }
         match mine.iter().map(|e| e.tokens.len()).max() {
-            Some(n) if n > max_tokens => report.drop_line(t.line, DropKind::TooLong, format!("a sequence of {n} tokens is over the limit of {max_tokens}")),
+            Some(n) if n > max_tokens => {
+                report.drop_line(t.line, DropKind::TooLong, format!("a sequence of {n} tokens is over the limit of {max_tokens}"))
+            }
             _ => out.extend(mine),
         }
     }
@@ -91,7 +112,13 @@ pub struct SplitExamples {
 /// The seeded 80/10/10 split of `trajectories`, each part laid out as decoupled examples. The
 /// valid lines are split before over-length ones are dropped, so `max_tokens` never moves a line
 /// into another part; `agentflux train` and `agentflux data check` both split here.
-pub fn split_examples(caller: &ToolCaller, trajectories: Vec<Trajectory>, seed: u64, max_tokens: usize, report: &mut DataReport) -> Result<SplitExamples> {
+pub fn split_examples(
+    caller: &ToolCaller,
+    trajectories: Vec<Trajectory>,
+    seed: u64,
+    max_tokens: usize,
+    report: &mut DataReport,
+) -> Result<SplitExamples> {
     let parts = split(trajectories, seed);
     let mut lay_out = |part: Vec<Trajectory>| -> Result<SplitPart> {
         let examples = decoupled_examples(caller, &part, max_tokens, report)?;

@@ -278,16 +278,29 @@ fn join<K: std::fmt::Display>(m: &BTreeMap<K, usize>) -> String {
 
 /// The tools in OpenAI's `tools` shape.
 pub fn openai_tools(tools: &[Tool]) -> Value {
-    Value::Array(tools.iter().map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}})).collect())
+    Value::Array(
+        tools
+            .iter()
+            .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}}))
+            .collect(),
+    )
 }
 
 /// Build `opts.conversations` conversations with `server` (running in `opts.workspace`), one
 /// JSONL line each; `on_line` sees each line as it is made (progress, writing).
-pub fn synthesize(seed: &Seed, server: &mut McpClient, opts: &SynthOptions, mut on_line: impl FnMut(usize, &str) -> Result<()>) -> Result<SynthReport> {
+pub fn synthesize(
+    seed: &Seed,
+    server: &mut McpClient,
+    opts: &SynthOptions,
+    mut on_line: impl FnMut(usize, &str) -> Result<()>,
+) -> Result<SynthReport> {
     let tools = server.list_tools()?;
     for name in seed.tools.keys().chain(seed.chains.iter().flat_map(|c| c.calls.iter().map(|k| &k.name))) {
         if !tools.iter().any(|t| &t.name == name) {
-            return Err(Error::InvalidOption(format!("the seed names tool '{name}', which the server '{}' does not have", server.command())));
+            return Err(Error::InvalidOption(format!(
+                "the seed names tool '{name}', which the server '{}' does not have",
+                server.command()
+            )));
         }
     }
     let tools_json = openai_tools(&tools);
@@ -311,26 +324,37 @@ pub fn synthesize(seed: &Seed, server: &mut McpClient, opts: &SynthOptions, mut 
                 continue;
             }
             let mut b = Bindings::default();
-            let (request, calls): (String, Vec<(String, Value, &str)>) = if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
-                let chain = &seed.chains[below(&mut rng, seed.chains.len())];
-                let phrasing = &chain.phrasings[below(&mut rng, chain.phrasings.len())];
-                let request = b.render_text(phrasing, seed, &conv.ws, &mut rng)?;
-                let calls = chain.calls.iter().map(|k| Ok((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?, seed.tools.get(&k.name).map_or("Done.", |t| t.answer.as_str())))).collect::<Result<_>>()?;
-                report.chains += 1;
-                (request, calls)
-            } else {
-                let name = tool_names[below(&mut rng, tool_names.len())];
-                let tool = &seed.tools[name];
-                let form = &tool.forms[below(&mut rng, tool.forms.len())];
-                if !form.cases.is_empty() {
-                    b.take_case(&form.cases[below(&mut rng, form.cases.len())], &conv.ws);
-                }
-                let styles: Vec<(&String, &Vec<String>)> = form.phrasings.iter().filter(|(_, v)| !v.is_empty()).collect();
-                let (style, list) = styles[below(&mut rng, styles.len())];
-                let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
-                *report.styles.entry(style.clone()).or_default() += 1;
-                (request, vec![(name.clone(), b.render(&form.arguments, seed, &conv.ws, &mut rng)?, tool.answer.as_str())])
-            };
+            let (request, calls): (String, Vec<(String, Value, &str)>) =
+                if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
+                    let chain = &seed.chains[below(&mut rng, seed.chains.len())];
+                    let phrasing = &chain.phrasings[below(&mut rng, chain.phrasings.len())];
+                    let request = b.render_text(phrasing, seed, &conv.ws, &mut rng)?;
+                    let calls = chain
+                        .calls
+                        .iter()
+                        .map(|k| {
+                            Ok((
+                                k.name.clone(),
+                                b.render(&k.arguments, seed, &conv.ws, &mut rng)?,
+                                seed.tools.get(&k.name).map_or("Done.", |t| t.answer.as_str()),
+                            ))
+                        })
+                        .collect::<Result<_>>()?;
+                    report.chains += 1;
+                    (request, calls)
+                } else {
+                    let name = tool_names[below(&mut rng, tool_names.len())];
+                    let tool = &seed.tools[name];
+                    let form = &tool.forms[below(&mut rng, tool.forms.len())];
+                    if !form.cases.is_empty() {
+                        b.take_case(&form.cases[below(&mut rng, form.cases.len())], &conv.ws);
+                    }
+                    let styles: Vec<(&String, &Vec<String>)> = form.phrasings.iter().filter(|(_, v)| !v.is_empty()).collect();
+                    let (style, list) = styles[below(&mut rng, styles.len())];
+                    let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
+                    *report.styles.entry(style.clone()).or_default() += 1;
+                    (request, vec![(name.clone(), b.render(&form.arguments, seed, &conv.ws, &mut rng)?, tool.answer.as_str())])
+                };
             let request = if seed.values.contains_key("distractor") && unit(&mut rng) < opts.distractor_rate {
                 report.distractors += 1;
                 let d = b.render_text("{distractor}", seed, &conv.ws, &mut rng)?;
@@ -353,7 +377,11 @@ pub fn synthesize(seed: &Seed, server: &mut McpClient, opts: &SynthOptions, mut 
                 *report.calls.entry(name.clone()).or_default() += 1;
                 conv.call(&name, &args, &text);
                 let shown = cut(&text, opts.max_answer_chars);
-                answers.push(if result.is_error { format!("The tool reported an error: {shown}") } else { fill_answer(answer, &args, &shown) });
+                answers.push(if result.is_error {
+                    format!("The tool reported an error: {shown}")
+                } else {
+                    fill_answer(answer, &args, &shown)
+                });
             }
             conv.assistant_text(answers.join("\n\n"));
         }
@@ -430,7 +458,10 @@ impl Bindings {
             return Ok(v.clone());
         }
         let list_name = slot.split('#').next().unwrap_or(slot);
-        let list = seed.values.get(list_name).ok_or_else(|| Error::InvalidOption(format!("the seed uses {{{slot}}} but has no values.{list_name}")))?;
+        let list = seed
+            .values
+            .get(list_name)
+            .ok_or_else(|| Error::InvalidOption(format!("the seed uses {{{slot}}} but has no values.{list_name}")))?;
         let taken: Vec<Value> = self.0.iter().filter(|(k, _)| k.split('#').next() == Some(list_name)).map(|(_, v)| v.clone()).collect();
         let fresh: Vec<Value> = list.iter().map(|v| with_ws(v, ws)).filter(|v| !taken.contains(v)).collect();
         let pool = if fresh.is_empty() { list.iter().map(|v| with_ws(v, ws)).collect() } else { fresh };

@@ -5,9 +5,9 @@ use super::{AdamW, Example, Schedule};
 use crate::decode::SplitMix64;
 use crate::error::{Error, Result};
 use crate::lora::{ActiveAdapter, AdapterId, LoraAdapter, LoraWeights, Proj};
-use std::path::{Path, PathBuf};
 use crate::model::{Model, PrefixCache};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// How to train.
@@ -43,7 +43,21 @@ pub struct TrainOptions {
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        Self { rank: 8, alpha: 16.0, steps: 200, batch: 4, lr: 1e-3, min_lr: 1e-4, warmup: 10, optimizer: AdamW::default(), eval_every: 50, seed: 0, checkpoint: None, stop_after: None, init: None }
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            steps: 200,
+            batch: 4,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 10,
+            optimizer: AdamW::default(),
+            eval_every: 50,
+            seed: 0,
+            checkpoint: None,
+            stop_after: None,
+            init: None,
+        }
     }
 }
 
@@ -80,7 +94,14 @@ pub fn init_adapter(model: &Model, rank: usize, alpha: f32, seed: u64) -> LoraAd
 
 /// Train an adapter named `name` on `train` (examples of one role), reporting validation loss
 /// on `val`. Returns the trained adapter (its config and weights) and the last validation loss.
-pub fn train_adapter(model: &Model, name: &str, train: &[Example], val: &[Example], opts: &TrainOptions, mut on_progress: impl FnMut(&Progress)) -> Result<(LoraAdapter, Option<f32>)> {
+pub fn train_adapter(
+    model: &Model,
+    name: &str,
+    train: &[Example],
+    val: &[Example],
+    opts: &TrainOptions,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<(LoraAdapter, Option<f32>)> {
     if train.is_empty() {
         return Err(Error::InvalidOption(format!("{name}: no training examples")));
     }
@@ -104,7 +125,16 @@ pub fn train_adapter(model: &Model, name: &str, train: &[Example], val: &[Exampl
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(model: &Model, id: AdapterId, init: &LoraAdapter, train: &[Example], val: &[Example], opts: &TrainOptions, resume: Option<Checkpoint>, on_progress: &mut impl FnMut(&Progress)) -> Result<Option<f32>> {
+fn run(
+    model: &Model,
+    id: AdapterId,
+    init: &LoraAdapter,
+    train: &[Example],
+    val: &[Example],
+    opts: &TrainOptions,
+    resume: Option<Checkpoint>,
+    on_progress: &mut impl FnMut(&Progress),
+) -> Result<Option<f32>> {
     let adapter = ActiveAdapter::new(id);
     let buffers = model.adapter_training()?;
     let scratch = model.adapter_buffers()?;
@@ -230,7 +260,8 @@ impl Checkpoint {
 
     fn load(dir: &Path, model: &Model) -> Result<Self> {
         let bad = |what: String| Error::InvalidOption(format!("checkpoint {}: {what}", dir.display()));
-        let state: State = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).map_err(|e| bad(e.to_string()))?).map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
+        let state: State = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
         let adapter = LoraAdapter::load_peft(dir.join("adapter"), &model.config, &Default::default())?;
         let bytes = std::fs::read(dir.join(MOMENTS_FILE)).map_err(|e| bad(format!("{MOMENTS_FILE}: {e}")))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{MOMENTS_FILE}: {e}")))?;
@@ -238,7 +269,11 @@ impl Checkpoint {
             let t = st.tensor(name).map_err(|e| bad(format!("{MOMENTS_FILE}: {name}: {e}")))?;
             Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
         };
-        Ok(Self { adapter, moments: [read(MOMENT_NAMES[0])?, read(MOMENT_NAMES[1])?, read(MOMENT_NAMES[2])?, read(MOMENT_NAMES[3])?], state })
+        Ok(Self {
+            adapter,
+            moments: [read(MOMENT_NAMES[0])?, read(MOMENT_NAMES[1])?, read(MOMENT_NAMES[2])?, read(MOMENT_NAMES[3])?],
+            state,
+        })
     }
 }
 

@@ -2,25 +2,26 @@
 #![allow(dead_code)]
 
 use agentflux::decode::SplitMix64;
-use agentflux::gpu::{DeviceClass, GpuContext, GpuOptions};
 use agentflux::gguf::{BlockFormat, GgufFile};
+use agentflux::gpu::{DeviceClass, GpuContext, GpuOptions};
 use agentflux::model::Model;
-use agentflux::text::{ChatTemplate, Tokenizer};
 use agentflux::reference::{tiny_model, TinyModelSpec};
+use agentflux::text::{ChatTemplate, Tokenizer};
 use std::sync::{Arc, OnceLock};
 
 /// The GPU every test in this binary uses (lavapipe on CI).
 pub fn ctx() -> Arc<GpuContext> {
     static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| Arc::new(GpuContext::new(&GpuOptions::default()).expect("a GPU adapter (install mesa-vulkan-drivers)")))
-        .clone()
+    CTX.get_or_init(|| Arc::new(GpuContext::new(&GpuOptions::default()).expect("a GPU adapter (install mesa-vulkan-drivers)"))).clone()
 }
 
 /// A context on the default device for each kernel family (see `DeviceClass`): the CPU-backed
 /// family, the GPU family with subgroup shuffles where the device has them, and the GPU family
 /// with its workgroup-memory reduction. Each names itself for assertion messages.
 pub fn kernel_families() -> Vec<(String, Arc<GpuContext>)> {
-    let make = |kernels, no_subgroups| Arc::new(GpuContext::new(&GpuOptions { kernels: Some(kernels), no_subgroups, ..Default::default() }).expect("a GPU adapter"));
+    let make = |kernels, no_subgroups| {
+        Arc::new(GpuContext::new(&GpuOptions { kernels: Some(kernels), no_subgroups, ..Default::default() }).expect("a GPU adapter"))
+    };
     let gpu = make(DeviceClass::Gpu, false);
     let reduce = if gpu.subgroups_hold(8) { "subgroup shuffles" } else { "workgroup memory (no subgroups of 8)" };
     vec![
@@ -32,9 +33,10 @@ pub fn kernel_families() -> Vec<(String, Arc<GpuContext>)> {
 
 /// A fresh seed each run (AGENTFLUX_SEED reproduces one), printed so a failure can be replayed.
 pub fn rng(test: &str) -> SplitMix64 {
-    let seed = std::env::var("AGENTFLUX_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("AGENTFLUX_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
     eprintln!("{test}: seed {seed} (rerun with AGENTFLUX_SEED={seed})");
     SplitMix64(seed)
 }

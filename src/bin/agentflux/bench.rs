@@ -88,9 +88,16 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if a.json {
         let rows: Vec<_> = rows.iter().map(|r| serde_json::json!({"test": r.test, "tok_s": r.tok_s, "vs": r.vs.as_ref().map(|v| &v.0), "ratio": r.vs.as_ref().map(|v| v.1)})).collect();
-        let profiles: Vec<_> = profiles.iter().map(|(what, per, k)| serde_json::json!({"test": what, "per_token": per, "kernels": k})).collect();
-        let memory: Vec<_> = memory.iter().map(|(after, m)| serde_json::json!({"after": after, "gpu_buffers": m.gpu_buffers, "host_peak": m.host_peak})).collect();
-        println!("{}", serde_json::json!({"model": path, "device": eng.ctx.describe(), "rows": rows, "memory": memory, "profiles": profiles}));
+        let profiles: Vec<_> =
+            profiles.iter().map(|(what, per, k)| serde_json::json!({"test": what, "per_token": per, "kernels": k})).collect();
+        let memory: Vec<_> = memory
+            .iter()
+            .map(|(after, m)| serde_json::json!({"after": after, "gpu_buffers": m.gpu_buffers, "host_peak": m.host_peak}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"model": path, "device": eng.ctx.describe(), "rows": rows, "memory": memory, "profiles": profiles})
+        );
     } else {
         println!("| engine | model | device | test | tok/s | vs |");
         println!("|---|---|---|---|---:|---|");
@@ -134,7 +141,10 @@ fn print_memory(memory: &[(String, MemoryUse)]) {
 /// The profile of `what`, per token.
 fn print_profile(what: &str, per: usize, kernels: &[KernelTime]) {
     let total: f64 = kernels.iter().map(|k| k.seconds).sum();
-    println!("\n{what}: GPU time per token by kernel ({:.2} ms per token in all; each dispatch timed alone)\n", total * 1e3 / per.max(1) as f64);
+    println!(
+        "\n{what}: GPU time per token by kernel ({:.2} ms per token in all; each dispatch timed alone)\n",
+        total * 1e3 / per.max(1) as f64
+    );
     print!("{}", profile_table(kernels, per, "token"));
 }
 
@@ -159,7 +169,13 @@ impl DecodeBatch {
     }
 
     fn step(&mut self, m: &Model, next: &[u32]) -> Result<Vec<u32>> {
-        let mut seqs: Vec<Sequence> = self.caches.iter_mut().zip(next).zip(&self.plans).map(|((kv, t), p)| Sequence::adapted(kv, std::slice::from_ref(t), *p, 0)).collect();
+        let mut seqs: Vec<Sequence> = self
+            .caches
+            .iter_mut()
+            .zip(next)
+            .zip(&self.plans)
+            .map(|((kv, t), p)| Sequence::adapted(kv, std::slice::from_ref(t), *p, 0))
+            .collect();
         Ok(m.next_tokens_greedy(&mut seqs)?)
     }
 
@@ -226,7 +242,8 @@ fn lora_rows(m: &mut Model, a: &Args, tokens: &[u32], reps: usize, rows: &mut Ve
 /// (32 tokens) continuing from one cached prefix, against a fresh prefill for the second stage.
 fn handoff_rows(m: &Model, ids: &[AdapterId], prefix: &[u32], reps: usize, rows: &mut Vec<Row>) -> Result<()> {
     // Warm-up of the adapters' prefill pipelines.
-    Session::new(m, prefix.len() + 8)?.prefill(&prefix[..prefix.len().min(4)], Some(Activation { adapter: ActiveAdapter::new(ids[0]), from: 1 }))?;
+    Session::new(m, prefix.len() + 8)?
+        .prefill(&prefix[..prefix.len().min(4)], Some(Activation { adapter: ActiveAdapter::new(ids[0]), from: 1 }))?;
     let (sel, arg) = (ActiveAdapter::new(ids[0]), ActiveAdapter::new(ids[1]));
     let with = |tail: &[u32]| prefix.iter().chain(tail).copied().collect::<Vec<u32>>();
     let (prompt_a, prompt_b) = (with(&[1, 2]), with(&[3, 4, 5]));
@@ -257,6 +274,10 @@ fn handoff_rows(m: &Model, ids: &[AdapterId], prefix: &[u32], reps: usize, rows:
     // Reported as generated tokens per second over the whole two-stage call.
     let what = format!("handoff: {}-token prefix, then selector 8 + arguments 32 tokens", prefix.len());
     rows.push(Row { test: format!("{what}, re-prefill ({} positions computed)", computed[1]), tok_s: rates[1] * 40.0, vs: None });
-    rows.push(Row { test: format!("{what}, shared KV ({} positions computed)", computed[0]), tok_s: rates[0] * 40.0, vs: Some(("re-prefill".into(), rates[0] / rates[1])) });
+    rows.push(Row {
+        test: format!("{what}, shared KV ({} positions computed)", computed[0]),
+        tok_s: rates[0] * 40.0,
+        vs: Some(("re-prefill".into(), rates[0] / rates[1])),
+    });
     Ok(())
 }

@@ -79,7 +79,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
     let mut catalog = Agent::new(servers)?.catalog;
     if let Some(f) = &a.tools {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?).with_context(|| format!("{} is not JSON", f.display()))?;
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)
+            .with_context(|| format!("{} is not JSON", f.display()))?;
         for g in Catalog::from_openai_tools(&f.display().to_string(), &v)?.groups {
             catalog.add(&g.server, g.tools)?;
         }

@@ -1,13 +1,13 @@
 //! `agentflux data`: training data for the decoupled adapters.
 
 use agentflux::gguf::GgufFile;
+use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::resolve_model;
 use agentflux::text::{ChatTemplate, Tokenizer};
 use agentflux::toolcall::{ToolCaller, MAX_RESULT_CHARS};
-use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::train::{examples::counts, read_trajectories, split_examples, synthesize, AdapterRole, Seed, SynthOptions};
-use std::io::Write;
 use anyhow::{Context, Result};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -94,7 +94,13 @@ impl SynthArgs {
 /// `agentflux data synth`.
 pub fn synth(a: SynthArgs) -> Result<()> {
     let seed = Seed::load(&a.seed_file)?;
-    let opts = SynthOptions { conversations: a.conversations, max_steps: a.max_steps, seed: a.seed, workspace: a.workspace.clone(), ..Default::default() };
+    let opts = SynthOptions {
+        conversations: a.conversations,
+        max_steps: a.max_steps,
+        seed: a.seed,
+        workspace: a.workspace.clone(),
+        ..Default::default()
+    };
     let occupied = std::fs::read_dir(&opts.workspace).map(|mut d| d.next().is_some()).unwrap_or(false);
     if occupied && !a.replace_workspace {
         anyhow::bail!(
@@ -104,15 +110,19 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     }
     // The server starts in the workspace, so it must exist with its files first.
     seed.reset_workspace(&opts.workspace)?;
-    let command = a.mcp.as_deref().map_or_else(|| seed.server_command(&opts.workspace), |c| c.replace("{ws}", &opts.workspace.to_string_lossy()));
-    let mut server = McpClient::spawn(&command, ServerOptions::default()).with_context(|| format!("starting the tool server `{command}`"))?;
+    let command =
+        a.mcp.as_deref().map_or_else(|| seed.server_command(&opts.workspace), |c| c.replace("{ws}", &opts.workspace.to_string_lossy()));
+    let mut server =
+        McpClient::spawn(&command, ServerOptions::default()).with_context(|| format!("starting the tool server `{command}`"))?;
     let mut out = std::io::BufWriter::new(std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?);
     let started = std::time::Instant::now();
     let mut progress = crate::progress::ProgressLine::new(opts.conversations as u64);
     let report = synthesize(&seed, &mut server, &opts, |i, line| {
         writeln!(out, "{line}").map_err(|e| agentflux::Error::io(&a.out, e))?;
         let done = i + 1;
-        progress.update(done as u64, false, || format!("[synth] conversation {done}/{} · {:.0} s", opts.conversations, started.elapsed().as_secs_f64()));
+        progress.update(done as u64, false, || {
+            format!("[synth] conversation {done}/{} · {:.0} s", opts.conversations, started.elapsed().as_secs_f64())
+        });
         Ok(())
     })?;
     out.flush().with_context(|| format!("writing {}", a.out.display()))?;
@@ -133,7 +143,11 @@ fn check(a: CheckArgs) -> Result<()> {
     let parts = split_examples(&caller, trajectories, a.seed, a.max_tokens, &mut report)?;
     let examples: Vec<&agentflux::train::Example> = [&parts.train, &parts.val, &parts.test].into_iter().flat_map(|p| &p.examples).collect();
     let mut out = report.summary(3);
-    out.push_str(&format!("{} examples (sequences of up to {} tokens):\n", examples.len(), examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0)));
+    out.push_str(&format!(
+        "{} examples (sequences of up to {} tokens):\n",
+        examples.len(),
+        examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0)
+    ));
     for (role, (n, targets)) in counts(examples.iter().copied()) {
         let name = match role {
             AdapterRole::Selector => "selector".to_string(),
@@ -141,7 +155,13 @@ fn check(a: CheckArgs) -> Result<()> {
         };
         out.push_str(&format!("  {name}: {n} examples, {targets} target tokens\n"));
     }
-    out.push_str(&format!("split (seed {}): {} train, {} val, {} test\n", a.seed, parts.train.lines.len(), parts.val.lines.len(), parts.test.lines.len()));
+    out.push_str(&format!(
+        "split (seed {}): {} train, {} val, {} test\n",
+        a.seed,
+        parts.train.lines.len(),
+        parts.val.lines.len(),
+        parts.test.lines.len()
+    ));
     print!("{out}");
     if let Some(path) = &a.examples {
         let body: String = parts

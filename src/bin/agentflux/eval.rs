@@ -7,10 +7,10 @@ use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions, Tool};
 use agentflux::session::Session;
 use agentflux::toolcall::{Agent, AgentOptions, Catalog, ToolChoice, FINISH, MAX_RESULT_CHARS};
-use std::ops::ControlFlow;
 use agentflux::train::Seed;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -87,7 +87,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
                 let mut c = Catalog::default();
                 for cmd in cmds {
                     if !servers.contains_key(cmd) {
-                        let mut s = McpClient::spawn(cmd, ServerOptions::default()).with_context(|| format!("line {}: starting `{cmd}`", ex.line))?;
+                        let mut s = McpClient::spawn(cmd, ServerOptions::default())
+                            .with_context(|| format!("line {}: starting `{cmd}`", ex.line))?;
                         let tools = s.list_tools().with_context(|| format!("line {}: listing the tools of `{cmd}`", ex.line))?;
                         servers.insert(cmd.clone(), (s.name(), tools));
                     }
@@ -98,7 +99,9 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             }
         };
         let call = if a.given_tool {
-            l.caller.call_with(&mut session, &catalog, &ex.messages, &l.adapters, &ToolChoice::Function(ex.expected_name.clone()), |_| ControlFlow::Continue(()))
+            l.caller.call_with(&mut session, &catalog, &ex.messages, &l.adapters, &ToolChoice::Function(ex.expected_name.clone()), |_| {
+                ControlFlow::Continue(())
+            })
         } else {
             a.mode.call(&l, &mut session, &catalog, &ex.messages)
         };
@@ -144,12 +147,22 @@ fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
     for (i, task) in tasks.iter().enumerate() {
         seed.reset_workspace(&a.workspace)?;
         let t0 = Instant::now();
-        let servers = task.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default()).with_context(|| format!("line {}: starting `{cmd}`", task.line))).collect::<Result<Vec<_>>>()?;
+        let servers = task
+            .mcp
+            .iter()
+            .map(|cmd| McpClient::spawn(cmd, ServerOptions::default()).with_context(|| format!("line {}: starting `{cmd}`", task.line)))
+            .collect::<Result<Vec<_>>>()?;
         let mut agent = Agent::new(servers).with_context(|| format!("line {}", task.line))?;
-        let run = agent.run(&l.caller, &mut session, &l.adapters, &task.task, &AgentOptions::new(task.max_steps, 160, &l.eng.tokenizer), |_| {});
+        let run =
+            agent.run(&l.caller, &mut session, &l.adapters, &task.task, &AgentOptions::new(task.max_steps, 160, &l.eng.tokenizer), |_| {});
         let mut outcome = match run {
             Ok(events) => judge(task, &events),
-            Err(e) => TaskOutcome { line: task.line, failed: vec![format!("the run failed: {e}")], error: Some(e.to_string()), ..Default::default() },
+            Err(e) => TaskOutcome {
+                line: task.line,
+                failed: vec![format!("the run failed: {e}")],
+                error: Some(e.to_string()),
+                ..Default::default()
+            },
         };
         outcome.ms = t0.elapsed().as_secs_f64() * 1e3;
         outcomes.push(outcome);

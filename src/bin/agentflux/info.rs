@@ -59,18 +59,45 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         return Ok(());
     }
     println!("model      {} ({:.1} MiB)", path.display(), file.file_len() as f64 / (1 << 20) as f64);
-    println!("arch       {:?}: {} layers, d_model {}, {} heads ({} kv) × {}, ffn {}, vocab {}, trained ctx {}",
-        config.arch, config.n_layers, config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim, config.n_vocab, config.n_ctx_train);
-    println!("rope       {:?}, base {}, {} dims{}", config.rope.layout, config.rope.base, config.rope.rot_dim,
-        if config.sliding_window > 0 { format!("; sliding window {} (every {}th layer global)", config.sliding_window, config.sliding_pattern) } else { String::new() });
+    println!(
+        "arch       {:?}: {} layers, d_model {}, {} heads ({} kv) × {}, ffn {}, vocab {}, trained ctx {}",
+        config.arch,
+        config.n_layers,
+        config.d_model,
+        config.n_heads,
+        config.n_kv_heads,
+        config.head_dim,
+        config.ffn_dim,
+        config.n_vocab,
+        config.n_ctx_train
+    );
+    println!(
+        "rope       {:?}, base {}, {} dims{}",
+        config.rope.layout,
+        config.rope.base,
+        config.rope.rot_dim,
+        if config.sliding_window > 0 {
+            format!("; sliding window {} (every {}th layer global)", config.sliding_window, config.sliding_pattern)
+        } else {
+            String::new()
+        }
+    );
     for (ty, (n, bytes)) in &types {
         println!("tensors    {ty:>5}: {n:>4} tensors, {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
     }
     println!("memory     weights {:.1} MiB on the GPU (as stored: quantized tensors stay quantized), KV cache {:.1} MiB per 1024 positions (f16); `agentflux bench` measures a run",
         weight_bytes as f64 / (1 << 20) as f64, (kv_bytes_per_position * 1024) as f64 / (1 << 20) as f64);
     println!("device     {} [{:?}]", ctx.describe(), ctx.class);
-    println!("features   shader-f16 {}, subgroups {}, timestamps {}", ctx.features.shader_f16, ctx.features.subgroups, ctx.features.timestamps);
-    println!("limits     storage binding {} MiB, buffer {} MiB, workgroup storage {} KiB, invocations {}",
-        ctx.max_binding() >> 20, l.max_buffer_size >> 20, l.max_compute_workgroup_storage_size >> 10, l.max_compute_invocations_per_workgroup);
+    println!(
+        "features   shader-f16 {}, subgroups {}, timestamps {}",
+        ctx.features.shader_f16, ctx.features.subgroups, ctx.features.timestamps
+    );
+    println!(
+        "limits     storage binding {} MiB, buffer {} MiB, workgroup storage {} KiB, invocations {}",
+        ctx.max_binding() >> 20,
+        l.max_buffer_size >> 20,
+        l.max_compute_workgroup_storage_size >> 10,
+        l.max_compute_invocations_per_workgroup
+    );
     Ok(())
 }

@@ -40,7 +40,8 @@ pub struct Args {
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
     let mut agent = Agent::new(servers)?;
-    let super::call::Loaded { eng, adapters, caller } = super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
+    let super::call::Loaded { eng, adapters, caller } =
+        super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
     let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
     let opts = AgentOptions::new(a.max_steps, a.answer_tokens, &eng.tokenizer);
     if !a.json {
@@ -54,7 +55,13 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         match e {
             AgentEvent::Call { step, call } => println!(
                 "[{step}] {} {}  (p={:.2}; select {:.0} ms, arguments {:.0} ms; {} prefix tokens, {} reused)",
-                call.name, call.arguments, call.confidence.unwrap_or(f64::NAN), call.stats.select_ms, call.stats.args_ms, call.stats.prefix_tokens, call.stats.session.reused
+                call.name,
+                call.arguments,
+                call.confidence.unwrap_or(f64::NAN),
+                call.stats.select_ms,
+                call.stats.args_ms,
+                call.stats.prefix_tokens,
+                call.stats.session.reused
             ),
             AgentEvent::Result { text, is_error, .. } => {
                 let shown: String = text.chars().take(300).collect();
@@ -66,7 +73,10 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     })?;
     if !a.json {
         let s = session.stats();
-        eprintln!("[session: {} prefilled, {} reused, {} decoded, {} scored, {} recomputed]", s.prefilled, s.reused, s.decoded, s.scored, s.recomputed);
+        eprintln!(
+            "[session: {} prefilled, {} reused, {} decoded, {} scored, {} recomputed]",
+            s.prefilled, s.reused, s.decoded, s.scored, s.recomputed
+        );
     }
     Ok(())
 }

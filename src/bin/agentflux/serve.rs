@@ -37,7 +37,13 @@ pub struct Args {
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let super::call::Loaded { eng, adapters, .. } = super::call::load(&a.model, a.adapters.as_deref(), true, Strategy::Shared, gpu)?;
     let device = eng.ctx.describe();
-    let opts = ServeOptions { addr: SocketAddr::new(a.host, a.port), n_ctx: a.ctx, max_queue: a.max_queue, default_max_tokens: a.max_tokens, ..Default::default() };
+    let opts = ServeOptions {
+        addr: SocketAddr::new(a.host, a.port),
+        n_ctx: a.ctx,
+        max_queue: a.max_queue,
+        default_max_tokens: a.max_tokens,
+        ..Default::default()
+    };
     let server = Server::start(Backend { engine: eng, adapters }, opts)?;
     // The address line is the one thing scripts wait for (port 0 makes it the only way to know).
     println!("listening on http://{}", server.addr());

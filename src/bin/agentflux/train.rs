@@ -3,9 +3,11 @@
 
 use agentflux::gpu::GpuOptions;
 use agentflux::lora::SavedDtype;
-use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
 use agentflux::lora::{LoraAdapter, LoraLimits};
-use agentflux::train::{cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter, AdapterRole, Example, TrainOptions};
+use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
+use agentflux::train::{
+    cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter, AdapterRole, Example, TrainOptions,
+};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -117,18 +119,37 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         if let Some(sel) = train.remove(&AdapterRole::Selector) {
             let before = sel.len();
             let kept = cap_finish_share(sel, a.finish_share, a.seed);
-            eprintln!("selector: {} of {before} training examples kept, `finish` at most {:.0}% (--finish-share)", kept.len(), a.finish_share * 100.0);
+            eprintln!(
+                "selector: {} of {before} training examples kept, `finish` at most {:.0}% (--finish-share)",
+                kept.len(),
+                a.finish_share * 100.0
+            );
             train.insert(AdapterRole::Selector, kept);
         }
     }
-    let opts = TrainOptions { rank: a.rank, alpha: a.alpha, steps: a.steps, batch: a.batch, lr: a.lr, min_lr: a.lr / 10.0, warmup: a.warmup, eval_every: a.eval_every, seed: a.seed, ..Default::default() };
+    let opts = TrainOptions {
+        rank: a.rank,
+        alpha: a.alpha,
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        min_lr: a.lr / 10.0,
+        warmup: a.warmup,
+        eval_every: a.eval_every,
+        seed: a.seed,
+        ..Default::default()
+    };
     let base_model = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // With --only, the set's other adapters stay as they are: start from its manifest.
     let existing = a.toolset.join(agentflux::toolcall::MANIFEST_FILE);
     let mut manifest = if !a.only.is_empty() && existing.exists() {
         let m = Manifest::read(&a.toolset)?;
         if m.base_model != base_model {
-            anyhow::bail!("{}: the set was trained for {}, not {base_model}; train it whole (no --only) or into another --toolset", existing.display(), m.base_model);
+            anyhow::bail!(
+                "{}: the set was trained for {}, not {base_model}; train it whole (no --only) or into another --toolset",
+                existing.display(),
+                m.base_model
+            );
         }
         m
     } else {
@@ -158,7 +179,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
                 None
             }
             _ if a.continue_set && from.join("adapter_config.json").exists() => {
-                let prev = LoraAdapter::load_peft(&from, &eng.model.config, &LoraLimits::default()).with_context(|| format!("--continue: loading {}", from.display()))?;
+                let prev = LoraAdapter::load_peft(&from, &eng.model.config, &LoraLimits::default())
+                    .with_context(|| format!("--continue: loading {}", from.display()))?;
                 eprintln!("[{name}] continuing from {} (rank {}, alpha {})", from.display(), prev.rank, prev.alpha);
                 Some(prev)
             }
@@ -212,13 +234,22 @@ fn synthesized(toolset: &std::path::Path) -> Result<PathBuf> {
     let (seed, out) = (toolset.join("data/seed.json"), toolset.join("data/synth.jsonl"));
     if !out.exists() {
         if !seed.exists() {
-            anyhow::bail!("no --data given and {} does not exist to make it from: pass --data FILE.jsonl, or a --toolset with data/seed.json", seed.display());
+            anyhow::bail!(
+                "no --data given and {} does not exist to make it from: pass --data FILE.jsonl, or a --toolset with data/seed.json",
+                seed.display()
+            );
         }
         eprintln!("no --data given: making {} from {} (agentflux data synth)", out.display(), seed.display());
         // Written aside and renamed when complete, so an interrupted run leaves no partial data.
         let part = out.with_extension("jsonl.part");
         let made = crate::data::SynthArgs::with_defaults(&seed, &part).and_then(crate::data::synth);
-        made.with_context(|| format!("making {} (or make it yourself with `agentflux data synth --seed-file {} --out FILE`, then pass --data FILE)", out.display(), seed.display()))?;
+        made.with_context(|| {
+            format!(
+                "making {} (or make it yourself with `agentflux data synth --seed-file {} --out FILE`, then pass --data FILE)",
+                out.display(),
+                seed.display()
+            )
+        })?;
         std::fs::rename(&part, &out).with_context(|| format!("renaming {} to {}", part.display(), out.display()))?;
     }
     Ok(out)
