@@ -11,8 +11,10 @@
 use agentflux::decode::SplitMix64;
 use agentflux::gguf::BlockFormat;
 use agentflux::gpu::{read_f32, storage_buffer, storage_buffer_zeroed, GpuContext, GpuOptions, Recorder, WeightMatrix};
-use agentflux::kernels::elementwise::{glu, Activation};
-use agentflux::kernels::matmul::{lora_expand, lora_shrink, matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo};
+use agentflux::hparams::Activation;
+use agentflux::kernels::elementwise::glu;
+use agentflux::kernels::lora::{lora_expand, lora_shrink};
+use agentflux::kernels::matmul::{matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo};
 use agentflux::reference::{random_matrix_bytes, random_vec};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 

@@ -8,17 +8,8 @@
 // Work split: one invocation per element, flat 2-D grid (x + y·65535·64).
 // Limits: none.
 
-struct Params {
-    n: u32,
-    offset: u32,
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    weight_decay: f32,
-    c1: f32,
-    c2: f32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/optim.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> w: array<f32>;

@@ -23,20 +23,8 @@
 //   unroll and the per-head arrays stay in registers.
 // Limits: head_dim % 4 == 0, head_dim ≤ 256; n_tokens · n_heads / G ≤ 65535 · 64; SPLIT · G · (head_dim + 2) · 4 bytes of workgroup memory.
 
-struct Params {
-    n_tokens: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    pos0: u32,
-    window: u32,
-    q_offset: u32,
-    q_stride: u32,
-    o_offset: u32,
-    o_stride: u32,
-    scale: f32,
-    tree: u32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/attention.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;

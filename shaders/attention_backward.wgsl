@@ -24,15 +24,8 @@
 //   in workgroups of 16 over the flattened (t, h), so every lane works even with 9 heads.
 // Limits: n_heads a multiple of n_kv_heads; head_dim = 4·D4, at most 256.
 
-struct Params {
-    n_tokens: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    pos0: u32,
-    window: u32,
-    scale: f32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/attention_backward.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;

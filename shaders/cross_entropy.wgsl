@@ -10,11 +10,8 @@
 //   in shared memory — the row is long (the vocabulary) and there are few rows.
 // Limits: none beyond buffer sizes.
 
-struct Params {
-    rows: u32,
-    n_vocab: u32,
-    scale: f32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/loss.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> z: array<f32>;

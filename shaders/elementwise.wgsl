@@ -9,13 +9,8 @@
 // Work split: one invocation per element; 2-D grid (x + y·65535·64) so large tensors fit.
 // Limits: none. The activations come from activation.wgsl.
 
-struct Params {
-    total: u32,
-    n: u32,
-    offset: u32,
-    stride: u32,
-    act: u32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/elementwise.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> a: array<f32>;

@@ -7,14 +7,8 @@
 //   part; invocations whose token lies in another part do nothing.
 // Limits: cols % 32 == 0; token ids were range-checked by the launcher.
 
-struct Params {
-    n_tokens: u32,
-    cols: u32,
-    row_bytes: u32,
-    row_start: u32,
-    row_end: u32,
-    scale: f32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/embed.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;

@@ -10,15 +10,8 @@
 // Work split: one invocation per (pair, row), both caches written by it.
 // Limits: row_len, offsets and strides even; values beyond f16's range (±65504) are not representable.
 
-struct Params {
-    n_words: u32,
-    row_words: u32,
-    k_offset: u32,
-    k_stride: u32,
-    v_offset: u32,
-    v_stride: u32,
-    dst: u32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/kv_store.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> k: array<f32>;

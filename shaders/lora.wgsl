@@ -15,21 +15,8 @@
 // Work split: one invocation per (j, t) for the shrink, per (n, t) for the expand.
 // Limits: K % 4 == 0; at most 8 slots per dispatch.
 
-struct Params {
-    m: u32,
-    k: u32,
-    n: u32,
-    x_offset: u32,
-    x_stride: u32,
-    y_offset: u32,
-    y_stride: u32,
-    max_rank: u32,
-    n_slots: u32,
-    norm: u32,
-    eps: f32,
-    // Per adapter slot: (A offset, B offset in floats, rank, bitcast scale).
-    slots: array<vec4<u32>, 8>,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/lora.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;

@@ -14,20 +14,8 @@
 //   of a training step (t) and the rank (j) are small; no barriers.
 // Limits: none beyond buffer sizes.
 
-struct Params {
-    m: u32,
-    k: u32,
-    n: u32,
-    r: u32,
-    scale: f32,
-    x_offset: u32,
-    x_stride: u32,
-    dy_offset: u32,
-    dy_stride: u32,
-    w_offset: u32,
-    g_offset: u32,
-    accumulate: u32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/lora_backward.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> lhs: array<f32>;

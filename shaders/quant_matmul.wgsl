@@ -32,33 +32,8 @@
 // Limits: K a multiple of 32 and of the format's block; N ≤ ROWS·65535·WG (`main`) or
 //   65535·WG/LANES (`cooperative`) per part; M ≤ COLS·65535.
 
-struct Params {
-    n: u32,
-    k: u32,
-    m: u32,
-    row_bytes: u32,
-    x_offset: u32,
-    x_stride: u32,
-    y_offset: u32,
-    y_stride: u32,
-    n_offset: u32,
-    accumulate: u32,
-    lora: u32,
-    max_rank: u32,
-    n_slots: u32,
-    pair_offset: u32,
-    act: u32,
-    up_lora: u32,
-    up_max_rank: u32,
-    up_n_slots: u32,
-    lora_split1: u32,
-    lora_split2: u32,
-    norm: u32,
-    eps: f32,
-    // Per adapter slot: (A offset, B offset in floats, rank, bitcast scale).
-    slots: array<vec4<u32>, 8>,
-    up_slots: array<vec4<u32>, 8>,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/matmul.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;

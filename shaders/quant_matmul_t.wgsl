@@ -11,18 +11,8 @@
 //   over the threads of a CPU-backed device; f32 accumulation, no barriers.
 // Limits: K a multiple of 32 and of the format's block; K/32 ≤ 65535·WG; M ≤ 65535·COLS.
 
-struct Params {
-    n: u32,
-    k: u32,
-    m: u32,
-    row_bytes: u32,
-    dy_offset: u32,
-    dy_stride: u32,
-    dx_offset: u32,
-    dx_stride: u32,
-    n_offset: u32,
-    accumulate: u32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/matmul_t.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;

@@ -12,16 +12,8 @@
 //   (hidden size or head size) and a per-row loop beats a shared-memory tree on CPU-backed devices.
 // Limits: none beyond buffer sizes.
 
-struct Params {
-    rows: u32,
-    n: u32,
-    x_offset: u32,
-    x_stride: u32,
-    y_offset: u32,
-    y_stride: u32,
-    accumulate: u32,
-    eps: f32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/norm.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> nw: array<f32>;

@@ -11,19 +11,8 @@
 // Work split: one invocation per (pair, head) × token.
 // Limits: rot_dim even and ≤ head_dim.
 
-struct Params {
-    n_tokens: u32,
-    n_heads: u32,
-    head_dim: u32,
-    rot_dim: u32,
-    pos0: u32,
-    offset: u32,
-    stride: u32,
-    mode: u32,
-    log2_base: f32,
-    tree: u32,
-    inverse: u32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/rope.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> v: array<f32>;

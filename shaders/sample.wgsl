@@ -15,14 +15,8 @@
 const K_MAX: u32 = 64u;
 const OUT: u32 = 1u + 2u * K_MAX;
 
-struct Params {
-    n: u32,
-    offset: u32,
-    k: u32,
-    temperature: f32,
-    top_p: f32,
-    u: f32,
-}
+// `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
+// src/kernels/sample.rs) and placed before this file.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;

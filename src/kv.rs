@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{storage_buffer_zeroed, GpuContext};
-use crate::model::ModelConfig;
+use crate::hparams::ModelConfig;
 
 /// Keys and values of every processed position, one buffer pair per layer.
 ///

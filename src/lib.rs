@@ -31,6 +31,7 @@ pub mod error;
 pub mod eval;
 pub mod gguf;
 pub mod gpu;
+pub mod hparams;
 pub mod kernels;
 pub mod kv;
 pub mod lora;

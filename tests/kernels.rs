@@ -11,12 +11,13 @@ use agentflux::gguf::{dequantize, BlockFormat};
 use agentflux::gpu::{
     read_f32, read_u32, storage_buffer, storage_buffer_zeroed, DeviceClass, GpuContext, GpuOptions, Recorder, WeightMatrix,
 };
+use agentflux::hparams::{Activation, Rope, RopeLayout};
 use agentflux::kernels::attention::{attention, AttentionShape};
-use agentflux::kernels::elementwise::{add_rows, glu, Activation};
+use agentflux::kernels::elementwise::{add_rows, glu};
 use agentflux::kernels::embed::embed;
 use agentflux::kernels::matmul::{matmul, MatmulIo};
 use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
-use agentflux::kernels::rope::{rope, Rope, RopeLayout};
+use agentflux::kernels::rope::rope;
 use agentflux::kernels::sample::{argmax, OUT_WORDS};
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
 use common::{assert_close, ctx, rng};
@@ -121,7 +122,8 @@ fn matmul_every_format_decode_and_prefill_shapes() {
 /// norm followed by the reference products, in every kernel variant.
 #[test]
 fn products_fuse_the_norm_before_them() {
-    use agentflux::kernels::matmul::{lora_shrink, LoraIo, LoraSlot, RowNorm};
+    use agentflux::kernels::lora::lora_shrink;
+    use agentflux::kernels::matmul::{LoraIo, LoraSlot, RowNorm};
     let mut r = rng("fused_norm");
     let (rank, eps) = (4, 1e-5);
     for (family, ctx) in common::kernel_families() {
@@ -484,7 +486,8 @@ fn gpu_sampling_follows_the_host_rule() {
 /// y = W·x + scale·B·(A·x) per row from the reference.
 #[test]
 fn multi_lora_matmul_mixes_adapters_per_row() {
-    use agentflux::kernels::matmul::{lora_expand, lora_shrink, LoraIo, LoraSlot};
+    use agentflux::kernels::lora::{lora_expand, lora_shrink};
+    use agentflux::kernels::matmul::{LoraIo, LoraSlot};
     let big = ctx();
     let small = GpuContext::new(&GpuOptions { max_binding_bytes: Some(2048), ..Default::default() }).unwrap();
     let mut r = rng("multi_lora");
@@ -555,7 +558,8 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
 /// shapes, both activations, with adapters on the gate, on up, on both and on neither.
 #[test]
 fn gated_matmul_matches_glu_of_two_products() {
-    use agentflux::kernels::matmul::{lora_shrink, matmul_gated, GatedUp, LoraIo, LoraSlot};
+    use agentflux::kernels::lora::lora_shrink;
+    use agentflux::kernels::matmul::{matmul_gated, GatedUp, LoraIo, LoraSlot};
     let mut r = rng("gated_matmul");
     let rank = 4;
     for (family, ctx) in common::kernel_families() {

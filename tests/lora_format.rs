@@ -1,8 +1,8 @@
 //! PEFT adapter files: round trip, Hugging Face row order of q/k, and every refusal names what is wrong.
 
 use agentflux::gguf::{BlockFormat, GgufFile};
+use agentflux::hparams::ModelConfig;
 use agentflux::lora::{LoraAdapter, LoraLimits, Proj, SavedDtype};
-use agentflux::model::ModelConfig;
 use agentflux::reference::{tiny_model, TinyModelSpec};
 use std::path::PathBuf;
 

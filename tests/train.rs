@@ -266,8 +266,7 @@ fn weighted(y: &[f32], r: &[f32]) -> f64 {
 
 #[test]
 fn operator_gradients_match_finite_differences() {
-    use agentflux::kernels::elementwise::Activation;
-    use agentflux::kernels::rope::{Rope, RopeLayout};
+    use agentflux::hparams::{Activation, Rope, RopeLayout};
     use agentflux::reference::*;
     let mut r = rng("op-grads");
     let v = |r: &mut agentflux::decode::SplitMix64, n: usize| random_vec(r, n, 1.0);

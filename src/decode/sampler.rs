@@ -2,6 +2,8 @@
 //!
 //! Greedy decoding (temperature 0) never comes here: the argmax runs on the GPU.
 
+pub use crate::kernels::sample::SamplerConfig;
+
 /// A small, seedable, reproducible random generator (SplitMix64).
 #[derive(Debug, Clone)]
 pub struct SplitMix64(pub u64);
@@ -19,25 +21,6 @@ impl SplitMix64 {
     /// Uniform in [0, 1).
     pub fn next_f32(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
-/// Sampling settings.
-#[derive(Debug, Clone, Copy)]
-pub struct SamplerConfig {
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// Keep the k most likely tokens (0 = all).
-    pub top_k: usize,
-    /// Keep the smallest set whose probability reaches p (1 = all).
-    pub top_p: f32,
-    /// Random seed.
-    pub seed: u64,
-}
-
-impl Default for SamplerConfig {
-    fn default() -> Self {
-        Self { temperature: 0.0, top_k: 40, top_p: 0.95, seed: 0 }
     }
 }
 

@@ -5,7 +5,7 @@ use super::GpuContext;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
-/// A WGSL program assembled from shader files plus generated constant lines.
+/// A WGSL program assembled from shader files plus generated lines (the parameter block, constants).
 ///
 /// Shader files cannot `#include` each other, so launchers list the files a kernel needs
 /// (for example `dequant.wgsl` + `quant_matmul.wgsl`) and the values it is specialised on.
@@ -125,7 +125,13 @@ impl<'a> Recorder<'a> {
     }
 
     /// Queue one dispatch of `kernel` with `params` as its uniform block.
-    pub fn dispatch<P: bytemuck::Pod>(&mut self, kernel: &Arc<Kernel>, params: &P, bindings: Vec<Binding>, groups: [u32; 3]) -> Result<()> {
+    pub fn dispatch<P: super::UniformBlock>(
+        &mut self,
+        kernel: &Arc<Kernel>,
+        params: &P,
+        bindings: Vec<Binding>,
+        groups: [u32; 3],
+    ) -> Result<()> {
         let max = self.ctx.limits.max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > max) {
             return Err(Error::Shape {
@@ -139,11 +145,8 @@ impl<'a> Recorder<'a> {
         let align = self.ctx.limits.min_uniform_buffer_offset_alignment as usize;
         let offset = self.uniforms.len().div_ceil(align) * align;
         self.uniforms.resize(offset, 0);
-        let bytes = bytemuck::bytes_of(params);
-        self.uniforms.extend_from_slice(bytes);
-        // Uniform blocks are read in 16-byte units.
-        let size = bytes.len().div_ceil(16) * 16;
-        self.uniforms.resize(offset + size, 0);
+        params.write(&mut self.uniforms);
+        let size = self.uniforms.len() - offset;
         self.ops.push(Op::Dispatch(Dispatch {
             kernel: kernel.clone(),
             uniform_offset: offset as u64,

@@ -6,9 +6,12 @@ mod context;
 mod kernel;
 mod memory;
 mod profile;
+mod uniform;
 
 pub use buffer::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, upload, WeightMatrix, WeightPart};
 pub use context::{list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions};
 pub use kernel::{Binding, Kernel, Recorder, ShaderSource};
 pub use memory::MemoryUse;
 pub use profile::{profile_table, KernelTime};
+pub(crate) use uniform::uniform_block;
+pub use uniform::{align_to, UniformBlock, UniformField};

@@ -2,25 +2,25 @@
 
 use super::norm::Rows;
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
 
 const WGSL: &str = include_str!("../../shaders/attention.wgsl");
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n_tokens: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    pos0: u32,
-    window: u32,
-    q_offset: u32,
-    q_stride: u32,
-    o_offset: u32,
-    o_stride: u32,
-    scale: f32,
-    tree: u32,
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        n_tokens: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        pos0: u32,
+        window: u32,
+        q_offset: u32,
+        q_stride: u32,
+        o_offset: u32,
+        o_stride: u32,
+        scale: f32,
+        tree: u32,}
 }
 
 /// Head geometry of one attention call.
@@ -80,7 +80,7 @@ pub fn attention(
     let limit = ctx.limits.max_compute_workgroup_storage_size as usize;
     let split = [16, 8, 4, 2, 1].into_iter().find(|n| n * per_part <= limit).unwrap_or(1);
     let consts = [("D4", d4 as u32), ("G", g as u32), ("SPLIT", split as u32)];
-    let kernel = ctx.kernel(&super::specialized("attention", WGSL, if decode { "decode" } else { "main" }, &consts))?;
+    let kernel = ctx.kernel(&super::specialized::<Params>("attention", WGSL, if decode { "decode" } else { "main" }, &consts))?;
     let p = Params {
         n_tokens: n_tokens as u32,
         n_heads: s.n_heads as u32,

@@ -3,20 +3,20 @@
 
 use super::attention::AttentionShape;
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
 
 const WGSL: &str = include_str!("../../shaders/attention_backward.wgsl");
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n_tokens: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    pos0: u32,
-    window: u32,
-    scale: f32,
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        n_tokens: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        pos0: u32,
+        window: u32,
+        scale: f32,}
 }
 
 /// Where the gradients go: `dq` (`n_tokens` rows of `n_heads·head_dim`), `dk`, `dv` (`n_tokens`
@@ -62,12 +62,12 @@ pub fn attention_backward(
     };
     // The query gradient keeps q, dO and its two sums in registers: specialised on head_dim / 4.
     let consts = [("D4", (s.head_dim / 4) as u32)];
-    let grad_q = ctx.kernel(&super::specialized("attention_grad_q", WGSL, "grad_q", &consts))?;
+    let grad_q = ctx.kernel(&super::specialized::<Params>("attention_grad_q", WGSL, "grad_q", &consts))?;
     let qkv = || vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(dout)];
     let mut b = qkv();
     b.extend([Binding::whole(g.dq), Binding::whole(g.stats)]);
     rec.dispatch(&grad_q, &p, b, [super::groups(s.n_heads * n_tokens, 16), 1, 1])?;
-    let grad_kv = ctx.kernel(&super::specialized("attention_grad_kv", WGSL, "grad_kv", &consts))?;
+    let grad_kv = ctx.kernel(&super::specialized::<Params>("attention_grad_kv", WGSL, "grad_kv", &consts))?;
     let mut b = qkv();
     b.extend([Binding::whole(g.stats).at(6), Binding::whole(g.dk).at(7), Binding::whole(g.dv).at(8)]);
     rec.dispatch(&grad_kv, &p, b, [super::groups(s.n_kv_heads, 64), n_tokens as u32, 1])

@@ -2,39 +2,24 @@
 
 use super::norm::Rows;
 use crate::error::Result;
-use crate::gpu::{Binding, GpuContext, Recorder, ShaderSource};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, ShaderSource};
+use crate::hparams::Activation;
 
 const WGSL: &str = include_str!("../../shaders/elementwise.wgsl");
 
 /// An entry point of elementwise.wgsl (with the activations it shares with the fused product).
 fn kernel(ctx: &GpuContext, entry: &'static str) -> Result<std::sync::Arc<crate::gpu::Kernel>> {
-    ctx.kernel(&ShaderSource { files: vec![super::ACTIVATION_WGSL, WGSL], ..super::plain(entry, WGSL, entry) })
+    ctx.kernel(&ShaderSource { files: vec![super::ACTIVATION_WGSL, WGSL], ..super::plain::<Params>(entry, WGSL, entry) })
 }
 
-/// The gate activation of a gated feed-forward block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum Activation {
-    /// SiLU (SwiGLU): llama, qwen.
-    Silu,
-    /// tanh-approximated GELU (GeGLU): gemma.
-    GeluTanh,
-}
-
-impl Activation {
-    /// The shaders' number for it (activation.wgsl's `act`).
-    pub(crate) fn code(self) -> u32 {
-        (self == Activation::GeluTanh) as u32
-    }
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    total: u32,
-    n: u32,
-    offset: u32,
-    stride: u32,
-    act: u32,
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        total: u32,
+        n: u32,
+        offset: u32,
+        stride: u32,
+        act: u32,}
 }
 
 /// Record `gate[i] = act(gate[i]) · up[i]` for the first `total` elements.

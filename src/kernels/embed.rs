@@ -1,19 +1,19 @@
 //! Token embedding gather — launcher of `shaders/embed.wgsl`.
 
 use crate::error::Result;
-use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, WeightMatrix};
 
 const WGSL: &str = include_str!("../../shaders/embed.wgsl");
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n_tokens: u32,
-    cols: u32,
-    row_bytes: u32,
-    row_start: u32,
-    row_end: u32,
-    scale: f32,
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        n_tokens: u32,
+        cols: u32,
+        row_bytes: u32,
+        row_start: u32,
+        row_end: u32,
+        scale: f32,}
 }
 
 /// Record `out[t] = scale · table[ids[t]]` for `n_tokens` ids (already range-checked).
@@ -26,7 +26,7 @@ pub fn embed(
     scale: f32,
     out: &wgpu::Buffer,
 ) -> Result<()> {
-    let kernel = ctx.kernel(&super::weight_reader("embed", WGSL, "main", table.format, &[]))?;
+    let kernel = ctx.kernel(&super::weight_reader::<Params>("embed", WGSL, "main", table.format, &[]))?;
     for part in &table.parts {
         let p = Params {
             n_tokens: n_tokens as u32,

@@ -2,20 +2,20 @@
 
 use super::norm::Rows;
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
 
 const WGSL: &str = include_str!("../../shaders/kv_store.wgsl");
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n_words: u32,
-    row_words: u32,
-    k_offset: u32,
-    k_stride: u32,
-    v_offset: u32,
-    v_stride: u32,
-    dst: u32,
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        n_words: u32,
+        row_words: u32,
+        k_offset: u32,
+        k_stride: u32,
+        v_offset: u32,
+        v_stride: u32,
+        dst: u32,}
 }
 
 /// Record the conversion of `n_tokens` rows of `row_len` f32 keys and values (`k` and `v`: their
@@ -41,7 +41,7 @@ pub fn kv_store(
             ),
         });
     }
-    let kernel = ctx.kernel(&super::plain("kv_store", WGSL, "main"))?;
+    let kernel = ctx.kernel(&super::plain::<Params>("kv_store", WGSL, "main"))?;
     let row_words = row_len / 2;
     let n_words = n_tokens * row_words;
     let p = Params {

@@ -2,25 +2,25 @@
 
 use super::norm::Rows;
 use crate::error::Result;
-use crate::gpu::{Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
 
 const WGSL: &str = include_str!("../../shaders/lora_backward.wgsl");
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    m: u32,
-    k: u32,
-    n: u32,
-    r: u32,
-    scale: f32,
-    x_offset: u32,
-    x_stride: u32,
-    dy_offset: u32,
-    dy_stride: u32,
-    w_offset: u32,
-    g_offset: u32,
-    accumulate: u32,
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        m: u32,
+        k: u32,
+        n: u32,
+        r: u32,
+        scale: f32,
+        x_offset: u32,
+        x_stride: u32,
+        dy_offset: u32,
+        dy_stride: u32,
+        w_offset: u32,
+        g_offset: u32,
+        accumulate: u32,}
 }
 
 /// A matrix of floats inside a buffer.
@@ -77,7 +77,7 @@ pub fn lora_backward(rec: &mut Recorder, ctx: &GpuContext, io: &LoraBackward) ->
     };
     let mut run =
         |entry: &'static str, p: Params, lhs: &wgpu::Buffer, rhs: &wgpu::Buffer, out: &wgpu::Buffer, total: usize| -> Result<()> {
-            let kernel = ctx.kernel(&super::plain(&format!("lora_backward_{entry}"), WGSL, entry))?;
+            let kernel = ctx.kernel(&super::plain::<Params>(&format!("lora_backward_{entry}"), WGSL, entry))?;
             rec.dispatch(&kernel, &p, vec![Binding::whole(lhs), Binding::whole(rhs), Binding::whole(out)], [super::groups(total, 64), 1, 1])
         };
     run("grad_b", params(0, io.db.offset), io.dy.buf, io.u, io.db.buf, io.n * io.r)?;

@@ -1,11 +1,10 @@
-//! `y = W·x (+ LoRA)` for quantized weights — launcher of `shaders/quant_matmul.wgsl` — and the
-//! two halves of multi-LoRA — launchers of `shaders/lora.wgsl`: the shrink that precedes the
-//! expand fused into the product, and the unfused expand it is measured against.
+//! `y = W·x (+ LoRA)` for quantized weights — launcher of `shaders/quant_matmul.wgsl`. The LoRA
+//! shrink that precedes the fused expand is [`super::lora`].
 
-use super::elementwise::Activation;
 use crate::error::{Error, Result};
 use crate::gguf::BlockFormat;
-use crate::gpu::{Binding, DeviceClass, GpuContext, Kernel, Recorder, WeightMatrix};
+use crate::gpu::{uniform_block, Binding, DeviceClass, GpuContext, Kernel, Recorder, WeightMatrix};
+use crate::hparams::Activation;
 use std::sync::Arc;
 
 const WGSL: &str = include_str!("../../shaders/quant_matmul.wgsl");
@@ -52,7 +51,7 @@ fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, 
     };
     let consts = consts.map(|(k, v)| (k, v as u32));
     let subgroups = ctx.class == DeviceClass::Gpu && ctx.subgroups_hold(LANES as u32);
-    let mut src = super::with_lane_reduce(super::weight_reader(name, WGSL, entry, format, &consts), subgroups);
+    let mut src = super::with_lane_reduce(super::weight_reader::<Params>(name, WGSL, entry, format, &consts), subgroups);
     src.files.push(super::ACTIVATION_WGSL);
     if gated {
         src.name.push_str("_glu");
@@ -60,35 +59,33 @@ fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, 
     Ok((ctx.kernel(&src)?, grid))
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    k: u32,
-    m: u32,
-    row_bytes: u32,
-    x_offset: u32,
-    x_stride: u32,
-    y_offset: u32,
-    y_stride: u32,
-    n_offset: u32,
-    accumulate: u32,
-    lora: u32,
-    max_rank: u32,
-    n_slots: u32,
-    pair_offset: u32,
-    act: u32,
-    up_lora: u32,
-    up_max_rank: u32,
-    up_n_slots: u32,
-    lora_split1: u32,
-    lora_split2: u32,
-    norm: u32,
-    eps: f32,
-    // WGSL aligns the slot arrays to 16 bytes.
-    _pad: [u32; 2],
-    slots: [[u32; 4]; MAX_SLOTS],
-    up_slots: [[u32; 4]; MAX_SLOTS],
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        n: u32,
+        k: u32,
+        m: u32,
+        row_bytes: u32,
+        x_offset: u32,
+        x_stride: u32,
+        y_offset: u32,
+        y_stride: u32,
+        n_offset: u32,
+        accumulate: u32,
+        lora: u32,
+        max_rank: u32,
+        n_slots: u32,
+        pair_offset: u32,
+        act: u32,
+        up_lora: u32,
+        up_max_rank: u32,
+        up_n_slots: u32,
+        lora_split1: u32,
+        lora_split2: u32,
+        norm: u32,
+        eps: f32,
+        slots: [[u32; 4]; MAX_SLOTS],
+        up_slots: [[u32; 4]; MAX_SLOTS],}
 }
 
 /// Most adapters one dispatch can mix.
@@ -130,7 +127,7 @@ pub struct LoraIo<'a> {
 }
 
 impl LoraIo<'_> {
-    fn packed_slots(&self) -> Result<[[u32; 4]; MAX_SLOTS]> {
+    pub(super) fn packed_slots(&self) -> Result<[[u32; 4]; MAX_SLOTS]> {
         if self.slots.len() > MAX_SLOTS {
             return Err(Error::Shape { op: "lora", msg: format!("{} adapters in one dispatch, at most {MAX_SLOTS}", self.slots.len()) });
         }
@@ -274,7 +271,6 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
             lora_split2: split[1],
             norm: io.norm.is_some() as u32,
             eps: io.norm.map_or(0.0, |n| n.eps),
-            _pad: [0; 2],
             slots,
             up_slots,
         };
@@ -300,75 +296,4 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
         rec.declare_bytes((matrices * w.format.row_bytes(w.cols) * part.rows + activations) as u64);
     }
     Ok(())
-}
-
-const LORA_WGSL: &str = include_str!("../../shaders/lora.wgsl");
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LoraParams {
-    m: u32,
-    k: u32,
-    n: u32,
-    x_offset: u32,
-    x_stride: u32,
-    y_offset: u32,
-    y_stride: u32,
-    max_rank: u32,
-    n_slots: u32,
-    norm: u32,
-    eps: f32,
-    _pad: [u32; 1],
-    slots: [[u32; 4]; MAX_SLOTS],
-}
-
-fn lora_params(l: &LoraIo, io: &MatmulIo, k: usize, n: usize) -> Result<LoraParams> {
-    if k % 4 != 0 || io.x_offset % 4 != 0 || io.x_stride % 4 != 0 {
-        return Err(Error::Shape {
-            op: "lora",
-            msg: format!("k {k}, x offset {}, stride {} must be multiples of 4", io.x_offset, io.x_stride),
-        });
-    }
-    Ok(LoraParams {
-        m: io.m as u32,
-        k: k as u32,
-        n: n as u32,
-        x_offset: (io.x_offset / 4) as u32,
-        x_stride: (io.x_stride / 4) as u32,
-        y_offset: io.y_offset as u32,
-        y_stride: io.y_stride as u32,
-        max_rank: l.max_rank as u32,
-        n_slots: l.slots.len() as u32,
-        norm: io.norm.is_some() as u32,
-        eps: io.norm.map_or(0.0, |n| n.eps),
-        _pad: [0; 1],
-        slots: l.packed_slots()?,
-    })
-}
-
-/// Record `u[t] = A_{slot(t)} · x[t]` for the rows of `io` (the shrink half of multi-LoRA) for a
-/// projection with `k` inputs. Run it before [`matmul`] with the same `io.lora`, which fuses the
-/// expand.
-pub fn lora_shrink(rec: &mut Recorder, ctx: &GpuContext, k: usize, io: &MatmulIo) -> Result<()> {
-    let Some(l) = &io.lora else { return Ok(()) };
-    let kernel = ctx.kernel(&super::plain("lora", LORA_WGSL, "shrink"))?;
-    let p = lora_params(l, io, k, 0)?;
-    let nw = io.norm.map_or(ctx.placeholder(), |n| n.w);
-    let bindings =
-        vec![Binding::whole(io.x), Binding::whole(l.a_pack), Binding::whole(l.row_slot), Binding::whole(l.u), Binding::whole(nw).at(7)];
-    rec.dispatch(&kernel, &p, bindings, [super::groups(l.max_rank, 8), super::groups(io.m, 8), 1])
-}
-
-/// Record `y[t] += s · B_{slot(t)} · u[t]` for the `n` outputs of the rows of `io` as a dispatch
-/// of its own — the unfused expand, kept to measure the fusion in [`matmul`] against.
-pub fn lora_expand(rec: &mut Recorder, ctx: &GpuContext, k: usize, n: usize, io: &MatmulIo) -> Result<()> {
-    let Some(l) = &io.lora else { return Ok(()) };
-    if l.u_splits.is_some() {
-        return Err(Error::Shape { op: "lora_expand", msg: "stacked projections (u_splits) are expanded inside the product only".into() });
-    }
-    let kernel = ctx.kernel(&super::plain("lora", LORA_WGSL, "expand"))?;
-    let p = lora_params(l, io, k, n)?;
-    let bindings =
-        vec![Binding::whole(l.row_slot).at(3), Binding::whole(l.u).at(4), Binding::whole(l.b_pack).at(5), Binding::whole(io.y).at(6)];
-    rec.dispatch(&kernel, &p, bindings, [super::groups(n, 64), io.m as u32, 1])
 }

@@ -3,33 +3,33 @@
 
 use super::norm::Rows;
 use crate::error::Result;
-use crate::gpu::{Binding, GpuContext, Recorder, WeightMatrix};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, WeightMatrix};
 
 const WGSL: &str = include_str!("../../shaders/quant_matmul_t.wgsl");
 /// Invocations per workgroup and batch rows per invocation (each decoded block serves COLS rows).
 const WG: usize = 16;
 const COLS: usize = 4;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    k: u32,
-    m: u32,
-    row_bytes: u32,
-    dy_offset: u32,
-    dy_stride: u32,
-    dx_offset: u32,
-    dx_stride: u32,
-    n_offset: u32,
-    accumulate: u32,
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        n: u32,
+        k: u32,
+        m: u32,
+        row_bytes: u32,
+        dy_offset: u32,
+        dy_stride: u32,
+        dx_offset: u32,
+        dx_stride: u32,
+        n_offset: u32,
+        accumulate: u32,}
 }
 
 /// Record `dx (+)= dy·W` for `m` rows (`dy` rows of `w.rows`, `dx` rows of `w.cols`): the
 /// gradient with respect to `x` of `y = W·x`. Every part of a split matrix adds its rows' share.
 pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: Rows, dx: Rows, m: usize, accumulate: bool) -> Result<()> {
     let kernel =
-        ctx.kernel(&super::weight_reader("quant_matmul_t", WGSL, "main", w.format, &[("WG", WG as u32), ("COLS", COLS as u32)]))?;
+        ctx.kernel(&super::weight_reader::<Params>("quant_matmul_t", WGSL, "main", w.format, &[("WG", WG as u32), ("COLS", COLS as u32)]))?;
     for (i, part) in w.parts.iter().enumerate() {
         let p = Params {
             n: part.rows as u32,

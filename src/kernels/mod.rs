@@ -6,6 +6,7 @@ pub mod attention_backward;
 pub mod elementwise;
 pub mod embed;
 pub mod kv_store;
+pub mod lora;
 pub mod lora_backward;
 pub mod loss;
 pub mod matmul;
@@ -16,7 +17,7 @@ pub mod rope;
 pub mod sample;
 
 use crate::gguf::BlockFormat;
-use crate::gpu::ShaderSource;
+use crate::gpu::{ShaderSource, UniformBlock};
 
 const DEQUANT_WGSL: &str = include_str!("../../shaders/dequant.wgsl");
 const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
@@ -25,8 +26,14 @@ const REDUCE_WORKGROUP_WGSL: &str = include_str!("../../shaders/reduce_workgroup
 
 /// A kernel that reads weights in `format`: dequant.wgsl plus `file`, with `load32` bound to the
 /// format's decoder and `consts` emitted as WGSL `const` lines.
-fn weight_reader(name: &str, file: &'static str, entry: &'static str, format: BlockFormat, consts: &[(&str, u32)]) -> ShaderSource {
-    let mut prelude = const_lines(consts);
+fn weight_reader<P: UniformBlock>(
+    name: &str,
+    file: &'static str,
+    entry: &'static str,
+    format: BlockFormat,
+    consts: &[(&str, u32)],
+) -> ShaderSource {
+    let mut prelude = prelude::<P>(consts);
     prelude.push_str(&format!("fn load32(row_byte: u32, k: u32) -> V32 {{ return load32_{}(row_byte, k); }}\n", format.name()));
     ShaderSource { name: format!("{name}_{}", format.name()), prelude, files: vec![DEQUANT_WGSL, file], entry }
 }
@@ -46,18 +53,22 @@ fn with_lane_reduce(mut src: ShaderSource, subgroups: bool) -> ShaderSource {
 }
 
 /// A kernel with no weight decoding: `file` alone, entry point `entry`.
-fn plain(name: &str, file: &'static str, entry: &'static str) -> ShaderSource {
-    specialized(name, file, entry, &[])
+fn plain<P: UniformBlock>(name: &str, file: &'static str, entry: &'static str) -> ShaderSource {
+    specialized::<P>(name, file, entry, &[])
 }
 
 /// `file` alone with `consts` emitted as WGSL `const` lines (sizes the shader's loops are
 /// unrolled over, so CPU-backed drivers keep its arrays in registers).
-fn specialized(name: &str, file: &'static str, entry: &'static str, consts: &[(&str, u32)]) -> ShaderSource {
-    ShaderSource { name: name.to_string(), prelude: const_lines(consts), files: vec![file], entry }
+fn specialized<P: UniformBlock>(name: &str, file: &'static str, entry: &'static str, consts: &[(&str, u32)]) -> ShaderSource {
+    ShaderSource { name: name.to_string(), prelude: prelude::<P>(consts), files: vec![file], entry }
 }
 
-fn const_lines(consts: &[(&str, u32)]) -> String {
-    consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")).collect()
+/// A kernel's generated lines: its parameter block `P` (declared once, in Rust) and `consts` as
+/// WGSL `const` lines.
+fn prelude<P: UniformBlock>(consts: &[(&str, u32)]) -> String {
+    let mut s = P::wgsl();
+    s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
+    s
 }
 
 /// Workgroups to cover `n` invocations with groups of `wg`.
@@ -73,5 +84,58 @@ fn flat_grid(total: usize) -> [u32; 3] {
         [g as u32, 1, 1]
     } else {
         [65535, g.div_ceil(65535) as u32, 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::gpu::UniformBlock;
+
+    /// Each block's offsets and size as naga (wgpu's shader compiler) lays out the generated
+    /// WGSL, against the offsets the recorder writes at: an independent check of the layout.
+    fn check<P: UniformBlock>() {
+        let src =
+            format!("{}@group(0) @binding(0) var<uniform> p: Params;\n@compute @workgroup_size(1) fn main() {{ let q = p; }}\n", P::wgsl());
+        let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{}: {e}", P::wgsl()));
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", P::wgsl()));
+        let (_, ty) = module.types.iter().find(|(_, t)| t.name.as_deref() == Some("Params")).expect("a Params type");
+        let naga::TypeInner::Struct { members, span } = &ty.inner else { panic!("Params is not a struct") };
+        let naga_offsets: Vec<(&str, usize)> = members.iter().map(|m| (m.name.as_deref().unwrap(), m.offset as usize)).collect();
+        let (offsets, size) = P::layout();
+        assert!(!offsets.is_empty());
+        assert_eq!(naga_offsets, offsets, "{}", P::wgsl());
+        // Uniform blocks are read in 16-byte units: the recorder writes the span rounded up.
+        assert_eq!((*span as usize).div_ceil(16) * 16, size, "{}", P::wgsl());
+    }
+
+    #[test]
+    fn uniform_blocks_match_naga_layout() {
+        check::<super::attention::Params>();
+        check::<super::attention_backward::Params>();
+        check::<super::elementwise::Params>();
+        check::<super::embed::Params>();
+        check::<super::kv_store::Params>();
+        check::<super::lora::Params>();
+        check::<super::lora_backward::Params>();
+        check::<super::loss::Params>();
+        check::<super::matmul::Params>();
+        check::<super::matmul_t::Params>();
+        check::<super::norm::Params>();
+        check::<super::optim::Params>();
+        check::<super::rope::Params>();
+        check::<super::sample::Params>();
+    }
+
+    /// The parameter blocks exist once, in Rust: no shader declares its own.
+    #[test]
+    fn no_shader_declares_a_parameter_block() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("struct Params {"), "{} declares its uniform block by hand", path.display());
+        }
     }
 }

@@ -1,21 +1,21 @@
 //! RMSNorm — launcher of `shaders/rms_norm.wgsl`.
 
 use crate::error::Result;
-use crate::gpu::{Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
 
 const WGSL: &str = include_str!("../../shaders/rms_norm.wgsl");
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    rows: u32,
-    n: u32,
-    x_offset: u32,
-    x_stride: u32,
-    y_offset: u32,
-    y_stride: u32,
-    accumulate: u32,
-    eps: f32,
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        rows: u32,
+        n: u32,
+        x_offset: u32,
+        x_stride: u32,
+        y_offset: u32,
+        y_stride: u32,
+        accumulate: u32,
+        eps: f32,}
 }
 
 impl Params {
@@ -54,14 +54,14 @@ pub fn rms_norm(
     eps: f32,
     accumulate: bool,
 ) -> Result<()> {
-    let kernel = ctx.kernel(&super::plain("rms_norm", WGSL, "norm"))?;
+    let kernel = ctx.kernel(&super::plain::<Params>("rms_norm", WGSL, "norm"))?;
     let p = Params::new(rows, n, &x, &y, accumulate, eps);
     rec.dispatch(&kernel, &p, vec![Binding::whole(w), Binding::whole(x.buf), Binding::whole(y.buf)], [super::groups(rows, 64), 1, 1])
 }
 
 /// Record `y = rmsnorm(y) · w` in place over `rows` rows of `n` (per-head q/k norms).
 pub fn rms_norm_inplace(rec: &mut Recorder, ctx: &GpuContext, w: &wgpu::Buffer, y: Rows, rows: usize, n: usize, eps: f32) -> Result<()> {
-    let kernel = ctx.kernel(&super::plain("rms_norm_inplace", WGSL, "norm_inplace"))?;
+    let kernel = ctx.kernel(&super::plain::<Params>("rms_norm_inplace", WGSL, "norm_inplace"))?;
     // The row is read and written in place: only y's offset and stride matter.
     let p = Params::new(rows, n, &y, &y, false, eps);
     rec.dispatch(&kernel, &p, vec![Binding::whole(w), Binding::whole(y.buf)], [super::groups(rows, 64), 1, 1])
@@ -82,7 +82,7 @@ pub fn rms_norm_backward(
     eps: f32,
     accumulate: bool,
 ) -> Result<()> {
-    let kernel = ctx.kernel(&super::plain("rms_norm_backward", WGSL, "norm_backward"))?;
+    let kernel = ctx.kernel(&super::plain::<Params>("rms_norm_backward", WGSL, "norm_backward"))?;
     let p = Params::new(rows, n, &x, &dx, accumulate, eps);
     let bindings = vec![Binding::whole(w), Binding::whole(x.buf), Binding::whole(dy), Binding::whole(dx.buf)];
     rec.dispatch(&kernel, &p, bindings, [super::groups(rows, 64), 1, 1])

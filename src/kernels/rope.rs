@@ -2,43 +2,25 @@
 
 use super::norm::Rows;
 use crate::error::Result;
-use crate::gpu::{Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
+use crate::hparams::{Rope, RopeLayout};
 
 const WGSL: &str = include_str!("../../shaders/rope.wgsl");
 
-/// Which dimensions form a rotated pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum RopeLayout {
-    /// (2i, 2i+1): llama-family GGUF files (their converter permutes q/k for it).
-    Normal,
-    /// (i, i + rot_dim/2): qwen2, qwen3, gemma3.
-    Neox,
-}
-
-/// Rotary embedding hyperparameters.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct Rope {
-    pub layout: RopeLayout,
-    /// Rotated dimensions per head (≤ head_dim, even).
-    pub rot_dim: usize,
-    /// Frequency base.
-    pub base: f32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n_tokens: u32,
-    n_heads: u32,
-    head_dim: u32,
-    rot_dim: u32,
-    pos0: u32,
-    offset: u32,
-    stride: u32,
-    mode: u32,
-    log2_base: f32,
-    tree: u32,
-    inverse: u32,
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        n_tokens: u32,
+        n_heads: u32,
+        head_dim: u32,
+        rot_dim: u32,
+        pos0: u32,
+        offset: u32,
+        stride: u32,
+        mode: u32,
+        log2_base: f32,
+        tree: u32,
+        inverse: u32,}
 }
 
 /// Record the rotation of `n_tokens` rows of `n_heads × head_dim` at positions `pos0..`, or, with
@@ -82,7 +64,7 @@ fn dispatch(
     tree: Option<&wgpu::Buffer>,
     inverse: bool,
 ) -> Result<()> {
-    let kernel = ctx.kernel(&super::plain("rope", WGSL, "main"))?;
+    let kernel = ctx.kernel(&super::plain::<Params>("rope", WGSL, "main"))?;
     let p = Params {
         n_tokens: n_tokens as u32,
         n_heads: n_heads as u32,

@@ -2,7 +2,7 @@
 //! `shaders/sample.wgsl`.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
 
 const WGSL: &str = include_str!("../../shaders/sample.wgsl");
 
@@ -12,15 +12,34 @@ pub const K_MAX: usize = 64;
 /// u32 words of output per row: token, K_MAX ids, K_MAX probabilities.
 pub const OUT_WORDS: usize = 1 + 2 * K_MAX;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    offset: u32,
-    k: u32,
-    temperature: f32,
-    top_p: f32,
-    u: f32,
+/// Sampling settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplerConfig {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p (1 = all).
+    pub top_p: f32,
+    /// Random seed.
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: 40, top_p: 0.95, seed: 0 }
+    }
+}
+
+uniform_block! {
+    /// The uniform block of the shader (its WGSL declaration is generated from this one).
+    pub(super) struct Params {
+        n: u32,
+        offset: u32,
+        k: u32,
+        temperature: f32,
+        top_p: f32,
+        u: f32,}
 }
 
 /// Record a draw from `x[offset..offset+n]`: top-`k` (1..=64) at `temperature`, nucleus `top_p`,
@@ -43,7 +62,7 @@ pub fn sample(
             "GPU sampling needs 1 ≤ top-k ≤ {K_MAX} (got {k}) and a positive temperature (got {temperature})"
         )));
     }
-    let kernel = ctx.kernel(&super::plain("sample", WGSL, "main"))?;
+    let kernel = ctx.kernel(&super::plain::<Params>("sample", WGSL, "main"))?;
     let p = Params { n: n as u32, offset: offset as u32, k: k as u32, temperature, top_p, u };
     rec.dispatch(&kernel, &p, vec![Binding::whole(x), Binding::whole(out)], [1, 1, 1])
 }
@@ -59,7 +78,7 @@ pub fn argmax(
     rows: usize,
     out: &wgpu::Buffer,
 ) -> Result<()> {
-    let kernel = ctx.kernel(&super::plain("sample", WGSL, "main"))?;
+    let kernel = ctx.kernel(&super::plain::<Params>("sample", WGSL, "main"))?;
     let p = Params { n: n as u32, offset: offset as u32, k: 1, temperature: 1.0, top_p: 1.0, u: 0.0 };
     rec.dispatch(&kernel, &p, vec![Binding::whole(x), Binding::whole(out)], [rows as u32, 1, 1])
 }

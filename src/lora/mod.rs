@@ -9,13 +9,56 @@
 //! converter does it); the rows of `lora_B` for q_proj/k_proj are permuted the same way on load
 //! and back on save, so PEFT adapters trained on Hugging Face weights apply unchanged.
 
-use crate::model::{Arch, ModelConfig};
+use crate::hparams::{Arch, ModelConfig};
 use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 mod registry;
-pub use registry::{ActiveAdapter, AdapterId, AdapterInfo, AdapterRegistry};
+pub use registry::{AdapterInfo, AdapterRegistry};
+
+/// A resident adapter's handle. Ids are never reused within a registry, so a stale id cannot
+/// silently name another adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct AdapterId(pub u32);
+
+impl std::fmt::Display for AdapterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "adapter#{}", self.0)
+    }
+}
+
+/// An adapter as it is applied: which one, and a multiplier on its own `alpha/r` scale
+/// (1 = as trained, 0 = the base model). Batching and KV-cache reuse key on this value.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ActiveAdapter {
+    /// The adapter.
+    pub id: AdapterId,
+    /// Multiplier of its trained scale.
+    pub scale: f32,
+}
+
+impl ActiveAdapter {
+    /// `id` at its trained scale.
+    pub fn new(id: AdapterId) -> Self {
+        Self { id, scale: 1.0 }
+    }
+}
+
+// Compared and hashed by bit pattern: two activations are interchangeable only when every
+// weight they apply is bit-identical.
+impl PartialEq for ActiveAdapter {
+    fn eq(&self, o: &Self) -> bool {
+        self.id == o.id && self.scale.to_bits() == o.scale.to_bits()
+    }
+}
+impl Eq for ActiveAdapter {}
+impl std::hash::Hash for ActiveAdapter {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.id.hash(h);
+        self.scale.to_bits().hash(h);
+    }
+}
 
 /// A projection an adapter can target, by its Hugging Face module name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]

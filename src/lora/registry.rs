@@ -5,54 +5,11 @@
 //! another). Adding appends, growing a pack by a GPU copy when full; removing compacts the packs
 //! on the GPU. Nothing is kept on the host once uploaded.
 
-use super::{LoraAdapter, LoraError, LoraLimits, Proj};
+use super::{ActiveAdapter, AdapterId, LoraAdapter, LoraError, LoraLimits, Proj};
 use crate::gpu::{storage_buffer_zeroed, upload, GpuContext, Recorder};
+use crate::hparams::ModelConfig;
 use crate::kernels::matmul::LoraSlot;
-use crate::model::ModelConfig;
 use std::collections::BTreeMap;
-
-/// A resident adapter's handle. Ids are never reused within a registry, so a stale id cannot
-/// silently name another adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-pub struct AdapterId(pub u32);
-
-impl std::fmt::Display for AdapterId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "adapter#{}", self.0)
-    }
-}
-
-/// An adapter as it is applied: which one, and a multiplier on its own `alpha/r` scale
-/// (1 = as trained, 0 = the base model). Batching and KV-cache reuse key on this value.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct ActiveAdapter {
-    /// The adapter.
-    pub id: AdapterId,
-    /// Multiplier of its trained scale.
-    pub scale: f32,
-}
-
-impl ActiveAdapter {
-    /// `id` at its trained scale.
-    pub fn new(id: AdapterId) -> Self {
-        Self { id, scale: 1.0 }
-    }
-}
-
-// Compared and hashed by bit pattern: two activations are interchangeable only when every
-// weight they apply is bit-identical.
-impl PartialEq for ActiveAdapter {
-    fn eq(&self, o: &Self) -> bool {
-        self.id == o.id && self.scale.to_bits() == o.scale.to_bits()
-    }
-}
-impl Eq for ActiveAdapter {}
-impl std::hash::Hash for ActiveAdapter {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.id.hash(h);
-        self.scale.to_bits().hash(h);
-    }
-}
 
 /// What the registry knows about a resident adapter.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -13,16 +13,17 @@ use crate::gpu::{read_f32, storage_buffer_zeroed, upload, Recorder, WeightMatrix
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::attention_backward::{attention_backward, AttentionGrads};
 use crate::kernels::elementwise::glu_backward;
+use crate::kernels::lora::lora_shrink;
 use crate::kernels::lora_backward::{lora_backward, At, LoraBackward};
 use crate::kernels::loss::cross_entropy;
-use crate::kernels::matmul::{lora_shrink, LoraIo, MatmulIo};
+use crate::kernels::matmul::{LoraIo, MatmulIo};
 use crate::kernels::matmul_t::matmul_t;
 use crate::kernels::norm::{rms_norm_backward, Rows};
+use crate::kernels::optim::AdamW;
 use crate::kernels::optim::{adamw, GpuMoments};
 use crate::kernels::rope::rope_backward;
 use crate::kv::KvCache;
 use crate::lora::{ActiveAdapter, AdapterId, AdapterRegistry, LoraWeights, Proj};
-use crate::train::AdamW;
 use std::collections::BTreeMap;
 use std::ops::Range;
 

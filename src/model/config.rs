@@ -1,55 +1,9 @@
-//! Architecture-independent hyperparameters, read from GGUF metadata by the architecture files.
+//! Reading a model's hyperparameters ([`ModelConfig`]) from GGUF metadata; each architecture
+//! file adjusts the common llama-style fields.
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::elementwise::Activation;
-use crate::kernels::rope::{Rope, RopeLayout};
-
-/// A supported architecture (`general.architecture`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum Arch {
-    /// llama: SmolLM2, Llama 3.x.
-    Llama,
-    /// qwen2: q/k/v biases.
-    Qwen2,
-    /// qwen3: per-head q/k RMSNorm.
-    Qwen3,
-    /// gemma3: GeGLU, post-norms, sliding-window layers, scaled embeddings.
-    Gemma3,
-}
-
-/// Everything the forward pass needs to know about a model's shape.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ModelConfig {
-    pub arch: Arch,
-    pub n_layers: usize,
-    pub d_model: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub ffn_dim: usize,
-    pub n_vocab: usize,
-    /// Context length the model was trained for.
-    pub n_ctx_train: usize,
-    pub norm_eps: f32,
-    /// Rotary embedding of full-attention layers.
-    pub rope: Rope,
-    /// Rotary base of sliding-window layers, where it differs (gemma3).
-    pub rope_base_local: Option<f32>,
-    /// Sliding window of local layers (0 = none).
-    pub sliding_window: usize,
-    /// Every `sliding_pattern`-th layer (the last of each group) attends globally; 0 = all global.
-    pub sliding_pattern: usize,
-    pub act: Activation,
-    /// Multiplier of the token embeddings (√d_model for gemma).
-    pub embed_scale: f32,
-    /// Attention score scale.
-    pub attn_scale: f32,
-    pub qkv_bias: bool,
-    pub qk_norm: bool,
-    /// Norms after attention and feed-forward outputs (gemma).
-    pub post_norms: bool,
-}
+use crate::hparams::{Activation, Arch, ModelConfig, Rope, RopeLayout};
 
 impl ModelConfig {
     /// Read the configuration of any supported architecture.
@@ -129,36 +83,5 @@ impl ModelConfig {
             return bad("per-dimension rope frequency factors (rope_freqs.weight, Llama 3.1 scaling) are not supported yet".into());
         }
         Ok(())
-    }
-
-    /// Sliding window of layer `l` (0 = full attention).
-    pub fn layer_window(&self, l: usize) -> usize {
-        if self.sliding_window == 0 || self.is_global(l) {
-            0
-        } else {
-            self.sliding_window
-        }
-    }
-
-    /// Rotary embedding of layer `l`.
-    pub fn layer_rope(&self, l: usize) -> Rope {
-        match self.rope_base_local {
-            Some(base) if !self.is_global(l) => Rope { base, ..self.rope },
-            _ => self.rope,
-        }
-    }
-
-    fn is_global(&self, l: usize) -> bool {
-        self.sliding_pattern == 0 || l % self.sliding_pattern == self.sliding_pattern - 1
-    }
-
-    /// Floats per cached key (or value) row: n_kv_heads × head_dim.
-    pub fn kv_dim(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
-
-    /// Floats per query row: n_heads × head_dim.
-    pub fn q_dim(&self) -> usize {
-        self.n_heads * self.head_dim
     }
 }

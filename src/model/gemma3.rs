@@ -3,11 +3,9 @@
 //!
 //! GGUF converters already add Gemma's `1 +` to the norm weights, so the norms are plain RMSNorm.
 
-use super::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::gguf::GgufFile;
-use crate::kernels::elementwise::Activation;
-use crate::kernels::rope::RopeLayout;
+use crate::hparams::{Activation, Arch, ModelConfig, RopeLayout};
 
 /// Gemma 3 alternates 5 local layers with 1 global one (llama.cpp's default when the file is silent).
 const DEFAULT_SLIDING_PATTERN: usize = 6;

@@ -1,9 +1,8 @@
 //! llama (SmolLM2, Llama 3.x): RMSNorm, SwiGLU, rotary embedding on adjacent pairs.
 
-use super::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::gguf::GgufFile;
-use crate::kernels::rope::RopeLayout;
+use crate::hparams::{Arch, ModelConfig, RopeLayout};
 
 /// Hyperparameters of a llama GGUF.
 pub fn config(f: &GgufFile) -> Result<ModelConfig> {

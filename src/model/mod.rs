@@ -12,17 +12,18 @@ mod qwen3;
 mod weights;
 
 pub use backward::{AdapterBuffers, AdapterTraining, PrefixCache};
-pub use config::{Arch, ModelConfig};
 pub use weights::{LayerWeights, Weights};
 
-use crate::decode::SamplerConfig;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::gpu::{read_f32, read_u32, storage_buffer_zeroed, upload, GpuContext, Recorder, WeightMatrix};
+use crate::hparams::ModelConfig;
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_rows, glu};
-use crate::kernels::matmul::{lora_expand, lora_shrink, matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo, RowNorm, MAX_SLOTS};
+use crate::kernels::lora::{lora_expand, lora_shrink};
+use crate::kernels::matmul::{matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo, RowNorm, MAX_SLOTS};
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
+use crate::kernels::sample::SamplerConfig;
 use crate::kernels::sample::{argmax, sample, OUT_WORDS};
 use crate::kernels::{embed::embed, kv_store::kv_store, rope::rope};
 use crate::kv::KvCache;

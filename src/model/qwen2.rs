@@ -1,9 +1,8 @@
 //! qwen2: llama with biases on the q/k/v projections and rotary embedding on split halves.
 
-use super::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::gguf::GgufFile;
-use crate::kernels::rope::RopeLayout;
+use crate::hparams::{Arch, ModelConfig, RopeLayout};
 
 /// Hyperparameters of a qwen2 GGUF.
 pub fn config(f: &GgufFile) -> Result<ModelConfig> {

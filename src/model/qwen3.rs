@@ -1,9 +1,8 @@
 //! qwen3: llama with per-head RMSNorm of queries and keys, rotary embedding on split halves.
 
-use super::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::gguf::GgufFile;
-use crate::kernels::rope::RopeLayout;
+use crate::hparams::{Arch, ModelConfig, RopeLayout};
 
 /// Hyperparameters of a qwen3 GGUF.
 pub fn config(f: &GgufFile) -> Result<ModelConfig> {

@@ -1,9 +1,9 @@
 //! Model weights on the GPU, checked against the configuration's shapes while loading.
 
-use super::config::ModelConfig;
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::gpu::{storage_buffer, GpuContext, WeightMatrix};
+use crate::hparams::ModelConfig;
 
 /// One transformer block's weights.
 pub struct LayerWeights {

@@ -3,7 +3,7 @@
 //! differences.
 
 use super::ops::activation;
-use crate::kernels::elementwise::Activation;
+use crate::hparams::Activation;
 
 /// `dx` of `y = W·x` (`W` row-major `rows × cols`) given `dy` (`m × rows`): `dx = dy·W`.
 pub fn matmul_backward_x(w: &[f32], dy: &[f32], rows: usize, cols: usize) -> Vec<f32> {

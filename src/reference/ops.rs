@@ -1,7 +1,6 @@
 //! Reference operators on plain f32 slices.
 
-use crate::kernels::elementwise::Activation;
-use crate::kernels::rope::{Rope, RopeLayout};
+use crate::hparams::{Activation, Rope, RopeLayout};
 
 /// `y[m, n] = Σ_k w[n, k] · x[m, k]` with `w` row-major `rows × cols` and `x` `m × cols`.
 pub fn matmul(w: &[f32], x: &[f32], rows: usize, cols: usize) -> Vec<f32> {

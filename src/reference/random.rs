@@ -13,7 +13,7 @@ pub fn random_vec(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
 /// ±`scale`; alpha = 2·rank so the trained multiplier is 2).
 pub fn random_adapter(
     rng: &mut SplitMix64,
-    c: &crate::model::ModelConfig,
+    c: &crate::hparams::ModelConfig,
     rank: usize,
     projs: &[crate::lora::Proj],
     scale: f32,

@@ -4,8 +4,8 @@ use super::backward::{self, cross_entropy};
 use super::ops;
 use crate::error::Result;
 use crate::gguf::GgufFile;
+use crate::hparams::ModelConfig;
 use crate::lora::{LoraAdapter, LoraWeights, Proj};
-use crate::model::ModelConfig;
 use std::collections::BTreeMap;
 use std::ops::Range;
 

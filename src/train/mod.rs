@@ -18,8 +18,9 @@ pub mod optim;
 pub mod synth;
 pub mod trainer;
 
+pub use crate::kernels::optim::{AdamW, Moments};
 pub use data::{read_trajectories, split, DataReport, DropKind, Dropped, Split, Trajectory};
 pub use examples::{cap_finish_share, decoupled_examples, split_examples, AdapterRole, Example, SplitExamples, SplitPart};
-pub use optim::{AdamW, Moments, Schedule};
+pub use optim::Schedule;
 pub use synth::{synthesize, Seed, SynthOptions, SynthReport};
 pub use trainer::{has_checkpoint, init_adapter, train_adapter, Progress, TrainOptions};

@@ -2,7 +2,7 @@
 
 use agentflux::gguf::GgufFile;
 use agentflux::gpu::{list_adapters, GpuContext, GpuOptions};
-use agentflux::model::ModelConfig;
+use agentflux::hparams::ModelConfig;
 use agentflux::resolve_model;
 use anyhow::Result;
 use std::collections::BTreeMap;

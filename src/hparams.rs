@@ -1,0 +1,117 @@
+//! Hyperparameters: what the layers above (kernels, KV cache, adapters, the forward pass) need to
+//! know of a model's shape, as plain values. The bottom layer: it imports nothing of the crate.
+//! [`ModelConfig`] is read from GGUF metadata in [`crate::model`].
+
+/// The gate activation of a gated feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Activation {
+    /// SiLU (SwiGLU): llama, qwen.
+    Silu,
+    /// tanh-approximated GELU (GeGLU): gemma.
+    GeluTanh,
+}
+
+impl Activation {
+    /// The shaders' number for it (activation.wgsl's `act`).
+    pub(crate) fn code(self) -> u32 {
+        (self == Activation::GeluTanh) as u32
+    }
+}
+
+/// Which dimensions form a rotated pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RopeLayout {
+    /// (2i, 2i+1): llama-family GGUF files (their converter permutes q/k for it).
+    Normal,
+    /// (i, i + rot_dim/2): qwen2, qwen3, gemma3.
+    Neox,
+}
+
+/// Rotary embedding hyperparameters.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Rope {
+    pub layout: RopeLayout,
+    /// Rotated dimensions per head (≤ head_dim, even).
+    pub rot_dim: usize,
+    /// Frequency base.
+    pub base: f32,
+}
+
+/// A supported architecture (`general.architecture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Arch {
+    /// llama: SmolLM2, Llama 3.x.
+    Llama,
+    /// qwen2: q/k/v biases.
+    Qwen2,
+    /// qwen3: per-head q/k RMSNorm.
+    Qwen3,
+    /// gemma3: GeGLU, post-norms, sliding-window layers, scaled embeddings.
+    Gemma3,
+}
+
+/// Everything the forward pass needs to know about a model's shape.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_dim: usize,
+    pub n_vocab: usize,
+    /// Context length the model was trained for.
+    pub n_ctx_train: usize,
+    pub norm_eps: f32,
+    /// Rotary embedding of full-attention layers.
+    pub rope: Rope,
+    /// Rotary base of sliding-window layers, where it differs (gemma3).
+    pub rope_base_local: Option<f32>,
+    /// Sliding window of local layers (0 = none).
+    pub sliding_window: usize,
+    /// Every `sliding_pattern`-th layer (the last of each group) attends globally; 0 = all global.
+    pub sliding_pattern: usize,
+    pub act: Activation,
+    /// Multiplier of the token embeddings (√d_model for gemma).
+    pub embed_scale: f32,
+    /// Attention score scale.
+    pub attn_scale: f32,
+    pub qkv_bias: bool,
+    pub qk_norm: bool,
+    /// Norms after attention and feed-forward outputs (gemma).
+    pub post_norms: bool,
+}
+
+impl ModelConfig {
+    /// Sliding window of layer `l` (0 = full attention).
+    pub fn layer_window(&self, l: usize) -> usize {
+        if self.sliding_window == 0 || self.is_global(l) {
+            0
+        } else {
+            self.sliding_window
+        }
+    }
+
+    /// Rotary embedding of layer `l`.
+    pub fn layer_rope(&self, l: usize) -> Rope {
+        match self.rope_base_local {
+            Some(base) if !self.is_global(l) => Rope { base, ..self.rope },
+            _ => self.rope,
+        }
+    }
+
+    fn is_global(&self, l: usize) -> bool {
+        self.sliding_pattern == 0 || l % self.sliding_pattern == self.sliding_pattern - 1
+    }
+
+    /// Floats per cached key (or value) row: n_kv_heads × head_dim.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Floats per query row: n_heads × head_dim.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+}
