@@ -5,7 +5,7 @@
 //! the one gated product; and the cost of a dispatch itself, with its bind group reused from the
 //! last submission and built anew.
 //!
-//! `cargo bench --bench kernels [-- lora|ffn|dispatch]`; `AGENTFLUX_ADAPTER` picks the device,
+//! `cargo bench --bench kernels [-- lora|ffn|dispatch]`; `AGENTFLUX_GPU` picks the device,
 //! `AGENTFLUX_KERNELS=gpu|cpu` the kernel family.
 
 use agentflux::decode::SplitMix64;

@@ -1,10 +1,12 @@
 //! The engine a program embeds: one GPU context, a model, its tokenizer and chat template.
 
+use crate::decode::{GenerateOptions, Generation};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::gpu::{GpuContext, GpuOptions};
 use crate::model::Model;
-use crate::text::{ChatTemplate, Tokenizer};
+use crate::session::Session;
+use crate::text::{ChatMessage, ChatTemplate, Tokenizer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,5 +68,41 @@ impl Engine {
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let template = ChatTemplate::from_gguf(&file, &tokenizer)?;
         Ok(Self { ctx, file, model, tokenizer: Arc::new(tokenizer), template })
+    }
+}
+
+/// A finished completion: its text and the generation behind it (tokens, timings).
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The new text (stop tokens left out).
+    pub text: String,
+    /// The new tokens and their timings.
+    pub generation: Generation,
+}
+
+impl Engine {
+    /// Continue `prompt` (raw text, special tokens parsed) with `opts`, from an empty cache of
+    /// the prompt's length plus `opts.max_tokens`.
+    pub fn generate(&self, prompt: &str, opts: &GenerateOptions) -> Result<Completion> {
+        let tokens = self.tokenizer.encode(prompt, true)?;
+        self.generate_tokens(&tokens, opts)
+    }
+
+    /// Answer a conversation: `messages` rendered with the model's chat template, then generated.
+    pub fn chat(&self, messages: &[ChatMessage], opts: &GenerateOptions) -> Result<Completion> {
+        let template = self.template.as_ref().ok_or_else(|| Error::Template("this model has no chat template".into()))?;
+        let tokens = self.tokenizer.encode(&template.render(messages, true)?, true)?;
+        self.generate_tokens(&tokens, opts)
+    }
+
+    fn generate_tokens(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Completion> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidOption("the prompt encodes to no tokens".into()));
+        }
+        let n_ctx = (prompt.len() + opts.max_tokens).min(self.model.config.n_ctx_train);
+        let mut session = Session::new(&self.model, n_ctx)?;
+        let generation = session.generate(prompt, None, opts, |_| {})?;
+        let kept: Vec<u32> = generation.tokens.iter().copied().filter(|t| !self.tokenizer.is_stop(*t)).collect();
+        Ok(Completion { text: self.tokenizer.decode(&kept, true)?, generation })
     }
 }

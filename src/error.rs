@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 /// Everything the engine can refuse or fail at.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message names its fields
 pub enum Error {
     /// The GGUF file is malformed or lacks what the model needs.
     #[error(transparent)]
@@ -39,9 +40,25 @@ pub enum Error {
     /// The caller stopped the work (a client that left).
     #[error("cancelled")]
     Cancelled,
-    /// Invalid user-supplied option.
+    /// An invalid option or request: the caller's input, refused before any work.
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// The engine failed at its own work (a lock poisoned by a panic elsewhere, a worker thread
+    /// that could not start or stopped, the constraint engine refusing its own state): never the
+    /// caller's input.
+    #[error("engine: {0}")]
+    Engine(String),
+    /// The model's output could not be used (tool arguments that are not JSON within the token
+    /// budget, a constraint that leaves no token).
+    #[error("model output: {0}")]
+    ModelOutput(String),
+    /// A file was read but what it holds is wrong (a tool-set manifest, a data seed, a
+    /// checkpoint).
+    #[error("{}: {msg}", path.display())]
+    BadFile { path: PathBuf, msg: String },
+    /// The HTTP server could not start (address in use, no threads).
+    #[error("server: {0}")]
+    Serve(String),
     /// A file or directory could not be read or written.
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
@@ -54,6 +71,16 @@ impl Error {
     /// An I/O failure on `path`.
     pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Error::Io { path: path.to_path_buf(), source }
+    }
+
+    /// A file at `path` whose contents are wrong.
+    pub fn bad_file(path: &std::path::Path, msg: impl std::fmt::Display) -> Self {
+        Error::BadFile { path: path.to_path_buf(), msg: msg.to_string() }
+    }
+
+    /// A lock poisoned by a panic in another thread.
+    pub fn poisoned(what: &str) -> Self {
+        Error::Engine(format!("{what} lock poisoned by a panic in another thread"))
     }
 }
 

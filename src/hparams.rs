@@ -30,6 +30,7 @@ pub enum RopeLayout {
 /// Rotary embedding hyperparameters.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Rope {
+    /// Which dimensions pair up.
     pub layout: RopeLayout,
     /// Rotated dimensions per head (≤ head_dim, even).
     pub rot_dim: usize,
@@ -53,16 +54,25 @@ pub enum Arch {
 /// Everything the forward pass needs to know about a model's shape.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelConfig {
+    /// The architecture.
     pub arch: Arch,
+    /// Transformer blocks.
     pub n_layers: usize,
+    /// Hidden size.
     pub d_model: usize,
+    /// Query heads.
     pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than the query heads).
     pub n_kv_heads: usize,
+    /// Dimensions per head.
     pub head_dim: usize,
+    /// Feed-forward hidden size.
     pub ffn_dim: usize,
+    /// Vocabulary size (rows of the embedding and of the LM head).
     pub n_vocab: usize,
     /// Context length the model was trained for.
     pub n_ctx_train: usize,
+    /// RMSNorm epsilon.
     pub norm_eps: f32,
     /// Rotary embedding of full-attention layers.
     pub rope: Rope,
@@ -72,12 +82,15 @@ pub struct ModelConfig {
     pub sliding_window: usize,
     /// Every `sliding_pattern`-th layer (the last of each group) attends globally; 0 = all global.
     pub sliding_pattern: usize,
+    /// The feed-forward gate's activation.
     pub act: Activation,
     /// Multiplier of the token embeddings (√d_model for gemma).
     pub embed_scale: f32,
     /// Attention score scale.
     pub attn_scale: f32,
+    /// Biases on the query, key and value projections (qwen2).
     pub qkv_bias: bool,
+    /// RMSNorm per head on queries and keys (qwen3, gemma3).
     pub qk_norm: bool,
     /// Norms after attention and feed-forward outputs (gemma).
     pub post_norms: bool,

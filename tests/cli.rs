@@ -138,3 +138,20 @@ fn generate_with_an_activated_adapter() {
     assert!(!missing.0 && missing.2.contains("/nonexistent/lora") && missing.2.contains("adapter_config.json"), "{}", missing.2);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--gpu` picks the device by index or name; `--adapter` (its former name) still does, and
+/// `info --gpus` (formerly `--adapters`) lists the devices those indices count.
+#[test]
+fn gpu_flag_and_its_former_name_choose_the_device() {
+    let list = |args: &[&str]| {
+        let (ok, out, err) = agentflux(args);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+    let gpus = list(&["info", "--gpus"]);
+    assert!(gpus.starts_with("0: "), "{gpus}");
+    assert_eq!(list(&["--gpu", "0", "info", "--gpus"]), gpus);
+    assert_eq!(list(&["--adapter", "0", "info", "--adapters"]), gpus);
+    let (ok, _, err) = agentflux(&["--gpu", "no-such-device", "info"]);
+    assert!(!ok && err.contains("no device matches 'no-such-device'"), "{err}");
+}

@@ -67,7 +67,7 @@ struct Top5 {
 fn load(fixture: &str) -> Option<(Fixture, Engine)> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(fixture);
     let fx: Fixture = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let model = agentflux::engine::model_cache_dir().join(&fx.model);
+    let model = agentflux::model_cache_dir().join(&fx.model);
     if !model.is_file() {
         assert!(std::env::var("CI").is_err(), "{} missing under CI: tools/test fetches it", model.display());
         eprintln!("SKIPPED: {} not in the cache (run tools/fetch-model)", model.display());

@@ -16,8 +16,8 @@ const LAYERS: &[&[&str]] = &[
     &["kv.rs", "lora/registry.rs"],
     &["model/"],
     &["decode/"],
-    &["session.rs", "engine.rs", "reference/"],
-    &["toolcall/"],
+    &["session.rs", "reference/"],
+    &["toolcall/", "engine.rs"],
     &["train/", "eval/"],
     &["agent.rs", "serve/"],
     &["lib.rs"],
@@ -62,7 +62,16 @@ fn re_exports(src: &Path, module: &str) -> BTreeMap<String, String> {
 
 /// The file a `crate::a::b…` path names (`a`, then `b` where `a` is a folder).
 fn target(src: &Path, path: &[&str]) -> String {
-    let root_items = [("Error", "error.rs"), ("Result", "error.rs"), ("Engine", "engine.rs"), ("resolve_model", "engine.rs")];
+    let root_items = [
+        ("Error", "error.rs"),
+        ("Result", "error.rs"),
+        ("Engine", "engine.rs"),
+        ("Completion", "engine.rs"),
+        ("resolve_model", "engine.rs"),
+        ("model_cache_dir", "engine.rs"),
+        ("Agent", "agent.rs"),
+        ("AgentBuilder", "agent.rs"),
+    ];
     if let Some((_, f)) = root_items.iter().find(|(n, _)| *n == path[0]) {
         return f.to_string();
     }

@@ -112,9 +112,11 @@ pub struct Outcome {
     pub line: usize,
     /// Expected name and arguments.
     pub expected_name: String,
+    /// The arguments the dev set expects (None: the expected tool takes none, or `finish`).
     pub expected_arguments: Option<Value>,
     /// What the model called (`None` when the call failed).
     pub name: Option<String>,
+    /// The arguments written (None: no call, or `finish`).
     pub arguments: Option<Value>,
     /// The right tool (or `finish`).
     pub name_ok: bool,
@@ -128,13 +130,18 @@ pub struct Outcome {
     pub confidence: Option<f64>,
     /// Milliseconds: the whole call and its stages.
     pub ms: f64,
+    /// Milliseconds prefilling the conversation.
     pub prefix_ms: f64,
+    /// Milliseconds selecting the tool.
     pub select_ms: f64,
+    /// Milliseconds writing the arguments.
     pub args_ms: f64,
     /// Prompt positions computed, reused from the cache, and computed again (cached under
     /// another adapter).
     pub prefilled: usize,
+    /// Prompt tokens taken from the cache instead of computed.
     pub reused: usize,
+    /// Tokens computed again (standard LoRA adapters re-prefill).
     pub recomputed: usize,
     /// Why the call failed, if it did.
     pub error: Option<String>,
@@ -195,15 +202,21 @@ pub struct Summary {
     pub schema_valid: f64,
     /// Mean confidence when the tool was right, and when it was wrong.
     pub confidence_right: Option<f64>,
+    /// Mean probability of the chosen tool where the choice was wrong.
     pub confidence_wrong: Option<f64>,
     /// Mean milliseconds per call and per stage.
     pub ms: f64,
+    /// Mean milliseconds prefilling per call.
     pub prefix_ms: f64,
+    /// Mean milliseconds selecting per call.
     pub select_ms: f64,
+    /// Mean milliseconds writing arguments per call.
     pub args_ms: f64,
     /// Mean prompt positions computed and reused per call; total recomputed.
     pub prefilled: f64,
+    /// Mean prompt tokens reused per call.
     pub reused: f64,
+    /// Tokens computed again over the whole set.
     pub recomputed: usize,
     /// Calls that failed with an error.
     pub errors: usize,

@@ -19,12 +19,16 @@ use std::path::Path;
 #[serde(deny_unknown_fields)]
 pub struct Checks {
     #[serde(default)]
+    /// Strings the final answer must contain.
     pub facts: Vec<String>,
     #[serde(default)]
+    /// Tools that must have been called.
     pub tools: Vec<String>,
     #[serde(default)]
+    /// Paths (relative to the workspace) that must exist afterwards.
     pub files_exist: Vec<String>,
     #[serde(default)]
+    /// Path → text the file must contain afterwards.
     pub file_contains: BTreeMap<String, String>,
 }
 
@@ -39,6 +43,7 @@ pub struct Task {
     pub mcp: Vec<String>,
     /// Most tool calls (the agent's step limit).
     pub max_steps: usize,
+    /// What must hold afterwards.
     pub checks: Checks,
 }
 
@@ -91,6 +96,7 @@ fn replace_ws(v: Value, ws: &str) -> Value {
 /// How one task went.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct TaskOutcome {
+    /// Line of the task file (1-based).
     pub line: usize,
     /// Every check held.
     pub success: bool,
@@ -100,6 +106,7 @@ pub struct TaskOutcome {
     pub calls: Vec<String>,
     /// The final answer.
     pub answer: String,
+    /// Milliseconds the task took.
     pub ms: f64,
     /// Why the run itself failed, if it did.
     pub error: Option<String>,

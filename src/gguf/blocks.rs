@@ -6,7 +6,7 @@
 use half::{bf16, f16};
 
 /// ggml tensor type ids as stored in GGUF.
-#[allow(non_camel_case_types)]
+#[allow(non_camel_case_types, missing_docs)] // ggml's own type names, documented by ggml
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum GgmlType {
     F32,
@@ -93,7 +93,7 @@ impl GgmlType {
 }
 
 /// A block format the engine's kernels decode.
-#[allow(non_camel_case_types)]
+#[allow(non_camel_case_types, missing_docs)] // ggml's own type names, documented by ggml
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum BlockFormat {
     F32,

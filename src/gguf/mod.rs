@@ -26,6 +26,7 @@ pub struct GgufError {
 }
 
 /// The reasons a GGUF file is rejected.
+#[allow(missing_docs)] // each variant's message names its fields
 #[derive(Debug, thiserror::Error)]
 pub enum GgufErrorKind {
     #[error("cannot open or map the file: {0}")]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)] // GGUF's value types, one variant each
 pub enum MetaValue {
     U8(u8),
     I8(i8),

@@ -18,9 +18,10 @@ pub enum DeviceClass {
 /// How to choose and configure the device.
 #[derive(Debug, Clone, Default)]
 pub struct GpuOptions {
-    /// Pick the adapter whose name contains this (case-insensitive), or whose index in
-    /// `agentflux info`'s list equals it. Default: `$AGENTFLUX_ADAPTER`, else a high-performance one.
-    pub adapter: Option<String>,
+    /// Pick the device whose name contains this (case-insensitive), or whose index in
+    /// `agentflux info --gpus`'s list equals it. Default: `$AGENTFLUX_GPU` (formerly
+    /// `$AGENTFLUX_ADAPTER`), else a high-performance one.
+    pub gpu: Option<String>,
     /// Pretend storage bindings can hold at most this many bytes (tests of tensor splitting).
     pub max_binding_bytes: Option<u64>,
     /// The kernel family to use. Default: `$AGENTFLUX_KERNELS` (`gpu`/`cpu`), else the family
@@ -107,7 +108,8 @@ impl GpuContext {
     pub fn new(opts: &GpuOptions) -> Result<Self> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
-        let choice = opts.adapter.clone().or_else(|| std::env::var("AGENTFLUX_ADAPTER").ok());
+        let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        let choice = opts.gpu.clone().or_else(|| env("AGENTFLUX_GPU")).or_else(|| env("AGENTFLUX_ADAPTER"));
         let adapter = match choice {
             Some(want) => {
                 let lower = want.to_lowercase();
@@ -117,7 +119,7 @@ impl GpuContext {
                     .find(|(i, a)| want.parse::<usize>().ok() == Some(*i) || a.get_info().name.to_lowercase().contains(&lower));
                 found
                     .map(|(_, a)| a)
-                    .ok_or_else(|| Error::Gpu(format!("no adapter matches '{want}' (see `agentflux info --adapters` for the list)")))?
+                    .ok_or_else(|| Error::Gpu(format!("no device matches '{want}' (see `agentflux info --gpus` for the list)")))?
             }
             None => {
                 // Prefer a real GPU, then anything with compute.
@@ -202,7 +204,7 @@ impl GpuContext {
         if !self.features.timestamps {
             return Err(Error::Gpu(format!("'{}' has no timestamp queries: per-kernel times are not available", self.info.name)));
         }
-        *self.profile.lock().map_err(|_| Error::Gpu("profile lock poisoned".into()))? = Some(Default::default());
+        *self.profile.lock().map_err(|_| Error::poisoned("profile"))? = Some(Default::default());
         Ok(())
     }
 

@@ -66,7 +66,7 @@ impl GpuContext {
 }
 
 fn poisoned() -> Error {
-    Error::Gpu("pipeline cache lock poisoned by a panic in another thread".into())
+    Error::poisoned("pipeline cache")
 }
 
 /// A byte range of a buffer bound to a kernel.

@@ -26,8 +26,11 @@ uniform_block! {
 /// Head geometry of one attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
+    /// Query heads.
     pub n_heads: usize,
+    /// Key/value heads.
     pub n_kv_heads: usize,
+    /// Dimensions per head.
     pub head_dim: usize,
     /// Sliding window (0 = full causal attention).
     pub window: usize,

@@ -23,9 +23,13 @@ uniform_block! {
 /// rows of `n_kv_heads·head_dim`: the step's own keys), and scratch for the softmax statistics
 /// (3 floats per row and head).
 pub struct AttentionGrads<'a> {
+    /// Query gradient.
     pub dq: &'a wgpu::Buffer,
+    /// Key gradient (the step's own keys).
     pub dk: &'a wgpu::Buffer,
+    /// Value gradient (the step's own values).
     pub dv: &'a wgpu::Buffer,
+    /// Softmax statistics scratch.
     pub stats: &'a wgpu::Buffer,
 }
 

@@ -26,6 +26,7 @@ uniform_block! {
 /// A matrix of floats inside a buffer.
 #[derive(Clone, Copy)]
 pub struct At<'a> {
+    /// The buffer.
     pub buf: &'a wgpu::Buffer,
     /// First float.
     pub offset: usize,
@@ -42,16 +43,23 @@ pub struct LoraBackward<'a> {
     pub dx: Rows<'a>,
     /// `A` (`r × k`) and `B` (`n × r`).
     pub a: At<'a>,
+    /// `B` (`n × r`).
     pub b: At<'a>,
     /// `u = A·x` from the forward (`m × r`), and scratch for `s·Bᵀ·dy` (`m × r`).
     pub u: &'a wgpu::Buffer,
+    /// Scratch for `s·Bᵀ·dy` (`m × r`).
     pub du: &'a wgpu::Buffer,
     /// Where `dA` and `dB` go (same shapes as `A` and `B`).
     pub da: At<'a>,
+    /// Where `dB` goes.
     pub db: At<'a>,
+    /// Rows.
     pub m: usize,
+    /// Inputs of the projection.
     pub k: usize,
+    /// Outputs of the projection.
     pub n: usize,
+    /// Rank.
     pub r: usize,
     /// The adapter's scale `s`.
     pub scale: f32,

@@ -36,8 +36,11 @@ impl Params {
 /// Rows of a buffer: `rows` rows of `n` floats, row r at `offset + r·stride`.
 #[derive(Clone, Copy)]
 pub struct Rows<'a> {
+    /// The buffer.
     pub buf: &'a wgpu::Buffer,
+    /// First float of row 0.
     pub offset: usize,
+    /// Floats from one row to the next.
     pub stride: usize,
 }
 

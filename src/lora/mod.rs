@@ -63,12 +63,19 @@ impl std::hash::Hash for ActiveAdapter {
 /// A projection an adapter can target, by its Hugging Face module name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Proj {
+    /// Query projection (`q_proj`).
     Q,
+    /// Key projection (`k_proj`).
     K,
+    /// Value projection (`v_proj`).
     V,
+    /// Attention output projection (`o_proj`).
     O,
+    /// Feed-forward gate (`gate_proj`).
     Gate,
+    /// Feed-forward up projection (`up_proj`).
     Up,
+    /// Feed-forward down projection (`down_proj`).
     Down,
 }
 
@@ -455,7 +462,9 @@ impl LoraAdapter {
 /// How [`LoraAdapter::save_peft_as`] stores the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SavedDtype {
+    /// 32-bit floats.
     F32,
+    /// 16-bit floats (half the size; PEFT's usual choice).
     F16,
 }
 

@@ -33,9 +33,13 @@ fn empty_object_schema() -> Value {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Content {
     /// Text.
-    Text { text: String },
+    Text {
+        /// The text.
+        text: String,
+    },
     /// An image (base64), kept only as its MIME type for the model.
     Image {
+        /// Its MIME type (`image/png`).
         #[serde(rename = "mimeType", default)]
         mime_type: String,
     },
@@ -72,6 +76,7 @@ impl ToolResult {
 
 /// Why talking to a tool server failed.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message names its fields
 pub enum McpError {
     /// The command could not be started.
     #[error("MCP server `{command}` could not be started: {msg}")]

@@ -66,6 +66,7 @@ pub struct AdapterTraining {
     pub grads: AdapterBuffers,
     /// AdamW's first and second moments.
     pub m: AdapterBuffers,
+    /// Second moments, laid out like the adapter.
     pub v: AdapterBuffers,
 }
 
@@ -272,7 +273,7 @@ impl Model {
                 .collect(),
             h_final: f("h_final", t * d),
         };
-        let mut guard = self.scratch.lock().map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
+        let mut guard = self.scratch.lock().map_err(|_| Error::poisoned("scratch"))?;
         let logit_cap = ((ctx.max_binding() as usize / (c.n_vocab * 4)).max(1)).min(self.max_batch);
         if n_t > logit_cap {
             return Err(Error::InvalidOption(format!("{n_t} target tokens in one example; at most {logit_cap} fit one pass")));

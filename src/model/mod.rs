@@ -246,11 +246,11 @@ impl Model {
     }
 
     fn registry(&self) -> Result<RwLockReadGuard<'_, AdapterRegistry>> {
-        self.adapters.read().map_err(|_| Error::Gpu("adapter registry lock poisoned".into()))
+        self.adapters.read().map_err(|_| Error::poisoned("adapter registry"))
     }
 
     fn registry_mut(&self) -> Result<RwLockWriteGuard<'_, AdapterRegistry>> {
-        self.adapters.write().map_err(|_| Error::Gpu("adapter registry lock poisoned".into()))
+        self.adapters.write().map_err(|_| Error::poisoned("adapter registry"))
     }
 
     /// Check `adapter` against this model and make it resident under `name`. A refused adapter
@@ -389,7 +389,7 @@ impl Model {
         } else {
             vec![seqs.iter().enumerate().map(|(i, s)| (i, 0, s.tokens.len())).collect()]
         };
-        let mut guard = self.scratch.lock().map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
+        let mut guard = self.scratch.lock().map_err(|_| Error::poisoned("scratch"))?;
         let need = total.min(chunk);
         if guard.as_ref().is_none_or(|s| s.tokens < need) {
             *guard = Some(self.alloc_scratch(need, logit_cap, registry.limits().max_rank));

@@ -7,14 +7,18 @@ use crate::hparams::ModelConfig;
 
 /// One transformer block's weights.
 pub struct LayerWeights {
+    /// RMSNorm weights before attention.
     pub attn_norm: wgpu::Buffer,
     /// Query, key and value projections, in one buffer where their formats allow.
     pub wq: WeightMatrix,
+    /// Key projection.
     pub wk: WeightMatrix,
+    /// Value projection.
     pub wv: WeightMatrix,
     /// The three read as one matrix of `q_dim + 2·kv_dim` rows, where they lie back to back:
     /// one product then writes a token's queries, keys and values side by side.
     pub wqkv: Option<WeightMatrix>,
+    /// Attention output projection.
     pub wo: WeightMatrix,
     /// q, k, v biases (qwen2).
     pub qkv_bias: Option<[wgpu::Buffer; 3]>,
@@ -22,11 +26,14 @@ pub struct LayerWeights {
     pub qk_norm: Option<[wgpu::Buffer; 2]>,
     /// Norm of the attention output before the residual add (gemma3).
     pub post_attn_norm: Option<wgpu::Buffer>,
+    /// RMSNorm weights before the feed-forward block.
     pub ffn_norm: wgpu::Buffer,
     /// Gate and up projections, in one buffer where their formats allow (one kernel then
     /// computes both and the GLU).
     pub w_gate: WeightMatrix,
+    /// Feed-forward up projection.
     pub w_up: WeightMatrix,
+    /// Feed-forward down projection.
     pub w_down: WeightMatrix,
     /// Norm of the feed-forward output before the residual add (gemma3).
     pub post_ffn_norm: Option<wgpu::Buffer>,
@@ -34,8 +41,11 @@ pub struct LayerWeights {
 
 /// All weights of a model.
 pub struct Weights {
+    /// Token embeddings (`n_vocab × d_model`).
     pub embed: WeightMatrix,
+    /// The transformer blocks.
     pub layers: Vec<LayerWeights>,
+    /// RMSNorm weights before the LM head.
     pub out_norm: wgpu::Buffer,
     /// The output projection; `None` when tied to the embeddings.
     pub lm_head: Option<WeightMatrix>,

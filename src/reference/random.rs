@@ -76,12 +76,19 @@ pub fn random_matrix_bytes(rng: &mut SplitMix64, format: BlockFormat, rows: usiz
 pub struct TinyModelSpec {
     /// `llama`, `qwen2`, `qwen3` or `gemma3`.
     pub arch: &'static str,
+    /// Transformer blocks.
     pub n_layers: usize,
+    /// Hidden size.
     pub d_model: usize,
+    /// Query heads.
     pub n_heads: usize,
+    /// Key/value heads.
     pub n_kv_heads: usize,
+    /// Dimensions per head.
     pub head_dim: usize,
+    /// Feed-forward hidden size.
     pub ffn_dim: usize,
+    /// Vocabulary size.
     pub n_vocab: usize,
     /// Format of the projection matrices.
     pub format: BlockFormat,

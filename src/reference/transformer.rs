@@ -13,8 +13,11 @@ use std::ops::Range;
 /// `from..` (rows before it are an activated LoRA's un-invoked prefix).
 #[derive(Clone, Copy)]
 pub struct ReferenceAdapter<'a> {
+    /// The adapter.
     pub adapter: &'a LoraAdapter,
+    /// Multiplier of its trained scale.
     pub multiplier: f32,
+    /// First row it applies to.
     pub from: usize,
 }
 

@@ -46,14 +46,14 @@ impl Server {
         let worker = std::thread::Builder::new()
             .name("agentflux-worker".into())
             .spawn(move || worker::run(backend, limits, queue, ready_tx))
-            .map_err(|e| Error::InvalidOption(format!("cannot start the worker thread: {e}")))?;
+            .map_err(|e| Error::Serve(format!("cannot start the worker thread: {e}")))?;
         match ready.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Error::InvalidOption(format!("the engine could not start: {e}"))),
-            Err(_) => return Err(Error::InvalidOption("the engine stopped while starting".into())),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::Engine("the engine stopped while starting".into())),
         }
-        let http = tiny_http::Server::http(opts.addr).map_err(|e| Error::InvalidOption(format!("cannot listen on {}: {e}", opts.addr)))?;
-        let addr = http.server_addr().to_ip().ok_or_else(|| Error::InvalidOption(format!("{} is not an IP address", opts.addr)))?;
+        let http = tiny_http::Server::http(opts.addr).map_err(|e| Error::Serve(format!("cannot listen on {}: {e}", opts.addr)))?;
+        let addr = http.server_addr().to_ip().ok_or_else(|| Error::Serve(format!("{} is not an IP address", opts.addr)))?;
         let http = Arc::new(http);
         let shared = Arc::new(Shared { jobs, model, opts, next: AtomicU64::new(1) });
         let listener = http.clone();
@@ -69,7 +69,7 @@ impl Server {
                     }
                 }
             })
-            .map_err(|e| Error::InvalidOption(format!("cannot start the listener thread: {e}")))?;
+            .map_err(|e| Error::Serve(format!("cannot start the listener thread: {e}")))?;
         tracing::info!("listening on http://{addr}");
         Ok(Self { addr, http, acceptor: Some(acceptor), worker: Some(worker) })
     }

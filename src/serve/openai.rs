@@ -48,7 +48,11 @@ impl From<crate::Error> for ApiError {
             E::ContextOverflow { .. } => {
                 Self { status: 400, message: e.to_string(), param: Some("messages".into()), code: Some("context_length_exceeded") }
             }
-            E::InvalidOption(_) | E::Template(_) | E::Tokenizer(_) => Self::status(400, e.to_string()),
+            E::InvalidOption(_) | E::Template(_) | E::Tokenizer(_) | E::BadToken { .. } => Self::status(400, e.to_string()),
+            E::ModelOutput(_) => Self { code: Some("model_output_invalid"), ..Self::status(500, e.to_string()) },
+            // A tool server failed: the gateway's upstream.
+            E::Mcp(_) => Self::status(502, e.to_string()),
+            // The engine's own failures: GPU, engine, files it needs, a model it cannot run.
             _ => Self::status(500, e.to_string()),
         }
     }
@@ -284,6 +288,20 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_map_to_statuses_by_kind() {
+        use crate::Error as E;
+        let status = |e: E| ApiError::from(e).status;
+        assert_eq!(status(E::InvalidOption("x".into())), 400);
+        assert_eq!(status(E::ContextOverflow { needed: 9, n_ctx: 8 }), 400);
+        assert_eq!(status(E::Engine("worker stopped".into())), 500);
+        assert_eq!(status(E::Gpu("lost".into())), 500);
+        let out = ApiError::from(E::ModelOutput("not JSON".into()));
+        assert_eq!((out.status, out.code), (500, Some("model_output_invalid")));
+        let mcp = crate::mcp::McpError::Spawn { command: "x".into(), msg: "no such file".into() };
+        assert_eq!(status(E::Mcp(mcp)), 502);
+    }
 
     fn parse(v: Value) -> Result<ChatRequest, ApiError> {
         parse_request(v.to_string().as_bytes(), 100)

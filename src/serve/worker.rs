@@ -19,11 +19,23 @@ pub enum Event {
     /// More text.
     Text(String),
     /// A tool call begins: its id and tool name.
-    ToolCall { id: String, name: String },
+    ToolCall {
+        /// The call's id (`call_…`).
+        id: String,
+        /// The tool.
+        name: String,
+    },
     /// More of the tool call's arguments (JSON text).
     Arguments(String),
     /// The answer is complete.
-    Done { finish_reason: &'static str, usage: Usage, call: Option<Box<ToolCall>> },
+    Done {
+        /// OpenAI's `finish_reason` (`stop`, `length`, `tool_calls`).
+        finish_reason: &'static str,
+        /// Token counts.
+        usage: Usage,
+        /// The call made, if any.
+        call: Option<Box<ToolCall>>,
+    },
     /// The request failed; nothing more follows.
     Failed(ApiError),
 }
@@ -56,15 +68,15 @@ pub struct WorkerLimits {
 }
 
 /// Run jobs until every sender is gone. `ready` hears once whether the cache could be made.
-pub fn run(backend: Backend, limits: WorkerLimits, jobs: Receiver<Job>, ready: Sender<Result<(), String>>) {
+pub fn run(backend: Backend, limits: WorkerLimits, jobs: Receiver<Job>, ready: Sender<crate::Result<()>>) {
     let engine = &backend.engine;
     let caller = match ToolCaller::new(engine.tokenizer.clone(), engine.template.clone()) {
         Ok(c) => c,
-        Err(e) => return drop(ready.send(Err(e.to_string()))),
+        Err(e) => return drop(ready.send(Err(e))),
     };
     let mut session = match Session::new(&engine.model, limits.n_ctx) {
         Ok(s) => s,
-        Err(e) => return drop(ready.send(Err(e.to_string()))),
+        Err(e) => return drop(ready.send(Err(e))),
     };
     if ready.send(Ok(())).is_err() {
         return;

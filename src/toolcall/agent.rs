@@ -37,29 +37,49 @@ impl AgentOptions {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum AgentEvent {
     /// The model chose a call.
-    Call { step: usize, call: ToolCall },
+    Call {
+        /// Step number (1-based).
+        step: usize,
+        /// The call.
+        call: ToolCall,
+    },
     /// A tool answered (`is_error`: the tool itself reported failure).
-    Result { step: usize, name: String, text: String, is_error: bool },
+    Result {
+        /// Step number (1-based).
+        step: usize,
+        /// The tool called.
+        name: String,
+        /// Its output as text.
+        text: String,
+        /// Whether the tool reported a failure.
+        is_error: bool,
+    },
     /// The loop stopped without `finish`.
-    Stopped { reason: String },
+    Stopped {
+        /// Why.
+        reason: String,
+    },
     /// The final answer.
-    Answer { text: String },
+    Answer {
+        /// The answer.
+        text: String,
+    },
 }
 
 /// Tool servers and the catalog of their tools.
-pub struct Agent {
+pub struct ToolServers {
     /// One client per server, in catalog group order.
     pub servers: Vec<McpClient>,
     /// Their tools.
     pub catalog: Catalog,
 }
 
-impl Agent {
+impl ToolServers {
     /// List every server's tools into one catalog.
     pub fn new(mut servers: Vec<McpClient>) -> Result<Self> {
         let mut catalog = Catalog::default();
         for s in &mut servers {
-            let tools = s.list_tools().map_err(|e| Error::InvalidOption(e.to_string()))?;
+            let tools = s.list_tools()?;
             catalog.add(&s.name(), tools)?;
         }
         Ok(Self { servers, catalog })
@@ -99,7 +119,7 @@ impl Agent {
             let group = self.catalog.groups.iter().position(|g| g.tools.iter().any(|t| t.name == call.name));
             let server = group
                 .and_then(|g| self.servers.get_mut(g))
-                .ok_or_else(|| Error::InvalidOption(format!("no server provides {}", call.name)))?;
+                .ok_or_else(|| Error::Engine(format!("no server provides the selected tool {}", call.name)))?;
             let (text, is_error) = match server.call_tool(&call.name, &call.arguments) {
                 Ok(r) => (r.text(), r.is_error),
                 // A broken server is reported to the model like a failed tool, once.

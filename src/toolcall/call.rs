@@ -121,7 +121,9 @@ pub struct CallStats {
     pub prefix_tokens: usize,
     /// Milliseconds: prefix, selection, arguments.
     pub prefix_ms: f64,
+    /// Milliseconds selecting the tool.
     pub select_ms: f64,
+    /// Milliseconds writing the arguments.
     pub args_ms: f64,
     /// Tokens of the chosen name (as the selector stage wrote it).
     pub name_tokens: usize,
@@ -160,7 +162,12 @@ pub enum Strategy {
     /// `samples` draws at temperature 1 (from the candidates' probabilities, so every draw is a
     /// real name), and each stage starts from an empty cache, as when the whole conversation is
     /// sent again to a server for every adapter.
-    Reference { samples: usize, seed: u64 },
+    Reference {
+        /// Selector draws.
+        samples: usize,
+        /// Seed of the draws.
+        seed: u64,
+    },
 }
 
 /// Everything a call needs besides the session: tokenizer, chat template, constraints.
@@ -594,7 +601,7 @@ impl ToolCaller {
             let allowed = constraint.allowed(n_vocab)?;
             let next = (0..n_vocab).filter(|&t| allowed[t]).max_by(|&a, &b| logits[a].total_cmp(&logits[b]));
             let Some(next) = next.map(|t| t as u32) else {
-                return Err(Error::InvalidOption("the argument constraint allows no token".into()));
+                return Err(Error::ModelOutput("the argument constraint allows no token".into()));
             };
             if next == constraint.eos() {
                 break;
@@ -611,7 +618,7 @@ impl ToolCaller {
         }
         let text = self.tokenizer.decode(&out, true)?;
         let value: Value = serde_json::from_str(text.trim()).map_err(|e| {
-            Error::InvalidOption(format!("arguments did not finish within {MAX_ARG_TOKENS} tokens or are not JSON ({e}): {text}"))
+            Error::ModelOutput(format!("arguments did not finish within {MAX_ARG_TOKENS} tokens or are not JSON ({e}): {text}"))
         })?;
         Ok((value, out.len()))
     }

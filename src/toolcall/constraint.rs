@@ -101,13 +101,13 @@ pub struct JsonConstraint {
 impl JsonConstraint {
     /// Tokens allowed next (`true` per id); the end-of-sequence token once the value is complete.
     pub fn allowed(&mut self, n_vocab: usize) -> Result<Vec<bool>> {
-        let mask = self.matcher.compute_mask_or_eos().map_err(|e| Error::InvalidOption(format!("constraint: {e}")))?;
+        let mask = self.matcher.compute_mask_or_eos().map_err(|e| Error::Engine(format!("constraint: {e}")))?;
         Ok((0..n_vocab as u32).map(|t| mask.is_allowed(t)).collect())
     }
 
     /// Advance past `token`.
     pub fn consume(&mut self, token: u32) -> Result<()> {
-        self.matcher.consume_token(token).map_err(|e| Error::InvalidOption(format!("constraint: {e}")))
+        self.matcher.consume_token(token).map_err(|e| Error::Engine(format!("constraint: {e}")))
     }
 
     /// Whether the value is complete (nothing more may follow).

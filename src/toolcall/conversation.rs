@@ -26,7 +26,12 @@ impl std::fmt::Display for FieldError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AssistantTurn {
     /// Called `name` with `arguments`.
-    Call { name: String, arguments: Value },
+    Call {
+        /// The tool.
+        name: String,
+        /// Its arguments.
+        arguments: Value,
+    },
     /// Answered in text (the `finish` choice).
     Text,
 }

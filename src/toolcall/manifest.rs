@@ -39,15 +39,15 @@ impl Manifest {
     /// Read `dir/manifest.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let p = dir.join(MANIFEST_FILE);
-        let bytes = std::fs::read(&p).map_err(|e| Error::InvalidOption(format!("{}: {e}", p.display())))?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::InvalidOption(format!("{}: {e}", p.display())))
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(&p, e))
     }
 
     /// Write `dir/manifest.json`.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let p = dir.join(MANIFEST_FILE);
-        let json = serde_json::to_string_pretty(self).map_err(|e| Error::InvalidOption(e.to_string()))?;
-        std::fs::write(&p, json + "\n").map_err(|e| Error::InvalidOption(format!("{}: {e}", p.display())))
+        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Engine(format!("manifest: {e}")))?;
+        std::fs::write(&p, json + "\n").map_err(|e| Error::io(&p, e))
     }
 }
 

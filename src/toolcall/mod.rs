@@ -10,7 +10,7 @@ mod manifest;
 pub mod schema;
 mod select;
 
-pub use agent::{Agent, AgentEvent, AgentOptions, MAX_RESULT_CHARS};
+pub use agent::{AgentEvent, AgentOptions, ToolServers, MAX_RESULT_CHARS};
 pub use call::{
     AdapterSet, CallEvent, CallLayout, CallStats, Strategy, ToolCall, ToolCaller, ToolChoice, ARGS_CUE, SCHEMA_CUE, SELECT_CUE, SERVER_CUE,
 };

@@ -97,15 +97,20 @@ pub fn decoupled_examples(
 /// One part of a split: its data lines (over-length conversations left out) and their examples.
 #[derive(Debug, Clone, Default)]
 pub struct SplitPart {
+    /// Dataset lines (1-based) of its conversations.
     pub lines: Vec<usize>,
+    /// Their examples.
     pub examples: Vec<Example>,
 }
 
 /// The three parts of [`split_examples`]: 80%, 10%, 10% of the valid lines.
 #[derive(Debug, Clone, Default)]
 pub struct SplitExamples {
+    /// Training part.
     pub train: SplitPart,
+    /// Validation part.
     pub val: SplitPart,
+    /// Test part.
     pub test: SplitPart,
 }
 

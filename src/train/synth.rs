@@ -110,8 +110,8 @@ impl Seed {
     /// its list), every form needs phrasings, answers pair with requests.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let seed: Seed = serde_json::from_str(&text).map_err(|e| Error::InvalidOption(format!("{}: {e}", path.display())))?;
-        let bad = |what: String| Err(Error::InvalidOption(format!("{}: {what}", path.display())));
+        let seed: Seed = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, e))?;
+        let bad = |what: String| Err(Error::bad_file(path, what));
         if seed.finish.requests.len() != seed.finish.answers.len() || seed.finish.requests.is_empty() {
             return bad("finish.requests and finish.answers must be non-empty and of the same length".into());
         }

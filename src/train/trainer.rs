@@ -23,7 +23,9 @@ pub struct TrainOptions {
     pub batch: usize,
     /// Learning rate: peak, final, warmup steps.
     pub lr: f32,
+    /// Learning rate at the end of the cosine decay.
     pub min_lr: f32,
+    /// Warmup steps.
     pub warmup: u64,
     /// AdamW's hyperparameters.
     pub optimizer: AdamW,
@@ -66,6 +68,7 @@ impl Default for TrainOptions {
 pub struct Progress {
     /// Step just taken, of `steps`.
     pub step: u64,
+    /// Optimizer steps.
     pub steps: u64,
     /// Mean loss of the step's examples.
     pub loss: f32,
@@ -236,7 +239,7 @@ struct Checkpoint {
 
 impl Checkpoint {
     fn save(&self, dir: &Path, model: &Model) -> Result<()> {
-        let io = |e: std::io::Error| Error::InvalidOption(format!("checkpoint {}: {e}", dir.display()));
+        let io = |e: std::io::Error| Error::io(dir, e);
         std::fs::create_dir_all(dir).map_err(io)?;
         // Until the new state file is written the directory holds no checkpoint to resume.
         if dir.join(STATE_FILE).exists() {
@@ -250,16 +253,16 @@ impl Checkpoint {
             .zip(&self.moments)
             .map(|((n, b), m)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![m.len()], b).map(|v| (n.to_string(), v)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::InvalidOption(format!("checkpoint {}: {e}", dir.display())))?;
-        let data = safetensors::serialize(views, None).map_err(|e| Error::InvalidOption(format!("checkpoint {}: {e}", dir.display())))?;
+            .map_err(|e| Error::bad_file(dir, format!("checkpoint: {e}")))?;
+        let data = safetensors::serialize(views, None).map_err(|e| Error::bad_file(dir, format!("checkpoint: {e}")))?;
         std::fs::write(dir.join(MOMENTS_FILE), data).map_err(io)?;
-        let state = serde_json::to_string(&self.state).map_err(|e| Error::InvalidOption(e.to_string()))?;
+        let state = serde_json::to_string(&self.state).map_err(|e| Error::Engine(format!("checkpoint state: {e}")))?;
         // The state file last: a checkpoint without it is incomplete and is not resumed from.
         std::fs::write(dir.join(STATE_FILE), state).map_err(io)
     }
 
     fn load(dir: &Path, model: &Model) -> Result<Self> {
-        let bad = |what: String| Error::InvalidOption(format!("checkpoint {}: {what}", dir.display()));
+        let bad = |what: String| Error::bad_file(dir, format!("checkpoint: {what}"));
         let state: State = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).map_err(|e| bad(e.to_string()))?)
             .map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
         let adapter = LoraAdapter::load_peft(dir.join("adapter"), &model.config, &Default::default())?;

@@ -5,7 +5,7 @@ use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
 use agentflux::text::ChatMessage;
-use agentflux::toolcall::{AdapterSet, Agent, Catalog, Strategy, ToolCall, ToolCaller};
+use agentflux::toolcall::{AdapterSet, Catalog, Strategy, ToolCall, ToolCaller, ToolServers};
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -77,7 +77,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     }
     // Servers stay up until the call is made (their tools are listed, not called).
     let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
-    let mut catalog = Agent::new(servers)?.catalog;
+    let mut catalog = ToolServers::new(servers)?.catalog;
     if let Some(f) = &a.tools {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)
             .with_context(|| format!("{} is not JSON", f.display()))?;

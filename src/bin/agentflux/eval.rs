@@ -6,7 +6,7 @@ use agentflux::eval::{judge, read_dataset, read_tasks, task_row, Outcome, Summar
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions, Tool};
 use agentflux::session::Session;
-use agentflux::toolcall::{Agent, AgentOptions, Catalog, ToolChoice, FINISH, MAX_RESULT_CHARS};
+use agentflux::toolcall::{AgentOptions, Catalog, ToolChoice, ToolServers, FINISH, MAX_RESULT_CHARS};
 use agentflux::train::Seed;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -152,7 +152,7 @@ fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
             .iter()
             .map(|cmd| McpClient::spawn(cmd, ServerOptions::default()).with_context(|| format!("line {}: starting `{cmd}`", task.line)))
             .collect::<Result<Vec<_>>>()?;
-        let mut agent = Agent::new(servers).with_context(|| format!("line {}", task.line))?;
+        let mut agent = ToolServers::new(servers).with_context(|| format!("line {}", task.line))?;
         let run =
             agent.run(&l.caller, &mut session, &l.adapters, &task.task, &AgentOptions::new(task.max_steps, 160, &l.eng.tokenizer), |_| {});
         let mut outcome = match run {

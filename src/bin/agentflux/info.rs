@@ -12,16 +12,16 @@ pub struct Args {
     /// A GGUF path, or `default` / `gemma3` from the model cache.
     #[arg(long, default_value = "default")]
     model: String,
-    /// List every adapter wgpu finds and exit.
-    #[arg(long)]
-    adapters: bool,
+    /// List every device wgpu finds and exit (`--adapters` is its former name).
+    #[arg(long, alias = "adapters")]
+    gpus: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
-    if a.adapters {
+    if a.gpus {
         for (i, info) in list_adapters().iter().enumerate() {
             println!("{i}: {} ({:?}, {:?}, driver {})", info.name, info.backend, info.device_type, info.driver_info);
         }

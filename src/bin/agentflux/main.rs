@@ -16,10 +16,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "agentflux", version, about = "Decoupled tool calling for small local models on your GPU")]
 struct Cli {
-    /// GPU adapter to use: a name substring or an index from `agentflux info --adapters`
-    /// (default: $AGENTFLUX_ADAPTER, else the first real GPU, else a CPU-backed one).
-    #[arg(long, global = true)]
-    adapter: Option<String>,
+    /// The device: a name substring or an index from `agentflux info --gpus` (default: $AGENTFLUX_GPU,
+    /// else the first real GPU, else a CPU-backed one). `--adapter` is its former name.
+    #[arg(long, global = true, value_name = "NAME|INDEX", alias = "adapter")]
+    gpu: Option<String>,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -54,7 +54,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let gpu = agentflux::gpu::GpuOptions { adapter: cli.adapter, ..Default::default() };
+    let gpu = agentflux::gpu::GpuOptions { gpu: cli.gpu, ..Default::default() };
     let r = match cli.cmd {
         Command::Generate(a) => generate::run(a, &gpu),
         Command::Info(a) => info::run(a, &gpu),

@@ -3,7 +3,7 @@
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
-use agentflux::toolcall::{Agent, AgentEvent, AgentOptions, Strategy};
+use agentflux::toolcall::{AgentEvent, AgentOptions, Strategy, ToolServers};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -39,7 +39,7 @@ pub struct Args {
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
-    let mut agent = Agent::new(servers)?;
+    let mut agent = ToolServers::new(servers)?;
     let super::call::Loaded { eng, adapters, caller } =
         super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
     let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
