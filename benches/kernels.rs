@@ -95,12 +95,12 @@ fn bench_lora(c: &mut Criterion) {
             b.iter(|| {
                 let mut rec = Recorder::new(&ctx);
                 for _ in 0..REPEAT {
-                    lora_shrink(&mut rec, &ctx, cols, &io).unwrap();
+                    lora_shrink(&mut rec, &ctx, &io).unwrap();
                     if fused {
                         matmul(&mut rec, &ctx, &w, io).unwrap();
                     } else {
                         matmul(&mut rec, &ctx, &w, MatmulIo { lora: None, ..io }).unwrap();
-                        lora_expand(&mut rec, &ctx, cols, rows, &io).unwrap();
+                        lora_expand(&mut rec, &ctx, &io).unwrap();
                     }
                 }
                 rec.submit();

@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::{storage_buffer_zeroed, GpuContext};
 use crate::hparams::ModelConfig;
+use crate::kernels::attention::CachedLayer;
 
 /// Keys and values of every processed position, one buffer pair per layer.
 ///
@@ -12,7 +13,7 @@ use crate::hparams::ModelConfig;
 /// simply overwritten later).
 pub struct KvCache {
     /// Per layer: (keys, values).
-    pub(crate) layers: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    layers: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     n_ctx: usize,
     len: usize,
 }
@@ -95,6 +96,17 @@ impl KvCache {
             return Err(Error::ContextOverflow { needed: self.len + n, n_ctx: self.n_ctx });
         }
         Ok(())
+    }
+
+    /// Layer `l`'s keys and values as the attention kernels read them, with the positions held.
+    pub(crate) fn layer(&self, l: usize) -> CachedLayer<'_> {
+        let (k, v) = &self.layers[l];
+        CachedLayer { k, v, len: self.len }
+    }
+
+    /// The number of layers.
+    pub(crate) fn n_layers(&self) -> usize {
+        self.layers.len()
     }
 
     pub(crate) fn advance(&mut self, n: usize) {

@@ -7,38 +7,20 @@
 
 mod common;
 
-use agentflux::gguf::{dequantize, BlockFormat};
+use agentflux::gguf::BlockFormat;
 use agentflux::gpu::{
-    read_f32, read_u32, storage_buffer, storage_buffer_zeroed, DeviceClass, GpuContext, GpuOptions, Recorder, WeightMatrix,
+    read_f32, read_u32, storage_buffer, storage_buffer_zeroed, DeviceClass, GpuContext, GpuOptions, Recorder, View, WeightMatrix,
 };
 use agentflux::hparams::{Activation, Rope, RopeLayout};
-use agentflux::kernels::attention::{attention, AttentionShape};
+use agentflux::kernels::attention::{attention, AttentionShape, CachedLayer};
 use agentflux::kernels::elementwise::{add_rows, glu};
 use agentflux::kernels::embed::embed;
 use agentflux::kernels::matmul::{matmul, MatmulIo};
-use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, Rows};
+use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
 use agentflux::kernels::rope::rope;
 use agentflux::kernels::sample::{argmax, OUT_WORDS};
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
-use common::{assert_close, ctx, rng};
-
-fn f32_buf(ctx: &GpuContext, v: &[f32]) -> wgpu::Buffer {
-    storage_buffer(ctx, "test", bytemuck::cast_slice(v))
-}
-
-/// `v` rounded to f16 and packed two per u32 word, lower half first (the KV cache's layout), with
-/// the rounded values the reference is given.
-fn f16_cache(ctx: &GpuContext, v: &[f32]) -> (wgpu::Buffer, Vec<f32>) {
-    let halves: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-    let words: Vec<u32> = halves.chunks(2).map(|p| p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16).collect();
-    (storage_buffer(ctx, "kv", bytemuck::cast_slice(&words)), halves.iter().map(|h| h.to_f32()).collect())
-}
-
-fn dequant(format: BlockFormat, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
-    let mut w = vec![0f32; rows * cols];
-    dequantize(format, bytes, &mut w);
-    w
-}
+use common::{assert_close, ctx, dequant, f16_cache, f32_buf, rng};
 
 /// y = W·x on the GPU for `m` rows, against the reference.
 fn check_matmul(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usize, m: usize, seed_rng: &mut agentflux::decode::SplitMix64) {
@@ -53,50 +35,6 @@ fn check_matmul(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usize,
     let got = read_f32(ctx, &yb, 0, m * rows).unwrap();
     let want = reference::matmul(&dequant(format, &bytes, rows, cols), &x, rows, cols);
     assert_close(&format!("matmul {format:?} {rows}x{cols} m={m} parts={} ({:?} kernels)", w.parts.len(), ctx.class), &got, &want, 2e-4);
-}
-
-/// dx = dy·W on the GPU (the gradient through a frozen projection), plain and accumulated,
-/// against the reference backward.
-fn check_matmul_t(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usize, m: usize, r: &mut agentflux::decode::SplitMix64) {
-    use agentflux::kernels::matmul_t::matmul_t;
-    let bytes = random_matrix_bytes(r, format, rows, cols, 1.0);
-    let w = WeightMatrix::upload(ctx, "w", format, rows, cols, &bytes).unwrap();
-    let (dy, dx0) = (random_vec(r, m * rows, 1.0), random_vec(r, m * cols, 1.0));
-    let (dyb, dxb, accb) = (f32_buf(ctx, &dy), storage_buffer_zeroed(ctx, "dx", (m * cols * 4) as u64), f32_buf(ctx, &dx0));
-    let mut rec = Recorder::new(ctx);
-    matmul_t(&mut rec, ctx, &w, Rows { buf: &dyb, offset: 0, stride: rows }, Rows { buf: &dxb, offset: 0, stride: cols }, m, false)
-        .unwrap();
-    matmul_t(&mut rec, ctx, &w, Rows { buf: &dyb, offset: 0, stride: rows }, Rows { buf: &accb, offset: 0, stride: cols }, m, true)
-        .unwrap();
-    rec.submit();
-    let want = reference::matmul_backward_x(&dequant(format, &bytes, rows, cols), &dy, rows, cols);
-    let what = format!("matmul_t {format:?} {rows}x{cols} m={m} parts={}", w.parts.len());
-    assert_close(&what, &read_f32(ctx, &dxb, 0, m * cols).unwrap(), &want, 2e-4);
-    let acc: Vec<f32> = want.iter().zip(&dx0).map(|(a, b)| a + b).collect();
-    assert_close(&format!("{what} accumulate"), &read_f32(ctx, &accb, 0, m * cols).unwrap(), &acc, 2e-4);
-}
-
-#[test]
-fn transposed_matmul_every_format() {
-    let ctx = ctx();
-    let mut r = rng("matmul_t");
-    for format in [
-        BlockFormat::F32,
-        BlockFormat::F16,
-        BlockFormat::BF16,
-        BlockFormat::Q4_0,
-        BlockFormat::Q4_1,
-        BlockFormat::Q5_0,
-        BlockFormat::Q8_0,
-        BlockFormat::Q4_K,
-        BlockFormat::Q5_K,
-        BlockFormat::Q6_K,
-    ] {
-        let cols = format.block_len().max(32) * 2;
-        // Fewer batch rows than one invocation's tile, and several tiles with a partial last one.
-        check_matmul_t(&ctx, format, 37, cols, 3, &mut r);
-        check_matmul_t(&ctx, format, 37, cols, 10, &mut r);
-    }
 }
 
 #[test]
@@ -123,7 +61,7 @@ fn matmul_every_format_decode_and_prefill_shapes() {
 #[test]
 fn products_fuse_the_norm_before_them() {
     use agentflux::kernels::lora::lora_shrink;
-    use agentflux::kernels::matmul::{LoraIo, LoraSlot, RowNorm};
+    use agentflux::kernels::matmul::{LoraIo, LoraSlot};
     let mut r = rng("fused_norm");
     let (rank, eps) = (4, 1e-5);
     for (family, ctx) in common::kernel_families() {
@@ -141,13 +79,13 @@ fn products_fuse_the_norm_before_them() {
                 let u = storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64);
                 let (y, y_lora) =
                     (storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64), storage_buffer_zeroed(&ctx, "y_lora", (m * rows * 4) as u64));
-                let norm = Some(RowNorm { w: &gb, eps });
+                let norm = Some(RmsNorm { w: &gb, eps });
                 let io = MatmulIo { norm, ..MatmulIo::dense(&xb, &y, &w, m) };
                 let lora = LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u: &u, max_rank: rank, slots: &slots, u_splits: None };
-                let io_lora = MatmulIo { y: &y_lora, lora: Some(lora), ..io };
+                let io_lora = MatmulIo { y: View::new(&y_lora, m, rows), lora: Some(lora), ..io };
                 let mut rec = Recorder::new(&ctx);
                 matmul(&mut rec, &ctx, &w, io).unwrap();
-                lora_shrink(&mut rec, &ctx, cols, &io_lora).unwrap();
+                lora_shrink(&mut rec, &ctx, &io_lora).unwrap();
                 matmul(&mut rec, &ctx, &w, io_lora).unwrap();
                 rec.submit();
                 let xn = reference::rms_norm(&x, &g, cols, eps);
@@ -181,7 +119,9 @@ fn matmul_accumulates_and_respects_offsets() {
     let y0 = random_vec(&mut r, 5 + m * 30, 1.0);
     let (xb, yb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &y0));
     let mut rec = Recorder::new(&ctx);
-    let io = MatmulIo { x: &xb, x_offset: 8, x_stride: 72, m, y: &yb, y_offset: 5, y_stride: 30, accumulate: true, lora: None, norm: None };
+    let x_rows = View { offset: 8, stride: 72, ..View::new(&xb, m, cols) };
+    let y_rows = View { offset: 5, stride: 30, ..View::new(&yb, m, rows) };
+    let io = MatmulIo { accumulate: true, ..MatmulIo::new(x_rows, y_rows) };
     matmul(&mut rec, &ctx, &w, io).unwrap();
     rec.submit();
     let got = read_f32(&ctx, &yb, 0, y0.len()).unwrap();
@@ -212,10 +152,6 @@ fn tensors_split_across_a_small_binding_limit_stay_correct() {
             check_matmul(ctx, format, rows, cols, 6, &mut r);
         }
     }
-    for format in [BlockFormat::Q4_1, BlockFormat::Q6_K] {
-        let cols = format.block_len().max(64);
-        check_matmul_t(&small, format, 4096 / format.row_bytes(cols) * 3 + 5, cols, 3, &mut r);
-    }
     // The embedding gather too: ids land in different parts.
     let (rows, cols) = (300, 64);
     let bytes = random_matrix_bytes(&mut r, BlockFormat::Q8_0, rows, cols, 1.0);
@@ -229,7 +165,7 @@ fn check_embed(ctx: &GpuContext, table: &WeightMatrix, bytes: &[u8], ids: &[u32]
     let idb = storage_buffer(ctx, "ids", bytemuck::cast_slice(ids));
     let out = storage_buffer_zeroed(ctx, "out", (ids.len() * cols * 4) as u64);
     let mut rec = Recorder::new(ctx);
-    embed(&mut rec, ctx, table, &idb, ids.len(), scale, &out).unwrap();
+    embed(&mut rec, ctx, table, &idb, scale, View::new(&out, ids.len(), cols)).unwrap();
     rec.submit();
     let got = read_f32(ctx, &out, 0, ids.len() * cols).unwrap();
     let full = dequant(table.format, bytes, table.rows, cols);
@@ -261,9 +197,9 @@ fn rms_norm_plain_accumulate_and_inplace() {
         let (xb, wb, yb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &w), f32_buf(&ctx, &y0));
         let zb = f32_buf(&ctx, &x);
         let mut rec = Recorder::new(&ctx);
-        let dense = |buf| Rows { buf, offset: 0, stride: n };
-        rms_norm(&mut rec, &ctx, &wb, dense(&xb), dense(&yb), rows, n, 1e-5, true).unwrap();
-        rms_norm_inplace(&mut rec, &ctx, &wb, dense(&zb), rows, n, 1e-5).unwrap();
+        let (dense, norm) = (|buf| View::new(buf, rows, n), RmsNorm { w: &wb, eps: 1e-5 });
+        rms_norm(&mut rec, &ctx, norm, dense(&xb), dense(&yb), true).unwrap();
+        rms_norm_inplace(&mut rec, &ctx, norm, dense(&zb)).unwrap();
         rec.submit();
         let normed = reference::rms_norm(&x, &w, n, 1e-5);
         let want: Vec<f32> = normed.iter().zip(&y0).map(|(a, b)| a + b).collect();
@@ -283,7 +219,7 @@ fn rope_both_layouts_partial_rotation() {
             let rp = Rope { layout, rot_dim: rot, base: 10000.0 };
             let b = f32_buf(&ctx, &x);
             let mut rec = Recorder::new(&ctx);
-            rope(&mut rec, &ctx, &rp, Rows { buf: &b, offset: 0, stride: heads * hd }, t, heads, hd, pos0, None).unwrap();
+            rope(&mut rec, &ctx, &rp, View::new(&b, t, heads * hd), hd, pos0, None).unwrap();
             rec.submit();
             let mut want = x.clone();
             reference::rope(&mut want, heads, hd, &rp, pos0);
@@ -320,8 +256,8 @@ fn attention_prefill_decode_gqa_window_and_row_offset() {
         let scale = 1.0 / (hd as f32).sqrt();
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
         let mut rec = Recorder::new(&ctx);
-        let rows = |buf| Rows { buf, offset: row0 * row, stride: row };
-        attention(&mut rec, &ctx, &shape, rows(&qb), &kb, &vb, rows(&ob), t, pos0, None).unwrap();
+        let rows = |buf| View::new(buf, row0 + t, row).rows(row0, t);
+        attention(&mut rec, &ctx, &shape, rows(&qb), CachedLayer { k: &kb, v: &vb, len: pos0 }, rows(&ob), None).unwrap();
         rec.submit();
         let mut want = vec![0f32; row0 * row];
         want.extend(reference::attention(&q[row0 * row..], &k, &v, heads, kvh, hd, pos0, window, scale));
@@ -350,23 +286,17 @@ fn kv_store_appends_f16_rows() {
             qkv[i * stride + q_len + row_len..][..row_len].copy_from_slice(&v[i * row_len..][..row_len]);
         }
         let qkv_b = f32_buf(&ctx, &qkv);
+        let own = |buf| View::new(buf, row0 + t, row_len).rows(row0, t);
+        let interleaved = View::new(&qkv_b, row0 + t, stride).rows(row0, t);
         let layouts = [
-            (
-                "own buffers",
-                Rows { buf: &kb, offset: row0 * row_len, stride: row_len },
-                Rows { buf: &vb, offset: row0 * row_len, stride: row_len },
-            ),
-            (
-                "one interleaved buffer",
-                Rows { buf: &qkv_b, offset: row0 * stride + q_len, stride },
-                Rows { buf: &qkv_b, offset: row0 * stride + q_len + row_len, stride },
-            ),
+            ("own buffers", own(&kb), own(&vb)),
+            ("one interleaved buffer", interleaved.cols(q_len, row_len), interleaved.cols(q_len + row_len, row_len)),
         ];
         for (layout, kr, vr) in layouts {
             let cache = |name| storage_buffer_zeroed(&ctx, name, (n_ctx * row_len * 2) as u64);
             let (kc, vc) = (cache("kc"), cache("vc"));
             let mut rec = Recorder::new(&ctx);
-            kv_store(&mut rec, &ctx, kr, vr, &kc, &vc, pos0, t, row_len).unwrap();
+            kv_store(&mut rec, &ctx, kr, vr, CachedLayer { k: &kc, v: &vc, len: pos0 }).unwrap();
             rec.submit();
             for (what, src, buf) in [("keys", &k, &kc), ("values", &v, &vc)] {
                 let words = read_u32(&ctx, buf, 0, n_ctx * row_len / 2).unwrap();
@@ -387,8 +317,9 @@ fn kv_store_appends_f16_rows() {
         }
     }
     let (kb, kc) = (f32_buf(&ctx, &[0.0; 6]), storage_buffer_zeroed(&ctx, "kc", 12));
-    let rows = Rows { buf: &kb, offset: 0, stride: 3 };
-    assert!(kv_store(&mut Recorder::new(&ctx), &ctx, rows, rows, &kc, &kc, 0, 2, 3).is_err(), "odd rows refused");
+    let rows = View::new(&kb, 2, 3);
+    let cache = CachedLayer { k: &kc, v: &kc, len: 0 };
+    assert!(kv_store(&mut Recorder::new(&ctx), &ctx, rows, rows, cache).is_err(), "odd rows refused");
 }
 
 #[test]
@@ -410,7 +341,7 @@ fn glu_both_activations_and_bias_rows() {
     let bias = random_vec(&mut r, n, 1.0);
     let (ab, bb) = (f32_buf(&ctx, &a), f32_buf(&ctx, &bias));
     let mut rec = Recorder::new(&ctx);
-    add_rows(&mut rec, &ctx, Rows { buf: &ab, offset: off, stride }, &bb, rows, n).unwrap();
+    add_rows(&mut rec, &ctx, View { offset: off, stride, ..View::new(&ab, rows, n) }, &bb).unwrap();
     rec.submit();
     let mut want = a.clone();
     for row in 0..rows {
@@ -434,7 +365,7 @@ fn argmax_rows_with_ties() {
     let xb = f32_buf(&ctx, &x);
     let out = storage_buffer_zeroed(&ctx, "out", (rows * OUT_WORDS * 4) as u64);
     let mut rec = Recorder::new(&ctx);
-    argmax(&mut rec, &ctx, &xb, 0, n, rows, &out).unwrap();
+    argmax(&mut rec, &ctx, View::new(&xb, rows, n), &out).unwrap();
     rec.submit();
     let all = read_u32(&ctx, &out, 0, rows * OUT_WORDS).unwrap();
     let got: Vec<u32> = (0..rows).map(|r| all[r * OUT_WORDS]).collect();
@@ -461,7 +392,8 @@ fn gpu_sampling_follows_the_host_rule() {
         for _ in 0..10 {
             let u = r.next_f32();
             let mut rec = Recorder::new(&ctx);
-            sample(&mut rec, &ctx, &xb, 0, n, k, temperature, top_p, u, &out).unwrap();
+            let cfg = SamplerConfig { temperature, top_k: k, top_p, seed: 0 };
+            sample(&mut rec, &ctx, View::new(&xb, 1, n), &cfg, u, &out).unwrap();
             rec.submit();
             let got = read_u32(&ctx, &out, 0, OUT_WORDS).unwrap();
             let ids: Vec<usize> = got[1..1 + k].iter().map(|&i| i as usize).collect();
@@ -470,7 +402,6 @@ fn gpu_sampling_follows_the_host_rule() {
             let e: Vec<f64> = ids.iter().map(|&i| (((x[i] - x[ids[0]]) / temperature) as f64).exp()).collect();
             let want: Vec<f32> = e.iter().map(|v| (v / e.iter().sum::<f64>()) as f32).collect();
             assert_close("candidate probabilities", &probs, &want, 1e-5);
-            let cfg = SamplerConfig { temperature, top_k: k, top_p, seed: 0 };
             let host = draw(&x, &cfg, u);
             if got[0] != host {
                 // Only a u within rounding of a cumulative-probability boundary may differ.
@@ -522,16 +453,16 @@ fn multi_lora_matmul_mixes_adapters_per_row() {
         let lora = LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u: &u, max_rank: 8, slots: &slots, u_splits: None };
         let io = MatmulIo { lora: Some(lora), ..MatmulIo::dense(&xb, &y, &w, m) };
         let mut rec = Recorder::new(ctx);
-        lora_shrink(&mut rec, ctx, cols, &io).unwrap();
+        lora_shrink(&mut rec, ctx, &io).unwrap();
         matmul(&mut rec, ctx, &w, io).unwrap();
         rec.submit();
         let got = read_f32(ctx, &y, 0, m * rows).unwrap();
         let y2 = storage_buffer_zeroed(ctx, "y2", (m * rows * 4) as u64);
-        let io2 = MatmulIo { y: &y2, ..io };
+        let io2 = MatmulIo { y: View::new(&y2, m, rows), ..io };
         let mut rec = Recorder::new(ctx);
         matmul(&mut rec, ctx, &w, MatmulIo { lora: None, ..io2 }).unwrap();
-        lora_shrink(&mut rec, ctx, cols, &io2).unwrap();
-        lora_expand(&mut rec, ctx, cols, rows, &io2).unwrap();
+        lora_shrink(&mut rec, ctx, &io2).unwrap();
+        lora_expand(&mut rec, ctx, &io2).unwrap();
         rec.submit();
         let separate = read_f32(ctx, &y2, 0, m * rows).unwrap();
         let wf = dequant(BlockFormat::Q4_1, &bytes, rows, cols);
@@ -590,8 +521,8 @@ fn gated_matmul_matches_glu_of_two_products() {
                     let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
                     let io = MatmulIo { lora: gl, ..MatmulIo::dense(&xb, &y, &gate, m) };
                     let mut rec = Recorder::new(&ctx);
-                    lora_shrink(&mut rec, &ctx, cols, &io).unwrap();
-                    lora_shrink(&mut rec, &ctx, cols, &MatmulIo { lora: ul, ..io }).unwrap();
+                    lora_shrink(&mut rec, &ctx, &io).unwrap();
+                    lora_shrink(&mut rec, &ctx, &MatmulIo { lora: ul, ..io }).unwrap();
                     matmul_gated(&mut rec, &ctx, &gate, GatedUp { up: &up, act, lora: ul }, io).unwrap();
                     rec.submit();
                     let got = read_f32(&ctx, &y, 0, m * rows).unwrap();
@@ -636,192 +567,5 @@ fn gated_matmul_matches_glu_of_two_products() {
         )
         .unwrap_err();
         assert!(err.to_string().contains("share the gate's buffer"), "{err}");
-    }
-}
-
-/// The training kernels against the reference backward operators and optimizer: RMSNorm's
-/// gradient (plain and accumulated, offset rows), GLU's for both activations, RoPE's inverse
-/// rotation for both layouts, masked cross-entropy with its gradient, and one AdamW step.
-#[test]
-fn backward_kernels_match_the_reference() {
-    use agentflux::kernels::elementwise::glu_backward;
-    use agentflux::kernels::loss::cross_entropy;
-    use agentflux::kernels::norm::rms_norm_backward;
-    use agentflux::kernels::optim::{adamw, GpuMoments};
-    use agentflux::kernels::rope::rope_backward;
-    use agentflux::train::{AdamW, Moments};
-    let ctx = ctx();
-    let mut r = rng("backward-kernels");
-
-    for (rows, n) in [(1, 576), (7, 100), (5, 16)] {
-        let (x, w, dy, d0) = (
-            random_vec(&mut r, rows * n, 2.0),
-            random_vec(&mut r, n, 1.0),
-            random_vec(&mut r, rows * n, 1.0),
-            random_vec(&mut r, rows * n, 1.0),
-        );
-        let (xb, wb, dyb, db, eb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &w), f32_buf(&ctx, &dy), f32_buf(&ctx, &d0), f32_buf(&ctx, &d0));
-        let dense = |buf| Rows { buf, offset: 0, stride: n };
-        let mut rec = Recorder::new(&ctx);
-        rms_norm_backward(&mut rec, &ctx, &wb, dense(&xb), &dyb, dense(&db), rows, n, 1e-5, false).unwrap();
-        rms_norm_backward(&mut rec, &ctx, &wb, dense(&xb), &dyb, dense(&eb), rows, n, 1e-5, true).unwrap();
-        rec.submit();
-        let want = reference::rms_norm_backward(&x, &w, &dy, n, 1e-5);
-        assert_close(&format!("rms_norm_backward {rows}x{n}"), &read_f32(&ctx, &db, 0, rows * n).unwrap(), &want, 1e-5);
-        let acc: Vec<f32> = want.iter().zip(&d0).map(|(a, b)| a + b).collect();
-        assert_close("rms_norm_backward accumulate", &read_f32(&ctx, &eb, 0, rows * n).unwrap(), &acc, 1e-5);
-    }
-
-    for act in [Activation::Silu, Activation::GeluTanh] {
-        let n = 1000;
-        let (g, u, dy) = (random_vec(&mut r, n, 4.0), random_vec(&mut r, n, 2.0), random_vec(&mut r, n, 1.0));
-        let (gb, ub, dyb) = (f32_buf(&ctx, &g), f32_buf(&ctx, &u), f32_buf(&ctx, &dy));
-        let mut rec = Recorder::new(&ctx);
-        glu_backward(&mut rec, &ctx, act, &gb, &ub, &dyb, n).unwrap();
-        rec.submit();
-        let (dg, du) = reference::glu_backward(&g, &u, &dy, act);
-        assert_close(&format!("glu_backward {act:?} dgate"), &read_f32(&ctx, &gb, 0, n).unwrap(), &dg, 1e-4);
-        assert_close(&format!("glu_backward {act:?} dup"), &read_f32(&ctx, &ub, 0, n).unwrap(), &du, 1e-4);
-    }
-
-    for layout in [RopeLayout::Normal, RopeLayout::Neox] {
-        let (t, heads, hd, pos0) = (3, 2, 16, 7);
-        let rp = Rope { layout, rot_dim: 8, base: 10000.0 };
-        let dy = random_vec(&mut r, t * heads * hd, 1.0);
-        let b = f32_buf(&ctx, &dy);
-        let mut rec = Recorder::new(&ctx);
-        rope_backward(&mut rec, &ctx, &rp, Rows { buf: &b, offset: 0, stride: heads * hd }, t, heads, hd, pos0).unwrap();
-        rec.submit();
-        let mut want = dy.clone();
-        reference::rope_backward(&mut want, heads, hd, &rp, pos0);
-        assert_close(&format!("rope_backward {layout:?}"), &read_f32(&ctx, &b, 0, dy.len()).unwrap(), &want, 1e-4);
-    }
-
-    // The real vocabulary's length, so the strided reduction covers a ragged tail.
-    let (rows, n_vocab) = (3, 49152 + 17);
-    let logits = random_vec(&mut r, rows * n_vocab, 8.0);
-    let tokens: Vec<u32> = (0..rows).map(|_| (r.next_u64() % n_vocab as u64) as u32).collect();
-    let (lb, tb) = (f32_buf(&ctx, &logits), storage_buffer(&ctx, "tokens", bytemuck::cast_slice(&tokens)));
-    let loss_b = storage_buffer_zeroed(&ctx, "loss", (rows * 4) as u64);
-    let mut rec = Recorder::new(&ctx);
-    cross_entropy(&mut rec, &ctx, &lb, &tb, &loss_b, rows, n_vocab, 1.0 / rows as f32).unwrap();
-    rec.submit();
-    let targets: Vec<(usize, u32)> = tokens.iter().enumerate().map(|(i, &t)| (i, t)).collect();
-    let (mean, grad) = reference::cross_entropy(&logits, n_vocab, &targets);
-    let losses = read_f32(&ctx, &loss_b, 0, rows).unwrap();
-    assert!((losses.iter().sum::<f32>() / rows as f32 - mean).abs() < 1e-4 * mean.abs().max(1.0), "{losses:?} vs mean {mean}");
-    assert_close("cross_entropy gradient", &read_f32(&ctx, &lb, 0, rows * n_vocab).unwrap(), &grad, 1e-5);
-
-    let n = 777;
-    let opt = AdamW { weight_decay: 0.05, ..Default::default() };
-    let (w, g1, g2) = (random_vec(&mut r, n, 1.0), random_vec(&mut r, n, 1.0), random_vec(&mut r, n, 1.0));
-    let (wb, gb1, gb2) = (f32_buf(&ctx, &w), f32_buf(&ctx, &g1), f32_buf(&ctx, &g2));
-    let (mb, vb) = (storage_buffer_zeroed(&ctx, "m", (n * 4) as u64), storage_buffer_zeroed(&ctx, "v", (n * 4) as u64));
-    let mut rec = Recorder::new(&ctx);
-    adamw(&mut rec, &ctx, &opt, &wb, &gb1, GpuMoments { m: &mb, v: &vb }, (0, n), 1, 1e-2).unwrap();
-    adamw(&mut rec, &ctx, &opt, &wb, &gb2, GpuMoments { m: &mb, v: &vb }, (0, n), 2, 5e-3).unwrap();
-    rec.submit();
-    let (mut want, mut st) = (w.clone(), Moments::default());
-    opt.step(&mut want, &g1, &mut st, 1, 1e-2);
-    opt.step(&mut want, &g2, &mut st, 2, 5e-3);
-    assert_close("adamw two steps", &read_f32(&ctx, &wb, 0, n).unwrap(), &want, 1e-5);
-    assert_close("adamw second moment", &read_f32(&ctx, &vb, 0, n).unwrap(), &st.v, 1e-5);
-}
-
-/// One projection's adapter backward (dB, s·Bᵀdy, dA, dx += Aᵀdu) against the reference formulas
-/// the whole-model gradient is built from, with matrices at offsets inside shared buffers and
-/// gradient accumulation.
-#[test]
-fn lora_backward_matches_the_reference() {
-    use agentflux::kernels::lora_backward::{lora_backward, At, LoraBackward};
-    let ctx = ctx();
-    let mut r = rng("lora-backward");
-    for (m, k, n, rank, accumulate) in [(5, 64, 96, 8, false), (3, 32, 40, 3, true), (1, 128, 64, 1, false)] {
-        let s = 0.75f32;
-        let (x, dy, dx0) = (random_vec(&mut r, m * k, 1.0), random_vec(&mut r, m * n, 1.0), random_vec(&mut r, m * k, 1.0));
-        let (a, b) = (random_vec(&mut r, rank * k, 0.5), random_vec(&mut r, n * rank, 0.5));
-        let (da0, db0) = (random_vec(&mut r, rank * k, 1.0), random_vec(&mut r, n * rank, 1.0));
-        // A and B packed one after the other, after 4 unrelated floats; the gradients likewise.
-        let pack = |first: &[f32], second: &[f32]| [&[9.0f32; 4][..], first, second].concat();
-        let (wb, gb) = (f32_buf(&ctx, &pack(&a, &b)), f32_buf(&ctx, &pack(&da0, &db0)));
-        let u = reference::matmul(&a, &x, rank, k);
-        let (xb, dyb, dxb, ub) = (f32_buf(&ctx, &x), f32_buf(&ctx, &dy), f32_buf(&ctx, &dx0), f32_buf(&ctx, &u));
-        let dub = storage_buffer_zeroed(&ctx, "du", (m * rank * 4) as u64);
-        let rows = |buf, stride| Rows { buf, offset: 0, stride };
-        let io = LoraBackward {
-            x: rows(&xb, k),
-            dy: rows(&dyb, n),
-            dx: rows(&dxb, k),
-            a: At { buf: &wb, offset: 4 },
-            b: At { buf: &wb, offset: 4 + rank * k },
-            u: &ub,
-            du: &dub,
-            da: At { buf: &gb, offset: 4 },
-            db: At { buf: &gb, offset: 4 + rank * k },
-            m,
-            k,
-            n,
-            r: rank,
-            scale: s,
-            accumulate,
-        };
-        let mut rec = Recorder::new(&ctx);
-        lora_backward(&mut rec, &ctx, &io).unwrap();
-        rec.submit();
-        let sdy: Vec<f32> = dy.iter().map(|v| v * s).collect();
-        let (mut want_da, mut want_db) = if accumulate { (da0.clone(), db0.clone()) } else { (vec![0.0; rank * k], vec![0.0; n * rank]) };
-        reference::matmul_backward_w(&sdy, &u, n, rank, &mut want_db);
-        let du = reference::matmul_backward_x(&b, &sdy, n, rank);
-        reference::matmul_backward_w(&du, &x, rank, k, &mut want_da);
-        let want_dx: Vec<f32> = reference::matmul_backward_x(&a, &du, rank, k).iter().zip(&dx0).map(|(g, d)| g + d).collect();
-        let what = format!("lora_backward m={m} k={k} n={n} r={rank} accumulate={accumulate}");
-        let g = read_f32(&ctx, &gb, 0, 4 + rank * k + n * rank).unwrap();
-        assert_eq!(g[..4], [9.0; 4], "{what}: the floats before the gradients are untouched");
-        assert_close(&format!("{what} dA"), &g[4..4 + rank * k], &want_da, 2e-4);
-        assert_close(&format!("{what} dB"), &g[4 + rank * k..], &want_db, 2e-4);
-        assert_close(&format!("{what} du"), &read_f32(&ctx, &dub, 0, m * rank).unwrap(), &du, 2e-4);
-        assert_close(&format!("{what} dx"), &read_f32(&ctx, &dxb, 0, m * k).unwrap(), &want_dx, 2e-4);
-    }
-}
-
-/// Attention gradients for a step's rows over a cache holding a prefix: against the reference
-/// backward of the whole sequence with no gradient arriving at the prefix's rows.
-#[test]
-fn attention_backward_over_a_cached_prefix() {
-    use agentflux::kernels::attention_backward::{attention_backward, AttentionGrads};
-    let ctx = ctx();
-    let mut r = rng("attention-backward");
-    for (heads, kvh, hd, pos0, t, window) in [(4, 2, 16, 5, 4, 0), (2, 2, 32, 0, 6, 0), (6, 3, 8, 7, 5, 4), (4, 1, 64, 3, 1, 0)] {
-        let (row, kv_row, n) = (heads * hd, kvh * hd, pos0 + t);
-        let q_full = random_vec(&mut r, n * row, 1.0);
-        let ((kb, k), (vb, v)) =
-            (f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)), f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)));
-        let mut dout_full = vec![0f32; pos0 * row];
-        dout_full.extend(random_vec(&mut r, t * row, 1.0));
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (qb, db) = (f32_buf(&ctx, &q_full[pos0 * row..]), f32_buf(&ctx, &dout_full[pos0 * row..]));
-        let zeros = |n: usize| storage_buffer_zeroed(&ctx, "g", (n * 4) as u64);
-        let (dqb, dkb, dvb, sb) = (zeros(t * row), zeros(t * kv_row), zeros(t * kv_row), zeros(t * heads * 3));
-        let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
-        let mut rec = Recorder::new(&ctx);
-        attention_backward(
-            &mut rec,
-            &ctx,
-            &shape,
-            &qb,
-            &kb,
-            &vb,
-            &db,
-            AttentionGrads { dq: &dqb, dk: &dkb, dv: &dvb, stats: &sb },
-            t,
-            pos0,
-        )
-        .unwrap();
-        rec.submit();
-        let (dq, dk, dv) = reference::attention_backward(&q_full, &k, &v, &dout_full, heads, kvh, hd, window, scale);
-        let what = format!("attention_backward h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window}");
-        assert_close(&format!("{what} dq"), &read_f32(&ctx, &dqb, 0, t * row).unwrap(), &dq[pos0 * row..], 1e-4);
-        assert_close(&format!("{what} dk"), &read_f32(&ctx, &dkb, 0, t * kv_row).unwrap(), &dk[pos0 * kv_row..], 1e-4);
-        assert_close(&format!("{what} dv"), &read_f32(&ctx, &dvb, 0, t * kv_row).unwrap(), &dv[pos0 * kv_row..], 1e-4);
     }
 }

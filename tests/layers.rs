@@ -92,7 +92,7 @@ fn target(src: &Path, path: &[&str]) -> String {
 /// Every `crate::` path of a file's code (comments and the unit tests at its end skipped: tests
 /// may use the f32 reference from any layer).
 fn crate_paths(text: &str) -> Vec<Vec<String>> {
-    let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or(text);
+    let code = text.split("#[cfg(test)]").next().unwrap_or(text);
     let mut out = Vec::new();
     for line in code.lines().map(str::trim).filter(|l| !l.starts_with("//")) {
         let mut rest = line;

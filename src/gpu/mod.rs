@@ -7,6 +7,7 @@ mod kernel;
 mod memory;
 mod profile;
 mod uniform;
+mod view;
 
 pub use buffer::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, upload, WeightMatrix, WeightPart};
 pub use context::{list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions};
@@ -15,3 +16,4 @@ pub use memory::MemoryUse;
 pub use profile::{profile_table, KernelTime};
 pub(crate) use uniform::uniform_block;
 pub use uniform::{align_to, UniformBlock, UniformField};
+pub use view::View;

@@ -1,8 +1,7 @@
 //! Causal attention over the KV cache — launcher of `shaders/attention.wgsl`.
 
-use super::norm::Rows;
 use crate::error::{Error, Result};
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 
 const WGSL: &str = include_str!("../../shaders/attention.wgsl");
 
@@ -20,7 +19,8 @@ uniform_block! {
         o_offset: u32,
         o_stride: u32,
         scale: f32,
-        tree: u32,}
+        tree: u32,
+    }
 }
 
 /// Head geometry of one attention call.
@@ -38,41 +38,58 @@ pub struct AttentionShape {
     pub scale: f32,
 }
 
-/// Record attention of `n_tokens` queries at positions `pos0..` against the f16 cache rows
-/// `0..pos0+n_tokens` (as [`kv_store`](super::kv_store::kv_store) writes them).
-/// `q` and `o` are rows of `n_heads × head_dim` floats (one sequence of a batch that packs
-/// several starts at its own offset; the queries may sit between the keys and values of a
-/// token, with a longer stride). With `tree` (per new token: parent or −1,
-/// depth; see `shaders/attention.wgsl`) each new token sees the cache before `pos0` and its own
-/// ancestors only.
-#[allow(clippy::too_many_arguments)]
+impl AttentionShape {
+    /// Check what the kernels support: head_dim a multiple of 4 up to 256, query heads a
+    /// multiple of the key/value heads.
+    pub(super) fn check(&self, op: &'static str) -> Result<()> {
+        if self.head_dim % 4 != 0 || self.head_dim > 256 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return Err(Error::Shape {
+                op,
+                msg: format!(
+                    "head_dim {} (needs a multiple of 4, at most 256), heads {} / kv heads {}",
+                    self.head_dim, self.n_heads, self.n_kv_heads
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One layer's f16 key and value caches (as [`kv_store`](super::kv_store::kv_store) writes
+/// them) and the positions they hold before the rows being processed.
+#[derive(Clone, Copy)]
+pub struct CachedLayer<'a> {
+    /// Keys: rows of `n_kv_heads × head_dim` f16, two per u32.
+    pub k: &'a wgpu::Buffer,
+    /// Values, laid out like the keys.
+    pub v: &'a wgpu::Buffer,
+    /// Positions cached before the new rows (the first new row's position).
+    pub len: usize,
+}
+
+/// Record attention of `q`'s rows (one token each, `n_heads × head_dim`, at positions
+/// `cache.len..`) against the cache's rows `0..cache.len + q.rows`, into `o` (rows like `q`'s).
+/// One sequence of a batch that packs several starts at its own row; the queries may sit between
+/// the keys and values of a token, with a longer stride. With `tree` (per new token: parent or
+/// −1, depth; see `shaders/attention.wgsl`) each new token sees the cache before `cache.len` and
+/// its own ancestors only.
 pub fn attention(
     rec: &mut Recorder,
     ctx: &GpuContext,
     s: &AttentionShape,
-    q: Rows,
-    k_cache: &wgpu::Buffer,
-    v_cache: &wgpu::Buffer,
-    o: Rows,
-    n_tokens: usize,
-    pos0: usize,
+    q: View,
+    cache: CachedLayer,
+    o: View,
     tree: Option<&wgpu::Buffer>,
 ) -> Result<()> {
-    if s.head_dim % 4 != 0 || s.head_dim > 256 || s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
-        return Err(Error::Shape {
-            op: "attention",
-            msg: format!("head_dim {} (needs a multiple of 4, at most 256), heads {} / kv heads {}", s.head_dim, s.n_heads, s.n_kv_heads),
-        });
+    s.check("attention")?;
+    if q.cols != s.n_heads * s.head_dim {
+        return Err(Error::Shape { op: "attention", msg: format!("query rows of {}, {} heads of {}", q.cols, s.n_heads, s.head_dim) });
     }
-    if [q.offset, q.stride, o.offset, o.stride].iter().any(|v| v % 4 != 0) {
-        return Err(Error::Shape {
-            op: "attention",
-            msg: format!(
-                "q rows at {} (stride {}), o rows at {} (stride {}): multiples of 4 needed",
-                q.offset, q.stride, o.offset, o.stride
-            ),
-        });
-    }
+    q.same_shape("attention", &o)?;
+    q.check("attention", "q", 4)?;
+    o.check("attention", "o", 4)?;
+    let (n_tokens, pos0) = (q.rows, cache.len);
     let decode = n_tokens == 1 && tree.is_none();
     // Query heads per invocation: the most that share a KV head and keep their queries and
     // accumulators within 64 vec4 (larger groups only spill and compile slowly).
@@ -99,7 +116,7 @@ pub fn attention(
         tree: tree.is_some() as u32,
     };
     let tree = tree.unwrap_or(ctx.placeholder());
-    let mut bindings = vec![Binding::whole(q.buf), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(o.buf)];
+    let mut bindings = vec![Binding::whole(q.buf), Binding::whole(cache.k), Binding::whole(cache.v), Binding::whole(o.buf)];
     // The decode entry has no tree binding.
     if !decode {
         bindings.push(Binding::whole(tree));

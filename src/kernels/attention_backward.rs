@@ -1,9 +1,9 @@
 //! Gradients of causal attention for a training step — launcher of
 //! `shaders/attention_backward.wgsl`.
 
-use super::attention::AttentionShape;
+use super::attention::{AttentionShape, CachedLayer};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 
 const WGSL: &str = include_str!("../../shaders/attention_backward.wgsl");
 
@@ -16,7 +16,8 @@ uniform_block! {
         head_dim: u32,
         pos0: u32,
         window: u32,
-        scale: f32,}
+        scale: f32,
+    }
 }
 
 /// Where the gradients go: `dq` (`n_tokens` rows of `n_heads·head_dim`), `dk`, `dv` (`n_tokens`
@@ -33,41 +34,43 @@ pub struct AttentionGrads<'a> {
     pub stats: &'a wgpu::Buffer,
 }
 
-/// Record the gradients of attention for `n_tokens` query rows at positions `pos0..` (queries
-/// `q`, output gradient `dout`) over the layer's f16 cache `k_cache`/`v_cache` (positions
-/// `0..pos0 + n_tokens`, as [`kv_store`](super::kv_store::kv_store) writes them).
-#[allow(clippy::too_many_arguments)]
+/// Record the gradients of attention for `q`'s rows (dense, at positions `cache.len..`) with
+/// output gradient `dout` (laid out like `q`) over the layer's cache, whose rows
+/// `0..cache.len + q.rows` hold the prefix and the step's own keys and values.
 pub fn attention_backward(
     rec: &mut Recorder,
     ctx: &GpuContext,
     s: &AttentionShape,
-    q: &wgpu::Buffer,
-    k_cache: &wgpu::Buffer,
-    v_cache: &wgpu::Buffer,
-    dout: &wgpu::Buffer,
+    q: View,
+    cache: CachedLayer,
+    dout: View,
     g: AttentionGrads,
-    n_tokens: usize,
-    pos0: usize,
 ) -> Result<()> {
-    if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 || s.head_dim % 4 != 0 || s.head_dim > 256 {
-        return Err(Error::Shape {
-            op: "attention_backward",
-            msg: format!("heads {} / kv heads {}, head_dim {} (needs a multiple of 4, at most 256)", s.n_heads, s.n_kv_heads, s.head_dim),
-        });
+    s.check("attention_backward")?;
+    q.same_shape("attention_backward", &dout)?;
+    for (v, name) in [(&q, "q"), (&dout, "dout")] {
+        v.check("attention_backward", name, 4)?;
+        if v.offset != 0 || v.stride != s.n_heads * s.head_dim || v.cols != v.stride {
+            return Err(Error::Shape {
+                op: "attention_backward",
+                msg: format!("{name}: {v} must be dense rows of every head from float 0"),
+            });
+        }
     }
+    let n_tokens = q.rows;
     let p = Params {
         n_tokens: n_tokens as u32,
         n_heads: s.n_heads as u32,
         n_kv_heads: s.n_kv_heads as u32,
         head_dim: s.head_dim as u32,
-        pos0: pos0 as u32,
+        pos0: cache.len as u32,
         window: s.window as u32,
         scale: s.scale,
     };
     // The query gradient keeps q, dO and its two sums in registers: specialised on head_dim / 4.
     let consts = [("D4", (s.head_dim / 4) as u32)];
     let grad_q = ctx.kernel(&super::specialized::<Params>("attention_grad_q", WGSL, "grad_q", &consts))?;
-    let qkv = || vec![Binding::whole(q), Binding::whole(k_cache), Binding::whole(v_cache), Binding::whole(dout)];
+    let qkv = || vec![Binding::whole(q.buf), Binding::whole(cache.k), Binding::whole(cache.v), Binding::whole(dout.buf)];
     let mut b = qkv();
     b.extend([Binding::whole(g.dq), Binding::whole(g.stats)]);
     rec.dispatch(&grad_q, &p, b, [super::groups(s.n_heads * n_tokens, 16), 1, 1])?;

@@ -1,8 +1,7 @@
 //! Element-wise ops — launcher of `shaders/elementwise.wgsl`.
 
-use super::norm::Rows;
-use crate::error::Result;
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, ShaderSource};
+use crate::error::{Error, Result};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, ShaderSource, View};
 use crate::hparams::Activation;
 
 const WGSL: &str = include_str!("../../shaders/elementwise.wgsl");
@@ -19,7 +18,8 @@ uniform_block! {
         n: u32,
         offset: u32,
         stride: u32,
-        act: u32,}
+        act: u32,
+    }
 }
 
 /// Record `gate[i] = act(gate[i]) · up[i]` for the first `total` elements.
@@ -45,9 +45,14 @@ pub fn glu_backward(
     rec.dispatch(&kernel, &p, vec![Binding::whole(gate), Binding::whole(up), Binding::whole(dy)], super::flat_grid(total))
 }
 
-/// Record `a[row r][i] += bias[i]` for `rows` rows of `n`.
-pub fn add_rows(rec: &mut Recorder, ctx: &GpuContext, a: Rows, bias: &wgpu::Buffer, rows: usize, n: usize) -> Result<()> {
+/// Record `a[row r][i] += bias[i]` for every row of `a`.
+pub fn add_rows(rec: &mut Recorder, ctx: &GpuContext, a: View, bias: &wgpu::Buffer) -> Result<()> {
+    a.check("add_rows", "a", 1)?;
+    if (a.cols * 4) as u64 > bias.size() {
+        return Err(Error::Shape { op: "add_rows", msg: format!("a bias of {} floats for rows of {}", bias.size() / 4, a.cols) });
+    }
     let kernel = kernel(ctx, "add_rows")?;
-    let p = Params { total: (rows * n) as u32, n: n as u32, offset: a.offset as u32, stride: a.stride as u32, act: 0 };
-    rec.dispatch(&kernel, &p, vec![Binding::whole(a.buf), Binding::whole(bias)], super::flat_grid(rows * n))
+    let total = a.rows * a.cols;
+    let p = Params { total: total as u32, n: a.cols as u32, offset: a.offset as u32, stride: a.stride as u32, act: 0 };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(a.buf), Binding::whole(bias)], super::flat_grid(total))
 }

@@ -1,8 +1,8 @@
 //! Appending keys and values to the f16 KV cache — launcher of `shaders/kv_store.wgsl`.
 
-use super::norm::Rows;
+use super::attention::CachedLayer;
 use crate::error::{Error, Result};
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 
 const WGSL: &str = include_str!("../../shaders/kv_store.wgsl");
 
@@ -15,35 +15,25 @@ uniform_block! {
         k_stride: u32,
         v_offset: u32,
         v_stride: u32,
-        dst: u32,}
+        dst: u32,
+    }
 }
 
-/// Record the conversion of `n_tokens` rows of `row_len` f32 keys and values (`k` and `v`: their
-/// own buffers or regions of one) to f16 rows `pos0..` of a layer's caches.
-#[allow(clippy::too_many_arguments)]
-pub fn kv_store(
-    rec: &mut Recorder,
-    ctx: &GpuContext,
-    k: Rows,
-    v: Rows,
-    k_cache: &wgpu::Buffer,
-    v_cache: &wgpu::Buffer,
-    pos0: usize,
-    n_tokens: usize,
-    row_len: usize,
-) -> Result<()> {
-    if row_len % 2 != 0 || [k.offset, k.stride, v.offset, v.stride].iter().any(|o| o % 2 != 0) {
-        return Err(Error::Shape {
-            op: "kv_store",
-            msg: format!(
-                "rows of {row_len} values from floats {}, {} (strides {}, {}): f16 pairs need even lengths and offsets",
-                k.offset, v.offset, k.stride, v.stride
-            ),
-        });
+/// Record the conversion of `k`'s and `v`'s rows (one token each; their own buffers or regions
+/// of one) to f16 rows of a layer's caches, from the cache's position `cache.len` on.
+pub fn kv_store(rec: &mut Recorder, ctx: &GpuContext, k: View, v: View, cache: CachedLayer) -> Result<()> {
+    k.same_shape("kv_store", &v)?;
+    k.check("kv_store", "k", 2)?;
+    v.check("kv_store", "v", 2)?;
+    if k.cols % 2 != 0 {
+        return Err(Error::Shape { op: "kv_store", msg: format!("rows of {} values: f16 pairs need even lengths", k.cols) });
+    }
+    let row_words = k.cols / 2;
+    if ((cache.len + k.rows) * row_words * 4) as u64 > cache.k.size().min(cache.v.size()) {
+        return Err(Error::Shape { op: "kv_store", msg: format!("{} rows at position {} overflow the cache", k.rows, cache.len) });
     }
     let kernel = ctx.kernel(&super::plain::<Params>("kv_store", WGSL, "main"))?;
-    let row_words = row_len / 2;
-    let n_words = n_tokens * row_words;
+    let n_words = k.rows * row_words;
     let p = Params {
         n_words: n_words as u32,
         row_words: row_words as u32,
@@ -51,12 +41,12 @@ pub fn kv_store(
         k_stride: k.stride as u32,
         v_offset: v.offset as u32,
         v_stride: v.stride as u32,
-        dst: (pos0 * row_words) as u32,
+        dst: (cache.len * row_words) as u32,
     };
     rec.dispatch(
         &kernel,
         &p,
-        vec![Binding::whole(k.buf), Binding::whole(v.buf), Binding::whole(k_cache), Binding::whole(v_cache)],
+        vec![Binding::whole(k.buf), Binding::whole(v.buf), Binding::whole(cache.k), Binding::whole(cache.v)],
         super::flat_grid(n_words),
     )
 }

@@ -1,8 +1,7 @@
 //! Gradients of a trained LoRA adapter — launcher of `shaders/lora_backward.wgsl`.
 
-use super::norm::Rows;
-use crate::error::Result;
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
+use crate::error::{Error, Result};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 
 const WGSL: &str = include_str!("../../shaders/lora_backward.wgsl");
 
@@ -20,60 +19,72 @@ uniform_block! {
         dy_stride: u32,
         w_offset: u32,
         g_offset: u32,
-        accumulate: u32,}
-}
-
-/// A matrix of floats inside a buffer.
-#[derive(Clone, Copy)]
-pub struct At<'a> {
-    /// The buffer.
-    pub buf: &'a wgpu::Buffer,
-    /// First float.
-    pub offset: usize,
+        accumulate: u32,
+    }
 }
 
 /// Everything one projection's adapter backward reads and writes (`y = W·x + s·B·A·x` over
-/// `m` rows, `W` `n × k`, rank `r`).
+/// `x.rows` rows, `W` `n × k`, rank `r`: the shapes come from the views).
 pub struct LoraBackward<'a> {
-    /// The projection's input rows.
-    pub x: Rows<'a>,
-    /// The output's gradient rows.
-    pub dy: Rows<'a>,
+    /// The projection's input rows (`m × k`).
+    pub x: View<'a>,
+    /// The output's gradient rows (`m × n`).
+    pub dy: View<'a>,
     /// The input's gradient rows (laid out like `x`); the adapter's share is added.
-    pub dx: Rows<'a>,
-    /// `A` (`r × k`) and `B` (`n × r`).
-    pub a: At<'a>,
-    /// `B` (`n × r`).
-    pub b: At<'a>,
-    /// `u = A·x` from the forward (`m × r`), and scratch for `s·Bᵀ·dy` (`m × r`).
+    pub dx: View<'a>,
+    /// `A` (`r × k`, dense) in its pack.
+    pub a: View<'a>,
+    /// `B` (`n × r`, dense) in its pack.
+    pub b: View<'a>,
+    /// `u = A·x` from the forward (`m × r`, dense from float 0).
     pub u: &'a wgpu::Buffer,
     /// Scratch for `s·Bᵀ·dy` (`m × r`).
     pub du: &'a wgpu::Buffer,
-    /// Where `dA` and `dB` go (same shapes as `A` and `B`).
-    pub da: At<'a>,
-    /// Where `dB` goes.
-    pub db: At<'a>,
-    /// Rows.
-    pub m: usize,
-    /// Inputs of the projection.
-    pub k: usize,
-    /// Outputs of the projection.
-    pub n: usize,
-    /// Rank.
-    pub r: usize,
+    /// Where `dA` goes (shaped like `a`).
+    pub da: View<'a>,
+    /// Where `dB` goes (shaped like `b`).
+    pub db: View<'a>,
     /// The adapter's scale `s`.
     pub scale: f32,
     /// Add into `dA`/`dB` (gradient accumulation) instead of overwriting them.
     pub accumulate: bool,
 }
 
+impl LoraBackward<'_> {
+    fn check(&self) -> Result<(usize, usize, usize, usize)> {
+        let (m, k, n, r) = (self.x.rows, self.x.cols, self.dy.cols, self.a.rows);
+        let shapes_agree = self.dy.rows == m
+            && (self.dx.rows, self.dx.cols) == (m, k)
+            && (self.dx.offset, self.dx.stride) == (self.x.offset, self.x.stride)
+            && (self.a.cols, self.b.rows, self.b.cols) == (k, n, r)
+            && (self.da.rows, self.da.cols, self.db.rows, self.db.cols) == (r, k, n, r);
+        let dense = [&self.a, &self.b, &self.da, &self.db].iter().all(|v| v.stride == v.cols);
+        if !shapes_agree || !dense {
+            return Err(Error::Shape {
+                op: "lora_backward",
+                msg: format!(
+                    "x {}, dy {}, dx {}, A {}, B {}, dA {}, dB {}: shapes disagree (dx must be laid out like x; A, B dense)",
+                    self.x, self.dy, self.dx, self.a, self.b, self.da, self.db
+                ),
+            });
+        }
+        for (v, name) in
+            [(&self.x, "x"), (&self.dy, "dy"), (&self.dx, "dx"), (&self.a, "A"), (&self.b, "B"), (&self.da, "dA"), (&self.db, "dB")]
+        {
+            v.check("lora_backward", name, 1)?;
+        }
+        Ok((m, k, n, r))
+    }
+}
+
 /// Record the adapter's backward on one projection: `dB`, `du`, `dA`, then `dx += Aᵀ·du`.
 pub fn lora_backward(rec: &mut Recorder, ctx: &GpuContext, io: &LoraBackward) -> Result<()> {
+    let (m, k, n, r) = io.check()?;
     let params = |w_offset: usize, g_offset: usize| Params {
-        m: io.m as u32,
-        k: io.k as u32,
-        n: io.n as u32,
-        r: io.r as u32,
+        m: m as u32,
+        k: k as u32,
+        n: n as u32,
+        r: r as u32,
         scale: io.scale,
         x_offset: io.x.offset as u32,
         x_stride: io.x.stride as u32,
@@ -88,10 +99,9 @@ pub fn lora_backward(rec: &mut Recorder, ctx: &GpuContext, io: &LoraBackward) ->
             let kernel = ctx.kernel(&super::plain::<Params>(&format!("lora_backward_{entry}"), WGSL, entry))?;
             rec.dispatch(&kernel, &p, vec![Binding::whole(lhs), Binding::whole(rhs), Binding::whole(out)], [super::groups(total, 64), 1, 1])
         };
-    run("grad_b", params(0, io.db.offset), io.dy.buf, io.u, io.db.buf, io.n * io.r)?;
-    run("down", params(io.b.offset, 0), io.dy.buf, io.b.buf, io.du, io.m * io.r)?;
-    run("grad_a", params(0, io.da.offset), io.du, io.x.buf, io.da.buf, io.r * io.k)?;
+    run("grad_b", params(0, io.db.offset), io.dy.buf, io.u, io.db.buf, n * r)?;
+    run("down", params(io.b.offset, 0), io.dy.buf, io.b.buf, io.du, m * r)?;
+    run("grad_a", params(0, io.da.offset), io.du, io.x.buf, io.da.buf, r * k)?;
     // dx is laid out like x: the x offset/stride address it.
-    let p = Params { x_offset: io.dx.offset as u32, x_stride: io.dx.stride as u32, ..params(io.a.offset, 0) };
-    run("back_x", p, io.du, io.a.buf, io.dx.buf, io.m * io.k)
+    run("back_x", params(io.a.offset, 0), io.du, io.a.buf, io.dx.buf, m * k)
 }

@@ -1,7 +1,7 @@
 //! Masked cross-entropy — launcher of `shaders/cross_entropy.wgsl`.
 
-use crate::error::Result;
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
+use crate::error::{Error, Result};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 
 const WGSL: &str = include_str!("../../shaders/cross_entropy.wgsl");
 
@@ -10,23 +10,30 @@ uniform_block! {
     pub(super) struct Params {
         rows: u32,
         n_vocab: u32,
-        scale: f32,}
+        scale: f32,
+    }
 }
 
-/// Record the cross-entropy of `rows` target rows of `logits` (row r should predict
-/// `tokens[r]`): `loss[r]` gets each row's loss and the row is overwritten with its gradient
-/// times `scale` (1 / targets in the batch, for the mean).
+/// Record the cross-entropy of each row of `logits` (dense rows of the vocabulary from float 0;
+/// row r should predict `tokens[r]`): `loss[r]` gets each row's loss and the row is overwritten
+/// with its gradient times `scale` (1 / targets in the batch, for the mean).
 pub fn cross_entropy(
     rec: &mut Recorder,
     ctx: &GpuContext,
-    logits: &wgpu::Buffer,
+    logits: View,
     tokens: &wgpu::Buffer,
     loss: &wgpu::Buffer,
-    rows: usize,
-    n_vocab: usize,
     scale: f32,
 ) -> Result<()> {
+    if logits.offset != 0 || logits.stride != logits.cols {
+        return Err(Error::Shape { op: "cross_entropy", msg: format!("logits {logits}: dense rows from float 0 needed") });
+    }
+    logits.check("cross_entropy", "logits", 1)?;
+    if (logits.rows * 4) as u64 > tokens.size().min(loss.size()) {
+        return Err(Error::Shape { op: "cross_entropy", msg: format!("{} rows but fewer targets or loss slots", logits.rows) });
+    }
     let kernel = ctx.kernel(&super::plain::<Params>("cross_entropy", WGSL, "main"))?;
-    let p = Params { rows: rows as u32, n_vocab: n_vocab as u32, scale };
-    rec.dispatch(&kernel, &p, vec![Binding::whole(logits), Binding::whole(tokens), Binding::whole(loss)], [rows as u32, 1, 1])
+    let p = Params { rows: logits.rows as u32, n_vocab: logits.cols as u32, scale };
+    let bindings = vec![Binding::whole(logits.buf), Binding::whole(tokens), Binding::whole(loss)];
+    rec.dispatch(&kernel, &p, bindings, [logits.rows as u32, 1, 1])
 }

@@ -1,9 +1,10 @@
 //! `y = W·x (+ LoRA)` for quantized weights — launcher of `shaders/quant_matmul.wgsl`. The LoRA
 //! shrink that precedes the fused expand is [`super::lora`].
 
+use super::norm::RmsNorm;
 use crate::error::{Error, Result};
 use crate::gguf::BlockFormat;
-use crate::gpu::{uniform_block, Binding, DeviceClass, GpuContext, Kernel, Recorder, WeightMatrix};
+use crate::gpu::{uniform_block, Binding, DeviceClass, GpuContext, Kernel, Recorder, View, WeightMatrix};
 use crate::hparams::Activation;
 use std::sync::Arc;
 
@@ -85,7 +86,8 @@ uniform_block! {
         norm: u32,
         eps: f32,
         slots: [[u32; 4]; MAX_SLOTS],
-        up_slots: [[u32; 4]; MAX_SLOTS],}
+        up_slots: [[u32; 4]; MAX_SLOTS],
+    }
 }
 
 /// Most adapters one dispatch can mix.
@@ -148,41 +150,40 @@ impl LoraIo<'_> {
 /// Where a matrix product reads its activations and writes its outputs.
 #[derive(Clone, Copy)]
 pub struct MatmulIo<'a> {
-    /// Activations: `m` rows of `W.cols` f32.
-    pub x: &'a wgpu::Buffer,
-    /// First float of row 0 of `x` (multiple of 4).
-    pub x_offset: usize,
-    /// Floats between rows of `x` (multiple of 4).
-    pub x_stride: usize,
-    /// Number of rows (tokens).
-    pub m: usize,
-    /// Outputs: `m` rows of `W.rows` f32.
-    pub y: &'a wgpu::Buffer,
-    /// First float of row 0 of `y`.
-    pub y_offset: usize,
-    /// Floats between rows of `y`.
-    pub y_stride: usize,
+    /// Activations: rows of `W.cols` (offset and stride multiples of 4: vec4 loads).
+    pub x: View<'a>,
+    /// Outputs: as many rows, of `W.rows`.
+    pub y: View<'a>,
     /// Add into `y` instead of overwriting it.
     pub accumulate: bool,
     /// Adapters whose expand is fused into this product (their shrink must already be recorded).
     pub lora: Option<LoraIo<'a>>,
     /// Normalize each row of `x` first (the RMSNorm before the projections, fused into them).
-    pub norm: Option<RowNorm<'a>>,
-}
-
-/// RMSNorm applied to a product's input rows on the fly: `x / sqrt(mean(x²) + eps) · w`.
-#[derive(Clone, Copy)]
-pub struct RowNorm<'a> {
-    /// The norm's weights: `cols` f32.
-    pub w: &'a wgpu::Buffer,
-    /// Added to the mean of squares.
-    pub eps: f32,
+    pub norm: Option<RmsNorm<'a>>,
 }
 
 impl<'a> MatmulIo<'a> {
+    /// `x` into `y`, overwriting, with no adapter and no norm.
+    pub fn new(x: View<'a>, y: View<'a>) -> Self {
+        Self { x, y, accumulate: false, lora: None, norm: None }
+    }
+
     /// Dense rows: `x` is `m × w.cols`, `y` is `m × w.rows`, both from offset 0.
     pub fn dense(x: &'a wgpu::Buffer, y: &'a wgpu::Buffer, w: &WeightMatrix, m: usize) -> Self {
-        Self { x, x_offset: 0, x_stride: w.cols, m, y, y_offset: 0, y_stride: w.rows, accumulate: false, lora: None, norm: None }
+        Self::new(View::new(x, m, w.cols), View::new(y, m, w.rows))
+    }
+
+    /// Check the operands against a `rows × cols` matrix.
+    pub(super) fn check(&self, op: &'static str, rows: usize, cols: usize) -> Result<()> {
+        if self.x.cols != cols || self.y.cols != rows || self.x.rows != self.y.rows {
+            return Err(Error::Shape { op, msg: format!("x {} and y {} through a {rows}×{cols} matrix", self.x, self.y) });
+        }
+        self.x.check(op, "x", 4)?;
+        self.y.check(op, "y", 1)?;
+        if let Some(n) = &self.norm {
+            n.check(op, cols)?;
+        }
+        Ok(())
     }
 }
 
@@ -211,9 +212,8 @@ pub fn matmul_gated(rec: &mut Recorder, ctx: &GpuContext, gate: &WeightMatrix, u
 }
 
 fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo, gated: Option<GatedUp>) -> Result<()> {
-    if io.x_offset % 4 != 0 || io.x_stride % 4 != 0 {
-        return Err(Error::Shape { op: "matmul", msg: format!("x offset {} / stride {} not multiples of 4", io.x_offset, io.x_stride) });
-    }
+    io.check("matmul", w.rows, w.cols)?;
+    let m = io.x.rows;
     let pair_offset = match &gated {
         None => 0,
         Some(g) => {
@@ -247,16 +247,16 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
     let u_up = up_lora.as_ref().map_or(none, |l| l.u);
     let split = io.lora.as_ref().and_then(|l| l.u_splits).map_or([u32::MAX; 2], |s| s.map(|r| r as u32));
     for part in &w.parts {
-        let (kernel, grid) = product_kernel(ctx, w.format, part.rows, io.m, gated.is_some())?;
+        let (kernel, grid) = product_kernel(ctx, w.format, part.rows, m, gated.is_some())?;
         let p = Params {
             n: part.rows as u32,
             k: w.cols as u32,
-            m: io.m as u32,
+            m: m as u32,
             row_bytes: w.format.row_bytes(w.cols) as u32,
-            x_offset: (io.x_offset / 4) as u32,
-            x_stride: (io.x_stride / 4) as u32,
-            y_offset: io.y_offset as u32,
-            y_stride: io.y_stride as u32,
+            x_offset: (io.x.offset / 4) as u32,
+            x_stride: (io.x.stride / 4) as u32,
+            y_offset: io.y.offset as u32,
+            y_stride: io.y.stride as u32,
             n_offset: part.row0 as u32,
             accumulate: io.accumulate as u32,
             lora: io.lora.is_some() as u32,
@@ -282,8 +282,8 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
         let nw = io.norm.map_or(none, |n| n.w);
         let bindings = vec![
             weights,
-            Binding::whole(io.x),
-            Binding::whole(io.y),
+            Binding::whole(io.x.buf),
+            Binding::whole(io.y.buf),
             Binding::whole(row_slot),
             Binding::whole(u),
             Binding::whole(b_pack),
@@ -292,7 +292,7 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
         ];
         rec.dispatch(&kernel, &p, bindings, grid)?;
         let matrices = 1 + gated.is_some() as usize;
-        let activations = 4 * io.m * (w.cols + part.rows * (1 + io.accumulate as usize));
+        let activations = 4 * m * (w.cols + part.rows * (1 + io.accumulate as usize));
         rec.declare_bytes((matrices * w.format.row_bytes(w.cols) * part.rows + activations) as u64);
     }
     Ok(())

@@ -1,9 +1,8 @@
 //! The transposed quantized product (the gradient through a frozen projection) — launcher of
 //! `shaders/quant_matmul_t.wgsl`.
 
-use super::norm::Rows;
-use crate::error::Result;
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, WeightMatrix};
+use crate::error::{Error, Result};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View, WeightMatrix};
 
 const WGSL: &str = include_str!("../../shaders/quant_matmul_t.wgsl");
 /// Invocations per workgroup and batch rows per invocation (each decoded block serves COLS rows).
@@ -22,12 +21,19 @@ uniform_block! {
         dx_offset: u32,
         dx_stride: u32,
         n_offset: u32,
-        accumulate: u32,}
+        accumulate: u32,
+    }
 }
 
-/// Record `dx (+)= dy·W` for `m` rows (`dy` rows of `w.rows`, `dx` rows of `w.cols`): the
-/// gradient with respect to `x` of `y = W·x`. Every part of a split matrix adds its rows' share.
-pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: Rows, dx: Rows, m: usize, accumulate: bool) -> Result<()> {
+/// Record `dx (+)= dy·W` (`dy` rows of `w.rows`, `dx` rows of `w.cols`): the gradient with
+/// respect to `x` of `y = W·x`. Every part of a split matrix adds its rows' share.
+pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: View, dx: View, accumulate: bool) -> Result<()> {
+    if dy.cols != w.rows || dx.cols != w.cols || dy.rows != dx.rows {
+        return Err(Error::Shape { op: "matmul_t", msg: format!("dy {dy} and dx {dx} through a {}×{} matrix", w.rows, w.cols) });
+    }
+    dy.check("matmul_t", "dy", 1)?;
+    dx.check("matmul_t", "dx", 1)?;
+    let m = dy.rows;
     let kernel =
         ctx.kernel(&super::weight_reader::<Params>("quant_matmul_t", WGSL, "main", w.format, &[("WG", WG as u32), ("COLS", COLS as u32)]))?;
     for (i, part) in w.parts.iter().enumerate() {

@@ -1,7 +1,7 @@
 //! RMSNorm — launcher of `shaders/rms_norm.wgsl`.
 
-use crate::error::Result;
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
+use crate::error::{Error, Result};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 
 const WGSL: &str = include_str!("../../shaders/rms_norm.wgsl");
 
@@ -15,78 +15,78 @@ uniform_block! {
         y_offset: u32,
         y_stride: u32,
         accumulate: u32,
-        eps: f32,}
-}
-
-impl Params {
-    fn new(rows: usize, n: usize, x: &Rows, y: &Rows, accumulate: bool, eps: f32) -> Self {
-        Self {
-            rows: rows as u32,
-            n: n as u32,
-            x_offset: x.offset as u32,
-            x_stride: x.stride as u32,
-            y_offset: y.offset as u32,
-            y_stride: y.stride as u32,
-            accumulate: accumulate as u32,
-            eps,
-        }
+        eps: f32,
     }
 }
 
-/// Rows of a buffer: `rows` rows of `n` floats, row r at `offset + r·stride`.
+/// An RMSNorm: `x / sqrt(mean(x²) + eps) · w`. Its own dispatch here, or fused into the products
+/// that read its output ([`super::matmul::MatmulIo::norm`]).
 #[derive(Clone, Copy)]
-pub struct Rows<'a> {
-    /// The buffer.
-    pub buf: &'a wgpu::Buffer,
-    /// First float of row 0.
-    pub offset: usize,
-    /// Floats from one row to the next.
-    pub stride: usize,
+pub struct RmsNorm<'a> {
+    /// The norm's weights: one f32 per column.
+    pub w: &'a wgpu::Buffer,
+    /// Added to the mean of squares.
+    pub eps: f32,
 }
 
-/// Record `y (+)= rmsnorm(x) · w` over `rows` rows of `n`.
-#[allow(clippy::too_many_arguments)]
-pub fn rms_norm(
-    rec: &mut Recorder,
-    ctx: &GpuContext,
-    w: &wgpu::Buffer,
-    x: Rows,
-    y: Rows,
-    rows: usize,
-    n: usize,
-    eps: f32,
-    accumulate: bool,
-) -> Result<()> {
+impl RmsNorm<'_> {
+    /// Check that the weights cover `cols` columns.
+    pub(super) fn check(&self, op: &'static str, cols: usize) -> Result<()> {
+        if (cols * 4) as u64 > self.w.size() {
+            return Err(Error::Shape { op, msg: format!("a norm of {} weights over rows of {cols}", self.w.size() / 4) });
+        }
+        Ok(())
+    }
+}
+
+fn params(x: &View, y: &View, accumulate: bool, eps: f32) -> Params {
+    Params {
+        rows: x.rows as u32,
+        n: x.cols as u32,
+        x_offset: x.offset as u32,
+        x_stride: x.stride as u32,
+        y_offset: y.offset as u32,
+        y_stride: y.stride as u32,
+        accumulate: accumulate as u32,
+        eps,
+    }
+}
+
+/// Record `y (+)= rmsnorm(x) · w`, row by row.
+pub fn rms_norm(rec: &mut Recorder, ctx: &GpuContext, norm: RmsNorm, x: View, y: View, accumulate: bool) -> Result<()> {
+    x.same_shape("rms_norm", &y)?;
+    x.check("rms_norm", "x", 1)?;
+    y.check("rms_norm", "y", 1)?;
+    norm.check("rms_norm", x.cols)?;
     let kernel = ctx.kernel(&super::plain::<Params>("rms_norm", WGSL, "norm"))?;
-    let p = Params::new(rows, n, &x, &y, accumulate, eps);
-    rec.dispatch(&kernel, &p, vec![Binding::whole(w), Binding::whole(x.buf), Binding::whole(y.buf)], [super::groups(rows, 64), 1, 1])
+    let p = params(&x, &y, accumulate, norm.eps);
+    rec.dispatch(&kernel, &p, vec![Binding::whole(norm.w), Binding::whole(x.buf), Binding::whole(y.buf)], [super::groups(x.rows, 64), 1, 1])
 }
 
-/// Record `y = rmsnorm(y) · w` in place over `rows` rows of `n` (per-head q/k norms).
-pub fn rms_norm_inplace(rec: &mut Recorder, ctx: &GpuContext, w: &wgpu::Buffer, y: Rows, rows: usize, n: usize, eps: f32) -> Result<()> {
+/// Record `y = rmsnorm(y) · w` in place (the per-head query and key norms).
+pub fn rms_norm_inplace(rec: &mut Recorder, ctx: &GpuContext, norm: RmsNorm, y: View) -> Result<()> {
+    y.check("rms_norm_inplace", "y", 1)?;
+    norm.check("rms_norm_inplace", y.cols)?;
     let kernel = ctx.kernel(&super::plain::<Params>("rms_norm_inplace", WGSL, "norm_inplace"))?;
     // The row is read and written in place: only y's offset and stride matter.
-    let p = Params::new(rows, n, &y, &y, false, eps);
-    rec.dispatch(&kernel, &p, vec![Binding::whole(w), Binding::whole(y.buf)], [super::groups(rows, 64), 1, 1])
+    let p = params(&y, &y, false, norm.eps);
+    rec.dispatch(&kernel, &p, vec![Binding::whole(norm.w), Binding::whole(y.buf)], [super::groups(y.rows, 64), 1, 1])
 }
 
-/// Record the gradient through [`rms_norm`]: `dx (+)= ∂/∂x Σ dy·(rmsnorm(x)·w)` over `rows` rows
-/// of `n` (`x` and `dy` laid out alike; the weight is frozen).
-#[allow(clippy::too_many_arguments)]
-pub fn rms_norm_backward(
-    rec: &mut Recorder,
-    ctx: &GpuContext,
-    w: &wgpu::Buffer,
-    x: Rows,
-    dy: &wgpu::Buffer,
-    dx: Rows,
-    rows: usize,
-    n: usize,
-    eps: f32,
-    accumulate: bool,
-) -> Result<()> {
+/// Record the gradient through [`rms_norm`]: `dx (+)= ∂/∂x Σ dy·(rmsnorm(x)·w)` (the weight is
+/// frozen). `dy` must lie at `x`'s offset and stride in its own buffer.
+pub fn rms_norm_backward(rec: &mut Recorder, ctx: &GpuContext, norm: RmsNorm, x: View, dy: View, dx: View, accumulate: bool) -> Result<()> {
+    x.same_shape("rms_norm_backward", &dx)?;
+    x.same_shape("rms_norm_backward", &dy)?;
+    if (dy.offset, dy.stride) != (x.offset, x.stride) {
+        return Err(Error::Shape { op: "rms_norm_backward", msg: format!("dy ({dy}) must be laid out like x ({x})") });
+    }
+    for (v, name) in [(&x, "x"), (&dy, "dy"), (&dx, "dx")] {
+        v.check("rms_norm_backward", name, 1)?;
+    }
+    norm.check("rms_norm_backward", x.cols)?;
     let kernel = ctx.kernel(&super::plain::<Params>("rms_norm_backward", WGSL, "norm_backward"))?;
-    let p = Params::new(rows, n, &x, &dx, accumulate, eps);
-    let bindings = vec![Binding::whole(w), Binding::whole(x.buf), Binding::whole(dy), Binding::whole(dx.buf)];
-    rec.dispatch(&kernel, &p, bindings, [super::groups(rows, 64), 1, 1])
+    let p = params(&x, &dx, accumulate, norm.eps);
+    let bindings = vec![Binding::whole(norm.w), Binding::whole(x.buf), Binding::whole(dy.buf), Binding::whole(dx.buf)];
+    rec.dispatch(&kernel, &p, bindings, [super::groups(x.rows, 64), 1, 1])
 }

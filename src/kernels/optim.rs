@@ -62,31 +62,25 @@ uniform_block! {
         eps: f32,
         weight_decay: f32,
         c1: f32,
-        c2: f32,}
+        c2: f32,
+    }
 }
 
-/// The moments of one parameter tensor on the GPU.
-pub struct GpuMoments<'a> {
-    /// First moment.
+/// The tensors one AdamW update reads and writes on the GPU, laid out alike.
+pub struct AdamTensors<'a> {
+    /// The parameters, updated in place.
+    pub w: &'a wgpu::Buffer,
+    /// Their gradients.
+    pub g: &'a wgpu::Buffer,
+    /// First moments.
     pub m: &'a wgpu::Buffer,
-    /// Second moment.
+    /// Second moments.
     pub v: &'a wgpu::Buffer,
 }
 
-/// Record one AdamW step (`opt`'s rule, step `t` ≥ 1, learning rate `lr`) of the parameters
-/// `range` (start, length in floats) of `w` with gradients `g` (moments laid out alike).
-#[allow(clippy::too_many_arguments)]
-pub fn adamw(
-    rec: &mut Recorder,
-    ctx: &GpuContext,
-    opt: &AdamW,
-    w: &wgpu::Buffer,
-    g: &wgpu::Buffer,
-    state: GpuMoments,
-    range: (usize, usize),
-    t: u64,
-    lr: f32,
-) -> Result<()> {
+/// Record one AdamW step (`opt`'s rule, step `t` ≥ 1, learning rate `lr`) of the floats
+/// `range` (start, length) of the tensors.
+pub fn adamw(rec: &mut Recorder, ctx: &GpuContext, opt: &AdamW, x: AdamTensors, range: (usize, usize), t: u64, lr: f32) -> Result<()> {
     let (offset, n) = range;
     let kernel = ctx.kernel(&super::plain::<Params>("adamw", WGSL, "main"))?;
     let p = Params {
@@ -100,12 +94,7 @@ pub fn adamw(
         c1: 1.0 - opt.beta1.powi(t as i32),
         c2: 1.0 - opt.beta2.powi(t as i32),
     };
-    rec.dispatch(
-        &kernel,
-        &p,
-        vec![Binding::whole(w), Binding::whole(g), Binding::whole(state.m), Binding::whole(state.v)],
-        super::flat_grid(n),
-    )
+    rec.dispatch(&kernel, &p, vec![Binding::whole(x.w), Binding::whole(x.g), Binding::whole(x.m), Binding::whole(x.v)], super::flat_grid(n))
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! `shaders/sample.wgsl`.
 
 use crate::error::{Error, Result};
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 
 const WGSL: &str = include_str!("../../shaders/sample.wgsl");
 
@@ -39,46 +39,34 @@ uniform_block! {
         k: u32,
         temperature: f32,
         top_p: f32,
-        u: f32,}
+        u: f32,
+    }
 }
 
-/// Record a draw from `x[offset..offset+n]`: top-`k` (1..=64) at `temperature`, nucleus `top_p`,
-/// with `u` uniform in [0, 1) from the host's seeded generator. `out` holds [`OUT_WORDS`] u32.
-#[allow(clippy::too_many_arguments)]
-pub fn sample(
-    rec: &mut Recorder,
-    ctx: &GpuContext,
-    x: &wgpu::Buffer,
-    offset: usize,
-    n: usize,
-    k: usize,
-    temperature: f32,
-    top_p: f32,
-    u: f32,
-    out: &wgpu::Buffer,
-) -> Result<()> {
-    if k == 0 || k > K_MAX || k > n || temperature <= 0.0 {
+/// Record a draw from the one row of `x`: top-`cfg.top_k` (1..=64) at `cfg.temperature`, nucleus
+/// `cfg.top_p`, with `u` uniform in [0, 1) from the host's seeded generator. `out` holds
+/// [`OUT_WORDS`] u32.
+pub fn sample(rec: &mut Recorder, ctx: &GpuContext, x: View, cfg: &SamplerConfig, u: f32, out: &wgpu::Buffer) -> Result<()> {
+    let (k, temperature) = (cfg.top_k, cfg.temperature);
+    if x.rows != 1 || k == 0 || k > K_MAX || k > x.cols || temperature <= 0.0 {
         return Err(Error::InvalidOption(format!(
-            "GPU sampling needs 1 ≤ top-k ≤ {K_MAX} (got {k}) and a positive temperature (got {temperature})"
+            "GPU sampling needs one row, 1 ≤ top-k ≤ {K_MAX} (got {k}) and a positive temperature (got {temperature})"
         )));
     }
+    x.check("sample", "x", 1)?;
     let kernel = ctx.kernel(&super::plain::<Params>("sample", WGSL, "main"))?;
-    let p = Params { n: n as u32, offset: offset as u32, k: k as u32, temperature, top_p, u };
-    rec.dispatch(&kernel, &p, vec![Binding::whole(x), Binding::whole(out)], [1, 1, 1])
+    let p = Params { n: x.cols as u32, offset: x.offset as u32, k: k as u32, temperature, top_p: cfg.top_p, u };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(x.buf), Binding::whole(out)], [1, 1, 1])
 }
 
-/// Record the greedy choice of each of `rows` rows of `n` logits from `offset`: the token of row r
-/// lands at `out[r·OUT_WORDS]` (top-1 of the sampler: no randomness is involved).
-pub fn argmax(
-    rec: &mut Recorder,
-    ctx: &GpuContext,
-    x: &wgpu::Buffer,
-    offset: usize,
-    n: usize,
-    rows: usize,
-    out: &wgpu::Buffer,
-) -> Result<()> {
+/// Record the greedy choice of each row of `x` (dense rows): the token of row r lands at
+/// `out[r·OUT_WORDS]` (top-1 of the sampler: no randomness is involved).
+pub fn argmax(rec: &mut Recorder, ctx: &GpuContext, x: View, out: &wgpu::Buffer) -> Result<()> {
+    if x.stride != x.cols {
+        return Err(Error::Shape { op: "argmax", msg: format!("{x}: dense rows needed") });
+    }
+    x.check("argmax", "x", 1)?;
     let kernel = ctx.kernel(&super::plain::<Params>("sample", WGSL, "main"))?;
-    let p = Params { n: n as u32, offset: offset as u32, k: 1, temperature: 1.0, top_p: 1.0, u: 0.0 };
-    rec.dispatch(&kernel, &p, vec![Binding::whole(x), Binding::whole(out)], [rows as u32, 1, 1])
+    let p = Params { n: x.cols as u32, offset: x.offset as u32, k: 1, temperature: 1.0, top_p: 1.0, u: 0.0 };
+    rec.dispatch(&kernel, &p, vec![Binding::whole(x.buf), Binding::whole(out)], [x.rows as u32, 1, 1])
 }

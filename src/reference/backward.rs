@@ -49,7 +49,7 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], dy: &[f32], n: usize, eps: f32) -
 
 /// Gradients of causal attention from position 0 ([`super::attention`] with `pos0 = 0`) with
 /// respect to `q`, `k` and `v`, given the output's gradient `dout`.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // plain slices and scalars: the reference stays free of the engine's types
 pub fn attention_backward(
     q: &[f32],
     k: &[f32],

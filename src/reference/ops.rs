@@ -61,7 +61,7 @@ fn rotate(x: &mut [f32], n_heads: usize, head_dim: usize, rope: &Rope, pos0: usi
 
 /// Causal attention of `n_tokens` queries at positions `pos0..` over keys/values `0..pos0+n_tokens`
 /// (rows of `n_kv_heads × head_dim`), optionally within a sliding window.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // plain slices and scalars: the reference stays free of the engine's types
 pub fn attention(
     q: &[f32],
     k: &[f32],

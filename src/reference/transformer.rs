@@ -242,7 +242,7 @@ impl ReferenceModel {
     }
 
     /// `dx` of [`project`](Self::project), accumulating the adapter's `dA` and `dB` into `grad`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // plain slices and scalars: the reference stays free of the engine's types
     fn project_backward(
         &self,
         l: usize,

@@ -1,4 +1,4 @@
-//! Decoupled fine-tuning: the data, the optimizer, and (in [`crate::reference`]) the f32
+//! Decoupled fine-tuning: the data, the optimizer, and (in the `reference` module, feature `reference`) the f32
 //! gradient the GPU trainer is checked against.
 //!
 //! - [`data`]: trajectories in OpenAI chat JSONL, validated against the tools' schemas, with a
@@ -9,7 +9,7 @@
 //! - [`synth`]: conversations made offline from a tool set's seed file and the real results of
 //!   its MCP server, in the format [`data`] reads;
 //! - [`optim`]: AdamW with warmup and cosine decay;
-//! - [`trainer`]: one adapter trained on the GPU (`Model::adapter_gradient`: the frozen prefix
+//! - [`trainer`]: one adapter trained on the GPU (`AdapterBuffers::add_gradient`: the frozen prefix
 //!   forward only, forward and backward only where the adapter is active).
 
 pub mod data;

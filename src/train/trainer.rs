@@ -5,7 +5,7 @@ use super::{AdamW, Example, Schedule};
 use crate::decode::SplitMix64;
 use crate::error::{Error, Result};
 use crate::lora::{ActiveAdapter, AdapterId, LoraAdapter, LoraWeights, Proj};
-use crate::model::{Model, PrefixCache};
+use crate::model::{AdapterBuffers, AdapterTraining, Model, PrefixCache};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -127,7 +127,7 @@ pub fn train_adapter(
     Ok((LoraAdapter { targets, ..init }, eval))
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // train_adapter's parts, passed down once
 fn run(
     model: &Model,
     id: AdapterId,
@@ -139,14 +139,14 @@ fn run(
     on_progress: &mut impl FnMut(&Progress),
 ) -> Result<Option<f32>> {
     let adapter = ActiveAdapter::new(id);
-    let buffers = model.adapter_training()?;
-    let scratch = model.adapter_buffers()?;
+    let buffers = AdapterTraining::new(model)?;
+    let scratch = AdapterBuffers::new(model)?;
     let schedule = Schedule { peak: opts.lr, min: opts.min_lr, warmup: opts.warmup, total: opts.steps };
     let mut rng = SplitMix64(opts.seed ^ 0x5eed);
     let mut order: Vec<usize> = Vec::new();
     let mut first = 1;
     if let Some(c) = resume {
-        model.write_adapter_moments(id, &buffers, &c.moments)?;
+        buffers.write_moments(model, id, &c.moments)?;
         (first, rng, order) = (c.state.step + 1, SplitMix64(c.state.rng), c.state.order);
     }
     let (t0, mut seen, mut validating) = (Instant::now(), 0usize, 0.0f64);
@@ -159,7 +159,7 @@ fn run(
         let mut sum = 0.0;
         for e in val {
             // The gradient lands in scratch buffers nobody reads: the loss is what is wanted.
-            sum += model.adapter_gradient(prefix, &e.tokens, e.active_from, &e.targets, adapter, scratch)?;
+            sum += scratch.add_gradient(model, prefix, &e.tokens, e.active_from, &e.targets, adapter)?;
         }
         Ok(Some(sum / val.len() as f32))
     };
@@ -171,10 +171,10 @@ fn run(
                 order = epoch_order(train, &mut rng);
             }
             let e = &train[order.pop().expect("refilled above")];
-            loss += model.adapter_gradient(&mut prefix, &e.tokens, e.active_from, &e.targets, adapter, &buffers.grads)?;
+            loss += buffers.grads.add_gradient(model, &mut prefix, &e.tokens, e.active_from, &e.targets, adapter)?;
             seen += 1;
         }
-        model.adapter_step(id, &buffers, &opts.optimizer, step, schedule.lr(step))?;
+        buffers.step(model, id, &opts.optimizer, step, schedule.lr(step))?;
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last {
             let v0 = Instant::now();
             eval_loss = eval(&mut prefix, &scratch)?;
@@ -182,7 +182,7 @@ fn run(
             if let Some(dir) = &opts.checkpoint {
                 let adapter = LoraAdapter { targets: model.read_adapter_weights(id)?, ..init.clone() };
                 let state = State { step, rng: rng.0, order: order.clone() };
-                Checkpoint { adapter, moments: model.read_adapter_moments(id, &buffers)?, state }.save(dir, model)?;
+                Checkpoint { adapter, moments: buffers.read_moments(model, id)?, state }.save(dir, model)?;
             }
         }
         let examples_per_s = seen as f64 / (t0.elapsed().as_secs_f64() - validating).max(1e-9);
@@ -281,6 +281,8 @@ impl Checkpoint {
 }
 
 #[cfg(test)]
+// An example lists its target ranges; these tests' lists hold one range, which is what they mean.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use crate::train::AdapterRole;

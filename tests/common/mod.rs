@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use agentflux::decode::SplitMix64;
-use agentflux::gguf::{BlockFormat, GgufFile};
-use agentflux::gpu::{DeviceClass, GpuContext, GpuOptions};
+use agentflux::gguf::{dequantize, BlockFormat, GgufFile};
+use agentflux::gpu::{storage_buffer, DeviceClass, GpuContext, GpuOptions};
 use agentflux::model::Model;
 use agentflux::reference::{tiny_model, TinyModelSpec};
 use agentflux::text::{ChatTemplate, Tokenizer};
@@ -117,4 +117,24 @@ pub fn agentflux(args: &[&str]) -> (bool, String, String) {
         .output()
         .expect("run agentflux");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `v` in a storage buffer.
+pub fn f32_buf(ctx: &GpuContext, v: &[f32]) -> wgpu::Buffer {
+    storage_buffer(ctx, "test", bytemuck::cast_slice(v))
+}
+
+/// `v` rounded to f16 and packed two per u32 word, lower half first (the KV cache's layout), with
+/// the rounded values the reference is given.
+pub fn f16_cache(ctx: &GpuContext, v: &[f32]) -> (wgpu::Buffer, Vec<f32>) {
+    let halves: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let words: Vec<u32> = halves.chunks(2).map(|p| p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16).collect();
+    (storage_buffer(ctx, "kv", bytemuck::cast_slice(&words)), halves.iter().map(|h| h.to_f32()).collect())
+}
+
+/// A weight matrix's values, decoded on the host.
+pub fn dequant(format: BlockFormat, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let mut w = vec![0f32; rows * cols];
+    dequantize(format, bytes, &mut w);
+    w
 }

@@ -1,0 +1,327 @@
+//! The forward pass as layer code: embed, then per layer an attention block and a feed-forward
+//! block, then the final norm and the LM head — every projection through [`Model::linear`], every
+//! operand a [`View`] of the chunk's scratch rows.
+//!
+//! A traced forward (training) hands a [`Tap`] that keeps the activations the backward pass
+//! reads; with a tap the norms before the projections and the GLU run as steps of their own, so
+//! their inputs and outputs exist to be kept.
+
+use super::linear::{ChunkLora, Linear, Out};
+use super::Model;
+use crate::error::{Error, Result};
+use crate::gpu::{storage_buffer_zeroed, Recorder, View};
+use crate::hparams::ModelConfig;
+use crate::kernels::attention::{attention, AttentionShape};
+use crate::kernels::elementwise::{add_rows, glu};
+use crate::kernels::embed::embed;
+use crate::kernels::kv_store::kv_store;
+use crate::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
+use crate::kernels::rope::rope;
+use crate::kernels::sample::OUT_WORDS;
+use crate::kv::KvCache;
+use crate::lora::Proj;
+use crate::model::LayerWeights;
+
+/// Activation buffers of one forward chunk, reused across calls.
+pub(super) struct Scratch {
+    /// Rows the buffers hold.
+    pub tokens: usize,
+    pub ids: wgpu::Buffer,
+    /// The residual stream.
+    pub h: wgpu::Buffer,
+    /// A norm's output, where it is not fused (a traced forward, the LM head's rows).
+    pub xn: wgpu::Buffer,
+    /// Queries, keys and values ([`QkvRows`] says where).
+    pub qkv: wgpu::Buffer,
+    pub attn: wgpu::Buffer,
+    /// A block's output before its post-norm (gemma3).
+    pub tmp: wgpu::Buffer,
+    pub gate: wgpu::Buffer,
+    pub up: wgpu::Buffer,
+    pub logits: wgpu::Buffer,
+    pub picked: wgpu::Buffer,
+    pub row_slot: wgpu::Buffer,
+    pub tree: wgpu::Buffer,
+    pub lora_u: wgpu::Buffer,
+    pub lora_u_up: wgpu::Buffer,
+}
+
+impl Scratch {
+    /// Room for `tokens` rows, logits of `logit_rows` and adapters up to `max_rank`.
+    pub fn new(model: &Model, tokens: usize, logit_rows: usize, max_rank: usize) -> Self {
+        let c = &model.config;
+        let f = |name: &str, floats: usize| storage_buffer_zeroed(&model.ctx, name, (floats * 4) as u64);
+        Scratch {
+            tokens,
+            ids: f("ids", tokens),
+            h: f("h", tokens * c.d_model),
+            xn: f("xn", tokens * c.d_model.max(c.q_dim())),
+            qkv: f("qkv", tokens * (c.q_dim() + 2 * c.kv_dim())),
+            attn: f("attn", tokens * c.q_dim()),
+            tmp: f("tmp", tokens * c.d_model),
+            gate: f("gate", tokens * c.ffn_dim),
+            up: f("up", tokens * c.ffn_dim),
+            logits: f("logits", logit_rows * c.n_vocab),
+            picked: f("picked", logit_rows.min(tokens) * OUT_WORDS),
+            row_slot: f("row_slot", tokens),
+            tree: f("tree", 2 * tokens),
+            // Three ranks per row: the stacked query/key/value shrink.
+            lora_u: f("lora_u", tokens * 3 * max_rank),
+            lora_u_up: f("lora_u_up", tokens * max_rank),
+        }
+    }
+}
+
+/// A chunk's queries, keys and values: interleaved (each token's q, k and v rows side by side,
+/// as the stacked product writes them) or in three dense regions (what a traced forward keeps,
+/// and what per-head norms need: a chunk's heads as one run of rows).
+pub(super) struct QkvRows<'a> {
+    pub q: View<'a>,
+    pub k: View<'a>,
+    pub v: View<'a>,
+}
+
+impl<'a> QkvRows<'a> {
+    fn new(c: &ModelConfig, buf: &'a wgpu::Buffer, t: usize, interleaved: bool) -> Self {
+        let (q, kv) = (c.q_dim(), c.kv_dim());
+        if interleaved {
+            let row = View::new(buf, t, q + 2 * kv);
+            Self { q: row.cols(0, q), k: row.cols(q, kv), v: row.cols(q + kv, kv) }
+        } else {
+            let region = |offset, cols| View { offset, ..View::new(buf, t, cols) };
+            Self { q: region(0, q), k: region(t * q, kv), v: region(t * (q + kv), kv) }
+        }
+    }
+}
+
+/// One sequence's rows in a chunk: batch rows `row0..row0 + len`, appended to `kv`.
+pub(super) struct Segment<'k> {
+    pub kv: &'k KvCache,
+    pub row0: usize,
+    pub len: usize,
+}
+
+/// The activations a traced forward keeps, by name (see `model/backward.rs` for their use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Act {
+    /// A layer's input (the residual stream).
+    HIn,
+    /// The attention norm's output.
+    X1,
+    /// Queries and keys before their per-head norms and RoPE.
+    QPre,
+    KPre,
+    /// Queries after RoPE.
+    Q,
+    /// Attention's output.
+    Att,
+    /// The attention output projection before its post-norm.
+    OPre,
+    /// The residual stream between the blocks.
+    HMid,
+    /// The feed-forward norm's output.
+    X2,
+    /// Gate and up projections, before the GLU.
+    Gate,
+    Up,
+    /// The GLU's output.
+    G,
+    /// The down projection before its post-norm.
+    YPre,
+}
+
+/// Where a forward pass hands the activations the backward pass needs.
+pub(super) trait Tap {
+    /// Whether anything is kept (the forward then leaves the norms and the GLU unfused).
+    fn active(&self) -> bool;
+    /// Keep `src` (dense rows of the chunk) as activation `act` of `layer`.
+    fn keep(&mut self, rec: &mut Recorder, layer: usize, act: Act, src: View) -> Result<()>;
+    /// Keep the final residual stream (the LM head's input before its norm).
+    fn keep_final(&mut self, rec: &mut Recorder, src: View) -> Result<()>;
+}
+
+/// The tap of inference: keeps nothing.
+pub(super) struct NoTap;
+
+impl Tap for NoTap {
+    fn active(&self) -> bool {
+        false
+    }
+    fn keep(&mut self, _: &mut Recorder, _: usize, _: Act, _: View) -> Result<()> {
+        Ok(())
+    }
+    fn keep_final(&mut self, _: &mut Recorder, _: View) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Copy dense rows `src` to the start of `dst` (a tap's buffer).
+pub(super) fn copy_rows(rec: &mut Recorder, src: View, dst: &wgpu::Buffer) -> Result<()> {
+    let bytes = (src.rows * src.cols * 4) as u64;
+    if src.stride != src.cols || bytes > dst.size() {
+        return Err(Error::Shape { op: "trace", msg: format!("{src} into a buffer of {} floats", dst.size() / 4) });
+    }
+    rec.copy(src.buf, (src.offset * 4) as u64, dst, 0, bytes);
+    Ok(())
+}
+
+/// What one chunk of a forward pass covers.
+pub(super) struct Chunk<'a> {
+    /// Its scratch buffers, `ids` and `row_slot` already uploaded.
+    pub s: &'a Scratch,
+    /// The sequences whose rows it holds, in order.
+    pub segs: &'a [Segment<'a>],
+    /// `(first row, rows)` ranges whose logits are wanted, packed in order into `s.logits`.
+    pub logit_rows: &'a [(usize, usize)],
+    /// The adapters of its rows.
+    pub lora: Option<&'a ChunkLora<'a>>,
+    /// Per row (parent, depth) for a token tree (one segment).
+    pub tree: Option<&'a wgpu::Buffer>,
+}
+
+impl Chunk<'_> {
+    fn rows(&self) -> usize {
+        self.segs.iter().map(|g| g.len).sum()
+    }
+}
+
+impl Model {
+    /// Record the whole network for a chunk's rows (each appended to its own cache).
+    pub(super) fn record_chunk(&self, rec: &mut Recorder, chunk: &Chunk, tap: &mut dyn Tap) -> Result<()> {
+        let (c, w, s) = (&self.config, &self.weights, chunk.s);
+        let h = View::new(&s.h, chunk.rows(), c.d_model);
+        embed(rec, &self.ctx, &w.embed, &s.ids, c.embed_scale, h)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            self.attention_block(rec, chunk, l, lw, tap)?;
+            self.feed_forward_block(rec, chunk, l, lw, tap)?;
+        }
+        tap.keep_final(rec, h)?;
+        self.lm_head(rec, chunk)
+    }
+
+    /// `h += Wo · attention(rope(q), rope(k), v)` with q, k, v from `rmsnorm(h)`.
+    fn attention_block(&self, rec: &mut Recorder, chunk: &Chunk, l: usize, lw: &LayerWeights, tap: &mut dyn Tap) -> Result<()> {
+        let (c, ctx, s) = (&self.config, &*self.ctx, chunk.s);
+        let (t, hd) = (chunk.rows(), c.head_dim);
+        let h = View::new(&s.h, t, c.d_model);
+        tap.keep(rec, l, Act::HIn, h)?;
+        let (x, norm) = self.norm_in(rec, RmsNorm { w: &lw.attn_norm, eps: c.norm_eps }, h, &s.xn, l, Act::X1, tap)?;
+        // Keys and values in f32 scratch rows (bias, norm and RoPE apply there), then stored into
+        // each sequence's f16 cache.
+        let QkvRows { q, k, v } = QkvRows::new(c, &s.qkv, t, !tap.active() && lw.qk_norm.is_none());
+        self.linear(rec, chunk.lora, Linear { x, norm, out: Out::Qkv { layer: l, lw, q, k, v } })?;
+        if let Some([bq, bk, bv]) = &lw.qkv_bias {
+            add_rows(rec, ctx, q, bq)?;
+            add_rows(rec, ctx, k, bk)?;
+            add_rows(rec, ctx, v, bv)?;
+        }
+        tap.keep(rec, l, Act::QPre, q)?;
+        tap.keep(rec, l, Act::KPre, k)?;
+        if let Some([qn, kn]) = &lw.qk_norm {
+            rms_norm_inplace(rec, ctx, RmsNorm { w: qn, eps: c.norm_eps }, q.split_rows(hd)?)?;
+            rms_norm_inplace(rec, ctx, RmsNorm { w: kn, eps: c.norm_eps }, k.split_rows(hd)?)?;
+        }
+        let rp = c.layer_rope(l);
+        let shape =
+            AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
+        let att = View::new(&s.attn, t, c.q_dim());
+        for g in chunk.segs {
+            let [q, k, v, o] = [q, k, v, att].map(|r| r.rows(g.row0, g.len));
+            let cache = g.kv.layer(l);
+            rope(rec, ctx, &rp, q, hd, cache.len, chunk.tree)?;
+            rope(rec, ctx, &rp, k, hd, cache.len, chunk.tree)?;
+            kv_store(rec, ctx, k, v, cache)?;
+            attention(rec, ctx, &shape, q, cache, o, chunk.tree)?;
+        }
+        tap.keep(rec, l, Act::Q, q)?;
+        tap.keep(rec, l, Act::Att, att)?;
+        self.residual(rec, chunk, (l, Proj::O), &lw.wo, att, lw.post_attn_norm.as_ref(), Act::OPre, tap)?;
+        tap.keep(rec, l, Act::HMid, h)
+    }
+
+    /// `h += W_down · (act(W_gate · x) · (W_up · x))` with `x = rmsnorm(h)`.
+    fn feed_forward_block(&self, rec: &mut Recorder, chunk: &Chunk, l: usize, lw: &LayerWeights, tap: &mut dyn Tap) -> Result<()> {
+        let (c, s) = (&self.config, chunk.s);
+        let t = chunk.rows();
+        let h = View::new(&s.h, t, c.d_model);
+        let (gate, up) = (View::new(&s.gate, t, c.ffn_dim), View::new(&s.up, t, c.ffn_dim));
+        let (x, norm) = self.norm_in(rec, RmsNorm { w: &lw.ffn_norm, eps: c.norm_eps }, h, &s.xn, l, Act::X2, tap)?;
+        if tap.active() {
+            // The backward pass needs gate and up before the GLU.
+            let one = |proj, w, y| Linear { x, norm, out: Out::One { site: Some((l, proj)), w, y, accumulate: false } };
+            self.linear(rec, chunk.lora, one(Proj::Gate, &lw.w_gate, gate))?;
+            self.linear(rec, chunk.lora, one(Proj::Up, &lw.w_up, up))?;
+            tap.keep(rec, l, Act::Gate, gate)?;
+            tap.keep(rec, l, Act::Up, up)?;
+            glu(rec, &self.ctx, c.act, &s.gate, &s.up, t * c.ffn_dim)?;
+            tap.keep(rec, l, Act::G, gate)?;
+        } else {
+            self.linear(rec, chunk.lora, Linear { x, norm, out: Out::Gated { layer: l, lw, gate, up } })?;
+        }
+        self.residual(rec, chunk, (l, Proj::Down), &lw.w_down, gate, lw.post_ffn_norm.as_ref(), Act::YPre, tap)
+    }
+
+    /// The input of a block's projections: `rmsnorm(h)` fused into them (returned as the norm to
+    /// apply), or — with an active tap — computed into `out`, kept as `act`, and returned as rows.
+    #[allow(clippy::too_many_arguments)] // the tap's name and buffer for the unfused case
+    fn norm_in<'a>(
+        &self,
+        rec: &mut Recorder,
+        norm: RmsNorm<'a>,
+        h: View<'a>,
+        out: &'a wgpu::Buffer,
+        l: usize,
+        act: Act,
+        tap: &mut dyn Tap,
+    ) -> Result<(View<'a>, Option<RmsNorm<'a>>)> {
+        if !tap.active() {
+            return Ok((h, Some(norm)));
+        }
+        let xn = View { buf: out, ..h };
+        rms_norm(rec, &self.ctx, norm, h, xn, false)?;
+        tap.keep(rec, l, act, xn)?;
+        Ok((xn, None))
+    }
+
+    /// `h += W·x`, or with a post-norm (gemma3) `h += rmsnorm(W·x)` (its input kept as `act`).
+    #[allow(clippy::too_many_arguments)] // one block's output step: its projection, norm and tap
+    fn residual(
+        &self,
+        rec: &mut Recorder,
+        chunk: &Chunk,
+        site: (usize, Proj),
+        w: &crate::gpu::WeightMatrix,
+        x: View,
+        post_norm: Option<&wgpu::Buffer>,
+        act: Act,
+        tap: &mut dyn Tap,
+    ) -> Result<()> {
+        let s = chunk.s;
+        let h = View::new(&s.h, x.rows, self.config.d_model);
+        let Some(nw) = post_norm else {
+            return self.linear(rec, chunk.lora, Linear { x, norm: None, out: Out::One { site: Some(site), w, y: h, accumulate: true } });
+        };
+        let tmp = View { buf: &s.tmp, ..h };
+        self.linear(rec, chunk.lora, Linear { x, norm: None, out: Out::One { site: Some(site), w, y: tmp, accumulate: false } })?;
+        tap.keep(rec, site.0, act, tmp)?;
+        rms_norm(rec, &self.ctx, RmsNorm { w: nw, eps: self.config.norm_eps }, tmp, h, true)
+    }
+
+    /// The logits of the wanted rows: their final norm packed into `xn`, then the LM head.
+    fn lm_head(&self, rec: &mut Recorder, chunk: &Chunk) -> Result<()> {
+        let (c, s) = (&self.config, chunk.s);
+        let (h, xn) = (View::new(&s.h, chunk.rows(), c.d_model), View::new(&s.xn, chunk.rows(), c.d_model));
+        let norm = RmsNorm { w: &self.weights.out_norm, eps: c.norm_eps };
+        let mut n = 0;
+        for &(first, rows) in chunk.logit_rows {
+            rms_norm(rec, &self.ctx, norm, h.rows(first, rows), xn.rows(n, rows), false)?;
+            n += rows;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let out = self.weights.output();
+        let y = View::new(&s.logits, n, c.n_vocab);
+        self.linear(rec, None, Linear { x: xn.rows(0, n), norm: None, out: Out::One { site: None, w: out, y, accumulate: false } })
+    }
+}
