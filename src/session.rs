@@ -104,6 +104,11 @@ impl<'m> Session<'m> {
         self.tokens.len()
     }
 
+    /// Positions the cache holds at most.
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx()
+    }
+
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
@@ -191,11 +196,19 @@ impl<'m> Session<'m> {
     /// Feed one generated token under `plan` and return the logits after it (for decoding
     /// loops that choose tokens on the host, such as constrained decoding).
     pub fn step(&mut self, token: u32, plan: Option<Activation>) -> Result<Vec<f32>> {
+        self.extend(&[token], plan)
+    }
+
+    /// Feed generated `tokens` under `plan` in one forward pass and return the logits after each
+    /// of them, row after row (jump-forward: a run the constraint forces, checked against the
+    /// logits before it is kept; see [`Session::truncate`] for what is not).
+    pub fn extend(&mut self, tokens: &[u32], plan: Option<Activation>) -> Result<Vec<f32>> {
         let start = self.len();
         let from = plan.map_or(0, |a| a.from.saturating_sub(start));
-        let logits = self.model.forward_seqs(&mut [Sequence::adapted(&mut self.kv, &[token], plan.map(|a| a.adapter), from)], Logits::Last);
-        self.settle(&[token], plan);
-        self.stats.decoded += 1;
+        let want = if tokens.len() == 1 { Logits::Last } else { Logits::All };
+        let logits = self.model.forward_seqs(&mut [Sequence::adapted(&mut self.kv, tokens, plan.map(|a| a.adapter), from)], want);
+        self.settle(tokens, plan);
+        self.stats.decoded += self.len() - start;
         logits
     }
 

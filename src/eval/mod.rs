@@ -136,6 +136,13 @@ pub struct Outcome {
     pub select_ms: f64,
     /// Milliseconds writing the arguments.
     pub args_ms: f64,
+    /// Argument tokens written, of them forced tokens appended in chunks (jump-forward), and the
+    /// forward passes the argument stage took.
+    pub arg_tokens: usize,
+    /// See `arg_tokens`.
+    pub arg_forced: usize,
+    /// See `arg_tokens`.
+    pub arg_passes: usize,
     /// Prompt positions computed, reused from the cache, and computed again (cached under
     /// another adapter).
     pub prefilled: usize,
@@ -165,6 +172,7 @@ impl Outcome {
         };
         let s = &call.stats;
         (o.prefix_ms, o.select_ms, o.args_ms) = (s.prefix_ms, s.select_ms, s.args_ms);
+        (o.arg_tokens, o.arg_forced, o.arg_passes) = (s.arg_tokens, s.arg_forced, s.arg_passes);
         o.ms = s.prefix_ms + s.select_ms + s.args_ms;
         (o.prefilled, o.reused, o.recomputed) = (s.session.prefilled, s.session.reused, s.session.recomputed);
         o.confidence = call.confidence;

@@ -174,14 +174,14 @@ mod tests {
     fn call(step: usize, name: &str) -> AgentEvent {
         AgentEvent::Call {
             step,
-            call: ToolCall {
+            call: Box::new(ToolCall {
                 name: name.into(),
                 arguments: Value::Null,
                 confidence: None,
                 candidates: Default::default(),
                 stats: CallStats::default(),
                 output: None,
-            },
+            }),
         }
     }
 

@@ -14,12 +14,14 @@ const WGSL: &str = include_str!("../../shaders/quant_matmul.wgsl");
 const WG: usize = 16;
 
 /// Output rows × batch rows one invocation computes (the shader's ROWS × COLS) in the CPU-backed
-/// family. Measured side by side on lavapipe (README, Performance): decode 8 rows, 16 for a
-/// matrix as tall as an LM head (rows to spare; each x load serves more of them); prefill 32 × 4.
+/// family. Measured side by side on lavapipe (docs/performance.md): decode 8 rows, 16 for a
+/// matrix as tall as an LM head (rows to spare; each x load serves more of them); prefill 32 × 4;
+/// a few rows (a jump-forward chunk) 8 × 4, so even a narrow projection spreads over the threads.
 fn tile(rows: usize, m: usize) -> (usize, usize) {
     match (m, rows) {
         (1, r) if r >= 16384 => (16, 1),
         (1, _) => (8, 1),
+        (2..=4, r) if r < 16384 => (8, 4),
         _ => (32, 4),
     }
 }

@@ -258,6 +258,20 @@ fn qk_heads(c: &ModelConfig, p: Proj) -> Option<usize> {
 }
 
 impl LoraAdapter {
+    /// An adapter of `rank` on `projs` of every layer of a model shaped like `c`, its A and B
+    /// matrices filled by `values(n)` (n values each; random ones for benchmarks and tests), with
+    /// alpha = 2·rank (a trained multiplier of 2).
+    pub fn filled(c: &ModelConfig, rank: usize, projs: &[Proj], mut values: impl FnMut(usize) -> Vec<f32>) -> Self {
+        let mut targets = BTreeMap::new();
+        for layer in 0..c.n_layers {
+            for &p in projs {
+                let (out, inp) = p.shape(c);
+                targets.insert((layer, p), LoraWeights { a: values(rank * inp), b: values(out * rank) });
+            }
+        }
+        LoraAdapter { rank, alpha: 2.0 * rank as f32, use_rslora: false, invocation_tokens: None, targets }
+    }
+
     /// The multiplier of `B·A` (alpha/r, or alpha/√r for rsLoRA).
     pub fn scale(&self) -> f32 {
         if self.use_rslora {

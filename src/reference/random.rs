@@ -18,17 +18,7 @@ pub fn random_adapter(
     projs: &[crate::lora::Proj],
     scale: f32,
 ) -> crate::lora::LoraAdapter {
-    let mut targets = std::collections::BTreeMap::new();
-    for layer in 0..c.n_layers {
-        for &p in projs {
-            let (out, inp) = p.shape(c);
-            targets.insert(
-                (layer, p),
-                crate::lora::LoraWeights { a: random_vec(rng, rank * inp, scale), b: random_vec(rng, out * rank, scale) },
-            );
-        }
-    }
-    crate::lora::LoraAdapter { rank, alpha: 2.0 * rank as f32, use_rslora: false, invocation_tokens: None, targets }
+    crate::lora::LoraAdapter::filled(c, rank, projs, |n| random_vec(rng, n, scale))
 }
 
 /// `rows × cols` random values stored in `format`: random quants, with every block's scales set to

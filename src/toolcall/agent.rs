@@ -41,7 +41,7 @@ pub enum AgentEvent {
         /// Step number (1-based).
         step: usize,
         /// The call.
-        call: ToolCall,
+        call: Box<ToolCall>,
     },
     /// A tool answered (`is_error`: the tool itself reported failure).
     Result {
@@ -108,7 +108,7 @@ impl ToolServers {
                 break;
             }
             let call = caller.call(session, &self.catalog, &messages, adapters)?;
-            emit(AgentEvent::Call { step, call: call.clone() }, &mut events);
+            emit(AgentEvent::Call { step, call: Box::new(call.clone()) }, &mut events);
             if call.name == FINISH {
                 break;
             }

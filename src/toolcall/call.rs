@@ -25,7 +25,7 @@
 
 use super::catalog::{short_description, Catalog, FINISH};
 use super::select::{normalise, TokenTrie};
-use super::ConstraintFactory;
+use super::{ConstraintFactory, JsonConstraint};
 use crate::decode::{GenerateOptions, SplitMix64};
 use crate::error::{Error, Result};
 use crate::lora::ActiveAdapter;
@@ -129,6 +129,11 @@ pub struct CallStats {
     pub name_tokens: usize,
     /// Argument tokens generated.
     pub arg_tokens: usize,
+    /// Of those, tokens the schema forced that were appended in chunks (jump-forward) instead of
+    /// one forward pass each.
+    pub arg_forced: usize,
+    /// Forward passes of the argument stage (its prompt's, then one per decoding step or chunk).
+    pub arg_passes: usize,
     /// The session's counters for this call.
     pub session: SessionStats,
 }
@@ -177,13 +182,14 @@ pub struct ToolCaller {
     constraints: ConstraintFactory,
     hierarchy: bool,
     strategy: Strategy,
+    jump_forward: bool,
 }
 
 impl ToolCaller {
     /// A caller for a model's tokenizer and chat template.
     pub fn new(tokenizer: Arc<Tokenizer>, template: Option<ChatTemplate>) -> Result<Self> {
         let constraints = ConstraintFactory::new(tokenizer.clone())?;
-        Ok(Self { tokenizer, template, constraints, hierarchy: true, strategy: Strategy::Shared })
+        Ok(Self { tokenizer, template, constraints, hierarchy: true, strategy: Strategy::Shared, jump_forward: true })
     }
 
     /// How decoupled calls choose and whether their stages share the cache ([`Strategy`]).
@@ -196,6 +202,13 @@ impl ToolCaller {
         if let Strategy::Reference { .. } = self.strategy {
             session.truncate(0);
         }
+    }
+
+    /// Append the tokens the argument schema forces in one forward pass each run (the default),
+    /// or decode them one by one. The output is the same either way (each forced token is kept
+    /// only where greedy decoding would have chosen it); only the number of passes differs.
+    pub fn set_jump_forward(&mut self, on: bool) {
+        self.jump_forward = on;
     }
 
     /// Choose the server first when there are several (the default), or among every tool at once.
@@ -342,15 +355,14 @@ impl ToolCaller {
         // Arguments: the chosen tool's schema, then JSON under it.
         let t2 = Instant::now();
         let mut arguments = Value::Object(Default::default());
-        let mut arg_tokens = 0;
+        let mut written = Written::default();
         if let Some((_, tool)) = catalog.find(&name) {
             let from = prompt.len();
             prompt.extend(self.schema_tokens(tool)?);
             let plan = adapters.arguments.get(&name).map(|&a| Activation { adapter: a, from });
             self.resend(session);
-            let (value, n) = self.arguments(session, &prompt, plan, &tool.input_schema, &mut |t| on_event(CallEvent::ArgumentToken(t)))?;
-            arguments = value;
-            arg_tokens = n;
+            written = self.arguments(session, &prompt, plan, &tool.input_schema, &mut |t| on_event(CallEvent::ArgumentToken(t)))?;
+            arguments = written.value.clone();
         }
         let args_ms = ms(t2);
         let session_stats = session.stats() - before;
@@ -365,7 +377,9 @@ impl ToolCaller {
                 select_ms,
                 args_ms,
                 name_tokens,
-                arg_tokens,
+                arg_tokens: written.tokens,
+                arg_forced: written.forced,
+                arg_passes: written.passes,
                 session: session_stats,
             },
             output: None,
@@ -556,9 +570,8 @@ impl ToolCaller {
                 .chain([(FINISH, serde_json::json!({"type": "object", "properties": {}}))])
                 .map(|(name, schema)| serde_json::json!({"type": "object", "properties": {"name": {"const": name}, "arguments": schema}, "required": ["name", "arguments"]}))
                 .collect();
-            let (v, n) =
-                self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}), &mut |_| ControlFlow::Continue(()))?;
-            (v.to_string(), n)
+            let v = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}), &mut |_| ControlFlow::Continue(()))?;
+            (v.value.to_string(), v.tokens)
         } else {
             let opts = GenerateOptions::greedy(MAX_FREE_CALL_TOKENS, &self.tokenizer);
             let g = session.generate(&prompt, None, &opts, |_| {})?;
@@ -584,7 +597,12 @@ impl ToolCaller {
         })
     }
 
-    /// Greedy decoding of one JSON value under `schema` after `prompt`.
+    /// Greedy decoding of one JSON value under `schema` after `prompt`. With jump-forward, the
+    /// tokens of what the schema forces after a chosen token (a draft: [`JsonConstraint::forced`])
+    /// are appended with it in one forward pass, then checked token by token against the greedy
+    /// choice under the constraint at each position (the logits of that pass): the agreeing
+    /// prefix is kept, the rest dropped from the cache, and decoding goes on from the first
+    /// disagreement — so the output is the step-by-step output.
     fn arguments(
         &self,
         session: &mut Session,
@@ -592,20 +610,24 @@ impl ToolCaller {
         plan: Option<Activation>,
         schema: &Value,
         on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
-    ) -> Result<(Value, usize)> {
+    ) -> Result<Written> {
         let mut constraint = self.constraints.json(schema)?;
         let mut logits = session.prefill(prompt, plan)?;
         let n_vocab = logits.len();
         let mut out = Vec::new();
-        while out.len() < MAX_ARG_TOKENS {
+        let (mut forced_kept, mut passes) = (0, 1);
+        // The greedy choice under the constraint; `None` at the end of the value.
+        let choose = |constraint: &mut JsonConstraint, logits: &[f32]| -> Result<Option<u32>> {
             let allowed = constraint.allowed(n_vocab)?;
             let next = (0..n_vocab).filter(|&t| allowed[t]).max_by(|&a, &b| logits[a].total_cmp(&logits[b]));
-            let Some(next) = next.map(|t| t as u32) else {
-                return Err(Error::ModelOutput("the argument constraint allows no token".into()));
-            };
-            if next == constraint.eos() {
-                break;
+            match next.map(|t| t as u32) {
+                None => Err(Error::ModelOutput("the argument constraint allows no token".into())),
+                Some(t) if t == constraint.eos() => Ok(None),
+                Some(t) => Ok(Some(t)),
             }
+        };
+        'decode: while out.len() < MAX_ARG_TOKENS {
+            let Some(next) = choose(&mut constraint, &logits)? else { break };
             constraint.consume(next)?;
             out.push(next);
             if on_token(next).is_break() {
@@ -614,14 +636,56 @@ impl ToolCaller {
             if constraint.is_done() {
                 break;
             }
-            logits = session.step(next, plan)?;
+            let forced = if self.jump_forward { constraint.forced()? } else { Vec::new() };
+            // Within the token budget and the context: where step-by-step decoding would stop,
+            // so does the chunk.
+            let room = MAX_ARG_TOKENS.saturating_sub(out.len()).min(session.n_ctx().saturating_sub(session.len() + 1));
+            let forced = &forced[..forced.len().min(room)];
+            passes += 1;
+            if forced.is_empty() {
+                logits = session.step(next, plan)?;
+                continue;
+            }
+            let start = session.len();
+            let chunk: Vec<u32> = std::iter::once(next).chain(forced.iter().copied()).collect();
+            let rows = session.extend(&chunk, plan)?;
+            let row = |i: usize| &rows[i * n_vocab..(i + 1) * n_vocab];
+            for (i, &f) in forced.iter().enumerate() {
+                if choose(&mut constraint, row(i))? != Some(f) {
+                    // Greedy decoding parts from the forced run here: keep what agreed.
+                    session.truncate(start + 1 + i);
+                    logits = row(i).to_vec();
+                    continue 'decode;
+                }
+                constraint.consume(f)?;
+                out.push(f);
+                forced_kept += 1;
+                if on_token(f).is_break() {
+                    return Err(Error::Cancelled);
+                }
+                if constraint.is_done() {
+                    break 'decode;
+                }
+            }
+            logits = row(forced.len()).to_vec();
         }
         let text = self.tokenizer.decode(&out, true)?;
         let value: Value = serde_json::from_str(text.trim()).map_err(|e| {
             Error::ModelOutput(format!("arguments did not finish within {MAX_ARG_TOKENS} tokens or are not JSON ({e}): {text}"))
         })?;
-        Ok((value, out.len()))
+        Ok(Written { value, tokens: out.len(), forced: forced_kept, passes })
     }
+}
+
+/// Arguments written under a schema, and what writing them took.
+#[derive(Default)]
+struct Written {
+    value: Value,
+    tokens: usize,
+    /// Forced tokens kept from jump-forward chunks.
+    forced: usize,
+    /// Forward passes, the prompt's included.
+    passes: usize,
 }
 
 /// The first JSON object in `text` (models often wrap it in prose or code fences).

@@ -28,6 +28,7 @@ impl TokenizerEnv for Vocabulary {
 /// Builds per-schema constraints for one tokenizer (the vocabulary is indexed once).
 pub struct ConstraintFactory {
     factory: ParserFactory,
+    tokenizer: Arc<Tokenizer>,
     eos: u32,
 }
 
@@ -38,12 +39,12 @@ impl ConstraintFactory {
             tokenizer.eos.or_else(|| tokenizer.stop.first().copied()).ok_or_else(|| Error::Tokenizer("no end-of-sequence token".into()))?;
         let info = TokRxInfo::new(tokenizer.n_vocab() as u32, eos);
         let trie = TokTrie::from(&info, &tokenizer.token_bytes());
-        let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer });
+        let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer: tokenizer.clone() });
         let caps = InferenceCapabilities { ff_tokens: false, backtrack: false, conditional_ff_tokens: false, fork: false };
         let mut factory = ParserFactory::new(&env, caps, &SlicedBiasComputer::general_slices())
             .map_err(|e| Error::Tokenizer(format!("constraint vocabulary: {e}")))?;
         factory.quiet();
-        Ok(Self { factory, eos })
+        Ok(Self { factory, tokenizer, eos })
     }
 
     /// A constraint producing one compact JSON value (no whitespace between tokens, as
@@ -59,7 +60,7 @@ impl ConstraintFactory {
         }
         let grammar = TopLevelGrammar::from_json_schema(schema);
         let parser = self.factory.create_parser(grammar).map_err(|e| Error::InvalidOption(format!("tool input schema: {e}")))?;
-        Ok(JsonConstraint { matcher: Matcher::new(Ok(parser)), eos: self.eos })
+        Ok(JsonConstraint { matcher: Matcher::new(Ok(parser)), tokenizer: self.tokenizer.clone(), eos: self.eos })
     }
 }
 
@@ -95,6 +96,7 @@ fn tighten(v: &mut serde_json::Value) {
 /// The state of one constrained generation.
 pub struct JsonConstraint {
     matcher: Matcher,
+    tokenizer: Arc<Tokenizer>,
     eos: u32,
 }
 
@@ -108,6 +110,21 @@ impl JsonConstraint {
     /// Advance past `token`.
     pub fn consume(&mut self, token: u32) -> Result<()> {
         self.matcher.consume_token(token).map_err(|e| Error::Engine(format!("constraint: {e}")))
+    }
+
+    /// Tokens for what the schema forces next whatever the model prefers (a key's name, `":"`,
+    /// the rest of the only enum value that fits); none consumed. Empty where the continuation
+    /// is open.
+    ///
+    /// These are the tokenizer's tokens for the forced bytes — a draft: greedy decoding may split
+    /// the same bytes otherwise, or join their end with what follows, so a caller that wants the
+    /// step-by-step output keeps a drafted token only where the greedy choice agrees.
+    pub fn forced(&mut self) -> Result<Vec<u32>> {
+        let bytes = self.matcher.compute_ff_bytes();
+        match std::str::from_utf8(&bytes) {
+            Ok(text) if !text.is_empty() => self.tokenizer.encode(text, false),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Whether the value is complete (nothing more may follow).

@@ -5,9 +5,8 @@
 use agentflux::decode::GenerateOptions;
 use agentflux::gpu::{profile_table, GpuOptions, KernelTime, MemoryUse};
 use agentflux::kv::KvCache;
-use agentflux::lora::{ActiveAdapter, AdapterId, Proj};
+use agentflux::lora::{ActiveAdapter, AdapterId, LoraAdapter, Proj};
 use agentflux::model::{Logits, LoraMode, Model, Sequence};
-use agentflux::reference::random_adapter;
 use agentflux::session::{Activation, Session};
 use agentflux::{resolve_model, Engine};
 use anyhow::Result;
@@ -204,7 +203,12 @@ fn lora_rows(m: &mut Model, a: &Args, tokens: &[u32], reps: usize, rows: &mut Ve
     let mut rng = agentflux::decode::SplitMix64(7);
     let c = m.config.clone();
     let ids = (0..LORA_ADAPTERS)
-        .map(|i| m.add_adapter(&format!("random-{i}"), &random_adapter(&mut rng, &c, a.lora_rank, &Proj::ALL, 0.02)))
+        .map(|i| {
+            m.add_adapter(
+                &format!("random-{i}"),
+                &LoraAdapter::filled(&c, a.lora_rank, &Proj::ALL, |n| (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * 0.02).collect()),
+            )
+        })
         .collect::<agentflux::Result<Vec<_>>>()?;
     let one = vec![Some(ActiveAdapter::new(ids[0]))];
     let mixed: Vec<_> = ids.iter().map(|&id| Some(ActiveAdapter::new(id))).collect();

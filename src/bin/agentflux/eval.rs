@@ -38,6 +38,10 @@ pub struct Args {
     /// With several servers, choose among every tool at once instead of the server first.
     #[arg(long)]
     no_hierarchy: bool,
+    /// Decode every argument token in a pass of its own, also those the schema forces (for
+    /// measuring jump-forward; the calls are the same).
+    #[arg(long)]
+    no_jump_forward: bool,
     /// Give each call its expected tool (lines expecting `finish` are left out): only the
     /// arguments are generated and scored, so the argument adapters are measured apart from the
     /// selector (decoupled and reference modes).
@@ -71,7 +75,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     if examples.iter().any(|e| matches!(e.tools, ToolSource::Mcp(_))) {
         std::fs::create_dir_all(&a.workspace).with_context(|| format!("creating {}", a.workspace.display()))?;
     }
-    let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
+    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
+    l.caller.set_jump_forward(!a.no_jump_forward);
     // One session for every example: the prompt they share (system text, tool list) is
     // computed once and reused.
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
