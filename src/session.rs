@@ -156,6 +156,12 @@ impl<'m> Session<'m> {
         Ok(Activation { adapter, from })
     }
 
+    /// How many leading tokens of `prompt` the cache holds as `plan` would compute them: the
+    /// positions a prefill of `prompt` under `plan` reuses (before keeping one to process).
+    pub fn cached_prefix(&self, prompt: &[u32], plan: Option<Activation>) -> usize {
+        self.tokens.iter().zip(prompt).enumerate().take_while(|&(p, (a, b))| a == b && self.made_by[p] == Activation::at(plan, p)).count()
+    }
+
     /// Drop the cached positions `prompt` under `plan` cannot reuse, keeping at least one prompt
     /// token to process; returns how many are kept.
     fn reuse(&mut self, prompt: &[u32], plan: Option<Activation>) -> Result<usize> {
@@ -163,7 +169,7 @@ impl<'m> Session<'m> {
             return Err(Error::InvalidOption("empty prompt".into()));
         }
         let same_token = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        let valid = (0..same_token).take_while(|&p| self.made_by[p] == Activation::at(plan, p)).count();
+        let valid = self.cached_prefix(prompt, plan);
         let keep = valid.min(prompt.len() - 1);
         self.stats.recomputed += same_token.min(prompt.len()) - valid;
         self.stats.reused += keep;

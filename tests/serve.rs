@@ -1,6 +1,6 @@
 //! `agentflux serve` over loopback: the OpenAI chat-completions shape with every tool_choice,
 //! streaming that adds up to the whole answer, malformed requests refused with the field named,
-//! and 20 concurrent requests answered exactly as when sent one by one. The model is a tiny
+//! 20 concurrent requests answered as when sent one by one, and the prefix cache. The model is a tiny
 //! random transformer carrying SmolLM2's real tokenizer, so the suite stays fast on lavapipe.
 
 mod common;
@@ -17,12 +17,16 @@ use std::net::{SocketAddr, TcpStream};
 fn start(tag: &str, opts: ServeOptions) -> Option<Server> {
     let f = default_model()?;
     let path = tiny_with_tokenizer(&f, rng(tag).next_u64(), tag);
-    let engine = Engine::load_on(ctx(), &path).unwrap();
+    let server = start_on(&path, opts);
     std::fs::remove_file(&path).ok();
-    Some(
-        Server::start(Backend { engine, adapters: AdapterSet::default() }, ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), ..opts })
-            .unwrap(),
-    )
+    Some(server)
+}
+
+/// A server on a free loopback port over the model file `path`.
+fn start_on(path: &std::path::Path, opts: ServeOptions) -> Server {
+    let engine = Engine::load_on(ctx(), path).unwrap();
+    Server::start(Backend { engine, adapters: AdapterSet::default() }, ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), ..opts })
+        .unwrap()
 }
 
 struct Reply {
@@ -85,15 +89,45 @@ fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
 }
 
-/// The parts of an answer that must not depend on timing: choices (without the per-request
-/// tool-call id), usage and the candidates' probabilities.
+/// The parts of an answer that must not depend on timing or on what the cache held: choices
+/// (without the per-request tool-call id), the token counts and the candidates' probabilities.
 fn answer_of(v: &Value) -> Value {
     let mut choices = v["choices"].clone();
     if let Some(call) = choices[0]["message"]["tool_calls"].get_mut(0) {
         assert!(call["id"].as_str().is_some_and(|id| id.starts_with("call_")), "{call}");
         call["id"] = Value::Null;
     }
-    json!({"choices": choices, "usage": v["usage"], "candidates": v["agentflux"]["candidates"]})
+    json!({"choices": choices, "usage": counts(v), "candidates": v["agentflux"]["candidates"]})
+}
+
+/// Two answers the same: choices and token counts exactly, the candidates' probabilities within
+/// 1e-6. (A prompt whose last token alone is not cached is attended by the decode kernel, which
+/// splits the keys and sums in another order than a prefill: the same tokens, probabilities
+/// within rounding.)
+fn assert_same_answer(got: &Value, want: &Value, what: &str) {
+    let (got, want) = (answer_of(got), answer_of(want));
+    assert_eq!((&got["choices"], &got["usage"]), (&want["choices"], &want["usage"]), "{what}");
+    let (pg, pw) = (got["candidates"].as_object(), want["candidates"].as_object());
+    assert_eq!(pg.map(|m| m.keys().collect::<Vec<_>>()), pw.map(|m| m.keys().collect::<Vec<_>>()), "{what}: candidates");
+    for (name, p) in pg.into_iter().flatten() {
+        let (p, q) = (p.as_f64().unwrap(), want["candidates"][name].as_f64().unwrap());
+        assert!((p - q).abs() <= 1e-6, "{what}: P({name}) {p} against {q}");
+    }
+}
+
+/// The token counts of an answer's usage, without what the prefix cache held.
+fn counts(v: &Value) -> Value {
+    let mut usage = v["usage"].clone();
+    usage.as_object_mut().map(|u| u.remove("prompt_tokens_details"));
+    usage
+}
+
+fn cached_tokens(v: &Value) -> u64 {
+    v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or_else(|| panic!("no cached_tokens: {v}"))
+}
+
+fn prompt_tokens(v: &Value) -> u64 {
+    v["usage"]["prompt_tokens"].as_u64().unwrap()
 }
 
 #[test]
@@ -179,7 +213,11 @@ fn chat_completions_with_every_tool_choice() {
     assert_eq!((name.as_str(), args.as_str()), (whole_call["name"].as_str().unwrap(), whole_call["arguments"].as_str().unwrap()));
     let finish = chunks.iter().find(|c| c["choices"][0]["finish_reason"].is_string()).unwrap();
     assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
-    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"], "include_usage: the last chunk carries the usage");
+    // include_usage: the last chunk carries the usage; the request repeats the one before it, so
+    // all of its prompt but the last token comes from the prefix cache.
+    let last = chunks.last().unwrap();
+    assert_eq!(counts(last), counts(&whole), "include_usage: the last chunk carries the usage");
+    assert_eq!(cached_tokens(last), prompt_tokens(last) - 1, "{}", last["usage"]);
     // ... and text.
     let text_body = json!({"messages": user("Tell me a story."), "max_tokens": 12});
     let whole = post(addr, &text_body).json();
@@ -247,14 +285,68 @@ fn concurrent_requests_match_sequential_runs() {
             }
         })
         .collect();
-    let sequential: Vec<Value> = requests.iter().map(|r| answer_of(&post(addr, r).json())).collect();
+    let sequential: Vec<Value> = requests.iter().map(|r| post(addr, r).json()).collect();
     let handles: Vec<_> = requests.iter().cloned().map(|r| std::thread::spawn(move || post(addr, &r))).collect();
     for (i, h) in handles.into_iter().enumerate() {
         let reply = h.join().unwrap();
         assert_eq!(reply.status, 200, "request {i}: {}", reply.body);
-        assert_eq!(answer_of(&reply.json()), sequential[i], "request {i} differs when sent concurrently");
+        assert_same_answer(&reply.json(), &sequential[i], &format!("request {i} sent concurrently"));
     }
     server.shutdown();
+}
+
+/// The prefix cache: a repeated conversation computes only its last prompt token and a continued
+/// one only what is new, both answering what a server with nothing cached answers; with room for
+/// one conversation, another evicts it and the answers stay the same.
+#[test]
+fn prefix_cache_reuses_conversations_without_changing_answers() {
+    let Some(f) = default_model() else { return };
+    let path = tiny_with_tokenizer(&f, rng("serve-prefix").next_u64(), "serve-prefix");
+    let opts = ServeOptions { n_ctx: 1024, ..Default::default() };
+    let server = start_on(&path, opts.clone());
+    let addr = server.addr();
+    let first = json!({"messages": user("What is the weather in Oslo?"), "tools": weather_tools(), "tool_choice": "required"});
+    let a = post(addr, &first).json();
+    assert_eq!(cached_tokens(&a), 0, "nothing is cached at first");
+    let again = post(addr, &first).json();
+    assert_eq!(cached_tokens(&again), prompt_tokens(&again) - 1, "a repeated conversation computes only its last prompt token");
+    assert_same_answer(&again, &a, "the repeated conversation");
+    // The conversation goes on: the call, its result and a new question.
+    let call = a["choices"][0]["message"].clone();
+    let id = call["tool_calls"][0]["id"].clone();
+    let mut messages = user("What is the weather in Oslo?").as_array().unwrap().clone();
+    messages.extend([
+        call,
+        json!({"role": "tool", "tool_call_id": id, "content": "Sunny, 21 C"}),
+        json!({"role": "user", "content": "And in Lima?"}),
+    ]);
+    let second = json!({"messages": messages, "tools": weather_tools(), "tool_choice": "required"});
+    let b = post(addr, &second).json();
+    assert!(cached_tokens(&b) > 0 && cached_tokens(&b) < prompt_tokens(&b), "{}", b["usage"]);
+    // A server with room for one conversation and nothing cached answers the same; another
+    // conversation in between evicts the first, which is then computed again.
+    let config = agentflux::hparams::ModelConfig::from_gguf(&agentflux::gguf::GgufFile::open(&path).unwrap()).unwrap();
+    let one_session = opts.n_ctx.min(config.n_ctx_train) as u64 * agentflux::kv::KvCache::bytes_per_position(&config);
+    let small = start_on(&path, ServeOptions { cache_bytes: one_session, ..opts.clone() });
+    // With the cache off, nothing is ever reused.
+    let off = start_on(&path, ServeOptions { cache_bytes: 0, ..opts });
+    std::fs::remove_file(&path).ok();
+    for _ in 0..2 {
+        let reply = post(off.addr(), &first).json();
+        assert_eq!(cached_tokens(&reply), 0);
+        assert_same_answer(&reply, &a, "the first conversation, cache off");
+    }
+    off.shutdown();
+    let fresh = post(small.addr(), &second).json();
+    assert_eq!(cached_tokens(&fresh), 0);
+    assert_same_answer(&fresh, &b, "the continued conversation, nothing cached");
+    let other = json!({"messages": user("Tell me the time in Paris."), "max_tokens": 6});
+    assert_eq!(post(small.addr(), &other).status, 200);
+    let evicted = post(small.addr(), &second).json();
+    assert!(cached_tokens(&evicted) < cached_tokens(&b), "{}", evicted["usage"]);
+    assert_same_answer(&evicted, &b, "the continued conversation after an eviction");
+    server.shutdown();
+    small.shutdown();
 }
 
 #[test]

@@ -4,6 +4,7 @@ use super::openai::{self, tool_call_json, ApiError, Envelope};
 use super::worker::{self, Backend, Event, Job, WorkerLimits};
 use super::ServeOptions;
 use crate::error::{Error, Result};
+use crate::kv::KvCache;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -39,8 +40,15 @@ impl Server {
             return Err(Error::InvalidOption("max_queue must be at least 1".into()));
         }
         let model = backend.engine.model.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "agentflux".into());
-        let limits =
-            WorkerLimits { n_ctx: opts.n_ctx.min(backend.engine.model.config.n_ctx_train), default_max_tokens: opts.default_max_tokens };
+        let config = &backend.engine.model.config;
+        let n_ctx = opts.n_ctx.min(config.n_ctx_train);
+        let session_bytes = n_ctx as u64 * KvCache::bytes_per_position(config);
+        let cached_sessions = match opts.cache_bytes {
+            0 => 0,
+            bytes => bytes.checked_div(session_bytes).unwrap_or(0).max(1) as usize,
+        };
+        tracing::info!(cached_sessions, n_ctx, "prefix cache");
+        let limits = WorkerLimits { n_ctx, default_max_tokens: opts.default_max_tokens, cached_sessions };
         let (jobs, queue) = mpsc::sync_channel(opts.max_queue);
         let (ready_tx, ready) = mpsc::channel();
         let worker = std::thread::Builder::new()

@@ -8,6 +8,7 @@
 //! tool is scored among the request's tools (its probability and every candidate's are returned
 //! under `agentflux`), the arguments are decoded under the tool's JSON schema.
 
+mod cache;
 mod http;
 pub mod openai;
 pub mod worker;
@@ -32,6 +33,10 @@ pub struct ServeOptions {
     pub default_max_tokens: usize,
     /// Characters of a tool result the model sees.
     pub max_result_chars: usize,
+    /// Bytes of KV cache the prefix cache may keep across requests: as many conversations of
+    /// `n_ctx` positions as fit, at least one; 0 turns it off (every request starts from an
+    /// empty cache).
+    pub cache_bytes: u64,
 }
 
 impl Default for ServeOptions {
@@ -43,6 +48,7 @@ impl Default for ServeOptions {
             max_body_bytes: 4 << 20,
             default_max_tokens: 1024,
             max_result_chars: crate::toolcall::MAX_RESULT_CHARS,
+            cache_bytes: 512 << 20,
         }
     }
 }

@@ -220,12 +220,19 @@ pub struct Usage {
     pub prompt: usize,
     /// Tokens the model wrote (the tool's name and arguments, or the text).
     pub completion: usize,
+    /// Prompt tokens taken from the prefix cache instead of computed.
+    pub cached: usize,
 }
 
 impl Usage {
     /// OpenAI's usage object.
     pub fn json(&self) -> Value {
-        json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion, "total_tokens": self.prompt + self.completion})
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        })
     }
 }
 

@@ -1,9 +1,16 @@
-//! The engine side of the server: one thread owns the model and a KV cache and runs queued
+//! The engine side of the server: one thread owns the model and the prefix cache and runs queued
 //! requests one at a time, reporting each piece of the answer as an [`Event`].
 //!
-//! Every request starts from an empty cache, so an answer never depends on which requests came
-//! before it: concurrent clients get exactly what they would get alone.
+//! A request continues the cached session that holds the longest prefix of its prompt, so only
+//! its new tokens are computed ([`super::cache`]). That does not change its answer: a row of a
+//! forward pass is computed the same way whatever other rows share the pass (the products and
+//! attention sum each row's terms in one fixed order), with one exception — a suffix of a single
+//! token is attended by the decode kernel, which splits the keys and sums in another order, so
+//! its probabilities agree within rounding (1e-6 in the tests) rather than bit for bit. The
+//! tokens are the same (tested: concurrent requests against sequential ones, cached
+//! conversations against a server with nothing cached).
 
+use super::cache::PrefixCache;
 use super::openai::{ApiError, ChatRequest, Usage, Work};
 use crate::decode::GenerateOptions;
 use crate::session::Session;
@@ -65,6 +72,9 @@ pub struct WorkerLimits {
     pub n_ctx: usize,
     /// Text tokens when a request gives no `max_tokens`.
     pub default_max_tokens: usize,
+    /// Sessions the prefix cache keeps (each `n_ctx` positions); 0: none, every request starts
+    /// from an empty cache.
+    pub cached_sessions: usize,
 }
 
 /// Run jobs until every sender is gone. `ready` hears once whether the cache could be made.
@@ -74,17 +84,21 @@ pub fn run(backend: Backend, limits: WorkerLimits, jobs: Receiver<Job>, ready: S
         Ok(c) => c,
         Err(e) => return drop(ready.send(Err(e))),
     };
-    let mut session = match Session::new(&engine.model, limits.n_ctx) {
-        Ok(s) => s,
-        Err(e) => return drop(ready.send(Err(e))),
-    };
+    // The first session now: a context that does not fit fails at start, not at a request.
+    let mut cache = PrefixCache::new(&engine.model, limits.n_ctx, limits.cached_sessions);
+    if let Err(e) = cache.checkout(&[]) {
+        return drop(ready.send(Err(e)));
+    }
     if ready.send(Ok(())).is_err() {
         return;
     }
     let worker = Worker { backend: &backend, caller, limits };
     for job in jobs {
-        session.truncate(0);
-        if let Err(e) = worker.answer(&mut session, &job) {
+        let answered = worker.prefix(&job.request).map_err(ApiError::from).and_then(|prefix| {
+            let (session, cached) = cache.checkout(&prefix)?;
+            worker.answer(session, &job, cached)
+        });
+        if let Err(e) = answered {
             let _ = job.events.send(Event::Failed(e));
         }
     }
@@ -97,14 +111,26 @@ struct Worker<'a> {
 }
 
 impl Worker<'_> {
-    fn answer(&self, session: &mut Session, job: &Job) -> Result<(), ApiError> {
+    /// The beginning of the request's prompt that is computed with the base weights (what the
+    /// prefix cache matches): the whole prompt of text work, the conversation before the tool
+    /// choice of a call.
+    fn prefix(&self, r: &ChatRequest) -> crate::Result<Vec<u32>> {
+        match &r.work {
+            Work::Chat => self.caller.chat_prompt(&r.messages),
+            Work::Answer => self.caller.answer_prompt(&r.catalog, &r.messages),
+            Work::Call(_) => self.caller.prefix_tokens(&r.catalog, &r.messages),
+        }
+    }
+
+    /// Answer `job` on `session`, which holds `cached` tokens of its prompt already.
+    fn answer(&self, session: &mut Session, job: &Job, cached: usize) -> Result<(), ApiError> {
         let r = &job.request;
         let send = |e: Event| {
             let _ = job.events.send(e);
         };
         let call = match &r.work {
-            Work::Chat => return self.text(session, job, self.caller.chat_prompt(&r.messages)?, None),
-            Work::Answer => return self.text(session, job, self.caller.answer_prompt(&r.catalog, &r.messages)?, None),
+            Work::Chat => return self.text(session, job, self.caller.chat_prompt(&r.messages)?, cached, None),
+            Work::Answer => return self.text(session, job, self.caller.answer_prompt(&r.catalog, &r.messages)?, cached, None),
             Work::Call(choice) => {
                 let adapters = self.backend.adapters.for_tools(&r.catalog.names());
                 let mut stream = TextStream::new(self.backend.engine.tokenizer.clone());
@@ -136,15 +162,16 @@ impl Worker<'_> {
         if call.name == FINISH {
             // The model chose to answer: text continuing `call: finish` on the cached prefix.
             let prompt = self.caller.answer_prompt(&r.catalog, &r.messages)?;
-            return self.text(session, job, prompt, Some(call));
+            return self.text(session, job, prompt, cached, Some(call));
         }
-        let usage = Usage { prompt: call.stats.prefix_tokens, completion: call.stats.name_tokens + call.stats.arg_tokens };
+        let completion = call.stats.name_tokens + call.stats.arg_tokens;
+        let usage = Usage { prompt: call.stats.prefix_tokens, completion, cached: cached.min(call.stats.prefix_tokens.saturating_sub(1)) };
         send(Event::Done { finish_reason: "tool_calls", usage, call: Some(Box::new(call)) });
         Ok(())
     }
 
     /// Free text after `prompt`, streamed as it is decoded.
-    fn text(&self, session: &mut Session, job: &Job, prompt: Vec<u32>, call: Option<ToolCall>) -> Result<(), ApiError> {
+    fn text(&self, session: &mut Session, job: &Job, prompt: Vec<u32>, cached: usize, call: Option<ToolCall>) -> Result<(), ApiError> {
         let n_ctx = self.limits.n_ctx;
         if prompt.len() >= n_ctx {
             return Err(crate::Error::ContextOverflow { needed: prompt.len() + 1, n_ctx }.into());
@@ -177,7 +204,7 @@ impl Worker<'_> {
             let _ = job.events.send(Event::Text(rest));
         }
         let stopped = g.tokens.last().is_some_and(|&t| tokenizer.is_stop(t));
-        let usage = Usage { prompt: prompt.len(), completion: g.tokens.len() };
+        let usage = Usage { prompt: prompt.len(), completion: g.tokens.len(), cached: cached.min(prompt.len().saturating_sub(1)) };
         let _ = job.events.send(Event::Done { finish_reason: if stopped { "stop" } else { "length" }, usage, call: call.map(Box::new) });
         Ok(())
     }

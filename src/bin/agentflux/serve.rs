@@ -32,6 +32,11 @@ pub struct Args {
     /// Text tokens when a request gives no max_tokens.
     #[arg(long, default_value_t = 1024)]
     max_tokens: usize,
+    /// MiB of KV cache kept across requests (the prefix cache: a request continues the cached
+    /// conversation that shares the longest beginning with it); at least one conversation, 0
+    /// turns it off.
+    #[arg(long, default_value_t = 512)]
+    cache_mib: usize,
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
@@ -42,6 +47,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         n_ctx: a.ctx,
         max_queue: a.max_queue,
         default_max_tokens: a.max_tokens,
+        cache_bytes: (a.cache_mib as u64) << 20,
         ..Default::default()
     };
     let server = Server::start(Backend { engine: eng, adapters }, opts)?;
