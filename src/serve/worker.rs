@@ -2,7 +2,7 @@
 //! requests one at a time, reporting each piece of the answer as an [`Event`].
 //!
 //! A request continues the cached session that holds the longest prefix of its prompt, so only
-//! its new tokens are computed ([`super::cache`]). That does not change its answer: a row of a
+//! its new tokens are computed (the prefix cache, `serve/cache.rs`). That does not change its answer: a row of a
 //! forward pass is computed the same way whatever other rows share the pass (the products and
 //! attention sum each row's terms in one fixed order), with one exception — a suffix of a single
 //! token is attended by the decode kernel, which splits the keys and sums in another order, so
