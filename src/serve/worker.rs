@@ -1,14 +1,14 @@
 //! The engine side of the server: one thread owns the model and the prefix cache and runs queued
 //! requests one at a time, reporting each piece of the answer as an [`Event`].
 //!
-//! A request continues the cached session that holds the longest prefix of its prompt, so only
-//! its new tokens are computed (the prefix cache, `serve/cache.rs`). That does not change its answer: a row of a
-//! forward pass is computed the same way whatever other rows share the pass (the products and
-//! attention sum each row's terms in one fixed order), with one exception — a suffix of a single
-//! token is attended by the decode kernel, which splits the keys and sums in another order, so
-//! its probabilities agree within rounding (1e-6 in the tests) rather than bit for bit. The
-//! tokens are the same (tested: concurrent requests against sequential ones, cached
-//! conversations against a server with nothing cached).
+//! A request continues the cached session that holds the longest prefix of its prompt, so only its
+//! new tokens are computed (the prefix cache, `serve/cache.rs`). That does not change its answer: a
+//! row of a forward pass is computed the same way whatever other rows share the pass (the products
+//! and attention sum each row's terms in one fixed order), with one exception — a suffix of a
+//! single token is attended by the decode kernel, which splits the keys and sums in another order,
+//! so its probabilities agree within rounding (1e-6 in the tests) rather than bit for bit. The
+//! tokens are the same (tested: concurrent requests against sequential ones, cached conversations
+//! against a server with nothing cached).
 
 use super::cache::PrefixCache;
 use super::openai::{ApiError, ChatRequest, Usage, Work};
