@@ -262,18 +262,10 @@ fn call_and_run_commands_drive_the_filesystem_server() {
 fn hierarchical_choice_over_two_real_servers() {
     let Some(f) = default_model() else { return };
     let Some(fs) = filesystem_server() else { return };
-    let memory = fs.with_file_name("mcp-server-memory");
     let mut r = rng("hierarchy");
     let (model, tok, template, _) = tiny_pipeline(&f, r.next_u64(), "hierarchy");
     let root = std::env::temp_dir().join(format!("agentflux-hier-{}", std::process::id()));
-    std::fs::create_dir_all(&root).unwrap();
-    let mut catalog = Catalog::default();
-    let mem_file = root.join("memory.jsonl");
-    for cmd in [format!("{} {}", fs.display(), root.display()), format!("env MEMORY_FILE_PATH={} {}", mem_file.display(), memory.display())]
-    {
-        let mut c = McpClient::spawn(&cmd, ServerOptions::default()).unwrap();
-        catalog.add(&c.name(), c.list_tools().unwrap()).unwrap();
-    }
+    let catalog = common::filesystem_and_memory(&fs, &root);
     assert_eq!(catalog.groups.len(), 2);
     let messages = [ChatMessage::new("user", "Remember that Ada likes tea.")];
     let mut caller = ToolCaller::new(tok, template).unwrap();

@@ -85,6 +85,22 @@ pub fn filesystem_server() -> Option<std::path::PathBuf> {
     None
 }
 
+/// The catalog of two real servers: the filesystem server (`fs`, serving `root`, made here) and
+/// the memory server beside it (its file in `root`).
+pub fn filesystem_and_memory(fs: &std::path::Path, root: &std::path::Path) -> agentflux::toolcall::Catalog {
+    use agentflux::mcp::{McpClient, ServerOptions};
+    std::fs::create_dir_all(root).unwrap();
+    let memory = fs.with_file_name("mcp-server-memory");
+    let mut catalog = agentflux::toolcall::Catalog::default();
+    let mem_file = root.join("memory.jsonl");
+    for cmd in [format!("{} {}", fs.display(), root.display()), format!("env MEMORY_FILE_PATH={} {}", mem_file.display(), memory.display())]
+    {
+        let mut c = McpClient::spawn(&cmd, ServerOptions::default()).unwrap();
+        catalog.add(&c.name(), c.list_tools().unwrap()).unwrap();
+    }
+    catalog
+}
+
 /// A tiny random transformer carrying the real tokenizer and chat template of `f`, written to a
 /// temporary GGUF file: the whole pipeline runs in seconds on a CPU-backed device.
 pub fn tiny_with_tokenizer(f: &GgufFile, seed: u64, tag: &str) -> std::path::PathBuf {
