@@ -218,6 +218,38 @@ impl<'m> Session<'m> {
         logits
     }
 
+    /// [`prefill`](Self::prefill) of `prompt` and [`tree_logits`](Self::tree_logits) of a token
+    /// tree rooted after it, under `plan`, in one forward pass where both fit one: the prompt's
+    /// uncached tokens as a chain, the tree's nodes after the last of them. The prompt stays
+    /// cached, the tree does not. Returns the prompt's last logits and every node's.
+    pub fn prefill_tree(
+        &mut self,
+        prompt: &[u32],
+        plan: Option<Activation>,
+        tokens: &[u32],
+        parents: &[i32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let keep = self.reuse(prompt, plan)?;
+        let new = &prompt[keep..];
+        let from = plan.map_or(0, |a| a.from.saturating_sub(keep));
+        if new.len() + tokens.len() > self.model.max_tree_tokens() {
+            let root = self.model.forward_seqs(&mut [Sequence::adapted(&mut self.kv, new, plan.map(|a| a.adapter), from)], Logits::Last);
+            self.settle(new, plan);
+            return Ok((root?, self.tree_logits(tokens, parents, plan)?));
+        }
+        let n = new.len() as i32;
+        let all: Vec<u32> = new.iter().chain(tokens).copied().collect();
+        let tree: Vec<i32> = (0..n).map(|i| i - 1).chain(parents.iter().map(|&p| if p < 0 { n - 1 } else { p + n })).collect();
+        let seq = Sequence::adapted(&mut self.kv, &all, plan.map(|a| a.adapter), from).with_tree(&tree);
+        // Logits of the prompt's last row and the tree's: the rest would only be thrown away.
+        let mut logits = self.model.forward_seqs(&mut [seq], Logits::From(new.len() - 1))?;
+        self.kv.truncate(keep + new.len());
+        self.settle(new, plan);
+        self.stats.scored += tokens.len();
+        let nodes = logits.split_off(self.model.config.n_vocab);
+        Ok((logits, nodes))
+    }
+
     /// Logits of every node of a token tree (`parents`: see [`Sequence::tree`]) rooted after the
     /// cached positions, under `plan`; the cache is left as it was.
     pub fn tree_logits(&mut self, tokens: &[u32], parents: &[i32], plan: Option<Activation>) -> Result<Vec<f32>> {

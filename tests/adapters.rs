@@ -1,6 +1,7 @@
 //! Adapters in the forward pass: the GPU against the f32 reference with random adapters, scale 0
 //! equal to the base model, mixed-adapter batches equal to separate runs, the activated-LoRA
-//! handoff on one KV cache, standard LoRA's re-prefill, and refused adapters.
+//! handoff on one KV cache, standard LoRA's re-prefill, a prompt and a token tree in one pass, and
+//! refused adapters.
 
 mod common;
 
@@ -381,4 +382,37 @@ fn a_peft_layout_adapter_written_by_python_loads_and_matches_the_reference() {
         assert_close(&format!("PEFT-layout {dtype} adapter"), &got, &want, 2e-3);
         std::fs::remove_dir_all(&dir).ok();
     }
+}
+
+/// A prompt's uncached tokens and a token tree after it in one pass (`Session::prefill_tree`,
+/// what tool selection runs) against a prefill and then the tree, with an activated adapter
+/// whose invocation lies inside the new tokens: the same logits at the prompt's end and at every
+/// node, the same tokens cached (the prompt's, not the tree's), positions reusable alike.
+#[test]
+fn prompt_and_tree_in_one_pass_equal_two_passes() {
+    let mut r = rng("prefill-tree");
+    let (_f, model) = llama(r.next_u64(), "prefill-tree");
+    let c = model.config.clone();
+    let id = model.add_adapter("selector", &random_adapter(&mut r, &c, 8, &Proj::ALL, 0.3)).unwrap();
+    let (cached, new) = (tokens(&mut r, 9, c.n_vocab), tokens(&mut r, 6, c.n_vocab));
+    let prompt: Vec<u32> = cached.iter().chain(&new).copied().collect();
+    let plan = Some(Activation { adapter: ActiveAdapter::new(id), from: cached.len() + 2 });
+    // Two candidates sharing their first token, and a third.
+    let tree = tokens(&mut r, 5, c.n_vocab);
+    let parents = [-1, 0, 1, 0, -1];
+    let (mut one, mut two) = (Session::new(&model, 64).unwrap(), Session::new(&model, 64).unwrap());
+    for s in [&mut one, &mut two] {
+        s.prefill(&cached, None).unwrap();
+    }
+    let (root, nodes) = one.prefill_tree(&prompt, plan, &tree, &parents).unwrap();
+    let want_root = two.prefill(&prompt, plan).unwrap();
+    let want_nodes = two.tree_logits(&tree, &parents, plan).unwrap();
+    // The tree's attention visits the keys in another order than a causal pass (as in
+    // models.rs's token-tree test): the same within f32 rounding.
+    assert_close("the prompt's last logits", &root, &want_root, 1e-4);
+    assert_close("the nodes' logits", &nodes, &want_nodes, 1e-4);
+    assert_eq!(one.tokens(), two.tokens());
+    assert_eq!(one.tokens(), &prompt[..]);
+    assert_eq!(one.cached_prefix(&prompt, plan), prompt.len());
+    assert_eq!(one.cached_prefix(&prompt, None), cached.len() + 2, "positions after the invocation belong to the adapter");
 }

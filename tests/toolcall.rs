@@ -124,9 +124,13 @@ fn two_stage_call_on_the_real_filesystem_server() {
         assert!(valid(&call.arguments, &tool.input_schema), "{} {}", call.name, call.arguments);
         assert!(call.stats.arg_tokens > 0);
     }
-    // The prefix was computed once and nothing was recomputed.
+    // The prefix was computed once (in the selection's pass), reused by the argument stage, and
+    // nothing was recomputed.
     assert_eq!(call.stats.session.recomputed, 0, "{:?}", call.stats);
-    assert!(call.stats.session.reused >= call.stats.prefix_tokens, "{:?}", call.stats);
+    assert!(call.stats.session.prefilled < 2 * call.stats.prefix_tokens, "{:?}", call.stats);
+    if call.name != FINISH {
+        assert!(call.stats.session.reused >= call.stats.prefix_tokens, "{:?}", call.stats);
+    }
     // One forward pass over the trie: at least one node per candidate, shared prefixes once.
     assert!(call.stats.session.scored >= call.candidates.len(), "{:?}", call.stats);
 

@@ -38,6 +38,8 @@ pub enum Logits {
     Last,
     /// Every token's, in order.
     All,
+    /// Every token's from the one at this index on, in order.
+    From(usize),
 }
 
 /// How the next token is chosen on the GPU.
@@ -177,6 +179,16 @@ impl Model {
         KvCache::new(&self.ctx, &self.config, n_ctx)
     }
 
+    /// The most tokens a token tree may have: one pass, with every row's logits.
+    pub fn max_tree_tokens(&self) -> usize {
+        self.logit_cap()
+    }
+
+    /// Rows whose logits fit one pass (the logits buffer within one binding).
+    fn logit_cap(&self) -> usize {
+        ((self.ctx.max_binding() as usize / (self.config.n_vocab * 4)).max(1)).min(self.max_batch)
+    }
+
     /// Choose how adapter deltas are computed (default: fused, or `AGENTFLUX_LORA`).
     pub fn set_lora_mode(&mut self, mode: LoraMode) {
         self.lora_mode = mode;
@@ -310,8 +322,8 @@ impl Model {
         if matches!(pick, Some(Pick::Sample(..))) && seqs.len() > 1 {
             return Err(Error::InvalidOption("GPU sampling takes one sequence at a time".into()));
         }
-        let logit_cap = ((self.ctx.max_binding() as usize / (n_vocab * 4)).max(1)).min(self.max_batch);
-        let chunk = if want == Logits::All { logit_cap } else { self.max_batch };
+        let logit_cap = self.logit_cap();
+        let chunk = if matches!(want, Logits::All | Logits::From(_)) { logit_cap } else { self.max_batch };
         let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if seqs.len() > 1 && (total > chunk || seqs.len() > logit_cap) {
             return Err(Error::InvalidOption(format!(
@@ -346,6 +358,10 @@ impl Model {
                 slots.extend((at..at + len).map(|j| if j >= seq.adapter_from { slot } else { -1 }));
                 match want {
                     Logits::All => logit_rows.push((row0, len)),
+                    Logits::From(k) if at + len > k => {
+                        let first = k.max(at);
+                        logit_rows.push((row0 + first - at, at + len - first));
+                    }
                     Logits::Last if at + len == seq.tokens.len() => logit_rows.push((row0 + len - 1, 1)),
                     _ => {}
                 }

@@ -119,7 +119,8 @@ pub struct CallLayout {
 pub struct CallStats {
     /// Tokens of the shared prefix.
     pub prefix_tokens: usize,
-    /// Milliseconds: prefix, selection, arguments.
+    /// Milliseconds: laying out the prompt (the conversation's new tokens are computed in the
+    /// selection's pass, so their time is in `select_ms`), selection, arguments.
     pub prefix_ms: f64,
     /// Milliseconds selecting the tool.
     pub select_ms: f64,
@@ -295,10 +296,10 @@ impl ToolCaller {
     /// Score `names` (each as ` NAME\n`) after `prompt` in one token-tree pass: the names, their
     /// tokens and probabilities, and the best one's index.
     fn choose(&self, session: &mut Session, prompt: &[u32], names: Vec<String>, plan: Option<Activation>) -> Result<Choice> {
-        let root = session.prefill(prompt, plan)?;
         let tokens = names.iter().map(|n| self.candidate_tokens(n)).collect::<Result<Vec<_>>>()?;
         let trie = TokenTrie::new(&tokens);
-        let nodes = session.tree_logits(&trie.tokens, &trie.parents, plan)?;
+        // What the prompt adds to the cache and the candidates, in one pass.
+        let (root, nodes) = session.prefill_tree(prompt, plan, &trie.tokens, &trie.parents)?;
         let probs = normalise(&trie.log_probs(&root, &nodes, root.len()));
         let best = match self.strategy {
             Strategy::Shared => (0..names.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap_or(0),
@@ -332,13 +333,10 @@ impl ToolCaller {
         let before = session.stats();
         let t0 = Instant::now();
         let prefix = self.prefix_tokens(catalog, messages)?;
-        match self.strategy {
-            Strategy::Shared => {
-                session.prefill(&prefix, None)?;
-            }
-            // One request: the selection stage computes the whole prompt itself.
-            Strategy::Reference { .. } => session.truncate(0),
-        }
+        // The selection's pass computes what the cache lacks of the conversation (with the base
+        // weights, before the selector's invocation) together with the candidates; under
+        // Strategy::Reference from nothing cached, as a request that re-sends everything.
+        self.resend(session);
         let prefix_ms = ms(t0);
 
         let t1 = Instant::now();
