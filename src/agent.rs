@@ -21,7 +21,7 @@ use crate::gpu::GpuOptions;
 use crate::mcp::{McpClient, ServerOptions};
 use crate::session::Session;
 use crate::text::ChatMessage;
-use crate::toolcall::{AdapterSet, AgentEvent, AgentOptions, Catalog, ToolCall, ToolCaller, ToolServers};
+use crate::toolcall::{AdapterSet, AgentEvent, AgentOptions, Catalog, ToolCall, ToolCaller, ToolServers, DEFAULT_ARG_BUDGET};
 use std::path::PathBuf;
 
 /// Context positions of a session unless [`AgentBuilder::context`] says otherwise.
@@ -37,6 +37,7 @@ pub struct AgentBuilder {
     tools: Option<serde_json::Value>,
     context: usize,
     hierarchy: bool,
+    arg_budget: usize,
 }
 
 impl AgentBuilder {
@@ -86,6 +87,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Most tokens a call's arguments may take (default [`DEFAULT_ARG_BUDGET`]); a call that needs
+    /// more fails naming the tool and field.
+    pub fn arg_budget(mut self, tokens: usize) -> Self {
+        self.arg_budget = tokens;
+        self
+    }
+
     /// Load the model and adapters and start the servers.
     pub fn build(self) -> Result<Agent> {
         if self.servers.is_empty() && self.tools.is_none() {
@@ -105,6 +113,7 @@ impl AgentBuilder {
         };
         let mut caller = ToolCaller::new(engine.tokenizer.clone(), engine.template.clone())?;
         caller.set_hierarchy(self.hierarchy);
+        caller.set_arg_budget(self.arg_budget);
         let context = self.context.min(engine.model.config.n_ctx_train);
         Ok(Agent { engine, adapters, caller, servers, context })
     }
@@ -130,6 +139,7 @@ impl Agent {
             tools: None,
             context: DEFAULT_CONTEXT,
             hierarchy: true,
+            arg_budget: DEFAULT_ARG_BUDGET,
         }
     }
 

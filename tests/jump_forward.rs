@@ -19,8 +19,7 @@ fn jump_forward_writes_the_step_by_step_arguments_in_fewer_passes() {
     let catalog = filesystem_and_memory(&fs, &root);
     let messages = [ChatMessage::new("user", &format!("Look after the files in {} and remember what you find.", root.display()))];
     let mut caller = ToolCaller::new(tok, template).unwrap();
-    // A context with room for the prompt and long arguments, and little more: a random model that
-    // writes an unbounded number stops at its end sooner.
+    // A context with room for the prompt and a call's argument budget.
     let mut session = Session::new(&model, 2048).unwrap();
     let (mut passes, mut stepwise_passes, mut forced, mut compared) = (0, 0, 0, 0);
     let names = catalog.names().iter().map(|n| n.to_string()).collect::<Vec<_>>();
@@ -41,8 +40,8 @@ fn jump_forward_writes_the_step_by_step_arguments_in_fewer_passes() {
         let (step, step_tokens) = run(false);
         let (jump, jump_tokens) = run(true);
         assert_eq!(jump_tokens, step_tokens, "{name}: jump-forward changed the tokens");
-        // A random model may write an unbounded number until the context is full: the same
-        // error, after the same tokens, either way.
+        // A random model may fill a long array of long strings up to the argument budget: the
+        // same error, after the same tokens, either way.
         let (step, jump) = match (step, jump) {
             (Ok(step), Ok(jump)) => (step, jump),
             (step, jump) => {

@@ -8,7 +8,11 @@ use agentflux::decode::SplitMix64;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
 use agentflux::text::{ChatMessage, Tokenizer};
-use agentflux::toolcall::{AdapterSet, Catalog, ConstraintFactory, Manifest, ToolCaller, ToolChoice, FINISH};
+use agentflux::toolcall::{
+    AdapterSet, CallEvent, Catalog, ConstraintFactory, Manifest, ToolCaller, ToolChoice, FINISH, MAX_EXPONENT_DIGITS, MAX_FRACTION_DIGITS,
+    MAX_INTEGER_DIGITS,
+};
+use agentflux::{resolve_model, Engine};
 use common::{agentflux, default_model, filesystem_server, rng, tiny_pipeline, tiny_with_tokenizer};
 use serde_json::{json, Value};
 use std::ops::ControlFlow;
@@ -93,6 +97,137 @@ fn schema_constraint_only_lets_valid_json_through() {
             let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{schema} walk {walk}: not JSON ({e}): {text}"));
             assert!(valid(&v, schema), "{schema} walk {walk}: {v} does not satisfy the schema");
         }
+    }
+}
+
+/// The integer part, fraction and exponent digits of each number in compact JSON text (strings
+/// skipped).
+fn number_parts(text: &str) -> Vec<(usize, usize, usize)> {
+    let (mut out, mut in_string, mut escaped, mut number) = (Vec::new(), false, false, String::new());
+    for c in text.chars().chain(std::iter::once(' ')) {
+        if in_string {
+            (in_string, escaped) = (escaped || c != '"', !escaped && c == '\\');
+        } else if c.is_ascii_digit() || (matches!(c, '-' | '+' | '.' | 'e' | 'E') && (!number.is_empty() || c == '-')) {
+            number.push(c);
+        } else {
+            if !number.is_empty() {
+                let (mantissa, exponent) = number.split_once(['e', 'E']).unwrap_or((&number, ""));
+                let (int, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+                let digits = |s: &str| s.chars().filter(char::is_ascii_digit).count();
+                out.push((digits(int), digits(fraction), digits(exponent)));
+                number.clear();
+            }
+            in_string = c == '"';
+        }
+    }
+    out
+}
+
+/// A walk that always takes a digit (1-9) when the mask offers one, then a decimal point, then an
+/// exponent: each part of the number stops at its bound, and the value still completes.
+#[test]
+fn numbers_stop_at_their_digit_bounds() {
+    let Some(f) = default_model() else { return };
+    let tok = Arc::new(Tokenizer::from_gguf(&f).unwrap());
+    let bytes = tok.token_bytes();
+    let factory = ConstraintFactory::new(tok.clone()).unwrap();
+    let (int, frac, exp) = (MAX_INTEGER_DIGITS as usize, MAX_FRACTION_DIGITS as usize, MAX_EXPONENT_DIGITS as usize);
+    for (ty, want) in [("integer", (int, 0, 0)), ("number", (int, frac, exp))] {
+        let schema = json!({"type": "object", "properties": {"n": {"type": ty}}, "required": ["n"]});
+        let mut c = factory.json(&schema).unwrap();
+        let mut out = Vec::new();
+        // Digits first, then a decimal point, then an exponent, then whatever closes the value.
+        let rank = |b: &[u8]| match b {
+            b"." => 1,
+            b"e" => 2,
+            _ if !b.is_empty() && b.iter().all(|d| (b'1'..=b'9').contains(d)) => 0,
+            _ => 3,
+        };
+        while !c.is_done() && out.len() < 100 {
+            let allowed = c.allowed(tok.n_vocab()).unwrap();
+            let t = (0..tok.n_vocab())
+                .filter(|&t| allowed[t] && t as u32 != c.eos())
+                .min_by_key(|&t| rank(&bytes[t]))
+                .map(|t| t as u32)
+                .unwrap_or(c.eos());
+            if t == c.eos() {
+                break;
+            }
+            c.consume(t).unwrap();
+            out.push(t);
+        }
+        let text = tok.decode(&out, false).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{ty}: not JSON ({e}): {text}"));
+        assert!(valid(&v, &schema), "{ty}: {text}");
+        assert_eq!(number_parts(&text), [want], "{ty}: {text}");
+    }
+}
+
+/// A call that reaches its argument budget ends with an error naming the tool and the field.
+#[test]
+fn argument_budget_ends_a_call_naming_the_tool_and_field() {
+    let Some(f) = default_model() else { return };
+    let mut r = rng("budget");
+    let (model, tok, template, _) = tiny_pipeline(&f, r.next_u64(), "budget");
+    // The note cannot be shorter than 512 characters: no model finishes it in 12 tokens.
+    let tools = json!([{"type": "function", "function": {"name": "take_note", "description": "Keep a note.",
+        "parameters": {"type": "object", "properties": {"note": {"type": "object", "properties": {"text": {"type": "string", "minLength": 512}}, "required": ["text"]}}, "required": ["note"]}}}]);
+    let catalog = Catalog::from_openai_tools("notes", &tools).unwrap();
+    let mut caller = ToolCaller::new(tok, template).unwrap();
+    caller.set_arg_budget(12);
+    let mut session = Session::new(&model, 1024).unwrap();
+    let messages = [ChatMessage::new("user", "Note that the meeting moved to Friday.")];
+    let mut tokens = 0;
+    let err = caller
+        .call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Function("take_note".into()), |e| {
+            tokens += matches!(e, CallEvent::ArgumentToken(_)) as usize;
+            ControlFlow::Continue(())
+        })
+        .unwrap_err()
+        .to_string();
+    assert_eq!(tokens, 12);
+    assert!(err.contains("`take_note`") && err.contains("budget of 12 tokens") && err.contains("writing `note.text`"), "{err}");
+}
+
+/// Fields with no bounds in their schema (a BFCL case: `speed_of_light` as a bare integer), written
+/// by the real base model: every number stops at its digit bounds and the call ends.
+#[test]
+fn unbounded_numbers_end_within_their_bounds_on_the_base_model() {
+    if default_model().is_none() {
+        return;
+    }
+    let eng = Engine::load_on(common::ctx(), resolve_model("default").unwrap()).unwrap();
+    let schema = json!({"type": "object", "properties": {
+        "distance_in_light_years": {"type": "integer"}, "speed_of_light": {"type": "integer"}, "precision": {"type": "number"}},
+        "required": ["distance_in_light_years", "speed_of_light", "precision"]});
+    let tools = json!([{"type": "function", "function": {"name": "light_travel_time", "description": "Time light takes to travel a distance.", "parameters": schema}}]);
+    let catalog = Catalog::from_openai_tools("physics", &tools).unwrap();
+    let caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone()).unwrap();
+    let mut session = Session::new(&eng.model, 2048).unwrap();
+    let messages = [ChatMessage::new(
+        "user",
+        "How long does light take to travel 4 light years? Light moves at 299792458 metres per second; answer to 1e-12.",
+    )];
+    let mut ids = Vec::new();
+    let t0 = std::time::Instant::now();
+    let call = caller
+        .call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Function("light_travel_time".into()), |e| {
+            if let CallEvent::ArgumentToken(t) = e {
+                ids.push(t);
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    let text = eng.tokenizer.decode(&ids, false).unwrap();
+    eprintln!("{text} ({} tokens, {:.1} s)", ids.len(), t0.elapsed().as_secs_f64());
+    assert!(valid(&call.arguments, &schema), "{text}");
+    let parts = number_parts(&text);
+    assert_eq!(parts.len(), 3, "{text}");
+    for (int, frac, exp) in parts {
+        assert!(
+            int <= MAX_INTEGER_DIGITS as usize && frac <= MAX_FRACTION_DIGITS as usize && exp <= MAX_EXPONENT_DIGITS as usize,
+            "{text}"
+        );
     }
 }
 

@@ -46,9 +46,10 @@ pub const SCHEMA_CUE: &str = "schema:";
 /// The text right before the arguments' JSON.
 pub const ARGS_CUE: &str = "\nargs:";
 
-/// Most argument tokens before the call is abandoned: room for the longest value the bounded
-/// schemas allow (see `constraint::MAX_STRING_CHARS`) even at a few characters per token.
-const MAX_ARG_TOKENS: usize = 4096;
+/// Most argument tokens a call may write unless told otherwise ([`ToolCaller::set_arg_budget`]):
+/// room for the longest value the implicit bounds allow ([`MAX_STRING_CHARS`](crate::toolcall::MAX_STRING_CHARS))
+/// at a few characters per token.
+pub const DEFAULT_ARG_BUDGET: usize = 1024;
 /// Most tokens the free monolithic mode generates (a call, not an essay).
 const MAX_FREE_CALL_TOKENS: usize = 512;
 
@@ -184,13 +185,22 @@ pub struct ToolCaller {
     hierarchy: bool,
     strategy: Strategy,
     jump_forward: bool,
+    arg_budget: usize,
 }
 
 impl ToolCaller {
     /// A caller for a model's tokenizer and chat template.
     pub fn new(tokenizer: Arc<Tokenizer>, template: Option<ChatTemplate>) -> Result<Self> {
         let constraints = ConstraintFactory::new(tokenizer.clone())?;
-        Ok(Self { tokenizer, template, constraints, hierarchy: true, strategy: Strategy::Shared, jump_forward: true })
+        Ok(Self {
+            tokenizer,
+            template,
+            constraints,
+            hierarchy: true,
+            strategy: Strategy::Shared,
+            jump_forward: true,
+            arg_budget: DEFAULT_ARG_BUDGET,
+        })
     }
 
     /// How decoupled calls choose and whether their stages share the cache ([`Strategy`]).
@@ -210,6 +220,13 @@ impl ToolCaller {
     /// only where greedy decoding would have chosen it); only the number of passes differs.
     pub fn set_jump_forward(&mut self, on: bool) {
         self.jump_forward = on;
+    }
+
+    /// Most tokens a call's arguments may take ([`DEFAULT_ARG_BUDGET`] unless set). A call that
+    /// reaches it, or the end of the context, fails with [`Error::ModelOutput`] naming the tool
+    /// and the field being written, instead of running on.
+    pub fn set_arg_budget(&mut self, tokens: usize) {
+        self.arg_budget = tokens;
     }
 
     /// Choose the server first when there are several (the default), or among every tool at once.
@@ -359,7 +376,7 @@ impl ToolCaller {
             prompt.extend(self.schema_tokens(tool)?);
             let plan = adapters.arguments.get(&name).map(|&a| Activation { adapter: a, from });
             self.resend(session);
-            written = self.arguments(session, &prompt, plan, &tool.input_schema, &mut |t| on_event(CallEvent::ArgumentToken(t)))?;
+            written = self.arguments(session, &prompt, plan, &name, &tool.input_schema, &mut |t| on_event(CallEvent::ArgumentToken(t)))?;
             arguments = written.value.clone();
         }
         let args_ms = ms(t2);
@@ -568,7 +585,8 @@ impl ToolCaller {
                 .chain([(FINISH, serde_json::json!({"type": "object", "properties": {}}))])
                 .map(|(name, schema)| serde_json::json!({"type": "object", "properties": {"name": {"const": name}, "arguments": schema}, "required": ["name", "arguments"]}))
                 .collect();
-            let v = self.arguments(session, &prompt, None, &serde_json::json!({"anyOf": one_of}), &mut |_| ControlFlow::Continue(()))?;
+            let schema = serde_json::json!({"anyOf": one_of});
+            let v = self.arguments(session, &prompt, None, "the monolithic call", &schema, &mut |_| ControlFlow::Continue(()))?;
             (v.value.to_string(), v.tokens)
         } else {
             let opts = GenerateOptions::greedy(MAX_FREE_CALL_TOKENS, &self.tokenizer);
@@ -600,12 +618,13 @@ impl ToolCaller {
     /// are appended with it in one forward pass, then checked token by token against the greedy
     /// choice under the constraint at each position (the logits of that pass): the agreeing
     /// prefix is kept, the rest dropped from the cache, and decoding goes on from the first
-    /// disagreement — so the output is the step-by-step output.
+    /// disagreement — so the output is the step-by-step output. `what` names the value in errors.
     fn arguments(
         &self,
         session: &mut Session,
         prompt: &[u32],
         plan: Option<Activation>,
+        what: &str,
         schema: &Value,
         on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
     ) -> Result<Written> {
@@ -624,8 +643,15 @@ impl ToolCaller {
                 Some(t) => Ok(Some(t)),
             }
         };
-        'decode: while out.len() < MAX_ARG_TOKENS {
-            let Some(next) = choose(&mut constraint, &logits)? else { break };
+        let too_long = |constraint: &JsonConstraint, limit: String| {
+            let field = constraint.field();
+            let at = if field.is_empty() { String::new() } else { format!(", writing `{field}`") };
+            Error::ModelOutput(format!("the arguments of `{what}` did not finish within {limit}{at}"))
+        };
+        'decode: while let Some(next) = choose(&mut constraint, &logits)? {
+            if out.len() >= self.arg_budget {
+                return Err(too_long(&constraint, format!("the argument budget of {} tokens", self.arg_budget)));
+            }
             constraint.consume(next)?;
             out.push(next);
             if on_token(next).is_break() {
@@ -634,10 +660,13 @@ impl ToolCaller {
             if constraint.is_done() {
                 break;
             }
+            if session.len() >= session.n_ctx() {
+                return Err(too_long(&constraint, format!("the context of {} tokens", session.n_ctx())));
+            }
             let forced = if self.jump_forward { constraint.forced()? } else { Vec::new() };
             // Within the token budget and the context: where step-by-step decoding would stop,
             // so does the chunk.
-            let room = MAX_ARG_TOKENS.saturating_sub(out.len()).min(session.n_ctx().saturating_sub(session.len() + 1));
+            let room = self.arg_budget.saturating_sub(out.len()).min(session.n_ctx().saturating_sub(session.len() + 1));
             let forced = &forced[..forced.len().min(room)];
             passes += 1;
             if forced.is_empty() {
@@ -668,9 +697,8 @@ impl ToolCaller {
             logits = row(forced.len()).to_vec();
         }
         let text = self.tokenizer.decode(&out, true)?;
-        let value: Value = serde_json::from_str(text.trim()).map_err(|e| {
-            Error::ModelOutput(format!("arguments did not finish within {MAX_ARG_TOKENS} tokens or are not JSON ({e}): {text}"))
-        })?;
+        let value: Value = serde_json::from_str(text.trim())
+            .map_err(|e| Error::ModelOutput(format!("the arguments of `{what}` are not JSON ({e}): {text}")))?;
         Ok(Written { value, tokens: out.len(), forced: forced_kept, passes })
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::text::Tokenizer;
+use crate::toolcall::json_cursor::JsonCursor;
 use llguidance::api::TopLevelGrammar;
 use llguidance::earley::SlicedBiasComputer;
 use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
@@ -29,6 +30,8 @@ impl TokenizerEnv for Vocabulary {
 pub struct ConstraintFactory {
     factory: ParserFactory,
     tokenizer: Arc<Tokenizer>,
+    /// Every token's bytes, by id (to follow the text and try tokens against number bounds).
+    token_bytes: Arc<Vec<Vec<u8>>>,
     eos: u32,
 }
 
@@ -38,42 +41,55 @@ impl ConstraintFactory {
         let eos =
             tokenizer.eos.or_else(|| tokenizer.stop.first().copied()).ok_or_else(|| Error::Tokenizer("no end-of-sequence token".into()))?;
         let info = TokRxInfo::new(tokenizer.n_vocab() as u32, eos);
-        let trie = TokTrie::from(&info, &tokenizer.token_bytes());
+        let token_bytes = Arc::new(tokenizer.token_bytes());
+        let trie = TokTrie::from(&info, &token_bytes);
         let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer: tokenizer.clone() });
         let caps = InferenceCapabilities { ff_tokens: false, backtrack: false, conditional_ff_tokens: false, fork: false };
         let mut factory = ParserFactory::new(&env, caps, &SlicedBiasComputer::general_slices())
             .map_err(|e| Error::Tokenizer(format!("constraint vocabulary: {e}")))?;
         factory.quiet();
-        Ok(Self { factory, tokenizer, eos })
+        Ok(Self { factory, tokenizer, token_bytes, eos })
     }
 
     /// A constraint producing one compact JSON value (no whitespace between tokens, as
     /// `serde_json::to_string` writes it) valid for `schema` (JSON Schema: types, required keys,
-    /// enums, nested objects and arrays), without undeclared keys, strings and arrays bounded (see
-    /// [`MAX_STRING_CHARS`], [`MAX_ARRAY_ITEMS`]). Keywords llguidance does not
+    /// enums, nested objects and arrays), without undeclared keys, strings, arrays and numbers
+    /// bounded (see [`MAX_STRING_CHARS`], [`MAX_ARRAY_ITEMS`], [`MAX_INTEGER_DIGITS`](crate::toolcall::MAX_INTEGER_DIGITS)). Keywords llguidance does not
     /// implement (`format`, say) are ignored rather than refused: real servers' schemas use them.
     pub fn json(&self, schema: &serde_json::Value) -> Result<JsonConstraint> {
         let mut schema = schema.clone();
-        tighten(&mut schema);
+        tighten(&mut schema, MAX_STRING_CHARS);
         if let Some(m) = schema.as_object_mut() {
             m.insert("x-guidance".into(), serde_json::json!({"whitespace_flexible": false, "lenient": true}));
         }
         let grammar = TopLevelGrammar::from_json_schema(schema);
         let parser = self.factory.create_parser(grammar).map_err(|e| Error::InvalidOption(format!("tool input schema: {e}")))?;
-        Ok(JsonConstraint { matcher: Matcher::new(Ok(parser)), tokenizer: self.tokenizer.clone(), eos: self.eos })
+        Ok(JsonConstraint {
+            matcher: Matcher::new(Ok(parser)),
+            tokenizer: self.tokenizer.clone(),
+            token_bytes: self.token_bytes.clone(),
+            cursor: JsonCursor::default(),
+            eos: self.eos,
+        })
     }
 }
 
-/// Longest string a schema without `maxLength` lets the model write: a bound on a small model
-/// that repeats itself inside a string, long enough for paths, queries and short file contents.
+/// Longest string a schema without `maxLength` lets the model write at the top level: a bound on
+/// a small model that repeats itself inside a string, long enough for paths, queries and short
+/// file contents. Inside an array its items share their array's bound (see [`tighten`]).
 pub const MAX_STRING_CHARS: u64 = 512;
+/// Shortest implicit string bound, however deep the arrays around it.
+pub const MIN_STRING_CHARS: u64 = 64;
 /// Most items of an array whose schema has no `maxItems`, for the same reason.
 pub const MAX_ARRAY_ITEMS: u64 = 8;
 
 /// Objects without `additionalProperties` get `false` (the model writes the declared keys only;
-/// a schema that allows more says so), strings without `maxLength` get [`MAX_STRING_CHARS`] and
-/// arrays without `maxItems` get [`MAX_ARRAY_ITEMS`]: every value the model may write is bounded.
-fn tighten(v: &mut serde_json::Value) {
+/// a schema that allows more says so), arrays without `maxItems` get [`MAX_ARRAY_ITEMS`], and
+/// strings without `maxLength` get `string_chars`: [`MAX_STRING_CHARS`] at the top level, split
+/// among the items of each array around them (at least [`MIN_STRING_CHARS`]) — so a list of
+/// lists of strings stays about as long as one string, not 64 times longer. Numbers are bounded
+/// while decoding ([`MAX_INTEGER_DIGITS`](crate::toolcall::MAX_INTEGER_DIGITS)): JSON Schema cannot say how many digits.
+fn tighten(v: &mut serde_json::Value, string_chars: u64) {
     match v {
         serde_json::Value::Object(m) => {
             let ty = m.get("type").and_then(|t| t.as_str()).map(str::to_string);
@@ -81,14 +97,18 @@ fn tighten(v: &mut serde_json::Value) {
                 m.insert("additionalProperties".into(), serde_json::Value::Bool(false));
             }
             if ty.as_deref() == Some("string") && !["maxLength", "enum", "const", "pattern", "format"].iter().any(|k| m.contains_key(*k)) {
-                m.insert("maxLength".into(), MAX_STRING_CHARS.into());
+                m.insert("maxLength".into(), string_chars.into());
             }
             if ty.as_deref() == Some("array") && !m.contains_key("maxItems") {
                 m.insert("maxItems".into(), MAX_ARRAY_ITEMS.into());
             }
-            m.values_mut().for_each(tighten);
+            let items = m.get("maxItems").and_then(|n| n.as_u64()).unwrap_or(MAX_ARRAY_ITEMS).clamp(1, MAX_ARRAY_ITEMS);
+            let per_item = (string_chars / items).max(MIN_STRING_CHARS);
+            for (k, v) in m.iter_mut() {
+                tighten(v, if k == "items" || k == "prefixItems" { per_item } else { string_chars });
+            }
         }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(tighten),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|v| tighten(v, string_chars)),
         _ => {}
     }
 }
@@ -97,19 +117,40 @@ fn tighten(v: &mut serde_json::Value) {
 pub struct JsonConstraint {
     matcher: Matcher,
     tokenizer: Arc<Tokenizer>,
+    token_bytes: Arc<Vec<Vec<u8>>>,
+    /// Where the text written so far stands.
+    cursor: JsonCursor,
     eos: u32,
 }
 
 impl JsonConstraint {
     /// Tokens allowed next (`true` per id); the end-of-sequence token once the value is complete.
+    /// Tokens that would give a number more digits than its bounds are left out, unless the
+    /// schema allows nothing else (a `minimum` of 10^20, say).
     pub fn allowed(&mut self, n_vocab: usize) -> Result<Vec<bool>> {
         let mask = self.matcher.compute_mask_or_eos().map_err(|e| Error::Engine(format!("constraint: {e}")))?;
-        Ok((0..n_vocab as u32).map(|t| mask.is_allowed(t)).collect())
+        let grammar: Vec<bool> = (0..n_vocab as u32).map(|t| mask.is_allowed(t)).collect();
+        let lexeme = self.cursor.lexeme();
+        let bounded: Vec<bool> = grammar
+            .iter()
+            .enumerate()
+            .map(|(t, &ok)| ok && (t as u32 == self.eos || self.token_bytes.get(t).is_none_or(|b| lexeme.accepts(b))))
+            .collect();
+        Ok(if bounded.contains(&true) { bounded } else { grammar })
     }
 
     /// Advance past `token`.
     pub fn consume(&mut self, token: u32) -> Result<()> {
-        self.matcher.consume_token(token).map_err(|e| Error::Engine(format!("constraint: {e}")))
+        self.matcher.consume_token(token).map_err(|e| Error::Engine(format!("constraint: {e}")))?;
+        if let Some(b) = self.token_bytes.get(token as usize) {
+            self.cursor.push(b);
+        }
+        Ok(())
+    }
+
+    /// The field being written (`entities[3].observations[0]`; empty at the top level).
+    pub fn field(&self) -> String {
+        self.cursor.path()
     }
 
     /// Tokens for what the schema forces next whatever the model prefers (a key's name, `":"`,

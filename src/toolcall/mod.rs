@@ -6,16 +6,19 @@ mod call;
 mod catalog;
 mod constraint;
 mod conversation;
+mod json_cursor;
 mod manifest;
 pub mod schema;
 mod select;
 
 pub use agent::{AgentEvent, AgentOptions, ToolServers, MAX_RESULT_CHARS};
 pub use call::{
-    AdapterSet, CallEvent, CallLayout, CallStats, Strategy, ToolCall, ToolCaller, ToolChoice, ARGS_CUE, SCHEMA_CUE, SELECT_CUE, SERVER_CUE,
+    AdapterSet, CallEvent, CallLayout, CallStats, Strategy, ToolCall, ToolCaller, ToolChoice, ARGS_CUE, DEFAULT_ARG_BUDGET, SCHEMA_CUE,
+    SELECT_CUE, SERVER_CUE,
 };
 pub use catalog::{short_description, Catalog, ToolGroup, FINISH};
-pub use constraint::{ConstraintFactory, JsonConstraint, MAX_ARRAY_ITEMS, MAX_STRING_CHARS};
+pub use constraint::{ConstraintFactory, JsonConstraint, MAX_ARRAY_ITEMS, MAX_STRING_CHARS, MIN_STRING_CHARS};
 pub use conversation::{read_messages, AssistantTurn, FieldError, Message};
+pub use json_cursor::{MAX_EXPONENT_DIGITS, MAX_FRACTION_DIGITS, MAX_INTEGER_DIGITS};
 pub use manifest::{Manifest, MANIFEST_FILE};
 pub use select::{normalise, TokenTrie};

@@ -34,6 +34,9 @@ pub struct Args {
     /// times at temperature 1 with a majority vote, every stage re-sending the conversation).
     #[arg(long, value_enum, default_value = "decoupled")]
     mode: Mode,
+    /// Most tokens a call's arguments may take; a call that needs more fails naming the field.
+    #[arg(long, default_value_t = agentflux::toolcall::DEFAULT_ARG_BUDGET)]
+    arg_budget: usize,
     /// With several servers, choose among every tool at once instead of the server first.
     #[arg(long)]
     no_hierarchy: bool,
@@ -85,7 +88,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             catalog.add(&g.server, g.tools)?;
         }
     }
-    let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
+    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
+    l.caller.set_arg_budget(a.arg_budget);
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
     let messages = [ChatMessage::new("user", &a.query)];
     let call = a.mode.call(&l, &mut session, &catalog, &messages)?;

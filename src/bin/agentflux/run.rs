@@ -27,6 +27,9 @@ pub struct Args {
     /// Context size.
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
+    /// Most tokens a call's arguments may take; a call that needs more fails naming the field.
+    #[arg(long, default_value_t = agentflux::toolcall::DEFAULT_ARG_BUDGET)]
+    arg_budget: usize,
     /// With several servers, choose among every tool at once instead of the server first.
     #[arg(long)]
     no_hierarchy: bool,
@@ -40,8 +43,9 @@ pub struct Args {
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
     let mut agent = ToolServers::new(servers)?;
-    let super::call::Loaded { eng, adapters, caller } =
+    let super::call::Loaded { eng, adapters, mut caller } =
         super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
+    caller.set_arg_budget(a.arg_budget);
     let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
     let opts = AgentOptions::new(a.max_steps, a.answer_tokens, &eng.tokenizer);
     if !a.json {
