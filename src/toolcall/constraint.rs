@@ -76,7 +76,7 @@ impl ConstraintFactory {
 
 /// Longest string a schema without `maxLength` lets the model write at the top level: a bound on
 /// a small model that repeats itself inside a string, long enough for paths, queries and short
-/// file contents. Inside an array its items share their array's bound (see [`tighten`]).
+/// file contents. Inside an array, its items share the bound of their array (at least [`MIN_STRING_CHARS`]).
 pub const MAX_STRING_CHARS: u64 = 512;
 /// Shortest implicit string bound, however deep the arrays around it.
 pub const MIN_STRING_CHARS: u64 = 64;
