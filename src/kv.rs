@@ -85,6 +85,14 @@ impl KvCache {
         Ok(Self { layers, n_ctx: self.n_ctx, len: self.len })
     }
 
+    /// This cache's contents, leaving in their place a cache of no layers (which every forward
+    /// pass refuses) until they are put back: how a session lends its cache to the batching
+    /// thread for a pass.
+    pub(crate) fn lend(&mut self) -> KvCache {
+        let empty = KvCache { layers: Vec::new(), n_ctx: self.n_ctx, len: self.len };
+        std::mem::replace(self, empty)
+    }
+
     /// Forget every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod agent;
+pub mod batch;
 pub mod decode;
 mod engine;
 pub mod error;

@@ -8,12 +8,18 @@
 //! weights, so a base-processed prefix serves every activated adapter; a standard adapter (active
 //! from position 0) never reuses positions computed under another adapter set, and the counters
 //! say how many were computed again.
+//!
+//! A session computes on the model itself ([`Session::new`]) or through a [`Batcher`]
+//! ([`Session::batched`]), whose thread puts the work of many sessions into one forward pass; the
+//! calls and their results are the same either way.
 
-use crate::decode::{generate_adapted, GenerateOptions, Generation};
+use crate::batch::Batcher;
+use crate::decode::{generate_with, step, GenerateOptions, Generation, Sampler};
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::lora::ActiveAdapter;
 use crate::model::{Logits, Model, Sequence};
+use std::ops::ControlFlow;
 
 /// An adapter applied from absolute position `from` on (0: standard LoRA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -80,6 +86,8 @@ impl std::ops::Add for SessionStats {
 /// One conversation's KV cache and its history.
 pub struct Session<'m> {
     model: &'m Model,
+    /// Where the passes run: `None` on the model from this thread.
+    batcher: Option<&'m Batcher<'m>>,
     kv: KvCache,
     /// The token at each cached position.
     tokens: Vec<u32>,
@@ -91,7 +99,19 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// An empty session of `n_ctx` positions.
     pub fn new(model: &'m Model, n_ctx: usize) -> Result<Self> {
-        Ok(Self { model, kv: model.new_cache(n_ctx)?, tokens: Vec::new(), made_by: Vec::new(), stats: SessionStats::default() })
+        Ok(Self {
+            model,
+            batcher: None,
+            kv: model.new_cache(n_ctx)?,
+            tokens: Vec::new(),
+            made_by: Vec::new(),
+            stats: SessionStats::default(),
+        })
+    }
+
+    /// An empty session of `n_ctx` positions whose passes `batcher` shares with other sessions'.
+    pub fn batched(batcher: &'m Batcher<'m>, n_ctx: usize) -> Result<Self> {
+        Ok(Self { batcher: Some(batcher), ..Self::new(batcher.model(), n_ctx)? })
     }
 
     /// The cached tokens.
@@ -136,6 +156,7 @@ impl<'m> Session<'m> {
     pub fn fork(&self) -> Result<Self> {
         Ok(Self {
             model: self.model,
+            batcher: self.batcher,
             kv: self.kv.fork(self.model.ctx())?,
             tokens: self.tokens.clone(),
             made_by: self.made_by.clone(),
@@ -160,6 +181,13 @@ impl<'m> Session<'m> {
     /// positions a prefill of `prompt` under `plan` reuses (before keeping one to process).
     pub fn cached_prefix(&self, prompt: &[u32], plan: Option<Activation>) -> usize {
         self.tokens.iter().zip(prompt).enumerate().take_while(|&(p, (a, b))| a == b && self.made_by[p] == Activation::at(plan, p)).count()
+    }
+
+    /// Whether this session holds every position `other` holds — the same tokens, made by the
+    /// same adapters — so that `other` serves no prompt this one does not.
+    pub fn covers(&self, other: &Session) -> bool {
+        let n = other.len();
+        n <= self.len() && self.tokens[..n] == other.tokens[..] && self.made_by[..n] == other.made_by[..]
     }
 
     /// Drop the cached positions `prompt` under `plan` cannot reuse, keeping at least one prompt
@@ -188,13 +216,47 @@ impl<'m> Session<'m> {
         self.kv.truncate(self.tokens.len());
     }
 
+    /// Append `tokens` to the cache under `plan` (as a token tree with `tree`'s parents) in one
+    /// forward call, here or through the batcher, and return the logits `want` asks for.
+    fn forward(&mut self, tokens: &[u32], plan: Option<Activation>, tree: Option<&[i32]>, want: Logits) -> Result<Vec<f32>> {
+        let from = plan.map_or(0, |a| a.from.saturating_sub(self.kv.len()));
+        let adapter = plan.map(|a| a.adapter);
+        match self.batcher {
+            None => {
+                let seq = Sequence::adapted(&mut self.kv, tokens, adapter, from);
+                let seq = match tree {
+                    Some(parents) => seq.with_tree(parents),
+                    None => seq,
+                };
+                self.model.forward_seqs(&mut [seq], want)
+            }
+            Some(b) => {
+                let (kv, logits) = b.forward(self.kv.lend(), tokens, adapter, from, tree, want);
+                if let Some(kv) = kv {
+                    self.kv = kv;
+                }
+                logits
+            }
+        }
+    }
+
+    /// Process `tokens` under `plan` and choose the next token with `sampler` (on the GPU when
+    /// computing here, from the logits when batched: the same rule).
+    fn next_token(&mut self, tokens: &[u32], plan: Option<Activation>, sampler: &mut Sampler) -> Result<u32> {
+        if self.batcher.is_some() {
+            let logits = self.forward(tokens, plan, None, Logits::Last)?;
+            return Ok(sampler.sample(&logits));
+        }
+        let from = plan.map_or(0, |a| a.from.saturating_sub(self.kv.len()));
+        step(self.model, &mut Sequence::adapted(&mut self.kv, tokens, plan.map(|a| a.adapter), from), sampler)
+    }
+
     /// Make the session hold `prompt` (the whole conversation so far) processed under `plan`,
     /// computing only what the cache lacks; returns the last position's logits.
     pub fn prefill(&mut self, prompt: &[u32], plan: Option<Activation>) -> Result<Vec<f32>> {
         let keep = self.reuse(prompt, plan)?;
         let new = &prompt[keep..];
-        let from = plan.map_or(0, |a| a.from.saturating_sub(keep));
-        let logits = self.model.forward_seqs(&mut [Sequence::adapted(&mut self.kv, new, plan.map(|a| a.adapter), from)], Logits::Last);
+        let logits = self.forward(new, plan, None, Logits::Last);
         self.settle(new, plan);
         logits
     }
@@ -210,9 +272,8 @@ impl<'m> Session<'m> {
     /// logits before it is kept; see [`Session::truncate`] for what is not).
     pub fn extend(&mut self, tokens: &[u32], plan: Option<Activation>) -> Result<Vec<f32>> {
         let start = self.len();
-        let from = plan.map_or(0, |a| a.from.saturating_sub(start));
         let want = if tokens.len() == 1 { Logits::Last } else { Logits::All };
-        let logits = self.model.forward_seqs(&mut [Sequence::adapted(&mut self.kv, tokens, plan.map(|a| a.adapter), from)], want);
+        let logits = self.forward(tokens, plan, None, want);
         self.settle(tokens, plan);
         self.stats.decoded += self.len() - start;
         logits
@@ -231,18 +292,16 @@ impl<'m> Session<'m> {
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let keep = self.reuse(prompt, plan)?;
         let new = &prompt[keep..];
-        let from = plan.map_or(0, |a| a.from.saturating_sub(keep));
         if new.len() + tokens.len() > self.model.max_tree_tokens() {
-            let root = self.model.forward_seqs(&mut [Sequence::adapted(&mut self.kv, new, plan.map(|a| a.adapter), from)], Logits::Last);
+            let root = self.forward(new, plan, None, Logits::Last);
             self.settle(new, plan);
             return Ok((root?, self.tree_logits(tokens, parents, plan)?));
         }
         let n = new.len() as i32;
         let all: Vec<u32> = new.iter().chain(tokens).copied().collect();
         let tree: Vec<i32> = (0..n).map(|i| i - 1).chain(parents.iter().map(|&p| if p < 0 { n - 1 } else { p + n })).collect();
-        let seq = Sequence::adapted(&mut self.kv, &all, plan.map(|a| a.adapter), from).with_tree(&tree);
         // Logits of the prompt's last row and the tree's: the rest would only be thrown away.
-        let mut logits = self.model.forward_seqs(&mut [seq], Logits::From(new.len() - 1))?;
+        let mut logits = self.forward(&all, plan, Some(&tree), Logits::From(new.len() - 1))?;
         self.kv.truncate(keep + new.len());
         self.settle(new, plan);
         self.stats.scored += tokens.len();
@@ -254,9 +313,7 @@ impl<'m> Session<'m> {
     /// cached positions, under `plan`; the cache is left as it was.
     pub fn tree_logits(&mut self, tokens: &[u32], parents: &[i32], plan: Option<Activation>) -> Result<Vec<f32>> {
         let start = self.len();
-        let from = plan.map_or(0, |a| a.from.saturating_sub(start));
-        let seq = Sequence::adapted(&mut self.kv, tokens, plan.map(|a| a.adapter), from).with_tree(parents);
-        let logits = self.model.forward_seqs(&mut [seq], Logits::All);
+        let logits = self.forward(tokens, plan, Some(parents), Logits::All);
         self.kv.truncate(start);
         self.stats.scored += tokens.len();
         logits
@@ -270,12 +327,27 @@ impl<'m> Session<'m> {
         prompt: &[u32],
         plan: Option<Activation>,
         opts: &GenerateOptions,
-        on_token: impl FnMut(u32),
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Generation> {
+        self.generate_until(prompt, plan, opts, |t| {
+            on_token(t);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// [`generate`](Self::generate), ended early with [`Error::Cancelled`] when `on_token`
+    /// breaks (the reader of the text is gone); the session keeps what was fed until then.
+    pub fn generate_until(
+        &mut self,
+        prompt: &[u32],
+        plan: Option<Activation>,
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<Generation> {
         let keep = self.reuse(prompt, plan)?;
         let mut generated = Vec::new();
-        let mut on_token = on_token;
-        let g = generate_adapted(self.model, &mut self.kv, &prompt[keep..], plan.map(|a| (a.adapter, a.from)), opts, |t| {
+        let feed = |tokens: &[u32], sampler: &mut Sampler| self.next_token(tokens, plan, sampler);
+        let g = generate_with(&prompt[keep..], opts, feed, |t| {
             generated.push(t);
             on_token(t)
         });

@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["kernels/"],
     &["kv.rs", "lora/registry.rs"],
     &["model/"],
-    &["decode/"],
+    &["decode/", "batch.rs"],
     &["session.rs", "reference/"],
     &["toolcall/", "engine.rs"],
     &["train/", "eval/"],

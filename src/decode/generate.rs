@@ -1,11 +1,12 @@
 //! The generation loop: prefill the prompt, then decode one token at a time.
 
 use super::{Sampler, SamplerConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::lora::ActiveAdapter;
 use crate::model::{Logits, Model, Pick, Sequence};
 use crate::text::Tokenizer;
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 /// What to generate.
@@ -69,7 +70,9 @@ impl Generation {
     }
 }
 
-fn step(model: &Model, seq: &mut Sequence, sampler: &mut Sampler) -> Result<u32> {
+/// Process `seq` and choose its next token with `sampler`: on the GPU where the kernels can
+/// (greedy, top-k up to [`K_MAX`](crate::kernels::sample::K_MAX)), otherwise from the logits on the host by the same rule.
+pub(crate) fn step(model: &Model, seq: &mut Sequence, sampler: &mut Sampler) -> Result<u32> {
     let cfg = sampler.config();
     if sampler.is_greedy() {
         model.next_token(seq, Pick::Greedy)
@@ -98,19 +101,37 @@ pub fn generate_adapted(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation> {
-    let mut sampler = Sampler::new(opts.sampler);
-    let feed = |kv: &mut KvCache, tokens: &[u32], sampler: &mut Sampler| {
+    let feed = |tokens: &[u32], sampler: &mut Sampler| {
         let from = adapter.map_or(0, |(_, from)| from.saturating_sub(kv.len()));
         step(model, &mut Sequence::adapted(kv, tokens, adapter.map(|a| a.0), from), sampler)
     };
+    generate_with(prompt, opts, feed, |t| {
+        on_token(t);
+        ControlFlow::Continue(())
+    })
+}
+
+/// The generation loop over any way of computing: `feed(tokens, sampler)` processes `tokens`
+/// after what came before and returns the next token `sampler` chooses. `on_token` sees each
+/// token as it is chosen; [`ControlFlow::Break`] ends the generation with [`Error::Cancelled`]
+/// (a client that left).
+pub fn generate_with(
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut feed: impl FnMut(&[u32], &mut Sampler) -> Result<u32>,
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let mut sampler = Sampler::new(opts.sampler);
     let mut out = Vec::new();
     let t0 = Instant::now();
-    let mut next = feed(kv, prompt, &mut sampler)?;
+    let mut next = feed(prompt, &mut sampler)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     while out.len() < opts.max_tokens {
         out.push(next);
-        on_token(next);
+        if on_token(next).is_break() {
+            return Err(Error::Cancelled);
+        }
         if opts.stop.contains(&next) || out.len() == opts.max_tokens {
             break;
         }
@@ -118,7 +139,7 @@ pub fn generate_adapted(
             out.truncate(out.len() - (REPEAT_COPIES - 1) * span);
             break;
         }
-        next = feed(kv, &[next], &mut sampler)?;
+        next = feed(&[next], &mut sampler)?;
     }
     Ok(Generation { tokens: out, prefill_secs, decode_secs: t1.elapsed().as_secs_f64(), prompt_len: prompt.len() })
 }

@@ -3,5 +3,6 @@
 mod generate;
 mod sampler;
 
-pub use generate::{generate, generate_adapted, GenerateOptions, Generation};
+pub(crate) use generate::step;
+pub use generate::{generate, generate_adapted, generate_with, GenerateOptions, Generation};
 pub use sampler::{draw, Sampler, SamplerConfig, SplitMix64};

@@ -42,6 +42,18 @@ pub enum Logits {
     From(usize),
 }
 
+impl Logits {
+    /// Rows of logits this choice yields for `n` tokens.
+    pub fn rows(self, n: usize) -> usize {
+        match self {
+            Logits::None => 0,
+            Logits::Last => n.min(1),
+            Logits::All => n,
+            Logits::From(k) => n.saturating_sub(k),
+        }
+    }
+}
+
 /// How the next token is chosen on the GPU.
 #[derive(Debug, Clone, Copy)]
 pub enum Pick {
@@ -184,6 +196,12 @@ impl Model {
         self.logit_cap()
     }
 
+    /// Most tokens one pass over several sequences holds (whatever logits they want): the
+    /// per-step budget of continuous batching ([`crate::batch`]).
+    pub fn step_tokens(&self) -> usize {
+        self.logit_cap()
+    }
+
     /// Rows whose logits fit one pass (the logits buffer within one binding).
     fn logit_cap(&self) -> usize {
         ((self.ctx.max_binding() as usize / (self.config.n_vocab * 4)).max(1)).min(self.max_batch)
@@ -242,8 +260,30 @@ impl Model {
     /// sequence. Several sequences must fit one pass together (256 rows).
     pub fn forward_seqs(&self, seqs: &mut [Sequence], want: Logits) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.run(seqs, want, None, &mut out)?;
+        self.run(seqs, &vec![want; seqs.len()], None, &mut out)?;
         Ok(out)
+    }
+
+    /// [`forward_seqs`](Self::forward_seqs) with each sequence's own choice of logits (one
+    /// sequence's prompt chunk wants none, another's decode row its last): the logits of each
+    /// sequence apart, in the order of `seqs`.
+    pub fn forward_each(&self, seqs: &mut [Sequence], wants: &[Logits]) -> Result<Vec<Vec<f32>>> {
+        if wants.len() != seqs.len() {
+            return Err(Error::InvalidOption(format!("{} logit choices for {} sequences", wants.len(), seqs.len())));
+        }
+        let rows: Vec<usize> = seqs.iter().zip(wants).map(|(s, w)| w.rows(s.tokens.len())).collect();
+        let mut out = Vec::new();
+        self.run(seqs, wants, None, &mut out)?;
+        let n_vocab = self.config.n_vocab;
+        let mut rest = out.as_slice();
+        Ok(rows
+            .iter()
+            .map(|&r| {
+                let (mine, after) = rest.split_at((r * n_vocab).min(rest.len()));
+                rest = after;
+                mine.to_vec()
+            })
+            .collect())
     }
 
     /// Process `tokens` and return the id of the largest last-token logit, computed on the GPU
@@ -260,40 +300,43 @@ impl Model {
 
     /// Process one sequence and choose its next token on the GPU.
     pub fn next_token(&self, seq: &mut Sequence, pick: Pick) -> Result<u32> {
-        let ids = self.run(std::slice::from_mut(seq), Logits::Last, Some(pick), &mut Vec::new())?;
+        let ids = self.run(std::slice::from_mut(seq), &[Logits::Last], Some(pick), &mut Vec::new())?;
         ids.first().copied().ok_or_else(|| Error::Gpu("token choice produced no token".into()))
     }
 
     /// Process several sequences in one pass and choose each one's next token greedily on the GPU.
     pub fn next_tokens_greedy(&self, seqs: &mut [Sequence]) -> Result<Vec<u32>> {
-        self.run(seqs, Logits::Last, Some(Pick::Greedy), &mut Vec::new())
+        self.run(seqs, &vec![Logits::Last; seqs.len()], Some(Pick::Greedy), &mut Vec::new())
     }
 
     fn check_seqs(&self, seqs: &[Sequence]) -> Result<()> {
-        let n_vocab = self.config.n_vocab;
         if seqs.is_empty() {
             return Err(Error::InvalidOption("forward called with no sequence".into()));
         }
-        for s in seqs {
-            if s.tokens.is_empty() {
-                return Err(Error::InvalidOption("forward called with no tokens".into()));
-            }
-            if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= n_vocab) {
-                return Err(Error::BadToken { id, n_vocab });
-            }
-            if s.kv.n_layers() != self.config.n_layers {
-                return Err(Error::InvalidOption(format!(
-                    "a KV cache of {} layers used with a model of {}",
-                    s.kv.n_layers(),
-                    self.config.n_layers
-                )));
-            }
-            s.kv.reserve(s.tokens.len())?;
-        }
-        Ok(())
+        seqs.iter().try_for_each(|s| self.check_sequence(s))
     }
 
-    fn run(&self, seqs: &mut [Sequence], want: Logits, pick: Option<Pick>, out: &mut Vec<f32>) -> Result<Vec<u32>> {
+    /// Whether a pass can take `s`: tokens within the vocabulary, a cache of this model's layers
+    /// with room for them.
+    pub(crate) fn check_sequence(&self, s: &Sequence) -> Result<()> {
+        let n_vocab = self.config.n_vocab;
+        if s.tokens.is_empty() {
+            return Err(Error::InvalidOption("forward called with no tokens".into()));
+        }
+        if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(Error::BadToken { id, n_vocab });
+        }
+        if s.kv.n_layers() != self.config.n_layers {
+            return Err(Error::InvalidOption(format!(
+                "a KV cache of {} layers used with a model of {}",
+                s.kv.n_layers(),
+                self.config.n_layers
+            )));
+        }
+        s.kv.reserve(s.tokens.len())
+    }
+
+    fn run(&self, seqs: &mut [Sequence], wants: &[Logits], pick: Option<Pick>, out: &mut Vec<f32>) -> Result<Vec<u32>> {
         self.check_seqs(seqs)?;
         let n_vocab = self.config.n_vocab;
         let registry = self.registry()?;
@@ -323,7 +366,7 @@ impl Model {
             return Err(Error::InvalidOption("GPU sampling takes one sequence at a time".into()));
         }
         let logit_cap = self.logit_cap();
-        let chunk = if matches!(want, Logits::All | Logits::From(_)) { logit_cap } else { self.max_batch };
+        let chunk = if wants.iter().any(|w| matches!(w, Logits::All | Logits::From(_))) { logit_cap } else { self.max_batch };
         let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if seqs.len() > 1 && (total > chunk || seqs.len() > logit_cap) {
             return Err(Error::InvalidOption(format!(
@@ -356,7 +399,7 @@ impl Model {
                 ids.extend_from_slice(&seq.tokens[at..at + len]);
                 let slot = seq.adapter.and_then(|a| active.iter().position(|x| *x == a)).map_or(-1, |p| p as i32);
                 slots.extend((at..at + len).map(|j| if j >= seq.adapter_from { slot } else { -1 }));
-                match want {
+                match wants[i] {
                     Logits::All => logit_rows.push((row0, len)),
                     Logits::From(k) if at + len > k => {
                         let first = k.max(at);

@@ -1,21 +1,28 @@
 //! The server's prefix cache: the KV caches of earlier requests, kept under a memory budget.
 //!
 //! An agent framework sends the whole conversation on every step, so consecutive requests share
-//! their beginning (system text, tool list, earlier turns). The worker keeps up to `capacity`
-//! sessions; a request continues the one whose cache holds the longest prefix of its prompt
-//! computed with the base weights (which every adapter may reuse: activated LoRA), so only what
-//! is new is computed. Positions made under an adapter are reused by that adapter only
-//! ([`Session`] tracks who made each). When every session is taken, the least recently used is
-//! emptied for the new conversation. llama.cpp's server keeps one such cache per slot and picks
-//! the slot by prefix similarity in the same way.
+//! their beginning (system text, tool list, earlier turns). The cache keeps up to `capacity`
+//! sessions; a request starts from a copy of the one whose cache holds the longest prefix of its
+//! prompt computed with the base weights (which every adapter may reuse: activated LoRA), so only
+//! what is new is computed. Positions made under an adapter are reused by that adapter only
+//! ([`Session`] tracks who made each).
+//!
+//! Requests running at once that share a prefix each get a copy of it (a GPU copy of the cached
+//! positions, far cheaper than computing them); the copy, not the original, is what they extend.
+//! Copies were chosen over paged KV blocks with reference counts: the attention kernels read one
+//! contiguous cache per sequence, and a copy of a 1,000-token prefix costs a few milliseconds
+//! where computing it costs seconds. A finished request's session goes back into the cache and
+//! replaces the sessions it extends; beyond `capacity`, the least recently used is dropped.
+//! llama.cpp's server keeps one such cache per slot and picks the slot by prefix similarity in
+//! the same way.
 
+use crate::batch::Batcher;
 use crate::error::Result;
-use crate::model::Model;
 use crate::session::Session;
 
 /// Sessions kept across requests, each with the time it was last used.
 pub(super) struct PrefixCache<'m> {
-    model: &'m Model,
+    batcher: &'m Batcher<'m>,
     n_ctx: usize,
     capacity: usize,
     slots: Vec<(Session<'m>, u64)>,
@@ -23,40 +30,41 @@ pub(super) struct PrefixCache<'m> {
 }
 
 impl<'m> PrefixCache<'m> {
-    /// Room for `capacity` sessions of `n_ctx` positions, made as they are needed; with 0, one
-    /// session that every request empties first (no cache).
-    pub fn new(model: &'m Model, n_ctx: usize, capacity: usize) -> Self {
-        Self { model, n_ctx, capacity, slots: Vec::new(), clock: 0 }
+    /// Room for `capacity` sessions of `n_ctx` positions (0: nothing kept, every request starts
+    /// from an empty cache).
+    pub fn new(batcher: &'m Batcher<'m>, n_ctx: usize, capacity: usize) -> Self {
+        Self { batcher, n_ctx, capacity, slots: Vec::new(), clock: 0 }
     }
 
-    /// The session for a request whose prompt begins with `prefix` (computed with the base
+    /// A session for a request whose prompt begins with `prefix` (computed with the base
     /// weights), and how many of those tokens it already holds.
-    pub fn checkout(&mut self, prefix: &[u32]) -> Result<(&mut Session<'m>, usize)> {
+    pub fn checkout(&mut self, prefix: &[u32]) -> Result<(Session<'m>, usize)> {
         self.clock += 1;
-        if self.capacity == 0 {
-            if self.slots.is_empty() {
-                self.slots.push((Session::new(self.model, self.n_ctx)?, 0));
-            }
-            self.slots[0].0.truncate(0);
-            return Ok((&mut self.slots[0].0, 0));
-        }
         // The session holding the longest prefix, the most recently used among equals.
         let best = self.slots.iter().enumerate().map(|(i, (s, used))| (s.cached_prefix(prefix, None), *used, i)).max();
-        let i = match best {
-            Some((held, _, i)) if held > 0 => i,
-            _ if self.slots.len() < self.capacity => {
-                self.slots.push((Session::new(self.model, self.n_ctx)?, 0));
-                self.slots.len() - 1
+        match best {
+            Some((held, _, i)) if held > 0 => {
+                self.slots[i].1 = self.clock;
+                let mut session = self.slots[i].0.fork()?;
+                session.truncate(held);
+                Ok((session, held))
             }
-            _ => self.least_recent(),
-        };
-        let slot = &mut self.slots[i];
-        slot.1 = self.clock;
-        let held = slot.0.cached_prefix(prefix, None);
-        Ok((&mut slot.0, held))
+            _ => Ok((Session::batched(self.batcher, self.n_ctx)?, 0)),
+        }
     }
 
-    fn least_recent(&self) -> usize {
-        self.slots.iter().enumerate().min_by_key(|(_, (_, used))| *used).map_or(0, |(i, _)| i)
+    /// Keep a finished request's session: it replaces every kept session whose positions it
+    /// holds too, and the least recently used goes when the cache is over its capacity.
+    pub fn checkin(&mut self, session: Session<'m>) {
+        if self.capacity == 0 || session.is_empty() {
+            return;
+        }
+        self.clock += 1;
+        self.slots.retain(|(s, _)| !session.covers(s));
+        self.slots.push((session, self.clock));
+        while self.slots.len() > self.capacity {
+            let oldest = self.slots.iter().enumerate().min_by_key(|(_, (_, used))| *used).map_or(0, |(i, _)| i);
+            self.slots.swap_remove(oldest);
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! HTTP over `tiny_http`: routing, request bodies, JSON answers and server-sent events.
 
 use super::openai::{self, tool_call_json, ApiError, Envelope};
-use super::worker::{self, Backend, Event, Job, WorkerLimits};
+use super::worker::{self, Backend, Event, Job, Metrics, WorkerLimits};
 use super::ServeOptions;
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tiny_http::{Header, Method, Request, Response};
@@ -27,6 +27,7 @@ pub struct Server {
 /// What every connection thread needs.
 struct Shared {
     jobs: SyncSender<Job>,
+    metrics: Arc<Mutex<Metrics>>,
     model: String,
     opts: ServeOptions,
     next: AtomicU64,
@@ -39,6 +40,9 @@ impl Server {
         if opts.max_queue == 0 {
             return Err(Error::InvalidOption("max_queue must be at least 1".into()));
         }
+        if opts.parallel == 0 {
+            return Err(Error::InvalidOption("parallel must be at least 1".into()));
+        }
         let model = backend.engine.model.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "agentflux".into());
         let config = &backend.engine.model.config;
         let n_ctx = opts.n_ctx.min(config.n_ctx_train);
@@ -48,12 +52,14 @@ impl Server {
             bytes => bytes.checked_div(session_bytes).unwrap_or(0).max(1) as usize,
         };
         tracing::info!(cached_sessions, n_ctx, "prefix cache");
-        let limits = WorkerLimits { n_ctx, default_max_tokens: opts.default_max_tokens, cached_sessions };
+        let limits = WorkerLimits { n_ctx, default_max_tokens: opts.default_max_tokens, cached_sessions, parallel: opts.parallel };
         let (jobs, queue) = mpsc::sync_channel(opts.max_queue);
         let (ready_tx, ready) = mpsc::channel();
+        let metrics = Arc::new(Mutex::new(Metrics::default()));
+        let counted = metrics.clone();
         let worker = std::thread::Builder::new()
             .name("agentflux-worker".into())
-            .spawn(move || worker::run(backend, limits, queue, ready_tx))
+            .spawn(move || worker::run(backend, limits, queue, &counted, ready_tx))
             .map_err(|e| Error::Serve(format!("cannot start the worker thread: {e}")))?;
         match ready.recv() {
             Ok(Ok(())) => {}
@@ -63,7 +69,7 @@ impl Server {
         let http = tiny_http::Server::http(opts.addr).map_err(|e| Error::Serve(format!("cannot listen on {}: {e}", opts.addr)))?;
         let addr = http.server_addr().to_ip().ok_or_else(|| Error::Serve(format!("{} is not an IP address", opts.addr)))?;
         let http = Arc::new(http);
-        let shared = Arc::new(Shared { jobs, model, opts, next: AtomicU64::new(1) });
+        let shared = Arc::new(Shared { jobs, metrics, model, opts, next: AtomicU64::new(1) });
         let listener = http.clone();
         let acceptor = std::thread::Builder::new()
             .name("agentflux-http".into())
@@ -129,19 +135,59 @@ fn handle(shared: &Shared, request: Request) {
             )
         }
         (Method::Get, "/health") => respond(request, 200, &json!({"status": "ok"}), &[]),
+        (Method::Get, "/metrics") => {
+            let m = shared.metrics.lock().map(|m| *m).unwrap_or_default();
+            let r = Response::from_string(prometheus(&m)).with_status_code(200);
+            let r = match Header::from_bytes("Content-Type", "text/plain; version=0.0.4") {
+                Ok(h) => r.with_header(h),
+                Err(_) => r,
+            };
+            if let Err(e) = request.respond(r) {
+                tracing::debug!("the client left before the answer: {e}");
+            }
+            200
+        }
         (_, "/v1/chat/completions") => {
             error(request, ApiError::status(405, format!("{method} is not allowed here: use POST")), &[("Allow", "POST")])
         }
-        (_, "/v1/models" | "/health") => {
+        (_, "/v1/models" | "/health" | "/metrics") => {
             error(request, ApiError::status(405, format!("{method} is not allowed here: use GET")), &[("Allow", "GET")])
         }
         _ => error(
             request,
-            ApiError::status(404, format!("no route {path}: this server answers POST /v1/chat/completions and GET /v1/models")),
+            ApiError::status(
+                404,
+                format!("no route {path}: this server answers POST /v1/chat/completions, GET /v1/models and GET /metrics"),
+            ),
             &[],
         ),
     };
     tracing::info!("{method} {path} {status} in {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
+}
+
+/// The worker's counters in Prometheus' text format (what `GET /metrics` answers).
+fn prometheus(m: &Metrics) -> String {
+    let b = &m.batch;
+    let counters: [(&str, &str, u64); 8] = [
+        ("requests_total", "Requests finished, answered or not.", m.requests),
+        ("requests_cancelled_total", "Requests whose client left before the answer was complete.", m.cancelled),
+        ("passes_total", "Forward passes run.", b.passes as u64),
+        ("pass_sequences_total", "Sequences over every pass (a pass of 8 requests' rows counts 8).", b.sequences as u64),
+        ("pass_tokens_total", "Tokens over every pass.", b.tokens as u64),
+        ("shared_passes_total", "Passes holding more than one request's rows.", b.shared_passes as u64),
+        (
+            "mixed_adapter_passes_total",
+            "Passes whose rows used different adapters (the fused multi-LoRA kernel).",
+            b.mixed_adapter_passes as u64,
+        ),
+        ("widest_pass_sequences", "Most sequences in one pass.", b.widest as u64),
+    ];
+    let mut out = String::new();
+    for (name, help, value) in counters {
+        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+        out.push_str(&format!("# HELP agentflux_{name} {help}\n# TYPE agentflux_{name} {kind}\nagentflux_{name} {value}\n"));
+    }
+    out
 }
 
 /// `POST /v1/chat/completions`; returns the status sent.

@@ -2,9 +2,9 @@
 //! `tool_choice`, streamed or not) and `GET /v1/models`.
 //!
 //! Requests are validated on their connection's thread (a malformed one gets a 4xx naming the
-//! field and never reaches the GPU), then queued for the one worker thread that owns the model
-//! ([`worker`]). The queue is bounded: when it is full a request gets 503 at once instead of
-//! waiting without end. Tool calls go through the decoupled pipeline ([`crate::toolcall`]): the
+//! field and never reaches the GPU), then queued for the worker ([`worker`]), which answers up
+//! to `parallel` of them at once with their rows batched into shared forward passes. The queue
+//! is bounded: when it is full a request gets 503 at once instead of waiting without end. Tool calls go through the decoupled pipeline ([`crate::toolcall`]): the
 //! tool is scored among the request's tools (its probability and every candidate's are returned
 //! under `agentflux`), the arguments are decoded under the tool's JSON schema.
 
@@ -25,6 +25,9 @@ pub struct ServeOptions {
     pub addr: SocketAddr,
     /// KV cache positions per request.
     pub n_ctx: usize,
+    /// Requests answered at once: their rows share each forward pass (continuous batching). Each
+    /// holds a KV cache of `n_ctx` positions while it runs.
+    pub parallel: usize,
     /// Requests waiting for the GPU before new ones get 503.
     pub max_queue: usize,
     /// Largest request body.
@@ -44,6 +47,7 @@ impl Default for ServeOptions {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             n_ctx: 4096,
+            parallel: 4,
             max_queue: 64,
             max_body_bytes: 4 << 20,
             default_max_tokens: 1024,

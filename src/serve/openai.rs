@@ -50,6 +50,8 @@ impl From<crate::Error> for ApiError {
             }
             E::InvalidOption(_) | E::Template(_) | E::Tokenizer(_) | E::BadToken { .. } => Self::status(400, e.to_string()),
             E::ModelOutput(_) => Self { code: Some("model_output_invalid"), ..Self::status(500, e.to_string()) },
+            // Nobody reads this answer; 499 is the status proxies log for it.
+            E::Cancelled => Self { code: Some("client_closed"), ..Self::status(499, e.to_string()) },
             // A tool server failed: the gateway's upstream.
             E::Mcp(_) => Self::status(502, e.to_string()),
             // The engine's own failures: GPU, engine, files it needs, a model it cannot run.

@@ -1,14 +1,17 @@
-//! The engine side of the server: one thread owns the model and the prefix cache and runs queued
-//! requests one at a time, reporting each piece of the answer as an [`Event`].
+//! The engine side of the server: request threads, each answering one request at a time on its own
+//! session, and one batching thread that runs the model for all of them ([`crate::batch`]): every
+//! pass holds the rows of every request in flight, each under its own adapter, and a long prompt
+//! is computed a piece per pass while the others keep decoding. Each piece of an answer is
+//! reported as an [`Event`].
 //!
-//! A request continues the cached session that holds the longest prefix of its prompt, so only its
-//! new tokens are computed (the prefix cache, `serve/cache.rs`). That does not change its answer: a
-//! row of a forward pass is computed the same way whatever other rows share the pass (the products
-//! and attention sum each row's terms in one fixed order), with one exception — a suffix of a
-//! single token is attended by the decode kernel, which splits the keys and sums in another order,
-//! so its probabilities agree within rounding (1e-6 in the tests) rather than bit for bit. The
-//! tokens are the same (tested: concurrent requests against sequential ones, cached conversations
-//! against a server with nothing cached).
+//! A request starts from a copy of the cached session that holds the longest prefix of its
+//! prompt, so only its new tokens are computed (the prefix cache, `serve/cache.rs`). Neither the
+//! cache nor the company of other requests changes an answer's tokens, and its probabilities
+//! agree within rounding rather than bit for bit: a row computed alone in a one-token pass goes
+//! through the decode kernels (the attention splits the keys, the product takes the single-row
+//! path), which sum in another order than a pass of several rows, and a cached position may have
+//! been computed either way. Tested: concurrent requests against sequential ones, cached
+//! conversations against a server with nothing cached (tool probabilities within 1e-5).
 
 use super::cache::PrefixCache;
 use super::openai::{ApiError, ChatRequest, Usage, Work};
@@ -19,6 +22,7 @@ use crate::toolcall::{AdapterSet, CallEvent, ToolCall, ToolCaller, FINISH};
 use crate::Engine;
 use std::ops::ControlFlow;
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Mutex;
 
 /// A piece of an answer, in the order it is produced.
 #[derive(Debug)]
@@ -65,6 +69,18 @@ pub struct Backend {
     pub adapters: AdapterSet,
 }
 
+/// What the worker has done, for `GET /metrics`: the batching thread's passes (as of the last
+/// finished request) and the requests answered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Metrics {
+    /// Passes and the rows they held.
+    pub batch: crate::batch::BatchStats,
+    /// Requests finished, answered or not.
+    pub requests: u64,
+    /// Of those, requests whose client left before the answer was complete.
+    pub cancelled: u64,
+}
+
 /// Limits the worker applies.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerLimits {
@@ -75,33 +91,48 @@ pub struct WorkerLimits {
     /// Sessions the prefix cache keeps (each `n_ctx` positions); 0: none, every request starts
     /// from an empty cache.
     pub cached_sessions: usize,
+    /// Requests answered at once (each holds a session of `n_ctx` positions while it runs).
+    pub parallel: usize,
 }
 
-/// Run jobs until every sender is gone. `ready` hears once whether the cache could be made.
-pub fn run(backend: Backend, limits: WorkerLimits, jobs: Receiver<Job>, ready: Sender<crate::Result<()>>) {
+/// Run jobs until every sender is gone, `limits.parallel` at a time, counting in `metrics`.
+/// `ready` hears once whether a session could be made.
+pub fn run(backend: Backend, limits: WorkerLimits, jobs: Receiver<Job>, metrics: &Mutex<Metrics>, ready: Sender<crate::Result<()>>) {
     let engine = &backend.engine;
     let caller = match ToolCaller::new(engine.tokenizer.clone(), engine.template.clone()) {
         Ok(c) => c,
         Err(e) => return drop(ready.send(Err(e))),
     };
-    // The first session now: a context that does not fit fails at start, not at a request.
-    let mut cache = PrefixCache::new(&engine.model, limits.n_ctx, limits.cached_sessions);
-    if let Err(e) = cache.checkout(&[]) {
+    // One session now: a context that does not fit fails at start, not at a request.
+    if let Err(e) = Session::new(&engine.model, limits.n_ctx) {
         return drop(ready.send(Err(e)));
     }
     if ready.send(Ok(())).is_err() {
         return;
     }
     let worker = Worker { backend: &backend, caller, limits };
-    for job in jobs {
-        let answered = worker.prefix(&job.request).map_err(ApiError::from).and_then(|prefix| {
-            let (session, cached) = cache.checkout(&prefix)?;
-            worker.answer(session, &job, cached)
+    let jobs = Mutex::new(jobs);
+    crate::batch::scope(&engine.model, |batcher| {
+        let cache = Mutex::new(PrefixCache::new(batcher, limits.n_ctx, limits.cached_sessions));
+        std::thread::scope(|s| {
+            for _ in 0..limits.parallel.max(1) {
+                s.spawn(|| {
+                    // The queue is locked only while waiting for the next job.
+                    let next = || jobs.lock().ok()?.recv().ok();
+                    while let Some(job) = next() {
+                        let _turn = batcher.join();
+                        let answered = worker.serve(&cache, &job);
+                        if let Ok(mut m) = metrics.lock() {
+                            m.batch = batcher.stats();
+                            m.requests += 1;
+                            m.cancelled += matches!(&answered, Err(e) if e.code == Some("client_closed")) as u64;
+                        }
+                        let _ = job.events.send(answered.unwrap_or_else(Event::Failed));
+                    }
+                });
+            }
         });
-        if let Err(e) = answered {
-            let _ = job.events.send(Event::Failed(e));
-        }
-    }
+    });
 }
 
 struct Worker<'a> {
@@ -111,6 +142,19 @@ struct Worker<'a> {
 }
 
 impl Worker<'_> {
+    /// Answer `job` on a session from the cache and give the session back to it; returns the
+    /// answer's last event, to be sent once the session is back (so that the client's next
+    /// request finds it).
+    fn serve(&self, cache: &Mutex<PrefixCache>, job: &Job) -> Result<Event, ApiError> {
+        let prefix = self.prefix(&job.request)?;
+        let (mut session, cached) = cache.lock().map_err(|_| crate::Error::poisoned("prefix cache"))?.checkout(&prefix)?;
+        let answered = self.answer(&mut session, job, cached);
+        if let Ok(mut c) = cache.lock() {
+            c.checkin(session);
+        }
+        answered
+    }
+
     /// The beginning of the request's prompt that is computed with the base weights (what the
     /// prefix cache matches): the whole prompt of text work, the conversation before the tool
     /// choice of a call.
@@ -122,8 +166,9 @@ impl Worker<'_> {
         }
     }
 
-    /// Answer `job` on `session`, which holds `cached` tokens of its prompt already.
-    fn answer(&self, session: &mut Session, job: &Job, cached: usize) -> Result<(), ApiError> {
+    /// Answer `job` on `session`, which holds `cached` tokens of its prompt already: every event
+    /// is sent but the last ([`Event::Done`]), which is returned.
+    fn answer(&self, session: &mut Session, job: &Job, cached: usize) -> Result<Event, ApiError> {
         let r = &job.request;
         let send = |e: Event| {
             let _ = job.events.send(e);
@@ -166,12 +211,11 @@ impl Worker<'_> {
         }
         let completion = call.stats.name_tokens + call.stats.arg_tokens;
         let usage = Usage { prompt: call.stats.prefix_tokens, completion, cached: cached.min(call.stats.prefix_tokens.saturating_sub(1)) };
-        send(Event::Done { finish_reason: "tool_calls", usage, call: Some(Box::new(call)) });
-        Ok(())
+        Ok(Event::Done { finish_reason: "tool_calls", usage, call: Some(Box::new(call)) })
     }
 
-    /// Free text after `prompt`, streamed as it is decoded.
-    fn text(&self, session: &mut Session, job: &Job, prompt: Vec<u32>, cached: usize, call: Option<ToolCall>) -> Result<(), ApiError> {
+    /// Free text after `prompt`, streamed as it is decoded; returns the last event.
+    fn text(&self, session: &mut Session, job: &Job, prompt: Vec<u32>, cached: usize, call: Option<ToolCall>) -> Result<Event, ApiError> {
         let n_ctx = self.limits.n_ctx;
         if prompt.len() >= n_ctx {
             return Err(crate::Error::ContextOverflow { needed: prompt.len() + 1, n_ctx }.into());
@@ -193,11 +237,13 @@ impl Worker<'_> {
         let tokenizer = &self.backend.engine.tokenizer;
         let opts = GenerateOptions { max_tokens, sampler: job.request.sampler, stop: tokenizer.stop.clone(), stop_on_repeat: false };
         let mut stream = TextStream::new(tokenizer.clone());
-        let g = session.generate(&prompt, None, &opts, |t| match stream.push(t) {
-            Ok(piece) if !piece.is_empty() => {
-                let _ = job.events.send(Event::Text(piece));
-            }
-            _ => {}
+        // A client that left stops the text at its next token.
+        let g = session.generate_until(&prompt, None, &opts, |t| match stream.push(t) {
+            Ok(piece) if !piece.is_empty() => match job.events.send(Event::Text(piece)) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            },
+            _ => ControlFlow::Continue(()),
         })?;
         let rest = stream.finish()?;
         if !rest.is_empty() {
@@ -205,7 +251,6 @@ impl Worker<'_> {
         }
         let stopped = g.tokens.last().is_some_and(|&t| tokenizer.is_stop(t));
         let usage = Usage { prompt: prompt.len(), completion: g.tokens.len(), cached: cached.min(prompt.len().saturating_sub(1)) };
-        let _ = job.events.send(Event::Done { finish_reason: if stopped { "stop" } else { "length" }, usage, call: call.map(Box::new) });
-        Ok(())
+        Ok(Event::Done { finish_reason: if stopped { "stop" } else { "length" }, usage, call: call.map(Box::new) })
     }
 }

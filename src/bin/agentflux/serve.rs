@@ -26,6 +26,10 @@ pub struct Args {
     /// Context size per request.
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
+    /// Requests answered at once, their rows batched into shared forward passes (each holds a
+    /// KV cache of --ctx positions while it runs).
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
     /// Requests waiting for the GPU before new ones are refused with 503.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
@@ -45,6 +49,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let opts = ServeOptions {
         addr: SocketAddr::new(a.host, a.port),
         n_ctx: a.ctx,
+        parallel: a.parallel,
         max_queue: a.max_queue,
         default_max_tokens: a.max_tokens,
         cache_bytes: (a.cache_mib as u64) << 20,
