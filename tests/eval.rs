@@ -6,22 +6,27 @@ mod common;
 use common::{agentflux, default_model, filesystem_server, tiny_with_tokenizer};
 use serde_json::{json, Value};
 
-fn run_eval(model: &str, dataset: &str, mode: &str, tag: &str) -> (String, Value) {
+fn run_eval(model: &str, dataset: &str, mode: &str, tag: &str, extra: &[&str]) -> (String, Value) {
     let out = std::env::temp_dir().join(format!("agentflux-eval-{tag}-{}.json", std::process::id()));
     let ws = std::env::temp_dir().join(format!("agentflux-eval-ws-{}", std::process::id()));
-    let (ok, stdout, err) = agentflux(&[
-        "eval",
-        "--model",
-        model,
-        "--dataset",
-        dataset,
-        "--mode",
-        mode,
-        "--workspace",
-        &ws.to_string_lossy(),
-        "--json",
-        &out.to_string_lossy(),
-    ]);
+    let (ok, stdout, err) = agentflux(
+        &[
+            "eval",
+            "--model",
+            model,
+            "--dataset",
+            dataset,
+            "--mode",
+            mode,
+            "--workspace",
+            &ws.to_string_lossy(),
+            "--json",
+            &out.to_string_lossy(),
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
+    );
     assert!(ok, "{err}");
     let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     std::fs::remove_file(&out).ok();
@@ -47,7 +52,7 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
     let (m, d) = (model.to_string_lossy().into_owned(), dataset.to_string_lossy().into_owned());
     let mut decoupled_prefilled = Vec::new();
     for mode in ["decoupled", "monolithic", "monolithic-constrained", "reference"] {
-        let (stdout, v) = run_eval(&m, &d, mode, mode);
+        let (stdout, v) = run_eval(&m, &d, mode, mode, &[]);
         assert!(stdout.contains("| mode | examples | tool selection |") && stdout.contains(&format!("| {mode} | 6 |")), "{stdout}");
         let ex = v["examples"].as_array().unwrap();
         assert_eq!(ex.len(), 6);
@@ -86,6 +91,15 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
             }
         }
         if mode == "decoupled" {
+            // Three examples at a time, their passes shared: the same calls.
+            let (_, side_by_side) = run_eval(&m, &d, mode, "concurrent", &["--concurrency", "3"]);
+            for (e, c) in ex.iter().zip(side_by_side["examples"].as_array().unwrap()) {
+                for key in ["name", "arguments", "name_ok", "full_ok", "error"] {
+                    assert_eq!(e[key], c[key], "{key}: {e} alone, {c} side by side");
+                }
+                let (p, q) = (e["confidence"].as_f64().unwrap(), c["confidence"].as_f64().unwrap());
+                assert!((p - q).abs() < 1e-5, "confidence {p} alone, {q} side by side");
+            }
             decoupled_prefilled = ex.iter().map(|e| e["prefilled"].as_u64().unwrap()).collect();
             // The second example shares the first one's system text and tool list.
             assert!(ex[1]["reused"].as_u64().unwrap() > 0, "{}", ex[1]);

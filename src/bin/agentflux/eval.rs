@@ -2,6 +2,7 @@
 //! deterministically, no judge model.
 
 use crate::call::{load, Mode};
+use agentflux::batch;
 use agentflux::eval::{judge, read_dataset, read_tasks, task_row, Outcome, Summary, TaskOutcome, ToolSource, TASK_HEADER};
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{McpClient, ServerOptions, Tool};
@@ -12,6 +13,8 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -57,6 +60,10 @@ pub struct Args {
     /// Write the summary and every example's result here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Examples run side by side, their forward passes shared (continuous batching); each
+    /// holds a KV cache of --ctx positions. The calls are the same as one at a time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    concurrency: u16,
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
@@ -77,16 +84,11 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     }
     let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
     l.caller.set_jump_forward(!a.no_jump_forward);
-    // One session for every example: the prompt they share (system text, tool list) is
-    // computed once and reused.
-    let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
     // Each server is started once, for its name and tools (calls are scored, not run).
     let mut servers: HashMap<String, (String, Vec<Tool>)> = HashMap::new();
-    let started = Instant::now();
-    let mut progress = crate::progress::ProgressLine::new(examples.len() as u64);
-    let mut outcomes = Vec::new();
-    for (i, ex) in examples.iter().enumerate() {
-        let catalog = match &ex.tools {
+    let mut catalogs = Vec::with_capacity(examples.len());
+    for ex in &examples {
+        catalogs.push(match &ex.tools {
             ToolSource::Inline(c) => c.clone(),
             ToolSource::Mcp(cmds) => {
                 let mut c = Catalog::default();
@@ -102,21 +104,56 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
                 }
                 c
             }
-        };
-        let call = if a.given_tool {
-            l.caller.call_with(&mut session, &catalog, &ex.messages, &l.adapters, &ToolChoice::Function(ex.expected_name.clone()), |_| {
-                ControlFlow::Continue(())
-            })
-        } else {
-            a.mode.call(&l, &mut session, &catalog, &ex.messages)
-        };
-        outcomes.push(Outcome::score(ex, &catalog, call.as_ref().map_err(|e| e.to_string())));
-        let done = i + 1;
-        progress.update(done as u64, false, || {
-            let right = outcomes.iter().filter(|o| o.full_ok).count();
-            format!("[eval] {done}/{} · {right} full calls right · {:.0} s", examples.len(), started.elapsed().as_secs_f64())
         });
     }
+    let started = Instant::now();
+    let progress = Mutex::new(crate::progress::ProgressLine::new(examples.len() as u64));
+    let outcomes: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; examples.len()]);
+    let next = AtomicUsize::new(0);
+    let n_ctx = a.ctx.min(l.eng.model.config.n_ctx_train);
+    // `--concurrency` workers take the examples in turn, each on its own session (the prompt its
+    // examples share, system text and tool list, is computed once per session and reused).
+    batch::scope(&l.eng.model, |batcher| {
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..a.concurrency)
+                .map(|_| {
+                    s.spawn(|| -> Result<()> {
+                        let _turn = batcher.join();
+                        let mut session = Session::batched(batcher, n_ctx)?;
+                        loop {
+                            let i = next.fetch_add(1, Ordering::SeqCst);
+                            let Some(ex) = examples.get(i) else { return Ok(()) };
+                            let call = if a.given_tool {
+                                let tool = ToolChoice::Function(ex.expected_name.clone());
+                                l.caller
+                                    .call_with(&mut session, &catalogs[i], &ex.messages, &l.adapters, &tool, |_| ControlFlow::Continue(()))
+                            } else {
+                                a.mode.call(&l, &mut session, &catalogs[i], &ex.messages)
+                            };
+                            let outcome = Outcome::score(ex, &catalogs[i], call.as_ref().map_err(|e| e.to_string()));
+                            let mut all = outcomes.lock().map_err(|_| anyhow::anyhow!("an eval worker failed"))?;
+                            all[i] = Some(outcome);
+                            let (done, right) = (all.iter().flatten().count(), all.iter().flatten().filter(|o| o.full_ok).count());
+                            drop(all);
+                            if let Ok(mut p) = progress.lock() {
+                                p.update(done as u64, false, || {
+                                    format!(
+                                        "[eval] {done}/{} · {right} full calls right · {:.0} s",
+                                        examples.len(),
+                                        started.elapsed().as_secs_f64()
+                                    )
+                                });
+                            }
+                        }
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("an eval worker panicked"))?)
+        })
+    })?;
+    let outcomes: Vec<Outcome> =
+        outcomes.into_inner().map_err(|_| anyhow::anyhow!("an eval worker failed"))?.into_iter().flatten().collect();
+    let mut progress = progress.into_inner().map_err(|_| anyhow::anyhow!("an eval worker failed"))?;
     progress.finish();
     let summary = Summary::of(&outcomes);
     let label = if a.given_tool { format!("{} (tool given)", a.mode.name()) } else { a.mode.name().to_string() };
