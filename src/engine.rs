@@ -88,10 +88,11 @@ impl Engine {
         self.generate_tokens(&tokens, opts)
     }
 
-    /// Answer a conversation: `messages` rendered with the model's chat template, then generated.
+    /// Answer a conversation: `messages` rendered with the model's chat template (their
+    /// contents as plain text: see [`ChatTemplate::tokens`]), then generated.
     pub fn chat(&self, messages: &[ChatMessage], opts: &GenerateOptions) -> Result<Completion> {
         let template = self.template.as_ref().ok_or_else(|| Error::Template("this model has no chat template".into()))?;
-        let tokens = self.tokenizer.encode(&template.render(messages, true)?, true)?;
+        let tokens = template.tokens(&self.tokenizer, messages, true)?;
         self.generate_tokens(&tokens, opts)
     }
 

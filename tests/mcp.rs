@@ -170,3 +170,43 @@ fn multi_server_dev_set_is_valid_for_its_real_servers() {
     assert_eq!(asked.len(), 4, "every server is asked something: {asked:?}");
     std::fs::remove_dir_all(&ws).ok();
 }
+
+/// Processes whose command line holds `marker` (from /proc).
+fn processes_with(marker: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker)))
+        .collect()
+}
+
+/// A server behind a wrapper (`sh -c`, as npx and uvx wrap theirs) is stopped with everything it
+/// started: one that writes garbage, one that never answers `initialize`, and a working one
+/// dropped — no grandchild is left running.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_wrapped_server_is_stopped_with_its_whole_process_group() {
+    let opts = ServerOptions { init_timeout: Duration::from_secs(2), request_timeout: Duration::from_secs(2) };
+    let ok = fault("ok");
+    let cases = [
+        ("garbage", "sh -c 'sleep 1001.25 & echo garbage; sleep 1001.5'".to_string()),
+        ("silent", "sh -c 'sleep 1002.25 & sleep 1002.5'".to_string()),
+        ("working", format!("sh -c 'sleep 1003.25 & exec {ok}'")),
+    ];
+    for (what, command) in cases {
+        let marker = command.split("sleep ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+        match McpClient::spawn(&command, opts.clone()) {
+            Ok(c) => {
+                assert_eq!(what, "working");
+                assert_eq!(processes_with(&marker).len(), 1, "{what}: the grandchild runs while the server does");
+                drop(c);
+            }
+            Err(e) => assert_ne!(what, "working", "{e}"),
+        }
+        // SIGKILL is delivered at once, but the orphans' reaping by init may take a moment.
+        let t = Instant::now();
+        while !processes_with(&marker).is_empty() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(processes_with(&marker).is_empty(), "{what}: {:?} left running", processes_with(&marker));
+    }
+}

@@ -45,6 +45,8 @@ impl Default for ServerOptions {
 pub struct McpClient {
     command: String,
     child: Child,
+    /// Whether the process group was stopped (it is, once).
+    stopped: bool,
     stdin: ChildStdin,
     incoming: Receiver<Incoming>,
     stderr: Arc<Mutex<VecDeque<u8>>>,
@@ -77,18 +79,16 @@ impl McpClient {
         let words = shell_words(command).ok_or_else(|| McpError::Spawn { command: command.into(), msg: "unbalanced quotes".into() })?;
         let (program, args) =
             words.split_first().ok_or_else(|| McpError::Spawn { command: command.into(), msg: "empty command".into() })?;
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| McpError::Spawn { command: command.into(), msg: spawn_failure(program, &e) })?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Its own process group, so that stopping it stops what it started too.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn().map_err(|e| McpError::Spawn { command: command.into(), msg: spawn_failure(program, &e) })?;
         let (stdin, stdout, mut stderr_pipe) = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
             (Some(i), Some(o), Some(e)) => (i, o, e),
             _ => {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_group(&mut child);
                 return Err(McpError::Spawn { command: command.into(), msg: "no stdio pipes".into() });
             }
         };
@@ -127,6 +127,7 @@ impl McpClient {
         let mut client = Self {
             command: command.into(),
             child,
+            stopped: false,
             stdin,
             incoming,
             stderr,
@@ -299,15 +300,23 @@ impl McpClient {
     /// Reap the server — after a short grace period for one that is exiting on its own, killing
     /// it otherwise; says how it ended.
     fn stop(&mut self) -> String {
+        let mut ended = None;
         for _ in 0..10 {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.to_string();
+                ended = Some(status.to_string());
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        "still running; killed".into()
+        // What it started goes with it, whether it ended on its own or not.
+        self.stop_group();
+        ended.unwrap_or_else(|| "still running; killed".into())
+    }
+
+    fn stop_group(&mut self) {
+        if !std::mem::replace(&mut self.stopped, true) {
+            kill_group(&mut self.child);
+        }
     }
 
     /// The server's process id.
@@ -318,9 +327,22 @@ impl McpClient {
 
 impl Drop for McpClient {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop_group();
     }
+}
+
+/// Kill `child` and every process of its group (what a wrapper such as `npx` or `sh -c` started),
+/// then reap it. Elsewhere than Unix, the child alone.
+fn kill_group(child: &mut Child) {
+    #[cfg(unix)]
+    if let Ok(pgid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Split a command line into words: whitespace separates, single and double quotes group,

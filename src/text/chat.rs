@@ -1,6 +1,7 @@
 //! Chat templates: the Jinja template in `tokenizer.chat_template`, rendered with minijinja
 //! (with Python string-method compatibility, which Hugging Face templates use).
 
+use super::Tokenizer;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
@@ -62,6 +63,46 @@ impl ChatTemplate {
             eos_token => self.eos,
         })
         .map_err(template_err)
+    }
+}
+
+impl ChatTemplate {
+    /// The tokens of `messages` rendered: the template's own text as markup (its turn markers
+    /// become control tokens), every message's content as plain text, so a message — a user's,
+    /// or a tool result — cannot forge turn markers. Where no content holds control-token text
+    /// this is the tokenization of the whole rendered string. A BOS starts it where the model
+    /// wants one, unless the template wrote it.
+    pub fn tokens(&self, tok: &Tokenizer, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.render(messages, add_generation_prompt)?;
+        // A template that writes the BOS itself gets no second one.
+        let add_bos = self.bos.is_empty() || !text.starts_with(&self.bos);
+        if !messages.iter().any(|m| tok.has_control_text(&m.content)) {
+            return tok.encode(&text, add_bos);
+        }
+        // Each content where the template put it, in order (trimmed, where the template trims).
+        let mut ids = Vec::new();
+        let mut at = 0;
+        for (i, m) in messages.iter().enumerate() {
+            let found = [m.content.as_str(), m.content.trim()]
+                .into_iter()
+                .filter(|c| !c.is_empty())
+                .find_map(|c| text[at..].find(c).map(|p| (at + p, c.len())));
+            match found {
+                Some((start, len)) => {
+                    ids.extend(tok.encode(&text[at..start], at == 0 && add_bos)?);
+                    ids.extend(tok.encode_text(&text[start..start + len])?);
+                    at = start + len;
+                }
+                None if tok.has_control_text(&m.content) => {
+                    return Err(Error::Template(format!(
+                        "messages[{i}] holds control-token text and the chat template rewrites it, so it cannot be kept plain"
+                    )))
+                }
+                None => {}
+            }
+        }
+        ids.extend(tok.encode(&text[at..], at == 0 && add_bos)?);
+        Ok(ids)
     }
 }
 

@@ -31,7 +31,10 @@ const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 /// A tokenizer and the special tokens the engine needs.
 pub struct Tokenizer {
+    /// Finds special-token text as the special token (for a template's markup).
     inner: tokenizers::Tokenizer,
+    /// The same vocabulary without control-token matching (for text from users and tools).
+    plain: tokenizers::Tokenizer,
     /// Beginning-of-sequence token.
     pub bos: Option<u32>,
     /// End-of-sequence token.
@@ -43,6 +46,8 @@ pub struct Tokenizer {
     tokens: Vec<String>,
     /// Per token: whether it is a control or user-defined (special) token.
     special: Vec<bool>,
+    /// Per token: whether it is a control token (a turn marker, BOS, EOS).
+    control: Vec<bool>,
     /// How vocabulary strings spell bytes.
     spelling: Spelling,
 }
@@ -81,13 +86,19 @@ impl Tokenizer {
                 })
             }
         };
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == TYPE_CONTROL || t == TYPE_USER_DEFINED)
-            .map(|(s, _)| AddedToken::from(s.clone(), true).normalized(false))
-            .collect();
-        inner.add_special_tokens(&specials);
+        let added = |kind: i64| -> Vec<AddedToken> {
+            tokens
+                .iter()
+                .zip(&types)
+                .filter(|(_, &t)| t == kind)
+                .map(|(s, _)| AddedToken::from(s.clone(), true).normalized(false))
+                .collect()
+        };
+        // User-defined tokens (Gemma's whitespace runs and markup) are found in any text, as
+        // llama.cpp does; control tokens (turn markers, BOS/EOS) only in markup.
+        inner.add_special_tokens(&added(TYPE_USER_DEFINED));
+        let plain = inner.clone();
+        inner.add_special_tokens(&added(TYPE_CONTROL));
         let add_bos = f.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama");
         let mut stop: Vec<u32> = eos.into_iter().collect();
         for name in ["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"] {
@@ -97,22 +108,49 @@ impl Tokenizer {
                 }
             }
         }
-        let special =
-            types.iter().map(|&t| t == TYPE_CONTROL || t == TYPE_USER_DEFINED).chain(std::iter::repeat(false)).take(tokens.len()).collect();
+        let of_type = |kinds: &[i64]| -> Vec<bool> {
+            types.iter().map(|t| kinds.contains(t)).chain(std::iter::repeat(false)).take(tokens.len()).collect()
+        };
+        let (special, control) = (of_type(&[TYPE_CONTROL, TYPE_USER_DEFINED]), of_type(&[TYPE_CONTROL]));
         let spelling = if model == "gpt2" { Spelling::ByteLevel } else { Spelling::SentencePiece };
-        Ok(Self { inner, bos, eos, stop, add_bos, tokens, special, spelling })
+        Ok(Self { inner, plain, bos, eos, stop, add_bos, tokens, special, control, spelling })
     }
 
-    /// Token ids of `text`. With `add_special`, a BOS starts it where the model wants one.
-    /// Special-token text (`<|im_start|>`) becomes the special token.
+    /// Token ids of `text` as markup: special-token text (`<|im_start|>`) becomes the special
+    /// token, as in a chat template's output or a raw prompt its author wrote. With
+    /// `add_special`, a BOS starts it where the model wants one. Text from users, documents or
+    /// tool servers goes through [`encode_text`](Self::encode_text) instead.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        self.encode_with(&self.inner, text, add_special)
+    }
+
+    /// Token ids of `text` as plain text: control-token text stays text (`<|im_end|>` in a
+    /// message is spelled with ordinary tokens), so content cannot close its turn or open a
+    /// system turn. User-defined tokens (Gemma's whitespace runs) are still found, as in any
+    /// text.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(&self.plain, text, false)
+    }
+
+    fn encode_with(&self, t: &tokenizers::Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = t.encode(text, false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_special && self.add_bos {
             ids.extend(self.bos);
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Whether `text` holds the text of a control token (what [`encode`](Self::encode) would
+    /// turn into one and [`encode_text`](Self::encode_text) would not).
+    pub fn has_control_text(&self, text: &str) -> bool {
+        self.tokens.iter().zip(&self.control).any(|(t, &c)| c && !t.is_empty() && text.contains(t.as_str()))
+    }
+
+    /// Whether `id` is a control token (a turn marker, BOS, EOS).
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.get(id as usize).copied().unwrap_or(false)
     }
 
     /// Text of `ids`; special tokens are rendered unless `skip_special`.

@@ -75,12 +75,16 @@ pub struct ToolServers {
 }
 
 impl ToolServers {
-    /// List every server's tools into one catalog.
+    /// List every server's tools into one catalog. A tool that cannot be called (no name, a
+    /// schema that is not an object's, a name taken) is left out with a warning naming it; the
+    /// server's other tools stay.
     pub fn new(mut servers: Vec<McpClient>) -> Result<Self> {
         let mut catalog = Catalog::default();
         for s in &mut servers {
             let tools = s.list_tools()?;
-            catalog.add(&s.name(), tools)?;
+            for why in catalog.add_callable(&s.name(), tools) {
+                tracing::warn!("server '{}': {why}; left out", s.name().escape_debug());
+            }
         }
         Ok(Self { servers, catalog })
     }

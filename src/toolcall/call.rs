@@ -247,8 +247,10 @@ impl ToolCaller {
         }
     }
 
+    /// Plain text of the call layout (tool names, descriptions and schemas come from servers:
+    /// special-token text in them stays text).
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer.encode(text, false)
+        self.tokenizer.encode_text(text)
     }
 
     /// The system message listing the first choice's candidates: every tool, or with a
@@ -291,11 +293,13 @@ impl ToolCaller {
             (None, _) => messages,
         };
         all.extend_from_slice(rest);
-        let text = match &self.template {
-            Some(t) => t.render(&all, true)?,
-            None => all.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect::<String>() + "assistant: ",
-        };
-        self.tokenizer.encode(&text, true)
+        match &self.template {
+            Some(t) => t.tokens(&self.tokenizer, &all, true),
+            None => {
+                let text = all.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect::<String>() + "assistant: ";
+                Ok([self.tokenizer.encode("", true)?, self.tokenizer.encode_text(&text)?].concat())
+            }
+        }
     }
 
     /// Tokens of one candidate as the choice writes it (` NAME\n`).

@@ -26,23 +26,44 @@ pub struct Catalog {
 impl Catalog {
     /// Add a server's tools, checking names and schemas.
     pub fn add(&mut self, server: &str, tools: Vec<Tool>) -> Result<()> {
-        for t in &tools {
-            let bad = |why: &str| Err(Error::InvalidOption(format!("server '{server}': tool '{}': {why}", t.name)));
-            if t.name.is_empty() || t.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return bad("a name must be non-empty and have no whitespace");
-            }
-            if t.name == FINISH {
-                return bad("'finish' is reserved for answering without a tool");
-            }
-            if self.find(&t.name).is_some() || tools.iter().filter(|u| u.name == t.name).count() > 1 {
-                return bad("another tool already has this name");
-            }
-            if t.input_schema.get("type").and_then(Value::as_str) != Some("object") {
-                return bad("inputSchema must be a JSON Schema of type \"object\"");
-            }
+        if let Some(why) = tools.iter().find_map(|t| self.refusal(&tools, t)) {
+            return Err(Error::InvalidOption(format!("server '{server}': {why}")));
         }
         self.groups.push(ToolGroup { server: server.to_string(), tools });
         Ok(())
+    }
+
+    /// [`add`](Self::add) the tools that can be called, leaving out the others: a server's
+    /// tool list is its author's, and one malformed tool should not take the rest away.
+    /// Returns why each one left out was (`tool 'x': ...`).
+    pub fn add_callable(&mut self, server: &str, tools: Vec<Tool>) -> Vec<String> {
+        let (mut kept, mut left_out) = (Vec::new(), Vec::new());
+        for t in &tools {
+            match self.refusal(&kept, t).or_else(|| self.refusal(&tools, t)) {
+                Some(why) => left_out.push(why),
+                None => kept.push(t.clone()),
+            }
+        }
+        if !kept.is_empty() {
+            self.groups.push(ToolGroup { server: server.to_string(), tools: kept });
+        }
+        left_out
+    }
+
+    /// Why `t` (one of `group`'s tools) cannot join the catalog, if it cannot.
+    fn refusal(&self, group: &[Tool], t: &Tool) -> Option<String> {
+        let why = if t.name.is_empty() || t.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            "a name must be non-empty and have no whitespace"
+        } else if t.name == FINISH {
+            "'finish' is reserved for answering without a tool"
+        } else if self.find(&t.name).is_some() || group.iter().filter(|u| u.name == t.name).count() > 1 {
+            "another tool already has this name"
+        } else if t.input_schema.get("type").and_then(Value::as_str) != Some("object") {
+            "inputSchema must be a JSON Schema of type \"object\""
+        } else {
+            return None;
+        };
+        Some(format!("tool '{}': {why}", t.name.escape_debug()))
     }
 
     /// Read an OpenAI `tools` array (`[{"type":"function","function":{name, description,
@@ -113,6 +134,27 @@ mod tests {
         assert!(c.add("x", vec![bad]).unwrap_err().to_string().contains("object"));
         assert_eq!(c.names(), ["read", "write"]);
         assert_eq!(c.find("write").unwrap().0.server, "fs");
+    }
+
+    /// A server's malformed tools are left out, each with its reason; the rest are kept.
+    #[test]
+    fn a_server_keeps_its_callable_tools() {
+        let mut c = Catalog::default();
+        c.add("fs", vec![tool("read")]).unwrap();
+        let mut bad = tool("shout");
+        bad.input_schema = json!("not a schema");
+        let why = c.add_callable("mixed", vec![tool("write"), bad, tool("read"), tool("\u{1b}[2J"), tool("list"), tool("list")]);
+        assert_eq!(c.names(), ["read", "write"]);
+        assert_eq!(why.len(), 5, "{why:?}");
+        for (w, needle) in
+            why.iter().zip(["'shout': inputSchema", "'read': another", "'\\u{1b}[2J': a name", "'list': another", "'list': another"])
+        {
+            assert!(w.contains(needle), "{w} should say {needle}");
+        }
+        assert!(
+            c.add_callable("empty", vec![tool("finish")]).len() == 1 && c.groups.len() == 2,
+            "a server with no callable tool adds no group"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ impl TokenizerEnv for Vocabulary {
     }
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        self.tokenizer.encode(&String::from_utf8_lossy(s), false).unwrap_or_default()
+        self.tokenizer.encode_text(&String::from_utf8_lossy(s)).unwrap_or_default()
     }
 }
 
@@ -163,7 +163,7 @@ impl JsonConstraint {
     pub fn forced(&mut self) -> Result<Vec<u32>> {
         let bytes = self.matcher.compute_ff_bytes();
         match std::str::from_utf8(&bytes) {
-            Ok(text) if !text.is_empty() => self.tokenizer.encode(text, false),
+            Ok(text) if !text.is_empty() => self.tokenizer.encode_text(text),
             _ => Ok(Vec::new()),
         }
     }

@@ -57,13 +57,12 @@ pub struct Args {
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let path = resolve_model(&a.model)?;
     let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
-    let text = if a.chat {
+    let prompt = if a.chat {
         let t = eng.template.as_ref().context("this model has no chat template (drop --chat)")?;
-        t.render(&[ChatMessage::new("user", &a.prompt)], true)?
+        t.tokens(&eng.tokenizer, &[ChatMessage::new("user", &a.prompt)], true)?
     } else {
-        a.prompt.clone()
+        eng.tokenizer.encode(&a.prompt, true)?
     };
-    let prompt = eng.tokenizer.encode(&text, true)?;
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens");
     }
