@@ -48,8 +48,14 @@ impl Reply {
 
 /// One HTTP/1.1 exchange on a fresh connection (`Connection: close`), chunked bodies decoded.
 fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}", body.len());
+    exchange(addr, &head, body)
+}
+
+/// An exchange with these request line and headers (`Connection: close` is added).
+fn exchange(addr: SocketAddr, head: &str, body: &str) -> Reply {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(s, "{head}\r\nConnection: close\r\n\r\n{body}").unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8(raw).unwrap();
@@ -478,5 +484,95 @@ fn a_client_that_leaves_stops_its_answer() {
         eprintln!("the abandoned answer computed {abandoned} of {full} tokens");
         assert!(abandoned < full / 2, "the abandoned answer computed {abandoned} of {full} tokens");
     }
+    server.shutdown();
+}
+
+/// What a web page or a confused client may send: refused before the model, with the reason.
+#[test]
+fn hostile_requests_are_refused() {
+    let opts = ServeOptions { n_ctx: 1024, parallel: 1, allowed_hosts: vec!["agent.local".into()], ..Default::default() };
+    let Some(server) = start("serve-hostile", opts) else { return };
+    let addr = server.addr();
+    let port = addr.port();
+    let models = |host: &str| exchange(addr, &format!("GET /v1/models HTTP/1.1\r\nHost: {host}"), "").status;
+    // DNS rebinding: a page at evil.example that resolves to 127.0.0.1 sends its own host name.
+    assert_eq!(models(&format!("evil.example:{port}")), 403);
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}"), "LOCALHOST".into(), format!("agent.local:{port}")] {
+        assert_eq!(models(&host), 200, "{host}");
+    }
+    assert_eq!(exchange(addr, "GET /v1/models HTTP/1.0", "").status, 400, "no Host");
+    // A form or text/plain POST, which a page may send without a preflight.
+    let body = json!({"messages": user("Hi"), "max_tokens": 2}).to_string();
+    let post_as = |ty: &str| {
+        exchange(
+            addr,
+            &format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {ty}\r\nContent-Length: {}", body.len()),
+            &body,
+        )
+    };
+    assert_eq!(post_as("text/plain").status, 415);
+    assert_eq!(post_as("application/x-www-form-urlencoded").status, 415);
+    assert_eq!(post_as("application/json; charset=utf-8").status, 200);
+    // Two lengths that disagree.
+    let smuggled = exchange(
+        addr,
+        &format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nContent-Length: 5", body.len()),
+        &body,
+    );
+    assert_eq!(smuggled.status, 400, "{}", smuggled.body);
+    // Fields of the wrong type, and sampling fields that are not implemented.
+    for (field, value) in [
+        ("parallel_tool_calls", json!("no")),
+        ("presence_penalty", json!("x")),
+        ("presence_penalty", json!(0.5)),
+        ("frequency_penalty", json!(-1)),
+        ("logprobs", json!("x")),
+        ("top_logprobs", json!(2)),
+        ("logit_bias", json!({"42": 5})),
+        ("user", json!(7)),
+    ] {
+        let mut r = json!({"messages": user("Hi"), "max_tokens": 2});
+        r[field] = value.clone();
+        let reply = post(addr, &r);
+        assert_eq!(reply.status, 400, "{field}: {value}: {}", reply.body);
+        assert_eq!(reply.json()["error"]["param"], field, "{}", reply.body);
+    }
+    let fine = json!({"messages": user("Hi"), "max_tokens": 2, "parallel_tool_calls": false, "presence_penalty": 0, "logit_bias": {}, "user": "u1"});
+    assert_eq!(post(addr, &fine).status, 200);
+    // One model, by its id.
+    let id = http(addr, "GET", "/v1/models", "").json()["data"][0]["id"].as_str().unwrap().to_string();
+    let one = http(addr, "GET", &format!("/v1/models/{id}"), "");
+    assert_eq!((one.status, one.json()["id"].as_str()), (200, Some(id.as_str())));
+    let none = http(addr, "GET", "/v1/models/gpt-4", "");
+    assert_eq!((none.status, none.json()["error"]["code"].as_str()), (404, Some("model_not_found")));
+    server.shutdown();
+}
+
+/// A stream's role chunk is sent as soon as the request is being answered, not after its first
+/// piece of text or its tool's name.
+#[test]
+fn a_stream_starts_at_once() {
+    let Some(server) = start("serve-start", ServeOptions { n_ctx: 1024, parallel: 1, ..Default::default() }) else { return };
+    let addr = server.addr();
+    let body = json!({"messages": user("Write a very long story."), "max_tokens": 900, "stream": true}).to_string();
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = std::io::BufReader::new(s);
+    let first = loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended before any event");
+        if let Some(data) = line.trim().strip_prefix("data: ") {
+            break serde_json::from_str::<Value>(data).unwrap();
+        }
+    };
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    // The answer is still being written: no request has finished yet.
+    assert_eq!(metric(addr, "agentflux_requests_total"), 0);
+    drop(reader);
     server.shutdown();
 }

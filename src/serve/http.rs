@@ -119,12 +119,74 @@ impl Drop for Server {
     }
 }
 
+/// The values of header `name` in `request`.
+fn header_values<'r>(request: &'r Request, name: &'static str) -> Vec<&'r str> {
+    request.headers().iter().filter(|h| h.field.equiv(name)).map(|h| h.value.as_str()).collect()
+}
+
+/// Why `request` is refused before its route is looked at: a `Host` this server does not answer
+/// to (a web page's script reaching a local server through DNS rebinding names its own host),
+/// or `Content-Length` headers that disagree (a request smuggled past a proxy).
+fn refusal(shared: &Shared, request: &Request) -> Option<ApiError> {
+    let lengths = header_values(request, "Content-Length");
+    if lengths.iter().any(|l| l.trim() != lengths[0].trim()) {
+        return Some(ApiError::invalid("Content-Length", "the request has Content-Length headers that disagree"));
+    }
+    let hosts = header_values(request, "Host");
+    let allowed = &shared.opts.allowed_hosts;
+    let loopback = shared.opts.addr.ip().is_loopback();
+    if !loopback && allowed.is_empty() {
+        return None;
+    }
+    let [host] = hosts[..] else {
+        return Some(ApiError::invalid("Host", "the request needs exactly one Host header"));
+    };
+    let name = host_name(host);
+    let ok =
+        (loopback && ["localhost", "127.0.0.1", "[::1]"].contains(&name.as_str())) || allowed.iter().any(|a| a.eq_ignore_ascii_case(&name));
+    (!ok).then(|| {
+        ApiError::status(403, format!("this server does not answer to the host '{}' (allow it with --allow-host)", name.escape_debug()))
+    })
+}
+
+/// The host of a `Host` header, without its port, lowercased.
+fn host_name(host: &str) -> String {
+    let host = host.trim();
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or(host.to_string(), |(ip, _)| format!("[{ip}]")),
+        None => host
+            .rsplit_once(':')
+            .map_or(host, |(name, port)| if port.chars().all(|c| c.is_ascii_digit()) { name } else { host })
+            .to_string(),
+    };
+    name.to_ascii_lowercase()
+}
+
 fn handle(shared: &Shared, request: Request) {
     let path = request.url().split('?').next().unwrap_or("").to_string();
     let method = request.method().clone();
     let t0 = std::time::Instant::now();
+    if let Some(e) = refusal(shared, &request) {
+        let status = error(request, e, &[]);
+        tracing::info!("{method} {path} {status} (refused)");
+        return;
+    }
     let status = match (&method, path.as_str()) {
         (Method::Post, "/v1/chat/completions") => chat(shared, request),
+        (Method::Get, p) if p.strip_prefix("/v1/models/").is_some_and(|id| id == shared.model) => {
+            respond(request, 200, &json!({"id": shared.model, "object": "model", "created": now(), "owned_by": "agentflux"}), &[])
+        }
+        (Method::Get, p) if p.starts_with("/v1/models/") => error(
+            request,
+            ApiError {
+                code: Some("model_not_found"),
+                ..ApiError::status(
+                    404,
+                    format!("no model '{}' here; this server runs '{}'", p["/v1/models/".len()..].escape_debug(), shared.model),
+                )
+            },
+            &[],
+        ),
         (Method::Get, "/v1/models") => {
             let created = now();
             respond(
@@ -192,6 +254,12 @@ fn prometheus(m: &Metrics) -> String {
 
 /// `POST /v1/chat/completions`; returns the status sent.
 fn chat(shared: &Shared, mut request: Request) -> u16 {
+    let json =
+        header_values(&request, "Content-Type").first().is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("application/json"));
+    if !json {
+        // A browser's form or text/plain POST (no CORS preflight) never reaches the model.
+        return error(request, ApiError::status(415, "Content-Type must be application/json"), &[]);
+    }
     let limit = shared.opts.max_body_bytes;
     let too_large = || ApiError::status(413, format!("the body is larger than {limit} bytes"));
     if request.body_length().is_some_and(|n| n > limit) {
@@ -223,8 +291,9 @@ fn chat(shared: &Shared, mut request: Request) -> u16 {
         Err(TrySendError::Disconnected(_)) => return error(request, ApiError::status(503, "the engine has stopped"), &[]),
     }
     let envelope = Envelope { id: format!("chatcmpl-{seq}"), created: now(), model: shared.model.clone() };
-    // Nothing is sent before the first event, so a request refused by the engine (a prompt
-    // beyond the context) still gets its 4xx status.
+    // Nothing is sent before the first event (`Started`, once the request's tokens are checked
+    // and it is being answered), so a request refused by the engine (a prompt beyond the
+    // context) still gets its 4xx status; a stream sends its role chunk then.
     let first = match answer.recv() {
         Ok(Event::Failed(e)) => return error(request, e, &[]),
         Ok(e) => e,
@@ -252,6 +321,7 @@ fn whole_answer(request: Request, envelope: &Envelope, first: Event, rest: Recei
     let mut call = None;
     for event in std::iter::once(first).chain(rest.iter()) {
         match event {
+            Event::Started => {}
             Event::Text(t) => text.push_str(&t),
             Event::ToolCall { id, name } => call = Some((id, name)),
             Event::Arguments(a) => args.push_str(&a),
@@ -279,6 +349,7 @@ fn stream_events(request: Request, envelope: &Envelope, first: Event, rest: Rece
         }
         let last = matches!(e, Event::Done { .. } | Event::Failed(_));
         sent = match e {
+            Event::Started => Ok(()),
             Event::Text(t) => event(&mut w, &envelope.chunk(json!({"content": t}), None)),
             Event::ToolCall { id, name } => event(
                 &mut w,

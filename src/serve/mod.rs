@@ -23,6 +23,9 @@ use std::net::SocketAddr;
 pub struct ServeOptions {
     /// Address to bind (loopback by default: the server has no authentication).
     pub addr: SocketAddr,
+    /// Host names requests may name besides the loopback ones (`localhost`, `127.0.0.1`,
+    /// `[::1]`, answered when bound to loopback); bound elsewhere with none given, any host.
+    pub allowed_hosts: Vec<String>,
     /// KV cache positions per request.
     pub n_ctx: usize,
     /// Requests answered at once: their rows share each forward pass (continuous batching). Each
@@ -46,6 +49,7 @@ impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            allowed_hosts: Vec::new(),
             n_ctx: 4096,
             parallel: 4,
             max_queue: 64,

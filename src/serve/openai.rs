@@ -155,11 +155,30 @@ fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
             "stop sequences are not supported: text ends at the model's end-of-turn token or max_tokens",
         ));
     }
-    if o.get("logprobs").is_some_and(|l| l.as_bool() == Some(true)) {
+    if opt_bool(o, "logprobs")? == Some(true) {
         return Err(ApiError::invalid(
             "logprobs",
             "logprobs are not supported (tool calls carry their candidates' probabilities under \"agentflux\")",
         ));
+    }
+    if o.get("top_logprobs").is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::invalid("top_logprobs", "top_logprobs are not supported (nor logprobs)"));
+    }
+    for key in ["presence_penalty", "frequency_penalty"] {
+        if opt_number(o, key)?.is_some_and(|p| p != 0.0) {
+            return Err(ApiError::invalid(key, format!("{key} is not implemented; only 0 is accepted")));
+        }
+    }
+    match o.get("logit_bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) if m.is_empty() => {}
+        Some(Value::Object(_)) => return Err(ApiError::invalid("logit_bias", "logit_bias is not implemented; only {} is accepted")),
+        Some(_) => return Err(ApiError::invalid("logit_bias", "logit_bias must be an object")),
+    }
+    // One tool call per turn either way.
+    opt_bool(o, "parallel_tool_calls")?;
+    if o.get("user").is_some_and(|u| !u.is_null() && !u.is_string()) {
+        return Err(ApiError::invalid("user", "user must be a string"));
     }
     if let Some(f) = o.get("response_format").filter(|f| !f.is_null()) {
         if f.get("type").and_then(Value::as_str) != Some("text") {

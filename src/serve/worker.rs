@@ -27,6 +27,9 @@ use std::sync::Mutex;
 /// A piece of an answer, in the order it is produced.
 #[derive(Debug)]
 pub enum Event {
+    /// The request passed the checks that need its tokens and is being answered (a stream sends
+    /// its role chunk now).
+    Started,
     /// More text.
     Text(String),
     /// A tool call begins: its id and tool name.
@@ -147,6 +150,14 @@ impl Worker<'_> {
     /// request finds it).
     fn serve(&self, cache: &Mutex<PrefixCache>, job: &Job) -> Result<Event, ApiError> {
         let prefix = self.prefix(&job.request)?;
+        let n_ctx = self.limits.n_ctx;
+        if prefix.len() >= n_ctx {
+            return Err(crate::Error::ContextOverflow { needed: prefix.len() + 1, n_ctx }.into());
+        }
+        if !matches!(job.request.work, Work::Call(_)) {
+            self.text_room(&prefix, job.request.max_tokens)?;
+        }
+        let _ = job.events.send(Event::Started);
         let (mut session, cached) = cache.lock().map_err(|_| crate::Error::poisoned("prefix cache"))?.checkout(&prefix)?;
         let answered = self.answer(&mut session, job, cached);
         if let Ok(mut c) = cache.lock() {
@@ -214,26 +225,29 @@ impl Worker<'_> {
         Ok(Event::Done { finish_reason: "tool_calls", usage, call: Some(Box::new(call)) })
     }
 
-    /// Free text after `prompt`, streamed as it is decoded; returns the last event.
-    fn text(&self, session: &mut Session, job: &Job, prompt: Vec<u32>, cached: usize, call: Option<ToolCall>) -> Result<Event, ApiError> {
+    /// How many text tokens may follow `prompt`: `max_tokens`, or the default, within the context.
+    fn text_room(&self, prompt: &[u32], max_tokens: Option<usize>) -> Result<usize, ApiError> {
         let n_ctx = self.limits.n_ctx;
         if prompt.len() >= n_ctx {
             return Err(crate::Error::ContextOverflow { needed: prompt.len() + 1, n_ctx }.into());
         }
         let room = n_ctx - prompt.len();
-        let max_tokens = match job.request.max_tokens {
-            Some(n) if n > room => {
-                return Err(ApiError {
-                    code: Some("context_length_exceeded"),
-                    ..ApiError::invalid(
-                        "max_tokens",
-                        format!("the prompt has {} tokens, so at most {room} more fit in the context of {n_ctx}, not {n}", prompt.len()),
-                    )
-                })
-            }
-            Some(n) => n,
-            None => self.limits.default_max_tokens.min(room),
-        };
+        match max_tokens {
+            Some(n) if n > room => Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid(
+                    "max_tokens",
+                    format!("the prompt has {} tokens, so at most {room} more fit in the context of {n_ctx}, not {n}", prompt.len()),
+                )
+            }),
+            Some(n) => Ok(n),
+            None => Ok(self.limits.default_max_tokens.min(room)),
+        }
+    }
+
+    /// Free text after `prompt`, streamed as it is decoded; returns the last event.
+    fn text(&self, session: &mut Session, job: &Job, prompt: Vec<u32>, cached: usize, call: Option<ToolCall>) -> Result<Event, ApiError> {
+        let max_tokens = self.text_room(&prompt, job.request.max_tokens)?;
         let tokenizer = &self.backend.engine.tokenizer;
         let opts = GenerateOptions { max_tokens, sampler: job.request.sampler, stop: tokenizer.stop.clone(), stop_on_repeat: false };
         let mut stream = TextStream::new(tokenizer.clone());

@@ -20,6 +20,10 @@ pub struct Args {
     /// something in front of it checks who connects.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
+    /// A host name requests may name besides localhost, 127.0.0.1 and [::1] (repeatable): the
+    /// server refuses other `Host` headers, so a web page cannot reach it through DNS rebinding.
+    #[arg(long)]
+    allow_host: Vec<String>,
     /// Port (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     port: u16,
@@ -48,6 +52,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let device = eng.ctx.describe();
     let opts = ServeOptions {
         addr: SocketAddr::new(a.host, a.port),
+        allowed_hosts: a.allow_host,
         n_ctx: a.ctx,
         parallel: a.parallel,
         max_queue: a.max_queue,
