@@ -113,12 +113,16 @@ fn streamed_text_pieces_are_whole_characters() {
     assert_eq!(pieces.concat(), tok.decode(&ids, true).unwrap());
 }
 
+/// The default model's tokenizer, its tokens' bytes and a constraint factory over them.
+fn constraints() -> Option<(Arc<Tokenizer>, Vec<Vec<u8>>, ConstraintFactory)> {
+    let tok = Arc::new(Tokenizer::from_gguf(&default_model()?).unwrap());
+    let factory = ConstraintFactory::new(tok.clone()).unwrap();
+    Some((tok.clone(), tok.token_bytes(), factory))
+}
+
 #[test]
 fn schema_constraint_only_lets_valid_json_through() {
-    let Some(f) = default_model() else { return };
-    let tok = Arc::new(Tokenizer::from_gguf(&f).unwrap());
-    let bytes = tok.token_bytes();
-    let factory = ConstraintFactory::new(tok.clone()).unwrap();
+    let Some((tok, bytes, factory)) = constraints() else { return };
     let schemas = [
         json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}),
         json!({"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}, "ok": {"type": "boolean"}}, "required": ["n", "ok"]}),
@@ -186,10 +190,7 @@ fn number_parts(text: &str) -> Vec<(usize, usize, usize)> {
 /// exponent: each part of the number stops at its bound, and the value still completes.
 #[test]
 fn numbers_stop_at_their_digit_bounds() {
-    let Some(f) = default_model() else { return };
-    let tok = Arc::new(Tokenizer::from_gguf(&f).unwrap());
-    let bytes = tok.token_bytes();
-    let factory = ConstraintFactory::new(tok.clone()).unwrap();
+    let Some((tok, bytes, factory)) = constraints() else { return };
     let (int, frac, exp) = (MAX_INTEGER_DIGITS as usize, MAX_FRACTION_DIGITS as usize, MAX_EXPONENT_DIGITS as usize);
     for (ty, want) in [("integer", (int, 0, 0)), ("number", (int, frac, exp))] {
         let schema = json!({"type": "object", "properties": {"n": {"type": ty}}, "required": ["n"]});

@@ -16,7 +16,7 @@ impl ModelConfig {
             "gemma3" => super::gemma3::config(f),
             other => Err(Error::Model {
                 path: f.path().to_path_buf(),
-                msg: format!("architecture '{other}' is not supported (supported: llama, qwen2, qwen3, gemma3)"),
+                msg: format!("architecture '{}' is not supported (supported: llama, qwen2, qwen3, gemma3)", other.escape_debug()),
             }),
         }
     }
@@ -69,6 +69,31 @@ impl ModelConfig {
                 "empty dimensions: {} layers, d_model {}, {} heads, {} kv heads",
                 self.n_layers, self.d_model, self.n_heads, self.n_kv_heads
             ));
+        }
+        // Sane limits before anything is sized by them (a file claiming 2^31 layers would have
+        // the loader allocate for them).
+        let limits = [
+            ("block_count", self.n_layers, 4096),
+            ("embedding_length", self.d_model, 1 << 16),
+            ("attention.head_count", self.n_heads, 1024),
+            ("feed_forward_length", self.ffn_dim, 1 << 20),
+            ("vocab_size", self.n_vocab, 1 << 22),
+            ("context_length", self.n_ctx_train, 1 << 24),
+        ];
+        for (key, value, max) in limits {
+            if value == 0 || value > max {
+                return bad(format!("{key} is {value}; 1..={max} is supported"));
+            }
+        }
+        let last = format!("blk.{}.attn_norm.weight", self.n_layers - 1);
+        if f.find_tensor(&last).is_none() {
+            return bad(format!("block_count is {} but the file has no {last}", self.n_layers));
+        }
+        let positive = [("attention.layer_norm_rms_epsilon", self.norm_eps), ("rope.freq_base", self.rope.base)];
+        for (key, value) in positive.into_iter().chain(self.rope_base_local.map(|b| ("local rope base", b))) {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(format!("{key} is {value}; a finite positive number is needed"));
+            }
         }
         if self.n_heads % self.n_kv_heads != 0 {
             return bad(format!("{} heads is not a multiple of {} kv heads", self.n_heads, self.n_kv_heads));

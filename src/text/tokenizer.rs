@@ -74,15 +74,24 @@ impl Tokenizer {
             Some(MetaValue::Array(a)) => a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect(),
             _ => vec![1; tokens.len()],
         };
-        let id_of = |key: &str| f.meta(key).and_then(|v| v.as_u64()).map(|v| v as u32);
-        let (bos, eos) = (id_of("tokenizer.ggml.bos_token_id"), id_of("tokenizer.ggml.eos_token_id"));
+        let id_of = |key: &str| -> Result<Option<u32>> {
+            match f.meta(key).and_then(|v| v.as_u64()) {
+                Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
+                Some(id) => Err(Error::Model {
+                    path: f.path().to_path_buf(),
+                    msg: format!("{key} is {id}, outside the vocabulary of {} tokens", tokens.len()),
+                }),
+                None => Ok(None),
+            }
+        };
+        let (bos, eos) = (id_of("tokenizer.ggml.bos_token_id")?, id_of("tokenizer.ggml.eos_token_id")?);
         let mut inner = match model {
             "gpt2" => gpt2(f, &tokens)?,
             "llama" => spm(f, &tokens)?,
             other => {
                 return Err(Error::Model {
                     path: f.path().to_path_buf(),
-                    msg: format!("tokenizer model '{other}' is not supported (supported: gpt2, llama)"),
+                    msg: format!("tokenizer model '{}' is not supported (supported: gpt2, llama)", other.escape_debug()),
                 })
             }
         };

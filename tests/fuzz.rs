@@ -1,0 +1,165 @@
+//! Model files are untrusted: mutated GGUF files (bytes flipped, header values set to extremes,
+//! truncations, each metadata value of a tiny model with its own small tokenizer rewritten) are
+//! read, validated, tokenized and loaded onto the GPU, and every one either loads or is refused
+//! with a typed error — no panic, no abort.
+//!
+//! `AGENTFLUX_FUZZ_ITERS` sets the number of random mutants (CI: 300; the long run in
+//! docs/security.md: `AGENTFLUX_FUZZ_ITERS=100000 cargo test --release --test fuzz`).
+
+mod common;
+
+use agentflux::decode::SplitMix64;
+use agentflux::gguf::{BlockFormat, GgufFile, MetaValue};
+use agentflux::hparams::ModelConfig;
+use agentflux::model::Model;
+use agentflux::reference::{tiny_model, TinyModelSpec};
+use agentflux::text::{ChatTemplate, Tokenizer};
+use common::{ctx, rng};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// A tiny model with a small byte-level tokenizer and a ChatML template: every reader has
+/// something to read.
+fn seed_file(seed: u64) -> Vec<u8> {
+    let mut spec = TinyModelSpec::new("llama", BlockFormat::Q4_0);
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from).to_vec();
+    tokens.extend((b'a'..=b'z').chain(b'A'..=b'Z').map(|c| (c as char).to_string()));
+    tokens.extend(["Ġ", "Ċ", "ab", "abc", "ĠHi", "Hi", "user", "!"].map(String::from));
+    tokens.truncate(spec.n_vocab);
+    while tokens.len() < spec.n_vocab {
+        tokens.push(format!("t{}", tokens.len()));
+    }
+    let types: Vec<MetaValue> = (0..tokens.len()).map(|i| MetaValue::I32(if i < 3 { 3 } else { 1 })).collect();
+    let chatml = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    spec.extra_meta = vec![
+        ("tokenizer.ggml.model".into(), MetaValue::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), MetaValue::String("smollm".into())),
+        ("tokenizer.ggml.tokens".into(), MetaValue::Array(tokens.into_iter().map(MetaValue::String).collect())),
+        ("tokenizer.ggml.token_type".into(), MetaValue::Array(types)),
+        ("tokenizer.ggml.merges".into(), MetaValue::Array(["a b", "ab c", "Ġ Hi", "H i"].map(|m| MetaValue::String(m.into())).to_vec())),
+        ("tokenizer.ggml.eos_token_id".into(), MetaValue::U32(2)),
+        ("tokenizer.ggml.bos_token_id".into(), MetaValue::U32(1)),
+        ("tokenizer.chat_template".into(), MetaValue::String(chatml.into())),
+    ];
+    tiny_model(&spec, seed)
+}
+
+/// Read, validate, tokenize and (when `load`) load `bytes`: whether every step took the file; a
+/// panic is returned as its message.
+fn exercise(bytes: &[u8], path: &std::path::Path, load: bool) -> Result<bool, String> {
+    std::fs::write(path, bytes).unwrap();
+    catch_unwind(AssertUnwindSafe(|| {
+        let Ok(f) = GgufFile::open(path) else { return false };
+        let config = ModelConfig::from_gguf(&f).is_ok();
+        let tokenized = Tokenizer::from_gguf(&f).is_ok_and(|tok| {
+            let text = tok.encode("Hi <|im_end|> abc!", true).and_then(|ids| tok.decode(&ids, false)).is_ok();
+            let chat = match ChatTemplate::from_gguf(&f, &tok) {
+                Ok(Some(t)) => t.tokens(&tok, &[agentflux::text::ChatMessage::new("user", "Hi")], true).is_ok(),
+                _ => false,
+            };
+            text && chat
+        });
+        config && tokenized && (!load || Model::load(ctx(), &f).is_ok())
+    }))
+    .map_err(|p| p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default())
+}
+
+/// Where each metadata value of `bytes` lies: (key, offset of the type tag).
+fn metadata_values(bytes: &[u8], keys: &[String]) -> Vec<(String, usize)> {
+    keys.iter()
+        .filter_map(|k| {
+            let needle = [&(k.len() as u64).to_le_bytes()[..], k.as_bytes()].concat();
+            bytes.windows(needle.len()).position(|w| w == needle.as_slice()).map(|p| (k.clone(), p + needle.len()))
+        })
+        .collect()
+}
+
+/// Values a header field is set to (as an integer of its width; a float field gets the float of
+/// the same index in `FLOAT_EXTREMES`).
+const EXTREMES: [u64; 9] = [0, 1, 2, 0xff, 0x7fff_ffff, 0xffff_ffff, 1 << 40, u64::MAX, 1 << 63];
+const FLOAT_EXTREMES: [f64; 9] = [0.0, -1.0, 1e-45, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e30, -0.0, f64::MAX];
+
+/// Write `v` over the metadata value of GGUF type `ty` that starts at `at`: integers at their
+/// width, floats from `FLOAT_EXTREMES`, a string's length, an array's element count.
+fn set_value(m: &mut [u8], at: usize, ty: u32, v: u64) {
+    let float = FLOAT_EXTREMES[EXTREMES.iter().position(|&e| e == v).unwrap_or(0)];
+    let bytes: Vec<u8> = match ty {
+        0 | 1 | 7 => vec![v as u8],
+        2 | 3 => (v as u16).to_le_bytes().to_vec(),
+        4 | 5 => (v as u32).to_le_bytes().to_vec(),
+        6 => (float as f32).to_le_bytes().to_vec(),
+        12 => float.to_le_bytes().to_vec(),
+        9 => return m[at + 4..at + 12].copy_from_slice(&v.to_le_bytes()),
+        _ => v.to_le_bytes().to_vec(),
+    };
+    m[at..at + bytes.len()].copy_from_slice(&bytes);
+}
+
+#[test]
+fn mutated_model_files_load_or_are_refused() {
+    let mut r = rng("fuzz-gguf");
+    let original = seed_file(r.next_u64());
+    let path = std::env::temp_dir().join(format!("agentflux-fuzz-{}.gguf", std::process::id()));
+    assert_eq!(exercise(&original, &path, true), Ok(true), "the unmutated file is read, tokenized and loaded");
+    let f = GgufFile::open({
+        std::fs::write(&path, &original).unwrap();
+        &path
+    })
+    .unwrap();
+    let keys: Vec<String> = f.metadata.keys().cloned().collect();
+    let header_len = f.tensors().iter().map(|t| t.file_offset).min().unwrap_or(original.len() as u64) as usize;
+    drop(f);
+    let (mut failures, mut taken, mut tried) = (Vec::new(), 0, 0);
+    let mut record = |what: String, outcome: Result<bool, String>| {
+        tried += 1;
+        match outcome {
+            Ok(t) => taken += t as usize,
+            Err(p) => failures.push(format!("{what}: {p}")),
+        }
+    };
+    let values = metadata_values(&original, &keys);
+    assert_eq!(values.len(), keys.len(), "every metadata key found in the file");
+
+    // Every metadata value set to every extreme of its type (a string's or an array's length
+    // too), and its type tag set to each type id.
+    for (key, at) in values {
+        let ty = u32::from_le_bytes(original[at..at + 4].try_into().unwrap());
+        for v in EXTREMES {
+            let mut m = original.clone();
+            set_value(&mut m, at + 4, ty, v);
+            record(format!("{key} (type {ty}) = {v:#x}"), exercise(&m, &path, true));
+        }
+        for ty in 0..16u32 {
+            let mut m = original.clone();
+            m[at..at + 4].copy_from_slice(&ty.to_le_bytes());
+            record(format!("{key} with type {ty}"), exercise(&m, &path, false));
+        }
+    }
+
+    // Random mutants of the header: flipped bytes, extreme words, truncations.
+    let iters: usize = std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    for i in 0..iters {
+        let mut m = original.clone();
+        let pick = |r: &mut SplitMix64, n: usize| (r.next_u64() % n.max(1) as u64) as usize;
+        match i % 3 {
+            0 => {
+                for _ in 0..1 + pick(&mut r, 4) {
+                    let at = pick(&mut r, header_len);
+                    m[at] ^= 1 << pick(&mut r, 8);
+                }
+            }
+            1 => {
+                let at = pick(&mut r, header_len.saturating_sub(8));
+                m[at..at + 8].copy_from_slice(&EXTREMES[pick(&mut r, EXTREMES.len())].to_le_bytes());
+            }
+            _ => m.truncate(pick(&mut r, original.len())),
+        }
+        record(format!("mutant {i}"), exercise(&m, &path, i % 10 == 0));
+    }
+    std::fs::remove_file(&path).ok();
+    eprintln!(
+        "{tried} files ({} metadata values × {} extremes and 16 type tags, {iters} random mutants): {taken} taken whole, the rest refused",
+        keys.len(),
+        EXTREMES.len()
+    );
+    assert!(failures.is_empty(), "{} panics:\n{}", failures.len(), failures.join("\n"));
+}
