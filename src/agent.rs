@@ -18,7 +18,7 @@ use crate::decode::GenerateOptions;
 use crate::engine::{resolve_model, Engine};
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
-use crate::mcp::{McpClient, ServerOptions};
+use crate::mcp::{read_mcp_config, McpClient, ServerOptions};
 use crate::session::Session;
 use crate::text::ChatMessage;
 use crate::toolcall::{AdapterSet, AgentEvent, AgentOptions, Catalog, ToolCall, ToolCaller, ToolServers, DEFAULT_ARG_BUDGET};
@@ -34,6 +34,7 @@ pub struct AgentBuilder {
     gpu: GpuOptions,
     adapters: Option<PathBuf>,
     servers: Vec<String>,
+    configs: Vec<PathBuf>,
     tools: Option<serde_json::Value>,
     context: usize,
     hierarchy: bool,
@@ -68,6 +69,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Every stdio server an `mcpServers` configuration file lists (Claude Desktop, Cursor and
+    /// VS Code write them), started after those of [`mcp`](Self::mcp) (repeatable).
+    pub fn mcp_config(mut self, path: impl Into<PathBuf>) -> Self {
+        self.configs.push(path.into());
+        self
+    }
+
     /// OpenAI-style `tools` (a JSON array of `{"type":"function","function":{..}}`) that
     /// [`Agent::call`] may choose among; [`Agent::run`] can call only MCP tools.
     pub fn openai_tools(mut self, tools: serde_json::Value) -> Self {
@@ -96,10 +104,18 @@ impl AgentBuilder {
 
     /// Load the model and adapters and start the servers.
     pub fn build(self) -> Result<Agent> {
-        if self.servers.is_empty() && self.tools.is_none() {
-            return Err(Error::InvalidOption("an agent needs tools: add an MCP server (mcp) or OpenAI tools (openai_tools)".into()));
+        if self.servers.is_empty() && self.configs.is_empty() && self.tools.is_none() {
+            return Err(Error::InvalidOption(
+                "an agent needs tools: add an MCP server (mcp, mcp_config) or OpenAI tools (openai_tools)".into(),
+            ));
         }
-        let servers = self.servers.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
+        let mut servers = self.servers.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
+        for path in &self.configs {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::bad_file(path, format!("cannot read it: {e}")))?;
+            for (_, command) in read_mcp_config(&path.display().to_string(), &text)? {
+                servers.push(McpClient::start(&command, ServerOptions::default())?);
+            }
+        }
         let mut servers = ToolServers::new(servers)?;
         if let Some(tools) = &self.tools {
             for g in Catalog::from_openai_tools("tools", tools)?.groups {
@@ -136,6 +152,7 @@ impl Agent {
             gpu: GpuOptions::default(),
             adapters: None,
             servers: Vec::new(),
+            configs: Vec::new(),
             tools: None,
             context: DEFAULT_CONTEXT,
             hierarchy: true,

@@ -296,6 +296,19 @@ fn refused_adapters_leave_the_others_serving() {
     let w = far.targets.remove(&(0, Proj::O)).unwrap();
     far.targets.insert((c.n_layers + 3, Proj::O), w);
     expect_err(model.add_adapter("far", &far), &["far", "layer", "another base model"]);
+    let mut huge = random_adapter(&mut r, &c, 2, &[Proj::Q], 0.1);
+    huge.alpha = f32::INFINITY;
+    expect_err(model.add_adapter("huge", &huge), &["huge", "lora_alpha inf", "finite"]);
+    let mut silent = random_adapter(&mut r, &c, 2, &[Proj::Q], 0.1);
+    silent.invocation_tokens = Some(Vec::new());
+    expect_err(model.add_adapter("silent", &silent), &["silent", "alora_invocation_tokens is empty"]);
+    let mut outside = random_adapter(&mut r, &c, 2, &[Proj::Q], 0.1);
+    outside.invocation_tokens = Some(vec![1, c.n_vocab as u32 + 5]);
+    expect_err(model.add_adapter("outside", &outside), &["outside", &format!("{}", c.n_vocab + 5), "vocabulary"]);
+    // A resident adapter at a scale that is not a number.
+    let mut kv = model.new_cache(16).unwrap();
+    let nan_scale = Some(ActiveAdapter { id: good, scale: f32::NAN });
+    expect_err(model.forward_seqs(&mut [Sequence::adapted(&mut kv, &t, nan_scale, 0)], Logits::Last), &["scale NaN", "finite"]);
     // Over the pack budget: the resident rank-4 adapter holds 15 KB of A, this one would add 30 KB.
     expect_err(model.add_adapter("heavy", &random_adapter(&mut r, &c, 8, &Proj::ALL, 0.1)), &["heavy", "max_bytes"]);
     let second = model.add_adapter("second", &random_adapter(&mut r, &c, 2, &[Proj::K], 0.1)).unwrap();

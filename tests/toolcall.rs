@@ -446,6 +446,19 @@ fn call_and_run_commands_drive_the_filesystem_server() {
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["output"].is_string() && v["stats"]["arg_tokens"].as_u64().unwrap() > 0, "{v}");
 
+    // The same server from an `mcpServers` file, as Claude Desktop writes one.
+    let config = root.join("claude_desktop_config.json");
+    let entry = json!({"command": bin, "args": [root], "env": {"AGENTFLUX_TEST": "1"}});
+    std::fs::write(&config, json!({"mcpServers": {"files": entry, "off": {"command": "/nonexistent", "disabled": true}}}).to_string())
+        .unwrap();
+    let (ok, out, err) = agentflux(&["call", "--model", m, "--mcp-config", config.to_str().unwrap(), "What is in notes/todo.txt?"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["candidates"].as_object().unwrap().contains_key("read_text_file"), "{v}");
+    std::fs::write(&config, r#"{"mcpServers": {"remote": {"url": "https://example.com/mcp"}}}"#).unwrap();
+    let (ok, _, err) = agentflux(&["call", "--model", m, "--mcp-config", config.to_str().unwrap(), "hello"]);
+    assert!(!ok && err.contains("mcpServers.remote") && err.contains("remote servers"), "{err}");
+
     // Bad input: no tools at all, and a server that cannot start.
     let (ok, _, err) = agentflux(&["call", "--model", m, "hello"]);
     assert!(!ok && err.contains("--mcp"), "{err}");

@@ -281,14 +281,29 @@ impl LoraAdapter {
         }
     }
 
-    /// Check an adapter built in memory against the base model `c` and `limits`, the checks
-    /// [`LoraAdapter::load_peft`] makes on files: rank, every shape, finite values.
+    /// Check an adapter against the base model `c` and `limits` before it is made resident:
+    /// rank, a finite scale, invocation tokens within the vocabulary, every shape, finite values.
     pub fn check(&self, c: &ModelConfig, limits: &LoraLimits) -> Result<(), String> {
         if self.rank == 0 || self.rank > limits.max_rank {
             return Err(format!("rank {} outside 1..={} (the configured limit)", self.rank, limits.max_rank));
         }
         if self.targets.is_empty() {
             return Err("targets no projection".into());
+        }
+        let scale = self.scale();
+        if !(self.alpha.is_finite() && scale.is_finite()) {
+            return Err(format!("lora_alpha {} gives the scale {scale}; it must be finite", self.alpha));
+        }
+        match &self.invocation_tokens {
+            Some(inv) if inv.is_empty() => {
+                return Err("alora_invocation_tokens is empty (leave it out for an adapter that applies everywhere)".into())
+            }
+            Some(inv) => {
+                if let Some(t) = inv.iter().find(|&&t| t as usize >= c.n_vocab) {
+                    return Err(format!("alora_invocation_tokens holds {t}, outside the base model's vocabulary of {} tokens", c.n_vocab));
+                }
+            }
+            None => {}
         }
         for (&(layer, proj), w) in &self.targets {
             let name = |ab| tensor_name(layer, proj, ab);

@@ -26,6 +26,32 @@ enum Incoming {
     Closed,
 }
 
+/// A server's program, arguments and extra environment variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerCommand {
+    /// The program (looked up on `PATH` when it has no slash).
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Variables added to the environment it inherits.
+    pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for ServerCommand {
+    /// The command line, each word quoted where it needs to be (what errors show).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let quote = |w: &str| {
+            if w.is_empty() || w.contains(|c: char| c.is_whitespace() || "'\"\\".contains(c)) {
+                format!("{w:?}")
+            } else {
+                w.to_string()
+            }
+        };
+        let words: Vec<String> = std::iter::once(&self.program).chain(&self.args).map(|w| quote(w)).collect();
+        write!(f, "{}", words.join(" "))
+    }
+}
+
 /// How to start and talk to a server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -79,8 +105,22 @@ impl McpClient {
         let words = shell_words(command).ok_or_else(|| McpError::Spawn { command: command.into(), msg: "unbalanced quotes".into() })?;
         let (program, args) =
             words.split_first().ok_or_else(|| McpError::Spawn { command: command.into(), msg: "empty command".into() })?;
+        Self::start(&ServerCommand { program: program.clone(), args: args.to_vec(), env: Vec::new() }, opts)
+    }
+
+    /// Start a server given as a program, its arguments and extra environment variables (an
+    /// `mcpServers` entry: [`read_mcp_config`](super::read_mcp_config)) and complete the
+    /// `initialize` handshake.
+    pub fn start(server: &ServerCommand, opts: ServerOptions) -> Result<Self, McpError> {
+        let command = server.to_string();
+        let command = command.as_str();
+        let program = &server.program;
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(&server.args)
+            .envs(server.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // Its own process group, so that stopping it stops what it started too.
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);

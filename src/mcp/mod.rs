@@ -6,8 +6,10 @@
 //! hangs, writes garbage or closes its stdout is reported with the tail of its stderr and reaped.
 
 mod client;
+mod config;
 
-pub use client::{shell_words, McpClient, ServerOptions, PROTOCOL_VERSIONS};
+pub use client::{shell_words, McpClient, ServerCommand, ServerOptions, PROTOCOL_VERSIONS};
+pub use config::read_mcp_config;
 
 use serde_json::Value;
 
@@ -78,6 +80,9 @@ impl ToolResult {
 #[derive(Debug, thiserror::Error)]
 #[allow(missing_docs)] // each variant's message names its fields
 pub enum McpError {
+    /// A configuration file (`mcpServers`) that cannot be used.
+    #[error("MCP configuration {file}: {msg}")]
+    Config { file: String, msg: String },
     /// The command could not be started.
     #[error("MCP server `{command}` could not be started: {msg}")]
     Spawn { command: String, msg: String },

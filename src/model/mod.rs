@@ -326,6 +326,9 @@ impl Model {
         if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(Error::BadToken { id, n_vocab });
         }
+        if let Some(a) = s.adapter.filter(|a| !a.scale.is_finite()) {
+            return Err(Error::InvalidOption(format!("adapter {} applied with the scale {}; it must be finite", a.id, a.scale)));
+        }
         if s.kv.n_layers() != self.config.n_layers {
             return Err(Error::InvalidOption(format!(
                 "a KV cache of {} layers used with a model of {}",

@@ -2,7 +2,7 @@
 //! a probability for every candidate, and arguments valid for its schema.
 
 use agentflux::gpu::GpuOptions;
-use agentflux::mcp::{McpClient, ServerOptions};
+use agentflux::mcp::{read_mcp_config, McpClient, ServerOptions};
 use agentflux::session::Session;
 use agentflux::text::ChatMessage;
 use agentflux::toolcall::{AdapterSet, Catalog, Strategy, ToolCall, ToolCaller, ToolServers};
@@ -18,6 +18,10 @@ pub struct Args {
     /// An MCP server command (repeatable), e.g. `--mcp 'tools/mcp/node_modules/.bin/mcp-server-filesystem /tmp/ws'`.
     #[arg(long)]
     mcp: Vec<String>,
+    /// An `mcpServers` configuration file (Claude Desktop, Cursor, VS Code): every server it lists
+    /// is started, besides those of --mcp.
+    #[arg(long)]
+    mcp_config: Option<PathBuf>,
     /// An OpenAI `tools` JSON file instead of (or besides) MCP servers.
     #[arg(long)]
     tools: Option<PathBuf>,
@@ -52,6 +56,21 @@ pub enum Mode {
     Reference,
 }
 
+/// The servers of `--mcp` commands and of an `mcpServers` file, started in that order.
+pub fn start_servers(commands: &[String], config: Option<&Path>) -> Result<Vec<McpClient>> {
+    let mut servers = commands.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
+    if let Some(path) = config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for (name, command) in read_mcp_config(&path.display().to_string(), &text)? {
+            servers.push(
+                McpClient::start(&command, ServerOptions::default())
+                    .with_context(|| format!("starting `{name}` from {}", path.display()))?,
+            );
+        }
+    }
+    Ok(servers)
+}
+
 /// What `call` and `run` share: the model, its adapter set and a tool caller.
 pub struct Loaded {
     pub eng: Engine,
@@ -75,11 +94,11 @@ pub fn load(model: &str, adapters: Option<&Path>, hierarchy: bool, strategy: Str
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
-    if a.mcp.is_empty() && a.tools.is_none() {
-        anyhow::bail!("give the tools: --mcp 'COMMAND ARGS' (repeatable) or --tools FILE.json");
+    if a.mcp.is_empty() && a.mcp_config.is_none() && a.tools.is_none() {
+        anyhow::bail!("give the tools: --mcp 'COMMAND ARGS' (repeatable), --mcp-config FILE.json or --tools FILE.json");
     }
     // Servers stay up until the call is made (their tools are listed, not called).
-    let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
+    let servers = start_servers(&a.mcp, a.mcp_config.as_deref())?;
     let mut catalog = ToolServers::new(servers)?.catalog;
     if let Some(f) = &a.tools {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)

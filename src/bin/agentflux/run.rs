@@ -1,7 +1,6 @@
 //! `agentflux run`: the agent loop over MCP servers, printing each step as it happens.
 
 use agentflux::gpu::GpuOptions;
-use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::session::Session;
 use agentflux::toolcall::{AgentEvent, AgentOptions, Strategy, ToolServers};
 use anyhow::Result;
@@ -13,8 +12,12 @@ pub struct Args {
     #[arg(long, default_value = "default")]
     model: String,
     /// An MCP server command (repeatable), e.g. `--mcp 'tools/mcp/node_modules/.bin/mcp-server-filesystem /tmp/ws'`.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "mcp_config")]
     mcp: Vec<String>,
+    /// An `mcpServers` configuration file (Claude Desktop, Cursor, VS Code): every server it lists
+    /// is started, besides those of --mcp.
+    #[arg(long)]
+    mcp_config: Option<PathBuf>,
     /// An adapter-set directory (manifest.json: selector and per-tool argument adapters).
     #[arg(long)]
     adapters: Option<PathBuf>,
@@ -41,7 +44,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
-    let servers = a.mcp.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
+    let servers = super::call::start_servers(&a.mcp, a.mcp_config.as_deref())?;
     let mut agent = ToolServers::new(servers)?;
     let super::call::Loaded { eng, adapters, mut caller } =
         super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
