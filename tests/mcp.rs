@@ -210,3 +210,23 @@ fn a_wrapped_server_is_stopped_with_its_whole_process_group() {
         assert!(processes_with(&marker).is_empty(), "{what}: {:?} left running", processes_with(&marker));
     }
 }
+
+/// A server's stdout is untrusted: random bytes, bytes that are not UTF-8, and a line that never
+/// ends are each a typed error within the deadline (the endless line is cut at its bound, not read
+/// into memory whole).
+#[test]
+fn a_server_writing_noise_is_a_clear_error() {
+    let opts = ServerOptions { init_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(2) };
+    for (what, command, needle) in [
+        ("random bytes", "sh -c 'head -c 4000 /dev/urandom; echo; sleep 30'", "not JSON-RPC"),
+        ("not UTF-8", "sh -c 'printf \"\\377\\376{}\\n\"; sleep 30'", "not JSON-RPC"),
+        ("an endless line", "sh -c 'head -c 20000000 /dev/zero | tr \"\\0\" x; sleep 30'", "a line of more than 16777216 bytes"),
+    ] {
+        let t = Instant::now();
+        let err = McpClient::spawn(command, opts.clone()).err().unwrap_or_else(|| panic!("{what}: the server was accepted"));
+        let msg = err.to_string();
+        assert!(matches!(err, McpError::Garbage { .. }) && msg.contains(needle), "{what}: {msg}");
+        assert!(msg.len() < 4000, "{what}: the error quotes at most the start of the line ({} bytes)", msg.len());
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: took {:?}", t.elapsed());
+    }
+}

@@ -576,3 +576,49 @@ fn a_stream_starts_at_once() {
     drop(reader);
     server.shutdown();
 }
+
+/// Bytes that are not HTTP, or not quite: random blobs, request heads cut short, absurd header
+/// values and bodies that are not JSON — the server answers each with an error or closes the
+/// connection, and then answers as before.
+#[test]
+fn the_server_survives_noise() {
+    let Some(server) = start("serve-noise", ServeOptions { n_ctx: 1024, parallel: 1, ..Default::default() }) else { return };
+    let addr = server.addr();
+    let mut r = rng("serve-noise");
+    let heads = [
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 99999999999999999999\r\n\r\n"),
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: -5\r\n\r\n{{}}"),
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+        format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nX: {}\r\n\r\n", "y".repeat(100_000)),
+        "GET /\u{0}\u{1} HTTP/9.9\r\n\r\n".to_string(),
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n\u{ff}\u{fe}{{\"a\":"),
+    ];
+    let mut blobs: Vec<Vec<u8>> = heads.iter().map(|h| h.as_bytes().to_vec()).collect();
+    for i in 0..200 {
+        let n = (r.next_u64() % 2000) as usize;
+        let mut b: Vec<u8> = (0..n).map(|_| r.next_u64() as u8).collect();
+        if i % 2 == 0 {
+            // A plausible start, then noise.
+            b.splice(0..0, format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {n}\r\n").bytes());
+        }
+        blobs.push(b);
+    }
+    for b in &blobs {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        if let Some(status) = String::from_utf8_lossy(&reply).split(' ').nth(1).and_then(|c| c.parse::<u16>().ok()) {
+            assert!(
+                (400..500).contains(&status) || status == 200 && b.starts_with(b"GET /v1/models"),
+                "{status} for {:?}",
+                String::from_utf8_lossy(&b[..b.len().min(120)])
+            );
+        }
+    }
+    assert_eq!(http(addr, "GET", "/health", "").status, 200);
+    assert_eq!(post(addr, &json!({"messages": user("Hi"), "max_tokens": 2})).status, 200);
+    server.shutdown();
+}

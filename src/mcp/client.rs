@@ -20,6 +20,9 @@ pub const PROTOCOL_VERSIONS: [&str; 3] = ["2025-06-18", "2025-03-26", "2024-11-0
 const STDERR_TAIL: usize = 4096;
 
 /// What the reader thread saw on stdout.
+/// Longest line a server may write (a tool result included); a longer one is garbage.
+const MAX_LINE_BYTES: usize = 16 << 20;
+
 enum Incoming {
     Message(Value),
     Garbage(String),
@@ -134,16 +137,29 @@ impl McpClient {
         };
         let (tx, incoming) = channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.trim().is_empty() {
-                    continue;
+            let mut stdout = BufReader::new(stdout);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                // A line is read up to its bound, so a server that never ends one cannot fill memory.
+                match (&mut stdout).take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
                 }
-                let msg = match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => Incoming::Message(v),
-                    Err(_) => Incoming::Garbage(line),
+                let msg = if line.len() > MAX_LINE_BYTES {
+                    Incoming::Garbage(format!("[a line of more than {MAX_LINE_BYTES} bytes] {}", String::from_utf8_lossy(&line[..200])))
+                } else {
+                    let text = String::from_utf8_lossy(&line);
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    match serde_json::from_str::<Value>(&text) {
+                        Ok(v) => Incoming::Message(v),
+                        Err(_) => Incoming::Garbage(text.into_owned()),
+                    }
                 };
-                if tx.send(msg).is_err() {
+                let garbage = matches!(msg, Incoming::Garbage(_));
+                if tx.send(msg).is_err() || garbage {
                     return;
                 }
             }

@@ -1,6 +1,7 @@
 //! `agentflux call`: one tool call for a query, as JSON — the tool chosen among real names with
 //! a probability for every candidate, and arguments valid for its schema.
 
+use agentflux::batch;
 use agentflux::gpu::GpuOptions;
 use agentflux::mcp::{read_mcp_config, McpClient, ServerOptions};
 use agentflux::session::Session;
@@ -109,9 +110,13 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     }
     let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
     l.caller.set_arg_budget(a.arg_budget);
-    let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
+    let n_ctx = a.ctx.min(l.eng.model.config.n_ctx_train);
     let messages = [ChatMessage::new("user", &a.query)];
-    let call = a.mode.call(&l, &mut session, &catalog, &messages)?;
+    // Through the batcher, as the server and eval compute: one path for every command.
+    let call = batch::scope(&l.eng.model, |b| -> Result<ToolCall> {
+        let mut session = Session::batched(b, n_ctx)?;
+        Ok(a.mode.call(&l, &mut session, &catalog, &messages)?)
+    })?;
     println!("{}", serde_json::to_string(&call)?);
     Ok(())
 }

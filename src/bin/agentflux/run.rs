@@ -1,5 +1,6 @@
 //! `agentflux run`: the agent loop over MCP servers, printing each step as it happens.
 
+use agentflux::batch;
 use agentflux::gpu::GpuOptions;
 use agentflux::session::Session;
 use agentflux::toolcall::{AgentEvent, AgentOptions, Strategy, ToolServers};
@@ -49,41 +50,45 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let super::call::Loaded { eng, adapters, mut caller } =
         super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
     caller.set_arg_budget(a.arg_budget);
-    let mut session = Session::new(&eng.model, a.ctx.min(eng.model.config.n_ctx_train))?;
+    let n_ctx = a.ctx.min(eng.model.config.n_ctx_train);
     let opts = AgentOptions::new(a.max_steps, a.answer_tokens, &eng.tokenizer);
     if !a.json {
         eprintln!("{} tools from {} server(s) on {}", agent.catalog.names().len(), agent.servers.len(), eng.ctx.describe());
     }
-    agent.run(&caller, &mut session, &adapters, &a.task, &opts, |e| {
-        if a.json {
-            println!("{}", serde_json::to_string(e).unwrap_or_default());
-            return;
-        }
-        match e {
-            AgentEvent::Call { step, call } => println!(
-                "[{step}] {} {}  (p={:.2}; select {:.0} ms, arguments {:.0} ms; {} prefix tokens, {} reused)",
-                call.name,
-                call.arguments,
-                call.confidence.unwrap_or(f64::NAN),
-                call.stats.select_ms,
-                call.stats.args_ms,
-                call.stats.prefix_tokens,
-                call.stats.session.reused
-            ),
-            AgentEvent::Result { text, is_error, .. } => {
-                let shown: String = text.chars().take(300).collect();
-                println!("    {} {}", if *is_error { "✗" } else { "→" }, shown.replace('\n', "\n      "));
+    // Through the batcher, as the server and eval compute: one path for every command.
+    batch::scope(&eng.model, |b| -> Result<()> {
+        let mut session = Session::batched(b, n_ctx)?;
+        agent.run(&caller, &mut session, &adapters, &a.task, &opts, |e| {
+            if a.json {
+                println!("{}", serde_json::to_string(e).unwrap_or_default());
+                return;
             }
-            AgentEvent::Stopped { reason } => println!("    stopped: {reason}"),
-            AgentEvent::Answer { text } => println!("answer: {text}"),
+            match e {
+                AgentEvent::Call { step, call } => println!(
+                    "[{step}] {} {}  (p={:.2}; select {:.0} ms, arguments {:.0} ms; {} prefix tokens, {} reused)",
+                    call.name,
+                    call.arguments,
+                    call.confidence.unwrap_or(f64::NAN),
+                    call.stats.select_ms,
+                    call.stats.args_ms,
+                    call.stats.prefix_tokens,
+                    call.stats.session.reused
+                ),
+                AgentEvent::Result { text, is_error, .. } => {
+                    let shown: String = text.chars().take(300).collect();
+                    println!("    {} {}", if *is_error { "✗" } else { "→" }, shown.replace('\n', "\n      "));
+                }
+                AgentEvent::Stopped { reason } => println!("    stopped: {reason}"),
+                AgentEvent::Answer { text } => println!("answer: {text}"),
+            }
+        })?;
+        if !a.json {
+            let s = session.stats();
+            eprintln!(
+                "[session: {} prefilled, {} reused, {} decoded, {} scored, {} recomputed]",
+                s.prefilled, s.reused, s.decoded, s.scored, s.recomputed
+            );
         }
-    })?;
-    if !a.json {
-        let s = session.stats();
-        eprintln!(
-            "[session: {} prefilled, {} reused, {} decoded, {} scored, {} recomputed]",
-            s.prefilled, s.reused, s.decoded, s.scored, s.recomputed
-        );
-    }
-    Ok(())
+        Ok(())
+    })
 }
