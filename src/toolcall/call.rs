@@ -540,7 +540,7 @@ impl ToolCaller {
         let prompt = self.answer_prompt(catalog, messages)?;
         let g = session.generate(&prompt, None, opts, on_token)?;
         let text: Vec<u32> = g.tokens.into_iter().filter(|t| !self.tokenizer.is_stop(*t)).collect();
-        Ok(self.tokenizer.decode(&text, true)?.trim().to_string())
+        Ok(before_call_layout(&self.tokenizer.decode(&text, true)?).trim().to_string())
     }
 
     /// The prompt of a plain chat turn (no tools, no system text of ours), up to the assistant
@@ -707,6 +707,22 @@ impl ToolCaller {
     }
 }
 
+/// `text` up to where it starts writing the call layout (a line opening with one of its cues, or
+/// arguments after `args:`): a small model answering after `call: finish` may go on with another
+/// call, which is not part of the answer.
+fn before_call_layout(text: &str) -> &str {
+    let line_cue = text
+        .match_indices('\n')
+        .map(|(i, _)| i + 1)
+        .chain(std::iter::once(0))
+        .filter(|&i| [SELECT_CUE, SERVER_CUE, SCHEMA_CUE].iter().any(|cue| text[i..].trim_start().starts_with(cue)))
+        .min();
+    let cue = ARGS_CUE.trim_start();
+    let args = text.match_indices(cue).map(|(i, _)| i).find(|&i| !text[..i].ends_with(|c: char| c.is_alphanumeric()));
+    let end = [line_cue, args].into_iter().flatten().min().unwrap_or(text.len());
+    &text[..end]
+}
+
 /// Arguments written under a schema, and what writing them took.
 #[derive(Default)]
 struct Written {
@@ -765,6 +781,16 @@ fn ms(t: Instant) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_stops_where_the_call_layout_starts() {
+        let answer = "The file says: buy milk.";
+        assert_eq!(before_call_layout(answer), answer);
+        assert_eq!(before_call_layout(&format!("{answer}\ncall: read_text_file\nargs:{{\"path\":\"x\"}}")), format!("{answer}\n"));
+        assert_eq!(before_call_layout(&format!("{answer} args:{{\"path\":\"/tmp\"}}")), format!("{answer} "));
+        assert_eq!(before_call_layout("server: filesystem\n"), "");
+        assert_eq!(before_call_layout("Recall: the call went well; cargs: none."), "Recall: the call went well; cargs: none.");
+    }
 
     #[test]
     fn majority_vote_follows_the_distribution() {
