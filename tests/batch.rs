@@ -50,8 +50,9 @@ fn tokens(r: &mut SplitMix64, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
 }
 
-fn tiny(seed: u64) -> Model {
-    let p = std::env::temp_dir().join(format!("agentflux-batch-{}.gguf", std::process::id()));
+/// A tiny random model; `tag` keeps the file of each test apart (they run at once).
+fn tiny(seed: u64, tag: &str) -> Model {
+    let p = std::env::temp_dir().join(format!("agentflux-batch-{tag}-{}.gguf", std::process::id()));
     std::fs::write(&p, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q4_0), seed)).unwrap();
     let model = Model::load(ctx(), &GgufFile::open(&p).unwrap()).unwrap();
     std::fs::remove_file(p).ok();
@@ -61,7 +62,7 @@ fn tiny(seed: u64) -> Model {
 #[test]
 fn batched_sessions_compute_what_each_computes_alone() {
     let mut r = rng("batch");
-    let model = tiny(r.next_u64());
+    let model = tiny(r.next_u64(), "alone");
     let c = model.config.clone();
     let a = ActiveAdapter::new(model.add_adapter("a", &random_adapter(&mut r, &c, 4, &Proj::ALL, 0.3)).unwrap());
     let b = ActiveAdapter::new(model.add_adapter("b", &random_adapter(&mut r, &c, 8, &[Proj::Q, Proj::V, Proj::Down], 0.3)).unwrap());
@@ -118,7 +119,7 @@ fn batched_sessions_compute_what_each_computes_alone() {
 #[test]
 fn a_full_cache_fails_only_its_own_session() {
     let mut r = rng("batch-full");
-    let model = tiny(r.next_u64());
+    let model = tiny(r.next_u64(), "full");
     let vocab = model.config.n_vocab;
     let (short, long) = (tokens(&mut r, 8, vocab), tokens(&mut r, 40, vocab));
     let want = Session::new(&model, 64).unwrap().prefill(&short, None).unwrap();
