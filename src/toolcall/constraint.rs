@@ -131,11 +131,10 @@ impl JsonConstraint {
         let mask = self.matcher.compute_mask_or_eos().map_err(|e| Error::Engine(format!("constraint: {e}")))?;
         let grammar: Vec<bool> = (0..n_vocab as u32).map(|t| mask.is_allowed(t)).collect();
         let lexeme = self.cursor.lexeme();
-        let bounded: Vec<bool> = grammar
-            .iter()
-            .enumerate()
-            .map(|(t, &ok)| ok && (t as u32 == self.eos || self.token_bytes.get(t).is_none_or(|b| lexeme.accepts(b))))
-            .collect();
+        // Only a digit can take a number past its bounds, so tokens without one pass unread.
+        let within = |b: &Vec<u8>| !b.iter().any(u8::is_ascii_digit) || lexeme.accepts(b);
+        let bounded: Vec<bool> =
+            grammar.iter().enumerate().map(|(t, &ok)| ok && (t as u32 == self.eos || self.token_bytes.get(t).is_none_or(within))).collect();
         Ok(if bounded.contains(&true) { bounded } else { grammar })
     }
 
