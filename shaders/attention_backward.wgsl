@@ -16,8 +16,8 @@
 // Keys of the prefix (positions < pos0) get no gradient: nothing before the step depends on the
 // adapter being trained.
 // Layout: q, dO, dq: T rows of n_heads·head_dim f32; k, v: rows of n_kv_heads·head_dim f16 for
-//   positions 0 .. pos0 + T (the layer's KV cache, two values per u32 word, as kv_store.wgsl
-//   writes them); dk, dv: T rows of n_kv_heads·head_dim (the
+//   positions 0 .. pos0 + T (the layer's KV cache from word base_words on: its slot, two values
+//   per u32 word, as kv_store.wgsl writes them); dk, dv: T rows of n_kv_heads·head_dim (the
 //   step's own keys); stats: 3 f32 per (t, h).
 // Work split: one invocation per output row and head, loops over keys (or queries) and the head
 //   dimension; rows are written by their owner only, so no atomics or barriers. `grad_q` runs
@@ -47,12 +47,12 @@ fn first_key(pos: u32) -> u32 {
 
 // Cached values d..d+3 of the row at `o` (o and d multiples of 4).
 fn key4(o: u32, d: u32) -> vec4<f32> {
-    let i = (o + d) / 2u;
+    let i = p.base_words + (o + d) / 2u;
     return vec4<f32>(unpack2x16float(k[i]), unpack2x16float(k[i + 1u]));
 }
 
 fn value4(o: u32, d: u32) -> vec4<f32> {
-    let i = (o + d) / 2u;
+    let i = p.base_words + (o + d) / 2u;
     return vec4<f32>(unpack2x16float(v[i]), unpack2x16float(v[i + 1u]));
 }
 

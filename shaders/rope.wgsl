@@ -1,13 +1,13 @@
 // rope.wgsl — rotary position embedding, in place, for both pair layouts.
 //
-// Computes: for each token t (position pos0 + t), head h and pair i < rot_dim/2, rotates the pair
-//   (a, b) by θ = (pos0 + t) · base^(−2i/rot_dim):  a' = a·cos θ − b·sin θ,  b' = a·sin θ + b·cos θ.
+// Computes: for each token t at position pos (pos0 + t, or with `table` = 1 the row's own entry
+//   places[at + t].y: rows of several sequences, a token tree's rows at their depths), head h and
+//   pair i < rot_dim/2, rotates the pair (a, b) by θ = pos · base^(−2i/rot_dim):  a' = a·cos θ − b·sin θ,  b' = a·sin θ + b·cos θ.
 //   mode 0 ("normal", llama): the pair is (2i, 2i+1);  mode 1 ("neox", qwen2/3, gemma3): (i, i + rot_dim/2).
-//   Dimensions from rot_dim to head_dim are left as they are. With `tree` = 1 token t sits at
-//   position pos0 + depth[t] instead (a token tree; see attention.wgsl). With `inverse` = 1 the
+//   Dimensions from rot_dim to head_dim are left as they are. With `inverse` = 1 the
 //   pairs are rotated by −θ: the gradient through the rotation (its transpose is its inverse).
-// Layout: row t of n_heads·head_dim f32 at offset + t·stride (floats); tree: per token
-//   (parent, depth).
+// Layout: row t of n_heads·head_dim f32 at offset + t·stride (floats); places: per row of the
+//   pass (base, pos, pos0, len), see src/kernels/places.rs.
 // Work split: one invocation per (pair, head) × token.
 // Limits: rot_dim even and ≤ head_dim.
 
@@ -16,7 +16,7 @@
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> v: array<f32>;
-@group(0) @binding(2) var<storage, read> tree: array<vec2<i32>>;
+@group(0) @binding(2) var<storage, read> places: array<vec4<u32>>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -35,8 +35,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         ib = ia + half_rot;
     }
     var pos = p.pos0 + t;
-    if (p.tree == 1u) {
-        pos = p.pos0 + u32(tree[t].y);
+    if (p.table == 1u) {
+        pos = places[p.at + t].y;
     }
     let theta = f32(pos) * exp2(-p.log2_base * f32(2u * i) / f32(p.rot_dim));
     let c = cos(theta);

@@ -16,7 +16,7 @@
 use crate::batch::Batcher;
 use crate::decode::{generate_with, step, GenerateOptions, Generation, Sampler};
 use crate::error::{Error, Result};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvPool};
 use crate::lora::ActiveAdapter;
 use crate::model::{Logits, Model, Sequence};
 use std::ops::ControlFlow;
@@ -99,19 +99,22 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// An empty session of `n_ctx` positions.
     pub fn new(model: &'m Model, n_ctx: usize) -> Result<Self> {
-        Ok(Self {
-            model,
-            batcher: None,
-            kv: model.new_cache(n_ctx)?,
-            tokens: Vec::new(),
-            made_by: Vec::new(),
-            stats: SessionStats::default(),
-        })
+        Ok(Self::on(model, None, model.new_cache(n_ctx)?))
+    }
+
+    fn on(model: &'m Model, batcher: Option<&'m Batcher<'m>>, kv: KvCache) -> Self {
+        Self { model, batcher, kv, tokens: Vec::new(), made_by: Vec::new(), stats: SessionStats::default() }
     }
 
     /// An empty session of `n_ctx` positions whose passes `batcher` shares with other sessions'.
     pub fn batched(batcher: &'m Batcher<'m>, n_ctx: usize) -> Result<Self> {
-        Ok(Self { batcher: Some(batcher), ..Self::new(batcher.model(), n_ctx)? })
+        Ok(Self::on(batcher.model(), Some(batcher), batcher.model().new_cache(n_ctx)?))
+    }
+
+    /// [`batched`](Self::batched) with a cache from `pool`: sessions of one pool share each
+    /// dispatch of RoPE, the KV store and attention in a pass, not only the weights' reads.
+    pub fn pooled(batcher: &'m Batcher<'m>, pool: &KvPool) -> Result<Self> {
+        Ok(Self::on(batcher.model(), Some(batcher), pool.cache()?))
     }
 
     /// The cached tokens.

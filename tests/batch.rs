@@ -8,7 +8,7 @@ use agentflux::batch;
 use agentflux::decode::{GenerateOptions, SamplerConfig, SplitMix64};
 use agentflux::gguf::{BlockFormat, GgufFile};
 use agentflux::lora::{ActiveAdapter, Proj};
-use agentflux::model::Model;
+use agentflux::model::{Logits, Model};
 use agentflux::reference::{random_adapter, tiny_model, TinyModelSpec};
 use agentflux::session::{Activation, Session};
 use common::{assert_close, ctx, rng};
@@ -81,14 +81,19 @@ fn batched_sessions_compute_what_each_computes_alone() {
     let n_ctx = step + 64;
     let alone: Vec<Trace> = scripts.iter().map(|s| run(&mut Session::new(&model, n_ctx).unwrap(), s)).collect();
 
+    // Four sessions in the slots of one pool (their rows share each dispatch of RoPE, the KV
+    // store and attention), two beyond its slots with caches of their own.
+    let pool = model.new_pool(n_ctx, 4).unwrap();
+    assert_eq!(pool.slots(), 4);
     let (together, stats) = batch::scope(&model, |batcher| {
         let traces = std::thread::scope(|t| {
             let threads: Vec<_> = scripts
                 .iter()
                 .map(|s| {
+                    let pool = &pool;
                     t.spawn(move || {
                         let _turn = batcher.join();
-                        run(&mut Session::batched(batcher, n_ctx).unwrap(), s)
+                        run(&mut Session::pooled(batcher, pool).unwrap(), s)
                     })
                 })
                 .collect();
@@ -113,6 +118,35 @@ fn batched_sessions_compute_what_each_computes_alone() {
     assert!(stats.shared_passes > 0 && stats.widest > 1, "the conversations shared passes: {stats:?}");
     assert!(stats.mixed_adapter_passes > 0, "rows of different adapters went through one pass: {stats:?}");
     assert!(stats.tokens <= stats.passes * step, "no pass held more than the budget: {stats:?}");
+}
+
+/// Caches of one pool: a copy of a pooled cache (made within the shared buffers) continues as
+/// the original does, a pool whose slots are all held hands out caches of their own, and a
+/// dropped cache's slot is taken again.
+#[test]
+fn pooled_caches_fork_and_free_their_slots() {
+    let mut r = rng("batch-pool");
+    let model = tiny(r.next_u64(), "pool");
+    let vocab = model.config.n_vocab;
+    let (prompt, more) = (tokens(&mut r, 20, vocab), tokens(&mut r, 5, vocab));
+    let mut lone = model.new_cache(64).unwrap();
+    let want = model.forward(&[prompt.clone(), more.clone()].concat(), &mut lone, Logits::Last).unwrap();
+    let pool = model.new_pool(64, 2).unwrap();
+    let mut first = pool.cache().unwrap();
+    model.forward(&prompt, &mut first, Logits::None).unwrap();
+    let mut copy = first.fork(model.ctx()).unwrap();
+    assert_eq!((copy.len(), pool.available()), (20, 0));
+    let mut beyond = pool.cache().unwrap();
+    model.forward(&prompt, &mut beyond, Logits::None).unwrap();
+    for (what, kv) in [("the original", &mut first), ("its copy", &mut copy), ("a cache beyond the pool", &mut beyond)] {
+        let got = model.forward(&more, kv, Logits::Last).unwrap();
+        assert_close(what, &got, &want, 1e-4);
+    }
+    drop(copy);
+    assert_eq!(pool.available(), 1);
+    drop(pool.cache().unwrap());
+    drop(first);
+    assert_eq!(pool.available(), 2);
 }
 
 /// A session whose cache is full gets its error; the others in the same passes do not notice.

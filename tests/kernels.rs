@@ -12,12 +12,13 @@ use agentflux::gpu::{
     read_f32, read_u32, storage_buffer, storage_buffer_zeroed, DeviceClass, GpuContext, GpuOptions, Recorder, View, WeightMatrix,
 };
 use agentflux::hparams::{Activation, Rope, RopeLayout};
-use agentflux::kernels::attention::{attention, AttentionShape, CachedLayer};
+use agentflux::kernels::attention::{attention, AttentionShape, KvBuffers};
 use agentflux::kernels::elementwise::{add_rows, glu};
 use agentflux::kernels::embed::embed;
 use agentflux::kernels::matmul::{matmul, MatmulIo};
 use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
-use agentflux::kernels::rope::rope;
+use agentflux::kernels::places::{place_sequence, Places, RowPlace};
+use agentflux::kernels::rope::{rope, Positions};
 use agentflux::kernels::sample::{argmax, OUT_WORDS};
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
 use common::{assert_close, ctx, dequant, f16_cache, f32_buf, rng};
@@ -219,7 +220,7 @@ fn rope_both_layouts_partial_rotation() {
             let rp = Rope { layout, rot_dim: rot, base: 10000.0 };
             let b = f32_buf(&ctx, &x);
             let mut rec = Recorder::new(&ctx);
-            rope(&mut rec, &ctx, &rp, View::new(&b, t, heads * hd), hd, pos0, None).unwrap();
+            rope(&mut rec, &ctx, &rp, View::new(&b, t, heads * hd), hd, Positions::From(pos0)).unwrap();
             rec.submit();
             let mut want = x.clone();
             reference::rope(&mut want, heads, hd, &rp, pos0);
@@ -227,6 +228,32 @@ fn rope_both_layouts_partial_rotation() {
             assert_close(&format!("rope {layout:?} hd={hd} pos0={pos0}"), &read_f32(&ctx, &b, 0, x.len()).unwrap(), &want, 5e-4);
         }
     }
+}
+
+/// A pass's rows, several sequences' and a token tree's, each rotated at the position its place
+/// gives, from a table entry other than the first.
+#[test]
+fn rope_rows_at_their_places() {
+    let ctx = ctx();
+    let mut r = rng("rope_places");
+    let (heads, hd) = (3, 32);
+    let rp = Rope { layout: RopeLayout::Neox, rot_dim: hd, base: 10000.0 };
+    let mut places = vec![RowPlace { base: 0, pos: 0, pos0: 0, index: 0 }; 2];
+    places.extend(place_sequence(64, 7, 3, None).unwrap());
+    places.extend(place_sequence(0, 0, 1, None).unwrap());
+    places.extend(place_sequence(128, 30, 4, Some(&[0, 1, 1, 0])).unwrap());
+    let rows = &places[2..];
+    let x = random_vec(&mut r, rows.len() * heads * hd, 1.0);
+    let (b, table) = (f32_buf(&ctx, &x), storage_buffer(&ctx, "places", bytemuck::cast_slice(&places)));
+    let mut rec = Recorder::new(&ctx);
+    let at = Places { buf: &table, at: 2, rows };
+    rope(&mut rec, &ctx, &rp, View::new(&b, rows.len(), heads * hd), hd, Positions::Table(at)).unwrap();
+    rec.submit();
+    let mut want = x.clone();
+    for (row, p) in want.chunks_mut(heads * hd).zip(rows) {
+        reference::rope(row, heads, hd, &rp, p.pos as usize);
+    }
+    assert_close("rope at row places", &read_f32(&ctx, &b, 0, x.len()).unwrap(), &want, 1e-4);
 }
 
 #[test]
@@ -249,19 +276,72 @@ fn attention_prefill_decode_gqa_window_and_row_offset() {
         let row = heads * hd;
         // Rows before `row0` belong to other sequences of a batch: the kernel must not touch them.
         let q = random_vec(&mut r, (row0 + t) * row, 1.0);
-        let (kb, k) = f16_cache(&ctx, &random_vec(&mut r, n_kv * kvh * hd, 1.0));
-        let (vb, v) = f16_cache(&ctx, &random_vec(&mut r, n_kv * kvh * hd, 1.0));
+        // The sequence's cache slot starts at row `base`: the rows before it (another slot)
+        // must not be read.
+        let (base, kv_row) = (3 * row0, kvh * hd);
+        let (kb, k) = f16_cache(&ctx, &random_vec(&mut r, (base + n_kv) * kv_row, 1.0));
+        let (vb, v) = f16_cache(&ctx, &random_vec(&mut r, (base + n_kv) * kv_row, 1.0));
         let qb = f32_buf(&ctx, &q);
         let ob = storage_buffer_zeroed(&ctx, "o", (q.len() * 4) as u64);
         let scale = 1.0 / (hd as f32).sqrt();
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
+        let mut places = vec![RowPlace { base: 0, pos: 0, pos0: 0, index: 0 }; row0];
+        places.extend(place_sequence(base, pos0, t, None).unwrap());
+        let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
         let mut rec = Recorder::new(&ctx);
         let rows = |buf| View::new(buf, row0 + t, row).rows(row0, t);
-        attention(&mut rec, &ctx, &shape, rows(&qb), CachedLayer { k: &kb, v: &vb, len: pos0 }, rows(&ob), None).unwrap();
+        let at = Places { buf: &table, at: row0, rows: &places[row0..] };
+        attention(&mut rec, &ctx, &shape, rows(&qb), KvBuffers { k: &kb, v: &vb }, at, rows(&ob), None).unwrap();
         rec.submit();
         let mut want = vec![0f32; row0 * row];
-        want.extend(reference::attention(&q[row0 * row..], &k, &v, heads, kvh, hd, pos0, window, scale));
+        let slot = base * kv_row..;
+        want.extend(reference::attention(&q[row0 * row..], &k[slot.clone()], &v[slot], heads, kvh, hd, pos0, window, scale));
         let what = format!("attention h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window} row0={row0}");
+        assert_close(&what, &read_f32(&ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
+    }
+}
+
+/// One dispatch over the rows of several sequences, each in its own slot of shared cache
+/// buffers at its own position — prompt pieces and decode rows (the prefill entry), decode rows
+/// alone (the split-key entry) — against the reference attention of each sequence alone.
+#[test]
+fn attention_serves_several_sequences_in_one_dispatch() {
+    let ctx = ctx();
+    let mut r = rng("attention_sequences");
+    let n_ctx = 48;
+    // (heads, kv heads, head_dim, window, per sequence (slot, cached positions, new rows))
+    type Sequences<'a> = &'a [(usize, usize, usize)];
+    let cases: [(usize, usize, usize, usize, Sequences); 4] = [
+        (9, 3, 64, 0, &[(2, 5, 3), (0, 17, 1), (3, 0, 6), (1, 40, 2)]),
+        (4, 2, 16, 5, &[(1, 10, 1), (0, 0, 1), (2, 33, 1)]),
+        (4, 1, 256, 0, &[(0, 2, 3), (1, 0, 1)]),
+        (2, 2, 32, 4, &[(3, 20, 2), (0, 1, 1), (2, 9, 1)]),
+    ];
+    for (heads, kvh, hd, window, seqs) in cases {
+        let (row, kv_row, slots) = (heads * hd, kvh * hd, 4);
+        let (kb, k) = f16_cache(&ctx, &random_vec(&mut r, slots * n_ctx * kv_row, 1.0));
+        let (vb, v) = f16_cache(&ctx, &random_vec(&mut r, slots * n_ctx * kv_row, 1.0));
+        let places: Vec<RowPlace> =
+            seqs.iter().flat_map(|&(slot, pos0, len)| place_sequence(slot * n_ctx, pos0, len, None).unwrap()).collect();
+        let n = places.len();
+        let q = random_vec(&mut r, n * row, 1.0);
+        let (qb, ob) = (f32_buf(&ctx, &q), storage_buffer_zeroed(&ctx, "o", (q.len() * 4) as u64));
+        let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
+        let scale = 1.0 / (hd as f32).sqrt();
+        let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
+        let mut rec = Recorder::new(&ctx);
+        let at = Places { buf: &table, at: 0, rows: &places };
+        attention(&mut rec, &ctx, &shape, View::new(&qb, n, row), KvBuffers { k: &kb, v: &vb }, at, View::new(&ob, n, row), None).unwrap();
+        rec.submit();
+        let mut want = Vec::new();
+        let mut row0 = 0;
+        for &(slot, pos0, len) in seqs {
+            let keys = slot * n_ctx * kv_row..(slot * n_ctx + pos0 + len) * kv_row;
+            let q = &q[row0 * row..(row0 + len) * row];
+            want.extend(reference::attention(q, &k[keys.clone()], &v[keys], heads, kvh, hd, pos0, window, scale));
+            row0 += len;
+        }
+        let what = format!("attention over {seqs:?}, h={heads}/{kvh} hd={hd} w={window}");
         assert_close(&what, &read_f32(&ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
     }
 }
@@ -274,6 +354,7 @@ fn kv_store_appends_f16_rows() {
     use agentflux::kernels::kv_store::kv_store;
     let ctx = ctx();
     let mut r = rng("kv_store");
+    // Each case's sequence in the second of two cache slots of `n_ctx` rows.
     for (row_len, row0, pos0, t, n_ctx) in [(64, 0, 0, 5, 8), (192, 2, 7, 3, 12), (6, 1, 1000, 70, 1100)] {
         let (k, v) = (random_vec(&mut r, (row0 + t) * row_len, 4.0), random_vec(&mut r, (row0 + t) * row_len, 4.0));
         let (kb, vb) = (f32_buf(&ctx, &k), f32_buf(&ctx, &v));
@@ -292,19 +373,23 @@ fn kv_store_appends_f16_rows() {
             ("own buffers", own(&kb), own(&vb)),
             ("one interleaved buffer", interleaved.cols(q_len, row_len), interleaved.cols(q_len + row_len, row_len)),
         ];
+        let mut places = vec![RowPlace { base: 0, pos: 0, pos0: 0, index: 0 }; row0];
+        places.extend(place_sequence(n_ctx, pos0, t, None).unwrap());
+        let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
+        let at = Places { buf: &table, at: row0, rows: &places[row0..] };
         for (layout, kr, vr) in layouts {
-            let cache = |name| storage_buffer_zeroed(&ctx, name, (n_ctx * row_len * 2) as u64);
+            let cache = |name| storage_buffer_zeroed(&ctx, name, (2 * n_ctx * row_len * 2) as u64);
             let (kc, vc) = (cache("kc"), cache("vc"));
             let mut rec = Recorder::new(&ctx);
-            kv_store(&mut rec, &ctx, kr, vr, CachedLayer { k: &kc, v: &vc, len: pos0 }).unwrap();
+            kv_store(&mut rec, &ctx, kr, vr, KvBuffers { k: &kc, v: &vc }, at).unwrap();
             rec.submit();
             for (what, src, buf) in [("keys", &k, &kc), ("values", &v, &vc)] {
-                let words = read_u32(&ctx, buf, 0, n_ctx * row_len / 2).unwrap();
+                let words = read_u32(&ctx, buf, 0, 2 * n_ctx * row_len / 2).unwrap();
                 let got: Vec<f32> = words
                     .iter()
                     .flat_map(|w| [half::f16::from_bits(*w as u16).to_f32(), half::f16::from_bits((*w >> 16) as u16).to_f32()])
                     .collect();
-                let stored = pos0 * row_len..(pos0 + t) * row_len;
+                let stored = (n_ctx + pos0) * row_len..(n_ctx + pos0 + t) * row_len;
                 assert!(
                     got[..stored.start].iter().chain(&got[stored.end..]).all(|&x| x == 0.0),
                     "{layout}, {what}: rows outside {stored:?} written"
@@ -316,10 +401,19 @@ fn kv_store_appends_f16_rows() {
             }
         }
     }
-    let (kb, kc) = (f32_buf(&ctx, &[0.0; 6]), storage_buffer_zeroed(&ctx, "kc", 12));
-    let rows = View::new(&kb, 2, 3);
-    let cache = CachedLayer { k: &kc, v: &kc, len: 0 };
-    assert!(kv_store(&mut Recorder::new(&ctx), &ctx, rows, rows, cache).is_err(), "odd rows refused");
+    let (kb, kc) = (f32_buf(&ctx, &[0.0; 8]), storage_buffer_zeroed(&ctx, "kc", 16));
+    let cache = KvBuffers { k: &kc, v: &kc };
+    // Two rows of 4 values (2 words): the cache holds 2 rows.
+    let store = |cols, base| {
+        let places = place_sequence(base, 0, 2, None).unwrap();
+        let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
+        let rows = View::new(&kb, 8 / cols, cols);
+        kv_store(&mut Recorder::new(&ctx), &ctx, rows, rows, cache, Places { buf: &table, at: 0, rows: &places })
+    };
+    assert!(store(4, 0).is_ok(), "two rows fit");
+    assert!(store(3, 0).is_err(), "odd rows refused");
+    assert!(store(4, 1).is_err(), "rows past the cache's end refused");
+    assert!(store(2, 0).is_err(), "a place per row");
 }
 
 #[test]

@@ -206,18 +206,20 @@ fn lora_backward_matches_the_reference() {
     }
 }
 
-/// Attention gradients for a step's rows over a cache holding a prefix: against the reference
-/// backward of the whole sequence with no gradient arriving at the prefix's rows.
+/// Attention gradients for a step's rows over a cache holding a prefix (in a cache slot after
+/// another's rows): against the reference backward of the whole sequence with no gradient
+/// arriving at the prefix's rows.
 #[test]
 fn attention_backward_over_a_cached_prefix() {
     use agentflux::kernels::attention_backward::{attention_backward, AttentionGrads};
     let ctx = ctx();
     let mut r = rng("attention-backward");
     for (heads, kvh, hd, pos0, t, window) in [(4, 2, 16, 5, 4, 0), (2, 2, 32, 0, 6, 0), (6, 3, 8, 7, 5, 4), (4, 1, 64, 3, 1, 0)] {
-        let (row, kv_row, n) = (heads * hd, kvh * hd, pos0 + t);
+        let (row, kv_row, n, base) = (heads * hd, kvh * hd, pos0 + t, 2 * pos0 + 1);
         let q_full = random_vec(&mut r, n * row, 1.0);
-        let ((kb, k), (vb, v)) =
-            (f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)), f16_cache(&ctx, &random_vec(&mut r, n * kv_row, 1.0)));
+        let rows = (base + n) * kv_row;
+        let ((kb, k), (vb, v)) = (f16_cache(&ctx, &random_vec(&mut r, rows, 1.0)), f16_cache(&ctx, &random_vec(&mut r, rows, 1.0)));
+        let (k, v) = (&k[base * kv_row..], &v[base * kv_row..]);
         let mut dout_full = vec![0f32; pos0 * row];
         dout_full.extend(random_vec(&mut r, t * row, 1.0));
         let scale = 1.0 / (hd as f32).sqrt();
@@ -227,10 +229,10 @@ fn attention_backward_over_a_cached_prefix() {
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
         let mut rec = Recorder::new(&ctx);
         let grads = AttentionGrads { dq: &dqb, dk: &dkb, dv: &dvb, stats: &sb };
-        let cache = CachedLayer { k: &kb, v: &vb, len: pos0 };
+        let cache = CachedLayer { k: &kb, v: &vb, base, len: pos0 };
         attention_backward(&mut rec, &ctx, &shape, View::new(&qb, t, row), cache, View::new(&db, t, row), grads).unwrap();
         rec.submit();
-        let (dq, dk, dv) = reference::attention_backward(&q_full, &k, &v, &dout_full, heads, kvh, hd, window, scale);
+        let (dq, dk, dv) = reference::attention_backward(&q_full, k, v, &dout_full, heads, kvh, hd, window, scale);
         let what = format!("attention_backward h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window}");
         assert_close(&format!("{what} dq"), &read_f32(&ctx, &dqb, 0, t * row).unwrap(), &dq[pos0 * row..], 1e-4);
         assert_close(&format!("{what} dk"), &read_f32(&ctx, &dkb, 0, t * kv_row).unwrap(), &dk[pos0 * kv_row..], 1e-4);

@@ -230,6 +230,22 @@ pub struct Summary {
     pub errors: usize,
     /// Selection accuracy per expected tool: (right, total).
     pub per_tool: BTreeMap<String, (usize, usize)>,
+    /// Per tool whose arguments were written: what jump-forward saved.
+    pub jump_forward: BTreeMap<String, JumpForward>,
+}
+
+/// The argument stage of one tool's calls: tokens written, forced tokens appended in chunks, and
+/// forward passes taken (`tokens − passes` decode steps saved).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct JumpForward {
+    /// Calls whose arguments were written.
+    pub calls: usize,
+    /// Argument tokens written.
+    pub tokens: usize,
+    /// Of them, forced tokens appended in chunks.
+    pub forced: usize,
+    /// Forward passes of the argument stage.
+    pub passes: usize,
 }
 
 fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
@@ -248,6 +264,14 @@ impl Summary {
             e.0 += o.name_ok as usize;
             e.1 += 1;
         }
+        let mut jump_forward: BTreeMap<String, JumpForward> = BTreeMap::new();
+        for o in outcomes.iter().filter(|o| o.arg_tokens > 0) {
+            let e = jump_forward.entry(o.name.clone().unwrap_or_default()).or_default();
+            e.calls += 1;
+            e.tokens += o.arg_tokens;
+            e.forced += o.arg_forced;
+            e.passes += o.arg_passes;
+        }
         Summary {
             n,
             selection: frac(&|o| o.name_ok),
@@ -265,6 +289,7 @@ impl Summary {
             recomputed: outcomes.iter().map(|o| o.recomputed).sum(),
             errors: outcomes.iter().filter(|o| o.error.is_some()).count(),
             per_tool,
+            jump_forward,
         }
     }
 
@@ -356,7 +381,7 @@ mod tests {
         let line = json!({"messages": [{"role": "user", "content": "read a"}], "tools": tools(), "expected": {"name": "read", "arguments": {"path": "/w/a"}}}).to_string();
         let ex = &read_dataset(&line, "/w", 100).unwrap()[0];
         let ToolSource::Inline(cat) = &ex.tools else { unreachable!() };
-        let right = Outcome::score(ex, cat, Ok(&call("read", json!({"path": "/w/./a", "head": 0}), 0.9)));
+        let mut right = Outcome::score(ex, cat, Ok(&call("read", json!({"path": "/w/./a", "head": 0}), 0.9)));
         assert!(right.name_ok && right.arguments_ok == Some(true) && right.full_ok && right.schema_valid);
         let wrong_args = Outcome::score(ex, cat, Ok(&call("read", json!({"path": "/w/b"}), 0.7)));
         assert!(wrong_args.name_ok && wrong_args.arguments_ok == Some(false) && !wrong_args.full_ok && wrong_args.schema_valid);
@@ -366,7 +391,10 @@ mod tests {
         assert!(!invented.schema_valid);
         let failed = Outcome::score(ex, cat, Err("boom".into()));
         assert_eq!(failed.error.as_deref(), Some("boom"));
+        (right.arg_tokens, right.arg_forced, right.arg_passes) = (10, 4, 7);
         let s = Summary::of(&[right, wrong_args, wrong_tool, invented, failed]);
+        assert_eq!(s.jump_forward.len(), 1);
+        assert_eq!(s.jump_forward["read"], JumpForward { calls: 1, tokens: 10, forced: 4, passes: 7 });
         assert_eq!((s.n, s.selection, s.full, s.schema_valid, s.errors), (5, 0.4, 0.2, 0.6, 1));
         assert_eq!(s.arguments_given_tool, Some(0.5));
         assert!((s.confidence_right.unwrap() - 0.8).abs() < 1e-9 && (s.confidence_wrong.unwrap() - 0.25).abs() < 1e-9);

@@ -1,5 +1,6 @@
 //! Causal attention over the KV cache — launcher of `shaders/attention.wgsl`.
 
+use super::places::Places;
 use crate::error::{Error, Result};
 use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 
@@ -12,7 +13,7 @@ uniform_block! {
         n_heads: u32,
         n_kv_heads: u32,
         head_dim: u32,
-        pos0: u32,
+        at: u32,
         window: u32,
         q_offset: u32,
         q_stride: u32,
@@ -55,30 +56,44 @@ impl AttentionShape {
     }
 }
 
-/// One layer's f16 key and value caches (as [`kv_store`](super::kv_store::kv_store) writes
-/// them) and the positions they hold before the rows being processed.
+/// One layer's f16 key and value caches, as [`kv_store`](super::kv_store::kv_store) writes
+/// them: rows of `n_kv_heads × head_dim` f16, two per u32, for every cache slot they hold.
+#[derive(Clone, Copy)]
+pub struct KvBuffers<'a> {
+    /// Keys.
+    pub k: &'a wgpu::Buffer,
+    /// Values, laid out like the keys.
+    pub v: &'a wgpu::Buffer,
+}
+
+/// One sequence's cache in a layer's buffers: position `j` at row `base + j`, `len` positions
+/// held before the rows being processed (what the training kernels read).
 #[derive(Clone, Copy)]
 pub struct CachedLayer<'a> {
     /// Keys: rows of `n_kv_heads × head_dim` f16, two per u32.
     pub k: &'a wgpu::Buffer,
     /// Values, laid out like the keys.
     pub v: &'a wgpu::Buffer,
+    /// The row of position 0.
+    pub base: usize,
     /// Positions cached before the new rows (the first new row's position).
     pub len: usize,
 }
 
-/// Record attention of `q`'s rows (one token each, `n_heads × head_dim`, at positions
-/// `cache.len..`) against the cache's rows `0..cache.len + q.rows`, into `o` (rows like `q`'s).
-/// One sequence of a batch that packs several starts at its own row; the queries may sit between
-/// the keys and values of a token, with a longer stride. With `tree` (per new token: parent or
-/// −1, depth; see `shaders/attention.wgsl`) each new token sees the cache before `cache.len` and
-/// its own ancestors only.
+/// Record attention of `q`'s rows (one token each, `n_heads × head_dim`) into `o` (rows like
+/// `q`'s): each row, at its place (see [`RowPlace`](super::places::RowPlace)), against its own
+/// sequence's cached rows up to its position — the rows of several sequences in one dispatch.
+/// The queries may sit between the keys and values of a token, with a longer stride. With `tree`
+/// (per row: parent or −1, depth; one sequence, see `shaders/attention.wgsl`) each row sees the
+/// cache before its sequence's new rows and its own ancestors only.
+#[allow(clippy::too_many_arguments)] // the operands of one attention: queries, caches, places, output, tree
 pub fn attention(
     rec: &mut Recorder,
     ctx: &GpuContext,
     s: &AttentionShape,
     q: View,
-    cache: CachedLayer,
+    cache: KvBuffers,
+    places: Places,
     o: View,
     tree: Option<&wgpu::Buffer>,
 ) -> Result<()> {
@@ -89,8 +104,10 @@ pub fn attention(
     q.same_shape("attention", &o)?;
     q.check("attention", "q", 4)?;
     o.check("attention", "o", 4)?;
-    let (n_tokens, pos0) = (q.rows, cache.len);
-    let decode = n_tokens == 1 && tree.is_none();
+    let row_bytes = (s.n_kv_heads * s.head_dim * 2) as u64;
+    places.check("attention", q.rows, (cache.k.size().min(cache.v.size()) / row_bytes) as usize)?;
+    let n_tokens = q.rows;
+    let decode = places.one_row_each() && tree.is_none();
     // Query heads per invocation: the most that share a KV head and keep their queries and
     // accumulators within 64 vec4 (larger groups only spill and compile slowly).
     let d4 = s.head_dim / 4;
@@ -106,7 +123,7 @@ pub fn attention(
         n_heads: s.n_heads as u32,
         n_kv_heads: s.n_kv_heads as u32,
         head_dim: s.head_dim as u32,
-        pos0: pos0 as u32,
+        at: places.at as u32,
         window: s.window as u32,
         q_offset: q.offset as u32,
         q_stride: q.stride as u32,
@@ -116,12 +133,13 @@ pub fn attention(
         tree: tree.is_some() as u32,
     };
     let tree = tree.unwrap_or(ctx.placeholder());
-    let mut bindings = vec![Binding::whole(q.buf), Binding::whole(cache.k), Binding::whole(cache.v), Binding::whole(o.buf)];
+    let mut bindings =
+        vec![Binding::whole(q.buf), Binding::whole(cache.k), Binding::whole(cache.v), Binding::whole(o.buf), Binding::whole(places.buf)];
     // The decode entry has no tree binding.
     if !decode {
         bindings.push(Binding::whole(tree));
     }
     let head_groups = s.n_heads / g;
-    let groups = if decode { [head_groups as u32, 1, 1] } else { [super::groups(head_groups * n_tokens, 64), 1, 1] };
+    let groups = if decode { [head_groups as u32, n_tokens as u32, 1] } else { [super::groups(head_groups * n_tokens, 64), 1, 1] };
     rec.dispatch(&kernel, &p, bindings, groups)
 }

@@ -15,6 +15,7 @@ uniform_block! {
         n_kv_heads: u32,
         head_dim: u32,
         pos0: u32,
+        base_words: u32,
         window: u32,
         scale: f32,
     }
@@ -35,7 +36,7 @@ pub struct AttentionGrads<'a> {
 }
 
 /// Record the gradients of attention for `q`'s rows (dense, at positions `cache.len..`) with
-/// output gradient `dout` (laid out like `q`) over the layer's cache, whose rows
+/// output gradient `dout` (laid out like `q`) over the layer's cache, whose positions
 /// `0..cache.len + q.rows` hold the prefix and the step's own keys and values.
 pub fn attention_backward(
     rec: &mut Recorder,
@@ -64,6 +65,7 @@ pub fn attention_backward(
         n_kv_heads: s.n_kv_heads as u32,
         head_dim: s.head_dim as u32,
         pos0: cache.len as u32,
+        base_words: (cache.base * s.n_kv_heads * s.head_dim / 2) as u32,
         window: s.window as u32,
         scale: s.scale,
     };

@@ -13,6 +13,7 @@ pub mod matmul;
 pub mod matmul_t;
 pub mod norm;
 pub mod optim;
+pub mod places;
 pub mod rope;
 pub mod sample;
 

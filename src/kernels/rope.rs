@@ -1,5 +1,6 @@
 //! Rotary position embedding — launcher of `shaders/rope.wgsl`.
 
+use super::places::Places;
 use crate::error::{Error, Result};
 use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 use crate::hparams::{Rope, RopeLayout};
@@ -18,46 +19,45 @@ uniform_block! {
         stride: u32,
         mode: u32,
         log2_base: f32,
-        tree: u32,
+        table: u32,
+        at: u32,
         inverse: u32,
     }
 }
 
-/// Record the rotation of `v`'s rows (one token each, `cols` = heads × `head_dim`) at positions
-/// `pos0..`, or, with a token tree (per row: parent, depth — see
-/// [`crate::model::Sequence::tree`]), at `pos0 + depth`.
-pub fn rope(
-    rec: &mut Recorder,
-    ctx: &GpuContext,
-    rope: &Rope,
-    v: View,
-    head_dim: usize,
-    pos0: usize,
-    tree: Option<&wgpu::Buffer>,
-) -> Result<()> {
-    dispatch(rec, ctx, rope, v, head_dim, pos0, tree, false)
+/// The positions of the rows being rotated.
+#[derive(Clone, Copy)]
+pub enum Positions<'a> {
+    /// One sequence's consecutive rows from this position on.
+    From(usize),
+    /// Each row at its [`RowPlace::pos`](super::places::RowPlace::pos): the rows of several
+    /// sequences, or a token tree's (at their depths).
+    Table(Places<'a>),
 }
 
-/// Record the gradient through [`rope`] (no tree), in place: every pair rotated back.
+/// Record the rotation of `v`'s rows (one token each, `cols` = heads × `head_dim`) at their
+/// positions.
+pub fn rope(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: View, head_dim: usize, at: Positions) -> Result<()> {
+    dispatch(rec, ctx, rope, v, head_dim, at, false)
+}
+
+/// Record the gradient through [`rope`], in place: every pair rotated back.
 pub fn rope_backward(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, dv: View, head_dim: usize, pos0: usize) -> Result<()> {
-    dispatch(rec, ctx, rope, dv, head_dim, pos0, None, true)
+    dispatch(rec, ctx, rope, dv, head_dim, Positions::From(pos0), true)
 }
 
-#[allow(clippy::too_many_arguments)] // private: the two entry points above fix `inverse`
-fn dispatch(
-    rec: &mut Recorder,
-    ctx: &GpuContext,
-    rope: &Rope,
-    v: View,
-    head_dim: usize,
-    pos0: usize,
-    tree: Option<&wgpu::Buffer>,
-    inverse: bool,
-) -> Result<()> {
+fn dispatch(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: View, head_dim: usize, at: Positions, inverse: bool) -> Result<()> {
     if head_dim == 0 || v.cols % head_dim != 0 || rope.rot_dim > head_dim || rope.rot_dim % 2 != 0 {
         return Err(Error::Shape { op: "rope", msg: format!("rows of {} in heads of {head_dim}, rotating {} dims", v.cols, rope.rot_dim) });
     }
     v.check("rope", "v", 1)?;
+    let (pos0, table) = match at {
+        Positions::From(pos0) => (pos0, None),
+        Positions::Table(places) => {
+            places.check("rope", v.rows, usize::MAX)?;
+            (0, Some(places))
+        }
+    };
     let n_heads = v.cols / head_dim;
     let kernel = ctx.kernel(&super::plain::<Params>("rope", WGSL, "main"))?;
     let p = Params {
@@ -70,14 +70,14 @@ fn dispatch(
         stride: v.stride as u32,
         mode: (rope.layout == RopeLayout::Neox) as u32,
         log2_base: rope.base.log2(),
-        tree: tree.is_some() as u32,
+        table: table.is_some() as u32,
+        at: table.map_or(0, |t| t.at) as u32,
         inverse: inverse as u32,
     };
-    let tree = tree.unwrap_or(ctx.placeholder());
     rec.dispatch(
         &kernel,
         &p,
-        vec![Binding::whole(v.buf), Binding::whole(tree)],
+        vec![Binding::whole(v.buf), Binding::whole(table.map_or(ctx.placeholder(), |t| t.buf))],
         [super::groups(n_heads * rope.rot_dim / 2, 64), v.rows as u32, 1],
     )
 }

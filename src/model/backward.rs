@@ -317,7 +317,7 @@ impl AdapterBuffers {
                 scale: c.attn_scale,
             };
             let grads = AttentionGrads { dq: &dq, dk: &dk, dv: &dv, stats: &stats };
-            attention_backward(&mut rec, ctx, &shape, View::new(tr(Act::Q), t, q_dim), kv.layer(l), View::new(&datt, t, q_dim), grads)?;
+            attention_backward(&mut rec, ctx, &shape, View::new(tr(Act::Q), t, q_dim), kv.layer(l)?, View::new(&datt, t, q_dim), grads)?;
             let rp = c.layer_rope(l);
             rope_backward(&mut rec, ctx, &rp, View::new(&dq, t, q_dim), hd, from)?;
             rope_backward(&mut rec, ctx, &rp, View::new(&dk, t, kv_dim), hd, from)?;

@@ -9,14 +9,15 @@
 use super::linear::{ChunkLora, Linear, Out};
 use super::Model;
 use crate::error::{Error, Result};
-use crate::gpu::{storage_buffer_zeroed, Recorder, View};
+use crate::gpu::{storage_buffer_zeroed, upload, Recorder, View};
 use crate::hparams::ModelConfig;
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_rows, glu};
 use crate::kernels::embed::embed;
 use crate::kernels::kv_store::kv_store;
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
-use crate::kernels::rope::rope;
+use crate::kernels::places::{place_sequence, Places, RowPlace};
+use crate::kernels::rope::{rope, Positions};
 use crate::kernels::sample::OUT_WORDS;
 use crate::kv::KvCache;
 use crate::lora::Proj;
@@ -42,6 +43,8 @@ pub(super) struct Scratch {
     pub picked: wgpu::Buffer,
     pub row_slot: wgpu::Buffer,
     pub tree: wgpu::Buffer,
+    /// Per row its [`RowPlace`].
+    pub places: wgpu::Buffer,
     pub lora_u: wgpu::Buffer,
     pub lora_u_up: wgpu::Buffer,
 }
@@ -65,6 +68,7 @@ impl Scratch {
             picked: f("picked", logit_rows.min(tokens) * OUT_WORDS),
             row_slot: f("row_slot", tokens),
             tree: f("tree", 2 * tokens),
+            places: f("places", 4 * tokens),
             // Three ranks per row: the stacked query/key/value shrink.
             lora_u: f("lora_u", tokens * 3 * max_rank),
             lora_u_up: f("lora_u_up", tokens * max_rank),
@@ -176,13 +180,46 @@ pub(super) struct Chunk<'a> {
     /// The adapters of its rows.
     pub lora: Option<&'a ChunkLora<'a>>,
     /// Per row (parent, depth) for a token tree (one segment).
-    pub tree: Option<&'a wgpu::Buffer>,
+    pub tree: Option<&'a [[i32; 2]]>,
 }
 
 impl Chunk<'_> {
     fn rows(&self) -> usize {
         self.segs.iter().map(|g| g.len).sum()
     }
+
+    /// Every row's place, uploaded to `s.places` (and the tree's rows to `s.tree`).
+    fn place_rows(&self, ctx: &crate::gpu::GpuContext) -> Result<Vec<RowPlace>> {
+        let depths: Option<Vec<i32>> = self.tree.map(|t| t.iter().map(|r| r[1]).collect());
+        let mut places = Vec::with_capacity(self.rows());
+        for g in self.segs {
+            places.extend(place_sequence(g.kv.base(), g.kv.len(), g.len, depths.as_deref())?);
+        }
+        upload(ctx, &self.s.places, 0, &places);
+        if let Some(rows) = self.tree {
+            upload(ctx, &self.s.tree, 0, rows);
+        }
+        Ok(places)
+    }
+
+    /// Runs of consecutive segments whose caches share buffers — one dispatch of RoPE, the KV
+    /// store and attention each serves a run — as (first segment, segments).
+    fn runs(&self) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, g) in self.segs.iter().enumerate() {
+            match runs.last_mut() {
+                Some((first, n)) if self.segs[*first].kv.shares_buffers(g.kv) => *n += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        runs
+    }
+}
+
+/// A chunk's row places and the runs of segments a dispatch serves, worked out once per pass.
+struct Layout {
+    places: Vec<RowPlace>,
+    runs: Vec<(usize, usize)>,
 }
 
 impl Model {
@@ -190,9 +227,10 @@ impl Model {
     pub(super) fn record_chunk(&self, rec: &mut Recorder, chunk: &Chunk, tap: &mut dyn Tap) -> Result<()> {
         let (c, w, s) = (&self.config, &self.weights, chunk.s);
         let h = View::new(&s.h, chunk.rows(), c.d_model);
+        let layout = Layout { places: chunk.place_rows(&self.ctx)?, runs: chunk.runs() };
         embed(rec, &self.ctx, &w.embed, &s.ids, c.embed_scale, h)?;
         for (l, lw) in w.layers.iter().enumerate() {
-            self.attention_block(rec, chunk, l, lw, tap)?;
+            self.attention_block(rec, chunk, &layout, l, lw, tap)?;
             self.feed_forward_block(rec, chunk, l, lw, tap)?;
         }
         tap.keep_final(rec, h)?;
@@ -200,7 +238,16 @@ impl Model {
     }
 
     /// `h += Wo · attention(rope(q), rope(k), v)` with q, k, v from `rmsnorm(h)`.
-    fn attention_block(&self, rec: &mut Recorder, chunk: &Chunk, l: usize, lw: &LayerWeights, tap: &mut dyn Tap) -> Result<()> {
+    #[allow(clippy::too_many_arguments)] // a block of a layer of a chunk, with its tap
+    fn attention_block(
+        &self,
+        rec: &mut Recorder,
+        chunk: &Chunk,
+        layout: &Layout,
+        l: usize,
+        lw: &LayerWeights,
+        tap: &mut dyn Tap,
+    ) -> Result<()> {
         let (c, ctx, s) = (&self.config, &*self.ctx, chunk.s);
         let (t, hd) = (chunk.rows(), c.head_dim);
         let h = View::new(&s.h, t, c.d_model);
@@ -225,13 +272,25 @@ impl Model {
         let shape =
             AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
         let att = View::new(&s.attn, t, c.q_dim());
-        for g in chunk.segs {
-            let [q, k, v, o] = [q, k, v, att].map(|r| r.rows(g.row0, g.len));
-            let cache = g.kv.layer(l);
-            rope(rec, ctx, &rp, q, hd, cache.len, chunk.tree)?;
-            rope(rec, ctx, &rp, k, hd, cache.len, chunk.tree)?;
-            kv_store(rec, ctx, k, v, cache)?;
-            attention(rec, ctx, &shape, q, cache, o, chunk.tree)?;
+        let all = Places { buf: &s.places, at: 0, rows: &layout.places };
+        let tree = chunk.tree.map(|_| &s.tree);
+        for &(first, n) in &layout.runs {
+            let segs = &chunk.segs[first..first + n];
+            let (row0, rows) = (segs[0].row0, segs.iter().map(|g| g.len).sum());
+            let [q, k, v, o] = [q, k, v, att].map(|r| r.rows(row0, rows));
+            let (places, cache) = (all.range(row0, rows)?, segs[0].kv.buffers(l)?);
+            rope(rec, ctx, &rp, q, hd, Positions::Table(places))?;
+            rope(rec, ctx, &rp, k, hd, Positions::Table(places))?;
+            kv_store(rec, ctx, k, v, cache, places)?;
+            // Decode rows (the batcher puts them first) through the split-key entry, the rest
+            // through the row-per-invocation one.
+            let decode: usize = segs.iter().take_while(|g| g.len == 1).count();
+            for (from, n) in [(0, decode), (decode, rows - decode)] {
+                if n > 0 {
+                    let [q, o] = [q, o].map(|r| r.rows(from, n));
+                    attention(rec, ctx, &shape, q, cache, places.range(from, n)?, o, tree)?;
+                }
+            }
         }
         tap.keep(rec, l, Act::Q, q)?;
         tap.keep(rec, l, Act::Att, att)?;

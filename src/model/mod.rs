@@ -22,7 +22,7 @@ use crate::gpu::{read_f32, read_u32, upload, GpuContext, Recorder, View};
 use crate::hparams::ModelConfig;
 use crate::kernels::matmul::MAX_SLOTS;
 use crate::kernels::sample::{argmax, sample, SamplerConfig, OUT_WORDS};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvPool};
 use crate::lora::{ActiveAdapter, AdapterId, AdapterInfo, AdapterRegistry, LoraAdapter, LoraLimits};
 use forward::{Chunk, NoTap, Scratch, Segment};
 use linear::ChunkLora;
@@ -189,6 +189,12 @@ impl Model {
     /// A KV cache for `n_ctx` positions of this model.
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache> {
         KvCache::new(&self.ctx, &self.config, n_ctx)
+    }
+
+    /// `slots` KV caches of `n_ctx` positions sharing buffers, so that a pass over several of
+    /// them runs RoPE, the KV store and attention once for all (see [`KvPool`]).
+    pub fn new_pool(&self, n_ctx: usize, slots: usize) -> Result<KvPool> {
+        KvPool::new(&self.ctx, &self.config, n_ctx, slots)
     }
 
     /// The most tokens a token tree may have: one pass, with every row's logits.
@@ -417,9 +423,6 @@ impl Model {
                 upload(&self.ctx, &s.row_slot, 0, &slots);
                 ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u, u_up: &s.lora_u_up }
             });
-            if let Some(rows) = &tree {
-                upload(&self.ctx, &s.tree, 0, rows);
-            }
             let mut rec = Recorder::new(&self.ctx);
             let segs: Vec<Segment> = {
                 let mut row0 = 0;
@@ -432,7 +435,7 @@ impl Model {
                     })
                     .collect()
             };
-            let chunk = Chunk { s, segs: &segs, logit_rows: &logit_rows, lora: lora.as_ref(), tree: tree.as_ref().map(|_| &s.tree) };
+            let chunk = Chunk { s, segs: &segs, logit_rows: &logit_rows, lora: lora.as_ref(), tree: tree.as_deref() };
             self.record_chunk(&mut rec, &chunk, &mut NoTap)?;
             let n_rows: usize = logit_rows.iter().map(|r| r.1).sum();
             let logits = View::new(&s.logits, n_rows, n_vocab);

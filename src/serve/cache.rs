@@ -9,31 +9,34 @@
 //!
 //! Requests running at once that share a prefix each get a copy of it (a GPU copy of the cached
 //! positions, far cheaper than computing them); the copy, not the original, is what they extend.
-//! Copies were chosen over paged KV blocks with reference counts: the attention kernels read one
-//! contiguous cache per sequence, and a copy of a 1,000-token prefix costs a few milliseconds
-//! where computing it costs seconds. A finished request's session goes back into the cache and
+//! Every session lives in a slot of one [`KvPool`] (the running ones and the kept ones), so a
+//! pass runs RoPE, the KV store and attention once for all its sequences. Copies were chosen over
+//! paged KV blocks with reference counts: each slot holds a sequence's positions contiguously
+//! (the kernels index a row's keys as its slot's first row plus the position, no page table),
+//! and a copy of a 1,000-token prefix costs a few milliseconds where computing it costs seconds. A finished request's session goes back into the cache and
 //! replaces the sessions it extends; beyond `capacity`, the least recently used is dropped.
 //! llama.cpp's server keeps one such cache per slot and picks the slot by prefix similarity in
 //! the same way.
 
 use crate::batch::Batcher;
 use crate::error::Result;
+use crate::kv::KvPool;
 use crate::session::Session;
 
 /// Sessions kept across requests, each with the time it was last used.
 pub(super) struct PrefixCache<'m> {
     batcher: &'m Batcher<'m>,
-    n_ctx: usize,
+    pool: KvPool,
     capacity: usize,
     slots: Vec<(Session<'m>, u64)>,
     clock: u64,
 }
 
 impl<'m> PrefixCache<'m> {
-    /// Room for `capacity` sessions of `n_ctx` positions (0: nothing kept, every request starts
-    /// from an empty cache).
-    pub fn new(batcher: &'m Batcher<'m>, n_ctx: usize, capacity: usize) -> Self {
-        Self { batcher, n_ctx, capacity, slots: Vec::new(), clock: 0 }
+    /// Room for `capacity` sessions (0: nothing kept, every request starts from an empty cache),
+    /// new ones and copies made from `pool` (sized for the requests running and the kept ones).
+    pub fn new(batcher: &'m Batcher<'m>, pool: KvPool, capacity: usize) -> Self {
+        Self { batcher, pool, capacity, slots: Vec::new(), clock: 0 }
     }
 
     /// A session for a request whose prompt begins with `prefix` (computed with the base
@@ -49,7 +52,7 @@ impl<'m> PrefixCache<'m> {
                 session.truncate(held);
                 Ok((session, held))
             }
-            _ => Ok((Session::batched(self.batcher, self.n_ctx)?, 0)),
+            _ => Ok((Session::pooled(self.batcher, &self.pool)?, 0)),
         }
     }
 

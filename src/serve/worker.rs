@@ -106,17 +106,20 @@ pub fn run(backend: Backend, limits: WorkerLimits, jobs: Receiver<Job>, metrics:
         Ok(c) => c,
         Err(e) => return drop(ready.send(Err(e))),
     };
-    // One session now: a context that does not fit fails at start, not at a request.
-    if let Err(e) = Session::new(&engine.model, limits.n_ctx) {
-        return drop(ready.send(Err(e)));
-    }
+    // The caches of the running requests and the kept ones, now: a context that does not fit
+    // fails at start, not at a request.
+    let pool = match engine.model.new_pool(limits.n_ctx, limits.parallel.max(1) + limits.cached_sessions) {
+        Ok(p) => p,
+        Err(e) => return drop(ready.send(Err(e))),
+    };
+    tracing::info!(slots = pool.slots(), mib = pool.bytes() >> 20, "KV caches allocated");
     if ready.send(Ok(())).is_err() {
         return;
     }
     let worker = Worker { backend: &backend, caller, limits };
     let jobs = Mutex::new(jobs);
     crate::batch::scope(&engine.model, |batcher| {
-        let cache = Mutex::new(PrefixCache::new(batcher, limits.n_ctx, limits.cached_sessions));
+        let cache = Mutex::new(PrefixCache::new(batcher, pool, limits.cached_sessions));
         std::thread::scope(|s| {
             for _ in 0..limits.parallel.max(1) {
                 s.spawn(|| {

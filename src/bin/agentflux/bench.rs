@@ -155,15 +155,18 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
     Ok(best)
 }
 
-/// Greedy decoding of one sequence per entry of `plans`, each on its own cache, one batch per step.
+/// Greedy decoding of one sequence per entry of `plans`, one batch per step, each on its own
+/// cache: apart, or in the slots of one pool (one dispatch of attention for all).
 struct DecodeBatch {
     plans: Vec<Option<ActiveAdapter>>,
     caches: Vec<KvCache>,
 }
 
 impl DecodeBatch {
-    fn new(m: &Model, plans: Vec<Option<ActiveAdapter>>, n: usize) -> Result<Self> {
-        let caches = plans.iter().map(|_| m.new_cache(n + 8)).collect::<agentflux::Result<Vec<_>>>()?;
+    fn new(m: &Model, plans: Vec<Option<ActiveAdapter>>, n: usize, pooled: bool) -> Result<Self> {
+        let pool = if pooled { Some(m.new_pool(n + 8, plans.len())?) } else { None };
+        let cache = || pool.as_ref().map_or_else(|| m.new_cache(n + 8), |p| p.cache());
+        let caches = plans.iter().map(|_| cache()).collect::<agentflux::Result<Vec<_>>>()?;
         Ok(Self { plans, caches })
     }
 
@@ -191,7 +194,7 @@ impl DecodeBatch {
 }
 
 fn decode_rate(m: &Model, plans: &[Option<ActiveAdapter>], n: usize, reps: usize) -> Result<f64> {
-    let mut batch = DecodeBatch::new(m, plans.to_vec(), n)?;
+    let mut batch = DecodeBatch::new(m, plans.to_vec(), n, true)?;
     // Warm-up: pipelines compile on first use.
     batch.step(m, &vec![1; plans.len()])?;
     best_of(reps, || batch.rate(m, n))
@@ -213,19 +216,21 @@ fn lora_rows(m: &mut Model, a: &Args, tokens: &[u32], reps: usize, rows: &mut Ve
     let one = vec![Some(ActiveAdapter::new(ids[0]))];
     let mixed: Vec<_> = ids.iter().map(|&id| Some(ActiveAdapter::new(id))).collect();
     let (r, n) = (a.lora_rank, LORA_ADAPTERS);
-    // (test, plans, mode, index of the row it is compared with)
+    // (test, plans, mode, caches in one pool, index of the row it is compared with)
     let configs = [
-        ("base".to_string(), vec![None], LoraMode::Fused, None),
-        (format!("rank-{r} adapter, fused"), one.clone(), LoraMode::Fused, Some(0)),
-        (format!("rank-{r} adapter, separate expand"), one, LoraMode::Separate, Some(0)),
-        (format!("×{n} sequences, base"), vec![None; n], LoraMode::Fused, None),
-        (format!("×{n} sequences, {n} rank-{r} adapters, fused"), mixed.clone(), LoraMode::Fused, Some(3)),
-        (format!("×{n} sequences, {n} rank-{r} adapters, separate expand"), mixed, LoraMode::Separate, Some(3)),
+        ("base".to_string(), vec![None], LoraMode::Fused, true, None),
+        (format!("rank-{r} adapter, fused"), one.clone(), LoraMode::Fused, true, Some(0)),
+        (format!("rank-{r} adapter, separate expand"), one, LoraMode::Separate, true, Some(0)),
+        (format!("×{n} sequences, base, caches apart"), vec![None; n], LoraMode::Fused, false, None),
+        (format!("×{n} sequences, base, caches in one pool"), vec![None; n], LoraMode::Fused, true, Some(3)),
+        (format!("×{n} sequences, {n} rank-{r} adapters, fused"), mixed.clone(), LoraMode::Fused, true, Some(4)),
+        (format!("×{n} sequences, {n} rank-{r} adapters, separate expand"), mixed, LoraMode::Separate, true, Some(4)),
     ];
-    let mut batches = configs.iter().map(|(_, plans, _, _)| DecodeBatch::new(m, plans.clone(), a.decode)).collect::<Result<Vec<_>>>()?;
+    let mut batches =
+        configs.iter().map(|(_, plans, _, pooled, _)| DecodeBatch::new(m, plans.clone(), a.decode, *pooled)).collect::<Result<Vec<_>>>()?;
     let mut best = vec![0f64; configs.len()];
     for rep in 0..reps + 1 {
-        for (i, (_, _, mode, _)) in configs.iter().enumerate() {
+        for (i, (_, _, mode, _, _)) in configs.iter().enumerate() {
             m.set_lora_mode(*mode);
             // The first round warms up (pipelines compile on first use) and is not counted.
             let rate = batches[i].rate(m, if rep == 0 { 1 } else { a.decode })?;
@@ -235,7 +240,7 @@ fn lora_rows(m: &mut Model, a: &Args, tokens: &[u32], reps: usize, rows: &mut Ve
         }
     }
     m.set_lora_mode(LoraMode::Fused);
-    for (i, (test, _, _, vs)) in configs.iter().enumerate() {
+    for (i, (test, _, _, _, vs)) in configs.iter().enumerate() {
         let vs = vs.map(|j| (configs[j].0.clone(), best[i] / best[j]));
         rows.push(Row { test: format!("tg{}, {test}", a.decode), tok_s: best[i], vs });
     }

@@ -113,13 +113,14 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let n_ctx = a.ctx.min(l.eng.model.config.n_ctx_train);
     // `--concurrency` workers take the examples in turn, each on its own session (the prompt its
     // examples share, system text and tool list, is computed once per session and reused).
+    let pool = l.eng.model.new_pool(n_ctx, a.concurrency.max(1) as usize)?;
     batch::scope(&l.eng.model, |batcher| {
         std::thread::scope(|s| {
             let workers: Vec<_> = (0..a.concurrency)
                 .map(|_| {
                     s.spawn(|| -> Result<()> {
                         let _turn = batcher.join();
-                        let mut session = Session::batched(batcher, n_ctx)?;
+                        let mut session = Session::pooled(batcher, &pool)?;
                         loop {
                             let i = next.fetch_add(1, Ordering::SeqCst);
                             let Some(ex) = examples.get(i) else { return Ok(()) };
@@ -160,6 +161,14 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     println!("{}\n{}", Summary::HEADER, summary.row(&label));
     let per_tool: Vec<String> = summary.per_tool.iter().map(|(t, (ok, n))| format!("{t} {ok}/{n}")).collect();
     println!("\nselection by expected tool: {}", per_tool.join(", "));
+    let saved: Vec<String> = summary
+        .jump_forward
+        .iter()
+        .map(|(t, j)| format!("{t} {} of {} tokens in {} calls", j.tokens - j.passes.min(j.tokens), j.tokens, j.calls))
+        .collect();
+    if !saved.is_empty() {
+        println!("decode steps jump-forward saved, by tool: {}", saved.join(", "));
+    }
     if summary.errors > 0 {
         println!("{} calls failed (see --json for the errors)", summary.errors);
     }

@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
     /// Requests answered at once, their rows batched into shared forward passes (each holds a
-    /// KV cache of --ctx positions while it runs).
+    /// KV cache of --ctx positions while it runs; allocated at start with the prefix cache's).
     #[arg(long, default_value_t = 4)]
     parallel: usize,
     /// Requests waiting for the GPU before new ones are refused with 503.
@@ -41,8 +41,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1024)]
     max_tokens: usize,
     /// MiB of KV cache kept across requests (the prefix cache: a request continues the cached
-    /// conversation that shares the longest beginning with it); at least one conversation, 0
-    /// turns it off.
+    /// conversation that shares the longest beginning with it), allocated at start; at least
+    /// one conversation, 0 turns it off.
     #[arg(long, default_value_t = 512)]
     cache_mib: usize,
 }
