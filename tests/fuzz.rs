@@ -1,18 +1,22 @@
-//! Model files are untrusted: mutated GGUF files (bytes flipped, header values set to extremes,
-//! truncations, each metadata value of a tiny model with its own small tokenizer rewritten) are
-//! read, validated, tokenized and loaded onto the GPU, and every one either loads or is refused
-//! with a typed error — no panic, no abort.
+//! Model files and adapters are untrusted: mutated GGUF files (bytes flipped, header values set to
+//! extremes, truncations, each metadata value of a tiny model with its own small tokenizer
+//! rewritten) are read, validated, tokenized and loaded onto the GPU, and mutated PEFT adapters
+//! (every `adapter_config.json` field set to values of every JSON type, the safetensors header's
+//! length, dtypes, shapes and offsets set to extremes, random bytes flipped, truncations) are
+//! loaded and made resident; every one either loads or is refused with a typed error — no panic,
+//! no abort.
 //!
-//! `AGENTFLUX_FUZZ_ITERS` sets the number of random mutants (CI: 300; the long run in
-//! docs/security.md: `AGENTFLUX_FUZZ_ITERS=100000 cargo test --release --test fuzz`).
+//! `AGENTFLUX_FUZZ_ITERS` sets the number of random mutants of each kind (CI: 300; the long run
+//! in docs/security.md: `AGENTFLUX_FUZZ_ITERS=1000000 cargo test --release --test fuzz`).
 
 mod common;
 
 use agentflux::decode::SplitMix64;
 use agentflux::gguf::{BlockFormat, GgufFile, MetaValue};
 use agentflux::hparams::ModelConfig;
-use agentflux::model::Model;
-use agentflux::reference::{tiny_model, TinyModelSpec};
+use agentflux::lora::{LoraAdapter, LoraLimits, Proj, SavedDtype};
+use agentflux::model::{Logits, Model, Sequence};
+use agentflux::reference::{random_adapter, tiny_model, TinyModelSpec};
 use agentflux::text::{ChatTemplate, Tokenizer};
 use common::{ctx, rng};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -161,5 +165,156 @@ fn mutated_model_files_load_or_are_refused() {
         keys.len(),
         EXTREMES.len()
     );
+    assert!(failures.is_empty(), "{} panics:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Load the adapter directory `dir` as `model`'s and make it resident; when it is taken, run a
+/// pass with it (every 10th time, `forward`). Whether it was taken; a panic as its message.
+fn exercise_adapter(model: &Model, dir: &std::path::Path, forward: bool) -> Result<bool, String> {
+    catch_unwind(AssertUnwindSafe(|| {
+        let Ok(adapter) = LoraAdapter::load_peft(dir, &model.config, &LoraLimits::default()) else { return false };
+        let Ok(id) = model.add_adapter("fuzzed", &adapter) else { return false };
+        let ran = !forward || {
+            let mut kv = model.new_cache(8).unwrap();
+            let active = agentflux::lora::ActiveAdapter::new(id);
+            model.forward_seqs(&mut [Sequence::adapted(&mut kv, &[1, 2, 3], Some(active), 0)], Logits::Last).is_ok()
+        };
+        model.remove_adapter(id).unwrap();
+        ran
+    }))
+    .map_err(|p| p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default())
+}
+
+/// JSON values of every type and size a field is set to.
+fn json_extremes() -> Vec<serde_json::Value> {
+    use serde_json::json;
+    vec![
+        json!(null),
+        json!(true),
+        json!(-1),
+        json!(0),
+        json!(1e308),
+        json!(-1e308),
+        json!(u64::MAX),
+        json!("q_proj"),
+        json!("x".repeat(100_000)),
+        json!([]),
+        json!(["q_proj", 7, null]),
+        json!({}),
+        json!({"nested": {"deeper": [1, 2, 3]}}),
+    ]
+}
+
+#[test]
+fn mutated_adapters_load_or_are_refused() {
+    let mut r = rng("fuzz-adapter");
+    let model_path = std::env::temp_dir().join(format!("agentflux-fuzz-adapter-{}.gguf", std::process::id()));
+    std::fs::write(&model_path, seed_file(r.next_u64())).unwrap();
+    let model = Model::load(ctx(), &GgufFile::open(&model_path).unwrap()).unwrap();
+    std::fs::remove_file(&model_path).ok();
+    let c = model.config.clone();
+    let dir = std::env::temp_dir().join(format!("agentflux-fuzz-adapter-{}", std::process::id()));
+    let adapter = random_adapter(&mut r, &c, 4, &[Proj::Q, Proj::V, Proj::Down], 0.5);
+    let (mut failures, mut taken, mut tried) = (Vec::new(), 0, 0);
+    let mut record = |what: String, outcome: Result<bool, String>| {
+        tried += 1;
+        match outcome {
+            Ok(t) => taken += t as usize,
+            Err(p) => failures.push(format!("{what}: {p}")),
+        }
+    };
+    for dtype in [SavedDtype::F32, SavedDtype::F16] {
+        std::fs::remove_dir_all(&dir).ok();
+        adapter.save_peft_as(&dir, &c, dtype).unwrap();
+        let config_path = dir.join("adapter_config.json");
+        let weights_path = dir.join("adapter_model.safetensors");
+        let (config, weights) = (std::fs::read(&config_path).unwrap(), std::fs::read(&weights_path).unwrap());
+        assert_eq!(exercise_adapter(&model, &dir, true), Ok(true), "the unmutated adapter ({dtype:?}) loads and runs");
+
+        // Every field of adapter_config.json set to every kind of JSON value, and removed.
+        let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&config).unwrap();
+        for key in fields.keys() {
+            for v in json_extremes().into_iter().map(Some).chain([None]) {
+                let mut m = fields.clone();
+                match &v {
+                    Some(v) => m.insert(key.clone(), v.clone()),
+                    None => m.remove(key),
+                };
+                std::fs::write(&config_path, serde_json::to_vec(&m).unwrap()).unwrap();
+                let shown: String = format!("{v:?}").chars().take(40).collect();
+                record(format!("{dtype:?} config {key} = {shown}"), exercise_adapter(&model, &dir, false));
+            }
+        }
+        std::fs::write(&config_path, &config).unwrap();
+
+        // The safetensors header: its length word, then each tensor's dtype, shape and offsets.
+        let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+        for v in EXTREMES {
+            let mut m = weights.clone();
+            m[..8].copy_from_slice(&v.to_le_bytes());
+            std::fs::write(&weights_path, &m).unwrap();
+            record(format!("{dtype:?} header length {v:#x}"), exercise_adapter(&model, &dir, false));
+        }
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
+        let names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").take(3).collect();
+        let replacements: [(&str, Vec<serde_json::Value>); 3] = [
+            ("dtype", ["F64", "I8", "BOOL", "F8_E4M3", "XYZ"].map(serde_json::Value::from).to_vec()),
+            (
+                "shape",
+                vec![
+                    serde_json::json!([]),
+                    serde_json::json!([0, 0]),
+                    serde_json::json!([u64::MAX, 2]),
+                    serde_json::json!([1u64 << 40, 1u64 << 40]),
+                    serde_json::json!([4]),
+                ],
+            ),
+            (
+                "data_offsets",
+                vec![
+                    serde_json::json!([0, 0]),
+                    serde_json::json!([8, 4]),
+                    serde_json::json!([0, u64::MAX]),
+                    serde_json::json!([u64::MAX, u64::MAX]),
+                ],
+            ),
+        ];
+        for name in names {
+            for (field, values) in &replacements {
+                for v in values {
+                    let mut h = header.clone();
+                    h[name.as_str()][*field] = v.clone();
+                    let text = serde_json::to_vec(&h).unwrap();
+                    let m = [&(text.len() as u64).to_le_bytes()[..], &text, &weights[8 + header_len..]].concat();
+                    std::fs::write(&weights_path, &m).unwrap();
+                    record(format!("{dtype:?} {name}.{field} = {v}"), exercise_adapter(&model, &dir, true));
+                }
+            }
+        }
+
+        // Random mutants of the whole file: flipped bits, extreme words, truncations.
+        let iters: usize = std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+        for i in 0..iters {
+            let mut m = weights.clone();
+            let pick = |r: &mut SplitMix64, n: usize| (r.next_u64() % n.max(1) as u64) as usize;
+            match i % 3 {
+                0 => {
+                    for _ in 0..1 + pick(&mut r, 4) {
+                        let at = pick(&mut r, 8 + header_len);
+                        m[at] ^= 1 << pick(&mut r, 8);
+                    }
+                }
+                1 => {
+                    let at = pick(&mut r, m.len().saturating_sub(8));
+                    m[at..at + 8].copy_from_slice(&EXTREMES[pick(&mut r, EXTREMES.len())].to_le_bytes());
+                }
+                _ => m.truncate(pick(&mut r, weights.len())),
+            }
+            std::fs::write(&weights_path, &m).unwrap();
+            record(format!("{dtype:?} mutant {i}"), exercise_adapter(&model, &dir, i % 10 == 0));
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    eprintln!("{tried} adapters: {taken} taken and made resident, the rest refused");
     assert!(failures.is_empty(), "{} panics:\n{}", failures.len(), failures.join("\n"));
 }

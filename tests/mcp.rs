@@ -230,3 +230,26 @@ fn a_server_writing_noise_is_a_clear_error() {
         assert!(t.elapsed() < Duration::from_secs(10), "{what}: took {:?}", t.elapsed());
     }
 }
+
+/// A server killed from outside while a call waits on it: the call fails at once with the
+/// connection closed (not at its 30 s deadline), and the client reaps the process.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_server_killed_mid_call_fails_the_call_at_once() {
+    let mut c = McpClient::spawn(&fault("hang"), ServerOptions::default()).unwrap();
+    c.list_tools().unwrap();
+    let pid = c.pid();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        assert!(killed.success());
+    });
+    let t = Instant::now();
+    let err = c.call_tool("echo", &json!({"text": "hi"})).expect_err("the server was killed");
+    killer.join().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "the call waited {:?}", t.elapsed());
+    assert!(matches!(err, McpError::Closed { .. }), "{err}");
+    assert!(err.to_string().contains("closed the connection during tools/call"), "{err}");
+    drop(c);
+    assert!(gone(pid), "the killed server {pid} was not reaped");
+}

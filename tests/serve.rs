@@ -622,3 +622,258 @@ fn the_server_survives_noise() {
     assert_eq!(post(addr, &json!({"messages": user("Hi"), "max_tokens": 2})).status, 200);
     server.shutdown();
 }
+
+/// A client that leaves before its whole (non-streamed) answer stops it too: the server looks at
+/// the connection while it waits for the answer.
+#[test]
+fn a_client_that_leaves_before_a_whole_answer_stops_it() {
+    let Some(server) = start("serve-leave-whole", ServeOptions { n_ctx: 1024, parallel: 1, ..Default::default() }) else { return };
+    let addr = server.addr();
+    let whole = json!({"messages": user("Write a very long story."), "max_tokens": 900});
+    let full = post(addr, &whole).json()["usage"]["completion_tokens"].as_u64().unwrap();
+    let before = metric(addr, "agentflux_pass_tokens_total");
+    let body = whole.to_string();
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    drop(s);
+    let hi = post(addr, &json!({"messages": user("Hi"), "max_tokens": 4})).json();
+    let hi_tokens = prompt_tokens(&hi) - cached_tokens(&hi) + hi["usage"]["completion_tokens"].as_u64().unwrap() - 1;
+    assert_eq!(metric(addr, "agentflux_requests_total"), 3);
+    if full > 200 {
+        assert_eq!(metric(addr, "agentflux_requests_cancelled_total"), 1);
+        let abandoned = metric(addr, "agentflux_pass_tokens_total") - before - hi_tokens;
+        eprintln!("the abandoned answer computed {abandoned} of {full} tokens");
+        assert!(abandoned < full / 2, "the abandoned answer computed {abandoned} of {full} tokens");
+    }
+    server.shutdown();
+}
+
+/// Threads of this process (Linux), to see that waiting connections hold none.
+fn threads() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok())
+}
+
+/// Connections that send part of a request and stall cost no thread and no answer time: normal
+/// requests are answered meanwhile, and the stalled ones get 408 at their deadline and are
+/// closed. `AGENTFLUX_STALLED=1000` runs it with a thousand.
+#[test]
+fn stalled_connections_hold_no_thread_and_time_out() {
+    let n: usize = std::env::var("AGENTFLUX_STALLED").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let opts = ServeOptions {
+        n_ctx: 1024,
+        parallel: 1,
+        max_connections: n + 16,
+        request_timeout: std::time::Duration::from_secs(3),
+        ..Default::default()
+    };
+    let Some(server) = start("serve-stalled", opts) else { return };
+    let addr = server.addr();
+    let hi = json!({"messages": user("Hi"), "max_tokens": 4});
+    assert_eq!(post(addr, &hi).status, 200, "warm-up");
+    let t0 = std::time::Instant::now();
+    assert_eq!(post(addr, &hi).status, 200);
+    let usual = t0.elapsed();
+    let threads_before = threads();
+    let stalled: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Le").as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let opened = std::time::Instant::now();
+    let t1 = std::time::Instant::now();
+    assert_eq!(post(addr, &hi).status, 200);
+    let during = t1.elapsed();
+    eprintln!("{n} stalled connections: a request took {during:?} (alone {usual:?})");
+    assert!(during < usual * 3 + std::time::Duration::from_secs(1), "{during:?} with {n} stalled connections, {usual:?} alone");
+    if let (Some(a), Some(b)) = (threads_before, threads()) {
+        assert!(b < a + 8, "{n} stalled connections took threads: {a} before, {b} with them");
+    }
+    for mut s in stalled {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    }
+    assert!(opened.elapsed() >= std::time::Duration::from_secs(2), "closed before the deadline");
+    assert_eq!(post(addr, &hi).status, 200);
+    server.shutdown();
+}
+
+/// Beyond `max_connections` open connections a new one gets 503 at once; when some close, new
+/// ones are served again. Requests on a kept-alive connection, one after the other or pipelined,
+/// are answered in order.
+#[test]
+fn connections_are_bounded_and_kept_alive() {
+    let opts = ServeOptions { n_ctx: 1024, parallel: 1, max_connections: 8, ..Default::default() };
+    let Some(server) = start("serve-bound", opts) else { return };
+    let addr = server.addr();
+    let get = format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    // One connection, three requests: two pipelined, then one more.
+    let mut kept = TcpStream::connect(addr).unwrap();
+    kept.write_all(format!("{get}{get}").as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(kept.try_clone().unwrap());
+    let mut read_answer = || {
+        use std::io::BufRead;
+        let (mut status, mut length) = (String::new(), 0usize);
+        reader.read_line(&mut status).unwrap();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body).unwrap();
+        (status, String::from_utf8(body).unwrap())
+    };
+    for _ in 0..2 {
+        let (status, body) = read_answer();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status} {body}");
+        assert!(body.contains("\"list\""), "{body}");
+    }
+    kept.write_all(get.as_bytes()).unwrap();
+    assert!(read_answer().0.starts_with("HTTP/1.1 200"));
+    // Seven more connections fill the bound (each sends a byte, so it has been accepted).
+    let idle: Vec<TcpStream> = (0..7)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"G").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Refused as it is accepted, before it sends anything.
+    let mut refused = String::new();
+    TcpStream::connect(addr).unwrap().read_to_string(&mut refused).unwrap();
+    assert!(refused.starts_with("HTTP/1.1 503") && refused.contains("Retry-After: 1"), "{refused}");
+    drop(idle);
+    drop(kept);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = exchange(addr, &format!("GET /v1/models HTTP/1.1\r\nHost: {addr}"), "");
+        if r.status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still refused after the connections closed: {}", r.status);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    server.shutdown();
+}
+
+/// With an API key every route but `/health` needs `Authorization: Bearer KEY`.
+#[test]
+fn an_api_key_guards_every_route_but_health() {
+    let opts = ServeOptions { n_ctx: 1024, parallel: 1, api_key: Some("sk-local-test".into()), ..Default::default() };
+    let Some(server) = start("serve-key", opts) else { return };
+    let addr = server.addr();
+    let get = |auth: &str| exchange(addr, &format!("GET /v1/models HTTP/1.1\r\nHost: {addr}{auth}"), "");
+    let none = get("");
+    assert_eq!(none.status, 401, "{}", none.body);
+    assert!(none.head.contains("WWW-Authenticate: Bearer") && none.json()["error"]["code"] == "invalid_api_key", "{}", none.body);
+    assert_eq!(get("\r\nAuthorization: Bearer sk-local-tesT").status, 401);
+    assert_eq!(get("\r\nAuthorization: Bearer sk-local-test\r\nAuthorization: Bearer x").status, 401);
+    assert_eq!(get("\r\nAuthorization: Bearer sk-local-test").status, 200);
+    assert_eq!(http(addr, "GET", "/health", "").status, 200);
+    let chat = exchange(
+        addr,
+        &format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2"),
+        "{}",
+    );
+    assert_eq!(chat.status, 401);
+    server.shutdown();
+}
+
+/// Resident memory of this process in MiB (Linux).
+fn resident_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb >> 10)
+}
+
+/// Fifty clients at once, every fifth leaving at a random moment: the others get the answers
+/// they get one by one, nothing panics, and memory comes back near where it was.
+#[test]
+fn fifty_clients_some_leaving() {
+    let Some(server) = start("serve-fifty", ServeOptions { n_ctx: 1024, max_queue: 64, ..Default::default() }) else { return };
+    let addr = server.addr();
+    let mut r = rng("serve-fifty-leaving");
+    let requests: Vec<Value> = (0..50)
+        .map(|i| {
+            let text = format!("Client {i} asks about {}.", ["Paris", "Oslo", "Lima"][i % 3]);
+            let mut v = match i % 3 {
+                0 => json!({"messages": user(&text), "tools": weather_tools(), "max_tokens": 8}),
+                1 => json!({"messages": user(&text), "tools": weather_tools(), "tool_choice": "required"}),
+                _ => json!({"messages": user(&text), "max_tokens": 8}),
+            };
+            if i % 2 == 1 {
+                v["stream"] = json!(true);
+            }
+            v
+        })
+        .collect();
+    let leaves = |i: usize| i % 5 == 4;
+    let sequential: Vec<Option<Value>> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut whole = v.clone();
+            whole.as_object_mut().unwrap().remove("stream");
+            (!leaves(i)).then(|| post(addr, &whole).json())
+        })
+        .collect();
+    let before = resident_mib();
+    let handles: Vec<_> = requests
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, v)| {
+            let wait = std::time::Duration::from_millis(r.next_u64() % 300);
+            std::thread::spawn(move || {
+                if !leaves(i) {
+                    return Some(post(addr, &v));
+                }
+                let body = v.to_string();
+                let mut s = TcpStream::connect(addr).unwrap();
+                let head = format!(
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(format!("{head}{body}").as_bytes());
+                std::thread::sleep(wait);
+                None
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let Some(reply) = h.join().unwrap() else { continue };
+        assert_eq!(reply.status, 200, "client {i}: {}", reply.body);
+        let want = sequential[i].as_ref().unwrap();
+        if requests[i]["stream"] == json!(true) {
+            assert_eq!(assembled(&reply), message_of(want), "client {i}, streamed");
+        } else {
+            assert_same_answer(&reply.json(), want, &format!("client {i}"));
+        }
+    }
+    assert_eq!(post(addr, &json!({"messages": user("Hi"), "max_tokens": 2})).status, 200);
+    if let (Some(a), Some(b)) = (before, resident_mib()) {
+        eprintln!("resident memory: {a} MiB before the fifty clients, {b} MiB after");
+        assert!(b < a + 256, "resident memory grew from {a} to {b} MiB");
+    }
+    server.shutdown();
+}

@@ -1,26 +1,25 @@
-//! HTTP over `tiny_http`: routing, request bodies, JSON answers and server-sent events.
+//! The server's routes: checks every request must pass, JSON answers and server-sent events
+//! (connections and HTTP/1.1 itself: `listen.rs` and `conn.rs`).
 
+use super::conn::HttpRequest;
+use super::listen::{self, EventStream, Listener, Responder};
 use super::openai::{self, tool_call_json, ApiError, Envelope};
 use super::worker::{self, Backend, Event, Job, Metrics, WorkerLimits};
 use super::ServeOptions;
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Method, Request, Response};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A running server. Dropping it stops accepting connections; [`shutdown`](Self::shutdown)
 /// also waits for the requests in flight.
 pub struct Server {
-    addr: SocketAddr,
-    http: Arc<tiny_http::Server>,
-    acceptor: Option<JoinHandle<()>>,
+    listener: Listener,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -42,6 +41,9 @@ impl Server {
         }
         if opts.parallel == 0 {
             return Err(Error::InvalidOption("parallel must be at least 1".into()));
+        }
+        if opts.max_connections == 0 || opts.request_timeout.is_zero() {
+            return Err(Error::InvalidOption("max_connections and request_timeout must be above 0".into()));
         }
         let model = backend.engine.model.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "agentflux".into());
         let config = &backend.engine.model.config;
@@ -66,46 +68,29 @@ impl Server {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Error::Engine("the engine stopped while starting".into())),
         }
-        let http = tiny_http::Server::http(opts.addr).map_err(|e| Error::Serve(format!("cannot listen on {}: {e}", opts.addr)))?;
-        let addr = http.server_addr().to_ip().ok_or_else(|| Error::Serve(format!("{} is not an IP address", opts.addr)))?;
-        let http = Arc::new(http);
+        let limits =
+            listen::Limits { max_connections: opts.max_connections, request_timeout: opts.request_timeout, max_body: opts.max_body_bytes };
+        let addr = opts.addr;
         let shared = Arc::new(Shared { jobs, metrics, model, opts, next: AtomicU64::new(1) });
-        let listener = http.clone();
-        let acceptor = std::thread::Builder::new()
-            .name("agentflux-http".into())
-            .spawn(move || {
-                for request in listener.incoming_requests() {
-                    let shared = shared.clone();
-                    // A thread per connection: most of its life is waiting for the worker.
-                    let spawned = std::thread::Builder::new().name("agentflux-request".into()).spawn(move || handle(&shared, request));
-                    if let Err(e) = spawned {
-                        tracing::error!("cannot start a request thread: {e}");
-                    }
-                }
-            })
-            .map_err(|e| Error::Serve(format!("cannot start the listener thread: {e}")))?;
-        tracing::info!("listening on http://{addr}");
-        Ok(Self { addr, http, acceptor: Some(acceptor), worker: Some(worker) })
+        let listener = Listener::bind(addr, limits, Arc::new(move |request, responder| handle(&shared, request, responder)))
+            .map_err(|e| Error::Serve(format!("cannot listen on {addr}: {e}")))?;
+        tracing::info!("listening on http://{}", listener.addr());
+        Ok(Self { listener, worker: Some(worker) })
     }
 
     /// The address the server listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.listener.addr()
     }
 
     /// Serve until the process ends.
     pub fn wait(mut self) {
-        if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
-        }
+        self.listener.join();
     }
 
     /// Stop accepting connections and wait until the requests in flight are answered.
     pub fn shutdown(mut self) {
-        self.http.unblock();
-        if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
-        }
+        self.listener.stop();
         // The worker ends when the last request thread lets go of the queue.
         if let Some(w) = self.worker.take() {
             let _ = w.join();
@@ -113,26 +98,21 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.http.unblock();
-    }
-}
-
-/// The values of header `name` in `request`.
-fn header_values<'r>(request: &'r Request, name: &'static str) -> Vec<&'r str> {
-    request.headers().iter().filter(|h| h.field.equiv(name)).map(|h| h.value.as_str()).collect()
-}
-
 /// Why `request` is refused before its route is looked at: a `Host` this server does not answer
-/// to (a web page's script reaching a local server through DNS rebinding names its own host),
-/// or `Content-Length` headers that disagree (a request smuggled past a proxy).
-fn refusal(shared: &Shared, request: &Request) -> Option<ApiError> {
-    let lengths = header_values(request, "Content-Length");
-    if lengths.iter().any(|l| l.trim() != lengths[0].trim()) {
-        return Some(ApiError::invalid("Content-Length", "the request has Content-Length headers that disagree"));
+/// to (a web page's script reaching a local server through DNS rebinding names its own host), or
+/// a missing or wrong API key (`/health` excepted).
+fn refusal(shared: &Shared, request: &HttpRequest) -> Option<ApiError> {
+    if let Some(key) = shared.opts.api_key.as_deref().filter(|_| request.path() != "/health") {
+        let given = request.header("Authorization");
+        let ok = matches!(given[..], [auth] if auth.strip_prefix("Bearer ").is_some_and(|k| same_key(k.trim(), key)));
+        if !ok {
+            return Some(ApiError {
+                code: Some("invalid_api_key"),
+                ..ApiError::status(401, "this server needs its API key: send `Authorization: Bearer KEY`")
+            });
+        }
     }
-    let hosts = header_values(request, "Host");
+    let hosts = request.header("Host");
     let allowed = &shared.opts.allowed_hosts;
     let loopback = shared.opts.addr.ip().is_loopback();
     if !loopback && allowed.is_empty() {
@@ -162,22 +142,28 @@ fn host_name(host: &str) -> String {
     name.to_ascii_lowercase()
 }
 
-fn handle(shared: &Shared, request: Request) {
-    let path = request.url().split('?').next().unwrap_or("").to_string();
-    let method = request.method().clone();
-    let t0 = std::time::Instant::now();
+/// An API key compared in time independent of where it differs.
+fn same_key(given: &str, key: &str) -> bool {
+    given.len() == key.len() && given.bytes().zip(key.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
+fn handle(shared: &Shared, request: HttpRequest, responder: Responder) {
+    let path = request.path().to_string();
+    let method = request.method.clone();
+    let t0 = Instant::now();
     if let Some(e) = refusal(shared, &request) {
-        let status = error(request, e, &[]);
-        tracing::info!("{method} {path} {status} (refused)");
+        let headers: &[(&str, &str)] = if e.status == 401 { &[("WWW-Authenticate", "Bearer")] } else { &[] };
+        let status = error(responder, e, headers);
+        tracing::info!("{} {} {status} (refused)", method.escape_debug(), path.escape_debug());
         return;
     }
-    let status = match (&method, path.as_str()) {
-        (Method::Post, "/v1/chat/completions") => chat(shared, request),
-        (Method::Get, p) if p.strip_prefix("/v1/models/").is_some_and(|id| id == shared.model) => {
-            respond(request, 200, &json!({"id": shared.model, "object": "model", "created": now(), "owned_by": "agentflux"}), &[])
+    let status = match (method.as_str(), path.as_str()) {
+        ("POST", "/v1/chat/completions") => chat(shared, &request, responder),
+        ("GET", p) if p.strip_prefix("/v1/models/").is_some_and(|id| id == shared.model) => {
+            respond(responder, 200, &json!({"id": shared.model, "object": "model", "created": now(), "owned_by": "agentflux"}), &[])
         }
-        (Method::Get, p) if p.starts_with("/v1/models/") => error(
-            request,
+        ("GET", p) if p.starts_with("/v1/models/") => error(
+            responder,
             ApiError {
                 code: Some("model_not_found"),
                 ..ApiError::status(
@@ -187,44 +173,41 @@ fn handle(shared: &Shared, request: Request) {
             },
             &[],
         ),
-        (Method::Get, "/v1/models") => {
+        ("GET", "/v1/models") => {
             let created = now();
             respond(
-                request,
+                responder,
                 200,
                 &json!({"object": "list", "data": [{"id": shared.model, "object": "model", "created": created, "owned_by": "agentflux"}]}),
                 &[],
             )
         }
-        (Method::Get, "/health") => respond(request, 200, &json!({"status": "ok"}), &[]),
-        (Method::Get, "/metrics") => {
+        ("GET", "/health") => respond(responder, 200, &json!({"status": "ok"}), &[]),
+        ("GET", "/metrics") => {
             let m = shared.metrics.lock().map(|m| *m).unwrap_or_default();
-            let r = Response::from_string(prometheus(&m)).with_status_code(200);
-            let r = match Header::from_bytes("Content-Type", "text/plain; version=0.0.4") {
-                Ok(h) => r.with_header(h),
-                Err(_) => r,
-            };
-            if let Err(e) = request.respond(r) {
+            if let Err(e) = responder.respond(200, "text/plain; version=0.0.4", &[], prometheus(&m).as_bytes()) {
                 tracing::debug!("the client left before the answer: {e}");
             }
             200
         }
-        (_, "/v1/chat/completions") => {
-            error(request, ApiError::status(405, format!("{method} is not allowed here: use POST")), &[("Allow", "POST")])
-        }
+        (_, "/v1/chat/completions") => error(
+            responder,
+            ApiError::status(405, format!("{} is not allowed here: use POST", method.escape_debug())),
+            &[("Allow", "POST")],
+        ),
         (_, "/v1/models" | "/health" | "/metrics") => {
-            error(request, ApiError::status(405, format!("{method} is not allowed here: use GET")), &[("Allow", "GET")])
+            error(responder, ApiError::status(405, format!("{} is not allowed here: use GET", method.escape_debug())), &[("Allow", "GET")])
         }
         _ => error(
-            request,
+            responder,
             ApiError::status(
                 404,
-                format!("no route {path}: this server answers POST /v1/chat/completions, GET /v1/models and GET /metrics"),
+                format!("no route {}: this server answers POST /v1/chat/completions, GET /v1/models and GET /metrics", path.escape_debug()),
             ),
             &[],
         ),
     };
-    tracing::info!("{method} {path} {status} in {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
+    tracing::info!("{} {} {status} in {:.0} ms", method.escape_debug(), path.escape_debug(), t0.elapsed().as_secs_f64() * 1e3);
 }
 
 /// The worker's counters in Prometheus' text format (what `GET /metrics` answers).
@@ -253,28 +236,15 @@ fn prometheus(m: &Metrics) -> String {
 }
 
 /// `POST /v1/chat/completions`; returns the status sent.
-fn chat(shared: &Shared, mut request: Request) -> u16 {
-    let json =
-        header_values(&request, "Content-Type").first().is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("application/json"));
+fn chat(shared: &Shared, request: &HttpRequest, responder: Responder) -> u16 {
+    let json = request.header("Content-Type").first().is_some_and(|t| t.to_ascii_lowercase().starts_with("application/json"));
     if !json {
         // A browser's form or text/plain POST (no CORS preflight) never reaches the model.
-        return error(request, ApiError::status(415, "Content-Type must be application/json"), &[]);
+        return error(responder, ApiError::status(415, "Content-Type must be application/json"), &[]);
     }
-    let limit = shared.opts.max_body_bytes;
-    let too_large = || ApiError::status(413, format!("the body is larger than {limit} bytes"));
-    if request.body_length().is_some_and(|n| n > limit) {
-        return error(request, too_large(), &[]);
-    }
-    let mut body = Vec::new();
-    if let Err(e) = request.as_reader().take(limit as u64 + 1).read_to_end(&mut body) {
-        return error(request, ApiError::invalid("body", format!("could not read the body: {e}")), &[]);
-    }
-    if body.len() > limit {
-        return error(request, too_large(), &[]);
-    }
-    let parsed = match openai::parse_request(&body, shared.opts.max_result_chars) {
+    let parsed = match openai::parse_request(&request.body, shared.opts.max_result_chars) {
         Ok(r) => r,
-        Err(e) => return error(request, e, &[]),
+        Err(e) => return error(responder, e, &[]),
     };
     let (stream, include_usage) = (parsed.stream, parsed.include_usage);
     let seq = shared.next.fetch_add(1, Ordering::Relaxed);
@@ -283,27 +253,75 @@ fn chat(shared: &Shared, mut request: Request) -> u16 {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
             return error(
-                request,
+                responder,
                 ApiError::status(503, format!("{} requests are already waiting for the GPU; retry later", shared.opts.max_queue)),
                 &[("Retry-After", "1")],
             )
         }
-        Err(TrySendError::Disconnected(_)) => return error(request, ApiError::status(503, "the engine has stopped"), &[]),
+        Err(TrySendError::Disconnected(_)) => return error(responder, ApiError::status(503, "the engine has stopped"), &[]),
     }
     let envelope = Envelope { id: format!("chatcmpl-{seq}"), created: now(), model: shared.model.clone() };
     // Nothing is sent before the first event (`Started`, once the request's tokens are checked
     // and it is being answered), so a request refused by the engine (a prompt beyond the
     // context) still gets its 4xx status; a stream sends its role chunk then.
-    let first = match answer.recv() {
-        Ok(Event::Failed(e)) => return error(request, e, &[]),
-        Ok(e) => e,
-        Err(_) => return error(request, stopped(), &[]),
+    let mut answer = Answer::new(answer);
+    let first = match answer.next(&responder) {
+        Next::Event(Event::Failed(e)) => return error(responder, e, &[]),
+        Next::Event(e) => e,
+        Next::Left => return CLIENT_LEFT,
+        Next::Stopped => return error(responder, stopped(), &[]),
     };
     if stream {
-        stream_events(request, &envelope, first, answer, include_usage);
+        stream_events(responder, &envelope, first, answer.events, include_usage);
         200
     } else {
-        whole_answer(request, &envelope, first, answer)
+        whole_answer(responder, &envelope, first, answer)
+    }
+}
+
+/// The status logged for a request whose client left before its answer (nginx's 499).
+const CLIENT_LEFT: u16 = 499;
+
+/// What waiting for the worker's next event gave.
+enum Next {
+    Event(Event),
+    /// The client closed its connection: dropping the receiver stops the work at its next token.
+    Left,
+    /// The worker went away.
+    Stopped,
+}
+
+/// The events of an answer being made, and when its client was last looked at.
+struct Answer {
+    events: Receiver<Event>,
+    looked: Instant,
+}
+
+impl Answer {
+    /// How often a whole answer's connection is looked at while it is made.
+    const LOOK_EVERY: Duration = Duration::from_millis(250);
+
+    fn new(events: Receiver<Event>) -> Self {
+        Self { events, looked: Instant::now() }
+    }
+
+    /// The next event, or whether the client has left (looked at every quarter second, while
+    /// events arrive too).
+    fn next(&mut self, responder: &Responder) -> Next {
+        loop {
+            let event = self.events.recv_timeout(Self::LOOK_EVERY);
+            if self.looked.elapsed() >= Self::LOOK_EVERY {
+                self.looked = Instant::now();
+                if responder.client_gone() {
+                    return Next::Left;
+                }
+            }
+            match event {
+                Ok(e) => return Next::Event(e),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Next::Stopped,
+            }
+        }
     }
 }
 
@@ -316,32 +334,36 @@ fn details(call: &crate::toolcall::ToolCall) -> Value {
     json!({"confidence": call.confidence, "candidates": call.candidates, "stats": call.stats})
 }
 
-fn whole_answer(request: Request, envelope: &Envelope, first: Event, rest: Receiver<Event>) -> u16 {
+fn whole_answer(responder: Responder, envelope: &Envelope, first: Event, mut rest: Answer) -> u16 {
     let (mut text, mut args) = (String::new(), String::new());
     let mut call = None;
-    for event in std::iter::once(first).chain(rest.iter()) {
+    let mut event = first;
+    loop {
         match event {
             Event::Started => {}
             Event::Text(t) => text.push_str(&t),
             Event::ToolCall { id, name } => call = Some((id, name)),
             Event::Arguments(a) => args.push_str(&a),
-            Event::Failed(e) => return error(request, e, &[]),
+            Event::Failed(e) => return error(responder, e, &[]),
             Event::Done { finish_reason, usage, call: made } => {
                 let tool_call = call.map(|(id, name)| tool_call_json(&id, &name, &args));
                 let content = if tool_call.is_some() { None } else { Some(text.as_str()) };
                 let body = envelope.completion(content, tool_call, finish_reason, usage, made.as_deref().map(details));
-                return respond(request, 200, &body, &[]);
+                return respond(responder, 200, &body, &[]);
             }
         }
+        event = match rest.next(&responder) {
+            Next::Event(e) => e,
+            Next::Left => return CLIENT_LEFT,
+            Next::Stopped => return error(responder, stopped(), &[]),
+        };
     }
-    error(request, stopped(), &[])
 }
 
 /// The answer as server-sent events in HTTP/1.1 chunks, each flushed as it is made.
-fn stream_events(request: Request, envelope: &Envelope, first: Event, rest: Receiver<Event>, include_usage: bool) {
-    let mut w = request.into_writer();
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
-    let mut sent = w.write_all(head.as_bytes()).and_then(|_| event(&mut w, &envelope.chunk(json!({"role": "assistant"}), None)));
+fn stream_events(responder: Responder, envelope: &Envelope, first: Event, rest: Receiver<Event>, include_usage: bool) {
+    let Ok(mut w) = responder.events() else { return };
+    let mut sent = event(&mut w, &envelope.chunk(json!({"role": "assistant"}), None));
     for e in std::iter::once(first).chain(rest.iter()) {
         if sent.is_err() {
             // The client left; dropping the receiver lets the worker's sends fail quietly.
@@ -374,33 +396,19 @@ fn stream_events(request: Request, envelope: &Envelope, first: Event, rest: Rece
             break;
         }
     }
-    let _ = chunk(&mut w, b"data: [DONE]\n\n").and_then(|_| w.write_all(b"0\r\n\r\n")).and_then(|_| w.flush());
+    let _ = w.chunk(b"data: [DONE]\n\n").and_then(|_| w.finish());
 }
 
-fn event(w: &mut dyn Write, v: &Value) -> std::io::Result<()> {
-    chunk(w, format!("data: {v}\n\n").as_bytes())
+fn event(w: &mut EventStream, v: &Value) -> std::io::Result<()> {
+    w.chunk(format!("data: {v}\n\n").as_bytes())
 }
 
-/// One HTTP/1.1 chunk, flushed.
-fn chunk(w: &mut dyn Write, data: &[u8]) -> std::io::Result<()> {
-    write!(w, "{:x}\r\n", data.len())?;
-    w.write_all(data)?;
-    w.write_all(b"\r\n")?;
-    w.flush()
+fn error(responder: Responder, e: ApiError, headers: &[(&str, &str)]) -> u16 {
+    respond(responder, e.status, &e.body(), headers)
 }
 
-fn error(request: Request, e: ApiError, headers: &[(&str, &str)]) -> u16 {
-    respond(request, e.status, &e.body(), headers)
-}
-
-fn respond(request: Request, status: u16, body: &Value, headers: &[(&str, &str)]) -> u16 {
-    let mut r = Response::from_string(body.to_string()).with_status_code(status);
-    for (k, v) in [("Content-Type", "application/json")].iter().chain(headers) {
-        if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-            r.add_header(h);
-        }
-    }
-    if let Err(e) = request.respond(r) {
+fn respond(responder: Responder, status: u16, body: &Value, headers: &[(&str, &str)]) -> u16 {
+    if let Err(e) = responder.respond(status, "application/json", headers, body.to_string().as_bytes()) {
         tracing::debug!("the client left before the answer: {e}");
     }
     status

@@ -16,8 +16,8 @@ pub struct Args {
     /// tool; the selector when the request's tools are among those it was trained on.
     #[arg(long)]
     adapters: Option<PathBuf>,
-    /// Address to listen on. The server has no authentication: keep it on loopback unless
-    /// something in front of it checks who connects.
+    /// Address to listen on. Beyond loopback, give --api-key too (or put something in front
+    /// that checks who connects).
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
     /// A host name requests may name besides localhost, 127.0.0.1 and [::1] (repeatable): the
@@ -45,6 +45,16 @@ pub struct Args {
     /// one conversation, 0 turns it off.
     #[arg(long, default_value_t = 512)]
     cache_mib: usize,
+    /// Require `Authorization: Bearer KEY` on every request but GET /health (for a server bound
+    /// beyond loopback); also read from AGENTFLUX_API_KEY.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Connections open at once; beyond them a new one gets 503.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a connection has to send a whole request before it gets 408 and is closed.
+    #[arg(long, default_value_t = 30)]
+    request_timeout: u64,
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
@@ -58,6 +68,9 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         max_queue: a.max_queue,
         default_max_tokens: a.max_tokens,
         cache_bytes: (a.cache_mib as u64) << 20,
+        api_key: a.api_key.or_else(|| std::env::var("AGENTFLUX_API_KEY").ok()).filter(|k| !k.is_empty()),
+        max_connections: a.max_connections,
+        request_timeout: std::time::Duration::from_secs(a.request_timeout.max(1)),
         ..Default::default()
     };
     let server = Server::start(Backend { engine: eng, adapters }, opts)?;
