@@ -877,3 +877,77 @@ fn fifty_clients_some_leaving() {
     }
     server.shutdown();
 }
+
+/// The OpenAI Python SDK (tools/clients, installed by tools/setup), or `None` (skipped) outside CI.
+fn openai_sdk() -> Option<std::path::PathBuf> {
+    let python = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/clients/.venv/bin/python");
+    if python.exists() {
+        return Some(python);
+    }
+    assert!(std::env::var("CI").is_err(), "{} is missing under CI: tools/setup installs it", python.display());
+    eprintln!("SKIPPED: the OpenAI SDK is not installed (run tools/setup)");
+    None
+}
+
+/// What users' agents send, through the client they use: the OpenAI Python SDK parses a tool
+/// call, a streamed named call, streamed text with its usage, the model list and the errors
+/// (a refused field, a wrong API key) — each the same as the raw HTTP exchange gives.
+#[test]
+fn the_openai_python_sdk_gets_what_raw_http_gets() {
+    let Some(python) = openai_sdk() else { return };
+    let key = "sk-agentflux-test";
+    let Some(server) = start("serve-sdk", ServeOptions { n_ctx: 1024, api_key: Some(key.into()), ..Default::default() }) else { return };
+    let addr = server.addr();
+    let mut child = std::process::Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openai_client.py"))
+        .args([addr.port().to_string(), key.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(weather_tools().to_string().as_bytes()).unwrap();
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "the SDK client failed: {}", String::from_utf8_lossy(&done.stderr));
+    let sdk: Value = serde_json::from_slice(&done.stdout).unwrap();
+
+    // The same requests over raw HTTP, with the key.
+    let raw = |body: &Value| {
+        let text = body.to_string();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}",
+            text.len()
+        );
+        exchange(addr, &head, &text)
+    };
+    let messages = user("What is the weather in Oslo?");
+    let required = raw(&json!({"model": "any", "messages": messages, "tools": weather_tools(), "tool_choice": "required"})).json();
+    let call = &required["choices"][0]["message"]["tool_calls"][0];
+    let u = &required["usage"];
+    assert_eq!(
+        sdk["required"],
+        json!({
+            "finish_reason": "tool_calls",
+            "name": call["function"]["name"],
+            "arguments": serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap(),
+            "id_prefix": "call_",
+            "usage": [u["prompt_tokens"], u["completion_tokens"], u["total_tokens"]],
+        })
+    );
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let (_, name, args) = message_of(&raw(&json!({"messages": messages, "tools": weather_tools(), "tool_choice": named})).json());
+    assert_eq!(
+        sdk["named_streamed"],
+        json!({"name": name, "arguments": serde_json::from_str::<Value>(&args).unwrap(), "finish_reason": "tool_calls"})
+    );
+    let text = raw(&json!({"messages": user("Say hello."), "max_tokens": 8})).json();
+    assert_eq!(
+        sdk["text_streamed"],
+        json!({"text": text["choices"][0]["message"]["content"], "usage": [text["usage"]["prompt_tokens"], text["usage"]["completion_tokens"]]})
+    );
+    let models = exchange(addr, &format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}"), "").json();
+    assert_eq!(sdk["models"], json!([models["data"][0]["id"]]));
+    assert_eq!(sdk["bad_request"], json!({"status": 400, "param": "n"}));
+    assert_eq!(sdk["wrong_key"], json!(401));
+    server.shutdown();
+}

@@ -255,6 +255,52 @@ mod tests {
         assert_eq!(parse_head(b"GET /\xff HTTP/1.1\r\n\r\n", 10).unwrap_err().0, 400);
     }
 
+    /// Random bytes and mutated heads never panic the parser, and a head it takes lies within
+    /// the bytes given. `AGENTFLUX_FUZZ_ITERS` inputs (CI: 20,000).
+    #[test]
+    fn mutated_heads_are_taken_or_refused() {
+        let iters: usize = std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+        let valid = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nContent-Type: application/json\r\nContent-Length: 17\r\nConnection: keep-alive\r\n\r\n{\"messages\": []}";
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut taken, mut refused) = (0, 0);
+        for i in 0..iters {
+            let mut b = valid.to_vec();
+            match i % 4 {
+                0 => {
+                    for _ in 0..1 + next() % 6 {
+                        let at = (next() % b.len() as u64) as usize;
+                        b[at] ^= 1 << (next() % 8);
+                    }
+                }
+                1 => {
+                    let at = (next() % b.len() as u64) as usize;
+                    let insert: &[u8] = [&b"\r\n"[..], b":", b" ", b"\0", b"Content-Length: 5\r\n", b"\xff"][(next() % 6) as usize];
+                    b.splice(at..at, insert.iter().copied());
+                }
+                2 => b.truncate((next() % b.len() as u64) as usize),
+                _ => b = (0..next() % 300).map(|_| next() as u8).collect(),
+            }
+            match parse_head(&b, 1 << 20) {
+                Ok(Some(h)) => {
+                    assert!(h.len <= b.len(), "a head of {} bytes in {}", h.len, b.len());
+                    taken += 1;
+                }
+                Ok(None) => {}
+                Err((status, _)) => {
+                    assert!((400..=505).contains(&status));
+                    refused += 1;
+                }
+            }
+        }
+        assert!(taken > 0 && refused > 0, "{taken} taken, {refused} refused");
+    }
+
     #[test]
     fn answers_carry_their_length_and_connection() {
         let mut out = Vec::new();
