@@ -2,12 +2,13 @@
 //
 // Computes: for each token t at position pos (pos0 + t, or with `table` = 1 the row's own entry
 //   places[at + t].y: rows of several sequences, a token tree's rows at their depths), head h and
-//   pair i < rot_dim/2, rotates the pair (a, b) by θ = pos · base^(−2i/rot_dim):  a' = a·cos θ − b·sin θ,  b' = a·sin θ + b·cos θ.
+//   pair i < rot_dim/2, rotates the pair (a, b) by θ = pos · base^(−2i/rot_dim) (divided by
+//   factors[i] when `factors` = 1: Llama 3.1's per-pair frequency factors):  a' = a·cos θ − b·sin θ,  b' = a·sin θ + b·cos θ.
 //   mode 0 ("normal", llama): the pair is (2i, 2i+1);  mode 1 ("neox", qwen2/3, gemma3): (i, i + rot_dim/2).
 //   Dimensions from rot_dim to head_dim are left as they are. With `inverse` = 1 the
 //   pairs are rotated by −θ: the gradient through the rotation (its transpose is its inverse).
 // Layout: row t of n_heads·head_dim f32 at offset + t·stride (floats); places: per row of the
-//   pass (base, pos, pos0, len), see src/kernels/places.rs.
+//   pass (base, pos, pos0, index), see src/kernels/places.rs; factors: rot_dim/2 f32.
 // Work split: one invocation per (pair, head) × token.
 // Limits: rot_dim even and ≤ head_dim.
 
@@ -17,6 +18,7 @@
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> v: array<f32>;
 @group(0) @binding(2) var<storage, read> places: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> factors: array<f32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -38,7 +40,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (p.table == 1u) {
         pos = places[p.at + t].y;
     }
-    let theta = f32(pos) * exp2(-p.log2_base * f32(2u * i) / f32(p.rot_dim));
+    var freq = exp2(-p.log2_base * f32(2u * i) / f32(p.rot_dim));
+    if (p.factors == 1u) {
+        freq = freq / factors[i];
+    }
+    let theta = f32(pos) * freq;
     let c = cos(theta);
     var s = sin(theta);
     if (p.inverse == 1u) {

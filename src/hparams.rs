@@ -28,7 +28,7 @@ pub enum RopeLayout {
 }
 
 /// Rotary embedding hyperparameters.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Rope {
     /// Which dimensions pair up.
     pub layout: RopeLayout,
@@ -36,6 +36,23 @@ pub struct Rope {
     pub rot_dim: usize,
     /// Frequency base.
     pub base: f32,
+    /// Per rotated pair `i`, a divisor of its frequency: `θ_i = pos · base^(−2i/rot_dim) /
+    /// factors[i]` (Llama 3.1's long-context scaling, `rope_freqs.weight`; `rot_dim / 2` finite
+    /// positive values). `None`: 1 for every pair.
+    pub factors: Option<Vec<f32>>,
+}
+
+impl Rope {
+    /// A rotation without frequency factors.
+    pub fn new(layout: RopeLayout, rot_dim: usize, base: f32) -> Self {
+        Self { layout, rot_dim, base, factors: None }
+    }
+
+    /// The angle per position of pair `i`.
+    pub fn frequency(&self, i: usize) -> f64 {
+        let f = (self.base as f64).powf(-2.0 * i as f64 / self.rot_dim as f64);
+        f / self.factors.as_ref().and_then(|v| v.get(i)).map_or(1.0, |&d| d as f64)
+    }
 }
 
 /// A supported architecture (`general.architecture`).
@@ -109,8 +126,8 @@ impl ModelConfig {
     /// Rotary embedding of layer `l`.
     pub fn layer_rope(&self, l: usize) -> Rope {
         match self.rope_base_local {
-            Some(base) if !self.is_global(l) => Rope { base, ..self.rope },
-            _ => self.rope,
+            Some(base) if !self.is_global(l) => Rope { base, ..self.rope.clone() },
+            _ => self.rope.clone(),
         }
     }
 

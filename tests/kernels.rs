@@ -18,7 +18,7 @@ use agentflux::kernels::embed::embed;
 use agentflux::kernels::matmul::{matmul, MatmulIo};
 use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
 use agentflux::kernels::places::{place_sequence, Places, RowPlace};
-use agentflux::kernels::rope::{rope, Positions};
+use agentflux::kernels::rope::{rope, Positions, RopeOp};
 use agentflux::kernels::sample::{argmax, OUT_WORDS};
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
 use common::{assert_close, ctx, dequant, f16_cache, f32_buf, rng};
@@ -215,18 +215,32 @@ fn rope_both_layouts_partial_rotation() {
     let mut r = rng("rope");
     for layout in [RopeLayout::Normal, RopeLayout::Neox] {
         for (heads, hd, rot, pos0) in [(3, 64, 64, 0), (2, 16, 8, 100), (5, 256, 256, 4000)] {
-            let t = 4;
-            let x = random_vec(&mut r, t * heads * hd, 1.0);
-            let rp = Rope { layout, rot_dim: rot, base: 10000.0 };
-            let b = f32_buf(&ctx, &x);
-            let mut rec = Recorder::new(&ctx);
-            rope(&mut rec, &ctx, &rp, View::new(&b, t, heads * hd), hd, Positions::From(pos0)).unwrap();
-            rec.submit();
-            let mut want = x.clone();
-            reference::rope(&mut want, heads, hd, &rp, pos0);
-            // Angles up to ~4000 rad: f32 argument reduction costs ~1e-4 there.
-            assert_close(&format!("rope {layout:?} hd={hd} pos0={pos0}"), &read_f32(&ctx, &b, 0, x.len()).unwrap(), &want, 5e-4);
+            // Without and with per-pair frequency factors (Llama 3.1's divide low frequencies by
+            // up to 8 and leave high ones at 1).
+            for factors in [None, Some((0..rot / 2).map(|_| 1.0 + 7.0 * r.next_f32()).collect::<Vec<f32>>())] {
+                let t = 4;
+                let x = random_vec(&mut r, t * heads * hd, 1.0);
+                let rp = Rope { factors, ..Rope::new(layout, rot, 10000.0) };
+                let factors_b = rp.factors.as_ref().map(|v| f32_buf(&ctx, v));
+                let b = f32_buf(&ctx, &x);
+                let mut rec = Recorder::new(&ctx);
+                let op = RopeOp { rope: &rp, factors: factors_b.as_ref() };
+                rope(&mut rec, &ctx, op, View::new(&b, t, heads * hd), hd, Positions::From(pos0)).unwrap();
+                rec.submit();
+                let mut want = x.clone();
+                reference::rope(&mut want, heads, hd, &rp, pos0);
+                // Angles up to ~4000 rad: f32 argument reduction costs ~1e-4 there.
+                let what = format!("rope {layout:?} hd={hd} pos0={pos0} factors={}", rp.factors.is_some());
+                assert_close(&what, &read_f32(&ctx, &b, 0, x.len()).unwrap(), &want, 5e-4);
+            }
         }
+    }
+    // Factors given without their buffer, or the other way round, are refused.
+    let rp = Rope { factors: Some(vec![2.0; 4]), ..Rope::new(RopeLayout::Neox, 8, 10000.0) };
+    let b = f32_buf(&ctx, &[0.0; 16]);
+    let bare = Rope::new(RopeLayout::Neox, 8, 10000.0);
+    for op in [RopeOp { rope: &rp, factors: None }, RopeOp { rope: &bare, factors: Some(&b) }] {
+        assert!(rope(&mut Recorder::new(&ctx), &ctx, op, View::new(&b, 2, 8), 8, Positions::From(0)).is_err());
     }
 }
 
@@ -237,7 +251,7 @@ fn rope_rows_at_their_places() {
     let ctx = ctx();
     let mut r = rng("rope_places");
     let (heads, hd) = (3, 32);
-    let rp = Rope { layout: RopeLayout::Neox, rot_dim: hd, base: 10000.0 };
+    let rp = Rope::new(RopeLayout::Neox, hd, 10000.0);
     let mut places = vec![RowPlace { base: 0, pos: 0, pos0: 0, index: 0 }; 2];
     places.extend(place_sequence(64, 7, 3, None).unwrap());
     places.extend(place_sequence(0, 0, 1, None).unwrap());
@@ -247,7 +261,7 @@ fn rope_rows_at_their_places() {
     let (b, table) = (f32_buf(&ctx, &x), storage_buffer(&ctx, "places", bytemuck::cast_slice(&places)));
     let mut rec = Recorder::new(&ctx);
     let at = Places { buf: &table, at: 2, rows };
-    rope(&mut rec, &ctx, &rp, View::new(&b, rows.len(), heads * hd), hd, Positions::Table(at)).unwrap();
+    rope(&mut rec, &ctx, RopeOp { rope: &rp, factors: None }, View::new(&b, rows.len(), heads * hd), hd, Positions::Table(at)).unwrap();
     rec.submit();
     let mut want = x.clone();
     for (row, p) in want.chunks_mut(heads * hd).zip(rows) {

@@ -74,7 +74,7 @@ fn backward_kernels_match_the_reference() {
     use agentflux::kernels::loss::cross_entropy;
     use agentflux::kernels::norm::rms_norm_backward;
     use agentflux::kernels::optim::{adamw, AdamTensors};
-    use agentflux::kernels::rope::rope_backward;
+    use agentflux::kernels::rope::{rope_backward, RopeOp};
     use agentflux::train::{AdamW, Moments};
     let ctx = ctx();
     let mut r = rng("backward-kernels");
@@ -111,16 +111,21 @@ fn backward_kernels_match_the_reference() {
     }
 
     for layout in [RopeLayout::Normal, RopeLayout::Neox] {
-        let (t, heads, hd, pos0) = (3, 2, 16, 7);
-        let rp = Rope { layout, rot_dim: 8, base: 10000.0 };
-        let dy = random_vec(&mut r, t * heads * hd, 1.0);
-        let b = f32_buf(&ctx, &dy);
-        let mut rec = Recorder::new(&ctx);
-        rope_backward(&mut rec, &ctx, &rp, View::new(&b, t, heads * hd), hd, pos0).unwrap();
-        rec.submit();
-        let mut want = dy.clone();
-        reference::rope_backward(&mut want, heads, hd, &rp, pos0);
-        assert_close(&format!("rope_backward {layout:?}"), &read_f32(&ctx, &b, 0, dy.len()).unwrap(), &want, 1e-4);
+        for factors in [None, Some(vec![1.0, 2.5, 4.0, 8.0])] {
+            let (t, heads, hd, pos0) = (3, 2, 16, 7);
+            let rp = Rope { factors, ..Rope::new(layout, 8, 10000.0) };
+            let factors_b = rp.factors.as_ref().map(|v| f32_buf(&ctx, v));
+            let dy = random_vec(&mut r, t * heads * hd, 1.0);
+            let b = f32_buf(&ctx, &dy);
+            let mut rec = Recorder::new(&ctx);
+            let op = RopeOp { rope: &rp, factors: factors_b.as_ref() };
+            rope_backward(&mut rec, &ctx, op, View::new(&b, t, heads * hd), hd, pos0).unwrap();
+            rec.submit();
+            let mut want = dy.clone();
+            reference::rope_backward(&mut want, heads, hd, &rp, pos0);
+            let what = format!("rope_backward {layout:?} factors={}", rp.factors.is_some());
+            assert_close(&what, &read_f32(&ctx, &b, 0, dy.len()).unwrap(), &want, 1e-4);
+        }
     }
 
     // The real vocabulary's length, so the strided reduction covers a ragged tail.

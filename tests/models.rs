@@ -78,6 +78,28 @@ fn llama_matches_reference_for_every_format() {
     }
 }
 
+/// Llama 3.1's per-pair frequency factors (`rope_freqs.weight`): the GPU forward equals the
+/// reference's, which the factors change (the same weights without them give other logits).
+#[test]
+fn llama3_rope_factors_match_reference() {
+    let mut spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
+    spec.rope_factors = true;
+    check_arch(&spec, "llama3-rope-factors");
+    let seed = rng("llama3-rope-factors-seed").next_u64();
+    let forward = |factors: bool| {
+        let spec = TinyModelSpec { rope_factors: factors, ..spec.clone() };
+        let path = std::env::temp_dir().join(format!("agentflux-rope-factors-{factors}-{}.gguf", std::process::id()));
+        std::fs::write(&path, tiny_model(&spec, seed)).unwrap();
+        let reference = ReferenceModel::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert_eq!(reference.config.rope.factors.is_some(), factors);
+        reference.forward(&[3, 17, 5, 40, 22, 9, 31, 2])
+    };
+    let (with, without) = (forward(true), forward(false));
+    let diff = with.iter().zip(&without).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff > 1e-3, "the factors changed the logits by at most {diff}");
+}
+
 #[test]
 fn qwen2_matches_reference() {
     let mut spec = TinyModelSpec::new("qwen2", BlockFormat::Q4_0);

@@ -22,6 +22,7 @@ uniform_block! {
         table: u32,
         at: u32,
         inverse: u32,
+        factors: u32,
     }
 }
 
@@ -35,18 +36,32 @@ pub enum Positions<'a> {
     Table(Places<'a>),
 }
 
+/// A rotation as the kernel applies it: its hyperparameters and, where they have frequency
+/// factors, those factors on the GPU (`rot_dim / 2` f32).
+#[derive(Clone, Copy)]
+pub struct RopeOp<'a> {
+    /// The hyperparameters.
+    pub rope: &'a Rope,
+    /// `rope.factors` uploaded (see [`Rope::factors`]).
+    pub factors: Option<&'a wgpu::Buffer>,
+}
+
 /// Record the rotation of `v`'s rows (one token each, `cols` = heads × `head_dim`) at their
 /// positions.
-pub fn rope(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: View, head_dim: usize, at: Positions) -> Result<()> {
-    dispatch(rec, ctx, rope, v, head_dim, at, false)
+pub fn rope(rec: &mut Recorder, ctx: &GpuContext, op: RopeOp, v: View, head_dim: usize, at: Positions) -> Result<()> {
+    dispatch(rec, ctx, op, v, head_dim, at, false)
 }
 
 /// Record the gradient through [`rope`], in place: every pair rotated back.
-pub fn rope_backward(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, dv: View, head_dim: usize, pos0: usize) -> Result<()> {
-    dispatch(rec, ctx, rope, dv, head_dim, Positions::From(pos0), true)
+pub fn rope_backward(rec: &mut Recorder, ctx: &GpuContext, op: RopeOp, dv: View, head_dim: usize, pos0: usize) -> Result<()> {
+    dispatch(rec, ctx, op, dv, head_dim, Positions::From(pos0), true)
 }
 
-fn dispatch(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: View, head_dim: usize, at: Positions, inverse: bool) -> Result<()> {
+fn dispatch(rec: &mut Recorder, ctx: &GpuContext, op: RopeOp, v: View, head_dim: usize, at: Positions, inverse: bool) -> Result<()> {
+    let rope = op.rope;
+    if op.factors.is_some() != rope.factors.is_some() || op.factors.is_some_and(|b| b.size() < (rope.rot_dim / 2 * 4) as u64) {
+        return Err(Error::Shape { op: "rope", msg: format!("frequency factors for {} pairs not uploaded as given", rope.rot_dim / 2) });
+    }
     if head_dim == 0 || v.cols % head_dim != 0 || rope.rot_dim > head_dim || rope.rot_dim % 2 != 0 {
         return Err(Error::Shape { op: "rope", msg: format!("rows of {} in heads of {head_dim}, rotating {} dims", v.cols, rope.rot_dim) });
     }
@@ -73,11 +88,16 @@ fn dispatch(rec: &mut Recorder, ctx: &GpuContext, rope: &Rope, v: View, head_dim
         table: table.is_some() as u32,
         at: table.map_or(0, |t| t.at) as u32,
         inverse: inverse as u32,
+        factors: op.factors.is_some() as u32,
     };
     rec.dispatch(
         &kernel,
         &p,
-        vec![Binding::whole(v.buf), Binding::whole(table.map_or(ctx.placeholder(), |t| t.buf))],
+        vec![
+            Binding::whole(v.buf),
+            Binding::whole(table.map_or(ctx.placeholder(), |t| t.buf)),
+            Binding::whole(op.factors.unwrap_or(ctx.placeholder())),
+        ],
         [super::groups(n_heads * rope.rot_dim / 2, 64), v.rows as u32, 1],
     )
 }

@@ -22,7 +22,7 @@ use crate::kernels::matmul::{LoraIo, MatmulIo};
 use crate::kernels::matmul_t::matmul_t;
 use crate::kernels::norm::{rms_norm_backward, RmsNorm};
 use crate::kernels::optim::{adamw, AdamTensors, AdamW};
-use crate::kernels::rope::rope_backward;
+use crate::kernels::rope::{rope_backward, RopeOp};
 use crate::kv::KvCache;
 use crate::lora::{ActiveAdapter, AdapterId, AdapterRegistry, LoraWeights, Proj};
 use std::collections::BTreeMap;
@@ -319,8 +319,9 @@ impl AdapterBuffers {
             let grads = AttentionGrads { dq: &dq, dk: &dk, dv: &dv, stats: &stats };
             attention_backward(&mut rec, ctx, &shape, View::new(tr(Act::Q), t, q_dim), kv.layer(l)?, View::new(&datt, t, q_dim), grads)?;
             let rp = c.layer_rope(l);
-            rope_backward(&mut rec, ctx, &rp, View::new(&dq, t, q_dim), hd, from)?;
-            rope_backward(&mut rec, ctx, &rp, View::new(&dk, t, kv_dim), hd, from)?;
+            let op = RopeOp { rope: &rp, factors: model.weights.rope_factors.as_ref() };
+            rope_backward(&mut rec, ctx, op, View::new(&dq, t, q_dim), hd, from)?;
+            rope_backward(&mut rec, ctx, op, View::new(&dk, t, kv_dim), hd, from)?;
             let (dq, dk) = match &lw.qk_norm {
                 Some([qn, kn]) => {
                     norm_back(&mut rec, qn, [tr(Act::QPre), &dq, &dqn], t * c.n_heads, hd, false)?;

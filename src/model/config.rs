@@ -47,7 +47,10 @@ impl ModelConfig {
             n_vocab,
             n_ctx_train: f.u64(&k("context_length"))? as usize,
             norm_eps: f.f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
-            rope: Rope { layout, rot_dim, base: f.meta(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32 },
+            rope: Rope {
+                factors: rope_factors(f, rot_dim)?,
+                ..Rope::new(layout, rot_dim, f.meta(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32)
+            },
             rope_base_local: None,
             sliding_window: 0,
             sliding_pattern: 0,
@@ -104,9 +107,25 @@ impl ModelConfig {
                 self.head_dim, self.rope.rot_dim
             ));
         }
-        if f.find_tensor("rope_freqs.weight").is_some() {
-            return bad("per-dimension rope frequency factors (rope_freqs.weight, Llama 3.1 scaling) are not supported yet".into());
-        }
         Ok(())
     }
+}
+
+/// The tensor holding per-pair frequency divisors (Llama 3.1 and later), checked: `rot_dim / 2`
+/// finite positive values.
+pub(crate) const ROPE_FACTORS: &str = "rope_freqs.weight";
+
+fn rope_factors(f: &GgufFile, rot_dim: usize) -> Result<Option<Vec<f32>>> {
+    if f.find_tensor(ROPE_FACTORS).is_none() {
+        return Ok(None);
+    }
+    let bad = |msg: String| Error::Model { path: f.path().to_path_buf(), msg: format!("{ROPE_FACTORS}: {msg}") };
+    let factors = f.tensor_f32(ROPE_FACTORS).map_err(|e| bad(e.to_string()))?;
+    if factors.len() != rot_dim / 2 {
+        return Err(bad(format!("{} values for {} rotated pairs", factors.len(), rot_dim / 2)));
+    }
+    if let Some(v) = factors.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+        return Err(bad(format!("a factor of {v}; finite positive values are needed")));
+    }
+    Ok(Some(factors))
 }

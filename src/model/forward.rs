@@ -17,7 +17,7 @@ use crate::kernels::embed::embed;
 use crate::kernels::kv_store::kv_store;
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
 use crate::kernels::places::{place_sequence, Places, RowPlace};
-use crate::kernels::rope::{rope, Positions};
+use crate::kernels::rope::{rope, Positions, RopeOp};
 use crate::kernels::sample::OUT_WORDS;
 use crate::kv::KvCache;
 use crate::lora::Proj;
@@ -279,8 +279,9 @@ impl Model {
             let (row0, rows) = (segs[0].row0, segs.iter().map(|g| g.len).sum());
             let [q, k, v, o] = [q, k, v, att].map(|r| r.rows(row0, rows));
             let (places, cache) = (all.range(row0, rows)?, segs[0].kv.buffers(l)?);
-            rope(rec, ctx, &rp, q, hd, Positions::Table(places))?;
-            rope(rec, ctx, &rp, k, hd, Positions::Table(places))?;
+            let op = RopeOp { rope: &rp, factors: self.weights.rope_factors.as_ref() };
+            rope(rec, ctx, op, q, hd, Positions::Table(places))?;
+            rope(rec, ctx, op, k, hd, Positions::Table(places))?;
             kv_store(rec, ctx, k, v, cache, places)?;
             // Decode rows (the batcher puts them first) through the split-key entry, the rest
             // through the row-per-invocation one.

@@ -49,6 +49,8 @@ pub struct Weights {
     pub out_norm: wgpu::Buffer,
     /// The output projection; `None` when tied to the embeddings.
     pub lm_head: Option<WeightMatrix>,
+    /// The rotation's frequency factors ([`crate::hparams::Rope::factors`]), where it has them.
+    pub rope_factors: Option<wgpu::Buffer>,
 }
 
 struct Loader<'a> {
@@ -118,7 +120,14 @@ impl Weights {
             Some(_) => Some(ld.matrix("output.weight", c.n_vocab, d)?),
             None => None,
         };
-        Ok(Self { embed: ld.matrix("token_embd.weight", c.n_vocab, d)?, layers, out_norm: ld.vector("output_norm.weight", d)?, lm_head })
+        let rope_factors = c.rope.factors.as_ref().map(|v| storage_buffer(ctx, "rope_factors", bytemuck::cast_slice(v)));
+        Ok(Self {
+            embed: ld.matrix("token_embd.weight", c.n_vocab, d)?,
+            layers,
+            out_norm: ld.vector("output_norm.weight", d)?,
+            lm_head,
+            rope_factors,
+        })
     }
 
     /// The matrix that maps the final hidden state to logits.

@@ -46,7 +46,7 @@ fn rotate(x: &mut [f32], n_heads: usize, head_dim: usize, rope: &Rope, pos0: usi
     for (t, r) in x.chunks_mut(row).enumerate() {
         for h in 0..n_heads {
             for i in 0..half {
-                let theta = sign * (pos0 + t) as f64 * (rope.base as f64).powf(-2.0 * i as f64 / rope.rot_dim as f64);
+                let theta = sign * (pos0 + t) as f64 * rope.frequency(i);
                 let (a, b) = match rope.layout {
                     RopeLayout::Normal => (h * head_dim + 2 * i, h * head_dim + 2 * i + 1),
                     RopeLayout::Neox => (h * head_dim + i, h * head_dim + i + half),

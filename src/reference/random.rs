@@ -92,6 +92,9 @@ pub struct TinyModelSpec {
     pub n_ctx: usize,
     /// More metadata (a real tokenizer's `tokenizer.*` keys, say).
     pub extra_meta: Vec<(String, MetaValue)>,
+    /// Give the rotation per-pair frequency factors (`rope_freqs.weight`, as Llama 3.1 files
+    /// have), drawn after every other tensor: the same seed gives the same weights either way.
+    pub rope_factors: bool,
 }
 
 impl TinyModelSpec {
@@ -114,6 +117,7 @@ impl TinyModelSpec {
             sliding_window: 3,
             n_ctx: 512,
             extra_meta: Vec::new(),
+            rope_factors: false,
         }
     }
 }
@@ -184,6 +188,12 @@ pub fn tiny_model(spec: &TinyModelSpec, seed: u64) -> Vec<u8> {
         // Norm weights near 1, biases near 0: random but in the range real models use.
         let v: Vec<f32> = random_vec(&mut rng, len, 0.3).into_iter().map(|x| x + center).collect();
         w.tensor_f32(&name, &[len as u64], &v);
+    }
+    if s.rope_factors {
+        // Llama 3.1's shape: high frequencies kept (1), low ones divided by up to 8.
+        let pairs = s.head_dim / 2;
+        let v: Vec<f32> = (0..pairs).map(|i| if i < pairs / 4 { 1.0 } else { 1.0 + 7.0 * rng.next_f32() }).collect();
+        w.tensor_f32("rope_freqs.weight", &[pairs as u64], &v);
     }
     w.to_bytes()
 }

@@ -49,6 +49,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
+        // Llama 3.x templates date the system turn with it, as transformers and llama.cpp render.
+        env.add_function("strftime_now", |format: String| strftime(&format, unix_now()));
         env.add_template_owned("chat", source.to_string()).map_err(template_err)?;
         Ok(Self { env, bos: bos.into(), eos: eos.into() })
     }
@@ -64,6 +66,63 @@ impl ChatTemplate {
         })
         .map_err(template_err)
     }
+}
+
+/// Seconds since 1970 (UTC).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `secs` (UTC) formatted as C's `strftime` does for `%d %e %m %Y %y %b %B %a %A %H %M %S %j
+/// %%`; other directives are kept as written.
+fn strftime(format: &str, secs: i64) -> String {
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // The civil date of a day count (proleptic Gregorian calendar, eras of 400 years).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + (month <= 2) as i64;
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let day_of_year = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334][(month - 1) as usize] + day + (leap && month > 2) as i64;
+    let (month_name, weekday) = (MONTHS[(month - 1) as usize], DAYS[days.rem_euclid(7) as usize]);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('e') => out.push_str(&format!("{day:>2}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('B') => out.push_str(month_name),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('H') => out.push_str(&format!("{:02}", rest / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rest % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rest % 60)),
+            Some('j') => out.push_str(&format!("{day_of_year:03}")),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 impl ChatTemplate {
@@ -120,6 +179,57 @@ mod tests {
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn strftime_formats_dates_as_c_does() {
+        // 2024-07-26 13:05:09 UTC (Friday), 2000-03-01 (Wednesday, after a leap day), 1970-01-01.
+        assert_eq!(strftime("%d %b %Y", 1_722_000_000 - 1_722_000_000 % 86_400 + 47_109), "26 Jul 2024");
+        assert_eq!(
+            strftime("%A %e %B %y, %H:%M:%S, day %j, 100%%", 1_722_000_000 - 1_722_000_000 % 86_400 + 47_109),
+            "Friday 26 July 24, 13:05:09, day 208, 100%"
+        );
+        assert_eq!(strftime("%Y-%m-%d %a %j", 951_868_800), "2000-03-01 Wed 061");
+        assert_eq!(strftime("%Y-%m-%d %a %Q", 0), "1970-01-01 Thu %Q");
+    }
+
+    /// A template in Llama 3's turn format using what its official templates use: the BOS
+    /// string, today's date from `strftime_now`, the system message taken out of the list,
+    /// `trim`, `tojson(indent=4)` of the tools, a mapping test.
+    #[test]
+    fn llama3_style_templates_render() {
+        let src = r#"{{- bos_token }}{%- set date_string = strftime_now("%d %b %Y") %}
+{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content']|trim %}{%- set messages = messages[1:] %}{%- else %}{%- set system = "" %}{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>
+
+Today Date: " + date_string + "
+
+" + system + "<|eot_id|>" }}
+{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>
+
+' + m['content'] | trim + '<|eot_id|>' }}{%- endfor %}
+{%- if tools is defined and tools is not none %}{{- tools | tojson(indent=4) }}{%- endif %}
+{%- if {} is mapping and add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>
+
+' }}{%- endif %}"#;
+        let t = ChatTemplate::new(src, "<|begin_of_text|>", "<|eot_id|>").unwrap();
+        let out = t
+            .render(
+                &[
+                    ChatMessage::new("system", " Be brief. "),
+                    ChatMessage::new(
+                        "user", "Hi
+",
+                    ),
+                ],
+                true,
+            )
+            .unwrap();
+        let today = strftime("%d %b %Y", unix_now());
+        let want = format!(
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nToday Date: {today}\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        assert_eq!(out, want);
     }
 
     #[test]

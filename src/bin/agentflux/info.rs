@@ -72,10 +72,11 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         config.n_ctx_train
     );
     println!(
-        "rope       {:?}, base {}, {} dims{}",
+        "rope       {:?}, base {}, {} dims{}{}",
         config.rope.layout,
         config.rope.base,
         config.rope.rot_dim,
+        if config.rope.factors.is_some() { ", per-pair frequency factors (rope_freqs.weight)" } else { "" },
         if config.sliding_window > 0 {
             format!("; sliding window {} (every {}th layer global)", config.sliding_window, config.sliding_pattern)
         } else {
