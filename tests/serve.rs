@@ -945,8 +945,30 @@ fn the_openai_python_sdk_gets_what_raw_http_gets() {
         sdk["text_streamed"],
         json!({"text": text["choices"][0]["message"]["content"], "usage": [text["usage"]["prompt_tokens"], text["usage"]["completion_tokens"]]})
     );
+    for choice in ["auto", "none"] {
+        let r = raw(&json!({"messages": messages, "tools": weather_tools(), "tool_choice": choice, "max_tokens": 8})).json();
+        let m = &r["choices"][0]["message"];
+        let calls: Vec<Value> = m["tool_calls"]
+            .as_array()
+            .map(|c| {
+                let parsed = |c: &Value| serde_json::from_str::<Value>(c["function"]["arguments"].as_str().unwrap()).unwrap();
+                c.iter().map(|c| json!([c["function"]["name"], parsed(c)])).collect()
+            })
+            .unwrap_or_default();
+        let want = json!({"finish_reason": r["choices"][0]["finish_reason"], "content": m["content"], "tool_calls": calls});
+        assert_eq!(sdk[choice], want, "tool_choice {choice}");
+    }
+    // The conversation the SDK sent back (its own message object serialized) answered over raw
+    // HTTP gives the same call; the first turn came from the cache.
+    let second = &sdk["second_turn"];
+    let r = raw(&json!({"messages": second["messages"], "tools": weather_tools(), "tool_choice": "required"})).json();
+    let call = &r["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(second["name"], call["function"]["name"]);
+    assert_eq!(second["arguments"], serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap());
+    assert!(second["cached"].as_u64().unwrap() > 0, "{second}");
     let models = exchange(addr, &format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}"), "").json();
     assert_eq!(sdk["models"], json!([models["data"][0]["id"]]));
+    assert_eq!(sdk["retrieved"], models["data"][0]["id"]);
     assert_eq!(sdk["bad_request"], json!({"status": 400, "param": "n"}));
     assert_eq!(sdk["wrong_key"], json!(401));
     server.shutdown();

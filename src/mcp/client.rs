@@ -29,6 +29,34 @@ enum Incoming {
     Closed,
 }
 
+/// The next message on a server's stdout: one JSON value per line, blank lines skipped. A line
+/// is read up to `max` bytes, so a server that never ends one cannot fill memory; a longer line,
+/// or one that is not UTF-8 or not JSON, is garbage. `None` at the end of the stream.
+fn next_message(reader: &mut impl BufRead, max: usize) -> Option<Incoming> {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.by_ref().take(max as u64 + 1).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        if line.len() > max {
+            let start = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+            return Some(Incoming::Garbage(format!("[a line of more than {max} bytes] {start}")));
+        }
+        let Ok(text) = std::str::from_utf8(&line) else {
+            return Some(Incoming::Garbage(format!("[bytes that are not UTF-8] {}", String::from_utf8_lossy(&line))));
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        return Some(match serde_json::from_str::<Value>(text) {
+            Ok(v) => Incoming::Message(v),
+            Err(_) => Incoming::Garbage(text.to_string()),
+        });
+    }
+}
+
 /// A server's program, arguments and extra environment variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerCommand {
@@ -138,26 +166,7 @@ impl McpClient {
         let (tx, incoming) = channel();
         std::thread::spawn(move || {
             let mut stdout = BufReader::new(stdout);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                // A line is read up to its bound, so a server that never ends one cannot fill memory.
-                match (&mut stdout).take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let msg = if line.len() > MAX_LINE_BYTES {
-                    Incoming::Garbage(format!("[a line of more than {MAX_LINE_BYTES} bytes] {}", String::from_utf8_lossy(&line[..200])))
-                } else {
-                    let text = String::from_utf8_lossy(&line);
-                    if text.trim().is_empty() {
-                        continue;
-                    }
-                    match serde_json::from_str::<Value>(&text) {
-                        Ok(v) => Incoming::Message(v),
-                        Err(_) => Incoming::Garbage(text.into_owned()),
-                    }
-                };
+            while let Some(msg) = next_message(&mut stdout, MAX_LINE_BYTES) {
                 let garbage = matches!(msg, Incoming::Garbage(_));
                 if tx.send(msg).is_err() || garbage {
                     return;
@@ -445,7 +454,72 @@ pub fn shell_words(s: &str) -> Option<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::shell_words;
+    use super::{next_message, shell_words, Incoming};
+
+    fn messages(bytes: &[u8], max: usize) -> Vec<Incoming> {
+        let mut reader = std::io::Cursor::new(bytes);
+        let mut out = Vec::new();
+        while let Some(m) = next_message(&mut reader, max) {
+            out.push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn lines_become_messages_or_garbage() {
+        let kinds = |bytes: &[u8], max| {
+            messages(bytes, max)
+                .into_iter()
+                .map(|m| match m {
+                    Incoming::Message(v) => format!("message {v}"),
+                    Incoming::Garbage(g) => format!("garbage {}", g.chars().take(40).collect::<String>()),
+                    Incoming::Closed => "closed".into(),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kinds(b"{\"id\":1}\n\n  \r\n{\"id\":2}", 100), ["message {\"id\":1}", "message {\"id\":2}"]);
+        assert_eq!(kinds(b"not json\n", 100), ["garbage not json\n"]);
+        assert_eq!(kinds(b"\"\xff\"\n", 100), ["garbage [bytes that are not UTF-8] \"\u{fffd}\"\n"]);
+        assert!(kinds(&[b'x'; 50], 10)[0].starts_with("garbage [a line of more than 10 bytes] xxx"));
+    }
+
+    /// Mutated JSON-RPC lines and random bytes: every stream ends in messages, garbage or its
+    /// end, never a panic, under a line bound the size of the inputs. `AGENTFLUX_FUZZ_ITERS`
+    /// streams (CI: 20,000).
+    #[test]
+    fn mutated_server_output_is_read_or_refused() {
+        let iters: usize = std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+        let valid = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"echo\",\"inputSchema\":{\"type\":\"object\"}}]}}\n";
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut read, mut refused) = (0, 0);
+        for i in 0..iters {
+            let mut b = [&valid[..], &valid[..]].concat();
+            match i % 3 {
+                0 => {
+                    for _ in 0..1 + next() % 6 {
+                        let at = (next() % b.len() as u64) as usize;
+                        b[at] ^= 1 << (next() % 8);
+                    }
+                }
+                1 => b.truncate((next() % b.len() as u64) as usize),
+                _ => b = (0..next() % 300).map(|_| next() as u8).collect(),
+            }
+            for m in messages(&b, 64 + (next() % 128) as usize) {
+                match m {
+                    Incoming::Message(_) => read += 1,
+                    Incoming::Garbage(_) => refused += 1,
+                    Incoming::Closed => {}
+                }
+            }
+        }
+        assert!(read > 0 && refused > 0, "{read} messages, {refused} garbage");
+    }
 
     #[test]
     fn shell_words_split_like_a_shell() {
