@@ -11,12 +11,14 @@
 //   q4_0  32 values / 18 B: d:f16, qs[16] (value j: low nibble of qs[j], j+16: high nibble) → (q-8)·d
 //   q4_1  32 / 20 B: d:f16, m:f16, qs[16] → q·d + m
 //   q5_0  32 / 22 B: d:f16, qh:u32 (bit j = 5th bit of value j), qs[16] → (q-16)·d
+//   q5_1  32 / 24 B: d:f16, m:f16, qh:u32, qs[16] → q·d + m
 //   q8_0  32 / 34 B: d:f16, qs:i8[32] → q·d
+//   iq4_nl 32 / 18 B: d:f16, qs[16] (nibbles as q4_0) → d·levels[q], ggml's 16 non-linear levels
 //   q4_K 256 / 144 B: d, dmin:f16, scales[12] (8 × 6-bit scale+min), qs[128] → d·sc·q − dmin·m
 //   q5_K 256 / 176 B: d, dmin, scales[12], qh[32], qs[128]
 //   q6_K 256 / 210 B: ql[128], qh[64], scales:i8[16], d:f16 → d·sc·(q−32)
 // Limits: rows hold a multiple of 32 values. Blocks need not be 4-byte aligned (q4_0, q5_0, q8_0,
-// q6_K are not; they are 2-byte aligned): `rd_u32`/`rd_u32x4` read any byte offset, formats whose
+// iq4_nl, q6_K are not; they are 2-byte aligned): `rd_u32`/`rd_u32x4` read any byte offset, formats whose
 // blocks are 4-byte aligned index `w` directly. On CPU-backed drivers each storage load whose
 // address differs per invocation is a loop over the SIMD lanes, so the decoders load every word
 // once and avoid branches on per-invocation values.
@@ -130,6 +132,38 @@ fn load32_q5_0(row_byte: u32, k: u32) -> V32 {
     var r = nibbles32(rd_u32x4(b + 6u), d, -16.0 * d);
     for (var i = 0u; i < 8u; i++) {
         r[i] += bits4(qh, 4u * i) * (16.0 * d);
+    }
+    return r;
+}
+
+fn load32_q5_1(row_byte: u32, k: u32) -> V32 {
+    let i = (row_byte + (k >> 5u) * 24u) >> 2u;
+    let dm = unpack2x16float(w[i]);
+    let qh = w[i + 1u];
+    var r = nibbles32(vec4<u32>(w[i + 2u], w[i + 3u], w[i + 4u], w[i + 5u]), dm.x, dm.y);
+    for (var j = 0u; j < 8u; j++) {
+        r[j] += bits4(qh, 4u * j) * (16.0 * dm.x);
+    }
+    return r;
+}
+
+// ggml's kvalues_iq4nl (src/gguf/blocks.rs: IQ4_NL_LEVELS).
+var<private> iq4_nl_levels: array<f32, 16> = array<f32, 16>(
+    -127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0, 1.0, 13.0, 25.0, 38.0, 53.0, 69.0, 89.0, 113.0
+);
+
+fn iq4_nl4(q: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(iq4_nl_levels[q.x], iq4_nl_levels[q.y], iq4_nl_levels[q.z], iq4_nl_levels[q.w]);
+}
+
+fn load32_iq4_nl(row_byte: u32, k: u32) -> V32 {
+    let b = row_byte + (k >> 5u) * 18u;
+    let d = rd_f16(b);
+    let qs = rd_u32x4(b + 2u);
+    var r: V32;
+    for (var i = 0u; i < 4u; i++) {
+        r[i] = iq4_nl4(lanes(qs[i], 0u, 0xfu)) * d;
+        r[i + 4u] = iq4_nl4(lanes(qs[i], 4u, 0xfu)) * d;
     }
     return r;
 }

@@ -677,3 +677,44 @@ fn gated_matmul_matches_glu_of_two_products() {
         assert!(err.to_string().contains("share the gate's buffer"), "{err}");
     }
 }
+
+/// Blocks of every quantized format decoded by someone else's code: random blocks with the
+/// values gguf-py (llama.cpp's Python package) dequantizes them to (tests/fixtures/quants.json,
+/// made by tools/make-quant-fixtures). The host decoder gives those values, and the GPU product
+/// over the blocks equals the reference product over them, in both kernel families.
+#[test]
+fn block_formats_decode_as_gguf_py_does() {
+    let fixtures: serde_json::Value = serde_json::from_str(include_str!("fixtures/quants.json")).unwrap();
+    let mut r = rng("quant-fixtures");
+    let mut seen = Vec::new();
+    for f in fixtures["formats"].as_array().unwrap() {
+        let name = f["format"].as_str().unwrap();
+        let format = BlockFormat::ALL.into_iter().find(|b| b.name() == name).unwrap_or_else(|| panic!("no format {name}"));
+        let hex = f["bytes"].as_str().unwrap();
+        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let want: Vec<f32> = f["values_f32_bits"].as_array().unwrap().iter().map(|v| f32::from_bits(v.as_u64().unwrap() as u32)).collect();
+        let host = dequant(format, &bytes, 1, want.len());
+        assert_close(&format!("{name}: host decoder against gguf-py"), &host, &want, 1e-6);
+        // The blocks as a matrix of 2 rows (or 1 when they hold one row's worth), times random x.
+        let rows = if want.len() % (2 * format.block_len()) == 0 { 2 } else { 1 };
+        let cols = want.len() / rows;
+        for (family, ctx) in common::kernel_families() {
+            let w = WeightMatrix::upload(&ctx, name, format, rows, cols, &bytes).unwrap();
+            let x = random_vec(&mut r, 3 * cols, 1.0);
+            let (xb, yb) = (f32_buf(&ctx, &x), storage_buffer_zeroed(&ctx, "y", (3 * rows * 4) as u64));
+            let mut rec = Recorder::new(&ctx);
+            matmul(&mut rec, &ctx, &w, MatmulIo::dense(&xb, &yb, &w, 3)).unwrap();
+            rec.submit();
+            let expect = reference::matmul(&want, &x, rows, cols);
+            assert_close(
+                &format!("{name}: GPU product ({family}) against gguf-py's values"),
+                &read_f32(&ctx, &yb, 0, 3 * rows).unwrap(),
+                &expect,
+                2e-4,
+            );
+        }
+        seen.push(name.to_string());
+    }
+    let quantized: Vec<&str> = BlockFormat::ALL.iter().filter(|f| f.block_len() > 1).map(|f| f.name()).collect();
+    assert_eq!(seen, quantized, "every quantized format has gguf-py fixtures (tools/make-quant-fixtures)");
+}

@@ -23,6 +23,7 @@ pub enum GgmlType {
     Q5_K,
     Q6_K,
     Q8_K,
+    IQ4_NL,
     BF16,
     /// A known id of another family (IQ*, integer tensors, ...).
     Other(u32),
@@ -46,8 +47,9 @@ impl GgmlType {
             13 => Self::Q5_K,
             14 => Self::Q6_K,
             15 => Self::Q8_K,
+            20 => Self::IQ4_NL,
             30 => Self::BF16,
-            16..=29 | 31..=41 => Self::Other(id),
+            16..=19 | 21..=29 | 31..=41 => Self::Other(id),
             _ => return None,
         })
     }
@@ -69,6 +71,7 @@ impl GgmlType {
             Self::Q5_K => 13,
             Self::Q6_K => 14,
             Self::Q8_K => 15,
+            Self::IQ4_NL => 20,
             Self::BF16 => 30,
             Self::Other(id) => id,
         }
@@ -83,7 +86,9 @@ impl GgmlType {
             Self::Q4_0 => BlockFormat::Q4_0,
             Self::Q4_1 => BlockFormat::Q4_1,
             Self::Q5_0 => BlockFormat::Q5_0,
+            Self::Q5_1 => BlockFormat::Q5_1,
             Self::Q8_0 => BlockFormat::Q8_0,
+            Self::IQ4_NL => BlockFormat::IQ4_NL,
             Self::Q4_K => BlockFormat::Q4_K,
             Self::Q5_K => BlockFormat::Q5_K,
             Self::Q6_K => BlockFormat::Q6_K,
@@ -102,22 +107,39 @@ pub enum BlockFormat {
     Q4_0,
     Q4_1,
     Q5_0,
+    Q5_1,
     Q8_0,
+    IQ4_NL,
     Q4_K,
     Q5_K,
     Q6_K,
 }
 
+/// IQ4_NL's 16 levels (ggml's `kvalues_iq4nl`): a 4-bit code picks one, times the block's scale.
+pub const IQ4_NL_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
 impl BlockFormat {
     /// Every supported format, for tests and benchmarks.
-    pub const ALL: [BlockFormat; 10] =
-        [Self::F32, Self::F16, Self::BF16, Self::Q4_0, Self::Q4_1, Self::Q5_0, Self::Q8_0, Self::Q4_K, Self::Q5_K, Self::Q6_K];
+    pub const ALL: [BlockFormat; 12] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::IQ4_NL,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
+    ];
 
     /// Values per block.
     pub fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::IQ4_NL => 32,
             Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
         }
     }
@@ -130,7 +152,9 @@ impl BlockFormat {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::IQ4_NL => 18,
             Self::Q4_K => 144,
             Self::Q5_K => 176,
             Self::Q6_K => 210,
@@ -146,7 +170,9 @@ impl BlockFormat {
             Self::Q4_0 => GgmlType::Q4_0,
             Self::Q4_1 => GgmlType::Q4_1,
             Self::Q5_0 => GgmlType::Q5_0,
+            Self::Q5_1 => GgmlType::Q5_1,
             Self::Q8_0 => GgmlType::Q8_0,
+            Self::IQ4_NL => GgmlType::IQ4_NL,
             Self::Q4_K => GgmlType::Q4_K,
             Self::Q5_K => GgmlType::Q5_K,
             Self::Q6_K => GgmlType::Q6_K,
@@ -167,7 +193,9 @@ impl BlockFormat {
             Self::Q4_0 => "q4_0",
             Self::Q4_1 => "q4_1",
             Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
             Self::Q8_0 => "q8_0",
+            Self::IQ4_NL => "iq4_nl",
             Self::Q4_K => "q4_k",
             Self::Q5_K => "q5_k",
             Self::Q6_K => "q6_k",
@@ -228,10 +256,27 @@ pub fn dequantize(format: BlockFormat, bytes: &[u8], out: &mut [f32]) {
                     y[j + 16] = (hi as f32 - 16.0) * d;
                 }
             }
+            BlockFormat::Q5_1 => {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                for j in 0..16 {
+                    let lo = (b[8 + j] & 0x0f) as u32 | ((qh >> j) & 1) << 4;
+                    let hi = (b[8 + j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                    y[j] = lo as f32 * d + m;
+                    y[j + 16] = hi as f32 * d + m;
+                }
+            }
             BlockFormat::Q8_0 => {
                 let d = f16_at(b, 0);
                 for j in 0..32 {
                     y[j] = b[2 + j] as i8 as f32 * d;
+                }
+            }
+            BlockFormat::IQ4_NL => {
+                let d = f16_at(b, 0);
+                for j in 0..16 {
+                    y[j] = d * IQ4_NL_LEVELS[(b[2 + j] & 0x0f) as usize] as f32;
+                    y[j + 16] = d * IQ4_NL_LEVELS[(b[2 + j] >> 4) as usize] as f32;
                 }
             }
             BlockFormat::Q4_K | BlockFormat::Q5_K => {

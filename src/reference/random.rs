@@ -44,6 +44,11 @@ pub fn random_matrix_bytes(rng: &mut SplitMix64, format: BlockFormat, rows: usiz
                 put(2, -scale * r);
             }
             BlockFormat::Q5_0 => put(0, scale * r / 16.0),
+            BlockFormat::Q5_1 => {
+                put(0, scale * r / 16.0);
+                put(2, -scale * r);
+            }
+            BlockFormat::IQ4_NL => put(0, scale * r / 127.0),
             BlockFormat::Q8_0 => put(0, scale * r / 128.0),
             // 6-bit sub-block scales up to 63, quants up to 15 (31 for Q5_K).
             BlockFormat::Q4_K => {
