@@ -46,18 +46,7 @@ fn transposed_matmul_across_a_small_binding_limit() {
 fn transposed_matmul_every_format() {
     let ctx = ctx();
     let mut r = rng("matmul_t");
-    for format in [
-        BlockFormat::F32,
-        BlockFormat::F16,
-        BlockFormat::BF16,
-        BlockFormat::Q4_0,
-        BlockFormat::Q4_1,
-        BlockFormat::Q5_0,
-        BlockFormat::Q8_0,
-        BlockFormat::Q4_K,
-        BlockFormat::Q5_K,
-        BlockFormat::Q6_K,
-    ] {
+    for format in BlockFormat::ALL {
         let cols = format.block_len().max(32) * 2;
         // Fewer batch rows than one invocation's tile, and several tiles with a partial last one.
         check_matmul_t(&ctx, format, 37, cols, 3, &mut r);
