@@ -14,11 +14,16 @@
 //   q5_1  32 / 24 B: d:f16, m:f16, qh:u32, qs[16] → q·d + m
 //   q8_0  32 / 34 B: d:f16, qs:i8[32] → q·d
 //   iq4_nl 32 / 18 B: d:f16, qs[16] (nibbles as q4_0) → d·levels[q], ggml's 16 non-linear levels
+//   iq4_xs 256 / 136 B: d:f16, scales_h:u16, scales_l[4] (8 × 6-bit scale), qs[128] → d·(sc−32)·levels[q]
+//   q2_K 256 / 84 B: scales[16] (4-bit scale | 4-bit min << 4 per 16 values), qs[64] (2 bits: group g
+//        of 32 values in bytes 32·(g/4).. at shift 2·(g%4)), d, dmin:f16 → d·sc·q − dmin·m
+//   q3_K 256 / 110 B: hmask[32] (bit g of byte l: third bit of value l of group g), qs[64] (as q2_K),
+//        scales[12] (16 × 6-bit), d:f16 → d·(sc−32)·(q − 4·(1 − hbit))
 //   q4_K 256 / 144 B: d, dmin:f16, scales[12] (8 × 6-bit scale+min), qs[128] → d·sc·q − dmin·m
 //   q5_K 256 / 176 B: d, dmin, scales[12], qh[32], qs[128]
 //   q6_K 256 / 210 B: ql[128], qh[64], scales:i8[16], d:f16 → d·sc·(q−32)
 // Limits: rows hold a multiple of 32 values. Blocks need not be 4-byte aligned (q4_0, q5_0, q8_0,
-// iq4_nl, q6_K are not; they are 2-byte aligned): `rd_u32`/`rd_u32x4` read any byte offset, formats whose
+// iq4_nl, q3_K, q6_K are not; they are 2-byte aligned): `rd_u32`/`rd_u32x4` read any byte offset, formats whose
 // blocks are 4-byte aligned index `w` directly. On CPU-backed drivers each storage load whose
 // address differs per invocation is a loop over the SIMD lanes, so the decoders load every word
 // once and avoid branches on per-invocation values.
@@ -164,6 +169,65 @@ fn load32_iq4_nl(row_byte: u32, k: u32) -> V32 {
     for (var i = 0u; i < 4u; i++) {
         r[i] = iq4_nl4(lanes(qs[i], 0u, 0xfu)) * d;
         r[i + 4u] = iq4_nl4(lanes(qs[i], 4u, 0xfu)) * d;
+    }
+    return r;
+}
+
+fn load32_iq4_xs(row_byte: u32, k: u32) -> V32 {
+    let b = row_byte + (k >> 8u) * 136u;
+    let g = (k & 255u) >> 5u;
+    let head = w[b >> 2u];
+    let low = (rd_u8(b + 4u + (g >> 1u)) >> (4u * (g & 1u))) & 0xfu;
+    let scale = f32(low | (((head >> (16u + 2u * g)) & 3u) << 4u)) - 32.0;
+    let dl = unpack2x16float(head).x * scale;
+    let q = (b + 8u + 16u * g) >> 2u;
+    var r: V32;
+    for (var i = 0u; i < 4u; i++) {
+        r[i] = iq4_nl4(lanes(w[q + i], 0u, 0xfu)) * dl;
+        r[i + 4u] = iq4_nl4(lanes(w[q + i], 4u, 0xfu)) * dl;
+    }
+    return r;
+}
+
+fn load32_q2_k(row_byte: u32, k: u32) -> V32 {
+    let b = row_byte + (k >> 8u) * 84u;
+    let g = (k & 255u) >> 5u;
+    let dm = unpack2x16float(w[(b + 80u) >> 2u]);
+    let q = (b + 16u + 32u * (g >> 2u)) >> 2u;
+    let shift = 2u * (g & 3u);
+    var r: V32;
+    for (var half = 0u; half < 2u; half++) {
+        let sc = rd_u8(b + 2u * g + half);
+        let dl = dm.x * f32(sc & 0xfu);
+        let ml = dm.y * f32(sc >> 4u);
+        for (var i = 0u; i < 4u; i++) {
+            r[4u * half + i] = vec4<f32>(lanes(w[q + 4u * half + i], shift, 3u)) * dl - ml;
+        }
+    }
+    return r;
+}
+
+// Scale s (0..15) of a q3_K block whose 12 scale bytes start at `sc`.
+fn scale_k3(sc: u32, s: u32) -> f32 {
+    let low = select(rd_u8(sc + s - 8u) >> 4u, rd_u8(sc + s) & 0xfu, s < 8u);
+    let high = (rd_u8(sc + 8u + (s & 3u)) >> (2u * (s >> 2u))) & 3u;
+    return f32(low | (high << 4u)) - 32.0;
+}
+
+fn load32_q3_k(row_byte: u32, k: u32) -> V32 {
+    let b = row_byte + (k >> 8u) * 110u;
+    let g = (k & 255u) >> 5u;
+    let d = rd_f16(b + 108u);
+    let shift = 2u * (g & 3u);
+    var r: V32;
+    for (var half = 0u; half < 2u; half++) {
+        let dl = d * scale_k3(b + 96u, 2u * g + half);
+        let hm = rd_u32x4(b + 16u * half);
+        let qs = rd_u32x4(b + 32u + 32u * (g >> 2u) + 16u * half);
+        for (var i = 0u; i < 4u; i++) {
+            let q = vec4<f32>(lanes(qs[i], shift, 3u)) - 4.0 + 4.0 * vec4<f32>(lanes(hm[i], g, 1u));
+            r[4u * half + i] = q * dl;
+        }
     }
     return r;
 }

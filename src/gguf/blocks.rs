@@ -24,6 +24,7 @@ pub enum GgmlType {
     Q6_K,
     Q8_K,
     IQ4_NL,
+    IQ4_XS,
     BF16,
     /// A known id of another family (IQ*, integer tensors, ...).
     Other(u32),
@@ -48,8 +49,9 @@ impl GgmlType {
             14 => Self::Q6_K,
             15 => Self::Q8_K,
             20 => Self::IQ4_NL,
+            23 => Self::IQ4_XS,
             30 => Self::BF16,
-            16..=19 | 21..=29 | 31..=41 => Self::Other(id),
+            16..=19 | 21 | 22 | 24..=29 | 31..=41 => Self::Other(id),
             _ => return None,
         })
     }
@@ -72,6 +74,7 @@ impl GgmlType {
             Self::Q6_K => 14,
             Self::Q8_K => 15,
             Self::IQ4_NL => 20,
+            Self::IQ4_XS => 23,
             Self::BF16 => 30,
             Self::Other(id) => id,
         }
@@ -89,6 +92,9 @@ impl GgmlType {
             Self::Q5_1 => BlockFormat::Q5_1,
             Self::Q8_0 => BlockFormat::Q8_0,
             Self::IQ4_NL => BlockFormat::IQ4_NL,
+            Self::IQ4_XS => BlockFormat::IQ4_XS,
+            Self::Q2_K => BlockFormat::Q2_K,
+            Self::Q3_K => BlockFormat::Q3_K,
             Self::Q4_K => BlockFormat::Q4_K,
             Self::Q5_K => BlockFormat::Q5_K,
             Self::Q6_K => BlockFormat::Q6_K,
@@ -110,6 +116,9 @@ pub enum BlockFormat {
     Q5_1,
     Q8_0,
     IQ4_NL,
+    IQ4_XS,
+    Q2_K,
+    Q3_K,
     Q4_K,
     Q5_K,
     Q6_K,
@@ -120,7 +129,7 @@ pub const IQ4_NL_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1
 
 impl BlockFormat {
     /// Every supported format, for tests and benchmarks.
-    pub const ALL: [BlockFormat; 12] = [
+    pub const ALL: [BlockFormat; 15] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -130,6 +139,9 @@ impl BlockFormat {
         Self::Q5_1,
         Self::Q8_0,
         Self::IQ4_NL,
+        Self::IQ4_XS,
+        Self::Q2_K,
+        Self::Q3_K,
         Self::Q4_K,
         Self::Q5_K,
         Self::Q6_K,
@@ -140,7 +152,7 @@ impl BlockFormat {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::IQ4_NL => 32,
-            Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
+            Self::IQ4_XS | Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
         }
     }
 
@@ -155,6 +167,9 @@ impl BlockFormat {
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::IQ4_NL => 18,
+            Self::IQ4_XS => 136,
+            Self::Q2_K => 84,
+            Self::Q3_K => 110,
             Self::Q4_K => 144,
             Self::Q5_K => 176,
             Self::Q6_K => 210,
@@ -173,6 +188,9 @@ impl BlockFormat {
             Self::Q5_1 => GgmlType::Q5_1,
             Self::Q8_0 => GgmlType::Q8_0,
             Self::IQ4_NL => GgmlType::IQ4_NL,
+            Self::IQ4_XS => GgmlType::IQ4_XS,
+            Self::Q2_K => GgmlType::Q2_K,
+            Self::Q3_K => GgmlType::Q3_K,
             Self::Q4_K => GgmlType::Q4_K,
             Self::Q5_K => GgmlType::Q5_K,
             Self::Q6_K => GgmlType::Q6_K,
@@ -196,6 +214,9 @@ impl BlockFormat {
             Self::Q5_1 => "q5_1",
             Self::Q8_0 => "q8_0",
             Self::IQ4_NL => "iq4_nl",
+            Self::IQ4_XS => "iq4_xs",
+            Self::Q2_K => "q2_k",
+            Self::Q3_K => "q3_k",
             Self::Q4_K => "q4_k",
             Self::Q5_K => "q5_k",
             Self::Q6_K => "q6_k",
@@ -277,6 +298,45 @@ pub fn dequantize(format: BlockFormat, bytes: &[u8], out: &mut [f32]) {
                 for j in 0..16 {
                     y[j] = d * IQ4_NL_LEVELS[(b[2 + j] & 0x0f) as usize] as f32;
                     y[j + 16] = d * IQ4_NL_LEVELS[(b[2 + j] >> 4) as usize] as f32;
+                }
+            }
+            BlockFormat::IQ4_XS => {
+                let (d, scales_h) = (f16_at(b, 0), u16::from_le_bytes([b[2], b[3]]) as u32);
+                for g in 0..8 {
+                    let low = (b[4 + g / 2] >> (4 * (g % 2))) & 0x0f;
+                    let scale = (low as u32 | ((scales_h >> (2 * g)) & 3) << 4) as f32 - 32.0;
+                    let qs = &b[8 + 16 * g..8 + 16 * g + 16];
+                    for j in 0..16 {
+                        y[32 * g + j] = d * scale * IQ4_NL_LEVELS[(qs[j] & 0x0f) as usize] as f32;
+                        y[32 * g + j + 16] = d * scale * IQ4_NL_LEVELS[(qs[j] >> 4) as usize] as f32;
+                    }
+                }
+            }
+            BlockFormat::Q2_K => {
+                // Scales: 16 bytes (a 4-bit scale and a 4-bit min per 16 values); 2-bit quants in
+                // 64 bytes, four 32-value groups per 32 bytes at shifts 0, 2, 4, 6.
+                let (scales, qs, d, dmin) = (&b[0..16], &b[16..80], f16_at(b, 80), f16_at(b, 82));
+                for (v, yv) in y.iter_mut().enumerate() {
+                    let (g, half, l) = (v / 32, v % 32 / 16, v % 16);
+                    let sc = scales[2 * g + half];
+                    let q = (qs[(g / 4) * 32 + half * 16 + l] >> (2 * (g % 4))) & 3;
+                    *yv = d * (sc & 0x0f) as f32 * q as f32 - dmin * (sc >> 4) as f32;
+                }
+            }
+            BlockFormat::Q3_K => {
+                // hmask: 32 bytes, bit g of byte l is the third bit of value l of group g; 2-bit
+                // quants as Q2_K's; 16 6-bit scales packed in 12 bytes; d at the end.
+                let (hmask, qs, scales, d) = (&b[0..32], &b[32..96], &b[96..108], f16_at(b, 108));
+                let scale = |s: usize| {
+                    let low = if s < 8 { scales[s] & 0x0f } else { scales[s - 8] >> 4 };
+                    let high = (scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+                    (low | high << 4) as f32 - 32.0
+                };
+                for (v, yv) in y.iter_mut().enumerate() {
+                    let (g, half, l) = (v / 32, v % 32 / 16, v % 16);
+                    let q = ((qs[(g / 4) * 32 + half * 16 + l] >> (2 * (g % 4))) & 3) as f32;
+                    let high = (hmask[half * 16 + l] >> g) & 1;
+                    *yv = d * scale(2 * g + half) * (q - if high == 1 { 0.0 } else { 4.0 });
                 }
             }
             BlockFormat::Q4_K | BlockFormat::Q5_K => {

@@ -49,6 +49,13 @@ pub fn random_matrix_bytes(rng: &mut SplitMix64, format: BlockFormat, rows: usiz
                 put(2, -scale * r);
             }
             BlockFormat::IQ4_NL => put(0, scale * r / 127.0),
+            // Scales up to ±32 times levels up to 127 (IQ4_XS), 15 × 3 (Q2_K), 32 × 4 (Q3_K).
+            BlockFormat::IQ4_XS => put(0, scale * r / (32.0 * 127.0)),
+            BlockFormat::Q2_K => {
+                put(80, scale * r / (15.0 * 3.0) * 2.0);
+                put(82, scale * r / 15.0);
+            }
+            BlockFormat::Q3_K => put(108, scale * r / (32.0 * 4.0)),
             BlockFormat::Q8_0 => put(0, scale * r / 128.0),
             // 6-bit sub-block scales up to 63, quants up to 15 (31 for Q5_K).
             BlockFormat::Q4_K => {
