@@ -973,3 +973,38 @@ fn the_openai_python_sdk_gets_what_raw_http_gets() {
     assert_eq!(sdk["wrong_key"], json!(401));
     server.shutdown();
 }
+
+/// Requests that arrive together and share a long beginning (an agent framework's first steps:
+/// one system text, different questions) compute it once: the first computes it while the
+/// others wait, then they start from a copy. Their answers are the ones a server that shares
+/// nothing gives.
+#[test]
+fn concurrent_requests_compute_their_shared_prefix_once() {
+    let request = |i: usize| {
+        let system = "You are a careful assistant for a small team. ".repeat(30);
+        let question = format!("Question {i}: which city is {}?", ["north", "south", "east", "west"][i]);
+        json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}], "max_tokens": 2})
+    };
+    let Some(f) = default_model() else { return };
+    let path = tiny_with_tokenizer(&f, rng("serve-shared").next_u64(), "serve-shared");
+    let alone = start_on(&path, ServeOptions { n_ctx: 1024, parallel: 1, cache_bytes: 0, ..Default::default() });
+    let want: Vec<Value> = (0..4).map(|i| post(alone.addr(), &request(i)).json()).collect();
+    alone.shutdown();
+    let server = start_on(&path, ServeOptions { n_ctx: 1024, parallel: 4, ..Default::default() });
+    std::fs::remove_file(&path).ok();
+    let addr = server.addr();
+    let threads: Vec<_> = (0..4).map(|i| std::thread::spawn(move || post(addr, &request(i)).json())).collect();
+    let got: Vec<Value> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let prompt: u64 = got.iter().map(prompt_tokens).sum();
+    let cached: u64 = got.iter().map(cached_tokens).sum();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_same_answer(g, w, &format!("request {i}"));
+    }
+    // Three of the four started from the first one's copy of the system text.
+    let shared = prompt_tokens(&got[0]) as usize - 20;
+    assert!(cached as usize >= 3 * shared, "{cached} of {prompt} prompt tokens came from the cache; ~{shared} are shared");
+    let computed = metric(addr, "agentflux_pass_tokens_total");
+    eprintln!("4 requests of {prompt} prompt tokens: {cached} from the cache, {computed} computed");
+    assert!(computed < prompt - 2 * shared as u64, "{computed} tokens computed for {prompt} prompt tokens");
+    server.shutdown();
+}

@@ -17,11 +17,24 @@
 //! replaces the sessions it extends; beyond `capacity`, the least recently used is dropped.
 //! llama.cpp's server keeps one such cache per slot and picks the slot by prefix similarity in
 //! the same way.
+//!
+//! Requests that arrive together with nothing cached (an agent framework's first steps, each
+//! with the same system text and tool list) would each compute the shared part. [`SharedCache`]
+//! lets the first compute it: a request whose uncomputed prefix is long registers it while it
+//! computes it; a request that would share at least [`SHARE_MIN`] more tokens with it than the
+//! cache holds waits until those tokens are computed, then starts from a copy of them.
 
 use crate::batch::Batcher;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv::KvPool;
 use crate::session::Session;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Tokens a request must stand to gain before it waits for another to compute them.
+pub(super) const SHARE_MIN: usize = 64;
+/// The longest a request waits for another's prefix.
+const SHARE_WAIT: Duration = Duration::from_secs(30);
 
 /// Sessions kept across requests, each with the time it was last used.
 pub(super) struct PrefixCache<'m> {
@@ -37,6 +50,11 @@ impl<'m> PrefixCache<'m> {
     /// new ones and copies made from `pool` (sized for the requests running and the kept ones).
     pub fn new(batcher: &'m Batcher<'m>, pool: KvPool, capacity: usize) -> Self {
         Self { batcher, pool, capacity, slots: Vec::new(), clock: 0 }
+    }
+
+    /// Tokens of `prefix` the best kept session holds.
+    fn held(&self, prefix: &[u32]) -> usize {
+        self.slots.iter().map(|(s, _)| s.cached_prefix(prefix, None)).max().unwrap_or(0)
     }
 
     /// A session for a request whose prompt begins with `prefix` (computed with the base
@@ -69,5 +87,92 @@ impl<'m> PrefixCache<'m> {
             let oldest = self.slots.iter().enumerate().min_by_key(|(_, (_, used))| *used).map_or(0, |(i, _)| i);
             self.slots.swap_remove(oldest);
         }
+    }
+}
+
+/// A prefix being computed by a running request, and how many requests wait for it.
+struct InFlight {
+    ticket: u64,
+    prefix: Vec<u32>,
+    waiters: usize,
+}
+
+/// The prefix cache as the request threads share it, with the prefixes being computed.
+pub(super) struct SharedCache<'m> {
+    state: Mutex<(PrefixCache<'m>, Vec<InFlight>, u64)>,
+    computed: Condvar,
+}
+
+/// A request that computes its prefix for others: [`SharedCache::publish`] it once computed.
+pub(super) struct Ticket(u64);
+
+impl<'m> SharedCache<'m> {
+    pub fn new(cache: PrefixCache<'m>) -> Self {
+        Self { state: Mutex::new((cache, Vec::new(), 0)), computed: Condvar::new() }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, (PrefixCache<'m>, Vec<InFlight>, u64)>> {
+        self.state.lock().map_err(|_| Error::poisoned("prefix cache"))
+    }
+
+    /// A session for a request whose prompt begins with `prefix`, how many of its tokens it
+    /// holds, and — when at least [`SHARE_MIN`] are left to compute — a ticket: compute them
+    /// first and publish them. Waits (up to 30 s) while a running request computes a prefix
+    /// that would give this one [`SHARE_MIN`] more tokens than the cache holds.
+    pub fn checkout(&self, prefix: &[u32]) -> Result<(Session<'m>, usize, Option<Ticket>)> {
+        let deadline = Instant::now() + SHARE_WAIT;
+        let mut guard = self.lock()?;
+        loop {
+            let (cache, inflight, _) = &mut *guard;
+            let held = cache.held(prefix);
+            let common = |f: &InFlight| f.prefix.iter().zip(prefix).take_while(|(a, b)| a == b).count();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match inflight.iter_mut().filter(|f| common(f) >= held + SHARE_MIN).max_by_key(|f| common(f)) {
+                Some(f) if !left.is_zero() => {
+                    f.waiters += 1;
+                    let ticket = f.ticket;
+                    guard = self.computed.wait_timeout(guard, left).map_err(|_| Error::poisoned("prefix cache"))?.0;
+                    if let Some(f) = guard.1.iter_mut().find(|f| f.ticket == ticket) {
+                        f.waiters -= 1;
+                    }
+                }
+                _ => break,
+            }
+        }
+        let (cache, inflight, next) = &mut *guard;
+        let (session, held) = cache.checkout(prefix)?;
+        let ticket = (prefix.len().saturating_sub(held) > SHARE_MIN).then(|| {
+            *next += 1;
+            inflight.push(InFlight { ticket: *next, prefix: prefix.to_vec(), waiters: 0 });
+            Ticket(*next)
+        });
+        Ok((session, held, ticket))
+    }
+
+    /// `session` now holds the prefix `ticket` was for: requests waiting for it start from a
+    /// copy (kept in the cache), and new ones no longer wait.
+    pub fn publish(&self, ticket: &Ticket, session: &Session<'m>) -> Result<()> {
+        let mut guard = self.lock()?;
+        let (cache, inflight, _) = &mut *guard;
+        let Some(at) = inflight.iter().position(|f| f.ticket == ticket.0) else { return Ok(()) };
+        let f = inflight.swap_remove(at);
+        if f.waiters > 0 {
+            cache.checkin(session.fork()?);
+        }
+        drop(guard);
+        self.computed.notify_all();
+        Ok(())
+    }
+
+    /// Keep a finished request's session (see [`PrefixCache::checkin`]); its ticket, if it never
+    /// published, is withdrawn and its waiters go on.
+    pub fn checkin(&self, ticket: Option<Ticket>, session: Session<'m>) {
+        if let Ok(mut guard) = self.lock() {
+            if let Some(t) = ticket {
+                guard.1.retain(|f| f.ticket != t.0);
+            }
+            guard.0.checkin(session);
+        }
+        self.computed.notify_all();
     }
 }

@@ -13,7 +13,7 @@
 //! been computed either way. Tested: concurrent requests against sequential ones, cached
 //! conversations against a server with nothing cached (tool probabilities within 1e-5).
 
-use super::cache::PrefixCache;
+use super::cache::{PrefixCache, SharedCache};
 use super::openai::{ApiError, ChatRequest, Usage, Work};
 use crate::decode::GenerateOptions;
 use crate::session::Session;
@@ -119,15 +119,14 @@ pub fn run(backend: Backend, limits: WorkerLimits, jobs: Receiver<Job>, metrics:
     let worker = Worker { backend: &backend, caller, limits };
     let jobs = Mutex::new(jobs);
     crate::batch::scope(&engine.model, |batcher| {
-        let cache = Mutex::new(PrefixCache::new(batcher, pool, limits.cached_sessions));
+        let cache = SharedCache::new(PrefixCache::new(batcher, pool, limits.cached_sessions));
         std::thread::scope(|s| {
             for _ in 0..limits.parallel.max(1) {
                 s.spawn(|| {
                     // The queue is locked only while waiting for the next job.
                     let next = || jobs.lock().ok()?.recv().ok();
                     while let Some(job) = next() {
-                        let _turn = batcher.join();
-                        let answered = worker.serve(&cache, &job);
+                        let answered = worker.serve(&cache, batcher, &job);
                         if let Ok(mut m) = metrics.lock() {
                             m.batch = batcher.stats();
                             m.requests += 1;
@@ -151,7 +150,7 @@ impl Worker<'_> {
     /// Answer `job` on a session from the cache and give the session back to it; returns the
     /// answer's last event, to be sent once the session is back (so that the client's next
     /// request finds it).
-    fn serve(&self, cache: &Mutex<PrefixCache>, job: &Job) -> Result<Event, ApiError> {
+    fn serve(&self, cache: &SharedCache, batcher: &crate::batch::Batcher, job: &Job) -> Result<Event, ApiError> {
         let prefix = self.prefix(&job.request)?;
         let n_ctx = self.limits.n_ctx;
         if prefix.len() >= n_ctx {
@@ -161,11 +160,19 @@ impl Worker<'_> {
             self.text_room(&prefix, job.request.max_tokens)?;
         }
         let _ = job.events.send(Event::Started);
-        let (mut session, cached) = cache.lock().map_err(|_| crate::Error::poisoned("prefix cache"))?.checkout(&prefix)?;
-        let answered = self.answer(&mut session, job, cached);
-        if let Ok(mut c) = cache.lock() {
-            c.checkin(session);
-        }
+        // Joined to the batcher only once ready to compute: a request waiting for another's prefix
+        // must not hold the others' passes back.
+        let (mut session, cached, ticket) = cache.checkout(&prefix)?;
+        let _turn = batcher.join();
+        let answered = match &ticket {
+            // Compute the shared prefix first, so that requests waiting for it can start.
+            Some(t) => match session.prefill(&prefix[..prefix.len() - 1], None).and_then(|_| cache.publish(t, &session)) {
+                Ok(()) => self.answer(&mut session, job, cached),
+                Err(e) => Err(e.into()),
+            },
+            None => self.answer(&mut session, job, cached),
+        };
+        cache.checkin(ticket, session);
         answered
     }
 
