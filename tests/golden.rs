@@ -220,7 +220,8 @@ const TINY_LOGIT_TOL: f32 = 0.15;
 const TINY_MEAN_TOL: f32 = 0.04;
 
 /// Tiny random models of what the real files above do not cover — Llama 3.1's rope frequency
-/// factors, and the block formats Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K — each with SmolLM2's
+/// factors, qwen2 and qwen3, gemma3's sliding window on short prompts, and the block formats
+/// Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K — each with SmolLM2's
 /// tokenizer, written the same way by `AGENTFLUX_WRITE_TINY=DIR cargo test --release --test
 /// golden -- tiny` (for `tools/make-golden DIR/*.gguf`) and by the test.
 fn tiny_golden_models() -> Vec<(String, agentflux::reference::TinyModelSpec)> {
@@ -229,6 +230,13 @@ fn tiny_golden_models() -> Vec<(String, agentflux::reference::TinyModelSpec)> {
     let mut llama3 = TinyModelSpec::new("llama", BlockFormat::Q8_0);
     llama3.rope_factors = true;
     let mut models = vec![("tiny-llama3-rope-factors".to_string(), llama3)];
+    // The other architectures: qwen2 (q/k/v biases, its own output matrix), qwen3 (per-head q/k
+    // norms), gemma3 (GeGLU, post-norms, scaled embeddings, sliding-window layers: a window of 3).
+    let mut qwen2 = TinyModelSpec::new("qwen2", BlockFormat::Q8_0);
+    qwen2.untied_output = true;
+    models.push(("tiny-qwen2".to_string(), qwen2));
+    models.push(("tiny-qwen3".to_string(), TinyModelSpec::new("qwen3", BlockFormat::Q8_0)));
+    models.push(("tiny-gemma3".to_string(), TinyModelSpec::new("gemma3", BlockFormat::Q8_0)));
     for format in [BlockFormat::Q5_1, BlockFormat::IQ4_NL, BlockFormat::IQ4_XS, BlockFormat::Q2_K, BlockFormat::Q3_K] {
         models.push((format!("tiny-llama-{}", format.name()), TinyModelSpec::new("llama", format)));
     }
