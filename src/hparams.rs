@@ -66,6 +66,8 @@ pub enum Arch {
     Qwen3,
     /// gemma3: GeGLU, post-norms, sliding-window layers, scaled embeddings.
     Gemma3,
+    /// phi3: llama-style blocks whose q/k/v and gate/up projections are stored fused.
+    Phi3,
 }
 
 /// Everything the forward pass needs to know about a model's shape.

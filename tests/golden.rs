@@ -220,7 +220,8 @@ const TINY_LOGIT_TOL: f32 = 0.15;
 const TINY_MEAN_TOL: f32 = 0.04;
 
 /// Tiny random models of what the real files above do not cover — Llama 3.1's rope frequency
-/// factors, qwen2 and qwen3, gemma3's sliding window on short prompts, and the block formats
+/// factors, qwen2 and qwen3, gemma3's sliding window on short prompts, phi3's fused tensors, and
+/// the block formats
 /// Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K — each with SmolLM2's
 /// tokenizer, written the same way by `AGENTFLUX_WRITE_TINY=DIR cargo test --release --test
 /// golden -- tiny` (for `tools/make-golden DIR/*.gguf`) and by the test.
@@ -237,6 +238,7 @@ fn tiny_golden_models() -> Vec<(String, agentflux::reference::TinyModelSpec)> {
     models.push(("tiny-qwen2".to_string(), qwen2));
     models.push(("tiny-qwen3".to_string(), TinyModelSpec::new("qwen3", BlockFormat::Q8_0)));
     models.push(("tiny-gemma3".to_string(), TinyModelSpec::new("gemma3", BlockFormat::Q8_0)));
+    models.push(("tiny-phi3".to_string(), TinyModelSpec::new("phi3", BlockFormat::Q8_0)));
     for format in [BlockFormat::Q5_1, BlockFormat::IQ4_NL, BlockFormat::IQ4_XS, BlockFormat::Q2_K, BlockFormat::Q3_K] {
         models.push((format!("tiny-llama-{}", format.name()), TinyModelSpec::new("llama", format)));
     }

@@ -107,6 +107,13 @@ fn qwen2_matches_reference() {
     check_arch(&spec, "qwen2");
 }
 
+/// phi3: q/k/v and gate/up stored fused, split by the loaders.
+#[test]
+fn phi3_matches_reference() {
+    let stacked = check_arch(&TinyModelSpec::new("phi3", BlockFormat::Q8_0), "phi3");
+    assert!(stacked, "phi3: the split q, k, v rows read as one stacked product");
+}
+
 #[test]
 fn qwen3_matches_reference() {
     check_arch(&TinyModelSpec::new("qwen3", BlockFormat::Q8_0), "qwen3");

@@ -14,9 +14,10 @@ impl ModelConfig {
             "qwen2" => super::qwen2::config(f),
             "qwen3" => super::qwen3::config(f),
             "gemma3" => super::gemma3::config(f),
+            "phi3" => super::phi3::config(f),
             other => Err(Error::Model {
                 path: f.path().to_path_buf(),
-                msg: format!("architecture '{}' is not supported (supported: llama, qwen2, qwen3, gemma3)", other.escape_debug()),
+                msg: format!("architecture '{}' is not supported (supported: llama, qwen2, qwen3, gemma3, phi3)", other.escape_debug()),
             }),
         }
     }

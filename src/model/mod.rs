@@ -9,6 +9,7 @@ mod forward;
 mod gemma3;
 mod linear;
 mod llama;
+mod phi3;
 mod qwen2;
 mod qwen3;
 mod weights;

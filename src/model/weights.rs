@@ -75,6 +75,21 @@ impl Loader<'_> {
         WeightMatrix::upload_group(self.ctx, names, std::array::from_fn(|i| data[i].0), rows, cols, std::array::from_fn(|i| data[i].1))
     }
 
+    /// Matrices of `rows[i]` rows each stored as consecutive rows of one tensor (phi3's fused
+    /// q/k/v and gate/up), split into one buffer as [`Loader::matrix_group`] uploads them.
+    fn matrix_split<const N: usize>(&self, name: &str, parts: [&str; N], rows: [usize; N], cols: usize) -> Result<[WeightMatrix; N]> {
+        let total: usize = rows.iter().sum();
+        let (format, bytes) = self.f.tensor_data(self.f.tensor_with_shape(name, &[cols as u64, total as u64])?)?;
+        let row_bytes = format.row_bytes(cols);
+        let mut at = 0;
+        let slices: [&[u8]; N] = std::array::from_fn(|i| {
+            let s = &bytes[at * row_bytes..(at + rows[i]) * row_bytes];
+            at += rows[i];
+            s
+        });
+        WeightMatrix::upload_group(self.ctx, parts, [format; N], rows, cols, slices)
+    }
+
     fn vector(&self, name: &str, n: usize) -> Result<wgpu::Buffer> {
         self.f.tensor_with_shape(name, &[n as u64])?;
         Ok(storage_buffer(self.ctx, name, bytemuck::cast_slice(&self.f.tensor_f32(name)?)))
@@ -89,8 +104,17 @@ impl Weights {
         let mut layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let n = |s: &str| format!("blk.{l}.{s}");
-            let [w_gate, w_up] = ld.matrix_group([&n("ffn_gate.weight"), &n("ffn_up.weight")], [ff, ff], d)?;
-            let [wq, wk, wv] = ld.matrix_group([&n("attn_q.weight"), &n("attn_k.weight"), &n("attn_v.weight")], [q, kv, kv], d)?;
+            // phi3 stores gate and up as one tensor (gate's rows first), and q, k, v as one.
+            let [w_gate, w_up] = if f.find_tensor(&n("ffn_gate.weight")).is_none() {
+                ld.matrix_split(&n("ffn_up.weight"), [&n("ffn_gate"), &n("ffn_up")], [ff, ff], d)?
+            } else {
+                ld.matrix_group([&n("ffn_gate.weight"), &n("ffn_up.weight")], [ff, ff], d)?
+            };
+            let [wq, wk, wv] = if f.find_tensor(&n("attn_qkv.weight")).is_some() {
+                ld.matrix_split(&n("attn_qkv.weight"), [&n("attn_q"), &n("attn_k"), &n("attn_v")], [q, kv, kv], d)?
+            } else {
+                ld.matrix_group([&n("attn_q.weight"), &n("attn_k.weight"), &n("attn_v.weight")], [q, kv, kv], d)?
+            };
             layers.push(LayerWeights {
                 attn_norm: ld.vector(&n("attn_norm.weight"), d)?,
                 wqkv: WeightMatrix::stacked(&[&wq, &wk, &wv]),

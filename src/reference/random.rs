@@ -76,7 +76,7 @@ pub fn random_matrix_bytes(rng: &mut SplitMix64, format: BlockFormat, rows: usiz
 /// Shape and formats of a tiny random model.
 #[derive(Debug, Clone)]
 pub struct TinyModelSpec {
-    /// `llama`, `qwen2`, `qwen3` or `gemma3`.
+    /// `llama`, `qwen2`, `qwen3`, `gemma3` or `phi3`.
     pub arch: &'static str,
     /// Transformer blocks.
     pub n_layers: usize,
@@ -169,12 +169,19 @@ pub fn tiny_model(spec: &TinyModelSpec, seed: u64) -> Vec<u8> {
     }
     for l in 0..s.n_layers {
         let n = |x: &str| format!("blk.{l}.{x}");
-        mat(&mut w, &n("attn_q.weight"), s.format, q, d);
-        mat(&mut w, &n("attn_k.weight"), s.format, kv, d);
-        mat(&mut w, &n("attn_v.weight"), s.format, kv, d);
-        mat(&mut w, &n("attn_output.weight"), s.format, d, q);
-        mat(&mut w, &n("ffn_gate.weight"), s.format, ff, d);
-        mat(&mut w, &n("ffn_up.weight"), s.format, ff, d);
+        if a == "phi3" {
+            // Fused as phi3 files store them: q, k, v rows in one tensor, gate then up in one.
+            mat(&mut w, &n("attn_qkv.weight"), s.format, q + 2 * kv, d);
+            mat(&mut w, &n("attn_output.weight"), s.format, d, q);
+            mat(&mut w, &n("ffn_up.weight"), s.format, 2 * ff, d);
+        } else {
+            mat(&mut w, &n("attn_q.weight"), s.format, q, d);
+            mat(&mut w, &n("attn_k.weight"), s.format, kv, d);
+            mat(&mut w, &n("attn_v.weight"), s.format, kv, d);
+            mat(&mut w, &n("attn_output.weight"), s.format, d, q);
+            mat(&mut w, &n("ffn_gate.weight"), s.format, ff, d);
+            mat(&mut w, &n("ffn_up.weight"), s.format, ff, d);
+        }
         mat(&mut w, &n("ffn_down.weight"), s.format, d, ff);
     }
     let mut vecs: Vec<(String, usize, f32)> = vec![("output_norm.weight".into(), d, 1.0)];

@@ -68,18 +68,28 @@ impl ReferenceModel {
                 (Some(a), Some(b)) if config.qk_norm => Some([a, b]),
                 _ => None,
             };
+            // phi3: q, k, v as consecutive rows of one tensor, gate and up likewise.
+            let (q, kv, d) = (config.q_dim(), config.kv_dim(), config.d_model);
+            let [wq, wk, wv] = match opt(n("attn_qkv.weight"))? {
+                Some(w) => split_rows(w, [q, kv, kv], d),
+                None => [t(n("attn_q.weight"))?, t(n("attn_k.weight"))?, t(n("attn_v.weight"))?],
+            };
+            let [gate, up] = match opt(n("ffn_gate.weight"))? {
+                Some(g) => [g, t(n("ffn_up.weight"))?],
+                None => split_rows(t(n("ffn_up.weight"))?, [config.ffn_dim; 2], d),
+            };
             layers.push(Layer {
                 attn_norm: t(n("attn_norm.weight"))?,
-                wq: t(n("attn_q.weight"))?,
-                wk: t(n("attn_k.weight"))?,
-                wv: t(n("attn_v.weight"))?,
+                wq,
+                wk,
+                wv,
                 wo: t(n("attn_output.weight"))?,
                 bias,
                 qk_norm,
                 post_attn_norm: if config.post_norms { opt(n("post_attention_norm.weight"))? } else { None },
                 ffn_norm: t(n("ffn_norm.weight"))?,
-                gate: t(n("ffn_gate.weight"))?,
-                up: t(n("ffn_up.weight"))?,
+                gate,
+                up,
                 down: t(n("ffn_down.weight"))?,
                 post_ffn_norm: if config.post_norms { opt(n("post_ffw_norm.weight"))? } else { None },
             });
@@ -302,4 +312,15 @@ struct LayerTrace {
     up: Vec<f32>,
     g: Vec<f32>,
     y_pre: Vec<f32>,
+}
+
+/// `w` (rows of `cols` values) cut into consecutive runs of `rows[i]` rows.
+fn split_rows<const N: usize>(w: Vec<f32>, rows: [usize; N], cols: usize) -> [Vec<f32>; N] {
+    let mut at = 0;
+    std::array::from_fn(|i| {
+        let end = ((at + rows[i]) * cols).min(w.len());
+        let part = w[(at * cols).min(end)..end].to_vec();
+        at += rows[i];
+        part
+    })
 }
