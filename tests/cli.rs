@@ -79,6 +79,33 @@ fn info_json_describes_model_and_device() {
     assert!(v["max_storage_binding"].as_u64().unwrap() > 0);
 }
 
+/// `info` says whether a file will run: a tensor in a block format no kernel decodes (here the
+/// output norm's type set to IQ2_XXS, ggml type 16) is named.
+#[test]
+fn info_says_what_would_stop_a_model() {
+    let mut bytes =
+        agentflux::reference::tiny_model(&agentflux::reference::TinyModelSpec::new("llama", agentflux::gguf::BlockFormat::Q8_0), 9);
+    let dir = std::env::temp_dir();
+    let ok_path = dir.join(format!("agentflux-cli-runs-{}.gguf", std::process::id()));
+    std::fs::write(&ok_path, &bytes).unwrap();
+    let (ok, out, err) = agentflux(&["info", "--model", ok_path.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["runs"], true);
+    // The tensor record: name (u64 length, bytes), 1 dimension (u32), its size (u64), the type (u32).
+    let name = b"output_norm.weight";
+    let needle = [&(name.len() as u64).to_le_bytes()[..], name].concat();
+    let at = bytes.windows(needle.len()).position(|w| w == needle.as_slice()).unwrap() + needle.len() + 4 + 8;
+    bytes[at..at + 4].copy_from_slice(&16u32.to_le_bytes());
+    let bad_path = dir.join(format!("agentflux-cli-iq2-{}.gguf", std::process::id()));
+    std::fs::write(&bad_path, &bytes).unwrap();
+    let (ok, out, err) = agentflux(&["info", "--model", bad_path.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let line = out.lines().find(|l| l.starts_with("runs")).unwrap_or_default().to_string();
+    assert!(line.contains("no: 1 tensors") && line.contains("output_norm.weight is IQ2_XXS") && line.contains("q3_k"), "{line}");
+    std::fs::remove_file(ok_path).ok();
+    std::fs::remove_file(bad_path).ok();
+}
+
 #[test]
 fn bad_model_files_give_clear_errors() {
     let (ok, _, err) = agentflux(&["info", "--model", "/nonexistent/model.gguf"]);

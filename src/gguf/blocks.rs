@@ -80,6 +80,30 @@ impl GgmlType {
         }
     }
 
+    /// ggml's name of the type (`IQ2_XXS`, `Q4_K`, ...), or `type N` for an id it never named.
+    pub fn name(self) -> String {
+        let named = match self {
+            Self::Other(16) => "IQ2_XXS",
+            Self::Other(17) => "IQ2_XS",
+            Self::Other(18) => "IQ3_XXS",
+            Self::Other(19) => "IQ1_S",
+            Self::Other(21) => "IQ3_S",
+            Self::Other(22) => "IQ2_S",
+            Self::Other(24) => "I8",
+            Self::Other(25) => "I16",
+            Self::Other(26) => "I32",
+            Self::Other(27) => "I64",
+            Self::Other(28) => "F64",
+            Self::Other(29) => "IQ1_M",
+            Self::Other(34) => "TQ1_0",
+            Self::Other(35) => "TQ2_0",
+            Self::Other(39) => "MXFP4",
+            Self::Other(id) => return format!("type {id}"),
+            known => return format!("{known:?}"),
+        };
+        named.to_string()
+    }
+
     /// The block format, for the types this engine computes with.
     pub fn format(self) -> Option<BlockFormat> {
         Some(match self {

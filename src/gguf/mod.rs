@@ -41,7 +41,7 @@ pub enum GgufErrorKind {
     Malformed { what: String, detail: String },
     #[error("tensor '{tensor}' has unknown ggml type id {type_id}")]
     UnknownType { tensor: String, type_id: u32 },
-    #[error("tensor '{tensor}' has type {ty:?}, which this engine does not support (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K)")]
+    #[error("tensor '{tensor}' has type {}, which this engine does not support (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)", ty.name())]
     UnsupportedType { tensor: String, ty: GgmlType },
     #[error("tensor '{tensor}' spans bytes {start}..{end} of the data section, past the end of the file ({file_len} bytes); the file is truncated or corrupt")]
     TensorOutOfBounds { tensor: String, start: u64, end: u64, file_len: u64 },

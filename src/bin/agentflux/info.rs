@@ -29,7 +29,23 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     }
     let path = resolve_model(&a.model)?;
     let file = GgufFile::open(&path)?;
+    // An architecture or feature this engine lacks is refused here, with what is missing.
     let config = ModelConfig::from_gguf(&file)?;
+    // Tensors in a block format no kernel decodes (IQ2/IQ3, TQ, ...): what would stop the load.
+    let undecodable: Vec<String> = file
+        .tensors()
+        .iter()
+        .filter(|t| t.ty.format().is_none())
+        .map(|t| format!("{} is {}", t.name.escape_debug(), t.ty.name()))
+        .collect();
+    let verdict = match undecodable.first() {
+        None => "yes".to_string(),
+        Some(first) => format!(
+            "no: {} tensors in block formats this engine does not decode (first: {first}); supported: {}",
+            undecodable.len(),
+            agentflux::gguf::BlockFormat::ALL.map(|f| f.name()).join(", ")
+        ),
+    };
     let mut types: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     for t in file.tensors() {
         let e = types.entry(format!("{:?}", t.ty)).or_default();
@@ -54,11 +70,14 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             "max_workgroup_storage": l.max_compute_workgroup_storage_size,
             "gpu_weight_bytes": weight_bytes,
             "kv_bytes_per_position": kv_bytes_per_position,
+            "runs": undecodable.is_empty(),
+            "undecodable_tensors": undecodable,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!("model      {} ({:.1} MiB)", path.display(), file.file_len() as f64 / (1 << 20) as f64);
+    println!("runs       {verdict}");
     println!(
         "arch       {:?}: {} layers, d_model {}, {} heads ({} kv) × {}, ffn {}, vocab {}, trained ctx {}",
         config.arch,
