@@ -82,6 +82,54 @@ fn metadata_values(bytes: &[u8], keys: &[String]) -> Vec<(String, usize)> {
 const EXTREMES: [u64; 9] = [0, 1, 2, 0xff, 0x7fff_ffff, 0xffff_ffff, 1 << 40, u64::MAX, 1 << 63];
 const FLOAT_EXTREMES: [f64; 9] = [0.0, -1.0, 1e-45, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e30, -0.0, f64::MAX];
 
+/// Inputs tried, taken whole, and the panics met (each with what was tried).
+#[derive(Default)]
+struct Tally {
+    tried: usize,
+    taken: usize,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn record(&mut self, what: String, outcome: Result<bool, String>) {
+        self.tried += 1;
+        match outcome {
+            Ok(t) => self.taken += t as usize,
+            Err(p) => self.failures.push(format!("{what}: {p}")),
+        }
+    }
+
+    fn assert_no_panic(&self) {
+        assert!(self.failures.is_empty(), "{} panics:\n{}", self.failures.len(), self.failures.join("\n"));
+    }
+}
+
+/// Random mutants of each kind a fuzz test makes (`AGENTFLUX_FUZZ_ITERS`, CI: 300).
+fn fuzz_iters() -> usize {
+    std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+}
+
+/// Mutant `i` of `original`, by turns: 1–4 bits flipped within its first `flip_span` bytes, an
+/// extreme 8-byte word written within its first `word_span`, or a truncation.
+fn mutant(original: &[u8], i: usize, flip_span: usize, word_span: usize, r: &mut SplitMix64) -> Vec<u8> {
+    let mut m = original.to_vec();
+    let pick = |r: &mut SplitMix64, n: usize| (r.next_u64() % n.max(1) as u64) as usize;
+    match i % 3 {
+        0 => {
+            for _ in 0..1 + pick(r, 4) {
+                let at = pick(r, flip_span);
+                m[at] ^= 1 << pick(r, 8);
+            }
+        }
+        1 => {
+            let at = pick(r, word_span.saturating_sub(8));
+            m[at..at + 8].copy_from_slice(&EXTREMES[pick(r, EXTREMES.len())].to_le_bytes());
+        }
+        _ => m.truncate(pick(r, original.len())),
+    }
+    m
+}
+
 /// Write `v` over the metadata value of GGUF type `ty` that starts at `at`: integers at their
 /// width, floats from `FLOAT_EXTREMES`, a string's length, an array's element count.
 fn set_value(m: &mut [u8], at: usize, ty: u32, v: u64) {
@@ -112,14 +160,7 @@ fn mutated_model_files_load_or_are_refused() {
     let keys: Vec<String> = f.metadata.keys().cloned().collect();
     let header_len = f.tensors().iter().map(|t| t.file_offset).min().unwrap_or(original.len() as u64) as usize;
     drop(f);
-    let (mut failures, mut taken, mut tried) = (Vec::new(), 0, 0);
-    let mut record = |what: String, outcome: Result<bool, String>| {
-        tried += 1;
-        match outcome {
-            Ok(t) => taken += t as usize,
-            Err(p) => failures.push(format!("{what}: {p}")),
-        }
-    };
+    let mut tally = Tally::default();
     let values = metadata_values(&original, &keys);
     assert_eq!(values.len(), keys.len(), "every metadata key found in the file");
 
@@ -130,42 +171,30 @@ fn mutated_model_files_load_or_are_refused() {
         for v in EXTREMES {
             let mut m = original.clone();
             set_value(&mut m, at + 4, ty, v);
-            record(format!("{key} (type {ty}) = {v:#x}"), exercise(&m, &path, true));
+            tally.record(format!("{key} (type {ty}) = {v:#x}"), exercise(&m, &path, true));
         }
         for ty in 0..16u32 {
             let mut m = original.clone();
             m[at..at + 4].copy_from_slice(&ty.to_le_bytes());
-            record(format!("{key} with type {ty}"), exercise(&m, &path, false));
+            tally.record(format!("{key} with type {ty}"), exercise(&m, &path, false));
         }
     }
 
     // Random mutants of the header: flipped bytes, extreme words, truncations.
-    let iters: usize = std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let iters = fuzz_iters();
     for i in 0..iters {
-        let mut m = original.clone();
-        let pick = |r: &mut SplitMix64, n: usize| (r.next_u64() % n.max(1) as u64) as usize;
-        match i % 3 {
-            0 => {
-                for _ in 0..1 + pick(&mut r, 4) {
-                    let at = pick(&mut r, header_len);
-                    m[at] ^= 1 << pick(&mut r, 8);
-                }
-            }
-            1 => {
-                let at = pick(&mut r, header_len.saturating_sub(8));
-                m[at..at + 8].copy_from_slice(&EXTREMES[pick(&mut r, EXTREMES.len())].to_le_bytes());
-            }
-            _ => m.truncate(pick(&mut r, original.len())),
-        }
-        record(format!("mutant {i}"), exercise(&m, &path, i % 10 == 0));
+        let m = mutant(&original, i, header_len, header_len, &mut r);
+        tally.record(format!("mutant {i}"), exercise(&m, &path, i % 10 == 0));
     }
     std::fs::remove_file(&path).ok();
     eprintln!(
-        "{tried} files ({} metadata values × {} extremes and 16 type tags, {iters} random mutants): {taken} taken whole, the rest refused",
+        "{} files ({} metadata values × {} extremes and 16 type tags, {iters} random mutants): {} taken whole, the rest refused",
+        tally.tried,
         keys.len(),
-        EXTREMES.len()
+        EXTREMES.len(),
+        tally.taken
     );
-    assert!(failures.is_empty(), "{} panics:\n{}", failures.len(), failures.join("\n"));
+    tally.assert_no_panic();
 }
 
 /// Load the adapter directory `dir` as `model`'s and make it resident; when it is taken, run a
@@ -215,14 +244,7 @@ fn mutated_adapters_load_or_are_refused() {
     let c = model.config.clone();
     let dir = std::env::temp_dir().join(format!("agentflux-fuzz-adapter-{}", std::process::id()));
     let adapter = random_adapter(&mut r, &c, 4, &[Proj::Q, Proj::V, Proj::Down], 0.5);
-    let (mut failures, mut taken, mut tried) = (Vec::new(), 0, 0);
-    let mut record = |what: String, outcome: Result<bool, String>| {
-        tried += 1;
-        match outcome {
-            Ok(t) => taken += t as usize,
-            Err(p) => failures.push(format!("{what}: {p}")),
-        }
-    };
+    let mut tally = Tally::default();
     for dtype in [SavedDtype::F32, SavedDtype::F16] {
         std::fs::remove_dir_all(&dir).ok();
         adapter.save_peft_as(&dir, &c, dtype).unwrap();
@@ -242,7 +264,7 @@ fn mutated_adapters_load_or_are_refused() {
                 };
                 std::fs::write(&config_path, serde_json::to_vec(&m).unwrap()).unwrap();
                 let shown: String = format!("{v:?}").chars().take(40).collect();
-                record(format!("{dtype:?} config {key} = {shown}"), exercise_adapter(&model, &dir, false));
+                tally.record(format!("{dtype:?} config {key} = {shown}"), exercise_adapter(&model, &dir, false));
             }
         }
         std::fs::write(&config_path, &config).unwrap();
@@ -253,7 +275,7 @@ fn mutated_adapters_load_or_are_refused() {
             let mut m = weights.clone();
             m[..8].copy_from_slice(&v.to_le_bytes());
             std::fs::write(&weights_path, &m).unwrap();
-            record(format!("{dtype:?} header length {v:#x}"), exercise_adapter(&model, &dir, false));
+            tally.record(format!("{dtype:?} header length {v:#x}"), exercise_adapter(&model, &dir, false));
         }
         let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
         let names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").take(3).collect();
@@ -287,34 +309,20 @@ fn mutated_adapters_load_or_are_refused() {
                     let text = serde_json::to_vec(&h).unwrap();
                     let m = [&(text.len() as u64).to_le_bytes()[..], &text, &weights[8 + header_len..]].concat();
                     std::fs::write(&weights_path, &m).unwrap();
-                    record(format!("{dtype:?} {name}.{field} = {v}"), exercise_adapter(&model, &dir, true));
+                    tally.record(format!("{dtype:?} {name}.{field} = {v}"), exercise_adapter(&model, &dir, true));
                 }
             }
         }
 
-        // Random mutants of the whole file: flipped bits, extreme words, truncations.
-        let iters: usize = std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
-        for i in 0..iters {
-            let mut m = weights.clone();
-            let pick = |r: &mut SplitMix64, n: usize| (r.next_u64() % n.max(1) as u64) as usize;
-            match i % 3 {
-                0 => {
-                    for _ in 0..1 + pick(&mut r, 4) {
-                        let at = pick(&mut r, 8 + header_len);
-                        m[at] ^= 1 << pick(&mut r, 8);
-                    }
-                }
-                1 => {
-                    let at = pick(&mut r, m.len().saturating_sub(8));
-                    m[at..at + 8].copy_from_slice(&EXTREMES[pick(&mut r, EXTREMES.len())].to_le_bytes());
-                }
-                _ => m.truncate(pick(&mut r, weights.len())),
-            }
+        // Random mutants of the whole file: flipped bits in the header, extreme words
+        // anywhere, truncations.
+        for i in 0..fuzz_iters() {
+            let m = mutant(&weights, i, 8 + header_len, weights.len(), &mut r);
             std::fs::write(&weights_path, &m).unwrap();
-            record(format!("{dtype:?} mutant {i}"), exercise_adapter(&model, &dir, i % 10 == 0));
+            tally.record(format!("{dtype:?} mutant {i}"), exercise_adapter(&model, &dir, i % 10 == 0));
         }
     }
     std::fs::remove_dir_all(&dir).ok();
-    eprintln!("{tried} adapters: {taken} taken and made resident, the rest refused");
-    assert!(failures.is_empty(), "{} panics:\n{}", failures.len(), failures.join("\n"));
+    eprintln!("{} adapters: {} taken and made resident, the rest refused", tally.tried, tally.taken);
+    tally.assert_no_panic();
 }

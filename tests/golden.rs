@@ -97,44 +97,38 @@ fn check_logits(fx: &Fixture, eng: &Engine) {
     check_logits_within(fx, eng, LOGIT_TOL, MEAN_TOL);
 }
 
-/// The largest and mean |logit − llama.cpp| over the fixture's top-5 logits, teacher-forced.
+/// Teacher-forced: llama.cpp's whole sequence of `case` in one prefill, logits at every position.
+fn forced_logits(eng: &Engine, case: &GenerateCase) -> (Vec<u32>, Vec<f32>) {
+    let seq: Vec<u32> = case.prompt_tokens.iter().chain(&case.greedy_tokens).copied().collect();
+    let mut kv = eng.model.new_cache(seq.len() + 8).unwrap();
+    let logits = eng.model.forward(&seq, &mut kv, Logits::All).unwrap();
+    (seq, logits)
+}
+
+/// The largest and mean |logit − llama.cpp| over `case`'s top-5 logits.
+fn case_gap(case: &GenerateCase, logits: &[f32], n_vocab: usize) -> (f32, f32) {
+    let gaps: Vec<f32> = case
+        .top5
+        .iter()
+        .flat_map(|t| t.ids.iter().zip(&t.logits).map(move |(id, want)| (logits[t.position * n_vocab + *id as usize] - want).abs()))
+        .collect();
+    (gaps.iter().fold(0f32, |m, d| m.max(*d)), gaps.iter().sum::<f32>() / gaps.len().max(1) as f32)
+}
+
+/// The largest and mean |logit − llama.cpp| over every case of the fixture.
 fn logit_gap(fx: &Fixture, eng: &Engine) -> (f32, f32) {
-    let n_vocab = eng.model.config.n_vocab;
-    let (mut worst, mut sum, mut count) = (0f32, 0f32, 0usize);
-    for case in &fx.generate {
-        let seq: Vec<u32> = case.prompt_tokens.iter().chain(&case.greedy_tokens).copied().collect();
-        let mut kv = eng.model.new_cache(seq.len() + 8).unwrap();
-        let logits = eng.model.forward(&seq, &mut kv, Logits::All).unwrap();
-        for t in &case.top5 {
-            let row = &logits[t.position * n_vocab..][..n_vocab];
-            for (id, want) in t.ids.iter().zip(&t.logits) {
-                let d = (row[*id as usize] - want).abs();
-                worst = worst.max(d);
-                sum += d;
-                count += 1;
-            }
-        }
-    }
-    (worst, sum / count.max(1) as f32)
+    let gaps: Vec<(f32, f32)> =
+        fx.generate.iter().map(|case| case_gap(case, &forced_logits(eng, case).1, eng.model.config.n_vocab)).collect();
+    (gaps.iter().fold(0f32, |m, g| m.max(g.0)), gaps.iter().map(|g| g.1).sum::<f32>() / gaps.len().max(1) as f32)
 }
 
 fn check_logits_within(fx: &Fixture, eng: &Engine, logit_tol: f32, mean_tol: f32) {
     let n_vocab = eng.model.config.n_vocab;
     for case in &fx.generate {
         assert_eq!(eng.tokenizer.encode(&case.prompt, case.add_special).unwrap(), case.prompt_tokens, "prompt tokens of {:?}", case.prompt);
-        // Teacher-forced: llama.cpp's whole sequence in one prefill, logits at every position.
-        let seq: Vec<u32> = case.prompt_tokens.iter().chain(&case.greedy_tokens).copied().collect();
-        let mut kv = eng.model.new_cache(seq.len() + 8).unwrap();
-        let logits = eng.model.forward(&seq, &mut kv, Logits::All).unwrap();
-        let (mut worst, mut sum, mut count) = (0f32, 0f32, 0usize);
+        let (seq, logits) = forced_logits(eng, case);
         for t in &case.top5 {
             let row = &logits[t.position * n_vocab..][..n_vocab];
-            for (id, want) in t.ids.iter().zip(&t.logits) {
-                let d = (row[*id as usize] - want).abs();
-                worst = worst.max(d);
-                sum += d;
-                count += 1;
-            }
             if std::env::var("GOLDEN_VERBOSE").is_ok() {
                 let d: Vec<String> = t.ids.iter().zip(&t.logits).map(|(id, w)| format!("{:+.2}", row[*id as usize] - w)).collect();
                 eprintln!("pos {} top1 {} {:.2}: {}", t.position, t.ids[0], t.logits[0], d.join(" "));
@@ -146,7 +140,7 @@ fn check_logits_within(fx: &Fixture, eng: &Engine, logit_tol: f32, mean_tol: f32
                 assert_eq!(ours, seq[next], "{:?}: greedy token at position {next} (llama.cpp margin {margin:.3})", case.prompt);
             }
         }
-        let mean = sum / count as f32;
+        let (worst, mean) = case_gap(case, &logits, n_vocab);
         eprintln!("{:?}: |logit − llama.cpp| over top-5: max {worst:.3}, mean {mean:.3}", case.prompt);
         assert!(worst <= logit_tol && mean <= mean_tol, "{:?}: logits differ from llama.cpp by max {worst}, mean {mean}", case.prompt);
     }

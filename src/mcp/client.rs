@@ -490,13 +490,8 @@ mod tests {
     fn mutated_server_output_is_read_or_refused() {
         let iters: usize = std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
         let valid = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"echo\",\"inputSchema\":{\"type\":\"object\"}}]}}\n";
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::decode::SplitMix64(0x2545_f491_4f6c_dd1du64);
+        let mut next = move || rng.next_u64();
         let (mut read, mut refused) = (0, 0);
         for i in 0..iters {
             let mut b = [&valid[..], &valid[..]].concat();

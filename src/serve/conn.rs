@@ -261,13 +261,8 @@ mod tests {
     fn mutated_heads_are_taken_or_refused() {
         let iters: usize = std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
         let valid = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nContent-Type: application/json\r\nContent-Length: 17\r\nConnection: keep-alive\r\n\r\n{\"messages\": []}";
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::decode::SplitMix64(0x9e37_79b9_7f4a_7c15u64);
+        let mut next = move || rng.next_u64();
         let (mut taken, mut refused) = (0, 0);
         for i in 0..iters {
             let mut b = valid.to_vec();
