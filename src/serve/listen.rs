@@ -107,7 +107,13 @@ struct Waiting {
     buf: Vec<u8>,
     head: Option<Head>,
     since: Instant,
+    /// Refused: what it still sends is read and dropped until it closes or [`LINGER`] passes,
+    /// so that closing does not reset the connection before the client has read the refusal.
+    closing: bool,
 }
+
+/// How long a refused connection is drained before it is closed.
+const LINGER: Duration = Duration::from_secs(2);
 
 struct EventLoop {
     poll: Poll,
@@ -129,7 +135,7 @@ impl EventLoop {
         let mut events = Events::with_capacity(256);
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
-            let next_deadline = self.conns.values().map(|c| c.since + self.limits.request_timeout).min();
+            let next_deadline = self.conns.values().map(|c| self.deadline(c)).min();
             let timeout = next_deadline.map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now)).min(Duration::from_secs(1));
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -196,7 +202,7 @@ impl EventLoop {
         };
         let t = self.next;
         self.next += 1;
-        self.conns.insert(t, Waiting { stream, source, buf: leftover, head: None, since: Instant::now() });
+        self.conns.insert(t, Waiting { stream, source, buf: leftover, head: None, since: Instant::now(), closing: false });
         // A pipelined request may be whole already.
         self.progress(t);
     }
@@ -207,11 +213,12 @@ impl EventLoop {
         let mut chunk = [0u8; 16 << 10];
         let cap = c.head.as_ref().map_or(conn::MAX_HEAD_BYTES + 4, |h| h.len + h.body_len);
         let closed = loop {
-            if c.buf.len() >= cap {
+            if c.buf.len() >= cap && !c.closing {
                 break false;
             }
             match c.stream.read(&mut chunk) {
                 Ok(0) => break true,
+                Ok(_) if c.closing => {}
                 Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -220,7 +227,7 @@ impl EventLoop {
         };
         if closed {
             self.close(t);
-        } else {
+        } else if !c.closing {
             self.progress(t);
         }
     }
@@ -239,7 +246,10 @@ impl EventLoop {
                 }
                 Err((status, message)) => {
                     refuse(&c.stream, status, &message, &[]);
-                    return self.close(t);
+                    let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                    c.closing = true;
+                    c.since = Instant::now();
+                    return;
                 }
             }
         }
@@ -286,6 +296,11 @@ impl EventLoop {
             }
             self.close(t);
         }
+    }
+
+    /// When connection `c` is closed if nothing more happens.
+    fn deadline(&self, c: &Waiting) -> Instant {
+        c.since + if c.closing { LINGER } else { self.limits.request_timeout }
     }
 
     fn close(&mut self, t: usize) {
