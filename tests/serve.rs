@@ -732,12 +732,6 @@ fn connections_are_bounded_and_kept_alive() {
     }
     kept.write_all(get.as_bytes()).unwrap();
     assert!(read_answer().0.starts_with("HTTP/1.1 200"));
-    // A body refused from its head (413) is drained, not reset: the client that sends all of it
-    // still reads the refusal.
-    let big = "x".repeat(5 << 20);
-    let head =
-        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}", big.len());
-    assert_eq!(exchange(addr, &head, &big).status, 413);
     // Seven more connections fill the bound (each sends a byte, so it has been accepted).
     let idle: Vec<TcpStream> = (0..7)
         .map(|_| {

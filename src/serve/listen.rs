@@ -249,7 +249,9 @@ impl EventLoop {
                     let _ = c.stream.shutdown(std::net::Shutdown::Write);
                     c.closing = true;
                     c.since = Instant::now();
-                    return;
+                    // Readiness is reported on edges: what the client sent beyond the head is
+                    // drained now, or no event would come for it.
+                    return self.read(t);
                 }
             }
         }
