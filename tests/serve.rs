@@ -2,141 +2,16 @@
 //! streaming that adds up to the whole answer, malformed requests refused with the field named,
 //! 20 concurrent requests answered as when sent one by one, and the prefix cache. The model is a tiny
 //! random transformer carrying SmolLM2's real tokenizer, so the suite stays fast on lavapipe.
+//! What is measured on the whole process (threads, resident memory) is in `serve_load.rs`.
 
 mod common;
 
-use agentflux::serve::{Backend, ServeOptions, Server};
-use agentflux::toolcall::AdapterSet;
-use agentflux::Engine;
-use common::{ctx, default_model, rng, tiny_with_tokenizer};
+use agentflux::serve::ServeOptions;
+use common::serve::*;
+use common::{default_model, rng, tiny_with_tokenizer};
 use serde_json::{json, Value};
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-
-/// A server on a free loopback port over a tiny model with the default model's tokenizer.
-fn start(tag: &str, opts: ServeOptions) -> Option<Server> {
-    let f = default_model()?;
-    let path = tiny_with_tokenizer(&f, rng(tag).next_u64(), tag);
-    let server = start_on(&path, opts);
-    std::fs::remove_file(&path).ok();
-    Some(server)
-}
-
-/// A server on a free loopback port over the model file `path`.
-fn start_on(path: &std::path::Path, opts: ServeOptions) -> Server {
-    let engine = Engine::load_on(ctx(), path).unwrap();
-    Server::start(Backend { engine, adapters: AdapterSet::default() }, ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), ..opts })
-        .unwrap()
-}
-
-struct Reply {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-
-    /// The `data:` payloads of a server-sent-event stream.
-    fn events(&self) -> Vec<String> {
-        self.body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
-    }
-}
-
-/// One HTTP/1.1 exchange on a fresh connection (`Connection: close`), chunked bodies decoded.
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}", body.len());
-    exchange(addr, &head, body)
-}
-
-/// An exchange with these request line and headers (`Connection: close` is added).
-fn exchange(addr: SocketAddr, head: &str, body: &str) -> Reply {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "{head}\r\nConnection: close\r\n\r\n{body}").unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end: {text}"));
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
-    Reply { status, head: head.to_string(), body }
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").expect("chunk size line");
-        let n = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
-        if n == 0 {
-            return out;
-        }
-        out.push_str(&after[..n]);
-        rest = &after[n + 2..];
-    }
-}
-
-fn post(addr: SocketAddr, body: &Value) -> Reply {
-    http(addr, "POST", "/v1/chat/completions", &body.to_string())
-}
-
-fn weather_tools() -> Value {
-    json!([
-        {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
-            "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]}, "unit": {"enum": ["C", "F"]}}, "required": ["city"]}}},
-        {"type": "function", "function": {"name": "get_time", "description": "Local time in a zone.",
-            "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}},
-    ])
-}
-
-fn user(text: &str) -> Value {
-    json!([{"role": "user", "content": text}])
-}
-
-/// The parts of an answer that must not depend on timing or on what the cache held: choices
-/// (without the per-request tool-call id), the token counts and the candidates' probabilities.
-fn answer_of(v: &Value) -> Value {
-    let mut choices = v["choices"].clone();
-    if let Some(call) = choices[0]["message"]["tool_calls"].get_mut(0) {
-        assert!(call["id"].as_str().is_some_and(|id| id.starts_with("call_")), "{call}");
-        call["id"] = Value::Null;
-    }
-    json!({"choices": choices, "usage": counts(v), "candidates": v["agentflux"]["candidates"]})
-}
-
-/// Two answers the same: choices and token counts exactly, the candidates' probabilities within
-/// 1e-5. Not bit for bit: positions computed one token at a time (a cached earlier answer's
-/// tokens, or a prompt whose last token alone is not cached) went through the decode kernels,
-/// which sum in another order than a prefill's (the attention splits the keys; the single-row
-/// product), and that rounding carries through the later layers — 2e-6 at most in the
-/// probabilities seen, so 1e-5 leaves a margin while a wrong row or position would show as 1e-2.
-fn assert_same_answer(got: &Value, want: &Value, what: &str) {
-    let (got, want) = (answer_of(got), answer_of(want));
-    assert_eq!((&got["choices"], &got["usage"]), (&want["choices"], &want["usage"]), "{what}");
-    let (pg, pw) = (got["candidates"].as_object(), want["candidates"].as_object());
-    assert_eq!(pg.map(|m| m.keys().collect::<Vec<_>>()), pw.map(|m| m.keys().collect::<Vec<_>>()), "{what}: candidates");
-    for (name, p) in pg.into_iter().flatten() {
-        let (p, q) = (p.as_f64().unwrap(), want["candidates"][name].as_f64().unwrap());
-        assert!((p - q).abs() <= 1e-5, "{what}: P({name}) {p} against {q}");
-    }
-}
-
-/// The token counts of an answer's usage, without what the prefix cache held.
-fn counts(v: &Value) -> Value {
-    let mut usage = v["usage"].clone();
-    usage.as_object_mut().map(|u| u.remove("prompt_tokens_details"));
-    usage
-}
-
-fn cached_tokens(v: &Value) -> u64 {
-    v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or_else(|| panic!("no cached_tokens: {v}"))
-}
-
-fn prompt_tokens(v: &Value) -> u64 {
-    v["usage"]["prompt_tokens"].as_u64().unwrap()
-}
 
 #[test]
 fn chat_completions_with_every_tool_choice() {
@@ -318,28 +193,6 @@ fn concurrent_requests_match_sequential_runs() {
         }
     }
     server.shutdown();
-}
-
-/// A streamed answer put together: its text, or its tool call's name and arguments.
-fn assembled(stream: &Reply) -> (String, String, String) {
-    let (mut text, mut name, mut args) = (String::new(), String::new(), String::new());
-    for e in stream.events().iter().filter(|e| *e != "[DONE]") {
-        let delta = serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"].clone();
-        text.push_str(delta["content"].as_str().unwrap_or(""));
-        if let Some(tc) = delta["tool_calls"].get(0) {
-            name.push_str(tc["function"]["name"].as_str().unwrap_or(""));
-            args.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
-        }
-    }
-    (text, name, args)
-}
-
-/// The same parts of a whole answer.
-fn message_of(v: &Value) -> (String, String, String) {
-    let m = &v["choices"][0]["message"];
-    let call = &m["tool_calls"][0]["function"];
-    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
-    (s(&m["content"]), s(&call["name"]), s(&call["arguments"]))
 }
 
 /// The prefix cache: a repeated conversation computes only its last prompt token and a continued
@@ -640,60 +493,6 @@ fn the_server_survives_noise() {
     server.shutdown();
 }
 
-/// Threads of this process (Linux), to see that waiting connections hold none.
-fn threads() -> Option<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok())
-}
-
-/// Connections that send part of a request and stall cost no thread and no answer time: normal
-/// requests are answered meanwhile, and the stalled ones get 408 at their deadline and are
-/// closed. `AGENTFLUX_STALLED=1000` runs it with a thousand.
-#[test]
-fn stalled_connections_hold_no_thread_and_time_out() {
-    let n: usize = std::env::var("AGENTFLUX_STALLED").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let opts = ServeOptions {
-        n_ctx: 1024,
-        parallel: 1,
-        max_connections: n + 16,
-        request_timeout: std::time::Duration::from_secs(3),
-        ..Default::default()
-    };
-    let Some(server) = start("serve-stalled", opts) else { return };
-    let addr = server.addr();
-    let hi = json!({"messages": user("Hi"), "max_tokens": 4});
-    assert_eq!(post(addr, &hi).status, 200, "warm-up");
-    let t0 = std::time::Instant::now();
-    assert_eq!(post(addr, &hi).status, 200);
-    let usual = t0.elapsed();
-    let threads_before = threads();
-    let stalled: Vec<TcpStream> = (0..n)
-        .map(|_| {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Le").as_bytes()).unwrap();
-            s
-        })
-        .collect();
-    let opened = std::time::Instant::now();
-    let t1 = std::time::Instant::now();
-    assert_eq!(post(addr, &hi).status, 200);
-    let during = t1.elapsed();
-    eprintln!("{n} stalled connections: a request took {during:?} (alone {usual:?})");
-    assert!(during < usual * 3 + std::time::Duration::from_secs(1), "{during:?} with {n} stalled connections, {usual:?} alone");
-    if let (Some(a), Some(b)) = (threads_before, threads()) {
-        assert!(b < a + 8, "{n} stalled connections took threads: {a} before, {b} with them");
-    }
-    for mut s in stalled {
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-        let mut reply = String::new();
-        let _ = s.read_to_string(&mut reply);
-        assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
-    }
-    assert!(opened.elapsed() >= std::time::Duration::from_secs(2), "closed before the deadline");
-    assert_eq!(post(addr, &hi).status, 200);
-    server.shutdown();
-}
-
 /// Beyond `max_connections` open connections a new one gets 503 at once; when some close, new
 /// ones are served again. Requests on a kept-alive connection, one after the other or pipelined,
 /// are answered in order.
@@ -779,88 +578,6 @@ fn an_api_key_guards_every_route_but_health() {
         "{}",
     );
     assert_eq!(chat.status, 401);
-    server.shutdown();
-}
-
-/// Resident memory of this process in MiB (Linux).
-fn resident_mib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb >> 10)
-}
-
-/// Fifty clients at once, every fifth leaving at a random moment: the others get the answers
-/// they get one by one, nothing panics, and memory comes back near where it was.
-#[test]
-fn fifty_clients_some_leaving() {
-    let Some(server) = start("serve-fifty", ServeOptions { n_ctx: 1024, max_queue: 64, ..Default::default() }) else { return };
-    let addr = server.addr();
-    let mut r = rng("serve-fifty-leaving");
-    let requests: Vec<Value> = (0..50)
-        .map(|i| {
-            let text = format!("Client {i} asks about {}.", ["Paris", "Oslo", "Lima"][i % 3]);
-            let mut v = match i % 3 {
-                0 => json!({"messages": user(&text), "tools": weather_tools(), "max_tokens": 8}),
-                1 => json!({"messages": user(&text), "tools": weather_tools(), "tool_choice": "required"}),
-                _ => json!({"messages": user(&text), "max_tokens": 8}),
-            };
-            if i % 2 == 1 {
-                v["stream"] = json!(true);
-            }
-            v
-        })
-        .collect();
-    let leaves = |i: usize| i % 5 == 4;
-    let sequential: Vec<Option<Value>> = requests
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let mut whole = v.clone();
-            whole.as_object_mut().unwrap().remove("stream");
-            (!leaves(i)).then(|| post(addr, &whole).json())
-        })
-        .collect();
-    let before = resident_mib();
-    let handles: Vec<_> = requests
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, v)| {
-            let wait = std::time::Duration::from_millis(r.next_u64() % 300);
-            std::thread::spawn(move || {
-                if !leaves(i) {
-                    return Some(post(addr, &v));
-                }
-                let body = v.to_string();
-                let mut s = TcpStream::connect(addr).unwrap();
-                let head = format!(
-                    "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(format!("{head}{body}").as_bytes());
-                std::thread::sleep(wait);
-                None
-            })
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let Some(reply) = h.join().unwrap() else { continue };
-        assert_eq!(reply.status, 200, "client {i}: {}", reply.body);
-        let want = sequential[i].as_ref().unwrap();
-        if requests[i]["stream"] == json!(true) {
-            assert_eq!(assembled(&reply), message_of(want), "client {i}, streamed");
-        } else {
-            assert_same_answer(&reply.json(), want, &format!("client {i}"));
-        }
-    }
-    assert_eq!(post(addr, &json!({"messages": user("Hi"), "max_tokens": 2})).status, 200);
-    if let (Some(a), Some(b)) = (before, resident_mib()) {
-        eprintln!("resident memory: {a} MiB before the fifty clients, {b} MiB after");
-        assert!(b < a + 256, "resident memory grew from {a} to {b} MiB");
-    }
     server.shutdown();
 }
 

@@ -9,6 +9,8 @@ use agentflux::reference::{tiny_model, TinyModelSpec};
 use agentflux::text::{ChatTemplate, Tokenizer};
 use std::sync::{Arc, OnceLock};
 
+pub mod serve;
+
 /// The GPU every test in this binary uses (lavapipe on CI).
 pub fn ctx() -> Arc<GpuContext> {
     static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
