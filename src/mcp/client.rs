@@ -2,13 +2,15 @@
 //!
 //! Framing is the stdio transport's: one JSON-RPC 2.0 message per line on the child's stdin and
 //! stdout. A reader thread turns stdout lines into messages; another keeps the tail of stderr for
-//! error messages. Every request has a deadline. Dropping the client kills and reaps the child.
+//! error messages. Every request has a deadline. Dropping the client kills the server and what it
+//! started ([`ServerProcess`]) and reaps it.
 
+use super::process::ServerProcess;
 use super::{McpError, Tool, ToolResult};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -101,9 +103,7 @@ impl Default for ServerOptions {
 /// A running MCP server and the session with it.
 pub struct McpClient {
     command: String,
-    child: Child,
-    /// Whether the process group was stopped (it is, once).
-    stopped: bool,
+    process: ServerProcess,
     stdin: ChildStdin,
     incoming: Receiver<Incoming>,
     stderr: Arc<Mutex<VecDeque<u8>>>,
@@ -152,16 +152,11 @@ impl McpClient {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // Its own process group, so that stopping it stops what it started too.
-        #[cfg(unix)]
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd.spawn().map_err(|e| McpError::Spawn { command: command.into(), msg: spawn_failure(program, &e) })?;
-        let (stdin, stdout, mut stderr_pipe) = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
-            (Some(i), Some(o), Some(e)) => (i, o, e),
-            _ => {
-                kill_group(&mut child);
-                return Err(McpError::Spawn { command: command.into(), msg: "no stdio pipes".into() });
-            }
+        let mut process =
+            ServerProcess::spawn(&mut cmd).map_err(|e| McpError::Spawn { command: command.into(), msg: spawn_failure(program, &e) })?;
+        let child = process.child();
+        let (Some(stdin), Some(stdout), Some(mut stderr_pipe)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
+            return Err(McpError::Spawn { command: command.into(), msg: "no stdio pipes".into() });
         };
         let (tx, incoming) = channel();
         std::thread::spawn(move || {
@@ -191,8 +186,7 @@ impl McpClient {
         });
         let mut client = Self {
             command: command.into(),
-            child,
-            stopped: false,
+            process,
             stdin,
             incoming,
             stderr,
@@ -335,7 +329,7 @@ impl McpClient {
         line.push('\n');
         let written = self.stdin.write_all(line.as_bytes()).and_then(|_| self.stdin.flush());
         written.map_err(|e| {
-            let status = self.child.try_wait().ok().flatten().map_or_else(|| format!("still running ({e})"), |s| s.to_string());
+            let status = self.process.try_wait().map_or_else(|| format!("still running ({e})"), |s| s.to_string());
             McpError::Closed {
                 server: self.command.clone(),
                 method: msg["method"].as_str().unwrap_or("reply").into(),
@@ -367,47 +361,21 @@ impl McpClient {
     fn stop(&mut self) -> String {
         let mut ended = None;
         for _ in 0..10 {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.process.try_wait() {
                 ended = Some(status.to_string());
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         // What it started goes with it, whether it ended on its own or not.
-        self.stop_group();
+        self.process.stop();
         ended.unwrap_or_else(|| "still running; killed".into())
-    }
-
-    fn stop_group(&mut self) {
-        if !std::mem::replace(&mut self.stopped, true) {
-            kill_group(&mut self.child);
-        }
     }
 
     /// The server's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.id()
     }
-}
-
-impl Drop for McpClient {
-    fn drop(&mut self) {
-        self.stop_group();
-    }
-}
-
-/// Kill `child` and every process of its group (what a wrapper such as `npx` or `sh -c` started),
-/// then reap it. Elsewhere than Unix, the child alone.
-fn kill_group(child: &mut Child) {
-    #[cfg(unix)]
-    if let Ok(pgid) = i32::try_from(child.id()) {
-        // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Split a command line into words: whitespace separates, single and double quotes group,

@@ -7,6 +7,7 @@
 
 mod client;
 mod config;
+mod process;
 
 pub use client::{shell_words, McpClient, ServerCommand, ServerOptions, PROTOCOL_VERSIONS};
 pub use config::read_mcp_config;
