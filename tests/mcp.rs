@@ -172,6 +172,7 @@ fn multi_server_dev_set_is_valid_for_its_real_servers() {
 }
 
 /// Processes whose command line holds `marker` (from /proc).
+#[cfg(target_os = "linux")]
 fn processes_with(marker: &str) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())

@@ -121,12 +121,75 @@ mod job {
         }
     }
 
+    #[cfg(test)]
+    impl Job {
+        /// The ids of the processes in the job (at most 64).
+        pub(super) fn process_ids(&self) -> Vec<u32> {
+            #[repr(C)]
+            struct IdList {
+                assigned: u32,
+                listed: u32,
+                ids: [usize; 64],
+            }
+            let mut list = IdList { assigned: 0, listed: 0, ids: [0; 64] };
+            let size = std::mem::size_of::<IdList>() as u32;
+            // SAFETY: the buffer is JOBOBJECT_BASIC_PROCESS_ID_LIST's layout with room for 64 ids.
+            let ok = unsafe {
+                windows_sys::Win32::System::JobObjects::QueryInformationJobObject(
+                    self.0,
+                    windows_sys::Win32::System::JobObjects::JobObjectBasicProcessIdList,
+                    (&raw mut list).cast(),
+                    size,
+                    std::ptr::null_mut(),
+                ) != 0
+            };
+            let listed = if ok { (list.listed as usize).min(64) } else { 0 };
+            list.ids[..listed].iter().map(|&id| id as u32).collect()
+        }
+    }
+
     impl Drop for Job {
         fn drop(&mut self) {
             // SAFETY: the handle is open and closed only here.
             unsafe {
                 CloseHandle(self.0);
             }
+        }
+    }
+}
+
+#[cfg(all(test, windows))]
+mod tests {
+    use super::*;
+    use std::os::windows::process::CommandExt;
+    use std::time::{Duration, Instant};
+    use windows_sys::Win32::Foundation::{CloseHandle, WAIT_OBJECT_0};
+    use windows_sys::Win32::System::Threading::{OpenProcess, WaitForSingleObject, PROCESS_SYNCHRONIZE};
+
+    /// A wrapper (`cmd`) that starts a process in the background and waits on another: stopping
+    /// it ends all three, seen through handles opened on each before the stop.
+    #[test]
+    fn stopping_a_wrapper_stops_what_it_started() {
+        let mut cmd = Command::new("cmd");
+        cmd.raw_arg("/c start /b ping -n 300 127.0.0.1 >nul & ping -n 300 127.0.0.1 >nul");
+        let mut server = ServerProcess::spawn(&mut cmd).unwrap();
+        let job = server.job.as_ref().expect("a job object");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut pids = job.process_ids();
+        while pids.len() < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            pids = job.process_ids();
+        }
+        assert!(pids.len() >= 3, "the wrapper and its two pings in the job: {pids:?}");
+        // SAFETY: OpenProcess takes plain values; each handle is closed below.
+        let handles: Vec<_> = pids.iter().map(|&pid| unsafe { OpenProcess(PROCESS_SYNCHRONIZE, 0, pid) }).collect();
+        assert!(handles.iter().all(|h| !h.is_null()), "a process of {pids:?} could not be opened");
+        server.stop();
+        for (h, pid) in handles.into_iter().zip(&pids) {
+            // SAFETY: `h` is an open process handle, closed once.
+            let ended = unsafe { WaitForSingleObject(h, 5000) } == WAIT_OBJECT_0;
+            unsafe { CloseHandle(h) };
+            assert!(ended, "process {pid} still runs after the stop");
         }
     }
 }
