@@ -494,7 +494,8 @@ fn the_server_survives_noise() {
 }
 
 /// Beyond `max_connections` open connections a new one gets 503 at once; when some close, new
-/// ones are served again. Requests on a kept-alive connection, one after the other or pipelined,
+/// ones are served again. A refused client that sent a body (413 from the head, or 503 at
+/// accept) reads its refusal, not a reset. Requests on a kept-alive connection, one after the other or pipelined,
 /// are answered in order.
 #[test]
 fn connections_are_bounded_and_kept_alive() {
@@ -531,6 +532,12 @@ fn connections_are_bounded_and_kept_alive() {
     }
     kept.write_all(get.as_bytes()).unwrap();
     assert!(read_answer().0.starts_with("HTTP/1.1 200"));
+    // A body refused from its head (413) is drained, not reset: the client that sends all of it
+    // still reads the refusal.
+    let big = "x".repeat(5 << 20);
+    let head =
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}", big.len());
+    assert_eq!(exchange(addr, &head, &big).status, 413);
     // Seven more connections fill the bound (each sends a byte, so it has been accepted).
     let idle: Vec<TcpStream> = (0..7)
         .map(|_| {
@@ -544,6 +551,11 @@ fn connections_are_bounded_and_kept_alive() {
     let mut refused = String::new();
     TcpStream::connect(addr).unwrap().read_to_string(&mut refused).unwrap();
     assert!(refused.starts_with("HTTP/1.1 503") && refused.contains("Retry-After: 1"), "{refused}");
+    // One that sends a whole request with a body reads its refusal too: drained, not reset.
+    let body = "x".repeat(64 << 10);
+    let post_head =
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}", body.len());
+    assert_eq!(exchange(addr, &post_head, &body).status, 503);
     drop(idle);
     drop(kept);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -64,6 +64,7 @@ impl Listener {
             conns: HashMap::new(),
             next: 2,
             open: Arc::new(AtomicUsize::new(0)),
+            draining_refused: 0,
             back,
             returned,
             waker: waker.clone(),
@@ -110,7 +111,13 @@ struct Waiting {
     /// Refused: what it still sends is read and dropped until it closes or [`LINGER`] passes,
     /// so that closing does not reset the connection before the client has read the refusal.
     closing: bool,
+    /// Among the open connections; one refused at accept, beyond the bound, is not.
+    counted: bool,
 }
+
+/// Connections refused at accept that are drained at once; beyond them one is closed at once
+/// (its client may see a reset), so a flood beyond the bound holds few sockets.
+const MAX_DRAINING_REFUSED: usize = 64;
 
 /// How long a refused connection is drained before it is closed.
 const LINGER: Duration = Duration::from_secs(2);
@@ -125,6 +132,8 @@ struct EventLoop {
     next: usize,
     /// Connections open, waiting here or being answered.
     open: Arc<AtomicUsize>,
+    /// Connections refused at accept and being drained.
+    draining_refused: usize,
     back: Sender<(TcpStream, Vec<u8>)>,
     returned: Receiver<(TcpStream, Vec<u8>)>,
     waker: Arc<Waker>,
@@ -156,9 +165,8 @@ impl EventLoop {
             }
             self.expire();
         }
-        for (_, c) in self.conns.drain() {
-            drop(c);
-            self.open.fetch_sub(1, Ordering::SeqCst);
+        for t in self.conns.keys().copied().collect::<Vec<_>>() {
+            self.close(t);
         }
     }
 
@@ -169,6 +177,13 @@ impl EventLoop {
                     if self.open.load(Ordering::SeqCst) >= self.limits.max_connections {
                         let message = format!("{} connections are open; retry later", self.limits.max_connections);
                         refuse(&stream, 503, &message, &[("Retry-After", "1")]);
+                        if self.draining_refused < MAX_DRAINING_REFUSED {
+                            let _ = stream.shutdown(std::net::Shutdown::Write);
+                            if let Some(t) = self.watch(stream, Vec::new(), false) {
+                                self.draining_refused += 1;
+                                self.read(t);
+                            }
+                        }
                         continue;
                     }
                     self.open.fetch_add(1, Ordering::SeqCst);
@@ -188,6 +203,18 @@ impl EventLoop {
 
     /// Watch `stream` for its next request (`leftover`: bytes of it already read).
     fn wait_for_request(&mut self, stream: TcpStream, leftover: Vec<u8>) {
+        match self.watch(stream, leftover, true) {
+            // A pipelined request may be whole already.
+            Some(t) => self.progress(t),
+            None => {
+                self.open.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Register `stream` with the poll: a connection `counted` among the open ones waits for a
+    /// request (`buf`: what of it was read), another is a refused one being drained.
+    fn watch(&mut self, stream: TcpStream, buf: Vec<u8>, counted: bool) -> Option<usize> {
         let registered = stream.set_nonblocking(true).and_then(|_| stream.try_clone()).and_then(|clone| {
             let mut source = mio::net::TcpStream::from_std(clone);
             self.poll.registry().register(&mut source, Token(self.next), Interest::READABLE).map(|_| source)
@@ -196,15 +223,14 @@ impl EventLoop {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("cannot watch a connection: {e}");
-                self.open.fetch_sub(1, Ordering::SeqCst);
-                return;
+                return None;
             }
         };
         let t = self.next;
         self.next += 1;
-        self.conns.insert(t, Waiting { stream, source, buf: leftover, head: None, since: Instant::now(), closing: false });
-        // A pipelined request may be whole already.
-        self.progress(t);
+        let since = Instant::now();
+        self.conns.insert(t, Waiting { stream, source, buf, head: None, since, closing: !counted, counted });
+        Some(t)
     }
 
     /// Read what connection `t` has sent.
@@ -290,9 +316,9 @@ impl EventLoop {
     /// Close the connections past their deadline: 408 to one that sent part of a request.
     fn expire(&mut self) {
         let now = Instant::now();
-        let late: Vec<usize> = self.conns.iter().filter(|(_, c)| c.since + self.limits.request_timeout <= now).map(|(t, _)| *t).collect();
+        let late: Vec<usize> = self.conns.iter().filter(|(_, c)| self.deadline(c) <= now).map(|(t, _)| *t).collect();
         for t in late {
-            if let Some(c) = self.conns.get(&t).filter(|c| !c.buf.is_empty()) {
+            if let Some(c) = self.conns.get(&t).filter(|c| !c.buf.is_empty() && !c.closing) {
                 let message = format!("the request did not arrive whole within {} s", self.limits.request_timeout.as_secs_f64());
                 refuse(&c.stream, 408, &message, &[]);
             }
@@ -308,7 +334,11 @@ impl EventLoop {
     fn close(&mut self, t: usize) {
         if let Some(mut c) = self.conns.remove(&t) {
             let _ = self.poll.registry().deregister(&mut c.source);
-            self.open.fetch_sub(1, Ordering::SeqCst);
+            if c.counted {
+                self.open.fetch_sub(1, Ordering::SeqCst);
+            } else {
+                self.draining_refused -= 1;
+            }
         }
     }
 }
