@@ -3,10 +3,13 @@
 // Computes: for each token t at position pos (pos0 + t, or with `table` = 1 the row's own entry
 //   places[at + t].y: rows of several sequences, a token tree's rows at their depths), head h and
 //   pair i < rot_dim/2, rotates the pair (a, b) by θ = pos · base^(−2i/rot_dim) (divided by
-//   factors[i] when `factors` = 1: Llama 3.1's per-pair frequency factors):  a' = a·cos θ − b·sin θ,  b' = a·sin θ + b·cos θ.
+//   factors[i] when `factors` = 1: Llama 3.1's and LongRoPE's per-pair frequency factors) and
+//   multiplies it by `scale` (LongRoPE's attention factor; 1 elsewhere):
+//   a' = scale·(a·cos θ − b·sin θ),  b' = scale·(a·sin θ + b·cos θ).
 //   mode 0 ("normal", llama): the pair is (2i, 2i+1);  mode 1 ("neox", qwen2/3, gemma3): (i, i + rot_dim/2).
 //   Dimensions from rot_dim to head_dim are left as they are. With `inverse` = 1 the
-//   pairs are rotated by −θ: the gradient through the rotation (its transpose is its inverse).
+//   pairs are rotated by −θ (and scaled): the gradient through the rotation, whose transpose is
+//   its inverse.
 // Layout: row t of n_heads·head_dim f32 at offset + t·stride (floats); places: per row of the
 //   pass (base, pos, pos0, index), see src/kernels/places.rs; factors: rot_dim/2 f32.
 // Work split: one invocation per (pair, head) × token.
@@ -45,8 +48,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         freq = freq / factors[i];
     }
     let theta = f32(pos) * freq;
-    let c = cos(theta);
-    var s = sin(theta);
+    let c = p.scale * cos(theta);
+    var s = p.scale * sin(theta);
     if (p.inverse == 1u) {
         s = -s;
     }

@@ -40,12 +40,25 @@ pub struct Rope {
     /// factors[i]` (Llama 3.1's long-context scaling, `rope_freqs.weight`; `rot_dim / 2` finite
     /// positive values). `None`: 1 for every pair.
     pub factors: Option<Vec<f32>>,
+    /// What every rotated pair is multiplied by (`rope.scaling.attn_factor`: LongRoPE's
+    /// √(1 + ln s / ln n_orig) for a context stretched s times); 1 for most models.
+    pub scale: f32,
+}
+
+/// LongRoPE's second set of frequency factors (Phi-3 128k files: `rope_factors_long.weight`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LongRope {
+    /// Per-pair divisors for long contexts, as [`Rope::factors`].
+    pub factors: Vec<f32>,
+    /// The context the model was first trained for (`rope.scaling.original_context_length`):
+    /// beyond it the long factors apply.
+    pub original_ctx: usize,
 }
 
 impl Rope {
     /// A rotation without frequency factors.
     pub fn new(layout: RopeLayout, rot_dim: usize, base: f32) -> Self {
-        Self { layout, rot_dim, base, factors: None }
+        Self { layout, rot_dim, base, factors: None, scale: 1.0 }
     }
 
     /// The angle per position of pair `i`.
@@ -97,6 +110,9 @@ pub struct ModelConfig {
     pub rope: Rope,
     /// Rotary base of sliding-window layers, where it differs (gemma3).
     pub rope_base_local: Option<f32>,
+    /// LongRoPE (Phi-3 128k files): the factors for contexts beyond the original one; within
+    /// it, `rope.factors` holds the short ones.
+    pub long_rope: Option<LongRope>,
     /// Sliding window of local layers (0 = none).
     pub sliding_window: usize,
     /// Every `sliding_pattern`-th layer (the last of each group) attends globally; 0 = all global.
@@ -125,12 +141,23 @@ impl ModelConfig {
         }
     }
 
-    /// Rotary embedding of layer `l`.
-    pub fn layer_rope(&self, l: usize) -> Rope {
-        match self.rope_base_local {
-            Some(base) if !self.is_global(l) => Rope { base, ..self.rope.clone() },
-            _ => self.rope.clone(),
+    /// Rotary embedding of layer `l` in a context of `n_ctx` positions: a LongRoPE model takes
+    /// its long factors when `n_ctx` exceeds its original context, as llama.cpp chooses by its
+    /// context size.
+    pub fn layer_rope(&self, l: usize, n_ctx: usize) -> Rope {
+        let mut rope = self.rope.clone();
+        if let Some(base) = self.rope_base_local.filter(|_| !self.is_global(l)) {
+            rope.base = base;
         }
+        if let Some(long) = self.long_rope.as_ref().filter(|lr| n_ctx > lr.original_ctx) {
+            rope.factors = Some(long.factors.clone());
+        }
+        rope
+    }
+
+    /// Whether a context of `n_ctx` positions takes the LongRoPE long factors.
+    pub fn long_rope_in(&self, n_ctx: usize) -> bool {
+        self.long_rope.as_ref().is_some_and(|lr| n_ctx > lr.original_ctx)
     }
 
     fn is_global(&self, l: usize) -> bool {

@@ -17,8 +17,9 @@
 
 mod common;
 
+use agentflux::gguf::GgufFile;
 use agentflux::model::Logits;
-use agentflux::text::ChatMessage;
+use agentflux::text::{ChatMessage, ChatTemplate, Tokenizer};
 use agentflux::Engine;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -26,6 +27,9 @@ use std::path::PathBuf;
 const LOGIT_TOL: f32 = 1.25;
 const MEAN_TOL: f32 = 0.3;
 const TIE_MARGIN: f32 = 1.0;
+/// llama.cpp's context in `tools/make-golden`; the caches here are as large, since a LongRoPE
+/// model chooses its rope factors by the context size.
+const LLAMA_CPP_N_CTX: usize = 2048;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -65,8 +69,10 @@ struct Top5 {
     logits: Vec<f32>,
 }
 
-fn load(fixture: &str) -> Option<(Fixture, Engine)> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(fixture);
+/// The fixture and the path of its model in the cache, or `None` (skipped) without the model
+/// outside CI.
+fn fixture(name: &str) -> Option<(Fixture, PathBuf)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name);
     let fx: Fixture = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let model = agentflux::model_cache_dir().join(&fx.model);
     if !model.is_file() {
@@ -74,21 +80,30 @@ fn load(fixture: &str) -> Option<(Fixture, Engine)> {
         eprintln!("SKIPPED: {} not in the cache (run tools/fetch-model)", model.display());
         return None;
     }
+    Some((fx, model))
+}
+
+fn load(name: &str) -> Option<(Fixture, Engine)> {
+    let (fx, model) = fixture(name)?;
     let eng = Engine::load_on(common::ctx(), &model).unwrap();
     Some((fx, eng))
 }
 
 fn check_text(fx: &Fixture, eng: &Engine) {
+    check_text_with(fx, &eng.tokenizer, eng.template.as_ref());
+}
+
+fn check_text_with(fx: &Fixture, tokenizer: &Tokenizer, template: Option<&ChatTemplate>) {
     let mut bad = Vec::new();
     for c in &fx.tokenize {
-        let got = eng.tokenizer.encode(&c.text, c.add_special).unwrap();
+        let got = tokenizer.encode(&c.text, c.add_special).unwrap();
         if got != c.tokens {
             bad.push(format!("{:?}: got {got:?}, llama.cpp {:?}", c.text, c.tokens));
         }
     }
     assert!(bad.is_empty(), "{} of {} tokenizations differ:\n{}", bad.len(), fx.tokenize.len(), bad.join("\n"));
     for c in &fx.chat {
-        let t = eng.template.as_ref().expect("the model has a chat template");
+        let t = template.expect("the model has a chat template");
         assert_eq!(t.render(&c.messages, c.add_generation_prompt).unwrap(), c.rendered);
     }
 }
@@ -97,10 +112,11 @@ fn check_logits(fx: &Fixture, eng: &Engine) {
     check_logits_within(fx, eng, LOGIT_TOL, MEAN_TOL);
 }
 
-/// Teacher-forced: llama.cpp's whole sequence of `case` in one prefill, logits at every position.
-fn forced_logits(eng: &Engine, case: &GenerateCase) -> (Vec<u32>, Vec<f32>) {
+/// Teacher-forced: llama.cpp's whole sequence of `case` in one prefill, logits at every position,
+/// in a cache of `n_ctx` positions.
+fn forced_logits(eng: &Engine, case: &GenerateCase, n_ctx: usize) -> (Vec<u32>, Vec<f32>) {
     let seq: Vec<u32> = case.prompt_tokens.iter().chain(&case.greedy_tokens).copied().collect();
-    let mut kv = eng.model.new_cache(seq.len() + 8).unwrap();
+    let mut kv = eng.model.new_cache(n_ctx).unwrap();
     let logits = eng.model.forward(&seq, &mut kv, Logits::All).unwrap();
     (seq, logits)
 }
@@ -115,10 +131,10 @@ fn case_gap(case: &GenerateCase, logits: &[f32], n_vocab: usize) -> (f32, f32) {
     (gaps.iter().fold(0f32, |m, d| m.max(*d)), gaps.iter().sum::<f32>() / gaps.len().max(1) as f32)
 }
 
-/// The largest and mean |logit − llama.cpp| over every case of the fixture.
-fn logit_gap(fx: &Fixture, eng: &Engine) -> (f32, f32) {
+/// The largest and mean |logit − llama.cpp| over every case of the fixture, in caches of `n_ctx`.
+fn logit_gap(fx: &Fixture, eng: &Engine, n_ctx: usize) -> (f32, f32) {
     let gaps: Vec<(f32, f32)> =
-        fx.generate.iter().map(|case| case_gap(case, &forced_logits(eng, case).1, eng.model.config.n_vocab)).collect();
+        fx.generate.iter().map(|case| case_gap(case, &forced_logits(eng, case, n_ctx).1, eng.model.config.n_vocab)).collect();
     (gaps.iter().fold(0f32, |m, g| m.max(g.0)), gaps.iter().map(|g| g.1).sum::<f32>() / gaps.len().max(1) as f32)
 }
 
@@ -126,7 +142,7 @@ fn check_logits_within(fx: &Fixture, eng: &Engine, logit_tol: f32, mean_tol: f32
     let n_vocab = eng.model.config.n_vocab;
     for case in &fx.generate {
         assert_eq!(eng.tokenizer.encode(&case.prompt, case.add_special).unwrap(), case.prompt_tokens, "prompt tokens of {:?}", case.prompt);
-        let (seq, logits) = forced_logits(eng, case);
+        let (seq, logits) = forced_logits(eng, case, LLAMA_CPP_N_CTX);
         for t in &case.top5 {
             let row = &logits[t.position * n_vocab..][..n_vocab];
             if std::env::var("GOLDEN_VERBOSE").is_ok() {
@@ -153,7 +169,7 @@ fn check_greedy(fx: &Fixture, eng: &Engine) {
     for case in &fx.generate {
         let n_prompt = case.prompt_tokens.len();
         let n = case.greedy_tokens.len();
-        let mut kv = eng.model.new_cache(n_prompt + n + 8).unwrap();
+        let mut kv = eng.model.new_cache(LLAMA_CPP_N_CTX).unwrap();
         let opts =
             agentflux::decode::GenerateOptions { max_tokens: n, sampler: Default::default(), stop: Vec::new(), stop_on_repeat: false };
         let g = agentflux::decode::generate(&eng.model, &mut kv, &case.prompt_tokens, &opts, |_| {}).unwrap();
@@ -190,6 +206,20 @@ fn gemma3_matches_llama_cpp() {
     check_greedy(&fx, &eng);
 }
 
+/// DeepSeek-R1-Distill-Qwen-7B's tokenizer (152k tokens, the `deepseek-r1-qwen` pre-tokenizer)
+/// and chat template, from the header of the real file (`tools/fetch-model deepseek-vocab`; the
+/// registry does not hold the weights): 25 texts tokenized as llama.cpp does, four conversations
+/// rendered as jinja2 renders them.
+#[test]
+fn deepseek_r1_distill_qwen_text_matches_llama_cpp() {
+    let Some((fx, model)) = fixture("DeepSeek-R1-Distill-Qwen-7B.vocab.json") else { return };
+    let f = GgufFile::open(&model).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&f).unwrap();
+    let template = ChatTemplate::from_gguf(&f, &tokenizer).unwrap();
+    assert!(fx.tokenize.len() >= 20 && fx.chat.len() == 4);
+    check_text_with(&fx, &tokenizer, template.as_ref());
+}
+
 /// The GPU forward pass on the real default model equals the f32 reference forward (every
 /// weight dequantized on the host, keys and values rounded to f16 as the engine's cache holds
 /// them) at every position of a chat prompt.
@@ -214,8 +244,8 @@ const TINY_LOGIT_TOL: f32 = 0.15;
 const TINY_MEAN_TOL: f32 = 0.04;
 
 /// Tiny random models of what the real files above do not cover — Llama 3.1's rope frequency
-/// factors, qwen2 and qwen3, gemma3's sliding window on short prompts, phi3's fused tensors, and
-/// the block formats
+/// factors, qwen2 and qwen3, gemma3's sliding window on short prompts, phi3's fused tensors and
+/// its LongRoPE, and the block formats
 /// Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K — each with SmolLM2's
 /// tokenizer, written the same way by `AGENTFLUX_WRITE_TINY=DIR cargo test --release --test
 /// golden -- tiny` (for `tools/make-golden DIR/*.gguf`) and by the test.
@@ -233,6 +263,11 @@ fn tiny_golden_models() -> Vec<(String, agentflux::reference::TinyModelSpec)> {
     models.push(("tiny-qwen3".to_string(), TinyModelSpec::new("qwen3", BlockFormat::Q8_0)));
     models.push(("tiny-gemma3".to_string(), TinyModelSpec::new("gemma3", BlockFormat::Q8_0)));
     models.push(("tiny-phi3".to_string(), TinyModelSpec::new("phi3", BlockFormat::Q8_0)));
+    // Phi-3 128k's LongRoPE, original context 512: llama.cpp's context of 2048 takes the long
+    // factors, and every rotated pair its attention factor.
+    let mut phi3_long = TinyModelSpec::new("phi3", BlockFormat::Q8_0);
+    phi3_long.long_rope = Some(512);
+    models.push(("tiny-phi3-longrope".to_string(), phi3_long));
     for format in [BlockFormat::Q5_1, BlockFormat::IQ4_NL, BlockFormat::IQ4_XS, BlockFormat::Q2_K, BlockFormat::Q3_K] {
         models.push((format!("tiny-llama-{}", format.name()), TinyModelSpec::new("llama", format)));
     }
@@ -281,9 +316,16 @@ fn tiny_models_match_llama_cpp() {
             // A control: the same weights without the factors do not pass this comparison.
             without.rope_factors = false;
             let path = write_tiny(&dir, "tiny-without-rope-factors", without).unwrap();
-            let (worst, mean) = logit_gap(&fx, &Engine::load_on(common::ctx(), &path).unwrap());
+            let (worst, mean) = logit_gap(&fx, &Engine::load_on(common::ctx(), &path).unwrap(), LLAMA_CPP_N_CTX);
             eprintln!("  the same weights without the rope factors: max {worst:.3}, mean {mean:.3}");
             assert!(worst > TINY_LOGIT_TOL && mean > TINY_MEAN_TOL, "without the factors: max {worst}, mean {mean}");
+        }
+        if let Some(orig) = eng.model.config.long_rope.as_ref().map(|lr| lr.original_ctx) {
+            // A control: in a context within the original one the short factors apply, and they
+            // do not give what llama.cpp gave in its context of 2048 (the long ones).
+            let (worst, mean) = logit_gap(&fx, &eng, orig);
+            eprintln!("  in a context of {orig} (the short factors): max {worst:.3}, mean {mean:.3}");
+            assert!(worst > TINY_LOGIT_TOL && mean > TINY_MEAN_TOL, "with the short factors: max {worst}, mean {mean}");
         }
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -216,11 +216,12 @@ fn rope_both_layouts_partial_rotation() {
     for layout in [RopeLayout::Normal, RopeLayout::Neox] {
         for (heads, hd, rot, pos0) in [(3, 64, 64, 0), (2, 16, 8, 100), (5, 256, 256, 4000)] {
             // Without and with per-pair frequency factors (Llama 3.1's divide low frequencies by
-            // up to 8 and leave high ones at 1).
+            // up to 8 and leave high ones at 1), the latter with an attention factor (LongRoPE).
             for factors in [None, Some((0..rot / 2).map(|_| 1.0 + 7.0 * r.next_f32()).collect::<Vec<f32>>())] {
                 let t = 4;
                 let x = random_vec(&mut r, t * heads * hd, 1.0);
-                let rp = Rope { factors, ..Rope::new(layout, rot, 10000.0) };
+                let scale = if factors.is_some() { 1.0 + 0.5 * r.next_f32() } else { 1.0 };
+                let rp = Rope { factors, scale, ..Rope::new(layout, rot, 10000.0) };
                 let factors_b = rp.factors.as_ref().map(|v| f32_buf(&ctx, v));
                 let b = f32_buf(&ctx, &x);
                 let mut rec = Recorder::new(&ctx);
@@ -230,7 +231,7 @@ fn rope_both_layouts_partial_rotation() {
                 let mut want = x.clone();
                 reference::rope(&mut want, heads, hd, &rp, pos0);
                 // Angles up to ~4000 rad: f32 argument reduction costs ~1e-4 there.
-                let what = format!("rope {layout:?} hd={hd} pos0={pos0} factors={}", rp.factors.is_some());
+                let what = format!("rope {layout:?} hd={hd} pos0={pos0} factors={} scale {scale}", rp.factors.is_some());
                 assert_close(&what, &read_f32(&ctx, &b, 0, x.len()).unwrap(), &want, 5e-4);
             }
         }

@@ -100,9 +100,9 @@ fn backward_kernels_match_the_reference() {
     }
 
     for layout in [RopeLayout::Normal, RopeLayout::Neox] {
-        for factors in [None, Some(vec![1.0, 2.5, 4.0, 8.0])] {
+        for (factors, scale) in [(None, 1.0), (Some(vec![1.0, 2.5, 4.0, 8.0]), 1.0), (Some(vec![1.0, 1.7, 3.2, 6.5]), 1.19)] {
             let (t, heads, hd, pos0) = (3, 2, 16, 7);
-            let rp = Rope { factors, ..Rope::new(layout, 8, 10000.0) };
+            let rp = Rope { factors, scale, ..Rope::new(layout, 8, 10000.0) };
             let factors_b = rp.factors.as_ref().map(|v| f32_buf(&ctx, v));
             let dy = random_vec(&mut r, t * heads * hd, 1.0);
             let b = f32_buf(&ctx, &dy);
@@ -112,7 +112,7 @@ fn backward_kernels_match_the_reference() {
             rec.submit();
             let mut want = dy.clone();
             reference::rope_backward(&mut want, heads, hd, &rp, pos0);
-            let what = format!("rope_backward {layout:?} factors={}", rp.factors.is_some());
+            let what = format!("rope_backward {layout:?} factors={} scale {scale}", rp.factors.is_some());
             assert_close(&what, &read_f32(&ctx, &b, 0, dy.len()).unwrap(), &want, 1e-4);
         }
     }

@@ -107,11 +107,16 @@ fn qwen2_matches_reference() {
     check_arch(&spec, "qwen2");
 }
 
-/// phi3: q/k/v and gate/up stored fused, split by the loaders.
+/// phi3: q/k/v and gate/up stored fused, split by the loaders; LongRoPE.
 #[test]
 fn phi3_matches_reference() {
     let stacked = check_arch(&TinyModelSpec::new("phi3", BlockFormat::Q8_0), "phi3");
     assert!(stacked, "phi3: the split q, k, v rows read as one stacked product");
+    // LongRoPE with an original context of 8: the 9 tokens and the caches of 64 take the long
+    // factors and the attention factor.
+    let mut long = TinyModelSpec::new("phi3", BlockFormat::Q8_0);
+    long.long_rope = Some(8);
+    check_arch(&long, "phi3-longrope");
 }
 
 #[test]

@@ -290,8 +290,11 @@ fn operator_gradients_match_finite_differences() {
     let e = fd_error(&x, &all(x.len()), &rms_norm_backward(&x, &g, &dy, n, 1e-5), 1e-2, |x| weighted(&rms_norm(x, &g, n, 1e-5), &dy));
     assert!(e < tol, "rms_norm: {e:.2e}");
 
-    for layout in [RopeLayout::Normal, RopeLayout::Neox] {
-        let rope_cfg = Rope::new(layout, 8, 10000.0);
+    // Plain, and with LongRoPE's per-pair factors and attention factor.
+    let longrope = |layout| Rope { factors: Some(vec![1.0, 1.7, 3.2, 6.5]), scale: 1.19, ..Rope::new(layout, 8, 10000.0) };
+    for rope_cfg in [RopeLayout::Normal, RopeLayout::Neox].into_iter().flat_map(|layout| [Rope::new(layout, 8, 10000.0), longrope(layout)])
+    {
+        let layout = rope_cfg.layout;
         let (x, dy) = (v(&mut r, 3 * 2 * 8), v(&mut r, 3 * 2 * 8));
         let mut dx = dy.clone();
         rope_backward(&mut dx, 2, 8, &rope_cfg, 5);
@@ -300,7 +303,7 @@ fn operator_gradients_match_finite_differences() {
             rope(&mut y, 2, 8, &rope_cfg, 5);
             weighted(&y, &dy)
         });
-        assert!(e < tol, "rope {layout:?}: {e:.2e}");
+        assert!(e < tol, "rope {layout:?} scale {}: {e:.2e}", rope_cfg.scale);
     }
 
     // Grouped-query attention (4 heads over 2 key/value heads), with and without a window.
@@ -338,18 +341,21 @@ fn operator_gradients_match_finite_differences() {
 
 /// The adapter's whole gradient, by backpropagation through the reference model, against finite
 /// differences of the masked loss — for every architecture (biases, q/k norms, GeGLU, post norms,
-/// sliding windows), every projection, activated from a middle position.
+/// sliding windows, fused phi3 tensors with LongRoPE), every projection, activated from a middle
+/// position.
 #[test]
 fn adapter_gradient_matches_finite_differences() {
     use agentflux::gguf::{BlockFormat, GgufFile};
     use agentflux::lora::Proj;
     use agentflux::reference::{random_adapter, tiny_model, ReferenceAdapter, ReferenceModel, TinyModelSpec};
     let mut r = rng("adapter-grads");
-    for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
+    for arch in ["llama", "qwen2", "qwen3", "gemma3", "phi3"] {
         let mut spec = TinyModelSpec::new(arch, BlockFormat::F32);
         spec.untied_output = arch == "qwen2";
-        // Llama 3.1's frequency factors in the rotation the gradient goes back through.
+        // Llama 3.1's frequency factors in the rotation the gradient goes back through, and
+        // phi3's LongRoPE (its long factors and attention factor: an original context of 8).
         spec.rope_factors = arch == "llama";
+        spec.long_rope = (arch == "phi3").then_some(8);
         let path = std::env::temp_dir().join(format!("agentflux-grad-{arch}-{}.gguf", std::process::id()));
         std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
         // The exact f32 function: rounding the cache to f16 would make the loss a step function.
@@ -454,10 +460,13 @@ fn gpu_adapter_gradient_matches_the_reference() {
         ("qwen2", BlockFormat::Q4_K),
         ("qwen3", BlockFormat::F16),
         ("gemma3", BlockFormat::Q5_0),
+        ("phi3", BlockFormat::Q8_0),
     ] {
         let mut spec = TinyModelSpec::new(arch, format);
         spec.untied_output = arch == "qwen2";
         spec.rope_factors = arch == "llama" && format == BlockFormat::Q8_0;
+        // LongRoPE's long factors: the 11 tokens (and the trainer's cache) exceed a context of 8.
+        spec.long_rope = (arch == "phi3").then_some(8);
         let path = std::env::temp_dir().join(format!("agentflux-gpugrad-{arch}-{format:?}-{}.gguf", std::process::id()));
         std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
         let file = GgufFile::open(&path).unwrap();

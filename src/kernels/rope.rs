@@ -23,6 +23,7 @@ uniform_block! {
         at: u32,
         inverse: u32,
         factors: u32,
+        scale: f32,
     }
 }
 
@@ -52,7 +53,8 @@ pub fn rope(rec: &mut Recorder, ctx: &GpuContext, op: RopeOp, v: View, head_dim:
     dispatch(rec, ctx, op, v, head_dim, at, false)
 }
 
-/// Record the gradient through [`rope`], in place: every pair rotated back.
+/// Record the gradient through [`rope`], in place: every pair rotated back (and multiplied by
+/// the rotation's scale, as the forward pass multiplies it).
 pub fn rope_backward(rec: &mut Recorder, ctx: &GpuContext, op: RopeOp, dv: View, head_dim: usize, pos0: usize) -> Result<()> {
     dispatch(rec, ctx, op, dv, head_dim, Positions::From(pos0), true)
 }
@@ -89,6 +91,7 @@ fn dispatch(rec: &mut Recorder, ctx: &GpuContext, op: RopeOp, v: View, head_dim:
         at: table.map_or(0, |t| t.at) as u32,
         inverse: inverse as u32,
         factors: op.factors.is_some() as u32,
+        scale: rope.scale,
     };
     rec.dispatch(
         &kernel,

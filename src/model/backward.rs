@@ -318,8 +318,8 @@ impl AdapterBuffers {
             };
             let grads = AttentionGrads { dq: &dq, dk: &dk, dv: &dv, stats: &stats };
             attention_backward(&mut rec, ctx, &shape, View::new(tr(Act::Q), t, q_dim), kv.layer(l)?, View::new(&datt, t, q_dim), grads)?;
-            let rp = c.layer_rope(l);
-            let op = RopeOp { rope: &rp, factors: model.weights.rope_factors.as_ref() };
+            let rp = c.layer_rope(l, kv.n_ctx());
+            let op = RopeOp { rope: &rp, factors: model.weights.rope_factors_in(c, kv.n_ctx()) };
             rope_backward(&mut rec, ctx, op, View::new(&dq, t, q_dim), hd, from)?;
             rope_backward(&mut rec, ctx, op, View::new(&dk, t, kv_dim), hd, from)?;
             let (dq, dk) = match &lw.qk_norm {

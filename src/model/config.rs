@@ -49,10 +49,12 @@ impl ModelConfig {
             n_ctx_train: f.u64(&k("context_length"))? as usize,
             norm_eps: f.f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
             rope: Rope {
-                factors: rope_factors(f, rot_dim)?,
+                factors: rope_factors(f, ROPE_FACTORS, rot_dim)?,
+                scale: f.meta(&k("rope.scaling.attn_factor")).and_then(|v| v.as_f64()).unwrap_or(1.0) as f32,
                 ..Rope::new(layout, rot_dim, f.meta(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32)
             },
             rope_base_local: None,
+            long_rope: None,
             sliding_window: 0,
             sliding_pattern: 0,
             act: Activation::Silu,
@@ -93,7 +95,11 @@ impl ModelConfig {
         if f.find_tensor(&last).is_none() {
             return bad(format!("block_count is {} but the file has no {last}", self.n_layers));
         }
-        let positive = [("attention.layer_norm_rms_epsilon", self.norm_eps), ("rope.freq_base", self.rope.base)];
+        let positive = [
+            ("attention.layer_norm_rms_epsilon", self.norm_eps),
+            ("rope.freq_base", self.rope.base),
+            ("rope.scaling.attn_factor", self.rope.scale),
+        ];
         for (key, value) in positive.into_iter().chain(self.rope_base_local.map(|b| ("local rope base", b))) {
             if !(value.is_finite() && value > 0.0) {
                 return bad(format!("{key} is {value}; a finite positive number is needed"));
@@ -112,16 +118,17 @@ impl ModelConfig {
     }
 }
 
-/// The tensor holding per-pair frequency divisors (Llama 3.1 and later), checked: `rot_dim / 2`
-/// finite positive values.
+/// The tensor holding per-pair frequency divisors (Llama 3.1 and later).
 pub(crate) const ROPE_FACTORS: &str = "rope_freqs.weight";
 
-fn rope_factors(f: &GgufFile, rot_dim: usize) -> Result<Option<Vec<f32>>> {
-    if f.find_tensor(ROPE_FACTORS).is_none() {
+/// Per-pair frequency divisors from tensor `name`, if the file has it, checked: `rot_dim / 2`
+/// finite positive values.
+pub(crate) fn rope_factors(f: &GgufFile, name: &str, rot_dim: usize) -> Result<Option<Vec<f32>>> {
+    if f.find_tensor(name).is_none() {
         return Ok(None);
     }
-    let bad = |msg: String| Error::Model { path: f.path().to_path_buf(), msg: format!("{ROPE_FACTORS}: {msg}") };
-    let factors = f.tensor_f32(ROPE_FACTORS).map_err(|e| bad(e.to_string()))?;
+    let bad = |msg: String| Error::Model { path: f.path().to_path_buf(), msg: format!("{name}: {msg}") };
+    let factors = f.tensor_f32(name).map_err(|e| bad(e.to_string()))?;
     if factors.len() != rot_dim / 2 {
         return Err(bad(format!("{} values for {} rotated pairs", factors.len(), rot_dim / 2)));
     }

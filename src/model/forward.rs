@@ -268,7 +268,6 @@ impl Model {
             rms_norm_inplace(rec, ctx, RmsNorm { w: qn, eps: c.norm_eps }, q.split_rows(hd)?)?;
             rms_norm_inplace(rec, ctx, RmsNorm { w: kn, eps: c.norm_eps }, k.split_rows(hd)?)?;
         }
-        let rp = c.layer_rope(l);
         let shape =
             AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
         let att = View::new(&s.attn, t, c.q_dim());
@@ -279,7 +278,9 @@ impl Model {
             let (row0, rows) = (segs[0].row0, segs.iter().map(|g| g.len).sum());
             let [q, k, v, o] = [q, k, v, att].map(|r| r.rows(row0, rows));
             let (places, cache) = (all.range(row0, rows)?, segs[0].kv.buffers(l)?);
-            let op = RopeOp { rope: &rp, factors: self.weights.rope_factors.as_ref() };
+            let n_ctx = segs[0].kv.n_ctx();
+            let rp = c.layer_rope(l, n_ctx);
+            let op = RopeOp { rope: &rp, factors: self.weights.rope_factors_in(c, n_ctx) };
             rope(rec, ctx, op, q, hd, Positions::Table(places))?;
             rope(rec, ctx, op, k, hd, Positions::Table(places))?;
             kv_store(rec, ctx, k, v, cache, places)?;

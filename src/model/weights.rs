@@ -51,6 +51,8 @@ pub struct Weights {
     pub lm_head: Option<WeightMatrix>,
     /// The rotation's frequency factors ([`crate::hparams::Rope::factors`]), where it has them.
     pub rope_factors: Option<wgpu::Buffer>,
+    /// LongRoPE's long factors ([`crate::hparams::LongRope`]), where the model has them.
+    pub rope_factors_long: Option<wgpu::Buffer>,
 }
 
 struct Loader<'a> {
@@ -145,13 +147,25 @@ impl Weights {
             None => None,
         };
         let rope_factors = c.rope.factors.as_ref().map(|v| storage_buffer(ctx, "rope_factors", bytemuck::cast_slice(v)));
+        let rope_factors_long = c.long_rope.as_ref().map(|lr| storage_buffer(ctx, "rope_factors_long", bytemuck::cast_slice(&lr.factors)));
         Ok(Self {
             embed: ld.matrix("token_embd.weight", c.n_vocab, d)?,
             layers,
             out_norm: ld.vector("output_norm.weight", d)?,
             lm_head,
             rope_factors,
+            rope_factors_long,
         })
+    }
+
+    /// The frequency factors uploaded for a context of `n_ctx` positions (those of
+    /// [`ModelConfig::layer_rope`]).
+    pub fn rope_factors_in(&self, c: &ModelConfig, n_ctx: usize) -> Option<&wgpu::Buffer> {
+        if c.long_rope_in(n_ctx) {
+            self.rope_factors_long.as_ref()
+        } else {
+            self.rope_factors.as_ref()
+        }
     }
 
     /// The matrix that maps the final hidden state to logits.

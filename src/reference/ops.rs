@@ -35,7 +35,7 @@ pub fn rope(x: &mut [f32], n_heads: usize, head_dim: usize, rope: &Rope, pos0: u
 }
 
 /// The gradient through [`rope`]: each pair rotated back (the transpose of a rotation is its
-/// inverse), in place.
+/// inverse) and scaled as the forward pass scales it, in place.
 pub fn rope_backward(dy: &mut [f32], n_heads: usize, head_dim: usize, rope: &Rope, pos0: usize) {
     rotate(dy, n_heads, head_dim, rope, pos0, -1.0);
 }
@@ -52,8 +52,9 @@ fn rotate(x: &mut [f32], n_heads: usize, head_dim: usize, rope: &Rope, pos0: usi
                     RopeLayout::Neox => (h * head_dim + i, h * head_dim + i + half),
                 };
                 let (xa, xb) = (r[a] as f64, r[b] as f64);
-                r[a] = (xa * theta.cos() - xb * theta.sin()) as f32;
-                r[b] = (xa * theta.sin() + xb * theta.cos()) as f32;
+                let (c, s) = (rope.scale as f64 * theta.cos(), rope.scale as f64 * theta.sin());
+                r[a] = (xa * c - xb * s) as f32;
+                r[b] = (xa * s + xb * c) as f32;
             }
         }
     }

@@ -107,6 +107,9 @@ pub struct TinyModelSpec {
     /// Give the rotation per-pair frequency factors (`rope_freqs.weight`, as Llama 3.1 files
     /// have), drawn after every other tensor: the same seed gives the same weights either way.
     pub rope_factors: bool,
+    /// LongRoPE as Phi-3 128k files have it, for contexts beyond this original one: short and
+    /// long per-pair factors (drawn last) and the attention factor √(1 + ln(n_ctx/orig) / ln orig).
+    pub long_rope: Option<usize>,
 }
 
 impl TinyModelSpec {
@@ -130,6 +133,7 @@ impl TinyModelSpec {
             n_ctx: 512,
             extra_meta: Vec::new(),
             rope_factors: false,
+            long_rope: None,
         }
     }
 }
@@ -155,6 +159,11 @@ pub fn tiny_model(spec: &TinyModelSpec, seed: u64) -> Vec<u8> {
         .meta(&key("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));
     if a == "gemma3" {
         w.meta(&key("attention.sliding_window"), MetaValue::U32(s.sliding_window as u32));
+    }
+    if let Some(orig) = s.long_rope {
+        let scale = (1.0 + (s.n_ctx as f64 / orig as f64).ln() / (orig as f64).ln()).sqrt();
+        w.meta(&key("rope.scaling.original_context_length"), MetaValue::U32(orig as u32))
+            .meta(&key("rope.scaling.attn_factor"), MetaValue::F32(scale as f32));
     }
     for (k, v) in &s.extra_meta {
         w.meta(k, v.clone());
@@ -213,6 +222,14 @@ pub fn tiny_model(spec: &TinyModelSpec, seed: u64) -> Vec<u8> {
         let pairs = s.head_dim / 2;
         let v: Vec<f32> = (0..pairs).map(|i| if i < pairs / 4 { 1.0 } else { 1.0 + 7.0 * rng.next_f32() }).collect();
         w.tensor_f32("rope_freqs.weight", &[pairs as u64], &v);
+    }
+    if s.long_rope.is_some() {
+        // Phi-3's shapes: short factors near 1, long ones growing from 1 to tens.
+        let pairs = s.head_dim / 2;
+        let short: Vec<f32> = (0..pairs).map(|_| 1.0 + 0.2 * rng.next_f32()).collect();
+        let long: Vec<f32> = (0..pairs).map(|i| 1.0 + 40.0 * (i as f32 / pairs as f32).powi(2) * (0.5 + rng.next_f32())).collect();
+        w.tensor_f32("rope_factors_short.weight", &[pairs as u64], &short);
+        w.tensor_f32("rope_factors_long.weight", &[pairs as u64], &long);
     }
     w.to_bytes()
 }

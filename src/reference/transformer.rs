@@ -148,7 +148,7 @@ impl ReferenceModel {
                 Some([qn, kn]) => (ops::rms_norm(&q_pre, qn, hd, eps), ops::rms_norm(&k_pre, kn, hd, eps)),
                 None => (q_pre.clone(), k_pre.clone()),
             };
-            let rp = c.layer_rope(l);
+            let rp = c.layer_rope(l, tokens.len());
             ops::rope(&mut q, c.n_heads, hd, &rp, 0);
             ops::rope(&mut k, c.n_kv_heads, hd, &rp, 0);
             if self.kv_f16 {
@@ -236,7 +236,7 @@ impl ReferenceModel {
             let datt = back(Proj::O, &ly.wo, &t.att, &do_pre);
             let (mut dq, mut dk, dv) =
                 backward::attention_backward(&t.q, &t.k, &t.v, &datt, c.n_heads, c.n_kv_heads, hd, c.layer_window(l), c.attn_scale);
-            let rp = c.layer_rope(l);
+            let rp = c.layer_rope(l, tokens.len());
             ops::rope_backward(&mut dq, c.n_heads, hd, &rp, 0);
             ops::rope_backward(&mut dk, c.n_kv_heads, hd, &rp, 0);
             if let Some([qn, kn]) = &ly.qk_norm {
