@@ -62,15 +62,16 @@ impl AgentBuilder {
         self
     }
 
-    /// An MCP server started from this command line (repeatable; each one's tools form a group
-    /// of the catalog).
+    /// An MCP server: a command line started over stdio, or the `http://`/`https://` URL of a
+    /// Streamable HTTP endpoint (repeatable; each one's tools form a group of the catalog).
     pub fn mcp(mut self, command: impl Into<String>) -> Self {
         self.servers.push(command.into());
         self
     }
 
-    /// Every stdio server an `mcpServers` configuration file lists (Claude Desktop, Cursor and
-    /// VS Code write them), started after those of [`mcp`](Self::mcp) (repeatable).
+    /// Every server an `mcpServers` configuration file lists (Claude Desktop, Cursor and VS Code
+    /// write them: commands, and URLs of Streamable HTTP endpoints), started or reached after
+    /// those of [`mcp`](Self::mcp), named as the file names them (repeatable).
     pub fn mcp_config(mut self, path: impl Into<PathBuf>) -> Self {
         self.configs.push(path.into());
         self
@@ -109,11 +110,12 @@ impl AgentBuilder {
                 "an agent needs tools: add an MCP server (mcp, mcp_config) or OpenAI tools (openai_tools)".into(),
             ));
         }
-        let mut servers = self.servers.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
+        let mut servers =
+            self.servers.iter().map(|server| McpClient::open(server, &[], ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
         for path in &self.configs {
             let text = std::fs::read_to_string(path).map_err(|e| Error::bad_file(path, format!("cannot read it: {e}")))?;
-            for (_, command) in read_mcp_config(&path.display().to_string(), &text)? {
-                servers.push(McpClient::start(&command, ServerOptions::default())?);
+            for (name, entry) in read_mcp_config(&path.display().to_string(), &text)? {
+                servers.push(McpClient::open_entry(&entry, ServerOptions::default())?.named(&name));
             }
         }
         let mut servers = ToolServers::new(servers)?;

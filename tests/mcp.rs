@@ -43,7 +43,7 @@ fn lists_pages_and_calls_tools() {
     assert_eq!(c.call_tool("add", &json!({"a": 2, "b": 40})).unwrap().text(), "42");
     let unknown = c.call_tool("nope", &json!({})).unwrap();
     assert!(unknown.is_error && unknown.text().contains("unknown tool"));
-    let pid = c.pid();
+    let pid = c.pid().expect("a stdio server is a child process");
     drop(c);
     assert!(gone(pid), "the server is reaped on drop");
 }
@@ -55,7 +55,7 @@ fn faults_are_clear_errors_and_leave_no_process() {
         let (pid, err) = match McpClient::spawn(&fault(mode), quick()) {
             Err(e) => (None, e),
             Ok(mut c) => {
-                let pid = c.pid();
+                let pid = c.pid().expect("a stdio server is a child process");
                 let err = c.list_tools().and_then(|_| c.call_tool("echo", &json!({"text": "hi"}))).expect_err(mode);
                 drop(c);
                 (Some(pid), err)
@@ -239,7 +239,7 @@ fn a_server_writing_noise_is_a_clear_error() {
 fn a_server_killed_mid_call_fails_the_call_at_once() {
     let mut c = McpClient::spawn(&fault("hang"), ServerOptions::default()).unwrap();
     c.list_tools().unwrap();
-    let pid = c.pid();
+    let pid = c.pid().expect("a stdio server is a child process");
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(500));
         let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
@@ -253,4 +253,96 @@ fn a_server_killed_mid_call_fails_the_call_at_once() {
     assert!(err.to_string().contains("closed the connection during tools/call"), "{err}");
     drop(c);
     assert!(gone(pid), "the killed server {pid} was not reaped");
+}
+
+/// A free loopback port (bound, then released for a server to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The real `server-everything` reached over Streamable HTTP (its `streamableHttp` mode, the
+/// official TypeScript SDK's transport: sessions, SSE answers) gives the tools and the results it
+/// gives over stdio; a tool error is a result; a wrong URL or a refused request is a clear error;
+/// the session ends with the client.
+#[test]
+fn a_server_over_streamable_http_answers_as_over_stdio() {
+    use agentflux::mcp::HttpEndpoint;
+    use std::io::BufRead;
+    let Some(bin) = node_server("mcp-server-everything") else { return };
+    let port = free_port();
+    let mut server = std::process::Command::new(&bin)
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It says when it listens.
+    let mut stderr = std::io::BufReader::new(server.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "server-everything exited before listening");
+    }
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let endpoint = HttpEndpoint { url: format!("http://127.0.0.1:{port}/mcp"), headers: vec![("X-Test".into(), "1".into())] };
+    let mut http = McpClient::connect(&endpoint, quick()).unwrap();
+    let mut stdio = McpClient::spawn(&format!("{} stdio", bin.display()), quick()).unwrap();
+    assert_eq!(http.name(), stdio.name());
+    assert_eq!(http.protocol_version, stdio.protocol_version);
+    assert_eq!(http.pid(), None);
+    let (tools, want) = (http.list_tools().unwrap(), stdio.list_tools().unwrap());
+    assert_eq!(tools, want, "the same tools over both transports");
+    assert!(tools.len() > 5, "{} tools", tools.len());
+    for (name, args) in [("echo", json!({"message": "over http"})), ("get-sum", json!({"a": 2, "b": 40}))] {
+        assert!(tools.iter().any(|t| t.name == name), "server-everything has no {name}");
+        let (got, want) = (http.call_tool(name, &args).unwrap(), stdio.call_tool(name, &args).unwrap());
+        assert_eq!(got, want, "{name}");
+        assert!(!got.is_error && !got.text().is_empty(), "{name}: {got:?}");
+    }
+    let missing = http.call_tool("no-such-tool", &json!({}));
+    assert!(matches!(&missing, Ok(r) if r.is_error) || matches!(&missing, Err(McpError::Rpc { .. })), "{missing:?}");
+    drop(http);
+    // Nothing listens at a wrong path: a clear error naming HTTP and the status.
+    let wrong = HttpEndpoint { url: format!("http://127.0.0.1:{port}/nope"), headers: vec![] };
+    let e = McpClient::connect(&wrong, quick()).err().expect("a refusal").to_string();
+    assert!(e.contains("over HTTP") && e.contains("404"), "{e}");
+    let e = McpClient::connect(&HttpEndpoint { url: format!("http://127.0.0.1:{}/mcp", free_port()), headers: vec![] }, quick())
+        .err()
+        .expect("nothing listens")
+        .to_string();
+    assert!(e.contains("127.0.0.1"), "{e}");
+    server.kill().ok();
+    server.wait().ok();
+}
+
+/// The official MCP conformance suite (`@modelcontextprotocol/conformance`, tools/mcp) drives the
+/// hidden `agentflux mcp-conformance` through every client scenario that applies to a client
+/// without OAuth or elicitation: `initialize`, `tools_call` and `sse-retry` (a stream cut before
+/// its answer, resumed with `Last-Event-ID` after the `retry` delay). Node.js 24, which the suite
+/// needs, comes from tools/clients (tools/setup).
+#[test]
+fn the_mcp_conformance_suite_passes_its_client_scenarios() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (node, suite) =
+        (root.join("tools/clients/.venv/bin/node"), root.join("tools/mcp/node_modules/@modelcontextprotocol/conformance/dist/index.js"));
+    if !node.exists() || !suite.exists() {
+        assert!(std::env::var("CI").is_err(), "{} or {} is missing under CI: tools/setup installs them", node.display(), suite.display());
+        eprintln!("SKIPPED: the conformance suite or Node.js 24 is not installed (run tools/setup)");
+        return;
+    }
+    let work = std::env::temp_dir().join(format!("agentflux-conformance-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    for scenario in ["initialize", "tools_call", "sse-retry"] {
+        let out = std::process::Command::new(&node)
+            .arg(&suite)
+            .args(["client", "--command", &format!("{} mcp-conformance", env!("CARGO_BIN_EXE_agentflux")), "--scenario", scenario])
+            .current_dir(&work)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("OVERALL: PASSED"), "{scenario}:\n{text}");
+        let passed = text.lines().find(|l| l.starts_with("Passed:")).unwrap_or("?");
+        eprintln!("{scenario}: {passed}");
+    }
+    std::fs::remove_dir_all(&work).ok();
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use agentflux::gguf::{BlockFormat, GgufFile};
+use agentflux::gguf::{BlockFormat, GgufFile, MetaValue};
 use agentflux::model::{Logits, Model, Sequence};
 use agentflux::reference::{tiny_model, ReferenceModel, TinyModelSpec};
 use agentflux::Error;
@@ -190,6 +190,21 @@ fn bad_inputs_are_typed_errors() {
     let e = GgufFile::open(&p2).map_err(Error::from).and_then(|f| Model::load(ctx(), &f).map(|_| ())).unwrap_err().to_string();
     assert!(e.contains("blk.0.attn_q.weight"), "{e}");
     std::fs::remove_file(p2).ok();
+
+    // Position scaling not implemented, and an attention factor that is not a positive number,
+    // are refused naming the key.
+    for (key, value, says) in [
+        ("llama.rope.scaling.type", MetaValue::String("yarn".into()), "'yarn' position scaling is not supported"),
+        ("llama.rope.scaling.attn_factor", MetaValue::F32(f32::NAN), "a finite positive number is needed"),
+    ] {
+        let mut spec = spec.clone();
+        spec.extra_meta = vec![(key.to_string(), value)];
+        let p3 = std::env::temp_dir().join(format!("agentflux-badrope-{}.gguf", std::process::id()));
+        std::fs::write(&p3, tiny_model(&spec, 3)).unwrap();
+        let e = GgufFile::open(&p3).map_err(Error::from).and_then(|f| Model::load(ctx(), &f).map(|_| ())).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(says), "{e}");
+        std::fs::remove_file(p3).ok();
+    }
 }
 
 /// A token tree scored in one pass gives, at every node, the logits of a plain causal run of the

@@ -455,9 +455,14 @@ fn call_and_run_commands_drive_the_filesystem_server() {
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["candidates"].as_object().unwrap().contains_key("read_text_file"), "{v}");
-    std::fs::write(&config, r#"{"mcpServers": {"remote": {"url": "https://example.com/mcp"}}}"#).unwrap();
+    // A remote server that does not answer is named with its URL; one of the older HTTP+SSE
+    // transport is refused naming its entry.
+    std::fs::write(&config, r#"{"mcpServers": {"remote": {"url": "http://127.0.0.1:1/mcp"}}}"#).unwrap();
     let (ok, _, err) = agentflux(&["call", "--model", m, "--mcp-config", config.to_str().unwrap(), "hello"]);
-    assert!(!ok && err.contains("mcpServers.remote") && err.contains("remote servers"), "{err}");
+    assert!(!ok && err.contains("`remote`") && err.contains("http://127.0.0.1:1/mcp") && err.contains("cannot reach it"), "{err}");
+    std::fs::write(&config, r#"{"mcpServers": {"old": {"type": "sse", "url": "http://127.0.0.1:1/sse"}}}"#).unwrap();
+    let (ok, _, err) = agentflux(&["call", "--model", m, "--mcp-config", config.to_str().unwrap(), "hello"]);
+    assert!(!ok && err.contains("mcpServers.old") && err.contains("HTTP+SSE"), "{err}");
 
     // Bad input: no tools at all, and a server that cannot start.
     let (ok, _, err) = agentflux(&["call", "--model", m, "hello"]);

@@ -1,62 +1,65 @@
-//! An MCP client over stdio: spawn a server, negotiate, list and call its tools.
-//!
-//! Framing is the stdio transport's: one JSON-RPC 2.0 message per line on the child's stdin and
-//! stdout. A reader thread turns stdout lines into messages; another keeps the tail of stderr for
-//! error messages. Every request has a deadline. Dropping the client kills the server and what it
-//! started ([`ServerProcess`]) and reaps it.
+//! An MCP client: negotiate with a server, list and call its tools, over a [`Transport`] — the
+//! server as a child process on stdio ([`super::stdio`]) or an endpoint of Streamable HTTP
+//! ([`super::http`]). Every request has a deadline. Dropping the client ends the session (a
+//! child is killed with what it started, and reaped).
 
-use super::process::ServerProcess;
+use super::http::{HttpEndpoint, HttpTransport};
+use super::stdio::StdioTransport;
 use super::{McpError, Tool, ToolResult};
 use serde_json::{json, Value};
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 /// Protocol revisions this client speaks, newest first.
 pub const PROTOCOL_VERSIONS: [&str; 3] = ["2025-06-18", "2025-03-26", "2024-11-05"];
 
-/// Bytes of the server's stderr kept for error messages.
-const STDERR_TAIL: usize = 4096;
-
-/// What the reader thread saw on stdout.
-/// Longest line a server may write (a tool result included); a longer one is garbage.
-const MAX_LINE_BYTES: usize = 16 << 20;
-
-enum Incoming {
+/// What came from the server.
+pub(super) enum Incoming {
     Message(Value),
     Garbage(String),
     Closed,
 }
 
-/// The next message on a server's stdout: one JSON value per line, blank lines skipped. A line
-/// is read up to `max` bytes, so a server that never ends one cannot fill memory; a longer line,
-/// or one that is not UTF-8 or not JSON, is garbage. `None` at the end of the stream.
-fn next_message(reader: &mut impl BufRead, max: usize) -> Option<Incoming> {
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match reader.by_ref().take(max as u64 + 1).read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
+impl Incoming {
+    /// A JSON-RPC message, or garbage.
+    pub(super) fn parse(text: &str) -> Self {
+        match serde_json::from_str::<Value>(text) {
+            Ok(v) => Self::Message(v),
+            Err(_) => Self::Garbage(text.to_string()),
         }
-        if line.len() > max {
-            let start = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-            return Some(Incoming::Garbage(format!("[a line of more than {max} bytes] {start}")));
-        }
-        let Ok(text) = std::str::from_utf8(&line) else {
-            return Some(Incoming::Garbage(format!("[bytes that are not UTF-8] {}", String::from_utf8_lossy(&line))));
-        };
-        if text.trim().is_empty() {
-            continue;
-        }
-        return Some(match serde_json::from_str::<Value>(text) {
-            Ok(v) => Incoming::Message(v),
-            Err(_) => Incoming::Garbage(text.to_string()),
-        });
     }
+}
+
+/// Why a message did not go.
+pub(super) enum SendError {
+    /// The connection is gone (stdio: the pipe closed).
+    Closed(String),
+    /// The server refused it or could not be reached (HTTP: a status that is not 2xx, a session
+    /// that expired, a connection refused).
+    Refused(String),
+}
+
+/// How messages reach a server; what it sends back arrives on the receiver the transport was
+/// made with.
+pub(super) trait Transport: Send {
+    /// Send one message.
+    fn send(&mut self, msg: &Value) -> Result<(), SendError>;
+    /// What the server printed last (stdio: the tail of its stderr), for error messages.
+    fn diagnostics(&self) -> String {
+        String::new()
+    }
+    /// How the server ended, if it has.
+    fn ended(&mut self) -> Option<String> {
+        None
+    }
+    /// End the session (stop the server), saying how it ended.
+    fn end(&mut self) -> String;
+    /// The server's process id, where it is a child process.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+    /// The protocol revision `initialize` agreed on (HTTP sends it with every later request).
+    fn negotiated(&mut self, _version: &str) {}
 }
 
 /// A server's program, arguments and extra environment variables.
@@ -103,10 +106,12 @@ impl Default for ServerOptions {
 /// A running MCP server and the session with it.
 pub struct McpClient {
     command: String,
-    process: ServerProcess,
-    stdin: ChildStdin,
+    /// The name a configuration file gives it, before the one it gives itself.
+    label: Option<String>,
+    transport: Box<dyn Transport>,
+    /// Whether the session was ended (it is, once).
+    ended: bool,
     incoming: Receiver<Incoming>,
-    stderr: Arc<Mutex<VecDeque<u8>>>,
     next_id: u64,
     opts: ServerOptions,
     /// The server's name and version from `initialize`.
@@ -115,18 +120,6 @@ pub struct McpClient {
     pub protocol_version: String,
     /// The server's usage instructions, if it gave any.
     pub instructions: Option<String>,
-}
-
-/// Why `program` did not start; a relative path that was not found names the directory it was
-/// looked up from (commands in tool-set files are usually relative to the repository root).
-fn spawn_failure(program: &str, e: &std::io::Error) -> String {
-    let path = std::path::Path::new(program);
-    match std::env::current_dir() {
-        Ok(cwd) if e.kind() == std::io::ErrorKind::NotFound && path.is_relative() && path.components().count() > 1 => {
-            format!("{e} (a relative path, looked up from the working directory {})", cwd.display())
-        }
-        _ => e.to_string(),
-    }
 }
 
 impl McpClient {
@@ -143,53 +136,46 @@ impl McpClient {
     /// `mcpServers` entry: [`read_mcp_config`](super::read_mcp_config)) and complete the
     /// `initialize` handshake.
     pub fn start(server: &ServerCommand, opts: ServerOptions) -> Result<Self, McpError> {
-        let command = server.to_string();
-        let command = command.as_str();
-        let program = &server.program;
-        let mut cmd = Command::new(program);
-        cmd.args(&server.args)
-            .envs(server.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut process =
-            ServerProcess::spawn(&mut cmd).map_err(|e| McpError::Spawn { command: command.into(), msg: spawn_failure(program, &e) })?;
-        let child = process.child();
-        let (Some(stdin), Some(stdout), Some(mut stderr_pipe)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
-            return Err(McpError::Spawn { command: command.into(), msg: "no stdio pipes".into() });
-        };
-        let (tx, incoming) = channel();
-        std::thread::spawn(move || {
-            let mut stdout = BufReader::new(stdout);
-            while let Some(msg) = next_message(&mut stdout, MAX_LINE_BYTES) {
-                let garbage = matches!(msg, Incoming::Garbage(_));
-                if tx.send(msg).is_err() || garbage {
-                    return;
-                }
-            }
-            let _ = tx.send(Incoming::Closed);
-        });
-        let stderr = Arc::new(Mutex::new(VecDeque::new()));
-        let tail = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1024];
-            while let Ok(n) = stderr_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut t) = tail.lock() {
-                    t.extend(&buf[..n]);
-                    let excess = t.len().saturating_sub(STDERR_TAIL);
-                    t.drain(..excess);
-                }
-            }
-        });
+        let (transport, incoming) = StdioTransport::start(server)?;
+        Self::initialize(server.to_string(), Box::new(transport), incoming, opts)
+    }
+
+    /// Connect to a server over Streamable HTTP and complete the `initialize` handshake.
+    pub fn connect(endpoint: &HttpEndpoint, opts: ServerOptions) -> Result<Self, McpError> {
+        let (transport, incoming) = HttpTransport::new(endpoint, opts.request_timeout.max(opts.init_timeout))?;
+        Self::initialize(endpoint.url.clone(), Box::new(transport), incoming, opts)
+    }
+
+    /// Start a server given as a command line, or connect to one given as an `http://` or
+    /// `https://` URL (with these headers), as `--mcp` takes either.
+    pub fn open(server: &str, headers: &[(String, String)], opts: ServerOptions) -> Result<Self, McpError> {
+        if server.starts_with("http://") || server.starts_with("https://") {
+            Self::connect(&HttpEndpoint { url: server.to_string(), headers: headers.to_vec() }, opts)
+        } else {
+            Self::spawn(server, opts)
+        }
+    }
+
+    /// Start or reach a server a configuration file lists.
+    pub fn open_entry(entry: &super::ServerEntry, opts: ServerOptions) -> Result<Self, McpError> {
+        match entry {
+            super::ServerEntry::Command(c) => Self::start(c, opts),
+            super::ServerEntry::Http(h) => Self::connect(h, opts),
+        }
+    }
+
+    fn initialize(
+        command: String,
+        transport: Box<dyn Transport>,
+        incoming: Receiver<Incoming>,
+        opts: ServerOptions,
+    ) -> Result<Self, McpError> {
         let mut client = Self {
-            command: command.into(),
-            process,
-            stdin,
+            command,
+            label: None,
+            transport,
+            ended: false,
             incoming,
-            stderr,
             next_id: 1,
             opts,
             server_info: Value::Null,
@@ -208,6 +194,7 @@ impl McpClient {
                 client.protocol(format!("the server speaks protocol revision '{version}'; this client speaks {PROTOCOL_VERSIONS:?}"))
             );
         }
+        client.transport.negotiated(&version);
         client.protocol_version = version;
         client.server_info = init["serverInfo"].clone();
         client.instructions = init["instructions"].as_str().map(str::to_string);
@@ -220,9 +207,16 @@ impl McpClient {
         &self.command
     }
 
-    /// The server's name (from `initialize`), or its command.
+    /// The server's name: the one a configuration file gave it ([`McpClient::named`]), else
+    /// the one it gave itself at `initialize`, else its command.
     pub fn name(&self) -> String {
-        self.server_info["name"].as_str().map_or_else(|| self.command.clone(), str::to_string)
+        self.label.clone().or_else(|| self.server_info["name"].as_str().map(str::to_string)).unwrap_or_else(|| self.command.clone())
+    }
+
+    /// Name the server as a configuration file does (hierarchical selection shows it).
+    pub fn named(mut self, name: &str) -> Self {
+        self.label = Some(name.to_string());
+        self
     }
 
     /// Every tool, following `nextCursor` pages.
@@ -325,25 +319,20 @@ impl McpClient {
     }
 
     fn send(&mut self, msg: &Value) -> Result<(), McpError> {
-        let mut line = msg.to_string();
-        line.push('\n');
-        let written = self.stdin.write_all(line.as_bytes()).and_then(|_| self.stdin.flush());
-        written.map_err(|e| {
-            let status = self.process.try_wait().map_or_else(|| format!("still running ({e})"), |s| s.to_string());
-            McpError::Closed {
+        let method = msg["method"].as_str().unwrap_or("reply").to_string();
+        self.transport.send(msg).map_err(|e| match e {
+            SendError::Closed(e) => McpError::Closed {
                 server: self.command.clone(),
-                method: msg["method"].as_str().unwrap_or("reply").into(),
-                status,
-                stderr: self.stderr_tail(),
-            }
+                method,
+                status: self.transport.ended().unwrap_or_else(|| format!("still running ({e})")),
+                stderr: self.transport.diagnostics(),
+            },
+            SendError::Refused(msg) => McpError::Http { server: self.command.clone(), method, msg },
         })
     }
 
     fn stderr_tail(&self) -> String {
-        // Give the stderr thread a moment to collect what a dying server printed.
-        std::thread::sleep(Duration::from_millis(50));
-        let t = self.stderr.lock().map(|t| t.iter().copied().collect::<Vec<u8>>()).unwrap_or_default();
-        String::from_utf8_lossy(&t).trim().to_string()
+        self.transport.diagnostics()
     }
 
     fn protocol(&mut self, msg: String) -> McpError {
@@ -356,25 +345,23 @@ impl McpClient {
         e
     }
 
-    /// Reap the server — after a short grace period for one that is exiting on its own, killing
-    /// it otherwise; says how it ended.
+    /// End the session, once; says how the server ended.
     fn stop(&mut self) -> String {
-        let mut ended = None;
-        for _ in 0..10 {
-            if let Some(status) = self.process.try_wait() {
-                ended = Some(status.to_string());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if std::mem::replace(&mut self.ended, true) {
+            return self.transport.ended().unwrap_or_else(|| "stopped".into());
         }
-        // What it started goes with it, whether it ended on its own or not.
-        self.process.stop();
-        ended.unwrap_or_else(|| "still running; killed".into())
+        self.transport.end()
     }
 
-    /// The server's process id.
-    pub fn pid(&self) -> u32 {
-        self.process.id()
+    /// The server's process id, where it runs as a child process (stdio).
+    pub fn pid(&self) -> Option<u32> {
+        self.transport.pid()
+    }
+}
+
+impl Drop for McpClient {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -422,67 +409,7 @@ pub fn shell_words(s: &str) -> Option<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{next_message, shell_words, Incoming};
-
-    fn messages(bytes: &[u8], max: usize) -> Vec<Incoming> {
-        let mut reader = std::io::Cursor::new(bytes);
-        let mut out = Vec::new();
-        while let Some(m) = next_message(&mut reader, max) {
-            out.push(m);
-        }
-        out
-    }
-
-    #[test]
-    fn lines_become_messages_or_garbage() {
-        let kinds = |bytes: &[u8], max| {
-            messages(bytes, max)
-                .into_iter()
-                .map(|m| match m {
-                    Incoming::Message(v) => format!("message {v}"),
-                    Incoming::Garbage(g) => format!("garbage {}", g.chars().take(40).collect::<String>()),
-                    Incoming::Closed => "closed".into(),
-                })
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(kinds(b"{\"id\":1}\n\n  \r\n{\"id\":2}", 100), ["message {\"id\":1}", "message {\"id\":2}"]);
-        assert_eq!(kinds(b"not json\n", 100), ["garbage not json\n"]);
-        assert_eq!(kinds(b"\"\xff\"\n", 100), ["garbage [bytes that are not UTF-8] \"\u{fffd}\"\n"]);
-        assert!(kinds(&[b'x'; 50], 10)[0].starts_with("garbage [a line of more than 10 bytes] xxx"));
-    }
-
-    /// Mutated JSON-RPC lines and random bytes: every stream ends in messages, garbage or its
-    /// end, never a panic, under a line bound the size of the inputs. `AGENTFLUX_FUZZ_ITERS`
-    /// streams (CI: 20,000).
-    #[test]
-    fn mutated_server_output_is_read_or_refused() {
-        let iters: usize = std::env::var("AGENTFLUX_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-        let valid = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"echo\",\"inputSchema\":{\"type\":\"object\"}}]}}\n";
-        let mut rng = crate::decode::SplitMix64(0x2545_f491_4f6c_dd1du64);
-        let mut next = move || rng.next_u64();
-        let (mut read, mut refused) = (0, 0);
-        for i in 0..iters {
-            let mut b = [&valid[..], &valid[..]].concat();
-            match i % 3 {
-                0 => {
-                    for _ in 0..1 + next() % 6 {
-                        let at = (next() % b.len() as u64) as usize;
-                        b[at] ^= 1 << (next() % 8);
-                    }
-                }
-                1 => b.truncate((next() % b.len() as u64) as usize),
-                _ => b = (0..next() % 300).map(|_| next() as u8).collect(),
-            }
-            for m in messages(&b, 64 + (next() % 128) as usize) {
-                match m {
-                    Incoming::Message(_) => read += 1,
-                    Incoming::Garbage(_) => refused += 1,
-                    Incoming::Closed => {}
-                }
-            }
-        }
-        assert!(read > 0 && refused > 0, "{read} messages, {refused} garbage");
-    }
+    use super::shell_words;
 
     #[test]
     fn shell_words_split_like_a_shell() {

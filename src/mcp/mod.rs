@@ -1,16 +1,21 @@
 //! Model Context Protocol: tool servers the agent calls.
 //!
-//! [`McpClient`] speaks MCP over stdio (JSON-RPC 2.0, one message per line) to a server it
-//! spawns: `initialize` with protocol-revision negotiation, `notifications/initialized`,
-//! `tools/list` with pagination, `tools/call`; per-request deadlines; a server that crashes,
-//! hangs, writes garbage or closes its stdout is reported with the tail of its stderr and reaped.
+//! [`McpClient`] speaks MCP (JSON-RPC 2.0) to a server it spawns, over stdio (one message per
+//! line), or to one at a URL, over Streamable HTTP (a POST per message; JSON or server-sent-event
+//! answers; the session id and protocol revision sent back): `initialize` with protocol-revision
+//! negotiation, `notifications/initialized`, `tools/list` with pagination, `tools/call`;
+//! per-request deadlines; a server that crashes, hangs, writes garbage or closes its stdout is
+//! reported with the tail of its stderr and reaped.
 
 mod client;
 mod config;
+mod http;
 mod process;
+mod stdio;
 
 pub use client::{shell_words, McpClient, ServerCommand, ServerOptions, PROTOCOL_VERSIONS};
-pub use config::read_mcp_config;
+pub use config::{read_mcp_config, ServerEntry};
+pub use http::HttpEndpoint;
 
 use serde_json::Value;
 
@@ -99,6 +104,9 @@ pub enum McpError {
     /// JSON, but not what the protocol says.
     #[error("MCP server `{server}`: {msg}")]
     Protocol { server: String, msg: String },
+    /// An HTTP server refused a message or could not be reached.
+    #[error("MCP server `{server}` over HTTP, {method}: {msg}")]
+    Http { server: String, method: String, msg: String },
     /// The server answered with a JSON-RPC error.
     #[error("MCP server `{server}` refused {method}: {message} (code {code})")]
     Rpc { server: String, method: String, code: i64, message: String },

@@ -25,6 +25,17 @@ impl ModelConfig {
     /// The common llama-style fields under the `{arch}.` prefix; architectures adjust the rest.
     pub(crate) fn base(f: &GgufFile, arch: Arch, prefix: &str, layout: RopeLayout) -> Result<Self> {
         let k = |s: &str| format!("{prefix}.{s}");
+        // Linear and YaRN position scaling change every rotation angle; run without them, such a
+        // file would answer wrongly without a sign.
+        if f.meta(&k("rope.scaling.type")).is_some() {
+            let scaling = f.str(&k("rope.scaling.type"))?;
+            if scaling != "none" {
+                return Err(Error::Model {
+                    path: f.path().to_path_buf(),
+                    msg: format!("{}: '{}' position scaling is not supported yet", k("rope.scaling.type"), scaling.escape_debug()),
+                });
+            }
+        }
         let d_model = f.u64(&k("embedding_length"))? as usize;
         let n_heads = f.u64(&k("attention.head_count"))? as usize;
         let n_kv_heads = f.meta(&k("attention.head_count_kv")).and_then(|v| v.as_u64()).unwrap_or(n_heads as u64) as usize;

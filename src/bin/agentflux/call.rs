@@ -16,13 +16,8 @@ pub struct Args {
     /// A GGUF path, or `default` / `gemma3` from the model cache.
     #[arg(long, default_value = "default")]
     model: String,
-    /// An MCP server command (repeatable), e.g. `--mcp 'tools/mcp/node_modules/.bin/mcp-server-filesystem /tmp/ws'`.
-    #[arg(long)]
-    mcp: Vec<String>,
-    /// An `mcpServers` configuration file (Claude Desktop, Cursor, VS Code): every server it lists
-    /// is started, besides those of --mcp.
-    #[arg(long)]
-    mcp_config: Option<PathBuf>,
+    #[command(flatten)]
+    servers: McpArgs,
     /// An OpenAI `tools` JSON file instead of (or besides) MCP servers.
     #[arg(long)]
     tools: Option<PathBuf>,
@@ -57,19 +52,52 @@ pub enum Mode {
     Reference,
 }
 
-/// The servers of `--mcp` commands and of an `mcpServers` file, started in that order.
-pub fn start_servers(commands: &[String], config: Option<&Path>) -> Result<Vec<McpClient>> {
-    let mut servers = commands.iter().map(|cmd| McpClient::spawn(cmd, ServerOptions::default())).collect::<Result<Vec<_>, _>>()?;
-    if let Some(path) = config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        for (name, command) in read_mcp_config(&path.display().to_string(), &text)? {
-            servers.push(
-                McpClient::start(&command, ServerOptions::default())
-                    .with_context(|| format!("starting `{name}` from {}", path.display()))?,
-            );
-        }
+/// The tool servers of `call` and `run`.
+#[derive(clap::Args)]
+pub struct McpArgs {
+    /// An MCP server (repeatable): a command, e.g. `--mcp 'tools/mcp/node_modules/.bin/mcp-server-filesystem
+    /// /tmp/ws'`, or the URL of a Streamable HTTP endpoint, e.g. `--mcp http://127.0.0.1:3001/mcp`.
+    #[arg(long)]
+    mcp: Vec<String>,
+    /// A header sent to the --mcp URLs, e.g. `--mcp-header 'Authorization: Bearer KEY'` (repeatable).
+    #[arg(long)]
+    mcp_header: Vec<String>,
+    /// An `mcpServers` configuration file (Claude Desktop, Cursor, VS Code): every server it lists
+    /// is started or reached, named as the file names it, besides those of --mcp.
+    #[arg(long)]
+    mcp_config: Option<PathBuf>,
+}
+
+impl McpArgs {
+    /// Whether any server is given.
+    pub fn any(&self) -> bool {
+        !self.mcp.is_empty() || self.mcp_config.is_some()
     }
-    Ok(servers)
+
+    /// The servers of `--mcp` and of the `mcpServers` file, in that order.
+    pub fn start(&self) -> Result<Vec<McpClient>> {
+        let headers = self
+            .mcp_header
+            .iter()
+            .map(|h| {
+                let (k, v) = h.split_once(':').with_context(|| format!("--mcp-header {h:?}: write it as 'Name: value'"))?;
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut servers = Vec::new();
+        for server in &self.mcp {
+            servers.push(McpClient::open(server, &headers, ServerOptions::default()).with_context(|| format!("--mcp {server}"))?);
+        }
+        if let Some(path) = &self.mcp_config {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            for (name, entry) in read_mcp_config(&path.display().to_string(), &text)? {
+                let client = McpClient::open_entry(&entry, ServerOptions::default())
+                    .with_context(|| format!("starting `{name}` from {}", path.display()))?;
+                servers.push(client.named(&name));
+            }
+        }
+        Ok(servers)
+    }
 }
 
 /// What `call` and `run` share: the model, its adapter set and a tool caller.
@@ -95,11 +123,11 @@ pub fn load(model: &str, adapters: Option<&Path>, hierarchy: bool, strategy: Str
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
-    if a.mcp.is_empty() && a.mcp_config.is_none() && a.tools.is_none() {
+    if !a.servers.any() && a.tools.is_none() {
         anyhow::bail!("give the tools: --mcp 'COMMAND ARGS' (repeatable), --mcp-config FILE.json or --tools FILE.json");
     }
     // Servers stay up until the call is made (their tools are listed, not called).
-    let servers = start_servers(&a.mcp, a.mcp_config.as_deref())?;
+    let servers = a.servers.start()?;
     let mut catalog = ToolServers::new(servers)?.catalog;
     if let Some(f) = &a.tools {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)

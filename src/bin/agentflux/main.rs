@@ -2,6 +2,7 @@
 
 mod bench;
 mod call;
+mod conformance;
 mod data;
 mod eval;
 mod generate;
@@ -46,6 +47,9 @@ enum Command {
     Train(train::Args),
     /// Serve an OpenAI-compatible /v1/chat/completions (with tools) on the loopback interface.
     Serve(serve::Args),
+    /// The client the MCP conformance suite drives (tools/mcp-conformance).
+    #[command(hide = true)]
+    McpConformance(conformance::Args),
 }
 
 fn main() {
@@ -65,6 +69,7 @@ fn main() {
         Command::Eval(a) => eval::run(a, &gpu),
         Command::Data(c) => data::run(c),
         Command::Train(a) => train::run(a, &gpu),
+        Command::McpConformance(a) => conformance::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -12,13 +12,8 @@ pub struct Args {
     /// A GGUF path, or `default` / `gemma3` from the model cache.
     #[arg(long, default_value = "default")]
     model: String,
-    /// An MCP server command (repeatable), e.g. `--mcp 'tools/mcp/node_modules/.bin/mcp-server-filesystem /tmp/ws'`.
-    #[arg(long, required_unless_present = "mcp_config")]
-    mcp: Vec<String>,
-    /// An `mcpServers` configuration file (Claude Desktop, Cursor, VS Code): every server it lists
-    /// is started, besides those of --mcp.
-    #[arg(long)]
-    mcp_config: Option<PathBuf>,
+    #[command(flatten)]
+    servers: super::call::McpArgs,
     /// An adapter-set directory (manifest.json: selector and per-tool argument adapters).
     #[arg(long)]
     adapters: Option<PathBuf>,
@@ -45,7 +40,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
-    let servers = super::call::start_servers(&a.mcp, a.mcp_config.as_deref())?;
+    if !a.servers.any() {
+        anyhow::bail!("give the tool servers: --mcp 'COMMAND ARGS' or --mcp URL (repeatable), or --mcp-config FILE.json");
+    }
+    let servers = a.servers.start()?;
     let mut agent = ToolServers::new(servers)?;
     let super::call::Loaded { eng, adapters, mut caller } =
         super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
