@@ -63,7 +63,7 @@ def records(model, cases, start):
 
 def load_base(model_path):
     d, f = os.path.split(model_path)
-    m = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
+    m = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     return m.eval()
 
 
