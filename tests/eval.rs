@@ -181,6 +181,17 @@ fn tasks_run_on_the_real_server_and_are_judged_by_their_checks() {
     for o in outcomes {
         assert!(o["error"].is_null() && !o["calls"].as_array().unwrap().is_empty(), "{o}");
     }
+    // The same tasks naming no server take those of an `mcpServers` file, with the same outcomes;
+    // without the file they are refused with their line.
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/mcp/node_modules/.bin/mcp-server-filesystem");
+    let config = dir.join("claude_desktop_config.json");
+    std::fs::write(&config, json!({"mcpServers": {"files": {"command": bin, "args": [w]}}}).to_string()).unwrap();
+    std::fs::write(&file, tasks.iter().map(|t| t.replace(&format!("{server}, "), "")).collect::<Vec<_>>().join("\n")).unwrap();
+    let c = config.to_str().unwrap();
+    let (ok, stdout, err) = agentflux(&["eval", "--model", m, "--tasks", t, "--workspace", w, "--mcp-config", c]);
+    assert!(ok && stdout.contains("| decoupled | 2 | 1 (50.0%) |"), "{stdout}\n{err}");
+    let (ok, _, err) = agentflux(&["eval", "--model", m, "--tasks", t, "--workspace", w]);
+    assert!(!ok && err.contains("line 1: no \"mcp\", and no --mcp-config"), "{err}");
     // Only the agent modes run tasks, and a malformed line is refused with its number.
     let (ok, _, err) = agentflux(&["eval", "--model", m, "--tasks", t, "--mode", "monolithic", "--workspace", w]);
     assert!(!ok && err.contains("--mode decoupled or reference"), "{err}");

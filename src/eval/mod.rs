@@ -3,9 +3,9 @@
 //! normalisation (paths resolved, numbers by value, optional keys at their default may be
 //! omitted), schema validity — with confidence, latency per stage and recomputed prefill.
 //!
-//! Dataset lines: `{"messages":[..], "tools":[OpenAI tools] | "mcp":["CMD ARGS",..],
-//! "expected":{"name":"..","arguments":{..}}}`; `{ws}` anywhere in a line stands for the
-//! evaluation workspace.
+//! Dataset lines: `{"messages":[..], "tools":[OpenAI tools] | "mcp":["CMD ARGS" | "URL",..],
+//! "expected":{"name":"..","arguments":{..}}}` (neither `tools` nor `mcp`: the servers the command
+//! line gives, `eval --mcp-config`); `{ws}` anywhere in a line stands for the evaluation workspace.
 
 mod score;
 mod tasks;
@@ -23,8 +23,10 @@ use std::collections::BTreeMap;
 pub enum ToolSource {
     /// Listed in the line (OpenAI `tools`).
     Inline(Catalog),
-    /// The tools of these MCP server commands.
+    /// The tools of these MCP servers (commands, or URLs of Streamable HTTP endpoints).
     Mcp(Vec<String>),
+    /// The servers the command line gives (`eval --mcp-config`).
+    Configured,
 }
 
 /// One evaluation example.
@@ -93,7 +95,8 @@ fn parse_example(v: &Value, line: usize, max_result_chars: usize) -> Result<Eval
                 .map(|c| c.as_str().map(str::to_string).ok_or_else(|| "mcp: expected strings".to_string()))
                 .collect::<Result<_, _>>()?,
         ),
-        _ => return Err("give exactly one of \"tools\" (OpenAI tools) or \"mcp\" (server commands)".into()),
+        (None, None) => ToolSource::Configured,
+        _ => return Err("give at most one of \"tools\" (OpenAI tools) or \"mcp\" (servers)".into()),
     };
     let expected = &v["expected"];
     let expected_name = expected.get("name").and_then(Value::as_str).ok_or("expected.name: a string is required")?.to_string();
@@ -342,7 +345,9 @@ mod tests {
         assert!(read_dataset(&bad, "/w", 100).unwrap_err().contains("line 1: expected.arguments"));
         let both = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools(), "mcp": ["s"], "expected": {"name": "finish"}})
             .to_string();
-        assert!(read_dataset(&format!("\n{both}"), "/w", 100).unwrap_err().starts_with("line 2: give exactly one"));
+        assert!(read_dataset(&format!("\n{both}"), "/w", 100).unwrap_err().starts_with("line 2: give at most one"));
+        let neither = json!({"messages": [{"role": "user", "content": "x"}], "expected": {"name": "finish"}}).to_string();
+        assert_eq!(read_dataset(&neither, "/w", 100).unwrap()[0].tools, ToolSource::Configured);
     }
 
     #[test]

@@ -39,7 +39,8 @@ pub struct Task {
     pub line: usize,
     /// The request.
     pub task: String,
-    /// The tool servers' commands.
+    /// The tool servers (commands, or URLs); none: those the command line gives
+    /// (`eval --mcp-config`).
     pub mcp: Vec<String>,
     /// Most tool calls (the agent's step limit).
     pub max_steps: usize,
@@ -51,6 +52,7 @@ pub struct Task {
 #[serde(deny_unknown_fields)]
 struct TaskLine {
     task: String,
+    #[serde(default)]
     mcp: Vec<String>,
     #[serde(default = "default_steps")]
     max_steps: usize,
@@ -76,8 +78,8 @@ pub fn read_tasks(text: &str, workspace: &str) -> Result<Vec<Task>, String> {
         if c.facts.is_empty() && c.tools.is_empty() && c.files_exist.is_empty() && c.file_contains.is_empty() {
             return Err(format!("line {line}: checks: at least one check is needed"));
         }
-        if t.mcp.is_empty() || t.max_steps == 0 {
-            return Err(format!("line {line}: mcp needs a server command and max_steps must be at least 1"));
+        if t.max_steps == 0 {
+            return Err(format!("line {line}: max_steps must be at least 1"));
         }
         out.push(Task { line, task: t.task, mcp: t.mcp, max_steps: t.max_steps, checks: t.checks });
     }

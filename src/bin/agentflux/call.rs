@@ -89,15 +89,22 @@ impl McpArgs {
             servers.push(McpClient::open(server, &headers, ServerOptions::default()).with_context(|| format!("--mcp {server}"))?);
         }
         if let Some(path) = &self.mcp_config {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            for (name, entry) in read_mcp_config(&path.display().to_string(), &text)? {
-                let client = McpClient::open_entry(&entry, ServerOptions::default())
-                    .with_context(|| format!("starting `{name}` from {}", path.display()))?;
-                servers.push(client.named(&name));
-            }
+            servers.extend(start_config(path)?);
         }
         Ok(servers)
     }
+}
+
+/// Every server an `mcpServers` file lists, started or reached, each named as the file names it.
+pub fn start_config(path: &Path) -> Result<Vec<McpClient>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut servers = Vec::new();
+    for (name, entry) in read_mcp_config(&path.display().to_string(), &text)? {
+        let client = McpClient::open_entry(&entry, ServerOptions::default())
+            .with_context(|| format!("starting `{name}` from {}", path.display()))?;
+        servers.push(client.named(&name));
+    }
+    Ok(servers)
 }
 
 /// What `call` and `run` share: the model, its adapter set and a tool caller.

@@ -22,13 +22,19 @@ pub struct Args {
     /// A GGUF path, or `default` / `gemma3` from the model cache.
     #[arg(long, default_value = "default")]
     model: String,
-    /// The dataset: JSONL of {"messages", "tools" | "mcp", "expected": {"name", "arguments"}}.
+    /// The dataset: JSONL of {"messages", "tools" | "mcp", "expected": {"name", "arguments"}}
+    /// (lines with neither take the servers of --mcp-config).
     #[arg(long, required_unless_present = "tasks", conflicts_with = "tasks")]
     dataset: Option<PathBuf>,
     /// End-to-end tasks instead: JSONL of {"task", "mcp", "max_steps", "checks"}, each run by
-    /// the agent loop on the real servers in the workspace, rebuilt from --seed-file first.
+    /// the agent loop on the real servers in the workspace, rebuilt from --seed-file first (tasks
+    /// without "mcp" take the servers of --mcp-config).
     #[arg(long)]
     tasks: Option<PathBuf>,
+    /// An `mcpServers` configuration file (Claude Desktop, Cursor, VS Code): the servers of the
+    /// lines and tasks that name none.
+    #[arg(long)]
+    mcp_config: Option<PathBuf>,
     /// The tool set's seed file, whose workspace the tasks start from.
     #[arg(long, default_value = "adapters/filesystem/data/seed.json")]
     seed_file: PathBuf,
@@ -79,7 +85,10 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         examples.retain(|e| e.expected_name != FINISH);
         eprintln!("--given-tool: {} lines expecting finish left out, {} scored", before - examples.len(), examples.len());
     }
-    if examples.iter().any(|e| matches!(e.tools, ToolSource::Mcp(_))) {
+    if let Some(e) = examples.iter().find(|e| e.tools == ToolSource::Configured && a.mcp_config.is_none()) {
+        anyhow::bail!("{} line {}: no \"tools\" or \"mcp\", and no --mcp-config to take servers from", dataset.display(), e.line);
+    }
+    if examples.iter().any(|e| e.tools != ToolSource::Configured && !matches!(e.tools, ToolSource::Inline(_))) {
         std::fs::create_dir_all(&a.workspace).with_context(|| format!("creating {}", a.workspace.display()))?;
     }
     let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
@@ -87,6 +96,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     // Each server is started once, for its name and tools (calls are scored, not run).
     let mut servers: HashMap<String, (String, Vec<Tool>)> = HashMap::new();
     let mut catalogs = Vec::with_capacity(examples.len());
+    let mut configured_catalog = None;
     for ex in &examples {
         catalogs.push(match &ex.tools {
             ToolSource::Inline(c) => c.clone(),
@@ -94,7 +104,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
                 let mut c = Catalog::default();
                 for cmd in cmds {
                     if !servers.contains_key(cmd) {
-                        let mut s = McpClient::spawn(cmd, ServerOptions::default())
+                        let mut s = McpClient::open(cmd, &[], ServerOptions::default())
                             .with_context(|| format!("line {}: starting `{cmd}`", ex.line))?;
                         let tools = s.list_tools().with_context(|| format!("line {}: listing the tools of `{cmd}`", ex.line))?;
                         servers.insert(cmd.clone(), (s.name(), tools));
@@ -104,6 +114,15 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
                 }
                 c
             }
+            ToolSource::Configured => match &configured_catalog {
+                Some(c) => Catalog::clone(c),
+                None => {
+                    let path = a.mcp_config.as_deref().context("--mcp-config")?;
+                    let c = ToolServers::new(crate::call::start_config(path)?)?.catalog;
+                    configured_catalog = Some(c.clone());
+                    c
+                }
+            },
         });
     }
     let started = Instant::now();
@@ -198,11 +217,14 @@ fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
     for (i, task) in tasks.iter().enumerate() {
         seed.reset_workspace(&a.workspace)?;
         let t0 = Instant::now();
-        let servers = task
-            .mcp
-            .iter()
-            .map(|cmd| McpClient::spawn(cmd, ServerOptions::default()).with_context(|| format!("line {}: starting `{cmd}`", task.line)))
-            .collect::<Result<Vec<_>>>()?;
+        let servers = match (&task.mcp[..], &a.mcp_config) {
+            ([], Some(path)) => crate::call::start_config(path)?,
+            ([], None) => anyhow::bail!("{} line {}: no \"mcp\", and no --mcp-config to take servers from", path.display(), task.line),
+            (servers, _) => servers
+                .iter()
+                .map(|s| McpClient::open(s, &[], ServerOptions::default()).with_context(|| format!("line {}: starting `{s}`", task.line)))
+                .collect::<Result<Vec<_>>>()?,
+        };
         let mut agent = ToolServers::new(servers).with_context(|| format!("line {}", task.line))?;
         let run =
             agent.run(&l.caller, &mut session, &l.adapters, &task.task, &AgentOptions::new(task.max_steps, 160, &l.eng.tokenizer), |_| {});
