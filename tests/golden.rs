@@ -244,7 +244,7 @@ const TINY_LOGIT_TOL: f32 = 0.15;
 const TINY_MEAN_TOL: f32 = 0.04;
 
 /// Tiny random models of what the real files above do not cover — Llama 3.1's rope frequency
-/// factors, qwen2 and qwen3, gemma3's sliding window on short prompts, phi3's fused tensors and
+/// factors, a Mistral-style sliding window in a llama file, qwen2 and qwen3, gemma3's sliding window on short prompts, phi3's fused tensors and
 /// its LongRoPE, and the block formats
 /// Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K — each with SmolLM2's
 /// tokenizer, written the same way by `AGENTFLUX_WRITE_TINY=DIR cargo test --release --test
@@ -255,6 +255,11 @@ fn tiny_golden_models() -> Vec<(String, agentflux::reference::TinyModelSpec)> {
     let mut llama3 = TinyModelSpec::new("llama", BlockFormat::Q8_0);
     llama3.rope_factors = true;
     let mut models = vec![("tiny-llama3-rope-factors".to_string(), llama3)];
+    // A Mistral-style file: the llama architecture with a sliding window in its metadata, which
+    // llama.cpp does not apply to llama files (nor does this engine).
+    let mut mistral = TinyModelSpec::new("llama", BlockFormat::Q8_0);
+    mistral.extra_meta.push(("llama.attention.sliding_window".into(), agentflux::gguf::MetaValue::U32(3)));
+    models.push(("tiny-mistral-window".to_string(), mistral));
     // The other architectures: qwen2 (q/k/v biases, its own output matrix), qwen3 (per-head q/k
     // norms), gemma3 (GeGLU, post-norms, scaled embeddings, sliding-window layers: a window of 3).
     let mut qwen2 = TinyModelSpec::new("qwen2", BlockFormat::Q8_0);
@@ -285,7 +290,7 @@ fn write_tiny(dir: &std::path::Path, name: &str, mut spec: agentflux::reference:
     let f = agentflux::gguf::GgufFile::open(&default).unwrap();
     spec.n_vocab = f.str_array("tokenizer.ggml.tokens").unwrap().len();
     spec.n_ctx = 2048;
-    spec.extra_meta = f.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    spec.extra_meta.extend(f.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())));
     let path = dir.join(format!("{name}.gguf"));
     // A fixed seed per model: llama.cpp's fixtures were made from these very bytes.
     std::fs::write(&path, agentflux::reference::tiny_model(&spec, 20_261_204)).unwrap();
