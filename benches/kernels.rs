@@ -2,10 +2,11 @@
 //! block format, reported as GB/s of weight bytes read; multi-LoRA on one projection (fused
 //! and separate expand, one adapter and a 4-row batch on 4 adapters) against the base product;
 //! and a feed-forward block's gate and up projections with the GLU, as three dispatches and as
-//! the one gated product; and the cost of a dispatch itself, with its bind group reused from the
-//! last submission and built anew.
+//! the one gated product; the cost of a dispatch itself, with its bind group reused from the
+//! last submission and built anew; and a buffer copy, the device's memory bandwidth that the
+//! products' GB/s are read against.
 //!
-//! `cargo bench --bench kernels [-- lora|ffn|dispatch]`; `AGENTFLUX_GPU` picks the device,
+//! `cargo bench --bench kernels [-- matvec|lora|ffn|dispatch|copy]`; `AGENTFLUX_GPU` picks the device,
 //! `AGENTFLUX_KERNELS=gpu|cpu` the kernel family.
 
 use agentflux::decode::SplitMix64;
@@ -187,5 +188,27 @@ fn bench_dispatch(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matvec, bench_lora, bench_ffn, bench_dispatch);
+/// A 64 MiB buffer copied into another, as GB/s of bytes copied: what reading weights at memory
+/// speed would give, for the matrix-vector products' GB/s to be read against.
+fn bench_copy(c: &mut Criterion) {
+    const BYTES: u64 = 64 << 20;
+    let ctx = GpuContext::new(&GpuOptions::default()).expect("a GPU adapter");
+    let (src, dst) = (storage_buffer_zeroed(&ctx, "src", BYTES), storage_buffer_zeroed(&ctx, "dst", BYTES));
+    let mut group = c.benchmark_group(format!("copy/{}", ctx.info.name));
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(BYTES * REPEAT as u64));
+    group.bench_function("64MiB", |b| {
+        b.iter(|| {
+            let mut rec = Recorder::new(&ctx);
+            for _ in 0..REPEAT {
+                rec.copy(&src, 0, &dst, 0, BYTES);
+            }
+            rec.submit();
+            read_f32(&ctx, &dst, 0, 1).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_matvec, bench_lora, bench_ffn, bench_dispatch, bench_copy);
 criterion_main!(benches);

@@ -368,11 +368,20 @@ impl Model {
         rms_norm(rec, &self.ctx, RmsNorm { w: nw, eps: self.config.norm_eps }, tmp, h, true)
     }
 
-    /// The logits of the wanted rows: their final norm packed into `xn`, then the LM head.
+    /// The logits of the wanted rows: the LM head with the final norm fused in where the rows are
+    /// contiguous (a decode step, a prefill's last row); else their norms packed into `xn` first.
     fn lm_head(&self, rec: &mut Recorder, chunk: &Chunk) -> Result<()> {
         let (c, s) = (&self.config, chunk.s);
         let (h, xn) = (View::new(&s.h, chunk.rows(), c.d_model), View::new(&s.xn, chunk.rows(), c.d_model));
         let norm = RmsNorm { w: &self.weights.out_norm, eps: c.norm_eps };
+        let out = self.weights.output();
+        if let [(first, rows)] = *chunk.logit_rows {
+            if rows == 0 {
+                return Ok(());
+            }
+            let (x, y) = (h.rows(first, rows), View::new(&s.logits, rows, c.n_vocab));
+            return self.linear(rec, None, Linear { x, norm: Some(norm), out: Out::One { site: None, w: out, y, accumulate: false } });
+        }
         let mut n = 0;
         for &(first, rows) in chunk.logit_rows {
             rms_norm(rec, &self.ctx, norm, h.rows(first, rows), xn.rows(n, rows), false)?;
@@ -381,7 +390,6 @@ impl Model {
         if n == 0 {
             return Ok(());
         }
-        let out = self.weights.output();
         let y = View::new(&s.logits, n, c.n_vocab);
         self.linear(rec, None, Linear { x: xn.rows(0, n), norm: None, out: Out::One { site: None, w: out, y, accumulate: false } })
     }
