@@ -646,8 +646,9 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(v["candidates"].as_object().unwrap().contains_key("read_text_file"), "{v}");
-    // Retraining one adapter of the set keeps the others in its manifest.
-    let (ok, _, err) = agentflux(&[
+    // Retraining one adapter of the set keeps the others in its manifest; --profile prints its
+    // second step by phase and by kernel (the AdamW update among them).
+    let (ok, stdout, err) = agentflux(&[
         "train",
         "--model",
         m,
@@ -658,14 +659,19 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         "--only",
         "read_text_file",
         "--steps",
-        "1",
+        "2",
         "--batch",
         "2",
         "--rank",
         "2",
+        "--profile",
     ]);
     assert!(ok, "{err}");
-    assert!(err.contains("[read_text_file] step 1/1") && err.contains(", training ") && !err.contains("[selector]"), "{err}");
+    assert!(err.contains("[read_text_file] step 2/2") && err.contains(", training ") && !err.contains("[selector]"), "{err}");
+    assert!(stdout.contains("[read_text_file] step 2: 2 examples"), "{stdout}");
+    for row in ["| forward |", "| backward |", "| optimizer |", "| host |", "| adamw | 2.0 |"] {
+        assert!(stdout.contains(row), "--profile prints {row}: {stdout}");
+    }
     let after: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(after, manifest);
     std::fs::remove_dir_all(&dir).ok();

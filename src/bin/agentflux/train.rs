@@ -81,6 +81,12 @@ pub struct Args {
     /// How the exported weights are stored: f16 (half the size) or f32.
     #[arg(long, value_enum, default_value_t = Dtype::F16)]
     dtype: Dtype,
+    /// Time each adapter's second optimizer step on the GPU (its examples' forward and backward
+    /// passes and the AdamW update; the first step also compiles kernels) and print where it goes:
+    /// by kernel, and by phase — forward, backward, optimizer, and host (what the GPU did not
+    /// account for). Training goes on as usual.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -193,7 +199,9 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         let opts = TrainOptions { checkpoint, stop_after: a.stop_after, init, ..opts.clone() };
         let mut progress = crate::progress::ProgressLine::new(opts.steps);
         let mut examples_per_s = 0.0;
+        let mut profiled = StepProfile::new(a.profile && opts.steps >= 2);
         let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
+            profiled.after_step(&eng, &name, p.step, opts.batch);
             let validated = a.eval_every > 0 && p.step % a.eval_every == 0;
             examples_per_s = p.examples_per_s;
             progress.update(p.step, validated, || {
@@ -262,4 +270,68 @@ fn speed(examples_per_s: f64) -> String {
     } else {
         format!("{:.2} s/example", 1.0 / examples_per_s.max(1e-9))
     }
+}
+
+/// `--profile`: the GPU's kernels during one optimizer step (the second: the first also compiles
+/// kernels), between two progress reports.
+struct StepProfile {
+    /// Whether the step is still to be timed.
+    wanted: bool,
+    started: Option<std::time::Instant>,
+}
+
+impl StepProfile {
+    fn new(wanted: bool) -> Self {
+        Self { wanted, started: None }
+    }
+
+    /// Called after each step: starts timing after the first, prints after the second.
+    fn after_step(&mut self, eng: &Engine, name: &str, step: u64, batch: usize) {
+        if !self.wanted {
+            return;
+        }
+        match self.started.take() {
+            None if step == 1 => match eng.ctx.start_profiling() {
+                Ok(()) => self.started = Some(std::time::Instant::now()),
+                Err(e) => {
+                    eprintln!("[{name}] --profile: {e}");
+                    self.wanted = false;
+                }
+            },
+            None => {}
+            Some(t0) => {
+                let wall = t0.elapsed().as_secs_f64();
+                let kernels = eng.ctx.stop_profiling();
+                self.wanted = false;
+                println!("\n[{name}] step {step}: {batch} examples, {:.2} s\n", wall);
+                println!("{}", step_phases(&kernels, wall));
+                println!("{}", agentflux::gpu::profile_table(&kernels, 1, "step"));
+            }
+        }
+    }
+}
+
+/// The step's time by phase: forward kernels (the prefix's and the active rows'), backward
+/// kernels (the loss, the transposed products, every `*_backward`), the optimizer (AdamW), and
+/// host time (the wall time the GPU did not account for: recording, uploads, waiting).
+fn step_phases(kernels: &[agentflux::gpu::KernelTime], wall: f64) -> String {
+    let phase = |name: &str| {
+        if name.starts_with("adamw") {
+            "optimizer"
+        } else if name.contains("backward") || name.starts_with("matmul_t") || name.starts_with("cross_entropy") {
+            "backward"
+        } else {
+            "forward"
+        }
+    };
+    let mut s = "| phase | s | share |\n|---|---:|---:|\n".to_string();
+    let mut gpu = 0.0;
+    for p in ["forward", "backward", "optimizer"] {
+        let t: f64 = kernels.iter().filter(|k| phase(&k.name) == p).map(|k| k.seconds).sum();
+        gpu += t;
+        s.push_str(&format!("| {p} | {t:.3} | {:.1}% |\n", 100.0 * t / wall.max(1e-9)));
+    }
+    let host = (wall - gpu).max(0.0);
+    s.push_str(&format!("| host | {host:.3} | {:.1}% |\n", 100.0 * host / wall.max(1e-9)));
+    s
 }
