@@ -313,7 +313,8 @@ impl StepProfile {
 
 /// The step's time by phase: forward kernels (the prefix's and the active rows'), backward
 /// kernels (the loss, the transposed products, every `*_backward`), the optimizer (AdamW), and
-/// host time (the wall time the GPU did not account for: recording, uploads, waiting).
+/// host time (the wall time the GPU did not account for: recording, uploads, waiting). Told apart
+/// by kernel name, so the backward's inverse rotations and recomputed shrinks count as forward.
 fn step_phases(kernels: &[agentflux::gpu::KernelTime], wall: f64) -> String {
     let phase = |name: &str| {
         if name.starts_with("adamw") {
