@@ -206,6 +206,25 @@ fn bad_inputs_are_typed_errors() {
         assert!(e.contains(named) && e.contains(says), "{e}");
         std::fs::remove_file(p3).ok();
     }
+
+    // A phi3 file with half of LongRoPE (a tensor or the original context renamed away, same
+    // length) is refused naming what is missing.
+    let mut phi3 = TinyModelSpec::new("phi3", BlockFormat::Q8_0);
+    phi3.long_rope = Some(8);
+    for (from, to, says) in [
+        ("rope_factors_long.weight", "rope_factors_lonX.weight", "rope_factors_short.weight without rope_factors_long.weight"),
+        ("rope_factors_short.weight", "rope_factors_shorX.weight", "rope_factors_long.weight without rope_factors_short.weight"),
+        ("scaling.original_context_length", "scaling.original_context_lengtX", "without phi3.rope.scaling.original_context_length"),
+    ] {
+        let mut bytes = tiny_model(&phi3, 5);
+        let at = bytes.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
+        bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
+        let p4 = std::env::temp_dir().join(format!("agentflux-halfrope-{}.gguf", std::process::id()));
+        std::fs::write(&p4, &bytes).unwrap();
+        let e = GgufFile::open(&p4).map_err(Error::from).and_then(|f| Model::load(ctx(), &f).map(|_| ())).unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+        std::fs::remove_file(p4).ok();
+    }
 }
 
 /// A token tree scored in one pass gives, at every node, the logits of a plain causal run of the
