@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! # fn main() -> agentflux::Result<()> {
-//! let mut agent = agentflux::Agent::builder()
+//! let agent = agentflux::Agent::builder()
 //!     .model("default")
 //!     .adapters("adapters/filesystem")
 //!     .mcp("tools/mcp/node_modules/.bin/mcp-server-filesystem /tmp/ws")
@@ -177,7 +177,7 @@ impl Agent {
     /// Carry out `task`: call tools on the MCP servers until the model chooses `finish` (or
     /// `max_steps` calls), then answer from their results. `on_event` sees each step as it
     /// happens; the last event is the answer.
-    pub fn run(&mut self, task: &str, max_steps: usize, on_event: impl FnMut(&AgentEvent)) -> Result<Vec<AgentEvent>> {
+    pub fn run(&self, task: &str, max_steps: usize, on_event: impl FnMut(&AgentEvent)) -> Result<Vec<AgentEvent>> {
         let mut session = Session::new(&self.engine.model, self.context)?;
         let opts = AgentOptions::new(max_steps, 160, &self.engine.tokenizer);
         self.servers.run(&self.caller, &mut session, &self.adapters, task, &opts, on_event)

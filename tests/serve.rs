@@ -723,3 +723,136 @@ fn concurrent_requests_compute_their_shared_prefix_once() {
     assert!(computed < prompt - 2 * shared as u64, "{computed} tokens computed for {prompt} prompt tokens");
     server.shutdown();
 }
+
+/// What a step reports that must not depend on timing: the call (tool and arguments), the tool's
+/// output, why the loop stopped.
+fn step_of(e: &Value) -> Value {
+    match e["event"].as_str() {
+        Some("call") => json!(["call", e["step"], e["call"]["name"], e["call"]["arguments"]]),
+        Some("result") => json!(["result", e["step"], e["name"], e["text"], e["is_error"]]),
+        _ => json!([e["event"], e["reason"]]),
+    }
+}
+
+/// `serve --mcp-config`: a request without `tools` gets the configured servers' tools, the server
+/// calls them itself, and answers from their results — the same calls, tool outputs and answer
+/// as the library's agent loop computes in-process on the same model and a fresh server over
+/// the same files. The first call is named (`list_allowed_directories`, whose output names the
+/// workspace: proof that the server ran it; a random model's own choices are arbitrary).
+/// Streamed, the steps arrive as chunks before the answer; `tool_choice: "none"` is a plain chat
+/// turn, `"required"` a call first.
+#[test]
+fn serve_calls_the_mcp_servers_of_its_config() {
+    use agentflux::decode::GenerateOptions;
+    use agentflux::mcp::{McpClient, ServerOptions};
+    use agentflux::session::Session;
+    use agentflux::text::ChatMessage;
+    use agentflux::toolcall::{AdapterSet, AgentOptions, ToolCaller, ToolChoice, ToolServers};
+    let Some(f) = default_model() else { return };
+    let Some(bin) = common::filesystem_server() else { return };
+    let model = tiny_with_tokenizer(&f, rng("serve-mcp").next_u64(), "serve-mcp");
+    let root = std::env::temp_dir().join(format!("agentflux-serve-mcp-{}", std::process::id()));
+    let fresh_workspace = || {
+        std::fs::remove_dir_all(&root).ok();
+        std::fs::create_dir_all(root.join("notes")).unwrap();
+        std::fs::write(root.join("notes/todo.txt"), "buy milk\n").unwrap();
+    };
+    let task = "Read notes/todo.txt and tell me what to buy.";
+    let (steps, answer_tokens) = (2, 6);
+    let first = "list_allowed_directories";
+
+    // The reference: the library's loop in this process, then a greedy answer after the results.
+    fresh_workspace();
+    let reference = {
+        let engine = agentflux::Engine::load_on(common::ctx(), &model).unwrap();
+        let server = McpClient::spawn(&format!("{} {}", bin.display(), root.display()), ServerOptions::default()).unwrap();
+        let servers = ToolServers::new(vec![server]).unwrap();
+        let caller = ToolCaller::new(engine.tokenizer.clone(), engine.template.clone()).unwrap();
+        let mut session = Session::new(&engine.model, 1024).unwrap();
+        let mut messages = vec![ChatMessage::new("user", task)];
+        let mut events = Vec::new();
+        let opts = AgentOptions::new(steps, 0, &engine.tokenizer);
+        servers
+            .act(&caller, &mut session, &AdapterSet::default(), &mut messages, &ToolChoice::Function(first.into()), &opts, |e| {
+                events.push(step_of(&json!(e)));
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+        let prompt = caller.answer_prompt(&servers.catalog, &messages).unwrap();
+        let g = session.generate(&prompt, None, &GenerateOptions::greedy(answer_tokens, &engine.tokenizer), |_| {}).unwrap();
+        (events, engine.tokenizer.decode(&g.tokens, true).unwrap())
+    };
+    eprintln!("steps {:?}, answer {:?}", reference.0, reference.1);
+    let listed = reference.0.iter().find(|s| s[0] == "result").unwrap_or_else(|| panic!("no result: {:?}", reference.0));
+    assert!(listed[3].as_str().unwrap().contains(root.file_name().unwrap().to_str().unwrap()), "{listed}");
+
+    fresh_workspace();
+    let config = std::env::temp_dir().join(format!("agentflux-serve-mcp-{}.json", std::process::id()));
+    std::fs::write(&config, json!({"mcpServers": {"files": {"command": bin, "args": [root]}}}).to_string()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentflux"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--ctx", "1024", "--max-steps", &steps.to_string()])
+        .args(["--mcp-config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr: SocketAddr =
+        line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("first line: {line}")).parse().unwrap();
+    let named = json!({"type": "function", "function": {"name": first}});
+    let request = json!({"messages": user(task), "max_tokens": answer_tokens, "tool_choice": named});
+    let whole = post(addr, &request);
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let stream = post(addr, &streamed);
+    // The OpenAI Python SDK passes the steps through (its objects' extra fields).
+    let sdk = openai_sdk().map(|python| {
+        let done = std::process::Command::new(python)
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openai_agent_client.py"))
+            .args([addr.port().to_string(), request.to_string()])
+            .output()
+            .unwrap();
+        assert!(done.status.success(), "the SDK client failed: {}", String::from_utf8_lossy(&done.stderr));
+        serde_json::from_slice::<Value>(&done.stdout).unwrap()
+    });
+    let none = post(addr, &json!({"messages": user(task), "max_tokens": 3, "tool_choice": "none"}));
+    let required = post(addr, &json!({"messages": user(task), "max_tokens": 3, "tool_choice": "required"}));
+    child.kill().ok();
+    child.wait().ok();
+    std::fs::remove_file(&model).ok();
+    std::fs::remove_file(&config).ok();
+    std::fs::remove_dir_all(&root).ok();
+
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let v = whole.json();
+    let got: Vec<Value> = v["agentflux"]["steps"].as_array().unwrap_or_else(|| panic!("no steps: {v}")).iter().map(step_of).collect();
+    assert_eq!(got, reference.0);
+    assert_eq!(v["choices"][0]["message"]["content"], json!(reference.1), "{v}");
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+    assert!(matches!(v["choices"][0]["finish_reason"].as_str(), Some("stop" | "length")), "{v}");
+
+    // Streamed: the same steps, each in a chunk of its own before the text, then the same text.
+    assert_eq!(stream.status, 200, "{}", stream.body);
+    let chunks: Vec<Value> = stream.events().iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    let streamed_steps: Vec<Value> = chunks.iter().filter_map(|c| c["agentflux"].get("step")).map(step_of).collect();
+    assert_eq!(streamed_steps, reference.0);
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, reference.1);
+    let last_step = chunks.iter().rposition(|c| c["agentflux"].get("step").is_some()).unwrap();
+    assert!(chunks[..last_step].iter().all(|c| c["choices"][0]["delta"].get("content").is_none()), "text before the last step");
+
+    if let Some(sdk) = sdk {
+        for way in ["whole", "streamed"] {
+            let steps: Vec<Value> = sdk[way]["steps"].as_array().unwrap().iter().map(step_of).collect();
+            assert_eq!((steps, sdk[way]["content"].clone()), (reference.0.clone(), json!(reference.1)), "the SDK, {way}");
+        }
+    }
+
+    // "none": no tools, no steps; "required": a tool is called first.
+    assert_eq!(none.status, 200, "{}", none.body);
+    assert!(none.json().get("agentflux").is_none(), "{}", none.body);
+    assert_eq!(required.status, 200, "{}", required.body);
+    let first = &required.json()["agentflux"]["steps"][0];
+    assert!(first["event"] == "call" && first["call"]["name"] != "finish", "{first}");
+}

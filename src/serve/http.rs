@@ -28,6 +28,8 @@ struct Shared {
     jobs: SyncSender<Job>,
     metrics: Arc<Mutex<Metrics>>,
     model: String,
+    /// The tools of the server's own MCP servers, which requests without `tools` get.
+    server_tools: crate::toolcall::Catalog,
     opts: ServeOptions,
     next: AtomicU64,
 }
@@ -54,7 +56,15 @@ impl Server {
             bytes => bytes.checked_div(session_bytes).unwrap_or(0).max(1) as usize,
         };
         tracing::info!(cached_sessions, n_ctx, "prefix cache");
-        let limits = WorkerLimits { n_ctx, default_max_tokens: opts.default_max_tokens, cached_sessions, parallel: opts.parallel };
+        let limits = WorkerLimits {
+            n_ctx,
+            default_max_tokens: opts.default_max_tokens,
+            cached_sessions,
+            parallel: opts.parallel,
+            max_steps: opts.max_steps,
+            max_result_chars: opts.max_result_chars,
+        };
+        let server_tools = backend.server_tools();
         let (jobs, queue) = mpsc::sync_channel(opts.max_queue);
         let (ready_tx, ready) = mpsc::channel();
         let metrics = Arc::new(Mutex::new(Metrics::default()));
@@ -71,7 +81,7 @@ impl Server {
         let limits =
             listen::Limits { max_connections: opts.max_connections, request_timeout: opts.request_timeout, max_body: opts.max_body_bytes };
         let addr = opts.addr;
-        let shared = Arc::new(Shared { jobs, metrics, model, opts, next: AtomicU64::new(1) });
+        let shared = Arc::new(Shared { jobs, metrics, model, server_tools, opts, next: AtomicU64::new(1) });
         let listener = Listener::bind(addr, limits, Arc::new(move |request, responder| handle(&shared, request, responder)))
             .map_err(|e| Error::Serve(format!("cannot listen on {addr}: {e}")))?;
         tracing::info!("listening on http://{}", listener.addr());
@@ -242,7 +252,7 @@ fn chat(shared: &Shared, request: &HttpRequest, responder: Responder) -> u16 {
         // A browser's form or text/plain POST (no CORS preflight) never reaches the model.
         return error(responder, ApiError::status(415, "Content-Type must be application/json"), &[]);
     }
-    let parsed = match openai::parse_request(&request.body, shared.opts.max_result_chars) {
+    let parsed = match openai::parse_request(&request.body, shared.opts.max_result_chars, &shared.server_tools) {
         Ok(r) => r,
         Err(e) => return error(responder, e, &[]),
     };
@@ -337,6 +347,7 @@ fn details(call: &crate::toolcall::ToolCall) -> Value {
 fn whole_answer(responder: Responder, envelope: &Envelope, first: Event, mut rest: Answer) -> u16 {
     let (mut text, mut args) = (String::new(), String::new());
     let mut call = None;
+    let mut steps = Vec::new();
     let mut event = first;
     loop {
         match event {
@@ -344,11 +355,13 @@ fn whole_answer(responder: Responder, envelope: &Envelope, first: Event, mut res
             Event::Text(t) => text.push_str(&t),
             Event::ToolCall { id, name } => call = Some((id, name)),
             Event::Arguments(a) => args.push_str(&a),
+            Event::Step(s) => steps.push(json!(s)),
             Event::Failed(e) => return error(responder, e, &[]),
             Event::Done { finish_reason, usage, call: made } => {
                 let tool_call = call.map(|(id, name)| tool_call_json(&id, &name, &args));
                 let content = if tool_call.is_some() { None } else { Some(text.as_str()) };
-                let body = envelope.completion(content, tool_call, finish_reason, usage, made.as_deref().map(details));
+                let extra = if steps.is_empty() { made.as_deref().map(details) } else { Some(json!({ "steps": steps })) };
+                let body = envelope.completion(content, tool_call, finish_reason, usage, extra);
                 return respond(responder, 200, &body, &[]);
             }
         }
@@ -382,6 +395,11 @@ fn stream_events(responder: Responder, envelope: &Envelope, first: Event, rest: 
             ),
             Event::Arguments(a) => {
                 event(&mut w, &envelope.chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}), None))
+            }
+            Event::Step(s) => {
+                let mut chunk = envelope.chunk(json!({}), None);
+                chunk["agentflux"] = json!({ "step": s });
+                event(&mut w, &chunk)
             }
             Event::Failed(e) => event(&mut w, &e.body()),
             Event::Done { finish_reason, usage, call } => {

@@ -8,6 +8,10 @@
 //! is bounded: when it is full a request gets 503 at once instead of waiting without end. Tool calls go through the decoupled pipeline ([`crate::toolcall`]): the
 //! tool is scored among the request's tools (its probability and every candidate's are returned
 //! under `agentflux`), the arguments are decoded under the tool's JSON schema.
+//!
+//! A server given MCP servers of its own ([`Backend::servers`]) also acts: a request without
+//! `tools` gets theirs, and the server calls them itself (the agent loop of `agentflux run`,
+//! each step reported under `agentflux`) until the model chooses `finish`, then answers in text.
 
 mod cache;
 mod conn;
@@ -43,6 +47,8 @@ pub struct ServeOptions {
     pub default_max_tokens: usize,
     /// Characters of a tool result the model sees.
     pub max_result_chars: usize,
+    /// Most calls of the server's own MCP tools ([`Backend::servers`]) per request.
+    pub max_steps: usize,
     /// Bytes of KV cache the prefix cache may keep across requests: as many conversations of
     /// `n_ctx` positions as fit, at least one; 0 turns it off (every request starts from an
     /// empty cache).
@@ -69,6 +75,7 @@ impl Default for ServeOptions {
             max_body_bytes: 4 << 20,
             default_max_tokens: 1024,
             max_result_chars: crate::toolcall::MAX_RESULT_CHARS,
+            max_steps: 6,
             cache_bytes: 512 << 20,
             api_key: None,
             max_connections: 1024,

@@ -69,6 +69,9 @@ pub enum Work {
     Answer,
     /// A tool call (or, under `auto`, text when the model chooses `finish`).
     Call(ToolChoice),
+    /// A request without `tools` to a server with MCP servers of its own: their tools are called
+    /// (the first call restricted by the choice) until the model chooses `finish`, then text.
+    Agent(ToolChoice),
 }
 
 /// A validated chat-completions request.
@@ -90,8 +93,9 @@ pub struct ChatRequest {
     pub sampler: SamplerConfig,
 }
 
-/// Validate a request body. `max_result_chars` cuts tool results as the agent loop does.
-pub fn parse_request(body: &[u8], max_result_chars: usize) -> Result<ChatRequest, ApiError> {
+/// Validate a request body. `max_result_chars` cuts tool results as the agent loop does;
+/// `server_tools` are the server's own (MCP) tools, which a request without `tools` gets.
+pub fn parse_request(body: &[u8], max_result_chars: usize, server_tools: &Catalog) -> Result<ChatRequest, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not JSON: {e}")))?;
     let o = v.as_object().ok_or_else(|| ApiError::invalid("body", "the body must be a JSON object"))?;
     if let Some(m) = o.get("model") {
@@ -105,7 +109,15 @@ pub fn parse_request(body: &[u8], max_result_chars: usize) -> Result<ChatRequest
         Some(t) => Catalog::from_openai_tools("request", t)
             .map_err(|e| ApiError::invalid("tools", e.to_string().trim_start_matches("invalid option: ").to_string()))?,
     };
-    let work = tool_choice(o.get("tool_choice"), &catalog)?;
+    let work = if catalog.groups.is_empty() && !server_tools.groups.is_empty() {
+        match tool_choice(o.get("tool_choice"), server_tools)? {
+            Work::Call(choice) => Work::Agent(choice),
+            // `"none"`: a plain chat turn, the server's tools left out.
+            _ => Work::Chat,
+        }
+    } else {
+        tool_choice(o.get("tool_choice"), &catalog)?
+    };
     let messages = read_messages(o.get("messages"), max_result_chars)
         .map_err(|e| ApiError::invalid(e.param, e.message))?
         .into_iter()
@@ -332,7 +344,7 @@ mod tests {
     }
 
     fn parse(v: Value) -> Result<ChatRequest, ApiError> {
-        parse_request(v.to_string().as_bytes(), 100)
+        parse_request(v.to_string().as_bytes(), 100, &Catalog::default())
     }
 
     fn tools() -> Value {
@@ -355,6 +367,28 @@ mod tests {
         assert_eq!(work(json!("sometimes")).unwrap_err().param.as_deref(), Some("tool_choice"));
         assert_eq!(parse(json!({"messages": user})).unwrap().work, Work::Chat);
         assert_eq!(parse(json!({"messages": user, "tool_choice": "required"})).unwrap_err().param.as_deref(), Some("tool_choice"));
+    }
+
+    #[test]
+    fn a_server_with_tools_of_its_own_runs_requests_without_tools_on_them() {
+        let server_tools = Catalog::from_openai_tools("files", &json!([
+            {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}
+        ]))
+        .unwrap();
+        let user = json!([{"role": "user", "content": "hi"}]);
+        let work = |v: Value| parse_request(v.to_string().as_bytes(), 100, &server_tools).map(|r| r.work);
+        assert_eq!(work(json!({"messages": user})), Ok(Work::Agent(ToolChoice::Auto)));
+        assert_eq!(work(json!({"messages": user, "tool_choice": "auto"})), Ok(Work::Agent(ToolChoice::Auto)));
+        assert_eq!(work(json!({"messages": user, "tool_choice": "required"})), Ok(Work::Agent(ToolChoice::Required)));
+        assert_eq!(
+            work(json!({"messages": user, "tool_choice": {"type": "function", "function": {"name": "read_file"}}})),
+            Ok(Work::Agent(ToolChoice::Function("read_file".into())))
+        );
+        assert_eq!(work(json!({"messages": user, "tool_choice": "none"})), Ok(Work::Chat));
+        // A request's own tools replace the server's: the client calls them.
+        assert_eq!(work(json!({"messages": user, "tools": tools()})), Ok(Work::Call(ToolChoice::Auto)));
+        let err = work(json!({"messages": user, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("tool_choice"), "{err:?}");
     }
 
     #[test]
@@ -385,8 +419,8 @@ mod tests {
             assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}: {e:?}");
             assert!(!e.message.is_empty());
         }
-        assert_eq!(parse_request(b"{not json", 100).unwrap_err().param.as_deref(), Some("body"));
-        assert_eq!(parse_request(b"[1]", 100).unwrap_err().param.as_deref(), Some("body"));
+        assert_eq!(parse_request(b"{not json", 100, &Catalog::default()).unwrap_err().param.as_deref(), Some("body"));
+        assert_eq!(parse_request(b"[1]", 100, &Catalog::default()).unwrap_err().param.as_deref(), Some("body"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::openai::{ApiError, ChatRequest, Usage, Work};
 use crate::decode::GenerateOptions;
 use crate::session::Session;
 use crate::text::TextStream;
-use crate::toolcall::{AdapterSet, CallEvent, ToolCall, ToolCaller, FINISH};
+use crate::toolcall::{AdapterSet, AgentEvent, AgentOptions, CallEvent, Catalog, ToolCall, ToolCaller, ToolChoice, ToolServers, FINISH};
 use crate::Engine;
 use std::ops::ControlFlow;
 use std::sync::mpsc::{Receiver, Sender};
@@ -41,6 +41,9 @@ pub enum Event {
     },
     /// More of the tool call's arguments (JSON text).
     Arguments(String),
+    /// A step of the server's own agent loop ([`Work::Agent`]): a call of one of its tools, the
+    /// tool's result, or why the loop stopped.
+    Step(AgentEvent),
     /// The answer is complete.
     Done {
         /// OpenAI's `finish_reason` (`stop`, `length`, `tool_calls`).
@@ -70,6 +73,15 @@ pub struct Backend {
     pub engine: Engine,
     /// Selector and argument adapters (empty: the base model under constraints).
     pub adapters: AdapterSet,
+    /// MCP servers whose tools the server calls itself for requests that bring no `tools`.
+    pub servers: Option<ToolServers>,
+}
+
+impl Backend {
+    /// The tools of the server's own MCP servers (empty without any).
+    pub fn server_tools(&self) -> Catalog {
+        self.servers.as_ref().map(|s| s.catalog.clone()).unwrap_or_default()
+    }
 }
 
 /// What the worker has done, for `GET /metrics`: the batching thread's passes (as of the last
@@ -96,6 +108,10 @@ pub struct WorkerLimits {
     pub cached_sessions: usize,
     /// Requests answered at once (each holds a session of `n_ctx` positions while it runs).
     pub parallel: usize,
+    /// Most calls of the server's own tools per request.
+    pub max_steps: usize,
+    /// Characters of a tool result the model sees.
+    pub max_result_chars: usize,
 }
 
 /// Run jobs until every sender is gone, `limits.parallel` at a time, counting in `metrics`.
@@ -156,7 +172,7 @@ impl Worker<'_> {
         if prefix.len() >= n_ctx {
             return Err(crate::Error::ContextOverflow { needed: prefix.len() + 1, n_ctx }.into());
         }
-        if !matches!(job.request.work, Work::Call(_)) {
+        if matches!(job.request.work, Work::Chat | Work::Answer) {
             self.text_room(&prefix, job.request.max_tokens)?;
         }
         let _ = job.events.send(Event::Started);
@@ -184,7 +200,13 @@ impl Worker<'_> {
             Work::Chat => self.caller.chat_prompt(&r.messages),
             Work::Answer => self.caller.answer_prompt(&r.catalog, &r.messages),
             Work::Call(_) => self.caller.prefix_tokens(&r.catalog, &r.messages),
+            Work::Agent(_) => self.caller.prefix_tokens(&self.servers()?.catalog, &r.messages),
         }
+    }
+
+    /// The server's own tool servers (a request is [`Work::Agent`] only when there are some).
+    fn servers(&self) -> crate::Result<&ToolServers> {
+        self.backend.servers.as_ref().ok_or_else(|| crate::Error::Engine("this server has no MCP servers".into()))
     }
 
     /// Answer `job` on `session`, which holds `cached` tokens of its prompt already: every event
@@ -197,6 +219,7 @@ impl Worker<'_> {
         let call = match &r.work {
             Work::Chat => return self.text(session, job, self.caller.chat_prompt(&r.messages)?, cached, None),
             Work::Answer => return self.text(session, job, self.caller.answer_prompt(&r.catalog, &r.messages)?, cached, None),
+            Work::Agent(first) => return self.act(session, job, first, cached),
             Work::Call(choice) => {
                 let adapters = self.backend.adapters.for_tools(&r.catalog.names());
                 let mut stream = TextStream::new(self.backend.engine.tokenizer.clone());
@@ -235,6 +258,42 @@ impl Worker<'_> {
         Ok(Event::Done { finish_reason: "tool_calls", usage, call: Some(Box::new(call)) })
     }
 
+    /// Call the server's own tools for the conversation until the model chooses `finish` (each
+    /// step sent as it happens), then answer in text from their results. The answer's
+    /// `max_tokens` is cut to the room the results left in the context.
+    fn act(&self, session: &mut Session, job: &Job, first: &ToolChoice, cached: usize) -> Result<Event, ApiError> {
+        let servers = self.servers()?;
+        let r = &job.request;
+        let adapters = self.backend.adapters.for_tools(&servers.catalog.names());
+        let opts = AgentOptions {
+            max_steps: self.limits.max_steps,
+            max_result_chars: self.limits.max_result_chars,
+            ..AgentOptions::new(0, 0, &self.backend.engine.tokenizer)
+        };
+        let mut messages = r.messages.clone();
+        let mut call_tokens = 0;
+        // A client that left stops the loop at its next step.
+        servers.act(&self.caller, session, &adapters, &mut messages, first, &opts, |e| {
+            if let AgentEvent::Call { call, .. } = &e {
+                call_tokens += call.stats.name_tokens + call.stats.arg_tokens;
+            }
+            match job.events.send(Event::Step(e)) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        })?;
+        let prompt = self.caller.answer_prompt(&servers.catalog, &messages)?;
+        let room = self.limits.n_ctx.saturating_sub(prompt.len());
+        let max_tokens = Some(r.max_tokens.unwrap_or(self.limits.default_max_tokens).min(room).max(1));
+        match self.text_with(session, job, prompt, max_tokens, cached, None)? {
+            Event::Done { finish_reason, mut usage, call } => {
+                usage.completion += call_tokens;
+                Ok(Event::Done { finish_reason, usage, call })
+            }
+            other => Ok(other),
+        }
+    }
+
     /// How many text tokens may follow `prompt`: `max_tokens`, or the default, within the context.
     fn text_room(&self, prompt: &[u32], max_tokens: Option<usize>) -> Result<usize, ApiError> {
         let n_ctx = self.limits.n_ctx;
@@ -257,7 +316,20 @@ impl Worker<'_> {
 
     /// Free text after `prompt`, streamed as it is decoded; returns the last event.
     fn text(&self, session: &mut Session, job: &Job, prompt: Vec<u32>, cached: usize, call: Option<ToolCall>) -> Result<Event, ApiError> {
-        let max_tokens = self.text_room(&prompt, job.request.max_tokens)?;
+        self.text_with(session, job, prompt, job.request.max_tokens, cached, call)
+    }
+
+    /// [`text`](Self::text) of at most `max_tokens` (`None`: the server's default).
+    fn text_with(
+        &self,
+        session: &mut Session,
+        job: &Job,
+        prompt: Vec<u32>,
+        max_tokens: Option<usize>,
+        cached: usize,
+        call: Option<ToolCall>,
+    ) -> Result<Event, ApiError> {
+        let max_tokens = self.text_room(&prompt, max_tokens)?;
         let tokenizer = &self.backend.engine.tokenizer;
         let opts = GenerateOptions { max_tokens, sampler: job.request.sampler, stop: tokenizer.stop.clone(), stop_on_repeat: false };
         let mut stream = TextStream::new(tokenizer.clone());

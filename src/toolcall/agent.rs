@@ -1,12 +1,14 @@
 //! The agent loop: call tools on MCP servers, feed their results back, stop at `finish` or a
 //! step limit (or a repeated call), then answer from the results.
 
-use super::{AdapterSet, Catalog, ToolCall, ToolCaller, FINISH};
+use super::{AdapterSet, Catalog, ToolCall, ToolCaller, ToolChoice, FINISH};
 use crate::decode::GenerateOptions;
 use crate::error::{Error, Result};
 use crate::mcp::McpClient;
 use crate::session::Session;
 use crate::text::{ChatMessage, Tokenizer};
+use std::ops::ControlFlow;
+use std::sync::Mutex;
 
 /// Characters of a tool's output the model sees by default (a small model's context is short).
 pub const MAX_RESULT_CHARS: usize = 1500;
@@ -66,10 +68,11 @@ pub enum AgentEvent {
     },
 }
 
-/// Tool servers and the catalog of their tools.
+/// Tool servers and the catalog of their tools. Each server answers one call at a time; several
+/// conversations (the server's requests) may run on the same servers at once.
 pub struct ToolServers {
     /// One client per server, in catalog group order.
-    pub servers: Vec<McpClient>,
+    servers: Vec<Mutex<McpClient>>,
     /// Their tools.
     pub catalog: Catalog,
 }
@@ -86,12 +89,78 @@ impl ToolServers {
                 tracing::warn!("server '{}': {why}; left out", s.name().escape_debug());
             }
         }
-        Ok(Self { servers, catalog })
+        Ok(Self { servers: servers.into_iter().map(Mutex::new).collect(), catalog })
     }
 
-    /// Run `task` to its answer; `on_event` sees each step as it happens. Returns the events.
+    /// How many servers there are.
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Whether there is no server.
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    /// Call `call`'s tool on the server that provides it: its output as text and whether it
+    /// failed. A broken server is reported like a failed tool.
+    pub fn execute(&self, call: &ToolCall) -> (String, bool) {
+        let group = self.catalog.groups.iter().position(|g| g.tools.iter().any(|t| t.name == call.name));
+        let Some(server) = group.and_then(|g| self.servers.get(g)) else {
+            return (format!("no server provides the tool {}", call.name), true);
+        };
+        // A poisoned lock only means another conversation's call panicked; the client is whole.
+        let mut server = server.lock().unwrap_or_else(|p| p.into_inner());
+        match server.call_tool(&call.name, &call.arguments) {
+            Ok(r) => (r.text(), r.is_error),
+            Err(e) => (e.to_string(), true),
+        }
+    }
+
+    /// Call tools for the conversation in `messages` until the model chooses `finish`, the step
+    /// limit is reached or a call repeats an earlier one; each call and its result are appended
+    /// to `messages`, ready for the answer. The first call is restricted by `first` (later ones
+    /// are [`ToolChoice::Auto`]). `on_event` sees each step as it happens; its `Break` stops the
+    /// loop with [`Error::Cancelled`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn act(
+        &self,
+        caller: &ToolCaller,
+        session: &mut Session,
+        adapters: &AdapterSet,
+        messages: &mut Vec<ChatMessage>,
+        first: &ToolChoice,
+        opts: &AgentOptions,
+        mut on_event: impl FnMut(AgentEvent) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let mut emit = |e: AgentEvent| if on_event(e).is_break() { Err(Error::Cancelled) } else { Ok(()) };
+        let mut done: Vec<(String, serde_json::Value)> = Vec::new();
+        for step in 1..=opts.max_steps + 1 {
+            if step > opts.max_steps {
+                return emit(AgentEvent::Stopped { reason: format!("step limit of {} reached", opts.max_steps) });
+            }
+            let choice = if step == 1 { first } else { &ToolChoice::Auto };
+            let call = caller.call_with(session, &self.catalog, messages, adapters, choice, |_| ControlFlow::Continue(()))?;
+            emit(AgentEvent::Call { step, call: Box::new(call.clone()) })?;
+            if call.name == FINISH {
+                return Ok(());
+            }
+            if done.iter().any(|(n, a)| *n == call.name && *a == call.arguments) {
+                return emit(AgentEvent::Stopped { reason: format!("{} was already called with these arguments", call.name) });
+            }
+            let (text, is_error) = self.execute(&call);
+            messages.push(ToolCaller::call_message(&call));
+            messages.push(ToolCaller::result_message(&call.name, &text, opts.max_result_chars));
+            emit(AgentEvent::Result { step, name: call.name.clone(), text, is_error })?;
+            done.push((call.name, call.arguments));
+        }
+        Ok(())
+    }
+
+    /// Run `task` to its answer: [`act`](Self::act), then the answer from the results.
+    /// `on_event` sees each step as it happens. Returns the events.
     pub fn run(
-        &mut self,
+        &self,
         caller: &ToolCaller,
         session: &mut Session,
         adapters: &AdapterSet,
@@ -100,42 +169,16 @@ impl ToolServers {
         mut on_event: impl FnMut(&AgentEvent),
     ) -> Result<Vec<AgentEvent>> {
         let mut events = Vec::new();
-        let mut emit = |e: AgentEvent, events: &mut Vec<AgentEvent>| {
+        let mut messages = vec![ChatMessage::new("user", task)];
+        self.act(caller, session, adapters, &mut messages, &ToolChoice::Auto, opts, |e| {
             on_event(&e);
             events.push(e);
-        };
-        let mut messages = vec![ChatMessage::new("user", task)];
-        let mut done: Vec<(String, serde_json::Value)> = Vec::new();
-        for step in 1..=opts.max_steps + 1 {
-            if step > opts.max_steps {
-                emit(AgentEvent::Stopped { reason: format!("step limit of {} reached", opts.max_steps) }, &mut events);
-                break;
-            }
-            let call = caller.call(session, &self.catalog, &messages, adapters)?;
-            emit(AgentEvent::Call { step, call: Box::new(call.clone()) }, &mut events);
-            if call.name == FINISH {
-                break;
-            }
-            if done.iter().any(|(n, a)| *n == call.name && *a == call.arguments) {
-                emit(AgentEvent::Stopped { reason: format!("{} was already called with these arguments", call.name) }, &mut events);
-                break;
-            }
-            let group = self.catalog.groups.iter().position(|g| g.tools.iter().any(|t| t.name == call.name));
-            let server = group
-                .and_then(|g| self.servers.get_mut(g))
-                .ok_or_else(|| Error::Engine(format!("no server provides the selected tool {}", call.name)))?;
-            let (text, is_error) = match server.call_tool(&call.name, &call.arguments) {
-                Ok(r) => (r.text(), r.is_error),
-                // A broken server is reported to the model like a failed tool, once.
-                Err(e) => (e.to_string(), true),
-            };
-            emit(AgentEvent::Result { step, name: call.name.clone(), text: text.clone(), is_error }, &mut events);
-            messages.push(ToolCaller::call_message(&call));
-            messages.push(ToolCaller::result_message(&call.name, &text, opts.max_result_chars));
-            done.push((call.name, call.arguments));
-        }
+            ControlFlow::Continue(())
+        })?;
         let text = caller.answer(session, &self.catalog, &messages, &opts.answer, |_| {})?;
-        emit(AgentEvent::Answer { text }, &mut events);
+        let answer = AgentEvent::Answer { text };
+        on_event(&answer);
+        events.push(answer);
         Ok(events)
     }
 }

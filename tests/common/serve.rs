@@ -22,8 +22,11 @@ pub fn start(tag: &str, opts: ServeOptions) -> Option<Server> {
 /// A server on a free loopback port over the model file `path`.
 pub fn start_on(path: &std::path::Path, opts: ServeOptions) -> Server {
     let engine = Engine::load_on(ctx(), path).unwrap();
-    Server::start(Backend { engine, adapters: AdapterSet::default() }, ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), ..opts })
-        .unwrap()
+    Server::start(
+        Backend { engine, adapters: AdapterSet::default(), servers: None },
+        ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), ..opts },
+    )
+    .unwrap()
 }
 
 pub struct Reply {

@@ -52,7 +52,7 @@ pub enum Mode {
     Reference,
 }
 
-/// The tool servers of `call` and `run`.
+/// The tool servers of `call`, `run` and `serve`.
 #[derive(clap::Args)]
 pub struct McpArgs {
     /// An MCP server (repeatable): a command, e.g. `--mcp 'tools/mcp/node_modules/.bin/mcp-server-filesystem

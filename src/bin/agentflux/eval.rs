@@ -225,7 +225,7 @@ fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
                 .map(|s| McpClient::open(s, &[], ServerOptions::default()).with_context(|| format!("line {}: starting `{s}`", task.line)))
                 .collect::<Result<Vec<_>>>()?,
         };
-        let mut agent = ToolServers::new(servers).with_context(|| format!("line {}", task.line))?;
+        let agent = ToolServers::new(servers).with_context(|| format!("line {}", task.line))?;
         let run =
             agent.run(&l.caller, &mut session, &l.adapters, &task.task, &AgentOptions::new(task.max_steps, 160, &l.eng.tokenizer), |_| {});
         let mut outcome = match run {

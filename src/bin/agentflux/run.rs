@@ -44,14 +44,14 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         anyhow::bail!("give the tool servers: --mcp 'COMMAND ARGS' or --mcp URL (repeatable), or --mcp-config FILE.json");
     }
     let servers = a.servers.start()?;
-    let mut agent = ToolServers::new(servers)?;
+    let agent = ToolServers::new(servers)?;
     let super::call::Loaded { eng, adapters, mut caller } =
         super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
     caller.set_arg_budget(a.arg_budget);
     let n_ctx = a.ctx.min(eng.model.config.n_ctx_train);
     let opts = AgentOptions::new(a.max_steps, a.answer_tokens, &eng.tokenizer);
     if !a.json {
-        eprintln!("{} tools from {} server(s) on {}", agent.catalog.names().len(), agent.servers.len(), eng.ctx.describe());
+        eprintln!("{} tools from {} server(s) on {}", agent.catalog.names().len(), agent.len(), eng.ctx.describe());
     }
     // Through the batcher, as the server and eval compute: one path for every command.
     batch::scope(&eng.model, |b| -> Result<()> {

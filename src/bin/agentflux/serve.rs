@@ -2,7 +2,7 @@
 
 use agentflux::gpu::GpuOptions;
 use agentflux::serve::{Backend, ServeOptions, Server};
-use agentflux::toolcall::Strategy;
+use agentflux::toolcall::{Strategy, ToolServers};
 use anyhow::Result;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -16,6 +16,13 @@ pub struct Args {
     /// tool; the selector when the request's tools are among those it was trained on.
     #[arg(long)]
     adapters: Option<PathBuf>,
+    /// MCP servers the server calls itself: a request that brings no `tools` gets theirs, and is
+    /// answered after the calls the model makes on them (each step under `agentflux`).
+    #[command(flatten)]
+    servers: super::call::McpArgs,
+    /// Most calls of those servers' tools per request.
+    #[arg(long, default_value_t = 6)]
+    max_steps: usize,
     /// Address to listen on. Beyond loopback, give --api-key too (or put something in front
     /// that checks who connects).
     #[arg(long, default_value = "127.0.0.1")]
@@ -58,6 +65,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
+    let servers = if a.servers.any() { Some(ToolServers::new(a.servers.start()?)?) } else { None };
     let super::call::Loaded { eng, adapters, .. } = super::call::load(&a.model, a.adapters.as_deref(), true, Strategy::Shared, gpu)?;
     let device = eng.ctx.describe();
     let opts = ServeOptions {
@@ -71,12 +79,15 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         api_key: a.api_key.or_else(|| std::env::var("AGENTFLUX_API_KEY").ok()).filter(|k| !k.is_empty()),
         max_connections: a.max_connections,
         request_timeout: std::time::Duration::from_secs(a.request_timeout.max(1)),
+        max_steps: a.max_steps,
         ..Default::default()
     };
-    let server = Server::start(Backend { engine: eng, adapters }, opts)?;
+    let tools =
+        servers.as_ref().map(|s| format!(", {} tools of {} MCP server(s) for requests without tools", s.catalog.names().len(), s.len()));
+    let server = Server::start(Backend { engine: eng, adapters, servers }, opts)?;
     // The address line is the one thing scripts wait for (port 0 makes it the only way to know).
     println!("listening on http://{}", server.addr());
-    eprintln!("POST /v1/chat/completions, GET /v1/models — model on {device}");
+    eprintln!("POST /v1/chat/completions, GET /v1/models — model on {device}{}", tools.unwrap_or_default());
     server.wait();
     Ok(())
 }
