@@ -15,10 +15,11 @@ use agentflux::hparams::{Activation, Rope, RopeLayout};
 use agentflux::kernels::attention::{attention, AttentionShape, KvBuffers};
 use agentflux::kernels::elementwise::{add_rows, glu};
 use agentflux::kernels::embed::embed;
+use agentflux::kernels::kv_store::{rope_kv_store, Qkv};
 use agentflux::kernels::matmul::{matmul, MatmulIo};
 use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
 use agentflux::kernels::places::{place_sequence, Places, RowPlace};
-use agentflux::kernels::rope::{rope, Positions, RopeOp};
+use agentflux::kernels::rope::RopeOp;
 use agentflux::kernels::sample::{argmax, OUT_WORDS};
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
 use common::{assert_close, ctx, dequant, f16_cache, f32_buf, rng};
@@ -210,68 +211,6 @@ fn rms_norm_plain_accumulate_and_inplace() {
 }
 
 #[test]
-fn rope_both_layouts_partial_rotation() {
-    let ctx = ctx();
-    let mut r = rng("rope");
-    for layout in [RopeLayout::Normal, RopeLayout::Neox] {
-        for (heads, hd, rot, pos0) in [(3, 64, 64, 0), (2, 16, 8, 100), (5, 256, 256, 4000)] {
-            // Without and with per-pair frequency factors (Llama 3.1's divide low frequencies by
-            // up to 8 and leave high ones at 1), the latter with an attention factor (LongRoPE).
-            for factors in [None, Some((0..rot / 2).map(|_| 1.0 + 7.0 * r.next_f32()).collect::<Vec<f32>>())] {
-                let t = 4;
-                let x = random_vec(&mut r, t * heads * hd, 1.0);
-                let scale = if factors.is_some() { 1.0 + 0.5 * r.next_f32() } else { 1.0 };
-                let rp = Rope { factors, scale, ..Rope::new(layout, rot, 10000.0) };
-                let factors_b = rp.factors.as_ref().map(|v| f32_buf(&ctx, v));
-                let b = f32_buf(&ctx, &x);
-                let mut rec = Recorder::new(&ctx);
-                let op = RopeOp { rope: &rp, factors: factors_b.as_ref() };
-                rope(&mut rec, &ctx, op, View::new(&b, t, heads * hd), hd, Positions::From(pos0)).unwrap();
-                rec.submit();
-                let mut want = x.clone();
-                reference::rope(&mut want, heads, hd, &rp, pos0);
-                // Angles up to ~4000 rad: f32 argument reduction costs ~1e-4 there.
-                let what = format!("rope {layout:?} hd={hd} pos0={pos0} factors={} scale {scale}", rp.factors.is_some());
-                assert_close(&what, &read_f32(&ctx, &b, 0, x.len()).unwrap(), &want, 5e-4);
-            }
-        }
-    }
-    // Factors given without their buffer, or the other way round, are refused.
-    let rp = Rope { factors: Some(vec![2.0; 4]), ..Rope::new(RopeLayout::Neox, 8, 10000.0) };
-    let b = f32_buf(&ctx, &[0.0; 16]);
-    let bare = Rope::new(RopeLayout::Neox, 8, 10000.0);
-    for op in [RopeOp { rope: &rp, factors: None }, RopeOp { rope: &bare, factors: Some(&b) }] {
-        assert!(rope(&mut Recorder::new(&ctx), &ctx, op, View::new(&b, 2, 8), 8, Positions::From(0)).is_err());
-    }
-}
-
-/// A pass's rows, several sequences' and a token tree's, each rotated at the position its place
-/// gives, from a table entry other than the first.
-#[test]
-fn rope_rows_at_their_places() {
-    let ctx = ctx();
-    let mut r = rng("rope_places");
-    let (heads, hd) = (3, 32);
-    let rp = Rope::new(RopeLayout::Neox, hd, 10000.0);
-    let mut places = vec![RowPlace { base: 0, pos: 0, pos0: 0, index: 0 }; 2];
-    places.extend(place_sequence(64, 7, 3, None).unwrap());
-    places.extend(place_sequence(0, 0, 1, None).unwrap());
-    places.extend(place_sequence(128, 30, 4, Some(&[0, 1, 1, 0])).unwrap());
-    let rows = &places[2..];
-    let x = random_vec(&mut r, rows.len() * heads * hd, 1.0);
-    let (b, table) = (f32_buf(&ctx, &x), storage_buffer(&ctx, "places", bytemuck::cast_slice(&places)));
-    let mut rec = Recorder::new(&ctx);
-    let at = Places { buf: &table, at: 2, rows };
-    rope(&mut rec, &ctx, RopeOp { rope: &rp, factors: None }, View::new(&b, rows.len(), heads * hd), hd, Positions::Table(at)).unwrap();
-    rec.submit();
-    let mut want = x.clone();
-    for (row, p) in want.chunks_mut(heads * hd).zip(rows) {
-        reference::rope(row, heads, hd, &rp, p.pos as usize);
-    }
-    assert_close("rope at row places", &read_f32(&ctx, &b, 0, x.len()).unwrap(), &want, 1e-4);
-}
-
-#[test]
 fn attention_prefill_decode_gqa_window_and_row_offset() {
     let ctx = ctx();
     let mut r = rng("attention");
@@ -361,74 +300,113 @@ fn attention_serves_several_sequences_in_one_dispatch() {
     }
 }
 
-/// Keys and values stored as f16 at a cache position: every value within f16's rounding of the
-/// f32 row, the rows around it untouched; from buffers of their own, or from one buffer where a
-/// token's key and value rows sit side by side behind its query row (the fused QKV layout).
+/// The f16 words of a cache buffer as f32 values.
+fn f16_values(ctx: &GpuContext, buf: &wgpu::Buffer, values: usize) -> Vec<f32> {
+    let words = read_u32(ctx, buf, 0, values / 2).unwrap();
+    words.iter().flat_map(|w| [half::f16::from_bits(*w as u16).to_f32(), half::f16::from_bits((*w >> 16) as u16).to_f32()]).collect()
+}
+
+/// A pass's queries rotated in place and its keys (rotated) and values stored as f16 at their
+/// cache rows, in one dispatch, against the reference's rotation: both pair layouts, partial
+/// rotation, frequency factors with an attention factor (Llama 3.1, LongRoPE), grouped heads;
+/// the rows of two sequences and a token tree (at their depths) from a table entry other than
+/// the first; the fused product's interleaved rows and three dense regions. Rows of the cache
+/// outside the places stay untouched, and so do the f32 keys and values.
 #[test]
-fn kv_store_appends_f16_rows() {
-    use agentflux::kernels::kv_store::kv_store;
+fn rope_kv_store_rotates_and_stores_at_each_place() {
     let ctx = ctx();
-    let mut r = rng("kv_store");
-    // Each case's sequence in the second of two cache slots of `n_ctx` rows.
-    for (row_len, row0, pos0, t, n_ctx) in [(64, 0, 0, 5, 8), (192, 2, 7, 3, 12), (6, 1, 1000, 70, 1100)] {
-        let (k, v) = (random_vec(&mut r, (row0 + t) * row_len, 4.0), random_vec(&mut r, (row0 + t) * row_len, 4.0));
-        let (kb, vb) = (f32_buf(&ctx, &k), f32_buf(&ctx, &v));
-        // Interleaved: per token `q_len` unused query floats, then its key row, then its value row.
-        let q_len = 2 * row_len;
-        let stride = q_len + 2 * row_len;
-        let mut qkv = random_vec(&mut r, (row0 + t) * stride, 1.0);
-        for i in 0..row0 + t {
-            qkv[i * stride + q_len..][..row_len].copy_from_slice(&k[i * row_len..][..row_len]);
-            qkv[i * stride + q_len + row_len..][..row_len].copy_from_slice(&v[i * row_len..][..row_len]);
-        }
-        let qkv_b = f32_buf(&ctx, &qkv);
-        let own = |buf| View::new(buf, row0 + t, row_len).rows(row0, t);
-        let interleaved = View::new(&qkv_b, row0 + t, stride).rows(row0, t);
-        let layouts = [
-            ("own buffers", own(&kb), own(&vb)),
-            ("one interleaved buffer", interleaved.cols(q_len, row_len), interleaved.cols(q_len + row_len, row_len)),
-        ];
-        let mut places = vec![RowPlace { base: 0, pos: 0, pos0: 0, index: 0 }; row0];
-        places.extend(place_sequence(n_ctx, pos0, t, None).unwrap());
-        let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
-        let at = Places { buf: &table, at: row0, rows: &places[row0..] };
-        for (layout, kr, vr) in layouts {
-            let cache = |name| storage_buffer_zeroed(&ctx, name, (2 * n_ctx * row_len * 2) as u64);
-            let (kc, vc) = (cache("kc"), cache("vc"));
-            let mut rec = Recorder::new(&ctx);
-            kv_store(&mut rec, &ctx, kr, vr, KvBuffers { k: &kc, v: &vc }, at).unwrap();
-            rec.submit();
-            for (what, src, buf) in [("keys", &k, &kc), ("values", &v, &vc)] {
-                let words = read_u32(&ctx, buf, 0, 2 * n_ctx * row_len / 2).unwrap();
-                let got: Vec<f32> = words
-                    .iter()
-                    .flat_map(|w| [half::f16::from_bits(*w as u16).to_f32(), half::f16::from_bits((*w >> 16) as u16).to_f32()])
-                    .collect();
-                let stored = (n_ctx + pos0) * row_len..(n_ctx + pos0 + t) * row_len;
-                assert!(
-                    got[..stored.start].iter().chain(&got[stored.end..]).all(|&x| x == 0.0),
-                    "{layout}, {what}: rows outside {stored:?} written"
-                );
-                for (i, (g, x)) in got[stored].iter().zip(&src[row0 * row_len..]).enumerate() {
-                    // One f16 rounding: half an ulp is 2^-11 of the value (f16 normals).
-                    assert!((g - x).abs() <= x.abs() * 4.9e-4 + 1e-7, "{layout}, {what} row_len {row_len} value {i}: {g} for {x}");
+    let mut r = rng("rope_kv_store");
+    for layout in [RopeLayout::Normal, RopeLayout::Neox] {
+        for (n_heads, n_kv, hd, rot, pos0) in [(4, 2, 64, 64, 0), (2, 2, 16, 8, 100), (3, 1, 256, 256, 4000)] {
+            for factors in [None, Some((0..rot / 2).map(|_| 1.0 + 7.0 * r.next_f32()).collect::<Vec<f32>>())] {
+                let scale = if factors.is_some() { 1.0 + 0.5 * r.next_f32() } else { 1.0 };
+                let rp = Rope { factors, scale, ..Rope::new(layout, rot, 10000.0) };
+                let factors_b = rp.factors.as_ref().map(|v| f32_buf(&ctx, v));
+                let op = RopeOp { rope: &rp, factors: factors_b.as_ref() };
+                // Three cache slots of n_ctx rows: a sequence of 3 new rows, one of 1, a tree of 4.
+                let n_ctx = pos0 + 40;
+                let mut places = vec![RowPlace { base: 0, pos: 0, pos0: 0, index: 0 }; 2];
+                places.extend(place_sequence(n_ctx, pos0, 3, None).unwrap());
+                places.extend(place_sequence(0, 0, 1, None).unwrap());
+                places.extend(place_sequence(2 * n_ctx, 30, 4, Some(&[0, 1, 1, 0])).unwrap());
+                let rows = &places[2..];
+                let t = rows.len();
+                let (qd, kvd) = (n_heads * hd, n_kv * hd);
+                let (q, k, v) = (random_vec(&mut r, t * qd, 1.0), random_vec(&mut r, t * kvd, 1.0), random_vec(&mut r, t * kvd, 4.0));
+                let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
+                let at = Places { buf: &table, at: 2, rows };
+                // q, k, v of each row side by side; or three regions.
+                let interleaved: Vec<f32> =
+                    (0..t).flat_map(|i| [&q[i * qd..][..qd], &k[i * kvd..][..kvd], &v[i * kvd..][..kvd]].concat()).collect();
+                let regions = [q.clone(), k.clone(), v.clone()].concat();
+                for (what, x, rows_of) in [("interleaved", interleaved, 0), ("regions", regions, 1)] {
+                    let xb = f32_buf(&ctx, &x);
+                    let qkv = if rows_of == 0 {
+                        let row = View::new(&xb, t, qd + 2 * kvd);
+                        Qkv { q: row.cols(0, qd), k: row.cols(qd, kvd), v: row.cols(qd + kvd, kvd), head_dim: hd }
+                    } else {
+                        let region = |offset, cols| View { offset, ..View::new(&xb, t, cols) };
+                        Qkv { q: region(0, qd), k: region(t * qd, kvd), v: region(t * (qd + kvd), kvd), head_dim: hd }
+                    };
+                    let cache = |name| storage_buffer_zeroed(&ctx, name, (3 * n_ctx * kvd * 2) as u64);
+                    let (kc, vc) = (cache("kc"), cache("vc"));
+                    let mut rec = Recorder::new(&ctx);
+                    rope_kv_store(&mut rec, &ctx, op, qkv, KvBuffers { k: &kc, v: &vc }, at).unwrap();
+                    rec.submit();
+                    let case = format!("{what} {layout:?} heads {n_heads}/{n_kv}×{hd} rot {rot} pos0 {pos0} scale {scale}");
+                    let got = read_f32(&ctx, &xb, 0, x.len()).unwrap();
+                    let view = |v: &View, i: usize| v.offset + i * v.stride;
+                    let (mut got_q, mut want_q) = (Vec::new(), Vec::new());
+                    let (mut want_k, mut want_v) = (vec![0.0f32; 3 * n_ctx * kvd], vec![0.0f32; 3 * n_ctx * kvd]);
+                    for (i, p) in rows.iter().enumerate() {
+                        got_q.extend_from_slice(&got[view(&qkv.q, i)..][..qd]);
+                        let mut row = q[i * qd..][..qd].to_vec();
+                        reference::rope(&mut row, n_heads, hd, &rp, p.pos as usize);
+                        want_q.extend(row);
+                        let mut row = k[i * kvd..][..kvd].to_vec();
+                        reference::rope(&mut row, n_kv, hd, &rp, p.pos as usize);
+                        let c = (p.base + p.pos0 + p.index) as usize * kvd;
+                        want_k[c..][..kvd].copy_from_slice(&row);
+                        want_v[c..][..kvd].copy_from_slice(&v[i * kvd..][..kvd]);
+                        // The f32 keys and values are left as they were.
+                        assert_eq!(&got[view(&qkv.k, i)..][..kvd], &k[i * kvd..][..kvd], "{case}: keys row {i}");
+                        assert_eq!(&got[view(&qkv.v, i)..][..kvd], &v[i * kvd..][..kvd], "{case}: values row {i}");
+                    }
+                    // Angles up to ~4000 rad: f32 argument reduction costs ~1e-4 there.
+                    assert_close(&format!("{case}: queries"), &got_q, &want_q, 5e-4);
+                    for (name, buf, want) in [("keys", &kc, &want_k), ("values", &vc, &want_v)] {
+                        let stored = f16_values(&ctx, buf, want.len());
+                        let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        for (j, (g, w)) in stored.iter().zip(want.iter()).enumerate() {
+                            // One f16 rounding (half an ulp is 2^-11 of the value) after the rotation's error.
+                            assert!((g - w).abs() <= w.abs() * 4.9e-4 + 5e-4 * max, "{case}: {name} value {j}: {g} for {w}");
+                            assert!(*w != 0.0 || *g == 0.0, "{case}: {name} value {j} written outside the places");
+                        }
+                    }
                 }
             }
         }
     }
-    let (kb, kc) = (f32_buf(&ctx, &[0.0; 8]), storage_buffer_zeroed(&ctx, "kc", 16));
+    // Refused: factors given without their buffer or the other way round, rows of two buffers,
+    // rows past the cache's end (it holds two), a place missing.
+    let rp = Rope { factors: Some(vec![2.0; 4]), ..Rope::new(RopeLayout::Neox, 8, 10000.0) };
+    let bare = Rope::new(RopeLayout::Neox, 8, 10000.0);
+    let (xb, other, kc) = (f32_buf(&ctx, &[0.0; 48]), f32_buf(&ctx, &[0.0; 48]), storage_buffer_zeroed(&ctx, "kc", 32));
     let cache = KvBuffers { k: &kc, v: &kc };
-    // Two rows of 4 values (2 words): the cache holds 2 rows.
-    let store = |cols, base| {
+    let store = |op: RopeOp, x: &wgpu::Buffer, hd: usize, base: usize, rows: usize| {
         let places = place_sequence(base, 0, 2, None).unwrap();
         let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
-        let rows = View::new(&kb, 8 / cols, cols);
-        kv_store(&mut Recorder::new(&ctx), &ctx, rows, rows, cache, Places { buf: &table, at: 0, rows: &places })
+        let row = View::new(&xb, rows, 24);
+        let qkv = Qkv { q: row.cols(0, 8), k: View { buf: x, ..row.cols(8, 8) }, v: row.cols(16, 8), head_dim: hd };
+        rope_kv_store(&mut Recorder::new(&ctx), &ctx, op, qkv, cache, Places { buf: &table, at: 0, rows: &places })
     };
-    assert!(store(4, 0).is_ok(), "two rows fit");
-    assert!(store(3, 0).is_err(), "odd rows refused");
-    assert!(store(4, 1).is_err(), "rows past the cache's end refused");
-    assert!(store(2, 0).is_err(), "a place per row");
+    let plain = RopeOp { rope: &bare, factors: None };
+    assert!(store(plain, &xb, 8, 0, 2).is_ok(), "two rows of a head of 8 fit");
+    assert!(store(RopeOp { rope: &rp, factors: None }, &xb, 8, 0, 2).is_err(), "factors not uploaded");
+    assert!(store(RopeOp { rope: &bare, factors: Some(&xb) }, &xb, 8, 0, 2).is_err(), "factors the rotation lacks");
+    assert!(store(plain, &other, 8, 0, 2).is_err(), "keys in another buffer");
+    assert!(store(plain, &xb, 8, 1, 2).is_err(), "rows past the cache's end");
+    assert!(store(plain, &xb, 8, 0, 1).is_err(), "a place per row");
 }
 
 #[test]

@@ -56,7 +56,7 @@ impl AttentionShape {
     }
 }
 
-/// One layer's f16 key and value caches, as [`kv_store`](super::kv_store::kv_store) writes
+/// One layer's f16 key and value caches, as [`rope_kv_store`](super::kv_store::rope_kv_store) writes
 /// them: rows of `n_kv_heads × head_dim` f16, two per u32, for every cache slot they hold.
 #[derive(Clone, Copy)]
 pub struct KvBuffers<'a> {

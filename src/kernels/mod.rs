@@ -24,6 +24,7 @@ const DEQUANT_WGSL: &str = include_str!("../../shaders/dequant.wgsl");
 const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
 const REDUCE_SUBGROUP_WGSL: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const REDUCE_WORKGROUP_WGSL: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
+const ROTARY_WGSL: &str = include_str!("../../shaders/rotary.wgsl");
 
 /// A kernel that reads weights in `format`: dequant.wgsl plus `file`, with `load32` bound to the
 /// format's decoder and `consts` emitted as WGSL `const` lines.
@@ -56,6 +57,11 @@ fn with_lane_reduce(mut src: ShaderSource, subgroups: bool) -> ShaderSource {
 /// A kernel with no weight decoding: `file` alone, entry point `entry`.
 fn plain<P: UniformBlock>(name: &str, file: &'static str, entry: &'static str) -> ShaderSource {
     specialized::<P>(name, file, entry, &[])
+}
+
+/// A kernel that rotates pairs by RoPE: rotary.wgsl plus `file`, entry point `main`.
+fn rotary<P: UniformBlock>(name: &str, file: &'static str) -> ShaderSource {
+    ShaderSource { name: name.to_string(), prelude: prelude::<P>(&[]), files: vec![ROTARY_WGSL, file], entry: "main" }
 }
 
 /// `file` alone with `consts` emitted as WGSL `const` lines (sizes the shader's loops are

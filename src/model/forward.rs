@@ -14,10 +14,10 @@ use crate::hparams::ModelConfig;
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_rows, glu};
 use crate::kernels::embed::embed;
-use crate::kernels::kv_store::kv_store;
+use crate::kernels::kv_store::{rope_kv_store, Qkv};
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
 use crate::kernels::places::{place_sequence, Places, RowPlace};
-use crate::kernels::rope::{rope, Positions, RopeOp};
+use crate::kernels::rope::RopeOp;
 use crate::kernels::sample::OUT_WORDS;
 use crate::kv::KvCache;
 use crate::lora::Proj;
@@ -253,8 +253,8 @@ impl Model {
         let h = View::new(&s.h, t, c.d_model);
         tap.keep(rec, l, Act::HIn, h)?;
         let (x, norm) = self.norm_in(rec, RmsNorm { w: &lw.attn_norm, eps: c.norm_eps }, h, &s.xn, l, Act::X1, tap)?;
-        // Keys and values in f32 scratch rows (bias, norm and RoPE apply there), then stored into
-        // each sequence's f16 cache.
+        // Queries, keys and values in f32 scratch rows (bias and norm apply there), then rotated
+        // and stored into each sequence's f16 cache in one dispatch.
         let QkvRows { q, k, v } = QkvRows::new(c, &s.qkv, t, !tap.active() && lw.qk_norm.is_none());
         self.linear(rec, chunk.lora, Linear { x, norm, out: Out::Qkv { layer: l, lw, q, k, v } })?;
         if let Some([bq, bk, bv]) = &lw.qkv_bias {
@@ -281,9 +281,7 @@ impl Model {
             let n_ctx = segs[0].kv.n_ctx();
             let rp = c.layer_rope(l, n_ctx);
             let op = RopeOp { rope: &rp, factors: self.weights.rope_factors_in(c, n_ctx) };
-            rope(rec, ctx, op, q, hd, Positions::Table(places))?;
-            rope(rec, ctx, op, k, hd, Positions::Table(places))?;
-            kv_store(rec, ctx, k, v, cache, places)?;
+            rope_kv_store(rec, ctx, op, Qkv { q, k, v, head_dim: hd }, cache, places)?;
             // Decode rows (the batcher puts them first) through the split-key entry, the rest
             // through the row-per-invocation one.
             let decode: usize = segs.iter().take_while(|g| g.len == 1).count();
