@@ -2,11 +2,12 @@
 //! block format, reported as GB/s of weight bytes read; multi-LoRA on one projection (fused
 //! and separate expand, one adapter and a 4-row batch on 4 adapters) against the base product;
 //! and a feed-forward block's gate and up projections with the GLU, as three dispatches and as
-//! the one gated product; the cost of a dispatch itself, with its bind group reused from the
-//! last submission and built anew; and a buffer copy, the device's memory bandwidth that the
-//! products' GB/s are read against.
+//! the one gated product; the products over f32 and over 8-bit activations (quantized once per
+//! product, as the forward pass does) for 1, 4 and 64 rows; the cost of a dispatch itself, with
+//! its bind group reused from the last submission and built anew; and a buffer copy, the
+//! device's memory bandwidth that the products' GB/s are read against.
 //!
-//! `cargo bench --bench kernels [-- matvec|lora|ffn|dispatch|copy]`; `AGENTFLUX_GPU` picks the device,
+//! `cargo bench --bench kernels [-- matvec|lora|ffn|activations|dispatch|copy]`; `AGENTFLUX_GPU` picks the device,
 //! `AGENTFLUX_KERNELS=gpu|cpu` the kernel family.
 
 use agentflux::decode::SplitMix64;
@@ -16,6 +17,7 @@ use agentflux::hparams::Activation;
 use agentflux::kernels::elementwise::glu;
 use agentflux::kernels::lora::{lora_expand, lora_shrink};
 use agentflux::kernels::matmul::{matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo};
+use agentflux::kernels::quantize::{quantize_q8, Q8Rows};
 use agentflux::reference::{random_matrix_bytes, random_vec};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -50,6 +52,49 @@ fn bench_matvec(c: &mut Criterion) {
                     read_f32(&ctx, &y, 0, 1).unwrap()
                 })
             });
+        }
+    }
+    group.finish();
+}
+
+/// f32 against 8-bit activations on SmolLM2's FFN shape (1536 × 576) in the formats of its files
+/// (Q4_1 projections, Q8_0 LM head) and Q4_0, for a decode row, a jump-forward chunk and a
+/// prefill piece: what `Products::Auto` chooses by (docs/performance.md).
+fn bench_activations(c: &mut Criterion) {
+    let ctx = GpuContext::new(&GpuOptions::default()).expect("a GPU adapter");
+    let mut rng = SplitMix64(3);
+    let mut group = c.benchmark_group(format!("activations/{}", ctx.info.name));
+    group.sample_size(10);
+    let (rows, cols) = SHAPES[0];
+    for format in [BlockFormat::Q4_1, BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        let bytes = random_matrix_bytes(&mut rng, format, rows, cols, 1.0);
+        let w = WeightMatrix::upload(&ctx, "w", format, rows, cols, &bytes).unwrap();
+        for m in [1, 4, 64] {
+            let x = storage_buffer(&ctx, "x", bytemuck::cast_slice(&random_vec(&mut rng, m * cols, 1.0)));
+            let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
+            let (qs_bytes, meta_bytes) = Q8Rows::bytes(m, cols);
+            let (qs, meta) = (storage_buffer_zeroed(&ctx, "qs", qs_bytes), storage_buffer_zeroed(&ctx, "meta", meta_bytes));
+            let q8 = Q8Rows { qs: &qs, meta: &meta };
+            group.throughput(Throughput::Bytes((w.n_bytes() * REPEAT) as u64));
+            for int8 in [false, true] {
+                let kind = if int8 { "int8" } else { "f32" };
+                group.bench_function(format!("{}/{rows}x{cols}/m{m}/{kind}", format.name()), |b| {
+                    b.iter(|| {
+                        let mut rec = Recorder::new(&ctx);
+                        let io = MatmulIo::dense(&x, &y, &w, m);
+                        for _ in 0..REPEAT {
+                            if int8 {
+                                quantize_q8(&mut rec, &ctx, io.x, None, q8).unwrap();
+                                matmul(&mut rec, &ctx, &w, MatmulIo { q8: Some(q8), ..io }).unwrap();
+                            } else {
+                                matmul(&mut rec, &ctx, &w, io).unwrap();
+                            }
+                        }
+                        rec.submit();
+                        read_f32(&ctx, &y, 0, 1).unwrap()
+                    })
+                });
+            }
         }
     }
     group.finish();
@@ -210,5 +255,5 @@ fn bench_copy(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matvec, bench_lora, bench_ffn, bench_dispatch, bench_copy);
+criterion_group!(benches, bench_matvec, bench_lora, bench_ffn, bench_activations, bench_dispatch, bench_copy);
 criterion_main!(benches);

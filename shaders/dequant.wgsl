@@ -308,3 +308,207 @@ fn load32_q6_k(row_byte: u32, k: u32) -> V32 {
     }
     return r;
 }
+
+// ---- Integer form, for the integer-dot products (quant_matmul_q8.wgsl) ----
+//
+// `load32q_<fmt>(row_byte, k)` returns the same 32 values as `load32_<fmt>` as integers and an
+// affine map per half: value j = d[h]·q_j + m[h], h = j / 16, q_j the j-th byte of `q` (word j/4,
+// lowest byte first) read as i8. Every quantized format has one (no float formats): codes that
+// are unsigned in the file stay unsigned (below 128) and their offset goes to `m`.
+
+struct Q32 {
+    q: array<u32, 8>,
+    d: vec2<f32>,
+    m: vec2<f32>,
+}
+
+const LOW_NIBBLES: u32 = 0x0f0f0f0fu;
+
+// Bits 0..3 of `v` to bit 0 of bytes 0..3.
+fn bits_to_bytes(v: u32) -> u32 {
+    return (v & 1u) | ((v & 2u) << 7u) | ((v & 4u) << 14u) | ((v & 8u) << 21u);
+}
+
+// 16 bytes of packed nibbles (low nibbles: values 0..15, high: 16..31), one map for both halves.
+fn q32_nibbles(qs: vec4<u32>, d: f32, m: f32) -> Q32 {
+    var r: Q32;
+    for (var i = 0u; i < 4u; i++) {
+        r.q[i] = qs[i] & LOW_NIBBLES;
+        r.q[i + 4u] = (qs[i] >> 4u) & LOW_NIBBLES;
+    }
+    r.d = vec2<f32>(d, d);
+    r.m = vec2<f32>(m, m);
+    return r;
+}
+
+fn load32q_q4_0(row_byte: u32, k: u32) -> Q32 {
+    let b = row_byte + (k >> 5u) * 18u;
+    let d = rd_f16(b);
+    return q32_nibbles(rd_u32x4(b + 2u), d, -8.0 * d);
+}
+
+fn load32q_q4_1(row_byte: u32, k: u32) -> Q32 {
+    let i = (row_byte + (k >> 5u) * 20u) >> 2u;
+    let dm = unpack2x16float(w[i]);
+    return q32_nibbles(vec4<u32>(w[i + 1u], w[i + 2u], w[i + 3u], w[i + 4u]), dm.x, dm.y);
+}
+
+// The fifth bits `qh` (bit j: value j) added to nibbles as bit 4 of each byte.
+fn q32_fifth_bits(r: Q32, qh: u32) -> Q32 {
+    var o = r;
+    for (var i = 0u; i < 8u; i++) {
+        o.q[i] |= bits_to_bytes(qh >> (4u * i)) << 4u;
+    }
+    return o;
+}
+
+fn load32q_q5_0(row_byte: u32, k: u32) -> Q32 {
+    let b = row_byte + (k >> 5u) * 22u;
+    let d = rd_f16(b);
+    return q32_fifth_bits(q32_nibbles(rd_u32x4(b + 6u), d, -16.0 * d), rd_u32(b + 2u));
+}
+
+fn load32q_q5_1(row_byte: u32, k: u32) -> Q32 {
+    let i = (row_byte + (k >> 5u) * 24u) >> 2u;
+    let dm = unpack2x16float(w[i]);
+    return q32_fifth_bits(q32_nibbles(vec4<u32>(w[i + 2u], w[i + 3u], w[i + 4u], w[i + 5u]), dm.x, dm.y), w[i + 1u]);
+}
+
+fn load32q_q8_0(row_byte: u32, k: u32) -> Q32 {
+    let b = row_byte + (k >> 5u) * 34u;
+    let d = rd_f16(b);
+    let lo = rd_u32x4(b + 2u);
+    let hi = rd_u32x4(b + 18u);
+    var r: Q32;
+    for (var i = 0u; i < 4u; i++) {
+        r.q[i] = lo[i];
+        r.q[i + 4u] = hi[i];
+    }
+    r.d = vec2<f32>(d, d);
+    return r;
+}
+
+// ggml's kvalues_iq4nl as integers.
+var<private> iq4_nl_ints: array<i32, 16> = array<i32, 16>(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+
+// Four nibbles (one per byte of `n`) to their levels, packed as i8.
+fn iq4_levels(n: u32) -> u32 {
+    return pack4xI8(vec4<i32>(iq4_nl_ints[n & 15u], iq4_nl_ints[(n >> 8u) & 15u], iq4_nl_ints[(n >> 16u) & 15u], iq4_nl_ints[n >> 24u]));
+}
+
+fn q32_iq4(qs: vec4<u32>, d: f32) -> Q32 {
+    var r: Q32;
+    for (var i = 0u; i < 4u; i++) {
+        r.q[i] = iq4_levels(qs[i] & LOW_NIBBLES);
+        r.q[i + 4u] = iq4_levels((qs[i] >> 4u) & LOW_NIBBLES);
+    }
+    r.d = vec2<f32>(d, d);
+    return r;
+}
+
+fn load32q_iq4_nl(row_byte: u32, k: u32) -> Q32 {
+    let b = row_byte + (k >> 5u) * 18u;
+    return q32_iq4(rd_u32x4(b + 2u), rd_f16(b));
+}
+
+fn load32q_iq4_xs(row_byte: u32, k: u32) -> Q32 {
+    let b = row_byte + (k >> 8u) * 136u;
+    let g = (k & 255u) >> 5u;
+    let head = w[b >> 2u];
+    let low = (rd_u8(b + 4u + (g >> 1u)) >> (4u * (g & 1u))) & 0xfu;
+    let scale = f32(low | (((head >> (16u + 2u * g)) & 3u) << 4u)) - 32.0;
+    let q = (b + 8u + 16u * g) >> 2u;
+    return q32_iq4(vec4<u32>(w[q], w[q + 1u], w[q + 2u], w[q + 3u]), unpack2x16float(head).x * scale);
+}
+
+fn load32q_q2_k(row_byte: u32, k: u32) -> Q32 {
+    let b = row_byte + (k >> 8u) * 84u;
+    let g = (k & 255u) >> 5u;
+    let dm = unpack2x16float(w[(b + 80u) >> 2u]);
+    let q = (b + 16u + 32u * (g >> 2u)) >> 2u;
+    let shift = 2u * (g & 3u);
+    var r: Q32;
+    for (var half = 0u; half < 2u; half++) {
+        let sc = rd_u8(b + 2u * g + half);
+        r.d[half] = dm.x * f32(sc & 0xfu);
+        r.m[half] = -dm.y * f32(sc >> 4u);
+        for (var i = 0u; i < 4u; i++) {
+            r.q[4u * half + i] = (w[q + 4u * half + i] >> shift) & 0x03030303u;
+        }
+    }
+    return r;
+}
+
+fn load32q_q3_k(row_byte: u32, k: u32) -> Q32 {
+    let b = row_byte + (k >> 8u) * 110u;
+    let g = (k & 255u) >> 5u;
+    let d = rd_f16(b + 108u);
+    let shift = 2u * (g & 3u);
+    var r: Q32;
+    for (var half = 0u; half < 2u; half++) {
+        // q − 4·(1 − hbit) = (q | hbit << 2) − 4: codes 0..7, the 4 in the offset.
+        let dl = d * scale_k3(b + 96u, 2u * g + half);
+        r.d[half] = dl;
+        r.m[half] = -4.0 * dl;
+        let hm = rd_u32x4(b + 16u * half);
+        let qs = rd_u32x4(b + 32u + 32u * (g >> 2u) + 16u * half);
+        for (var i = 0u; i < 4u; i++) {
+            r.q[4u * half + i] = ((qs[i] >> shift) & 0x03030303u) | (((hm[i] >> g) & 0x01010101u) << 2u);
+        }
+    }
+    return r;
+}
+
+// q4_K and q5_K: sub-block s of the super-block at b; `qh_off` = 0 for q4_K (no fifth bit).
+fn load32q_k4(b: u32, k: u32, qs_off: u32, qh_off: u32) -> Q32 {
+    let s = (k & 255u) >> 5u;
+    let dm = unpack2x16float(w[b >> 2u]);
+    let scm = scale_min_k4(b + 4u, s);
+    let q = (b + qs_off + (s >> 1u) * 32u) >> 2u;
+    let sh = (s & 1u) * 4u;
+    var r: Q32;
+    for (var i = 0u; i < 8u; i++) {
+        r.q[i] = (w[q + i] >> sh) & LOW_NIBBLES;
+        if (qh_off != 0u) {
+            r.q[i] |= ((w[((b + qh_off) >> 2u) + i] >> s) & 0x01010101u) << 4u;
+        }
+    }
+    r.d = vec2<f32>(dm.x * scm.x);
+    r.m = vec2<f32>(-dm.y * scm.y);
+    return r;
+}
+
+fn load32q_q4_k(row_byte: u32, k: u32) -> Q32 {
+    return load32q_k4(row_byte + (k >> 8u) * 144u, k, 16u, 0u);
+}
+
+fn load32q_q5_k(row_byte: u32, k: u32) -> Q32 {
+    return load32q_k4(row_byte + (k >> 8u) * 176u, k, 48u, 16u);
+}
+
+fn load32q_q6_k(row_byte: u32, k: u32) -> Q32 {
+    let b = row_byte + (k >> 8u) * 210u;
+    let j = k & 255u;
+    let n = j >> 7u;
+    let quarter = (j & 127u) >> 5u;
+    let d = rd_f16(b + 208u);
+    let sc = b + 192u + n * 8u + 2u * quarter;
+    let ql = b + n * 64u + (quarter & 1u) * 32u;
+    let sh = (quarter >> 1u) * 4u;
+    let qh = b + 128u + n * 32u;
+    let ql4 = array<vec4<u32>, 2>(rd_u32x4(ql), rd_u32x4(ql + 16u));
+    let qh4 = array<vec4<u32>, 2>(rd_u32x4(qh), rd_u32x4(qh + 16u));
+    var r: Q32;
+    // Codes 0..63; the −32 goes to the offset. Values 0..15 use one scale, 16..31 the next.
+    for (var half = 0u; half < 2u; half++) {
+        let f = d * f32(bitcast<i32>(rd_u8(sc + half) << 24u) >> 24u);
+        r.d[half] = f;
+        r.m[half] = -32.0 * f;
+    }
+    for (var i = 0u; i < 8u; i++) {
+        let lo = (ql4[i >> 2u][i & 3u] >> sh) & LOW_NIBBLES;
+        let hi = (qh4[i >> 2u][i & 3u] >> (2u * quarter)) & 0x03030303u;
+        r.q[i] = lo | (hi << 4u);
+    }
+    return r;
+}

@@ -1,4 +1,8 @@
-// quant_matmul.wgsl — y = W·x for a quantized weight matrix and a batch of f32 activations.
+// quant_matmul.wgsl — y = W·x for a quantized weight matrix and a batch of activations: what both
+// activation forms share (bindings, the LoRA delta, the store). The entry points are in
+// quant_matmul_f32.wgsl (f32 activations, weights decoded to f32) and quant_matmul_q8.wgsl
+// (8-bit activations from quantize_q8.wgsl, weights decoded to integers, packed 4×8-bit dot
+// products); the launcher builds a module of dequant.wgsl, this file and one of them.
 //
 // Computes: for m < M, n < N:  y[y_offset + m·y_stride + n_offset + n] (+)= Σ_k W[n, k] · x[m, k]
 //   (+ scale_s · Σ_j B_s[n_offset + n, j] · u[m, j] when `lora` is 1 and row m has adapter slot
@@ -12,11 +16,11 @@
 //   from its own adapter slots (`slots`/`u` for the gate, `up_slots`/`u_up` for up) — the two
 //   products and the GLU in one dispatch. `accumulate` must be 0.
 // With `norm` = 1 the product is of RMSNorm(x) · nw instead of x (the norm that precedes the
-//   projections, fused): each invocation sums x² over the row it already reads and scales its
-//   sums by 1 / sqrt(mean(x²) + eps) at the end.
-// Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl's `load32`);
-//   x is M rows of K f32 at x_offset + m·x_stride (both in vec4 units); y is f32.
-// Two work splits, one entry point each (the launcher picks by the device's class):
+//   projections, fused): the sums are scaled by 1 / sqrt(mean(x²) + eps) at the end, from the
+//   squares summed over the row (f32 form: as it is read, times nw on the way in; 8-bit form:
+//   the quantizer's per-group sums, nw applied before quantizing).
+// Layout: W is N rows of K values in a GGUF block format (decoded by dequant.wgsl); y is f32.
+// Two work splits, one entry point each in both forms (the launcher picks by the device's class):
 //   `main` (CPU-backed devices): one invocation owns a tile of ROWS output rows × COLS batch
 //     rows (launcher constants: decode is COLS = 1). Per 32-value group it loads each batch
 //     row's x once, then decodes each weight row once and dots it with all COLS of them. On
@@ -28,7 +32,8 @@
 //     side), each for COLS batch rows; a workgroup holds WG / LANES rows. The lanes' partial sums
 //     meet in `reduce_lanes` (reduce_subgroup.wgsl: subgroup shuffles; reduce_workgroup.wgsl:
 //     workgroup memory and one barrier).
-//   f32 accumulation in both. A matrix split across bindings runs once per part.
+//   f32 accumulation in both (8-bit form: i32 within a half group, then f32). A matrix split
+//   across bindings runs once per part.
 // Limits: K a multiple of 32 and of the format's block; N ≤ ROWS·65535·WG (`main`) or
 //   65535·WG/LANES (`cooperative`) per part; M ≤ COLS·65535.
 
@@ -37,13 +42,11 @@
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
-@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> row_slot: array<i32>;
 @group(0) @binding(5) var<storage, read> u: array<f32>;
 @group(0) @binding(6) var<storage, read> b_pack: array<f32>;
 @group(0) @binding(7) var<storage, read> u_up: array<f32>;
-@group(0) @binding(8) var<storage, read> nw: array<vec4<f32>>;
 
 // 1 / RMS of a row whose squares sum to `ss` (1 without `norm`).
 fn norm_scale(ss: f32) -> f32 {
@@ -103,126 +106,3 @@ fn store(n: u32, m: u32, v: f32, v_up: f32) {
     }
 }
 
-@compute @workgroup_size(WG)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let n0 = gid.x * ROWS;
-    if (n0 >= p.n) {
-        return;
-    }
-    let m0 = wid.y * COLS;
-    // Rows and batch rows past the end repeat the last one; their results are not stored.
-    var rb: array<u32, ROWS>;
-    for (var r = 0u; r < ROWS; r++) {
-        rb[r] = min(n0 + r, p.n - 1u) * p.row_bytes;
-    }
-    var xo: array<u32, COLS>;
-    for (var t = 0u; t < COLS; t++) {
-        xo[t] = p.x_offset + min(m0 + t, p.m - 1u) * p.x_stride;
-    }
-    var acc: array<f32, ROWS * COLS>;
-    var acc_up: array<f32, ROWS * COLS>;
-    var ss: array<f32, COLS>;
-    for (var k = 0u; k < p.k; k += 32u) {
-        var xv: array<V32, COLS>;
-        for (var t = 0u; t < COLS; t++) {
-            for (var j = 0u; j < 8u; j++) {
-                xv[t][j] = x[xo[t] + (k >> 2u) + j];
-            }
-        }
-        if (p.norm != 0u) {
-            for (var j = 0u; j < 8u; j++) {
-                let g = nw[(k >> 2u) + j];
-                for (var t = 0u; t < COLS; t++) {
-                    ss[t] += dot(xv[t][j], xv[t][j]);
-                    xv[t][j] *= g;
-                }
-            }
-        }
-        for (var r = 0u; r < ROWS; r++) {
-            let wr = load32(rb[r], k);
-            for (var t = 0u; t < COLS; t++) {
-                var s = 0.0;
-                for (var j = 0u; j < 8u; j++) {
-                    s += dot(wr[j], xv[t][j]);
-                }
-                acc[r * COLS + t] += s;
-            }
-            if (GLU == 1u) {
-                let wu = load32(rb[r] + p.pair_offset, k);
-                for (var t = 0u; t < COLS; t++) {
-                    var s = 0.0;
-                    for (var j = 0u; j < 8u; j++) {
-                        s += dot(wu[j], xv[t][j]);
-                    }
-                    acc_up[r * COLS + t] += s;
-                }
-            }
-        }
-    }
-    for (var t = 0u; t < COLS; t++) {
-        if (m0 + t < p.m) {
-            let f = norm_scale(ss[t]);
-            for (var r = 0u; r < ROWS; r++) {
-                store(n0 + r, m0 + t, acc[r * COLS + t] * f, acc_up[r * COLS + t] * f);
-            }
-        }
-    }
-}
-
-@compute @workgroup_size(WG)
-fn cooperative(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    let lane = li % LANES;
-    let n = wid.x * (WG / LANES) + li / LANES;
-    let m0 = wid.y * COLS;
-    // No early return: every lane must reach the reduction. Rows and batch rows past the end
-    // repeat the last one; their results are not stored.
-    let rb = min(n, p.n - 1u) * p.row_bytes;
-    var xo: array<u32, COLS>;
-    for (var t = 0u; t < COLS; t++) {
-        xo[t] = p.x_offset + min(m0 + t, p.m - 1u) * p.x_stride;
-    }
-    var acc: array<f32, COLS>;
-    var acc_up: array<f32, COLS>;
-    var ss: array<f32, COLS>;
-    for (var k = lane * 32u; k < p.k; k += LANES * 32u) {
-        let wr = load32(rb, k);
-        var wu: V32;
-        if (GLU == 1u) {
-            wu = load32(rb + p.pair_offset, k);
-        }
-        for (var t = 0u; t < COLS; t++) {
-            var s = 0.0;
-            var s_up = 0.0;
-            for (var j = 0u; j < 8u; j++) {
-                var xj = x[xo[t] + (k >> 2u) + j];
-                if (p.norm != 0u) {
-                    ss[t] += dot(xj, xj);
-                    xj *= nw[(k >> 2u) + j];
-                }
-                s += dot(wr[j], xj);
-                if (GLU == 1u) {
-                    s_up += dot(wu[j], xj);
-                }
-            }
-            acc[t] += s;
-            acc_up[t] += s_up;
-        }
-    }
-    let total = reduce_lanes(acc, li);
-    var total_up: array<f32, COLS>;
-    if (GLU == 1u) {
-        total_up = reduce_lanes(acc_up, li);
-    }
-    var total_ss: array<f32, COLS>;
-    if (p.norm != 0u) {
-        total_ss = reduce_lanes(ss, li);
-    }
-    if (lane == 0u) {
-        for (var t = 0u; t < COLS; t++) {
-            if (m0 + t < p.m) {
-                let f = norm_scale(total_ss[t]);
-                store(n, m0 + t, total[t] * f, total_up[t] * f);
-            }
-        }
-    }
-}

@@ -152,6 +152,12 @@ pub enum BlockFormat {
 pub const IQ4_NL_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 impl BlockFormat {
+    /// Whether the format stores integer codes with a scale (and offset) per 16 or 32 values:
+    /// what the integer-dot products read (`load32q_*` in dequant.wgsl); the float formats do not.
+    pub fn has_integer_form(self) -> bool {
+        !matches!(self, Self::F32 | Self::F16 | Self::BF16)
+    }
+
     /// Every supported format, for tests and benchmarks.
     pub const ALL: [BlockFormat; 15] = [
         Self::F32,

@@ -15,6 +15,34 @@ pub enum DeviceClass {
     Cpu,
 }
 
+/// How the quantized products take their activations: as f32, with every weight decoded to
+/// f32, or quantized to 8 bits once per product and multiplied as packed integers (llama.cpp's
+/// way on CPUs and its Vulkan backend's "integer dot" path). `$AGENTFLUX_PRODUCTS` (`float` or
+/// `int8`) or [`GpuOptions::products`] choose; the default is f32 on both kernel families
+/// (docs/performance.md: on the CPU-backed family 8-bit is faster for a single row and slower
+/// for several, and the choice cannot follow the rows of a pass without letting a request's
+/// company change its answer; the GPU family is not measured yet). Training's traced forward
+/// always takes f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Products {
+    /// f32 activations.
+    #[default]
+    Float,
+    /// 8-bit activations with a scale per 32 values, packed 4×8-bit dot products.
+    Int8,
+}
+
+impl Products {
+    /// `float` or `int8`, case-insensitive.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "float" | "f32" => Ok(Self::Float),
+            "int8" | "i8" => Ok(Self::Int8),
+            _ => Err(Error::InvalidOption(format!("product kind '{s}': expected float or int8"))),
+        }
+    }
+}
+
 /// How to choose and configure the device.
 #[derive(Debug, Clone, Default)]
 pub struct GpuOptions {
@@ -29,6 +57,9 @@ pub struct GpuOptions {
     pub kernels: Option<DeviceClass>,
     /// Leave subgroup operations off even where the device has them (their fallbacks run).
     pub no_subgroups: bool,
+    /// How quantized products take their activations. Default: `$AGENTFLUX_PRODUCTS`
+    /// (`float`/`int8`), else f32.
+    pub products: Option<Products>,
 }
 
 impl DeviceClass {
@@ -67,6 +98,8 @@ pub struct GpuContext {
     pub features: GpuFeatures,
     /// CPU-backed or a real GPU.
     pub class: DeviceClass,
+    /// f32 or 8-bit activations in the quantized products.
+    pub products: Products,
     max_binding: u64,
     placeholder: wgpu::Buffer,
     pub(crate) pipelines: Mutex<HashMap<String, Arc<super::kernel::Kernel>>>,
@@ -163,9 +196,16 @@ impl GpuContext {
                 _ => DeviceClass::Gpu,
             },
         };
+        let products = match opts.products {
+            Some(p) => p,
+            None => match std::env::var("AGENTFLUX_PRODUCTS") {
+                Ok(v) if !v.is_empty() => Products::parse(&v).map_err(|e| Error::InvalidOption(format!("AGENTFLUX_PRODUCTS: {e}")))?,
+                _ => Products::default(),
+            },
+        };
         let hw_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
         let max_binding = opts.max_binding_bytes.map_or(hw_binding, |m| m.min(hw_binding));
-        tracing::info!(adapter = %info.name, backend = ?info.backend, ?class, max_binding, "GPU ready");
+        tracing::info!(adapter = %info.name, backend = ?info.backend, ?class, ?products, max_binding, "GPU ready");
         let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("placeholder"),
             size: 16,
@@ -184,6 +224,7 @@ impl GpuContext {
                 timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             },
             class,
+            products,
             max_binding,
             pipelines: Mutex::new(HashMap::new()),
             bind_cache: Mutex::new(Default::default()),

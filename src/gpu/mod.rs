@@ -10,7 +10,7 @@ mod uniform;
 mod view;
 
 pub use buffer::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, upload, WeightMatrix, WeightPart};
-pub use context::{list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions};
+pub use context::{list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions, Products};
 pub use kernel::{Binding, Kernel, Recorder, ShaderSource};
 pub use memory::MemoryUse;
 pub use profile::{profile_table, KernelTime};

@@ -1,7 +1,9 @@
-//! `y = W·x (+ LoRA)` for quantized weights — launcher of `shaders/quant_matmul.wgsl`. The LoRA
-//! shrink that precedes the fused expand is [`super::lora`].
+//! `y = W·x (+ LoRA)` for quantized weights — launcher of `shaders/quant_matmul.wgsl` with
+//! `quant_matmul_f32.wgsl` (f32 activations) or `quant_matmul_q8.wgsl` (8-bit activations from
+//! [`super::quantize`]). The LoRA shrink that precedes the fused expand is [`super::lora`].
 
 use super::norm::RmsNorm;
+use super::quantize::Q8Rows;
 use crate::error::{Error, Result};
 use crate::gguf::BlockFormat;
 use crate::gpu::{uniform_block, Binding, DeviceClass, GpuContext, Kernel, Recorder, View, WeightMatrix};
@@ -9,6 +11,8 @@ use crate::hparams::Activation;
 use std::sync::Arc;
 
 const WGSL: &str = include_str!("../../shaders/quant_matmul.wgsl");
+const F32_WGSL: &str = include_str!("../../shaders/quant_matmul_f32.wgsl");
+const Q8_WGSL: &str = include_str!("../../shaders/quant_matmul_q8.wgsl");
 /// Invocations per workgroup in the CPU-backed family: small, so even a 192-row projection
 /// spreads over both threads of a CPU-backed device.
 const WG: usize = 16;
@@ -32,9 +36,9 @@ const LANES: usize = 8;
 const GPU_WG: usize = 64;
 const GPU_COLS: usize = 4;
 
-/// The product kernel for `format` in `ctx`'s kernel family, and its grid for a part of `rows`
-/// rows and `m` batch rows.
-fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, gated: bool) -> Result<(Arc<Kernel>, [u32; 3])> {
+/// The product kernel for `format` in `ctx`'s kernel family, over f32 or (`q8`) 8-bit
+/// activations, and its grid for a part of `rows` rows and `m` batch rows.
+fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, gated: bool, q8: bool) -> Result<(Arc<Kernel>, [u32; 3])> {
     let (name, entry, consts, grid) = match ctx.class {
         DeviceClass::Cpu => {
             let (tile_n, tile_m) = tile(rows, m);
@@ -56,6 +60,13 @@ fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, 
     let subgroups = ctx.class == DeviceClass::Gpu && ctx.subgroups_hold(LANES as u32);
     let mut src = super::with_lane_reduce(super::weight_reader::<Params>(name, WGSL, entry, format, &consts), subgroups);
     src.files.push(super::ACTIVATION_WGSL);
+    if q8 {
+        src.files.push(Q8_WGSL);
+        src.prelude.push_str(&format!("fn load32q(row_byte: u32, k: u32) -> Q32 {{ return load32q_{}(row_byte, k); }}\n", format.name()));
+        src.name.push_str("_q8");
+    } else {
+        src.files.push(F32_WGSL);
+    }
     if gated {
         src.name.push_str("_glu");
     }
@@ -162,12 +173,16 @@ pub struct MatmulIo<'a> {
     pub lora: Option<LoraIo<'a>>,
     /// Normalize each row of `x` first (the RMSNorm before the projections, fused into them).
     pub norm: Option<RmsNorm<'a>>,
+    /// `x` already quantized to 8 bits by [`quantize_q8`](super::quantize::quantize_q8) (with
+    /// `norm`'s weights applied there): a matrix with an integer form reads these instead of `x`
+    /// (which the other formats, and the LoRA shrink, still read).
+    pub q8: Option<Q8Rows<'a>>,
 }
 
 impl<'a> MatmulIo<'a> {
     /// `x` into `y`, overwriting, with no adapter and no norm.
     pub fn new(x: View<'a>, y: View<'a>) -> Self {
-        Self { x, y, accumulate: false, lora: None, norm: None }
+        Self { x, y, accumulate: false, lora: None, norm: None, q8: None }
     }
 
     /// Dense rows: `x` is `m × w.cols`, `y` is `m × w.rows`, both from offset 0.
@@ -184,6 +199,9 @@ impl<'a> MatmulIo<'a> {
         self.y.check(op, "y", 1)?;
         if let Some(n) = &self.norm {
             n.check(op, cols)?;
+        }
+        if let Some(q) = &self.q8 {
+            q.check(op, self.x.rows, cols)?;
         }
         Ok(())
     }
@@ -248,8 +266,9 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
     let u = io.lora.as_ref().map_or(none, |l| l.u);
     let u_up = up_lora.as_ref().map_or(none, |l| l.u);
     let split = io.lora.as_ref().and_then(|l| l.u_splits).map_or([u32::MAX; 2], |s| s.map(|r| r as u32));
+    let q8 = io.q8.filter(|_| w.format.has_integer_form());
     for part in &w.parts {
-        let (kernel, grid) = product_kernel(ctx, w.format, part.rows, m, gated.is_some())?;
+        let (kernel, grid) = product_kernel(ctx, w.format, part.rows, m, gated.is_some(), q8.is_some())?;
         let p = Params {
             n: part.rows as u32,
             k: w.cols as u32,
@@ -281,10 +300,14 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
             None => part.binding(),
             Some(g) => Binding::range(&part.buf, part.offset, pair_offset as u64 + g.up.parts[0].bytes),
         };
-        let nw = io.norm.map_or(none, |n| n.w);
+        // 8-bit activations take the places of x and of the norm's weights (applied when quantized).
+        let (x, nw) = match q8 {
+            Some(q) => (q.qs, q.meta),
+            None => (io.x.buf, io.norm.map_or(none, |n| n.w)),
+        };
         let bindings = vec![
             weights,
-            Binding::whole(io.x.buf),
+            Binding::whole(x),
             Binding::whole(io.y.buf),
             Binding::whole(row_slot),
             Binding::whole(u),
@@ -294,7 +317,8 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
         ];
         rec.dispatch(&kernel, &p, bindings, grid)?;
         let matrices = 1 + gated.is_some() as usize;
-        let activations = 4 * m * (w.cols + part.rows * (1 + io.accumulate as usize));
+        let x_bytes = if q8.is_some() { m * w.cols * 3 / 2 } else { 4 * m * w.cols };
+        let activations = x_bytes + 4 * m * part.rows * (1 + io.accumulate as usize);
         rec.declare_bytes((matrices * w.format.row_bytes(w.cols) * part.rows + activations) as u64);
     }
     Ok(())

@@ -14,6 +14,7 @@ pub mod matmul_t;
 pub mod norm;
 pub mod optim;
 pub mod places;
+pub mod quantize;
 pub mod rope;
 pub mod sample;
 
@@ -131,6 +132,7 @@ mod tests {
         check::<super::matmul_t::Params>();
         check::<super::norm::Params>();
         check::<super::optim::Params>();
+        check::<super::quantize::Params>();
         check::<super::rope::Params>();
         check::<super::sample::Params>();
     }

@@ -9,7 +9,7 @@
 use super::linear::{ChunkLora, Linear, Out};
 use super::Model;
 use crate::error::{Error, Result};
-use crate::gpu::{storage_buffer_zeroed, upload, Recorder, View};
+use crate::gpu::{storage_buffer_zeroed, upload, Products, Recorder, View};
 use crate::hparams::ModelConfig;
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_rows, glu};
@@ -17,6 +17,7 @@ use crate::kernels::embed::embed;
 use crate::kernels::kv_store::{rope_kv_store, Qkv};
 use crate::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
 use crate::kernels::places::{place_sequence, Places, RowPlace};
+use crate::kernels::quantize::Q8Rows;
 use crate::kernels::rope::RopeOp;
 use crate::kernels::sample::OUT_WORDS;
 use crate::kv::KvCache;
@@ -47,6 +48,9 @@ pub(super) struct Scratch {
     pub places: wgpu::Buffer,
     pub lora_u: wgpu::Buffer,
     pub lora_u_up: wgpu::Buffer,
+    /// A product's input rows quantized to 8 bits ([`Q8Rows`]), where the products take them
+    /// so ([`Products::Int8`]); else empty.
+    pub x8: Option<(wgpu::Buffer, wgpu::Buffer)>,
 }
 
 impl Scratch {
@@ -72,7 +76,17 @@ impl Scratch {
             // Three ranks per row: the stacked query/key/value shrink.
             lora_u: f("lora_u", tokens * 3 * max_rank),
             lora_u_up: f("lora_u_up", tokens * max_rank),
+            x8: (model.ctx.products == Products::Int8).then(|| {
+                let (qs, meta) = Q8Rows::bytes(tokens, c.d_model.max(c.q_dim()).max(c.ffn_dim));
+                (storage_buffer_zeroed(&model.ctx, "x8", qs), storage_buffer_zeroed(&model.ctx, "x8_meta", meta))
+            }),
         }
+    }
+
+    /// Room for a product's input quantized to 8 bits, unless the products take f32 or `tap`
+    /// traces the pass (training keeps f32 activations: its gradients are judged against them).
+    fn q8(&self, tap: &dyn Tap) -> Option<Q8Rows<'_>> {
+        self.x8.as_ref().filter(|_| !tap.active()).map(|(qs, meta)| Q8Rows { qs, meta })
     }
 }
 
@@ -234,7 +248,7 @@ impl Model {
             self.feed_forward_block(rec, chunk, l, lw, tap)?;
         }
         tap.keep_final(rec, h)?;
-        self.lm_head(rec, chunk)
+        self.lm_head(rec, chunk, tap)
     }
 
     /// `h += Wo · attention(rope(q), rope(k), v)` with q, k, v from `rmsnorm(h)`.
@@ -256,7 +270,7 @@ impl Model {
         // Queries, keys and values in f32 scratch rows (bias and norm apply there), then rotated
         // and stored into each sequence's f16 cache in one dispatch.
         let QkvRows { q, k, v } = QkvRows::new(c, &s.qkv, t, !tap.active() && lw.qk_norm.is_none());
-        self.linear(rec, chunk.lora, Linear { x, norm, out: Out::Qkv { layer: l, lw, q, k, v } })?;
+        self.linear(rec, chunk.lora, Linear { x, norm, q8: s.q8(tap), out: Out::Qkv { layer: l, lw, q, k, v } })?;
         if let Some([bq, bk, bv]) = &lw.qkv_bias {
             add_rows(rec, ctx, q, bq)?;
             add_rows(rec, ctx, k, bk)?;
@@ -307,7 +321,7 @@ impl Model {
         let (x, norm) = self.norm_in(rec, RmsNorm { w: &lw.ffn_norm, eps: c.norm_eps }, h, &s.xn, l, Act::X2, tap)?;
         if tap.active() {
             // The backward pass needs gate and up before the GLU.
-            let one = |proj, w, y| Linear { x, norm, out: Out::One { site: Some((l, proj)), w, y, accumulate: false } };
+            let one = |proj, w, y| Linear { x, norm, q8: None, out: Out::One { site: Some((l, proj)), w, y, accumulate: false } };
             self.linear(rec, chunk.lora, one(Proj::Gate, &lw.w_gate, gate))?;
             self.linear(rec, chunk.lora, one(Proj::Up, &lw.w_up, up))?;
             tap.keep(rec, l, Act::Gate, gate)?;
@@ -315,7 +329,7 @@ impl Model {
             glu(rec, &self.ctx, c.act, &s.gate, &s.up, t * c.ffn_dim)?;
             tap.keep(rec, l, Act::G, gate)?;
         } else {
-            self.linear(rec, chunk.lora, Linear { x, norm, out: Out::Gated { layer: l, lw, gate, up } })?;
+            self.linear(rec, chunk.lora, Linear { x, norm, q8: s.q8(tap), out: Out::Gated { layer: l, lw, gate, up } })?;
         }
         self.residual(rec, chunk, (l, Proj::Down), &lw.w_down, gate, lw.post_ffn_norm.as_ref(), Act::YPre, tap)
     }
@@ -358,18 +372,27 @@ impl Model {
         let s = chunk.s;
         let h = View::new(&s.h, x.rows, self.config.d_model);
         let Some(nw) = post_norm else {
-            return self.linear(rec, chunk.lora, Linear { x, norm: None, out: Out::One { site: Some(site), w, y: h, accumulate: true } });
+            return self.linear(
+                rec,
+                chunk.lora,
+                Linear { x, norm: None, q8: s.q8(tap), out: Out::One { site: Some(site), w, y: h, accumulate: true } },
+            );
         };
         let tmp = View { buf: &s.tmp, ..h };
-        self.linear(rec, chunk.lora, Linear { x, norm: None, out: Out::One { site: Some(site), w, y: tmp, accumulate: false } })?;
+        self.linear(
+            rec,
+            chunk.lora,
+            Linear { x, norm: None, q8: s.q8(tap), out: Out::One { site: Some(site), w, y: tmp, accumulate: false } },
+        )?;
         tap.keep(rec, site.0, act, tmp)?;
         rms_norm(rec, &self.ctx, RmsNorm { w: nw, eps: self.config.norm_eps }, tmp, h, true)
     }
 
     /// The logits of the wanted rows: the LM head with the final norm fused in where the rows are
     /// contiguous (a decode step, a prefill's last row); else their norms packed into `xn` first.
-    fn lm_head(&self, rec: &mut Recorder, chunk: &Chunk) -> Result<()> {
+    fn lm_head(&self, rec: &mut Recorder, chunk: &Chunk, tap: &dyn Tap) -> Result<()> {
         let (c, s) = (&self.config, chunk.s);
+        let q8 = s.q8(tap);
         let (h, xn) = (View::new(&s.h, chunk.rows(), c.d_model), View::new(&s.xn, chunk.rows(), c.d_model));
         let norm = RmsNorm { w: &self.weights.out_norm, eps: c.norm_eps };
         let out = self.weights.output();
@@ -378,7 +401,7 @@ impl Model {
                 return Ok(());
             }
             let (x, y) = (h.rows(first, rows), View::new(&s.logits, rows, c.n_vocab));
-            return self.linear(rec, None, Linear { x, norm: Some(norm), out: Out::One { site: None, w: out, y, accumulate: false } });
+            return self.linear(rec, None, Linear { x, norm: Some(norm), q8, out: Out::One { site: None, w: out, y, accumulate: false } });
         }
         let mut n = 0;
         for &(first, rows) in chunk.logit_rows {
@@ -389,6 +412,6 @@ impl Model {
             return Ok(());
         }
         let y = View::new(&s.logits, n, c.n_vocab);
-        self.linear(rec, None, Linear { x: xn.rows(0, n), norm: None, out: Out::One { site: None, w: out, y, accumulate: false } })
+        self.linear(rec, None, Linear { x: xn.rows(0, n), norm: None, q8, out: Out::One { site: None, w: out, y, accumulate: false } })
     }
 }

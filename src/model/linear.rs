@@ -12,6 +12,7 @@ use crate::kernels::elementwise::glu;
 use crate::kernels::lora::{lora_expand, lora_shrink};
 use crate::kernels::matmul::{matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo};
 use crate::kernels::norm::RmsNorm;
+use crate::kernels::quantize::{quantize_q8, Q8Rows};
 use crate::lora::{ActiveAdapter, AdapterRegistry, Proj};
 use crate::model::LayerWeights;
 
@@ -45,6 +46,9 @@ pub(super) struct Linear<'a> {
     pub x: View<'a>,
     /// RMSNorm applied to each row of `x` on the way in.
     pub norm: Option<RmsNorm<'a>>,
+    /// Room for `x` quantized to 8 bits, where the products take 8-bit activations
+    /// ([`crate::gpu::Products::Int8`]); `None`: f32.
+    pub q8: Option<Q8Rows<'a>>,
     /// The projection(s) and their outputs.
     pub out: Out<'a>,
 }
@@ -62,29 +66,48 @@ pub(super) enum Out<'a> {
     Gated { layer: usize, lw: &'a LayerWeights, gate: View<'a>, up: View<'a> },
 }
 
+impl Out<'_> {
+    /// Whether any matrix of the step has an integer form (then its products read x quantized;
+    /// the others read x as it is).
+    fn integer_form(&self) -> bool {
+        let int = |w: &WeightMatrix| w.format.has_integer_form();
+        match self {
+            Out::One { w, .. } => int(w),
+            Out::Qkv { lw, .. } => int(&lw.wq) || int(&lw.wk) || int(&lw.wv),
+            Out::Gated { lw, .. } => int(&lw.w_gate) || int(&lw.w_up),
+        }
+    }
+}
+
 impl Model {
     /// Record one projection step with the chunk's adapters (see the module doc).
     pub(super) fn linear(&self, rec: &mut Recorder, lora: Option<&ChunkLora>, op: Linear) -> Result<()> {
-        let Linear { x, norm, out } = op;
+        let Linear { x, norm, q8, out } = op;
+        // x quantized once for all the step's products that take it so.
+        let q8 = match q8 {
+            Some(q) if out.integer_form() => {
+                quantize_q8(rec, &self.ctx, x, norm.map(|n| n.w), q)?;
+                Some(q)
+            }
+            _ => None,
+        };
+        let io = |y, accumulate| MatmulIo { x, y, accumulate, lora: None, norm, q8 };
         match out {
-            Out::One { site, w, y, accumulate } => self.product(rec, lora, site, w, MatmulIo { x, y, accumulate, lora: None, norm }),
+            Out::One { site, w, y, accumulate } => self.product(rec, lora, site, w, io(y, accumulate)),
             Out::Qkv { layer, lw, q, k, v } => {
                 // Interleaved rows: q, k and v side by side in one buffer, as the stacked product writes them.
                 let interleaved = q.buf == k.buf && k.buf == v.buf && (k.offset, v.offset) == (q.offset + q.cols, k.offset + k.cols);
                 if let Some(w) = lw.wqkv.as_ref().filter(|w| interleaved && q.stride == w.rows) {
-                    let io = MatmulIo { x, y: View { cols: w.rows, ..q }, accumulate: false, lora: None, norm };
-                    if self.stacked_qkv(rec, lora, layer, w, io)? {
+                    if self.stacked_qkv(rec, lora, layer, w, io(View { cols: w.rows, ..q }, false))? {
                         return Ok(());
                     }
                 }
                 for (proj, w, y) in [(Proj::Q, &lw.wq, q), (Proj::K, &lw.wk, k), (Proj::V, &lw.wv, v)] {
-                    self.product(rec, lora, Some((layer, proj)), w, MatmulIo { x, y, accumulate: false, lora: None, norm })?;
+                    self.product(rec, lora, Some((layer, proj)), w, io(y, false))?;
                 }
                 Ok(())
             }
-            Out::Gated { layer, lw, gate, up } => {
-                self.gated(rec, lora, layer, lw, MatmulIo { x, y: gate, accumulate: false, lora: None, norm }, up)
-            }
+            Out::Gated { layer, lw, gate, up } => self.gated(rec, lora, layer, lw, io(gate, false), up),
         }
     }
 

@@ -10,6 +10,6 @@ mod random;
 mod transformer;
 
 pub use backward::{attention_backward, cross_entropy, glu_backward, matmul_backward_w, matmul_backward_x, rms_norm_backward};
-pub use ops::{argmax, attention, glu, matmul, rms_norm, rope, rope_backward};
+pub use ops::{argmax, attention, glu, matmul, quantize_q8, rms_norm, rope, rope_backward};
 pub use random::{random_adapter, random_matrix_bytes, random_vec, tiny_model, TinyModelSpec};
 pub use transformer::{ReferenceAdapter, ReferenceModel};

@@ -18,6 +18,19 @@ pub fn matmul(w: &[f32], x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     y
 }
 
+/// Activations as the integer-dot products take them (`shaders/quantize_q8.wgsl`): each group of
+/// 32 values rounded to a multiple of its scale `d = max|v| / 127` (half to even, in f32 as the
+/// kernel computes it), returned as f32 `d·q`.
+pub fn quantize_q8(x: &[f32]) -> Vec<f32> {
+    x.chunks(32)
+        .flat_map(|g| {
+            let d = g.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            g.iter().map(move |v| d * (v * id).round_ties_even())
+        })
+        .collect()
+}
+
 /// RMSNorm of each row of `n`.
 pub fn rms_norm(x: &[f32], w: &[f32], n: usize, eps: f32) -> Vec<f32> {
     x.chunks(n)
