@@ -492,6 +492,11 @@ fn gpu_adapter_gradient_matches_the_reference() {
             common::assert_close(&format!("{what} {key:?} dA"), &g.a, &w.a, 2e-3);
             common::assert_close(&format!("{what} {key:?} dB"), &g.b, &w.b, 2e-3);
         }
+        // The forward-only loss (validation) is the same, and adds no gradient.
+        let forward_only =
+            agentflux::model::example_loss(&model, &mut PrefixCache::new(), &tokens, from, &targets, ActiveAdapter::new(id)).unwrap();
+        assert!((forward_only - loss).abs() < 1e-4 * loss.abs().max(1.0), "{what}: forward-only loss {forward_only} vs {loss}");
+        assert_eq!(grads.read(&model, id).unwrap(), got, "{what}: the forward-only loss changed the gradients");
         // A second example accumulates into the same buffers; its prefix comes from the cache.
         grads.add_gradient(&model, &mut prefix, &tokens, from, &targets, ActiveAdapter::new(id)).unwrap();
         assert_eq!((prefix.reused(), prefix.computed()), (from, from));
@@ -510,6 +515,21 @@ fn gpu_adapter_gradient_matches_the_reference() {
         for (key, g) in &a {
             common::assert_close(&format!("{what} {key:?} dA, partly cached prefix"), &g.a, &b[key].a, 1e-6);
         }
+        // The first prefix was copied, not replaced: both stay kept and come back whole, and the
+        // gradient from the kept one is the first one's.
+        let (reused, computed) = (prefix.reused(), prefix.computed());
+        let again = AdapterBuffers::new(&model).unwrap();
+        again.add_gradient(&model, &mut prefix, &tokens, from, &targets, ActiveAdapter::new(id)).unwrap();
+        assert_eq!((prefix.kept(), prefix.reused() - reused, prefix.computed() - computed), (2, from, 0), "{what}");
+        let (key, g) = again.read(&model, id).unwrap().into_iter().next().unwrap();
+        common::assert_close(&format!("{what} {key:?} dB, kept prefix"), &g.b, &want[&key].b, 2e-3);
+        // With no room for a second, the one kept gives way: the old prefix is computed again
+        // after the part they share.
+        let mut one = PrefixCache::with_budget(0);
+        for t in [&tokens, &other, &tokens] {
+            AdapterBuffers::new(&model).unwrap().add_gradient(&model, &mut one, t, from, &targets, ActiveAdapter::new(id)).unwrap();
+        }
+        assert_eq!((one.kept(), one.reused(), one.computed()), (1, 2 + 2, from + (from - 2) + (from - 2)), "{what}");
     }
 }
 

@@ -7,7 +7,7 @@
 //! registry's packs. The f32 reference (`ReferenceModel::lora_loss_and_grads`) is what it is
 //! checked against.
 
-use super::forward::{copy_rows, Act, Chunk, Scratch, Segment, Tap};
+use super::forward::{copy_rows, Act, Chunk, NoTap, Scratch, Segment, Tap};
 use super::linear::ChunkLora;
 use super::{Logits, Model};
 use crate::error::{Error, Result};
@@ -92,21 +92,45 @@ pub struct AdapterTraining {
     pub v: AdapterBuffers,
 }
 
-/// The frozen prefix's KV cache kept from one training example to the next: examples of a
-/// tool set share their prompt's beginning (system prompt, tool list, often the conversation),
-/// and only the positions after the longest common prefix are computed again.
-#[derive(Default)]
+/// The frozen prefixes' KV caches kept from one training example to the next, under a memory
+/// budget: examples of a tool set share their prompt's beginning (system prompt, tool list,
+/// often the conversation), and a conversation comes back every epoch and at every validation.
+/// An example continues the kept prefix that shares the longest beginning with its own; only
+/// the positions after it are computed. One that shares only part of another's (another
+/// conversation after the same tool list) gets a copy of it, not its place, while the budget
+/// allows; beyond the budget the least recently used prefixes go.
 pub struct PrefixCache {
-    kv: Option<KvCache>,
-    tokens: Vec<u32>,
+    /// Least recently used first.
+    entries: Vec<KeptPrefix>,
+    budget: u64,
     reused: usize,
     computed: usize,
 }
 
+struct KeptPrefix {
+    kv: KvCache,
+    /// The base-weight positions `kv` holds (an example's adapter rows after them are not kept).
+    tokens: Vec<u32>,
+}
+
+/// Bytes of KV cache a [`PrefixCache`] keeps unless told otherwise.
+pub const DEFAULT_PREFIX_CACHE_BYTES: u64 = 1 << 30;
+
+impl Default for PrefixCache {
+    fn default() -> Self {
+        Self::with_budget(DEFAULT_PREFIX_CACHE_BYTES)
+    }
+}
+
 impl PrefixCache {
-    /// An empty cache.
+    /// An empty cache of the default budget ([`DEFAULT_PREFIX_CACHE_BYTES`]).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty cache keeping at most `bytes` of KV cache (always at least one prefix).
+    pub fn with_budget(bytes: u64) -> Self {
+        Self { entries: Vec::new(), budget: bytes, reused: 0, computed: 0 }
     }
 
     /// Prefix positions taken from the cache so far.
@@ -119,26 +143,53 @@ impl PrefixCache {
         self.computed
     }
 
-    /// The cache holding exactly `prefix` (base weights, no adapter), with room for `total`
-    /// positions: the common beginning with the previous prefix is kept, the rest computed.
+    /// Prefixes kept now.
+    pub fn kept(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// A cache holding exactly `prefix` (base weights, no adapter), with room for `total`
+    /// positions.
     fn prepare(&mut self, model: &Model, prefix: &[u32], total: usize) -> Result<&KvCache> {
-        if self.kv.as_ref().is_none_or(|kv| kv.n_ctx() < total) {
-            // Room in steps of 512 positions, so a slightly longer example does not reallocate.
-            self.kv = Some(model.new_cache(total.div_ceil(512) * 512)?);
-            self.tokens.clear();
-        }
-        let kv = self.kv.as_mut().expect("allocated above");
-        let common = self.tokens.iter().zip(prefix).take_while(|(a, b)| a == b).count();
-        // Positions past the previous prefix hold the adapter's rows: never reused.
-        kv.truncate(common);
-        self.tokens.truncate(common);
+        let shared = |e: &KeptPrefix| e.tokens.iter().zip(prefix).take_while(|(a, b)| a == b).count();
+        // The longest shared beginning among the kept prefixes with room; the most recent on a tie.
+        let best = self.entries.iter().enumerate().filter(|(_, e)| e.kv.n_ctx() >= total).map(|(i, e)| (shared(e), i)).max();
+        let (common, i) = match best {
+            // All of it: the same conversation further on, continued in place.
+            Some((common, i)) if common == self.entries[i].tokens.len() => (common, i),
+            best => {
+                // Room in steps of 512 positions, so a slightly longer example does not reallocate.
+                let n_ctx = total.div_ceil(512) * 512;
+                let (common, kv) = match best {
+                    // Part of another: a copy of its positions, cut where they part.
+                    Some((common, i)) if common > 0 => {
+                        let mut kv = self.entries[i].kv.fork(&model.ctx)?;
+                        kv.truncate(common);
+                        (common, kv)
+                    }
+                    _ => (0, model.new_cache(n_ctx)?),
+                };
+                let per_position = KvCache::bytes_per_position(&model.config);
+                let bytes = |entries: &[KeptPrefix]| entries.iter().map(|e| e.kv.n_ctx() as u64 * per_position).sum::<u64>();
+                while !self.entries.is_empty() && bytes(&self.entries) + n_ctx as u64 * per_position > self.budget {
+                    self.entries.remove(0);
+                }
+                self.entries.push(KeptPrefix { kv, tokens: prefix[..common].to_vec() });
+                (common, self.entries.len() - 1)
+            }
+        };
+        let mut entry = self.entries.remove(i);
+        // Positions past the kept prefix hold an example's adapter rows: never reused.
+        entry.kv.truncate(common);
+        entry.tokens.truncate(common);
         if common < prefix.len() {
-            model.forward(&prefix[common..], kv, Logits::None)?;
-            self.tokens.extend_from_slice(&prefix[common..]);
+            model.forward(&prefix[common..], &mut entry.kv, Logits::None)?;
+            entry.tokens.extend_from_slice(&prefix[common..]);
         }
         self.reused += common;
         self.computed += prefix.len() - common;
-        Ok(kv)
+        self.entries.push(entry);
+        Ok(&self.entries.last().expect("pushed above").kv)
     }
 }
 
@@ -171,174 +222,204 @@ impl AdapterBuffers {
         targets: &[Range<usize>],
         adapter: ActiveAdapter,
     ) -> Result<f32> {
-        let (c, ctx) = (&model.config, &*model.ctx);
-        let t = tokens.len().saturating_sub(from);
-        if t == 0 || t > model.max_batch {
-            return Err(Error::InvalidOption(format!(
-                "{t} rows after the activation point; a training example needs 1 to {}",
-                model.max_batch
-            )));
-        }
-        let rows: Vec<usize> = targets.iter().flat_map(|r| r.clone()).collect();
-        if rows.is_empty() || rows.iter().any(|&p| p <= from || p >= tokens.len()) {
-            return Err(Error::InvalidOption(format!(
-                "targets {targets:?} must lie in {}..{}, after the activation point",
-                from + 1,
-                tokens.len()
-            )));
-        }
-        // Chunk rows whose logits are targets: position p is predicted by row p − 1 − from.
-        let logit_rows: Vec<(usize, usize)> = targets.iter().filter(|r| !r.is_empty()).map(|r| (r.start - 1 - from, r.len())).collect();
-        let n_t: usize = logit_rows.iter().map(|r| r.1).sum();
-        let kv = prefix.prepare(model, &tokens[..from], tokens.len())?;
-        let registry = model.registry()?;
-        registry.check_resident(&[adapter])?;
-        let f = |name: &str, floats: usize| storage_buffer_zeroed(ctx, name, (floats.max(1) * 4) as u64);
-        let (d, q_dim, kv_dim, ffn, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn_dim, c.head_dim);
-        let mut trace = ForwardTrace::new(model, t);
-        let mut guard = model.scratch.lock().map_err(|_| Error::poisoned("scratch"))?;
-        let logit_cap = ((ctx.max_binding() as usize / (c.n_vocab * 4)).max(1)).min(model.max_batch);
-        if n_t > logit_cap {
-            return Err(Error::InvalidOption(format!("{n_t} target tokens in one example; at most {logit_cap} fit one pass")));
-        }
-        if guard.as_ref().is_none_or(|s| s.tokens < t) {
-            *guard = Some(Scratch::new(model, t.max(model.max_batch), logit_cap, registry.limits().max_rank));
-        }
-        let s = guard.as_ref().expect("scratch allocated above");
-        upload(ctx, &s.ids, 0, &tokens[from..]);
-        upload(ctx, &s.row_slot, 0, &vec![0i32; t]);
-        let active = [adapter];
-        let lora = ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u, u_up: &s.lora_u_up };
-        let mut rec = Recorder::new(ctx);
-        let segs = [Segment { kv, row0: 0, len: t }];
-        let chunk = Chunk { s, segs: &segs, logit_rows: &logit_rows, lora: Some(&lora), tree: None };
-        model.record_chunk(&mut rec, &chunk, &mut trace)?;
-
-        // Loss: the target rows' logits become their gradients (of the mean) in place.
-        let target_tokens: Vec<u32> = logit_rows.iter().flat_map(|&(r, n)| (r..r + n).map(|row| tokens[from + row + 1])).collect();
-        let (tok_b, loss_b) = (f("targets", n_t), f("loss", n_t));
-        upload(ctx, &tok_b, 0, &target_tokens);
-        let logits = View::new(&s.logits, n_t, c.n_vocab);
-        cross_entropy(&mut rec, ctx, logits, &tok_b, &loss_b, 1.0 / n_t as f32)?;
-
-        // Back through the output projection and final norm into dh (zero on non-target rows).
-        let (dh, dfin) = (f("dh", t * d), f("dfinal", t * d));
-        let out_norm = RmsNorm { w: &model.weights.out_norm, eps: c.norm_eps };
-        let mut packed = 0;
-        for &(r, n) in &logit_rows {
-            let dfin_rows = View::new(&dfin, t, d).rows(r, n);
-            matmul_t(&mut rec, ctx, model.weights.output(), logits.rows(packed, n), dfin_rows, false)?;
-            rms_norm_backward(
-                &mut rec,
-                ctx,
-                out_norm,
-                View::new(&trace.h_final, t, d).rows(r, n),
-                dfin_rows,
-                View::new(&dh, t, d).rows(r, n),
-                false,
-            )?;
-            packed += n;
-        }
-
-        let (a_pack, b_pack) = registry.packs();
-        let max_rank = registry.limits().max_rank;
-        let (u, du) = (f("u", t * max_rank), f("du", t * max_rank));
-        // Through one frozen projection `y = W·x` (+ the adapter where it targets (l, p)): dx, and
-        // the adapter's dA and dB.
-        let back = |rec: &mut Recorder,
-                    (l, p): (usize, Proj),
-                    w: &WeightMatrix,
-                    x: &wgpu::Buffer,
-                    dy: &wgpu::Buffer,
-                    dx: &wgpu::Buffer,
-                    accumulate: bool|
-         -> Result<()> {
-            let (n, k) = (w.rows, w.cols);
-            let (x, dy, dx) = (View::new(x, t, k), View::new(dy, t, n), View::new(dx, t, k));
-            matmul_t(rec, ctx, w, dy, dx, accumulate)?;
-            let Some((slots, rank)) = registry.slots(l, p, &active) else { return Ok(()) };
-            let slot = slots[0];
-            // u = A·x again (cheaper to recompute at rank r than to keep).
-            let lora = LoraIo { a_pack, b_pack, row_slot: &s.row_slot, u: &u, max_rank: rank, slots: &slots, u_splits: None };
-            lora_shrink(rec, ctx, &MatmulIo { lora: Some(lora), ..MatmulIo::new(x, dx) })?;
-            let matrix = |buf, offset, rows, cols| View { offset, ..View::new(buf, rows, cols) };
-            let io = LoraBackward {
-                x,
-                dy,
-                dx,
-                a: matrix(a_pack, slot.a_offset, rank, k),
-                b: matrix(b_pack, slot.b_offset, n, rank),
-                u: &u,
-                du: &du,
-                da: matrix(&self.a, slot.a_offset, rank, k),
-                db: matrix(&self.b, slot.b_offset, n, rank),
-                scale: slot.scale,
-                accumulate: true,
-            };
-            lora_backward(rec, ctx, &io)
-        };
-        let (dtmp, dg, dx2, datt, dx1) = (f("dtmp", t * d), f("dg", t * ffn), f("dx2", t * d), f("datt", t * q_dim), f("dx1", t * d));
-        let (dq, dqn, dk, dkn, dv, stats) = (
-            f("dq", t * q_dim),
-            f("dqn", t * q_dim),
-            f("dk", t * kv_dim),
-            f("dkn", t * kv_dim),
-            f("dv", t * kv_dim),
-            f("stats", t * c.n_heads * 3),
-        );
-        let norm_back = |rec: &mut Recorder, w: &wgpu::Buffer, xs: [&wgpu::Buffer; 3], rows: usize, n: usize, accumulate: bool| {
-            norm_backward(rec, model, RmsNorm { w, eps: c.norm_eps }, xs, (rows, n), accumulate)
-        };
-        // A block's output gradient: dh itself, or through the block's post-norm (gemma3) of
-        // its pre-norm output `x`.
-        let post_norm_back = |rec: &mut Recorder, norm: Option<&wgpu::Buffer>, x: &wgpu::Buffer| -> Result<&wgpu::Buffer> {
-            match norm {
-                Some(pn) => norm_back(rec, pn, [x, &dh, &dtmp], t, d, false).map(|_| &dtmp),
-                None => Ok(&dh),
-            }
-        };
-        for (l, lw) in model.weights.layers.iter().enumerate().rev() {
-            let tr = |act| trace.get(l, act);
-            // Feed-forward block.
-            let dy = post_norm_back(&mut rec, lw.post_ffn_norm.as_ref(), tr(Act::YPre))?;
-            back(&mut rec, (l, Proj::Down), &lw.w_down, tr(Act::G), dy, &dg, false)?;
-            glu_backward(&mut rec, ctx, c.act, tr(Act::Gate), tr(Act::Up), &dg, t * ffn)?;
-            back(&mut rec, (l, Proj::Gate), &lw.w_gate, tr(Act::X2), tr(Act::Gate), &dx2, false)?;
-            back(&mut rec, (l, Proj::Up), &lw.w_up, tr(Act::X2), tr(Act::Up), &dx2, true)?;
-            norm_back(&mut rec, &lw.ffn_norm, [tr(Act::HMid), &dx2, &dh], t, d, true)?;
-            // Attention block.
-            let dy = post_norm_back(&mut rec, lw.post_attn_norm.as_ref(), tr(Act::OPre))?;
-            back(&mut rec, (l, Proj::O), &lw.wo, tr(Act::Att), dy, &datt, false)?;
-            let shape = AttentionShape {
-                n_heads: c.n_heads,
-                n_kv_heads: c.n_kv_heads,
-                head_dim: hd,
-                window: c.layer_window(l),
-                scale: c.attn_scale,
-            };
-            let grads = AttentionGrads { dq: &dq, dk: &dk, dv: &dv, stats: &stats };
-            attention_backward(&mut rec, ctx, &shape, View::new(tr(Act::Q), t, q_dim), kv.layer(l)?, View::new(&datt, t, q_dim), grads)?;
-            let rp = c.layer_rope(l, kv.n_ctx());
-            let op = RopeOp { rope: &rp, factors: model.weights.rope_factors_in(c, kv.n_ctx()) };
-            rope_backward(&mut rec, ctx, op, View::new(&dq, t, q_dim), hd, from)?;
-            rope_backward(&mut rec, ctx, op, View::new(&dk, t, kv_dim), hd, from)?;
-            let (dq, dk) = match &lw.qk_norm {
-                Some([qn, kn]) => {
-                    norm_back(&mut rec, qn, [tr(Act::QPre), &dq, &dqn], t * c.n_heads, hd, false)?;
-                    norm_back(&mut rec, kn, [tr(Act::KPre), &dk, &dkn], t * c.n_kv_heads, hd, false)?;
-                    (&dqn, &dkn)
-                }
-                None => (&dq, &dk),
-            };
-            back(&mut rec, (l, Proj::Q), &lw.wq, tr(Act::X1), dq, &dx1, false)?;
-            back(&mut rec, (l, Proj::K), &lw.wk, tr(Act::X1), dk, &dx1, true)?;
-            back(&mut rec, (l, Proj::V), &lw.wv, tr(Act::X1), &dv, &dx1, true)?;
-            norm_back(&mut rec, &lw.attn_norm, [tr(Act::HIn), &dx1, &dh], t, d, true)?;
-        }
-        rec.submit();
-        let losses = read_f32(ctx, &loss_b, 0, n_t)?;
-        Ok(losses.iter().sum::<f32>() / n_t as f32)
+        run_example(model, Some(self), prefix, tokens, from, targets, adapter)
     }
+}
+
+/// The loss of one example as [`AdapterBuffers::add_gradient`] computes it, from the forward
+/// pass alone (validation): no trace is kept and nothing runs backward.
+pub fn example_loss(
+    model: &Model,
+    prefix: &mut PrefixCache,
+    tokens: &[u32],
+    from: usize,
+    targets: &[Range<usize>],
+    adapter: ActiveAdapter,
+) -> Result<f32> {
+    run_example(model, None, prefix, tokens, from, targets, adapter)
+}
+
+/// An example's loss, and with `grads` its gradient added into them.
+fn run_example(
+    model: &Model,
+    grads: Option<&AdapterBuffers>,
+    prefix: &mut PrefixCache,
+    tokens: &[u32],
+    from: usize,
+    targets: &[Range<usize>],
+    adapter: ActiveAdapter,
+) -> Result<f32> {
+    let (c, ctx) = (&model.config, &*model.ctx);
+    let t = tokens.len().saturating_sub(from);
+    if t == 0 || t > model.max_batch {
+        return Err(Error::InvalidOption(format!(
+            "{t} rows after the activation point; a training example needs 1 to {}",
+            model.max_batch
+        )));
+    }
+    let rows: Vec<usize> = targets.iter().flat_map(|r| r.clone()).collect();
+    if rows.is_empty() || rows.iter().any(|&p| p <= from || p >= tokens.len()) {
+        return Err(Error::InvalidOption(format!(
+            "targets {targets:?} must lie in {}..{}, after the activation point",
+            from + 1,
+            tokens.len()
+        )));
+    }
+    // Chunk rows whose logits are targets: position p is predicted by row p − 1 − from.
+    let logit_rows: Vec<(usize, usize)> = targets.iter().filter(|r| !r.is_empty()).map(|r| (r.start - 1 - from, r.len())).collect();
+    let n_t: usize = logit_rows.iter().map(|r| r.1).sum();
+    let kv = prefix.prepare(model, &tokens[..from], tokens.len())?;
+    let registry = model.registry()?;
+    registry.check_resident(&[adapter])?;
+    let f = |name: &str, floats: usize| storage_buffer_zeroed(ctx, name, (floats.max(1) * 4) as u64);
+    let (d, q_dim, kv_dim, ffn, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn_dim, c.head_dim);
+    let mut trace = grads.map(|_| ForwardTrace::new(model, t));
+    let mut guard = model.scratch.lock().map_err(|_| Error::poisoned("scratch"))?;
+    let logit_cap = ((ctx.max_binding() as usize / (c.n_vocab * 4)).max(1)).min(model.max_batch);
+    if n_t > logit_cap {
+        return Err(Error::InvalidOption(format!("{n_t} target tokens in one example; at most {logit_cap} fit one pass")));
+    }
+    if guard.as_ref().is_none_or(|s| s.tokens < t) {
+        *guard = Some(Scratch::new(model, t.max(model.max_batch), logit_cap, registry.limits().max_rank));
+    }
+    let s = guard.as_ref().expect("scratch allocated above");
+    upload(ctx, &s.ids, 0, &tokens[from..]);
+    upload(ctx, &s.row_slot, 0, &vec![0i32; t]);
+    let active = [adapter];
+    let lora = ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u, u_up: &s.lora_u_up };
+    let mut rec = Recorder::new(ctx);
+    let segs = [Segment { kv, row0: 0, len: t }];
+    let chunk = Chunk { s, segs: &segs, logit_rows: &logit_rows, lora: Some(&lora), tree: None };
+    let mut no_tap = NoTap;
+    let tap: &mut dyn Tap = match trace.as_mut() {
+        Some(trace) => trace,
+        None => &mut no_tap,
+    };
+    model.record_chunk(&mut rec, &chunk, tap)?;
+
+    // Loss: the target rows' logits become their gradients (of the mean) in place.
+    let target_tokens: Vec<u32> = logit_rows.iter().flat_map(|&(r, n)| (r..r + n).map(|row| tokens[from + row + 1])).collect();
+    let (tok_b, loss_b) = (f("targets", n_t), f("loss", n_t));
+    upload(ctx, &tok_b, 0, &target_tokens);
+    let logits = View::new(&s.logits, n_t, c.n_vocab);
+    cross_entropy(&mut rec, ctx, logits, &tok_b, &loss_b, 1.0 / n_t as f32)?;
+    let (Some(grads), Some(trace)) = (grads, trace) else {
+        rec.submit();
+        return Ok(read_f32(ctx, &loss_b, 0, n_t)?.iter().sum::<f32>() / n_t as f32);
+    };
+
+    // Back through the output projection and final norm into dh (zero on non-target rows).
+    let (dh, dfin) = (f("dh", t * d), f("dfinal", t * d));
+    let out_norm = RmsNorm { w: &model.weights.out_norm, eps: c.norm_eps };
+    let mut packed = 0;
+    for &(r, n) in &logit_rows {
+        let dfin_rows = View::new(&dfin, t, d).rows(r, n);
+        matmul_t(&mut rec, ctx, model.weights.output(), logits.rows(packed, n), dfin_rows, false)?;
+        rms_norm_backward(
+            &mut rec,
+            ctx,
+            out_norm,
+            View::new(&trace.h_final, t, d).rows(r, n),
+            dfin_rows,
+            View::new(&dh, t, d).rows(r, n),
+            false,
+        )?;
+        packed += n;
+    }
+
+    let (a_pack, b_pack) = registry.packs();
+    let max_rank = registry.limits().max_rank;
+    let (u, du) = (f("u", t * max_rank), f("du", t * max_rank));
+    // Through one frozen projection `y = W·x` (+ the adapter where it targets (l, p)): dx, and
+    // the adapter's dA and dB.
+    let back = |rec: &mut Recorder,
+                (l, p): (usize, Proj),
+                w: &WeightMatrix,
+                x: &wgpu::Buffer,
+                dy: &wgpu::Buffer,
+                dx: &wgpu::Buffer,
+                accumulate: bool|
+     -> Result<()> {
+        let (n, k) = (w.rows, w.cols);
+        let (x, dy, dx) = (View::new(x, t, k), View::new(dy, t, n), View::new(dx, t, k));
+        matmul_t(rec, ctx, w, dy, dx, accumulate)?;
+        let Some((slots, rank)) = registry.slots(l, p, &active) else { return Ok(()) };
+        let slot = slots[0];
+        // u = A·x again (cheaper to recompute at rank r than to keep).
+        let lora = LoraIo { a_pack, b_pack, row_slot: &s.row_slot, u: &u, max_rank: rank, slots: &slots, u_splits: None };
+        lora_shrink(rec, ctx, &MatmulIo { lora: Some(lora), ..MatmulIo::new(x, dx) })?;
+        let matrix = |buf, offset, rows, cols| View { offset, ..View::new(buf, rows, cols) };
+        let io = LoraBackward {
+            x,
+            dy,
+            dx,
+            a: matrix(a_pack, slot.a_offset, rank, k),
+            b: matrix(b_pack, slot.b_offset, n, rank),
+            u: &u,
+            du: &du,
+            da: matrix(&grads.a, slot.a_offset, rank, k),
+            db: matrix(&grads.b, slot.b_offset, n, rank),
+            scale: slot.scale,
+            accumulate: true,
+        };
+        lora_backward(rec, ctx, &io)
+    };
+    let (dtmp, dg, dx2, datt, dx1) = (f("dtmp", t * d), f("dg", t * ffn), f("dx2", t * d), f("datt", t * q_dim), f("dx1", t * d));
+    let (dq, dqn, dk, dkn, dv, stats) = (
+        f("dq", t * q_dim),
+        f("dqn", t * q_dim),
+        f("dk", t * kv_dim),
+        f("dkn", t * kv_dim),
+        f("dv", t * kv_dim),
+        f("stats", t * c.n_heads * 3),
+    );
+    let norm_back = |rec: &mut Recorder, w: &wgpu::Buffer, xs: [&wgpu::Buffer; 3], rows: usize, n: usize, accumulate: bool| {
+        norm_backward(rec, model, RmsNorm { w, eps: c.norm_eps }, xs, (rows, n), accumulate)
+    };
+    // A block's output gradient: dh itself, or through the block's post-norm (gemma3) of
+    // its pre-norm output `x`.
+    let post_norm_back = |rec: &mut Recorder, norm: Option<&wgpu::Buffer>, x: &wgpu::Buffer| -> Result<&wgpu::Buffer> {
+        match norm {
+            Some(pn) => norm_back(rec, pn, [x, &dh, &dtmp], t, d, false).map(|_| &dtmp),
+            None => Ok(&dh),
+        }
+    };
+    for (l, lw) in model.weights.layers.iter().enumerate().rev() {
+        let tr = |act| trace.get(l, act);
+        // Feed-forward block.
+        let dy = post_norm_back(&mut rec, lw.post_ffn_norm.as_ref(), tr(Act::YPre))?;
+        back(&mut rec, (l, Proj::Down), &lw.w_down, tr(Act::G), dy, &dg, false)?;
+        glu_backward(&mut rec, ctx, c.act, tr(Act::Gate), tr(Act::Up), &dg, t * ffn)?;
+        back(&mut rec, (l, Proj::Gate), &lw.w_gate, tr(Act::X2), tr(Act::Gate), &dx2, false)?;
+        back(&mut rec, (l, Proj::Up), &lw.w_up, tr(Act::X2), tr(Act::Up), &dx2, true)?;
+        norm_back(&mut rec, &lw.ffn_norm, [tr(Act::HMid), &dx2, &dh], t, d, true)?;
+        // Attention block.
+        let dy = post_norm_back(&mut rec, lw.post_attn_norm.as_ref(), tr(Act::OPre))?;
+        back(&mut rec, (l, Proj::O), &lw.wo, tr(Act::Att), dy, &datt, false)?;
+        let shape =
+            AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
+        let grads = AttentionGrads { dq: &dq, dk: &dk, dv: &dv, stats: &stats };
+        attention_backward(&mut rec, ctx, &shape, View::new(tr(Act::Q), t, q_dim), kv.layer(l)?, View::new(&datt, t, q_dim), grads)?;
+        let rp = c.layer_rope(l, kv.n_ctx());
+        let op = RopeOp { rope: &rp, factors: model.weights.rope_factors_in(c, kv.n_ctx()) };
+        rope_backward(&mut rec, ctx, op, View::new(&dq, t, q_dim), hd, from)?;
+        rope_backward(&mut rec, ctx, op, View::new(&dk, t, kv_dim), hd, from)?;
+        let (dq, dk) = match &lw.qk_norm {
+            Some([qn, kn]) => {
+                norm_back(&mut rec, qn, [tr(Act::QPre), &dq, &dqn], t * c.n_heads, hd, false)?;
+                norm_back(&mut rec, kn, [tr(Act::KPre), &dk, &dkn], t * c.n_kv_heads, hd, false)?;
+                (&dqn, &dkn)
+            }
+            None => (&dq, &dk),
+        };
+        back(&mut rec, (l, Proj::Q), &lw.wq, tr(Act::X1), dq, &dx1, false)?;
+        back(&mut rec, (l, Proj::K), &lw.wk, tr(Act::X1), dk, &dx1, true)?;
+        back(&mut rec, (l, Proj::V), &lw.wv, tr(Act::X1), &dv, &dx1, true)?;
+        norm_back(&mut rec, &lw.attn_norm, [tr(Act::HIn), &dx1, &dh], t, d, true)?;
+    }
+    rec.submit();
+    let losses = read_f32(ctx, &loss_b, 0, n_t)?;
+    Ok(losses.iter().sum::<f32>() / n_t as f32)
 }
 
 /// Through an RMSNorm of `rows` rows of `n` from float 0: `[x, dy, dx]` are its input, its

@@ -14,7 +14,7 @@ mod qwen2;
 mod qwen3;
 mod weights;
 
-pub use backward::{AdapterBuffers, AdapterTraining, PrefixCache};
+pub use backward::{example_loss, AdapterBuffers, AdapterTraining, PrefixCache, DEFAULT_PREFIX_CACHE_BYTES};
 pub use weights::{LayerWeights, Weights};
 
 use crate::error::{Error, Result};

@@ -5,7 +5,7 @@ use super::{AdamW, Example, Schedule};
 use crate::decode::SplitMix64;
 use crate::error::{Error, Result};
 use crate::lora::{ActiveAdapter, AdapterId, LoraAdapter, LoraWeights, Proj};
-use crate::model::{AdapterBuffers, AdapterTraining, Model, PrefixCache};
+use crate::model::{example_loss, AdapterTraining, Model, PrefixCache};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -41,6 +41,9 @@ pub struct TrainOptions {
     /// Start from this adapter (its rank, alpha and weights) instead of a fresh one: training
     /// continued, with new optimizer moments and schedule. A checkpoint to resume wins over it.
     pub init: Option<LoraAdapter>,
+    /// Bytes of KV cache kept of the examples' frozen prefixes ([`PrefixCache`]): each
+    /// conversation's prefix computed once for every epoch and validation while they fit.
+    pub prefix_cache_bytes: u64,
 }
 
 impl Default for TrainOptions {
@@ -59,6 +62,7 @@ impl Default for TrainOptions {
             checkpoint: None,
             stop_after: None,
             init: None,
+            prefix_cache_bytes: crate::model::DEFAULT_PREFIX_CACHE_BYTES,
         }
     }
 }
@@ -140,7 +144,6 @@ fn run(
 ) -> Result<Option<f32>> {
     let adapter = ActiveAdapter::new(id);
     let buffers = AdapterTraining::new(model)?;
-    let scratch = AdapterBuffers::new(model)?;
     let schedule = Schedule { peak: opts.lr, min: opts.min_lr, warmup: opts.warmup, total: opts.steps };
     let mut rng = SplitMix64(opts.seed ^ 0x5eed);
     let mut order: Vec<usize> = Vec::new();
@@ -151,15 +154,15 @@ fn run(
     }
     let (t0, mut seen, mut validating) = (Instant::now(), 0usize, 0.0f64);
     let mut eval_loss = None;
-    let mut prefix = PrefixCache::new();
-    let eval = |prefix: &mut PrefixCache, scratch: &crate::model::AdapterBuffers| -> Result<Option<f32>> {
+    let mut prefix = PrefixCache::with_budget(opts.prefix_cache_bytes);
+    // Forward only: the loss is what is wanted.
+    let eval = |prefix: &mut PrefixCache| -> Result<Option<f32>> {
         if val.is_empty() {
             return Ok(None);
         }
         let mut sum = 0.0;
         for e in val {
-            // The gradient lands in scratch buffers nobody reads: the loss is what is wanted.
-            sum += scratch.add_gradient(model, prefix, &e.tokens, e.active_from, &e.targets, adapter)?;
+            sum += example_loss(model, prefix, &e.tokens, e.active_from, &e.targets, adapter)?;
         }
         Ok(Some(sum / val.len() as f32))
     };
@@ -177,7 +180,7 @@ fn run(
         buffers.step(model, id, &opts.optimizer, step, schedule.lr(step))?;
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last {
             let v0 = Instant::now();
-            eval_loss = eval(&mut prefix, &scratch)?;
+            eval_loss = eval(&mut prefix)?;
             validating += v0.elapsed().as_secs_f64();
             if let Some(dir) = &opts.checkpoint {
                 let adapter = LoraAdapter { targets: model.read_adapter_weights(id)?, ..init.clone() };

@@ -87,6 +87,10 @@ pub struct Args {
     /// account for). Training goes on as usual.
     #[arg(long)]
     profile: bool,
+    /// MiB of KV cache kept of the examples' frozen prefixes (system text, tools, conversation):
+    /// each computed once for every epoch and validation while they fit.
+    #[arg(long, default_value_t = 1024)]
+    prefix_cache_mib: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -143,6 +147,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         warmup: a.warmup,
         eval_every: a.eval_every,
         seed: a.seed,
+        prefix_cache_bytes: a.prefix_cache_mib << 20,
         ..Default::default()
     };
     let base_model = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
