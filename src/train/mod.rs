@@ -23,4 +23,4 @@ pub use data::{read_trajectories, split, DataReport, DropKind, Dropped, Split, T
 pub use examples::{cap_finish_share, decoupled_examples, split_examples, AdapterRole, Example, SplitExamples, SplitPart};
 pub use optim::Schedule;
 pub use synth::{synthesize, Seed, SynthOptions, SynthReport};
-pub use trainer::{has_checkpoint, init_adapter, train_adapter, Progress, TrainOptions};
+pub use trainer::{has_checkpoint, init_adapter, train_adapter, train_adapter_with, Progress, TrainOptions};

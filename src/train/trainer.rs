@@ -107,6 +107,21 @@ pub fn train_adapter(
     train: &[Example],
     val: &[Example],
     opts: &TrainOptions,
+    on_progress: impl FnMut(&Progress),
+) -> Result<(LoraAdapter, Option<f32>)> {
+    train_adapter_with(model, name, train, val, opts, &mut PrefixCache::with_budget(opts.prefix_cache_bytes), on_progress)
+}
+
+/// [`train_adapter`] continuing the frozen prefixes kept in `prefixes` (base weights only, so
+/// every adapter of a set trained on the same conversations can share them: the argument
+/// adapters start from the selector's).
+pub fn train_adapter_with(
+    model: &Model,
+    name: &str,
+    train: &[Example],
+    val: &[Example],
+    opts: &TrainOptions,
+    prefixes: &mut PrefixCache,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<(LoraAdapter, Option<f32>)> {
     if train.is_empty() {
@@ -124,7 +139,7 @@ pub fn train_adapter(
         },
     };
     let id = model.add_adapter(name, &init)?;
-    let result = run(model, id, &init, train, val, opts, resume, &mut on_progress);
+    let result = run(model, id, &init, train, val, opts, resume, prefixes, &mut on_progress);
     let weights = result.and_then(|eval| Ok((model.read_adapter_weights(id)?, eval)));
     model.remove_adapter(id)?;
     let (targets, eval) = weights?;
@@ -140,6 +155,7 @@ fn run(
     val: &[Example],
     opts: &TrainOptions,
     resume: Option<Checkpoint>,
+    prefix: &mut PrefixCache,
     on_progress: &mut impl FnMut(&Progress),
 ) -> Result<Option<f32>> {
     let adapter = ActiveAdapter::new(id);
@@ -154,7 +170,6 @@ fn run(
     }
     let (t0, mut seen, mut validating) = (Instant::now(), 0usize, 0.0f64);
     let mut eval_loss = None;
-    let mut prefix = PrefixCache::with_budget(opts.prefix_cache_bytes);
     // Forward only: the loss is what is wanted.
     let eval = |prefix: &mut PrefixCache| -> Result<Option<f32>> {
         if val.is_empty() {
@@ -174,13 +189,13 @@ fn run(
                 order = epoch_order(train, &mut rng);
             }
             let e = &train[order.pop().expect("refilled above")];
-            loss += buffers.grads.add_gradient(model, &mut prefix, &e.tokens, e.active_from, &e.targets, adapter)?;
+            loss += buffers.grads.add_gradient(model, prefix, &e.tokens, e.active_from, &e.targets, adapter)?;
             seen += 1;
         }
         buffers.step(model, id, &opts.optimizer, step, schedule.lr(step))?;
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last {
             let v0 = Instant::now();
-            eval_loss = eval(&mut prefix)?;
+            eval_loss = eval(prefix)?;
             validating += v0.elapsed().as_secs_f64();
             if let Some(dir) = &opts.checkpoint {
                 let adapter = LoraAdapter { targets: model.read_adapter_weights(id)?, ..init.clone() };

@@ -4,9 +4,10 @@
 use agentflux::gpu::GpuOptions;
 use agentflux::lora::SavedDtype;
 use agentflux::lora::{LoraAdapter, LoraLimits};
+use agentflux::model::PrefixCache;
 use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
 use agentflux::train::{
-    cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter, AdapterRole, Example, TrainOptions,
+    cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter_with, AdapterRole, Example, TrainOptions,
 };
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
@@ -168,6 +169,9 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     };
     manifest.tools = tools.into_iter().collect();
     std::fs::create_dir_all(&a.toolset).with_context(|| format!("creating {}", a.toolset.display()))?;
+    // One set of kept prefixes for every adapter: they are computed with the base weights, so an
+    // argument adapter continues the conversations the selector's examples computed.
+    let mut prefixes = PrefixCache::with_budget(opts.prefix_cache_bytes);
     for (role, examples) in &train {
         let (name, dir) = match role {
             AdapterRole::Selector => ("selector".to_string(), "selector".to_string()),
@@ -205,7 +209,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         let mut progress = crate::progress::ProgressLine::new(opts.steps);
         let mut examples_per_s = 0.0;
         let mut profiled = StepProfile::new(a.profile && opts.steps >= 2);
-        let (adapter, eval) = train_adapter(&eng.model, &name, examples, &held_out, &opts, |p| {
+        let (adapter, eval) = train_adapter_with(&eng.model, &name, examples, &held_out, &opts, &mut prefixes, |p| {
             profiled.after_step(&eng, &name, p.step, opts.batch);
             let validated = a.eval_every > 0 && p.step % a.eval_every == 0;
             examples_per_s = p.examples_per_s;
