@@ -2,9 +2,12 @@
 //
 // Computes: `load32_<fmt>(row_byte, k)` returns the 32 consecutive values k..k+31 (k a multiple of
 // 32) of the row that starts at byte `row_byte` of the bound weight buffer `w`, as eight vec4<f32>.
-// A 32-value group shares its scales in every format, so scales are read once per group.
-// The including kernel declares `w: array<u32>` (raw GGUF bytes, little-endian, padded to 4 bytes)
-// and the launcher emits `fn load32(...)` forwarding to the format in use.
+// Every quantized format is decoded once, to its integer form (`load32q_<fmt>`, below: codes and
+// an affine map per 16 values, what the integer-dot products read); its f32 values are that form
+// mapped (`v32_of`). A 32-value group shares its scales in every format, so scales are read once
+// per group. The including kernel declares `w: array<u32>` (raw GGUF bytes, little-endian,
+// padded to 4 bytes) and the launcher emits `fn load32(...)` (and `fn load32q(...)`) forwarding
+// to the format in use.
 //
 // Layout: exactly GGUF's (ggml-common.h) block structs, unrepacked:
 //   f32 4 B/value · f16, bf16 2 B/value
@@ -62,23 +65,6 @@ fn rd_f16(off: u32) -> f32 {
 
 alias V32 = array<vec4<f32>, 8>;
 
-// Byte i (0..3) of each of 4 words, as the 4 lanes: (q >> 8i) & mask, shifted by `sh` first.
-fn lanes(v: u32, sh: u32, mask: u32) -> vec4<u32> {
-    let x = v >> sh;
-    return vec4<u32>(x & mask, (x >> 8u) & mask, (x >> 16u) & mask, (x >> 24u) & mask);
-}
-
-// 16 bytes of packed nibbles: low nibbles (values 0..15) then high nibbles (16..31), scaled and offset.
-fn nibbles32(qs: vec4<u32>, d: f32, m: f32) -> V32 {
-    var r: V32;
-    for (var i = 0u; i < 4u; i++) {
-        let q = qs[i];
-        r[i] = vec4<f32>(lanes(q, 0u, 0xfu)) * d + m;
-        r[i + 4u] = vec4<f32>(lanes(q, 4u, 0xfu)) * d + m;
-    }
-    return r;
-}
-
 fn load32_f32(row_byte: u32, k: u32) -> V32 {
     let i = (row_byte >> 2u) + k;
     var r: V32;
@@ -111,138 +97,11 @@ fn load32_bf16(row_byte: u32, k: u32) -> V32 {
     return r;
 }
 
-fn load32_q4_0(row_byte: u32, k: u32) -> V32 {
-    let b = row_byte + (k >> 5u) * 18u;
-    let d = rd_f16(b);
-    return nibbles32(rd_u32x4(b + 2u), d, -8.0 * d);
-}
-
-fn load32_q4_1(row_byte: u32, k: u32) -> V32 {
-    let b = row_byte + (k >> 5u) * 20u;
-    let i = b >> 2u;
-    let dm = unpack2x16float(w[i]);
-    return nibbles32(vec4<u32>(w[i + 1u], w[i + 2u], w[i + 3u], w[i + 4u]), dm.x, dm.y);
-}
-
-// Bits j..j+3 of `v`, one per lane.
-fn bits4(v: u32, j: u32) -> vec4<f32> {
-    let x = v >> j;
-    return vec4<f32>(vec4<u32>(x & 1u, (x >> 1u) & 1u, (x >> 2u) & 1u, (x >> 3u) & 1u));
-}
-
-fn load32_q5_0(row_byte: u32, k: u32) -> V32 {
-    let b = row_byte + (k >> 5u) * 22u;
-    let d = rd_f16(b);
-    let qh = rd_u32(b + 2u);
-    var r = nibbles32(rd_u32x4(b + 6u), d, -16.0 * d);
-    for (var i = 0u; i < 8u; i++) {
-        r[i] += bits4(qh, 4u * i) * (16.0 * d);
-    }
-    return r;
-}
-
-fn load32_q5_1(row_byte: u32, k: u32) -> V32 {
-    let i = (row_byte + (k >> 5u) * 24u) >> 2u;
-    let dm = unpack2x16float(w[i]);
-    let qh = w[i + 1u];
-    var r = nibbles32(vec4<u32>(w[i + 2u], w[i + 3u], w[i + 4u], w[i + 5u]), dm.x, dm.y);
-    for (var j = 0u; j < 8u; j++) {
-        r[j] += bits4(qh, 4u * j) * (16.0 * dm.x);
-    }
-    return r;
-}
-
-// ggml's kvalues_iq4nl (src/gguf/blocks.rs: IQ4_NL_LEVELS).
-var<private> iq4_nl_levels: array<f32, 16> = array<f32, 16>(
-    -127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0, 1.0, 13.0, 25.0, 38.0, 53.0, 69.0, 89.0, 113.0
-);
-
-fn iq4_nl4(q: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(iq4_nl_levels[q.x], iq4_nl_levels[q.y], iq4_nl_levels[q.z], iq4_nl_levels[q.w]);
-}
-
-fn load32_iq4_nl(row_byte: u32, k: u32) -> V32 {
-    let b = row_byte + (k >> 5u) * 18u;
-    let d = rd_f16(b);
-    let qs = rd_u32x4(b + 2u);
-    var r: V32;
-    for (var i = 0u; i < 4u; i++) {
-        r[i] = iq4_nl4(lanes(qs[i], 0u, 0xfu)) * d;
-        r[i + 4u] = iq4_nl4(lanes(qs[i], 4u, 0xfu)) * d;
-    }
-    return r;
-}
-
-fn load32_iq4_xs(row_byte: u32, k: u32) -> V32 {
-    let b = row_byte + (k >> 8u) * 136u;
-    let g = (k & 255u) >> 5u;
-    let head = w[b >> 2u];
-    let low = (rd_u8(b + 4u + (g >> 1u)) >> (4u * (g & 1u))) & 0xfu;
-    let scale = f32(low | (((head >> (16u + 2u * g)) & 3u) << 4u)) - 32.0;
-    let dl = unpack2x16float(head).x * scale;
-    let q = (b + 8u + 16u * g) >> 2u;
-    var r: V32;
-    for (var i = 0u; i < 4u; i++) {
-        r[i] = iq4_nl4(lanes(w[q + i], 0u, 0xfu)) * dl;
-        r[i + 4u] = iq4_nl4(lanes(w[q + i], 4u, 0xfu)) * dl;
-    }
-    return r;
-}
-
-fn load32_q2_k(row_byte: u32, k: u32) -> V32 {
-    let b = row_byte + (k >> 8u) * 84u;
-    let g = (k & 255u) >> 5u;
-    let dm = unpack2x16float(w[(b + 80u) >> 2u]);
-    let q = (b + 16u + 32u * (g >> 2u)) >> 2u;
-    let shift = 2u * (g & 3u);
-    var r: V32;
-    for (var half = 0u; half < 2u; half++) {
-        let sc = rd_u8(b + 2u * g + half);
-        let dl = dm.x * f32(sc & 0xfu);
-        let ml = dm.y * f32(sc >> 4u);
-        for (var i = 0u; i < 4u; i++) {
-            r[4u * half + i] = vec4<f32>(lanes(w[q + 4u * half + i], shift, 3u)) * dl - ml;
-        }
-    }
-    return r;
-}
-
 // Scale s (0..15) of a q3_K block whose 12 scale bytes start at `sc`.
 fn scale_k3(sc: u32, s: u32) -> f32 {
     let low = select(rd_u8(sc + s - 8u) >> 4u, rd_u8(sc + s) & 0xfu, s < 8u);
     let high = (rd_u8(sc + 8u + (s & 3u)) >> (2u * (s >> 2u))) & 3u;
     return f32(low | (high << 4u)) - 32.0;
-}
-
-fn load32_q3_k(row_byte: u32, k: u32) -> V32 {
-    let b = row_byte + (k >> 8u) * 110u;
-    let g = (k & 255u) >> 5u;
-    let d = rd_f16(b + 108u);
-    let shift = 2u * (g & 3u);
-    var r: V32;
-    for (var half = 0u; half < 2u; half++) {
-        let dl = d * scale_k3(b + 96u, 2u * g + half);
-        let hm = rd_u32x4(b + 16u * half);
-        let qs = rd_u32x4(b + 32u + 32u * (g >> 2u) + 16u * half);
-        for (var i = 0u; i < 4u; i++) {
-            let q = vec4<f32>(lanes(qs[i], shift, 3u)) - 4.0 + 4.0 * vec4<f32>(lanes(hm[i], g, 1u));
-            r[4u * half + i] = q * dl;
-        }
-    }
-    return r;
-}
-
-fn load32_q8_0(row_byte: u32, k: u32) -> V32 {
-    let b = row_byte + (k >> 5u) * 34u;
-    let d = rd_f16(b);
-    let lo = rd_u32x4(b + 2u);
-    let hi = rd_u32x4(b + 18u);
-    var r: V32;
-    for (var i = 0u; i < 4u; i++) {
-        r[i] = vec4<f32>(unpack4xI8(lo[i])) * d;
-        r[i + 4u] = vec4<f32>(unpack4xI8(hi[i])) * d;
-    }
-    return r;
 }
 
 // 6-bit scale and min of sub-block `s` (0..7) from the 12 scale bytes at `sc`.
@@ -256,65 +115,71 @@ fn scale_min_k4(sc: u32, s: u32) -> vec2<f32> {
     return vec2<f32>(f32((hi & 0xfu) | ((a >> 6u) << 4u)), f32((hi >> 4u) | ((m >> 6u) << 4u)));
 }
 
-// q4_K and q5_K: sub-block s of the super-block at b; `qh_off` = 0 for q4_K (no fifth bit).
-fn load32_k4(b: u32, k: u32, qs_off: u32, qh_off: u32) -> V32 {
-    let s = (k & 255u) >> 5u;
-    let dm = unpack2x16float(w[b >> 2u]);
-    let scm = scale_min_k4(b + 4u, s);
-    let d = dm.x * scm.x;
-    let m = dm.y * scm.y;
-    let q = b + qs_off + (s >> 1u) * 32u;
-    let sh = (s & 1u) * 4u;
+// The f32 values of a group in integer form: every quantized format's `load32_*`.
+fn v32_of(g: Q32) -> V32 {
     var r: V32;
-    for (var i = 0u; i < 8u; i++) {
-        var v = vec4<f32>(lanes(w[(q >> 2u) + i], sh, 0xfu));
-        if (qh_off != 0u) {
-            v += vec4<f32>(lanes(w[((b + qh_off) >> 2u) + i], s, 1u)) * 16.0;
+    for (var half = 0u; half < 2u; half++) {
+        for (var i = 0u; i < 4u; i++) {
+            r[4u * half + i] = vec4<f32>(unpack4xI8(g.q[4u * half + i])) * g.d[half] + g.m[half];
         }
-        r[i] = v * d - m;
     }
     return r;
+}
+
+fn load32_q4_0(row_byte: u32, k: u32) -> V32 {
+    return v32_of(load32q_q4_0(row_byte, k));
+}
+
+fn load32_q4_1(row_byte: u32, k: u32) -> V32 {
+    return v32_of(load32q_q4_1(row_byte, k));
+}
+
+fn load32_q5_0(row_byte: u32, k: u32) -> V32 {
+    return v32_of(load32q_q5_0(row_byte, k));
+}
+
+fn load32_q5_1(row_byte: u32, k: u32) -> V32 {
+    return v32_of(load32q_q5_1(row_byte, k));
+}
+
+fn load32_q8_0(row_byte: u32, k: u32) -> V32 {
+    return v32_of(load32q_q8_0(row_byte, k));
+}
+
+fn load32_iq4_nl(row_byte: u32, k: u32) -> V32 {
+    return v32_of(load32q_iq4_nl(row_byte, k));
+}
+
+fn load32_iq4_xs(row_byte: u32, k: u32) -> V32 {
+    return v32_of(load32q_iq4_xs(row_byte, k));
+}
+
+fn load32_q2_k(row_byte: u32, k: u32) -> V32 {
+    return v32_of(load32q_q2_k(row_byte, k));
+}
+
+fn load32_q3_k(row_byte: u32, k: u32) -> V32 {
+    return v32_of(load32q_q3_k(row_byte, k));
 }
 
 fn load32_q4_k(row_byte: u32, k: u32) -> V32 {
-    return load32_k4(row_byte + (k >> 8u) * 144u, k, 16u, 0u);
+    return v32_of(load32q_q4_k(row_byte, k));
 }
 
 fn load32_q5_k(row_byte: u32, k: u32) -> V32 {
-    return load32_k4(row_byte + (k >> 8u) * 176u, k, 48u, 16u);
+    return v32_of(load32q_q5_k(row_byte, k));
 }
 
 fn load32_q6_k(row_byte: u32, k: u32) -> V32 {
-    let b = row_byte + (k >> 8u) * 210u;
-    let j = k & 255u;
-    let n = j >> 7u;
-    let quarter = (j & 127u) >> 5u;
-    let d = rd_f16(b + 208u);
-    let sc = b + 192u + n * 8u + 2u * quarter;
-    // Values 0..15 of the group use one scale, 16..31 the next.
-    let f0 = d * f32(bitcast<i32>(rd_u8(sc) << 24u) >> 24u);
-    let f1 = d * f32(bitcast<i32>(rd_u8(sc + 1u) << 24u) >> 24u);
-    let ql = b + n * 64u + (quarter & 1u) * 32u;
-    let sh = (quarter >> 1u) * 4u;
-    let qh = b + 128u + n * 32u;
-    let ql4 = array<vec4<u32>, 2>(rd_u32x4(ql), rd_u32x4(ql + 16u));
-    let qh4 = array<vec4<u32>, 2>(rd_u32x4(qh), rd_u32x4(qh + 16u));
-    var r: V32;
-    for (var i = 0u; i < 8u; i++) {
-        let lo = lanes(ql4[i >> 2u][i & 3u], sh, 0xfu);
-        let hi = lanes(qh4[i >> 2u][i & 3u], 2u * quarter, 3u);
-        let f = select(f1, f0, i < 4u);
-        r[i] = (vec4<f32>(lo | (hi << vec4<u32>(4u))) - 32.0) * f;
-    }
-    return r;
+    return v32_of(load32q_q6_k(row_byte, k));
 }
 
 // ---- Integer form, for the integer-dot products (quant_matmul_q8.wgsl) ----
 //
-// `load32q_<fmt>(row_byte, k)` returns the same 32 values as `load32_<fmt>` as integers and an
+// `load32q_<fmt>(row_byte, k)` returns a group's 32 values as integers and an
 // affine map per half: value j = d[h]·q_j + m[h], h = j / 16, q_j the j-th byte of `q` (word j/4,
-// lowest byte first) read as i8. Every quantized format has one (no float formats): codes that
-// are unsigned in the file stay unsigned (below 128) and their offset goes to `m`.
+// lowest byte first) read as i8. Every quantized format has one (the float formats have not):
+// codes that are unsigned in the file stay unsigned (below 128) and their offset goes to `m`.
 
 struct Q32 {
     q: array<u32, 8>,
