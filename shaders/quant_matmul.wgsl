@@ -106,3 +106,37 @@ fn store(n: u32, m: u32, v: f32, v_up: f32) {
     }
 }
 
+// The end of a `main` tile: output rows n0.. of batch rows m0.. from their sums (`acc`, and gated
+// `acc_up`: ROWS × COLS, row-major), each batch row scaled by its norm (`ss`: its squares).
+fn store_tile(n0: u32, m0: u32, acc: array<f32, ROWS * COLS>, acc_up: array<f32, ROWS * COLS>, ss: array<f32, COLS>) {
+    for (var t = 0u; t < COLS; t++) {
+        if (m0 + t < p.m) {
+            let f = norm_scale(ss[t]);
+            for (var r = 0u; r < ROWS; r++) {
+                store(n0 + r, m0 + t, acc[r * COLS + t] * f, acc_up[r * COLS + t] * f);
+            }
+        }
+    }
+}
+
+// The end of a `cooperative` row: every lane's sums (and squares) met, lane 0 writes output row
+// n of batch rows m0... Every lane of the workgroup must call it (the reduction may hold a barrier).
+fn store_lanes(n: u32, m0: u32, li: u32, acc: array<f32, COLS>, acc_up: array<f32, COLS>, ss: array<f32, COLS>) {
+    let total = reduce_lanes(acc, li);
+    var total_up: array<f32, COLS>;
+    if (GLU == 1u) {
+        total_up = reduce_lanes(acc_up, li);
+    }
+    var total_ss: array<f32, COLS>;
+    if (p.norm != 0u) {
+        total_ss = reduce_lanes(ss, li);
+    }
+    if (li % LANES == 0u) {
+        for (var t = 0u; t < COLS; t++) {
+            if (m0 + t < p.m) {
+                let f = norm_scale(total_ss[t]);
+                store(n, m0 + t, total[t] * f, total_up[t] * f);
+            }
+        }
+    }
+}

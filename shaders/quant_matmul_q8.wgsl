@@ -67,14 +67,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
             }
         }
     }
-    for (var t = 0u; t < COLS; t++) {
-        if (m0 + t < p.m) {
-            let f = norm_scale(ss[t]);
-            for (var r = 0u; r < ROWS; r++) {
-                store(n0 + r, m0 + t, acc[r * COLS + t] * f, acc_up[r * COLS + t] * f);
-            }
-        }
-    }
+    store_tile(n0, m0, acc, acc_up, ss);
 }
 
 @compute @workgroup_size(WG)
@@ -112,21 +105,5 @@ fn cooperative(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) 
             }
         }
     }
-    let total = reduce_lanes(acc, li);
-    var total_up: array<f32, COLS>;
-    if (GLU == 1u) {
-        total_up = reduce_lanes(acc_up, li);
-    }
-    var total_ss: array<f32, COLS>;
-    if (p.norm != 0u) {
-        total_ss = reduce_lanes(ss, li);
-    }
-    if (lane == 0u) {
-        for (var t = 0u; t < COLS; t++) {
-            if (m0 + t < p.m) {
-                let f = norm_scale(total_ss[t]);
-                store(n, m0 + t, total[t] * f, total_up[t] * f);
-            }
-        }
-    }
+    store_lanes(n, m0, li, acc, acc_up, ss);
 }

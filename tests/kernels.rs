@@ -19,6 +19,7 @@ use agentflux::kernels::kv_store::{rope_kv_store, Qkv};
 use agentflux::kernels::matmul::{matmul, MatmulIo};
 use agentflux::kernels::norm::{rms_norm, rms_norm_inplace, RmsNorm};
 use agentflux::kernels::places::{place_sequence, Places, RowPlace};
+use agentflux::kernels::quantize::{quantize_q8, Q8Rows};
 use agentflux::kernels::rope::RopeOp;
 use agentflux::kernels::sample::{argmax, OUT_WORDS};
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
@@ -111,15 +112,12 @@ fn products_fuse_the_norm_before_them() {
 
 /// The products over 8-bit activations (`Products::Int8`): every quantized format in both kernel
 /// families, decode and prefill shapes, with the norm fused (its weights applied as x is
-/// quantized, its 1/rms at the end), gated with adapters on both halves. The reference rounds
+/// quantized, its 1/rms at the end); gated with adapters in the gated test. The reference rounds
 /// the activations as the quantizer does (`reference::quantize_q8`), so the budget is f32
 /// accumulation's, as for the f32 products; against unrounded activations the products differ
 /// by the 8-bit rounding (printed; the reason for the model tests' own tolerance).
 #[test]
 fn int8_products_match_the_reference_on_8bit_activations() {
-    use agentflux::kernels::lora::lora_shrink;
-    use agentflux::kernels::matmul::{matmul_gated, GatedUp, LoraIo, LoraSlot};
-    use agentflux::kernels::quantize::{quantize_q8, Q8Rows};
     let mut r = rng("int8_products");
     let eps = 1e-5;
     let mut rounding = 0f32;
@@ -168,56 +166,6 @@ fn int8_products_match_the_reference_on_8bit_activations() {
                     rounding = rounding.max(got.iter().zip(&exact).fold(0f32, |a, (p, q)| a.max((p - q).abs())) / max);
                 }
             }
-        }
-        // Gated, with an adapter on the gate and another on up for alternate rows.
-        let rank = 4;
-        for format in [BlockFormat::Q4_1, BlockFormat::Q6_K] {
-            let k = format.block_len().max(32);
-            let (rows, cols, m) = (67, k * 2, 5);
-            let (gbytes, ubytes) =
-                (random_matrix_bytes(&mut r, format, rows, cols, 1.0), random_matrix_bytes(&mut r, format, rows, cols, 1.0));
-            let [gate, up] = WeightMatrix::upload_group(&ctx, ["gate", "up"], [format; 2], [rows; 2], cols, [&gbytes, &ubytes]).unwrap();
-            let x = random_vec(&mut r, m * cols, 1.0);
-            let (a_pack, b_pack) = (random_vec(&mut r, 2 * rank * cols, 0.5), random_vec(&mut r, 2 * rows * rank, 0.5));
-            let slot = |j: usize| [LoraSlot { a_offset: j * rank * cols, b_offset: j * rows * rank, rank, scale: 1.5 }];
-            let (gate_slot, up_slot) = (slot(0), slot(1));
-            let row_slot: Vec<i32> = (0..m).map(|t| if t % 2 == 0 { 0 } else { -1 }).collect();
-            let (xb, ab, bb) = (f32_buf(&ctx, &x), f32_buf(&ctx, &a_pack), f32_buf(&ctx, &b_pack));
-            let sb = storage_buffer(&ctx, "row_slot", bytemuck::cast_slice(&row_slot));
-            let (ug, uu) =
-                (storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64), storage_buffer_zeroed(&ctx, "u_up", (m * rank * 4) as u64));
-            let (qs_bytes, meta_bytes) = Q8Rows::bytes(m, cols);
-            let (qs, meta) = (storage_buffer_zeroed(&ctx, "qs", qs_bytes), storage_buffer_zeroed(&ctx, "meta", meta_bytes));
-            let q8 = Q8Rows { qs: &qs, meta: &meta };
-            let lora = |slots, u| Some(LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u, max_rank: rank, slots, u_splits: None });
-            let (gl, ul) = (lora(&gate_slot[..], &ug), lora(&up_slot[..], &uu));
-            let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
-            let io = MatmulIo { lora: gl, q8: Some(q8), ..MatmulIo::dense(&xb, &y, &gate, m) };
-            let mut rec = Recorder::new(&ctx);
-            quantize_q8(&mut rec, &ctx, io.x, None, q8).unwrap();
-            lora_shrink(&mut rec, &ctx, &io).unwrap();
-            lora_shrink(&mut rec, &ctx, &MatmulIo { lora: ul, ..io }).unwrap();
-            matmul_gated(&mut rec, &ctx, &gate, GatedUp { up: &up, act: Activation::Silu, lora: ul }, io).unwrap();
-            rec.submit();
-            let xq = reference::quantize_q8(&x);
-            let product = |b: &[u8]| reference::matmul(&dequant(format, b, rows, cols), &xq, rows, cols);
-            let (mut gw, mut uw) = (product(&gbytes), product(&ubytes));
-            for (t, &sl) in row_slot.iter().enumerate() {
-                for (j, out) in [(0, &mut gw), (1, &mut uw)] {
-                    if sl < 0 {
-                        continue;
-                    }
-                    // The adapters' shrink reads the f32 activations.
-                    let s = slot(j)[0];
-                    let ua = reference::matmul(&a_pack[s.a_offset..][..rank * cols], &x[t * cols..][..cols], rank, cols);
-                    let d = reference::matmul(&b_pack[s.b_offset..][..rows * rank], &ua, rows, rank);
-                    for n in 0..rows {
-                        out[t * rows + n] += s.scale * d[n];
-                    }
-                }
-            }
-            let what = format!("{family}: int8 gated {format:?} with adapters");
-            assert_close(&what, &read_f32(&ctx, &y, 0, m * rows).unwrap(), &reference::glu(&gw, &uw, Activation::Silu), 2e-4);
         }
     }
     // The rounding is what separates the two forms: visible, and as small as 8 bits make it.
@@ -716,20 +664,30 @@ fn gated_matmul_matches_glu_of_two_products() {
                     (storage_buffer_zeroed(&ctx, "u", (m * rank * 4) as u64), storage_buffer_zeroed(&ctx, "u_up", (m * rank * 4) as u64));
                 let wf = |b: &[u8]| dequant(format, b, rows, cols);
                 let (wg, wu) = (wf(&gb), wf(&ub));
-                for (on_gate, on_up) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (qs_bytes, meta_bytes) = Q8Rows::bytes(m, cols);
+                let (qs, meta) = (storage_buffer_zeroed(&ctx, "qs", qs_bytes), storage_buffer_zeroed(&ctx, "meta", meta_bytes));
+                // The last also over 8-bit activations (the adapters' shrink still reads f32).
+                for (on_gate, on_up, int8) in
+                    [(false, false, false), (true, false, false), (false, true, false), (true, true, false), (true, true, true)]
+                {
                     let lora = |on: bool, slots, u| {
                         on.then_some(LoraIo { a_pack: &ab, b_pack: &bb, row_slot: &sb, u, max_rank: rank, slots, u_splits: None })
                     };
                     let (gl, ul) = (lora(on_gate, &gate_slot[..], &ug), lora(on_up, &up_slot[..], &uu));
                     let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
-                    let io = MatmulIo { lora: gl, ..MatmulIo::dense(&xb, &y, &gate, m) };
+                    let q8 = int8.then_some(Q8Rows { qs: &qs, meta: &meta });
+                    let io = MatmulIo { lora: gl, q8, ..MatmulIo::dense(&xb, &y, &gate, m) };
                     let mut rec = Recorder::new(&ctx);
+                    if let Some(q8) = q8 {
+                        quantize_q8(&mut rec, &ctx, io.x, None, q8).unwrap();
+                    }
                     lora_shrink(&mut rec, &ctx, &io).unwrap();
                     lora_shrink(&mut rec, &ctx, &MatmulIo { lora: ul, ..io }).unwrap();
                     matmul_gated(&mut rec, &ctx, &gate, GatedUp { up: &up, act, lora: ul }, io).unwrap();
                     rec.submit();
                     let got = read_f32(&ctx, &y, 0, m * rows).unwrap();
-                    let (mut g, mut u) = (reference::matmul(&wg, &x, rows, cols), reference::matmul(&wu, &x, rows, cols));
+                    let xw = if int8 && format.has_integer_form() { reference::quantize_q8(&x) } else { x.clone() };
+                    let (mut g, mut u) = (reference::matmul(&wg, &xw, rows, cols), reference::matmul(&wu, &xw, rows, cols));
                     for (t, &sl) in row_slot.iter().enumerate() {
                         for (on, j, out) in [(on_gate, 0, &mut g), (on_up, 1, &mut u)] {
                             if !on || sl < 0 {
@@ -745,7 +703,7 @@ fn gated_matmul_matches_glu_of_two_products() {
                     }
                     let want = reference::glu(&g, &u, act);
                     assert_close(
-                        &format!("gated {format:?} {act:?} {rows}x{cols} m={m} lora gate {on_gate} up {on_up}, {family}"),
+                        &format!("gated {format:?} {act:?} {rows}x{cols} m={m} lora gate {on_gate} up {on_up} int8 {int8}, {family}"),
                         &got,
                         &want,
                         2e-4,

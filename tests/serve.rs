@@ -271,21 +271,28 @@ fn a_full_queue_is_refused_at_once() {
     server.shutdown();
 }
 
-/// The command as a user types it: loopback by default, the address printed first.
-#[test]
-fn serve_command_listens_on_loopback() {
-    let Some(f) = default_model() else { return };
-    let path = tiny_with_tokenizer(&f, rng("serve-cli").next_u64(), "serve-cli");
+/// `agentflux serve ARGS --port 0` started, and the address it prints first.
+fn serve_command(args: &[&str]) -> (std::process::Child, SocketAddr) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentflux"))
-        .args(["serve", "--model", path.to_str().unwrap(), "--port", "0"])
+        .arg("serve")
+        .args(args)
+        .args(["--port", "0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr: SocketAddr =
-        line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("first line: {line}")).parse().unwrap();
+    let addr = line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("first line: {line}")).parse().unwrap();
+    (child, addr)
+}
+
+/// The command as a user types it: loopback by default, the address printed first.
+#[test]
+fn serve_command_listens_on_loopback() {
+    let Some(f) = default_model() else { return };
+    let path = tiny_with_tokenizer(&f, rng("serve-cli").next_u64(), "serve-cli");
+    let (mut child, addr) = serve_command(&["--model", path.to_str().unwrap()]);
     assert!(addr.ip().is_loopback(), "{addr}");
     let r = http(addr, "GET", "/v1/models", "");
     child.kill().ok();
@@ -789,17 +796,9 @@ fn serve_calls_the_mcp_servers_of_its_config() {
     fresh_workspace();
     let config = std::env::temp_dir().join(format!("agentflux-serve-mcp-{}.json", std::process::id()));
     std::fs::write(&config, json!({"mcpServers": {"files": {"command": bin, "args": [root]}}}).to_string()).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentflux"))
-        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--ctx", "1024", "--max-steps", &steps.to_string()])
-        .args(["--mcp-config", config.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr: SocketAddr =
-        line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("first line: {line}")).parse().unwrap();
+    let steps_arg = steps.to_string();
+    let args = ["--model", model.to_str().unwrap(), "--ctx", "1024", "--max-steps", &steps_arg, "--mcp-config", config.to_str().unwrap()];
+    let (mut child, addr) = serve_command(&args);
     let named = json!({"type": "function", "function": {"name": first}});
     let request = json!({"messages": user(task), "max_tokens": answer_tokens, "tool_choice": named});
     let whole = post(addr, &request);
