@@ -38,6 +38,7 @@ pub struct AgentBuilder {
     tools: Option<serde_json::Value>,
     context: usize,
     hierarchy: bool,
+    calibration: bool,
     arg_budget: usize,
 }
 
@@ -96,6 +97,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Without a selector adapter, calibrate the candidates' scores against a content-free
+    /// request (default: on; see [`ToolCaller::set_calibration`]).
+    pub fn calibration(mut self, on: bool) -> Self {
+        self.calibration = on;
+        self
+    }
+
     /// Most tokens a call's arguments may take (default [`DEFAULT_ARG_BUDGET`]); a call that needs
     /// more fails naming the tool and field.
     pub fn arg_budget(mut self, tokens: usize) -> Self {
@@ -131,6 +139,7 @@ impl AgentBuilder {
         };
         let mut caller = ToolCaller::new(engine.tokenizer.clone(), engine.template.clone())?;
         caller.set_hierarchy(self.hierarchy);
+        caller.set_calibration(self.calibration);
         caller.set_arg_budget(self.arg_budget);
         let context = self.context.min(engine.model.config.n_ctx_train);
         Ok(Agent { engine, adapters, caller, servers, context })
@@ -158,6 +167,7 @@ impl Agent {
             tools: None,
             context: DEFAULT_CONTEXT,
             hierarchy: true,
+            calibration: true,
             arg_budget: DEFAULT_ARG_BUDGET,
         }
     }

@@ -14,7 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const SEED: &str = "adapters/filesystem/data/seed.json";
-const DEV: &str = "adapters/filesystem/data/dev.jsonl";
+/// The two hand-written dev sets: the first, and the second written before the set was trained
+/// on widened data (neither tuned against).
+const DEVS: [&str; 2] = ["adapters/filesystem/data/dev.jsonl", "adapters/filesystem/data/dev2.jsonl"];
+/// Requests over tools nobody trained adapters for.
+const UNFAMILIAR: &str = "adapters/unfamiliar/data/dev.jsonl";
 
 fn workspace(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("agentflux-synth-{tag}-{}", std::process::id()));
@@ -89,14 +93,16 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
 
     // Real results: a whole-file read returns the seeded text, a listing names seeded entries,
     // an edit of a seeded case really applies (the server answers with a diff).
+    // Conversations in shaped folders read the same seeded files there.
     let mut checked = BTreeMap::new();
     for line in &lines {
+        let mut changed = BTreeSet::new();
         for (name, args, result) in calls(line) {
             let path = args.get("path").and_then(Value::as_str).unwrap_or("");
-            let rel = path.strip_prefix(&format!("{}/", ws.display())).unwrap_or("");
+            let seeded = seed.workspace.files.iter().find(|(rel, _)| path.ends_with(&format!("/{rel}")));
             match name.as_str() {
-                "read_text_file" if args.get("head").is_none() && args.get("tail").is_none() => {
-                    if let Some(text) = seed.workspace.files.get(rel) {
+                "read_text_file" if args.get("head").is_none() && args.get("tail").is_none() && !changed.contains(path) => {
+                    if let Some((_, text)) = seeded {
                         assert_eq!(result.trim_end(), text.trim_end(), "{path}");
                         *checked.entry("read").or_insert(0) += 1;
                     }
@@ -111,9 +117,31 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
                 }
                 _ => {}
             }
+            for key in ["path", "destination"] {
+                changed.extend(args.get(key).and_then(Value::as_str).filter(|_| name != "read_text_file").map(str::to_string));
+            }
         }
     }
     assert!(checked.contains_key("read") && checked.contains_key("edit"), "{checked:?}");
+
+    // Paths of many shapes, all inside the server's root: about half the conversations live in
+    // folders like `tmp.x7QzR2bK9a`, `Team notes`, `v1.2.3`, `work-1997`, nested.
+    assert!((15..=45).contains(&report.shaped_roots), "{} of 60 in shaped folders", report.shaped_roots);
+    let ws_prefix = format!("{}/", ws.display());
+    let paths: Vec<String> = lines
+        .iter()
+        .flat_map(|l| calls(l))
+        .flat_map(|(_, a, _)| ["path", "source", "destination"].map(|k| a.get(k).and_then(Value::as_str).map(str::to_string)))
+        .flatten()
+        .collect();
+    assert!(paths.iter().all(|p| p.starts_with(&ws_prefix) || *p == ws.to_string_lossy()), "{paths:?}");
+    let inner: Vec<&str> = paths.iter().filter_map(|p| p.strip_prefix(&ws_prefix)).collect();
+    for shape in ["tmp.", " ", "v", "-", "_"] {
+        assert!(
+            inner.iter().any(|p| p.split('/').next().is_some_and(|first| first.contains(shape) && !seed_top(&seed, first))),
+            "no folder with {shape:?}"
+        );
+    }
 
     // The same seed makes the same requests and calls (results may carry timestamps).
     let (again, _) = synth(&seed, &ws, &opts);
@@ -135,6 +163,13 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
         assert_eq!((selector, examples.len() - selector), (actions, n_calls));
     }
     std::fs::remove_dir_all(&ws).ok();
+}
+
+/// Whether `name` is a top-level entry of the seeded workspace or one the seed's values create.
+fn seed_top(seed: &Seed, name: &str) -> bool {
+    let top = |p: &str| p.trim_start_matches("{ws}/").split('/').next() == Some(name);
+    seed.workspace.files.keys().chain(&seed.workspace.dirs).any(|p| top(p))
+        || seed.values.values().flatten().filter_map(Value::as_str).any(top)
 }
 
 /// Every text a slot can take: its value list and the values the seed's cases give it.
@@ -161,17 +196,24 @@ fn producible(text: &str, template: &str, seed: &Seed, ws: &str) -> bool {
 }
 
 #[test]
-fn dev_set_is_valid_and_shares_no_phrasing_with_the_seed() {
+fn dev_sets_are_valid_and_share_no_phrasing_with_the_seed() {
     let Some(_) = filesystem_server() else { return };
+    for dev in DEVS {
+        check_dev_set(dev);
+    }
+}
+
+fn check_dev_set(dev: &str) {
     let seed = Seed::load(Path::new(SEED)).unwrap();
     let ws = workspace("dev");
+    eprintln!("{dev}");
     // The check itself: a seed phrasing filled with seed values is caught, other text is not.
     let w = ws.to_string_lossy();
     assert!(producible(&format!("What's inside {w}/budget.txt?"), "What's inside {file}?", &seed, &w));
     assert!(!producible(&format!("What's inside {w}/other.txt?"), "What's inside {file}?", &seed, &w));
     let mut server = start(&seed, &ws);
     let tools = server.list_tools().unwrap();
-    let text = std::fs::read_to_string(DEV).unwrap();
+    let text = std::fs::read_to_string(dev).unwrap();
     let ws_s = ws.to_string_lossy().into_owned();
     let mut expected_names = BTreeSet::new();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -201,6 +243,36 @@ fn dev_set_is_valid_and_shares_no_phrasing_with_the_seed() {
     let seeded: BTreeSet<String> = seed.tools.keys().cloned().chain([FINISH.to_string()]).collect();
     assert!(expected_names.is_superset(&seeded), "the dev set misses {:?}", seeded.difference(&expected_names).collect::<Vec<_>>());
     std::fs::remove_dir_all(&ws).ok();
+}
+
+/// The unfamiliar set: every line brings two to four tools of its own (none of them in the seed
+/// or any committed manifest), and expects one of them with valid arguments, or `finish`.
+#[test]
+fn unfamiliar_tool_set_is_valid_and_untrained() {
+    let seed = Seed::load(Path::new(SEED)).unwrap();
+    let mut trained: BTreeSet<String> = seed.tools.keys().cloned().collect();
+    for entry in std::fs::read_dir("adapters").unwrap() {
+        if let Ok(m) = agentflux::toolcall::Manifest::read(&entry.unwrap().path()) {
+            trained.extend(m.arguments.into_keys());
+        }
+    }
+    let text = std::fs::read_to_string(UNFAMILIAR).unwrap();
+    let mut calls = 0;
+    for (i, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
+        read_messages(v.get("messages"), MAX_RESULT_CHARS).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
+        let catalog = agentflux::toolcall::Catalog::from_openai_tools("tools", &v["tools"]).unwrap();
+        let names = catalog.names();
+        assert!((2..=4).contains(&names.len()), "line {}: {names:?}", i + 1);
+        assert!(names.iter().all(|n| !trained.contains(*n)), "line {}: {names:?} has a trained tool", i + 1);
+        let name = v["expected"]["name"].as_str().unwrap();
+        if name != FINISH {
+            let (_, tool) = catalog.find(name).unwrap_or_else(|| panic!("line {}: no tool {name}", i + 1));
+            schema::validate(&v["expected"]["arguments"], &tool.input_schema).unwrap_or_else(|e| panic!("line {}: {name}: {e}", i + 1));
+            calls += 1;
+        }
+    }
+    assert!(calls >= 40, "{calls} requests need a tool");
 }
 
 #[test]

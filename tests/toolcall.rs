@@ -492,11 +492,13 @@ fn hierarchical_choice_over_two_real_servers() {
     let group_of = |name: &str| catalog.groups.iter().position(|g| g.tools.iter().any(|t| t.name == name));
     let tools: Vec<&String> = hier.candidates.keys().filter(|k| *k != FINISH).collect();
     if hier.name != FINISH {
-        // Only the chosen server's tools were candidates; P(finish) + P(server) = 1.
+        // Only the chosen server's tools were candidates, each P(server) · P(tool | server): with
+        // P(finish) they sum to at most 1 (the other server's share is not split over its tools).
         let g = group_of(&hier.name).unwrap();
         assert!(tools.iter().all(|t| group_of(t) == Some(g)), "{:?}", hier.candidates);
         assert_eq!(tools.len(), catalog.groups[g].tools.len());
-        assert!((hier.candidates.values().sum::<f64>() - 1.0).abs() < 1e-6);
+        assert!(hier.candidates.values().sum::<f64>() <= 1.0 + 1e-6, "{:?}", hier.candidates);
+        assert_eq!(hier.confidence, Some(hier.candidates[&hier.name]));
         if let Some((_, tool)) = catalog.find(&hier.name) {
             assert!(valid(&hier.arguments, &tool.input_schema), "{}", hier.arguments);
         }
@@ -508,7 +510,12 @@ fn hierarchical_choice_over_two_real_servers() {
         .call_with(&mut session, &catalog, &messages, &AdapterSet::default(), &ToolChoice::Required, |_| ControlFlow::Continue(()))
         .unwrap();
     assert!(required.name != FINISH && !required.candidates.contains_key(FINISH), "{:?}", required.candidates);
-    assert!((required.candidates.values().sum::<f64>() - 1.0).abs() < 1e-6);
+    let g = group_of(&required.name).unwrap();
+    assert!(required.candidates.keys().all(|t| group_of(t) == Some(g)), "{:?}", required.candidates);
+    let p_server: f64 = required.candidates.values().sum();
+    assert!(p_server > 0.0 && p_server <= 1.0 + 1e-6, "{:?}", required.candidates);
+    assert_eq!(required.confidence, Some(required.candidates[&required.name]));
+    assert!(required.candidates.values().all(|&p| p <= required.candidates[&required.name]), "{:?}", required.candidates);
     let named = catalog.groups[1].tools[0].clone();
     let mut events = Vec::new();
     let forced = caller
@@ -528,4 +535,67 @@ fn hierarchical_choice_over_two_real_servers() {
     assert_eq!(flat.candidates.len(), catalog.names().len() + 1);
     assert!(hier.stats.prefix_tokens < flat.stats.prefix_tokens, "the server list is shorter than every tool's description");
     std::fs::remove_dir_all(&root).ok();
+}
+
+/// Without a selector adapter each candidate's score is its log-probability after the
+/// conversation minus its log-probability after the content-free request; both are recomputed
+/// here token by token on a fresh session (no token tree) and compared with the call's.
+#[test]
+fn an_adapterless_choice_is_calibrated_against_a_content_free_request() {
+    let Some(f) = default_model() else { return };
+    let mut r = rng("calibration");
+    let (model, tok, template, _) = tiny_pipeline(&f, r.next_u64(), "calibration");
+    let tool = |name: &str, about: &str| json!({"type": "function", "function": {"name": name, "description": about, "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}});
+    let tools = json!([
+        tool("get_current_weather", "Weather in a city."),
+        tool("PlayTrack", "Play a song."),
+        tool("issues-create", "Open an issue.")
+    ]);
+    let catalog = Catalog::from_openai_tools("tools", &tools).unwrap();
+    let messages = [ChatMessage::new("user", "Is it raining in Lisbon?")];
+    let mut caller = ToolCaller::new(tok.clone(), template).unwrap();
+    let names: Vec<String> = catalog.names().into_iter().map(str::to_string).chain([FINISH.to_string()]).collect();
+
+    // log P(" NAME\n" | prompt) for every candidate, one token at a time.
+    let score = |conversation: &[ChatMessage]| -> Vec<f64> {
+        let mut prompt = caller.prefix_tokens(&catalog, conversation).unwrap();
+        prompt.extend(tok.encode_text(agentflux::toolcall::SELECT_CUE).unwrap());
+        names
+            .iter()
+            .map(|name| {
+                let mut s = Session::new(&model, 1024).unwrap();
+                let mut logits = s.prefill(&prompt, None).unwrap();
+                let mut total = 0.0;
+                for t in tok.encode_text(&format!(" {name}\n")).unwrap() {
+                    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let z: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+                    total += logits[t as usize] as f64 - max - z.ln();
+                    logits = s.step(t, None).unwrap();
+                }
+                total
+            })
+            .collect()
+    };
+    let plain = score(&messages);
+    let free = score(&[ChatMessage::new("user", agentflux::toolcall::CONTENT_FREE_REQUEST)]);
+    let calibrated: Vec<f64> = plain.iter().zip(&free).map(|(p, f)| p - f).collect();
+    let close = |call: &agentflux::toolcall::ToolCall, want: &[f64]| {
+        let want = agentflux::toolcall::normalise(want);
+        for (name, w) in names.iter().zip(&want) {
+            assert!((call.candidates[name] - w).abs() < 1e-3, "{name}: {} vs {w} ({:?})", call.candidates[name], call.candidates);
+        }
+    };
+
+    let mut session = Session::new(&model, 1024).unwrap();
+    let first = caller.call(&mut session, &catalog, &messages, &AdapterSet::default()).unwrap();
+    close(&first, &calibrated);
+    // The content-free scores are kept: a second request on the same tools scores one tree.
+    let again = caller.call(&mut session, &catalog, &[ChatMessage::new("user", "Play some jazz.")], &AdapterSet::default()).unwrap();
+    assert_eq!(2 * again.stats.session.scored, first.stats.session.scored, "{:?} then {:?}", first.stats, again.stats);
+
+    caller.set_calibration(false);
+    let uncalibrated = caller.call(&mut Session::new(&model, 1024).unwrap(), &catalog, &messages, &AdapterSet::default()).unwrap();
+    close(&uncalibrated, &plain);
+    let moved = names.iter().map(|n| (first.candidates[n] - uncalibrated.candidates[n]).abs()).fold(0.0, f64::max);
+    assert!(moved > 1e-2, "calibration changed nothing: {:?} vs {:?}", first.candidates, uncalibrated.candidates);
 }

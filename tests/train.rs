@@ -749,3 +749,50 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     let (moved, _) = train_adapter(&model, "moved", &examples, &examples[..1], &from(1e-2), |_| {}).unwrap();
     assert!(moved.targets.iter().any(|(key, w)| w != &straight.targets[key]), "continued training moved the weights");
 }
+
+/// The adapter a run returns is the one of its lowest validation loss, not its last: trained to
+/// continue a sequence one way and validated on the same start continued another way, the
+/// validation loss ends higher than its lowest, and the returned weights give that lowest loss
+/// when scored afresh.
+#[test]
+fn the_weights_of_the_best_validation_are_kept() {
+    use agentflux::gguf::{BlockFormat, GgufFile};
+    use agentflux::lora::ActiveAdapter;
+    use agentflux::model::Model;
+    use agentflux::reference::{tiny_model, TinyModelSpec};
+    use agentflux::train::{train_adapter, AdapterRole, Example, TrainOptions};
+    let mut r = rng("keep-best");
+    let path = std::env::temp_dir().join(format!("agentflux-best-{}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q8_0), r.next_u64())).unwrap();
+    let model = Model::load(common::ctx(), &GgufFile::open(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).ok();
+    let n_vocab = model.config.n_vocab as u64;
+    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| (r.next_u64() % n_vocab) as u32).collect() };
+    let start = draw(5);
+    let example = |line: usize, tokens: Vec<u32>| Example {
+        role: AdapterRole::Selector,
+        tokens,
+        active_from: 3,
+        targets: vec![5..10],
+        line,
+        name: "t".into(),
+    };
+    let trained = [start.clone(), draw(5)].concat();
+    let train: Vec<Example> = (0..2).map(|i| example(i, trained.clone())).collect();
+    let val = [example(2, [start, draw(5)].concat())];
+    let opts = TrainOptions { rank: 4, steps: 12, batch: 2, lr: 1e-2, eval_every: 1, seed: 3, ..Default::default() };
+    let mut seen = Vec::new();
+    let (adapter, loss) = train_adapter(&model, "best", &train, &val, &opts, |p| seen.push(p.eval_loss.unwrap())).unwrap();
+    let lowest = seen.iter().copied().fold(f32::INFINITY, f32::min);
+    eprintln!("validation losses {seen:?}");
+    assert!(*seen.last().unwrap() > lowest + 1e-3, "the last validation was the best: nothing to choose ({seen:?})");
+    assert_eq!(loss, Some(lowest));
+    let id = model.add_adapter("check", &adapter).unwrap();
+    let mut prefix = PrefixCache::new();
+    let again: f32 = val
+        .iter()
+        .map(|e| agentflux::model::example_loss(&model, &mut prefix, &e.tokens, e.active_from, &e.targets, ActiveAdapter::new(id)).unwrap())
+        .sum::<f32>()
+        / val.len() as f32;
+    assert!((again - lowest).abs() < 1e-4, "the returned weights score {again}, the best validation {lowest}");
+}

@@ -34,7 +34,7 @@ use crate::text::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::{ControlFlow, Range};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The text that opens the selector stage.
@@ -50,6 +50,11 @@ pub const ARGS_CUE: &str = "\nargs:";
 /// room for the longest value the implicit bounds allow ([`MAX_STRING_CHARS`](crate::toolcall::MAX_STRING_CHARS))
 /// at a few characters per token.
 pub const DEFAULT_ARG_BUDGET: usize = 1024;
+/// The request an adapter-less choice is calibrated against: one that asks for nothing, so the
+/// scores after it are the model's preference for each name regardless of the request.
+pub const CONTENT_FREE_REQUEST: &str = "N/A";
+/// Most baselines kept (tool sets × cues) before the store starts over.
+const MAX_BASELINES: usize = 256;
 /// Most tokens the free monolithic mode generates (a call, not an essay).
 const MAX_FREE_CALL_TOKENS: usize = 512;
 
@@ -150,7 +155,9 @@ pub struct ToolCall {
     /// Probability of the chosen tool among the candidates (`None` in the monolithic modes,
     /// which generate the name instead of scoring it).
     pub confidence: Option<f64>,
-    /// Probability of every candidate.
+    /// Probability of every candidate; with a hierarchy, `finish` and the chosen server's tools,
+    /// each P(server) · P(tool | server) (the other servers' tools are not scored). Without a
+    /// selector adapter, calibrated ([`ToolCaller::set_calibration`]).
     pub candidates: BTreeMap<String, f64>,
     /// Timings and token counts.
     pub stats: CallStats,
@@ -186,6 +193,10 @@ pub struct ToolCaller {
     strategy: Strategy,
     jump_forward: bool,
     arg_budget: usize,
+    calibrated: bool,
+    /// Each adapter-less choice's scores after the content-free request, by its prompt and
+    /// candidates: a tool set's are computed once.
+    baselines: Mutex<HashMap<BaselineKey, Vec<f64>>>,
 }
 
 impl ToolCaller {
@@ -200,6 +211,8 @@ impl ToolCaller {
             strategy: Strategy::Shared,
             jump_forward: true,
             arg_budget: DEFAULT_ARG_BUDGET,
+            calibrated: true,
+            baselines: Mutex::new(HashMap::new()),
         })
     }
 
@@ -227,6 +240,16 @@ impl ToolCaller {
     /// and the field being written, instead of running on.
     pub fn set_arg_budget(&mut self, tokens: usize) {
         self.arg_budget = tokens;
+    }
+
+    /// Without a selector adapter, rank the candidates by their probability after the
+    /// conversation divided by their probability after a content-free request (the default),
+    /// or by the first alone. A base model favours some names whatever is asked — the first
+    /// listed, the short ones, `finish` — and the division takes that preference out (contextual
+    /// calibration). The content-free scores are computed once per tool list and cue. A trained
+    /// selector is never calibrated: its probabilities are what it was trained to give.
+    pub fn set_calibration(&mut self, on: bool) {
+        self.calibrated = on;
     }
 
     /// Choose the server first when there are several (the default), or among every tool at once.
@@ -315,13 +338,28 @@ impl ToolCaller {
     }
 
     /// Score `names` (each as ` NAME\n`) after `prompt` in one token-tree pass: the names, their
-    /// tokens and probabilities, and the best one's index.
-    fn choose(&self, session: &mut Session, prompt: &[u32], names: Vec<String>, plan: Option<Activation>) -> Result<Choice> {
+    /// tokens and probabilities, and the best one's index. With a `baseline` (a choice without
+    /// a selector adapter) each name's log-probability after the content-free request is
+    /// subtracted first.
+    fn choose(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        names: Vec<String>,
+        plan: Option<Activation>,
+        baseline: Option<&Baseline>,
+    ) -> Result<Choice> {
         let tokens = names.iter().map(|n| self.candidate_tokens(n)).collect::<Result<Vec<_>>>()?;
         let trie = TokenTrie::new(&tokens);
+        // First, as it moves the cache away from the conversation, which the next pass restores.
+        let prior = baseline.map(|b| self.baseline_scores(session, prompt, &names, &trie, b)).transpose()?;
         // What the prompt adds to the cache and the candidates, in one pass.
         let (root, nodes) = session.prefill_tree(prompt, plan, &trie.tokens, &trie.parents)?;
-        let probs = normalise(&trie.log_probs(&root, &nodes, root.len()));
+        let mut scores = trie.log_probs(&root, &nodes, root.len());
+        if let Some(prior) = prior {
+            scores.iter_mut().zip(prior).for_each(|(s, p)| *s -= p);
+        }
+        let probs = normalise(&scores);
         let best = match self.strategy {
             Strategy::Shared => (0..names.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap_or(0),
             // Seeded by the prompt's length, so a rerun of the same example votes the same.
@@ -330,6 +368,45 @@ impl ToolCaller {
             }
         };
         Ok(Choice { names, tokens, probs, best })
+    }
+
+    /// The candidates' log-probabilities after `prompt` with its conversation replaced by the
+    /// content-free request: how much the model favours each name whatever is asked (its place
+    /// in the list, its length). Kept per prompt and candidates, so a tool set pays once.
+    fn baseline_scores(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        names: &[String],
+        trie: &TokenTrie,
+        baseline: &Baseline,
+    ) -> Result<Vec<f64>> {
+        let mut content_free = baseline.content_free.clone();
+        content_free.extend_from_slice(prompt.get(baseline.conversation_end..).unwrap_or_default());
+        let key = (content_free, names.to_vec());
+        if let Some(scores) = self.baselines.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(scores.clone());
+        }
+        let (root, nodes) = session.prefill_tree(&key.0, None, &trie.tokens, &trie.parents)?;
+        let scores = trie.log_probs(&root, &nodes, root.len());
+        let mut kept = self.baselines.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= MAX_BASELINES {
+            kept.clear();
+        }
+        kept.insert(key, scores.clone());
+        Ok(scores)
+    }
+
+    /// The baseline of an adapter-less choice after `prefix` (the prompt up to the first cue):
+    /// the same prefix with the content-free request as the whole conversation (after the
+    /// conversation's own system message, if any). `None` where the choice is not calibrated.
+    fn baseline(&self, catalog: &Catalog, messages: &[ChatMessage], prefix: &[u32], plan: Option<Activation>) -> Result<Option<Baseline>> {
+        if !self.calibrated || plan.is_some() || self.strategy != Strategy::Shared {
+            return Ok(None);
+        }
+        let mut free: Vec<ChatMessage> = messages.iter().take_while(|m| m.role == "system").take(1).cloned().collect();
+        free.push(ChatMessage::new("user", CONTENT_FREE_REQUEST));
+        Ok(Some(Baseline { conversation_end: prefix.len(), content_free: self.prefix_tokens(catalog, &free)? }))
     }
 
     /// Choose a tool for the conversation and write its arguments, continuing `session` (which
@@ -364,7 +441,8 @@ impl ToolCaller {
         let mut prompt = prefix.clone();
         prompt.extend(self.encode(self.first_cue(catalog))?);
         let plan = adapters.selector.map(|a| Activation { adapter: a, from: prefix.len() });
-        let (name, confidence, candidates) = self.select(session, catalog, &mut prompt, plan, choice)?;
+        let baseline = self.baseline(catalog, messages, &prefix, plan)?;
+        let (name, confidence, candidates) = self.select(session, catalog, &mut prompt, plan, baseline.as_ref(), choice)?;
         let name_tokens = prompt.len() - prefix.len();
         let select_ms = ms(t1);
         if on_event(CallEvent::Chosen(&name)).is_break() {
@@ -463,6 +541,7 @@ impl ToolCaller {
         catalog: &Catalog,
         prompt: &mut Vec<u32>,
         plan: Option<Activation>,
+        baseline: Option<&Baseline>,
         choice: &ToolChoice,
     ) -> Result<(String, Option<f64>, BTreeMap<String, f64>)> {
         let maybe_finish = |mut v: Vec<String>| {
@@ -480,7 +559,8 @@ impl ToolCaller {
             return Err(Error::InvalidOption("a tool call is required but there are no tools".into()));
         }
         if !self.hierarchical(catalog) {
-            let tools = self.choose(session, prompt, maybe_finish(catalog.names().into_iter().map(str::to_string).collect()), plan)?;
+            let tools =
+                self.choose(session, prompt, maybe_finish(catalog.names().into_iter().map(str::to_string).collect()), plan, baseline)?;
             prompt.extend_from_slice(&tools.tokens[tools.best]);
             return Ok((
                 tools.names[tools.best].clone(),
@@ -488,7 +568,8 @@ impl ToolCaller {
                 tools.names.into_iter().zip(tools.probs).collect(),
             ));
         }
-        let servers = self.choose(session, prompt, maybe_finish(catalog.groups.iter().map(|g| g.server.clone()).collect()), plan)?;
+        let servers =
+            self.choose(session, prompt, maybe_finish(catalog.groups.iter().map(|g| g.server.clone()).collect()), plan, baseline)?;
         let mut candidates = BTreeMap::new();
         if *choice == ToolChoice::Auto {
             candidates.insert(FINISH.to_string(), servers.probs[servers.names.len() - 1]);
@@ -499,7 +580,7 @@ impl ToolCaller {
         };
         prompt.extend_from_slice(&servers.tokens[servers.best]);
         prompt.extend(self.server_tools_tokens(group)?);
-        let tools = self.choose(session, prompt, group.tools.iter().map(|t| t.name.clone()).collect(), plan)?;
+        let tools = self.choose(session, prompt, group.tools.iter().map(|t| t.name.clone()).collect(), plan, baseline)?;
         prompt.extend_from_slice(&tools.tokens[tools.best]);
         candidates.extend(tools.names.iter().cloned().zip(tools.probs.iter().map(|p| p * p_server)));
         Ok((tools.names[tools.best].clone(), Some(p_server * tools.probs[tools.best]), candidates))
@@ -762,6 +843,17 @@ fn first_json_object(text: &str) -> Option<Value> {
 }
 
 /// The outcome of one scored choice.
+/// A content-free prompt and the candidates scored after it.
+type BaselineKey = (Vec<u32>, Vec<String>);
+
+/// What an adapter-less choice is calibrated against ([`ToolCaller::baseline`]).
+struct Baseline {
+    /// Where the conversation ends in the real prompt (the first cue follows).
+    conversation_end: usize,
+    /// The prompt's prefix with the content-free request as the conversation.
+    content_free: Vec<u32>,
+}
+
 struct Choice {
     names: Vec<String>,
     tokens: Vec<Vec<u32>>,

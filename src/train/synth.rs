@@ -145,14 +145,7 @@ impl Seed {
 
     /// Write the workspace afresh at `dir` (its old contents are removed).
     pub fn reset_workspace(&self, dir: &Path) -> Result<()> {
-        if dir.exists() {
-            for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-                let p = entry.map_err(|e| Error::io(dir, e))?.path();
-                let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-                r.map_err(|e| Error::io(&p, e))?;
-            }
-        }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        empty_dir(dir)?;
         let write = |rel: &str, bytes: &[u8]| -> Result<()> {
             let p = dir.join(rel);
             if let Some(parent) = p.parent() {
@@ -187,6 +180,46 @@ fn below(rng: &mut SplitMix64, n: usize) -> usize {
     (rng.next_u64() % n as u64) as usize
 }
 
+/// Remove everything inside `dir`, creating it if missing.
+fn empty_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let p = entry.map_err(|e| Error::io(dir, e))?.path();
+            let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            r.map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// A folder name of one of the shapes users' paths take: `mktemp`'s `tmp.` and ten random
+/// characters, words with dashes, underscores, digits, dots or spaces, version numbers.
+fn shaped_name(rng: &mut SplitMix64) -> String {
+    const WORDS: [&str; 12] =
+        ["project", "work", "client", "agent", "home", "files", "data", "Reports", "sandbox", "Team", "backup", "notes"];
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut word = || WORDS[below(rng, WORDS.len())];
+    let (a, b) = (word(), word());
+    match below(rng, 7) {
+        0 => format!("tmp.{}", (0..10).map(|_| CHARS[below(rng, CHARS.len())] as char).collect::<String>()),
+        1 => format!("{a}-{}", 1 + below(rng, 2099)),
+        2 => format!("{a}_{b}"),
+        3 => format!("{a} {b}"),
+        4 => format!("v{}.{}.{}", below(rng, 4), below(rng, 20), below(rng, 10)),
+        5 => format!("{a}.{b}"),
+        _ => format!("{a}{}-{b}", below(rng, 100)),
+    }
+}
+
+/// Where a conversation's files live: with probability `rate` one to three shaped folders below
+/// `base` (the server's root), else `base` itself.
+fn conversation_root(base: &Path, rate: f64, rng: &mut SplitMix64) -> PathBuf {
+    if unit(rng) >= rate {
+        return base.to_path_buf();
+    }
+    (0..1 + below(rng, 3)).fold(base.to_path_buf(), |p, _| p.join(shaped_name(rng)))
+}
+
 /// Uniform in [0, 1).
 fn unit(rng: &mut SplitMix64) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
@@ -219,6 +252,10 @@ pub struct SynthOptions {
     pub distractor_rate: f64,
     /// Tool results longer than this many characters are cut in answers.
     pub max_answer_chars: usize,
+    /// Share of conversations whose files sit in shaped folders below the workspace
+    /// (`tmp.x7Qz…`, dashes, dots, digits, spaces, nesting), so that the argument adapters learn
+    /// to copy paths rather than recall one workspace.
+    pub shaped_roots: f64,
 }
 
 impl Default for SynthOptions {
@@ -232,6 +269,7 @@ impl Default for SynthOptions {
             chain_rate: 0.15,
             distractor_rate: 0.25,
             max_answer_chars: 400,
+            shaped_roots: 0.5,
         }
     }
 }
@@ -255,6 +293,8 @@ pub struct SynthReport {
     pub tool_errors: usize,
     /// Conversations per number of requests.
     pub lengths: BTreeMap<usize, usize>,
+    /// Conversations in a shaped folder below the workspace.
+    pub shaped_roots: usize,
 }
 
 impl SynthReport {
@@ -262,8 +302,8 @@ impl SynthReport {
     pub fn summary(&self) -> String {
         let calls: usize = self.calls.values().sum();
         let mut s = format!(
-            "{} conversations, {calls} tool calls ({} tool errors), {} chained requests, {} requests without a tool, {} with a distractor\n",
-            self.conversations, self.tool_errors, self.chains, self.finish_requests, self.distractors
+            "{} conversations ({} in shaped folders), {calls} tool calls ({} tool errors), {} chained requests, {} requests without a tool, {} with a distractor\n",
+            self.conversations, self.shaped_roots, self.tool_errors, self.chains, self.finish_requests, self.distractors
         );
         s.push_str(&format!("  requests per conversation: {}\n", join(&self.lengths)));
         s.push_str(&format!("  styles: {}\n", join(&self.styles)));
@@ -311,8 +351,13 @@ pub fn synthesize(
         return Err(Error::InvalidOption("the seed has no tools".into()));
     }
     for c in 0..opts.conversations {
-        seed.reset_workspace(&opts.workspace)?;
-        let mut conv = Conversation { ws: opts.workspace.to_string_lossy().into_owned(), messages: Vec::new(), calls: 0 };
+        let root = conversation_root(&opts.workspace, opts.shaped_roots, &mut rng);
+        if root != opts.workspace {
+            empty_dir(&opts.workspace)?;
+            report.shaped_roots += 1;
+        }
+        seed.reset_workspace(&root)?;
+        let mut conv = Conversation { ws: root.to_string_lossy().into_owned(), messages: Vec::new(), calls: 0 };
         let steps = 1 + below(&mut rng, opts.max_steps.max(1));
         for _ in 0..steps {
             let r = unit(&mut rng);

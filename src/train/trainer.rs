@@ -100,7 +100,9 @@ pub fn init_adapter(model: &Model, rank: usize, alpha: f32, seed: u64) -> LoraAd
 }
 
 /// Train an adapter named `name` on `train` (examples of one role), reporting validation loss
-/// on `val`. Returns the trained adapter (its config and weights) and the last validation loss.
+/// on `val`. Returns the adapter (its config and weights) as it was at the validation with the
+/// lowest loss, and that loss; without validation examples, as the last step left it. (A resumed
+/// run chooses among its own validations: the best before the interruption is not kept.)
 pub fn train_adapter(
     model: &Model,
     name: &str,
@@ -140,7 +142,10 @@ pub fn train_adapter_with(
     };
     let id = model.add_adapter(name, &init)?;
     let result = run(model, id, &init, train, val, opts, resume, prefixes, &mut on_progress);
-    let weights = result.and_then(|eval| Ok((model.read_adapter_weights(id)?, eval)));
+    let weights = result.and_then(|best| match best {
+        Some(Best { loss, targets }) => Ok((targets, Some(loss))),
+        None => Ok((model.read_adapter_weights(id)?, None)),
+    });
     model.remove_adapter(id)?;
     let (targets, eval) = weights?;
     Ok((LoraAdapter { targets, ..init }, eval))
@@ -157,7 +162,7 @@ fn run(
     resume: Option<Checkpoint>,
     prefix: &mut PrefixCache,
     on_progress: &mut impl FnMut(&Progress),
-) -> Result<Option<f32>> {
+) -> Result<Option<Best>> {
     let adapter = ActiveAdapter::new(id);
     let buffers = AdapterTraining::new(model)?;
     let schedule = Schedule { peak: opts.lr, min: opts.min_lr, warmup: opts.warmup, total: opts.steps };
@@ -169,7 +174,7 @@ fn run(
         (first, rng, order) = (c.state.step + 1, SplitMix64(c.state.rng), c.state.order);
     }
     let (t0, mut seen, mut validating) = (Instant::now(), 0usize, 0.0f64);
-    let mut eval_loss = None;
+    let (mut eval_loss, mut best) = (None, None::<Best>);
     // Forward only: the loss is what is wanted.
     let eval = |prefix: &mut PrefixCache| -> Result<Option<f32>> {
         if val.is_empty() {
@@ -196,6 +201,9 @@ fn run(
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last {
             let v0 = Instant::now();
             eval_loss = eval(prefix)?;
+            if let Some(loss) = eval_loss.filter(|l| best.as_ref().is_none_or(|b| *l < b.loss)) {
+                best = Some(Best { loss, targets: model.read_adapter_weights(id)? });
+            }
             validating += v0.elapsed().as_secs_f64();
             if let Some(dir) = &opts.checkpoint {
                 let adapter = LoraAdapter { targets: model.read_adapter_weights(id)?, ..init.clone() };
@@ -206,7 +214,13 @@ fn run(
         let examples_per_s = seen as f64 / (t0.elapsed().as_secs_f64() - validating).max(1e-9);
         on_progress(&Progress { step, steps: opts.steps, loss: loss / opts.batch.max(1) as f32, eval_loss, examples_per_s });
     }
-    Ok(eval_loss)
+    Ok(best)
+}
+
+/// The weights at the lowest validation loss so far.
+struct Best {
+    loss: f32,
+    targets: BTreeMap<(usize, Proj), LoraWeights>,
 }
 
 /// One pass over `train`, to be taken from the back: the data lines (conversations) in a

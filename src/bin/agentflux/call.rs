@@ -37,11 +37,22 @@ pub struct Args {
     /// Most tokens a call's arguments may take; a call that needs more fails naming the field.
     #[arg(long, default_value_t = agentflux::toolcall::DEFAULT_ARG_BUDGET)]
     arg_budget: usize,
+    #[command(flatten)]
+    choosing: ChoiceArgs,
+    /// The request.
+    query: String,
+}
+
+/// How the decoupled modes choose the tool (`call`, `run`, `eval`).
+#[derive(clap::Args, Default)]
+pub struct ChoiceArgs {
     /// With several servers, choose among every tool at once instead of the server first.
     #[arg(long)]
     no_hierarchy: bool,
-    /// The request.
-    query: String,
+    /// Without a selector adapter, rank the candidates by their plain probabilities instead of
+    /// calibrating them against a content-free request (see docs/results.md).
+    #[arg(long)]
+    no_calibration: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -114,9 +125,9 @@ pub struct Loaded {
     pub caller: ToolCaller,
 }
 
-/// Load the model, the adapter set (if any) and a caller choosing hierarchically or not, by
+/// Load the model, the adapter set (if any) and a caller choosing as `choosing` says, by
 /// `strategy`.
-pub fn load(model: &str, adapters: Option<&Path>, hierarchy: bool, strategy: Strategy, gpu: &GpuOptions) -> Result<Loaded> {
+pub fn load(model: &str, adapters: Option<&Path>, choosing: &ChoiceArgs, strategy: Strategy, gpu: &GpuOptions) -> Result<Loaded> {
     let path = resolve_model(model)?;
     let eng = Engine::load(&path, gpu).with_context(|| format!("loading {}", path.display()))?;
     let adapters = match adapters {
@@ -124,7 +135,8 @@ pub fn load(model: &str, adapters: Option<&Path>, hierarchy: bool, strategy: Str
         None => AdapterSet::default(),
     };
     let mut caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
-    caller.set_hierarchy(hierarchy);
+    caller.set_hierarchy(!choosing.no_hierarchy);
+    caller.set_calibration(!choosing.no_calibration);
     caller.set_strategy(strategy);
     Ok(Loaded { eng, adapters, caller })
 }
@@ -143,7 +155,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             catalog.add(&g.server, g.tools)?;
         }
     }
-    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
+    let mut l = load(&a.model, a.adapters.as_deref(), &a.choosing, a.mode.strategy(), gpu)?;
     l.caller.set_arg_budget(a.arg_budget);
     let n_ctx = a.ctx.min(l.eng.model.config.n_ctx_train);
     let messages = [ChatMessage::new("user", &a.query)];

@@ -33,6 +33,10 @@ pub struct SynthArgs {
     /// Most user requests per conversation.
     #[arg(long, default_value_t = 3)]
     max_steps: usize,
+    /// Share of conversations whose files sit in folders of varied shapes below the workspace
+    /// (`tmp.x7Qz…`, dashes, dots, digits, spaces, nesting), 0 to 1.
+    #[arg(long, default_value_t = 0.5)]
+    shaped_roots: f64,
     /// Random seed (the same seed and seed file give the same data).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -97,6 +101,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     let opts = SynthOptions {
         conversations: a.conversations,
         max_steps: a.max_steps,
+        shaped_roots: a.shaped_roots,
         seed: a.seed,
         workspace: a.workspace.clone(),
         ..Default::default()

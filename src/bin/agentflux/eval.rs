@@ -44,9 +44,8 @@ pub struct Args {
     /// decoupled, monolithic or monolithic-constrained (see `agentflux call`).
     #[arg(long, value_enum, default_value = "decoupled")]
     mode: Mode,
-    /// With several servers, choose among every tool at once instead of the server first.
-    #[arg(long)]
-    no_hierarchy: bool,
+    #[command(flatten)]
+    choosing: super::call::ChoiceArgs,
     /// Decode every argument token in a pass of its own, also those the schema forces (for
     /// measuring jump-forward; the calls are the same).
     #[arg(long)]
@@ -91,7 +90,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     if examples.iter().any(|e| e.tools != ToolSource::Configured && !matches!(e.tools, ToolSource::Inline(_))) {
         std::fs::create_dir_all(&a.workspace).with_context(|| format!("creating {}", a.workspace.display()))?;
     }
-    let mut l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
+    let mut l = load(&a.model, a.adapters.as_deref(), &a.choosing, a.mode.strategy(), gpu)?;
     l.caller.set_jump_forward(!a.no_jump_forward);
     // Each server is started once, for its name and tools (calls are scored, not run).
     let mut servers: HashMap<String, (String, Vec<Tool>)> = HashMap::new();
@@ -209,7 +208,7 @@ fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
     if !matches!(a.mode, Mode::Decoupled | Mode::Reference) {
         anyhow::bail!("--tasks runs the agent loop: --mode decoupled or reference");
     }
-    let l = load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, a.mode.strategy(), gpu)?;
+    let l = load(&a.model, a.adapters.as_deref(), &a.choosing, a.mode.strategy(), gpu)?;
     let mut session = Session::new(&l.eng.model, a.ctx.min(l.eng.model.config.n_ctx_train))?;
     let started = Instant::now();
     let mut progress = crate::progress::ProgressLine::new(tasks.len() as u64);

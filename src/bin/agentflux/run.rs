@@ -29,9 +29,8 @@ pub struct Args {
     /// Most tokens a call's arguments may take; a call that needs more fails naming the field.
     #[arg(long, default_value_t = agentflux::toolcall::DEFAULT_ARG_BUDGET)]
     arg_budget: usize,
-    /// With several servers, choose among every tool at once instead of the server first.
-    #[arg(long)]
-    no_hierarchy: bool,
+    #[command(flatten)]
+    choosing: super::call::ChoiceArgs,
     /// Print one JSON event per line instead of text.
     #[arg(long)]
     json: bool,
@@ -46,7 +45,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let servers = a.servers.start()?;
     let agent = ToolServers::new(servers)?;
     let super::call::Loaded { eng, adapters, mut caller } =
-        super::call::load(&a.model, a.adapters.as_deref(), !a.no_hierarchy, Strategy::Shared, gpu)?;
+        super::call::load(&a.model, a.adapters.as_deref(), &a.choosing, Strategy::Shared, gpu)?;
     caller.set_arg_budget(a.arg_budget);
     let n_ctx = a.ctx.min(eng.model.config.n_ctx_train);
     let opts = AgentOptions::new(a.max_steps, a.answer_tokens, &eng.tokenizer);

@@ -66,7 +66,8 @@ pub struct Args {
 
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let servers = if a.servers.any() { Some(ToolServers::new(a.servers.start()?)?) } else { None };
-    let super::call::Loaded { eng, adapters, .. } = super::call::load(&a.model, a.adapters.as_deref(), true, Strategy::Shared, gpu)?;
+    let super::call::Loaded { eng, adapters, .. } =
+        super::call::load(&a.model, a.adapters.as_deref(), &Default::default(), Strategy::Shared, gpu)?;
     let device = eng.ctx.describe();
     let opts = ServeOptions {
         addr: SocketAddr::new(a.host, a.port),

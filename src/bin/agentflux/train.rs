@@ -219,7 +219,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             });
         })?;
         progress.finish();
-        let eval = eval.map_or(String::new(), |l| format!(", validation loss {l:.3}"));
+        let eval = eval.map_or(String::new(), |l| format!(", kept its best validation loss {l:.3}"));
         eprintln!("[{name}] {} examples, {:.0} s, training {}{eval}", examples.len(), t0.elapsed().as_secs_f64(), speed(examples_per_s));
         // Exported as activated LoRA: it applies from the cue where inference activates it
         // (`call:` for the selector, `schema:` for an argument adapter), for PEFT and vLLM too.
