@@ -100,7 +100,10 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
                 let (p, q) = (e["confidence"].as_f64().unwrap(), c["confidence"].as_f64().unwrap());
                 assert!((p - q).abs() < 1e-5, "confidence {p} alone, {q} side by side");
             }
-            decoupled_prefilled = ex.iter().map(|e| e["prefilled"].as_u64().unwrap()).collect();
+            // The reference strategy is not calibrated, so its positions are compared with the
+            // shared-cache run's without calibration (whose content-free passes it would lack).
+            let (_, plain) = run_eval(&m, &d, mode, "plain", &["--no-calibration"]);
+            decoupled_prefilled = plain["examples"].as_array().unwrap().iter().map(|e| e["prefilled"].as_u64().unwrap()).collect();
             // The second example shares the first one's system text and tool list.
             assert!(ex[1]["reused"].as_u64().unwrap() > 0, "{}", ex[1]);
             assert_eq!(s["recomputed"], 0);
