@@ -124,6 +124,28 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
     }
     assert!(checked.contains_key("read") && checked.contains_key("edit"), "{checked:?}");
 
+    // Refused calls: shown with weight 0, answered by the server's error, then the right call on
+    // the same path; one per recovery the report counts.
+    let mut refused = 0;
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let msgs = v["messages"].as_array().unwrap();
+        for (i, m) in msgs.iter().enumerate().filter(|(_, m)| m["weight"] == 0) {
+            let path = |m: &Value| -> Value {
+                let args = m["tool_calls"][0]["function"]["arguments"].as_str().unwrap();
+                serde_json::from_str::<Value>(args).unwrap()["path"].clone()
+            };
+            let error = msgs[i + 1]["content"].as_str().unwrap();
+            assert!(error.contains("ENOTDIR") || error.contains("EISDIR") || error.contains("rror"), "{error}");
+            let next = &msgs[i + 2];
+            assert!(next["tool_calls"].is_array() && next.get("weight").is_none(), "{next}");
+            assert_ne!(next["tool_calls"][0]["function"]["name"], m["tool_calls"][0]["function"]["name"]);
+            assert_eq!(path(next), path(m), "the right call is on the same path");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0 && refused == report.recoveries, "{refused} refused calls, {} recoveries", report.recoveries);
+
     // Paths of many shapes, all inside the server's root: about half the conversations live in
     // folders like `tmp.x7QzR2bK9a`, `Team notes`, `v1.2.3`, `work-1997`, nested.
     assert!((15..=45).contains(&report.shaped_roots), "{} of 60 in shaped folders", report.shaped_roots);

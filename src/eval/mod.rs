@@ -46,8 +46,8 @@ pub struct EvalExample {
 
 /// Read a dataset, `{ws}` replaced by `workspace`. A malformed line is an error naming it.
 /// A line without `expected` is a whole trajectory (as `agentflux data check` splits them): each
-/// of its assistant turns becomes an example, the conversation before it with that turn's call
-/// (or `finish` for a text answer) expected.
+/// of its assistant turns (but those of weight 0) becomes an example, the conversation before it
+/// with that turn's call (or `finish` for a text answer) expected.
 pub fn read_dataset(text: &str, workspace: &str, max_result_chars: usize) -> Result<Vec<EvalExample>, String> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -64,7 +64,8 @@ pub fn read_dataset(text: &str, workspace: &str, max_result_chars: usize) -> Res
         let messages =
             v.get("messages").and_then(Value::as_array).ok_or_else(|| err("no \"expected\" and no trajectory \"messages\"".into()))?;
         let mut turns = 0;
-        for (j, m) in messages.iter().enumerate().filter(|(_, m)| m["role"] == "assistant") {
+        // A turn of weight 0 (shown, not learned: a failed call) is not expected either.
+        for (j, m) in messages.iter().enumerate().filter(|(_, m)| m["role"] == "assistant" && m["weight"] != 0) {
             let expected = match m["tool_calls"].as_array().and_then(|c| c.first()) {
                 Some(c) => {
                     let args = c.pointer("/function/arguments").and_then(Value::as_str).unwrap_or("{}");
@@ -352,8 +353,11 @@ mod tests {
 
     #[test]
     fn a_trajectory_line_is_one_example_per_assistant_turn() {
+        // The first call has weight 0 (a refused call, shown but not to imitate): no example.
         let messages = json!([
             {"role": "user", "content": "read {ws}/a"},
+            {"role": "assistant", "weight": 0, "content": null, "tool_calls": [{"id": "c0", "type": "function", "function": {"name": "read", "arguments": "{\"path\":\"{ws}\"}"}}]},
+            {"role": "tool", "tool_call_id": "c0", "content": "EISDIR"},
             {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "read", "arguments": "{\"path\":\"{ws}/a\"}"}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "A"},
             {"role": "assistant", "content": "It says A."},
@@ -364,7 +368,7 @@ mod tests {
         let ex = read_dataset(&line, "/w", 100).unwrap();
         let got: Vec<(&str, usize, Option<Value>)> =
             ex.iter().map(|e| (e.expected_name.as_str(), e.messages.len(), e.expected_arguments.clone())).collect();
-        assert_eq!(got, [("read", 1, Some(json!({"path": "/w/a"}))), ("finish", 3, None), ("finish", 5, None)]);
+        assert_eq!(got, [("read", 3, Some(json!({"path": "/w/a"}))), ("finish", 5, None), ("finish", 7, None)]);
         assert!(ex.iter().all(|e| e.line == 1));
         let none = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools()}).to_string();
         assert!(read_dataset(&none, "/w", 100).unwrap_err().contains("no assistant turn"));

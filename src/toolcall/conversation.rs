@@ -44,6 +44,10 @@ pub struct Message {
     /// The assistant's action (one per tool call; an assistant message with several calls
     /// becomes several messages).
     pub turn: Option<AssistantTurn>,
+    /// Whether training learns this action: false for an assistant message with `"weight": 0`
+    /// (OpenAI's fine-tuning format), a step shown in the conversation but not to be imitated —
+    /// a call that failed, kept so the next turn learns to recover from it.
+    pub learn: bool,
 }
 
 /// Read an OpenAI `messages` array. Tool results are cut to `max_result_chars`.
@@ -63,13 +67,19 @@ pub fn read_messages(v: Option<&Value>, max_result_chars: usize) -> Result<Vec<M
         let m = m.as_object().ok_or_else(|| err(at(""), "a message must be an object".into()))?;
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| err(at(".role"), "role is required".into()))?;
         let content = text_content(m.get("content"), &at(".content"))?;
-        let plain = |role: &str, text: &str| Message { chat: ChatMessage::new(role, text), turn: None };
+        let plain = |role: &str, text: &str| Message { chat: ChatMessage::new(role, text), turn: None, learn: false };
         match role {
             "system" | "developer" | "user" => {
                 let text = content.ok_or_else(|| err(at(".content"), format!("a {role} message needs content")))?;
                 out.push(plain(if role == "user" { "user" } else { "system" }, &text));
             }
             "assistant" => {
+                let learn = match m.get("weight") {
+                    None | Some(Value::Null) => true,
+                    Some(w) if w.as_f64() == Some(1.0) => true,
+                    Some(w) if w.as_f64() == Some(0.0) => false,
+                    Some(_) => return Err(err(at(".weight"), "weight must be 0 (shown, not learned) or 1".into())),
+                };
                 let tool_calls = match m.get("tool_calls") {
                     None | Some(Value::Null) => &[][..],
                     Some(Value::Array(a)) => a.as_slice(),
@@ -77,7 +87,7 @@ pub fn read_messages(v: Option<&Value>, max_result_chars: usize) -> Result<Vec<M
                 };
                 if tool_calls.is_empty() {
                     let text = content.ok_or_else(|| err(at(".content"), "an assistant message needs content or tool_calls".into()))?;
-                    out.push(Message { chat: ChatMessage::new("assistant", &text), turn: Some(AssistantTurn::Text) });
+                    out.push(Message { chat: ChatMessage::new("assistant", &text), turn: Some(AssistantTurn::Text), learn });
                 }
                 for (j, c) in tool_calls.iter().enumerate() {
                     let at = |field: &str| format!("messages[{i}].tool_calls[{j}]{field}");
@@ -97,6 +107,7 @@ pub fn read_messages(v: Option<&Value>, max_result_chars: usize) -> Result<Vec<M
                     out.push(Message {
                         chat: ToolCaller::call_message_for(name, &arguments),
                         turn: Some(AssistantTurn::Call { name: name.to_string(), arguments }),
+                        learn,
                     });
                 }
             }
@@ -106,7 +117,11 @@ pub fn read_messages(v: Option<&Value>, max_result_chars: usize) -> Result<Vec<M
                     .and_then(Value::as_str)
                     .ok_or_else(|| err(at(".tool_call_id"), "a tool message needs tool_call_id".into()))?;
                 let name = calls.get(id).ok_or_else(|| err(at(".tool_call_id"), format!("'{id}' answers no earlier tool call")))?;
-                out.push(Message { chat: ToolCaller::result_message(name, &content.unwrap_or_default(), max_result_chars), turn: None });
+                out.push(Message {
+                    chat: ToolCaller::result_message(name, &content.unwrap_or_default(), max_result_chars),
+                    turn: None,
+                    learn: false,
+                });
             }
             other => return Err(err(at(".role"), format!("unknown role '{other}' (system, developer, user, assistant or tool)"))),
         }

@@ -19,9 +19,9 @@ pub struct Trajectory {
 }
 
 impl Trajectory {
-    /// Every assistant action with the messages before it.
+    /// Every assistant action to learn (not those of weight 0) with the messages before it.
     pub fn turns(&self) -> impl Iterator<Item = (&[Message], &AssistantTurn)> {
-        self.messages.iter().enumerate().filter_map(|(i, m)| m.turn.as_ref().map(|t| (&self.messages[..i], t)))
+        self.messages.iter().enumerate().filter(|(_, m)| m.learn).filter_map(|(i, m)| m.turn.as_ref().map(|t| (&self.messages[..i], t)))
     }
 }
 
@@ -126,9 +126,9 @@ fn read_line(line: &str, max_result_chars: usize) -> Result<(Catalog, Vec<Messag
                 let (_, tool) =
                     catalog.find(name).ok_or_else(|| (DropKind::UnknownTool, format!("calls '{name}', which is not in tools")))?;
                 schema::validate(arguments, &tool.input_schema).map_err(|e| (DropKind::InvalidArguments, format!("{name}: {e}")))?;
-                actions += 1;
+                actions += usize::from(m.learn);
             }
-            Some(AssistantTurn::Text) => actions += 1,
+            Some(AssistantTurn::Text) => actions += usize::from(m.learn),
             None => {}
         }
     }
@@ -221,6 +221,26 @@ mod tests {
         assert!(report.dropped[2].reason.contains("\"path\" is missing"));
         assert!(report.dropped[3].reason.contains("undeclared"));
         assert!(report.summary(1).contains("InvalidArguments: 5"), "{}", report.summary(1));
+    }
+
+    #[test]
+    fn a_call_of_weight_0_is_shown_not_learned() {
+        let refused = |weight: Value| {
+            line(json!([{"role": "user", "content": "read a"},
+                {"role": "assistant", "weight": weight, "tool_calls": [{"id": "c0", "type": "function", "function": {"name": "read_file", "arguments": "{\"path\":\"/\"}"}}]},
+                {"role": "tool", "tool_call_id": "c0", "content": "EISDIR"},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": "{\"path\":\"a\"}"}}]}]))
+        };
+        let (kept, _) = read_trajectories(&refused(json!(0)), 100);
+        let turns: Vec<(usize, &AssistantTurn)> = kept[0].turns().map(|(before, t)| (before.len(), t)).collect();
+        // Only the second call, with the refused one and its error in its context.
+        assert_eq!(turns, [(3, &AssistantTurn::Call { name: "read_file".into(), arguments: json!({"path": "a"}) })]);
+        assert_eq!(read_trajectories(&refused(json!(1)), 100).0[0].turns().count(), 2);
+        let (kept, report) = read_trajectories(&refused(json!(0.5)), 100);
+        assert!(kept.is_empty() && report.dropped[0].reason.contains("messages[1].weight"), "{:?}", report.dropped);
+        // A line whose only action has weight 0 teaches nothing.
+        let only = line(json!([{"role": "user", "content": "x"}, {"role": "assistant", "weight": 0, "content": "no"}]));
+        assert_eq!(read_trajectories(&only, 100).1.dropped[0].kind, DropKind::NothingToLearn);
     }
 
     #[test]

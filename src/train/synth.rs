@@ -3,8 +3,9 @@
 //! the tool results of the real MCP server running in that workspace.
 //!
 //! Every conversation starts from a freshly written workspace and has one to `max_steps` user
-//! requests; each is a single tool call, a chain of calls the request asks for in order, or a
-//! request that needs no tool. After each call the real result is fed back and, once the request
+//! requests; each is a single tool call (now and then after a call the server refuses, shown
+//! with weight 0), a chain of calls the request asks for in order, or a request that needs no
+//! tool. After each call the real result is fed back and, once the request
 //! is served, the assistant answers in text — the `finish` turns the selector learns. The output
 //! is OpenAI chat JSONL that [`super::read_trajectories`] reads.
 
@@ -60,6 +61,12 @@ pub struct ToolSeed {
     pub forms: Vec<FormSeed>,
     /// The assistant's text after the result: `{result}` and the arguments' top-level keys.
     pub answer: String,
+    /// Calls a model plausibly makes first for this tool's requests and the server refuses
+    /// (listing a file, reading a folder), with the request's `{slot}`s. They must change
+    /// nothing in the workspace. Shown before the right call with weight 0, so the selector
+    /// learns the recovery, not the mistake.
+    #[serde(default)]
+    pub mistakes: Vec<ChainCall>,
 }
 
 /// One argument template and the requests that ask for it.
@@ -252,6 +259,9 @@ pub struct SynthOptions {
     pub distractor_rate: f64,
     /// Tool results longer than this many characters are cut in answers.
     pub max_answer_chars: usize,
+    /// Share of single-call requests, of a tool with `mistakes`, that first make one of them:
+    /// the server's error comes back, then the right call follows.
+    pub mistake_rate: f64,
     /// Share of conversations whose files sit in shaped folders below the workspace
     /// (`tmp.x7Qz…`, dashes, dots, digits, spaces, nesting), so that the argument adapters learn
     /// to copy paths rather than recall one workspace.
@@ -269,6 +279,7 @@ impl Default for SynthOptions {
             chain_rate: 0.15,
             distractor_rate: 0.25,
             max_answer_chars: 400,
+            mistake_rate: 0.1,
             shaped_roots: 0.5,
         }
     }
@@ -295,6 +306,8 @@ pub struct SynthReport {
     pub lengths: BTreeMap<usize, usize>,
     /// Conversations in a shaped folder below the workspace.
     pub shaped_roots: usize,
+    /// Requests whose right call follows a refused one (`mistakes`).
+    pub recoveries: usize,
 }
 
 impl SynthReport {
@@ -302,8 +315,8 @@ impl SynthReport {
     pub fn summary(&self) -> String {
         let calls: usize = self.calls.values().sum();
         let mut s = format!(
-            "{} conversations ({} in shaped folders), {calls} tool calls ({} tool errors), {} chained requests, {} requests without a tool, {} with a distractor\n",
-            self.conversations, self.shaped_roots, self.tool_errors, self.chains, self.finish_requests, self.distractors
+            "{} conversations ({} in shaped folders), {calls} tool calls ({} tool errors), {} chained requests, {} requests without a tool, {} with a distractor, {} recovering from a refused call\n",
+            self.conversations, self.shaped_roots, self.tool_errors, self.chains, self.finish_requests, self.distractors, self.recoveries
         );
         s.push_str(&format!("  requests per conversation: {}\n", join(&self.lengths)));
         s.push_str(&format!("  styles: {}\n", join(&self.styles)));
@@ -335,7 +348,8 @@ pub fn synthesize(
     mut on_line: impl FnMut(usize, &str) -> Result<()>,
 ) -> Result<SynthReport> {
     let tools = server.list_tools()?;
-    for name in seed.tools.keys().chain(seed.chains.iter().flat_map(|c| c.calls.iter().map(|k| &k.name))) {
+    let mistakes = seed.tools.values().flat_map(|t| t.mistakes.iter().map(|k| &k.name));
+    for name in seed.tools.keys().chain(seed.chains.iter().flat_map(|c| c.calls.iter().map(|k| &k.name))).chain(mistakes) {
         if !tools.iter().any(|t| &t.name == name) {
             return Err(Error::InvalidOption(format!(
                 "the seed names tool '{name}', which the server '{}' does not have",
@@ -369,6 +383,7 @@ pub fn synthesize(
                 continue;
             }
             let mut b = Bindings::default();
+            let mut mistake = None;
             let (request, calls): (String, Vec<(String, Value, &str)>) =
                 if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
                     let chain = &seed.chains[below(&mut rng, seed.chains.len())];
@@ -398,7 +413,12 @@ pub fn synthesize(
                     let (style, list) = styles[below(&mut rng, styles.len())];
                     let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
                     *report.styles.entry(style.clone()).or_default() += 1;
-                    (request, vec![(name.clone(), b.render(&form.arguments, seed, &conv.ws, &mut rng)?, tool.answer.as_str())])
+                    let arguments = b.render(&form.arguments, seed, &conv.ws, &mut rng)?;
+                    if !tool.mistakes.is_empty() && unit(&mut rng) < opts.mistake_rate {
+                        let k = &tool.mistakes[below(&mut rng, tool.mistakes.len())];
+                        mistake = Some((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?));
+                    }
+                    (request, vec![(name.clone(), arguments, tool.answer.as_str())])
                 };
             let request = if seed.values.contains_key("distractor") && unit(&mut rng) < opts.distractor_rate {
                 report.distractors += 1;
@@ -412,6 +432,14 @@ pub fn synthesize(
                 request
             };
             conv.user(request);
+            if let Some((name, args)) = mistake {
+                // Kept only when the server refuses it: a call that worked would be no mistake.
+                let result = server.call_tool(&name, &args)?;
+                if result.is_error {
+                    conv.call(&name, &args, &result.text(), false);
+                    report.recoveries += 1;
+                }
+            }
             let mut answers = Vec::new();
             for (name, args, answer) in calls {
                 let result = server.call_tool(&name, &args)?;
@@ -420,7 +448,7 @@ pub fn synthesize(
                     report.tool_errors += 1;
                 }
                 *report.calls.entry(name.clone()).or_default() += 1;
-                conv.call(&name, &args, &text);
+                conv.call(&name, &args, &text, true);
                 let shown = cut(&text, opts.max_answer_chars);
                 answers.push(if result.is_error {
                     format!("The tool reported an error: {shown}")
@@ -477,10 +505,15 @@ impl Conversation {
         self.messages.push(json!({"role": "assistant", "content": content}));
     }
 
-    fn call(&mut self, name: &str, args: &Value, result: &str) {
+    /// A call and its result; `learn` false marks the call weight 0 (shown, not imitated).
+    fn call(&mut self, name: &str, args: &Value, result: &str, learn: bool) {
         self.calls += 1;
         let id = format!("call_{}", self.calls);
-        self.messages.push(json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": name, "arguments": args.to_string()}}]}));
+        let mut message = json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": name, "arguments": args.to_string()}}]});
+        if !learn {
+            message["weight"] = json!(0);
+        }
+        self.messages.push(message);
         self.messages.push(json!({"role": "tool", "tool_call_id": id, "content": result}));
     }
 }
