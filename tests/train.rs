@@ -698,19 +698,24 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     std::fs::remove_file(&model).ok();
 }
 
+/// A tiny random llama model with Q8_0 weights, loaded on the test device.
+fn tiny_q8_model(r: &mut agentflux::decode::SplitMix64, tag: &str) -> agentflux::model::Model {
+    use agentflux::gguf::{BlockFormat, GgufFile};
+    use agentflux::reference::{tiny_model, TinyModelSpec};
+    let path = std::env::temp_dir().join(format!("agentflux-{tag}-{}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q8_0), r.next_u64())).unwrap();
+    let model = agentflux::model::Model::load(common::ctx(), &GgufFile::open(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).ok();
+    model
+}
+
 /// A run interrupted after step 2 and resumed from its checkpoint ends with exactly the weights
 /// of the same run done in one go (weights, AdamW moments, step and example order restored).
 #[test]
 fn an_interrupted_run_resumes_to_the_same_weights() {
-    use agentflux::gguf::{BlockFormat, GgufFile};
-    use agentflux::model::Model;
-    use agentflux::reference::{tiny_model, TinyModelSpec};
     use agentflux::train::{train_adapter, AdapterRole, Example, TrainOptions};
     let mut r = rng("resume");
-    let path = std::env::temp_dir().join(format!("agentflux-resume-{}.gguf", std::process::id()));
-    std::fs::write(&path, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q8_0), r.next_u64())).unwrap();
-    let model = Model::load(common::ctx(), &GgufFile::open(&path).unwrap()).unwrap();
-    std::fs::remove_file(&path).ok();
+    let model = tiny_q8_model(&mut r, "resume");
     let n_vocab = model.config.n_vocab as u64;
     let examples: Vec<Example> = (0..5)
         .map(|i| Example {
@@ -756,16 +761,10 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
 /// when scored afresh.
 #[test]
 fn the_weights_of_the_best_validation_are_kept() {
-    use agentflux::gguf::{BlockFormat, GgufFile};
     use agentflux::lora::ActiveAdapter;
-    use agentflux::model::Model;
-    use agentflux::reference::{tiny_model, TinyModelSpec};
     use agentflux::train::{train_adapter, AdapterRole, Example, TrainOptions};
     let mut r = rng("keep-best");
-    let path = std::env::temp_dir().join(format!("agentflux-best-{}.gguf", std::process::id()));
-    std::fs::write(&path, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q8_0), r.next_u64())).unwrap();
-    let model = Model::load(common::ctx(), &GgufFile::open(&path).unwrap()).unwrap();
-    std::fs::remove_file(&path).ok();
+    let model = tiny_q8_model(&mut r, "best");
     let n_vocab = model.config.n_vocab as u64;
     let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| (r.next_u64() % n_vocab) as u32).collect() };
     let start = draw(5);
