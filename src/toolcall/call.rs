@@ -441,7 +441,11 @@ impl ToolCaller {
         let mut prompt = prefix.clone();
         prompt.extend(self.encode(self.first_cue(catalog))?);
         let plan = adapters.selector.map(|a| Activation { adapter: a, from: prefix.len() });
-        let baseline = self.baseline(catalog, messages, &prefix, plan)?;
+        // A named tool is written, not chosen: nothing to calibrate.
+        let baseline = match choice {
+            ToolChoice::Function(_) => None,
+            _ => self.baseline(catalog, messages, &prefix, plan)?,
+        };
         let (name, confidence, candidates) = self.select(session, catalog, &mut prompt, plan, baseline.as_ref(), choice)?;
         let name_tokens = prompt.len() - prefix.len();
         let select_ms = ms(t1);
