@@ -283,6 +283,13 @@ impl Worker<'_> {
             }
         })?;
         let prompt = self.caller.answer_prompt(&servers.catalog, &messages)?;
+        if prompt.len() >= self.limits.n_ctx {
+            // The tools ran and their steps went out: the results filled the context, which ends
+            // the answer before its first token (as max_tokens would) instead of failing the
+            // request and losing what was done.
+            let usage = Usage { prompt: prompt.len(), completion: call_tokens, cached: cached.min(prompt.len()) };
+            return Ok(Event::Done { finish_reason: "length", usage, call: None });
+        }
         let room = self.limits.n_ctx.saturating_sub(prompt.len());
         let max_tokens = Some(r.max_tokens.unwrap_or(self.limits.default_max_tokens).min(room).max(1));
         match self.text_with(session, job, prompt, max_tokens, cached, None)? {
