@@ -765,7 +765,10 @@ fn serve_calls_the_mcp_servers_of_its_config() {
         std::fs::write(root.join("notes/todo.txt"), "buy milk\n").unwrap();
     };
     let task = "Read notes/todo.txt and tell me what to buy.";
-    let (steps, answer_tokens) = (2, 6);
+    // One step: the named first call, so the reference computes no free choice (a random model's
+    // free choice may write arguments that fill any context); `required` below makes a free one
+    // on the server, with room for the longest arguments the budget allows.
+    let (steps, answer_tokens) = (1, 6);
     let first = "list_allowed_directories";
 
     // The reference: the library's loop in this process, then a greedy answer after the results.
@@ -775,7 +778,7 @@ fn serve_calls_the_mcp_servers_of_its_config() {
         let server = McpClient::spawn(&format!("{} {}", bin.display(), root.display()), ServerOptions::default()).unwrap();
         let servers = ToolServers::new(vec![server]).unwrap();
         let caller = ToolCaller::new(engine.tokenizer.clone(), engine.template.clone()).unwrap();
-        let mut session = Session::new(&engine.model, 1024).unwrap();
+        let mut session = Session::new(&engine.model, 4096).unwrap();
         let mut messages = vec![ChatMessage::new("user", task)];
         let mut events = Vec::new();
         let opts = AgentOptions::new(steps, 0, &engine.tokenizer);
@@ -797,7 +800,7 @@ fn serve_calls_the_mcp_servers_of_its_config() {
     let config = std::env::temp_dir().join(format!("agentflux-serve-mcp-{}.json", std::process::id()));
     std::fs::write(&config, json!({"mcpServers": {"files": {"command": bin, "args": [root]}}}).to_string()).unwrap();
     let steps_arg = steps.to_string();
-    let args = ["--model", model.to_str().unwrap(), "--ctx", "1024", "--max-steps", &steps_arg, "--mcp-config", config.to_str().unwrap()];
+    let args = ["--model", model.to_str().unwrap(), "--ctx", "4096", "--max-steps", &steps_arg, "--mcp-config", config.to_str().unwrap()];
     let (mut child, addr) = serve_command(&args);
     let named = json!({"type": "function", "function": {"name": first}});
     let request = json!({"messages": user(task), "max_tokens": answer_tokens, "tool_choice": named});
