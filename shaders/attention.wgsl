@@ -20,9 +20,9 @@
 //   head (G divides n_heads / n_kv_heads), so each key and value row is loaded once for all of
 //   them, with an online softmax per head (one pass over the keys, running max and sum, f32
 //   accumulators in registers).
-//   `main` (prefill, token trees): one invocation per (head group, token), 64 per workgroup.
-//   `decode` (one row per sequence, no tree): one workgroup of SPLIT invocations per (head group,
-//   row); invocation i
+//   `main` (prefill chunks, token trees): one invocation per (head group, token), 64 per workgroup.
+//   `decode` (few rows, no tree: decode steps, a training step's rows, short chunks; the launcher
+//   chooses): one workgroup of SPLIT invocations per (head group, row); invocation i
 //   folds keys i, i + SPLIT, … into its own running softmaxes, then the SPLIT partial softmaxes
 //   are merged through workgroup memory — every SIMD lane and every workgroup thread has keys
 //   to read even with few heads.

@@ -15,10 +15,11 @@
 //              one invocation per (i, kh); run after `grad_q`.
 // Keys of the prefix (positions < pos0) get no gradient: nothing before the step depends on the
 // adapter being trained.
-// Layout: q, dO, dq: T rows of n_heads·head_dim f32; k, v: rows of n_kv_heads·head_dim f16 for
-//   positions 0 .. pos0 + T (the layer's KV cache from word base_words on: its slot, two values
-//   per u32 word, as kv_store.wgsl writes them); dk, dv: T rows of n_kv_heads·head_dim (the
-//   step's own keys); stats: 3 f32 per (t, h).
+// Layout: q, dO, dq: rows of n_heads·head_dim f32, this sequence's T rows from row row0 on;
+//   k, v: rows of n_kv_heads·head_dim f16 for positions 0 .. pos0 + T (the layer's KV cache from
+//   word base_words on: its slot, two values per u32 word, as kv_store.wgsl writes them); dk, dv:
+//   rows of n_kv_heads·head_dim (the step's own keys), T from row0; stats: 3 f32 per (row, h).
+//   A pass holding several training examples dispatches once per example, each at its row0.
 // Work split: one invocation per output row and head, loops over keys (or queries) and the head
 //   dimension; rows are written by their owner only, so no atomics or barriers. `grad_q` runs
 //   in workgroups of 16 over the flattened (t, h), so every lane works even with 9 heads.
@@ -81,7 +82,7 @@ fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>) {
     let h = gid.x % p.n_heads;
     let kv_row = p.n_kv_heads * p.head_dim;
     let kh = h / (p.n_heads / p.n_kv_heads);
-    let qo = (t * p.n_heads + h) * p.head_dim;
+    let qo = ((p.row0 + t) * p.n_heads + h) * p.head_dim;
     let pos = p.pos0 + t;
     var qv: array<vec4<f32>, D4>;
     var gv: array<vec4<f32>, D4>;
@@ -128,7 +129,7 @@ fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>) {
         dq[o + 2u] = g.z;
         dq[o + 3u] = g.w;
     }
-    let so = (t * p.n_heads + h) * 3u;
+    let so = ((p.row0 + t) * p.n_heads + h) * 3u;
     stats[so] = m;
     stats[so + 1u] = l;
     stats[so + 2u] = dd;
@@ -145,7 +146,7 @@ fn grad_kv(@builtin(global_invocation_id) gid: vec3<u32>) {
     let group = p.n_heads / p.n_kv_heads;
     let key = p.pos0 + i;
     let ko = key * kv_row + kh * p.head_dim;
-    let go = (i * p.n_kv_heads + kh) * p.head_dim;
+    let go = ((p.row0 + i) * p.n_kv_heads + kh) * p.head_dim;
     for (var d = 0u; d < p.head_dim; d++) {
         dk[go + d] = 0.0;
         dv[go + d] = 0.0;
@@ -155,8 +156,8 @@ fn grad_kv(@builtin(global_invocation_id) gid: vec3<u32>) {
             break;
         }
         for (var h = kh * group; h < (kh + 1u) * group; h++) {
-            let qo = (t * p.n_heads + h) * p.head_dim;
-            let so = (t * p.n_heads + h) * 3u;
+            let qo = ((p.row0 + t) * p.n_heads + h) * p.head_dim;
+            let so = ((p.row0 + t) * p.n_heads + h) * 3u;
             let pr = exp(dot_qk(qo, ko) - stats_in[so]) / stats_in[so + 1u];
             let ds = pr * (dot_ov(qo, ko) - stats_in[so + 2u]) * p.scale;
             for (var d = 0u; d < p.head_dim; d++) {

@@ -5,7 +5,8 @@
 //   (softmax(z_r) − onehot(token_r)) · scale, where `scale` is 1 / (targets in the batch) so the
 //   rows' gradients add up to the gradient of the mean.
 // Layout: logits rows of n_vocab f32 (only the target rows: the LM head runs only there), tokens:
-//   one u32 per row, loss: one f32 per row.
+//   one u32 per row, loss: one f32 per row; the dispatch covers rows row0 .. row0 + rows of all
+//   three (one training example's rows of a pass holding several, each with its own scale).
 // Work split: one workgroup of 64 per row; each pass (max, sum, write) strides the row and reduces
 //   in shared memory — the row is long (the vocabulary) and there are few rows.
 // Limits: none beyond buffer sizes.
@@ -40,10 +41,10 @@ fn reduce(lane: u32, v: f32, is_max: bool) -> f32 {
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let r = wg.x;
-    if (r >= p.rows) {
+    if (wg.x >= p.rows) {
         return;
     }
+    let r = p.row0 + wg.x;
     let lane = lid.x;
     let o = r * p.n_vocab;
     var m = -3.4e38;

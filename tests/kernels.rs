@@ -278,9 +278,11 @@ fn rms_norm_plain_accumulate_and_inplace() {
 fn attention_prefill_decode_gqa_window_and_row_offset() {
     let ctx = ctx();
     let mut r = rng("attention");
-    // t = 1 without a tree runs the split-key decode entry: short and long contexts, a window,
-    // the widest head.
+    // Up to 64 rows without a tree run the split-key entry (short and long contexts, a window,
+    // the widest head), more the row-per-invocation one.
     for (heads, kvh, hd, pos0, t, window, row0) in [
+        (9, 3, 64, 0, 70, 0, 0),
+        (4, 2, 16, 9, 65, 5, 2),
         (9, 3, 64, 0, 7, 0, 0),
         (4, 1, 256, 5, 3, 0, 2),
         (4, 2, 16, 20, 1, 0, 3),

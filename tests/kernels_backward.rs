@@ -123,14 +123,21 @@ fn backward_kernels_match_the_reference() {
     let tokens: Vec<u32> = (0..rows).map(|_| (r.next_u64() % n_vocab as u64) as u32).collect();
     let (lb, tb) = (f32_buf(&ctx, &logits), storage_buffer(&ctx, "tokens", bytemuck::cast_slice(&tokens)));
     let loss_b = storage_buffer_zeroed(&ctx, "loss", (rows * 4) as u64);
+    // Two examples in one buffer, each the mean of its own rows: row 0, then rows 1..3.
     let mut rec = Recorder::new(&ctx);
-    cross_entropy(&mut rec, &ctx, View::new(&lb, rows, n_vocab), &tb, &loss_b, 1.0 / rows as f32).unwrap();
+    let all = View::new(&lb, rows, n_vocab);
+    cross_entropy(&mut rec, &ctx, all.rows(0, 1), &tb, &loss_b, 1.0).unwrap();
+    cross_entropy(&mut rec, &ctx, all.rows(1, rows - 1), &tb, &loss_b, 1.0 / (rows - 1) as f32).unwrap();
     rec.submit();
-    let targets: Vec<(usize, u32)> = tokens.iter().enumerate().map(|(i, &t)| (i, t)).collect();
-    let (mean, grad) = reference::cross_entropy(&logits, n_vocab, &targets);
     let losses = read_f32(&ctx, &loss_b, 0, rows).unwrap();
-    assert!((losses.iter().sum::<f32>() / rows as f32 - mean).abs() < 1e-4 * mean.abs().max(1.0), "{losses:?} vs mean {mean}");
-    assert_close("cross_entropy gradient", &read_f32(&ctx, &lb, 0, rows * n_vocab).unwrap(), &grad, 1e-5);
+    let got = read_f32(&ctx, &lb, 0, rows * n_vocab).unwrap();
+    for (first, n) in [(0, 1), (1, rows - 1)] {
+        let targets: Vec<(usize, u32)> = (0..n).map(|i| (i, tokens[first + i])).collect();
+        let (mean, grad) = reference::cross_entropy(&logits[first * n_vocab..(first + n) * n_vocab], n_vocab, &targets);
+        let loss = losses[first..first + n].iter().sum::<f32>() / n as f32;
+        assert!((loss - mean).abs() < 1e-4 * mean.abs().max(1.0), "rows {first}..: {losses:?} vs mean {mean}");
+        assert_close(&format!("cross_entropy gradient, rows {first}.."), &got[first * n_vocab..(first + n) * n_vocab], &grad, 1e-5);
+    }
 
     let n = 777;
     let opt = AdamW { weight_decay: 0.05, ..Default::default() };
@@ -202,13 +209,15 @@ fn lora_backward_matches_the_reference() {
 
 /// Attention gradients for a step's rows over a cache holding a prefix (in a cache slot after
 /// another's rows): against the reference backward of the whole sequence with no gradient
-/// arriving at the prefix's rows.
+/// arriving at the prefix's rows. The rows may start later in their buffers (`at`: one example of
+/// a pass holding several); the rows before them are left as they were.
 #[test]
 fn attention_backward_over_a_cached_prefix() {
     use agentflux::kernels::attention_backward::{attention_backward, AttentionGrads};
     let ctx = ctx();
     let mut r = rng("attention-backward");
-    for (heads, kvh, hd, pos0, t, window) in [(4, 2, 16, 5, 4, 0), (2, 2, 32, 0, 6, 0), (6, 3, 8, 7, 5, 4), (4, 1, 64, 3, 1, 0)] {
+    let cases = [(4, 2, 16, 5, 4, 0, 0), (2, 2, 32, 0, 6, 0, 3), (6, 3, 8, 7, 5, 4, 0), (4, 1, 64, 3, 1, 0, 2), (6, 3, 8, 7, 5, 4, 1)];
+    for (heads, kvh, hd, pos0, t, window, at) in cases {
         let (row, kv_row, n, base) = (heads * hd, kvh * hd, pos0 + t, 2 * pos0 + 1);
         let q_full = random_vec(&mut r, n * row, 1.0);
         let rows = (base + n) * kv_row;
@@ -217,19 +226,25 @@ fn attention_backward_over_a_cached_prefix() {
         let mut dout_full = vec![0f32; pos0 * row];
         dout_full.extend(random_vec(&mut r, t * row, 1.0));
         let scale = 1.0 / (hd as f32).sqrt();
-        let (qb, db) = (f32_buf(&ctx, &q_full[pos0 * row..]), f32_buf(&ctx, &dout_full[pos0 * row..]));
-        let zeros = |n: usize| storage_buffer_zeroed(&ctx, "g", (n * 4) as u64);
-        let (dqb, dkb, dvb, sb) = (zeros(t * row), zeros(t * kv_row), zeros(t * kv_row), zeros(t * heads * 3));
+        // `at` rows of another example before this one's, in every buffer.
+        let after = |before: f32, width: usize, rows: &[f32]| [vec![before; at * width], rows.to_vec()].concat();
+        let (qb, db) = (f32_buf(&ctx, &after(0.5, row, &q_full[pos0 * row..])), f32_buf(&ctx, &after(0.5, row, &dout_full[pos0 * row..])));
+        let filled = |width: usize| f32_buf(&ctx, &vec![9.0; (at + t) * width]);
+        let (dqb, dkb, dvb, sb) = (filled(row), filled(kv_row), filled(kv_row), filled(heads * 3));
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
         let mut rec = Recorder::new(&ctx);
         let grads = AttentionGrads { dq: &dqb, dk: &dkb, dv: &dvb, stats: &sb };
         let cache = CachedLayer { k: &kb, v: &vb, base, len: pos0 };
-        attention_backward(&mut rec, &ctx, &shape, View::new(&qb, t, row), cache, View::new(&db, t, row), grads).unwrap();
+        let (q, dout) = (View::new(&qb, at + t, row).rows(at, t), View::new(&db, at + t, row).rows(at, t));
+        attention_backward(&mut rec, &ctx, &shape, q, cache, dout, grads).unwrap();
         rec.submit();
         let (dq, dk, dv) = reference::attention_backward(&q_full, k, v, &dout_full, heads, kvh, hd, window, scale);
-        let what = format!("attention_backward h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window}");
-        assert_close(&format!("{what} dq"), &read_f32(&ctx, &dqb, 0, t * row).unwrap(), &dq[pos0 * row..], 1e-4);
-        assert_close(&format!("{what} dk"), &read_f32(&ctx, &dkb, 0, t * kv_row).unwrap(), &dk[pos0 * kv_row..], 1e-4);
-        assert_close(&format!("{what} dv"), &read_f32(&ctx, &dvb, 0, t * kv_row).unwrap(), &dv[pos0 * kv_row..], 1e-4);
+        let what = format!("attention_backward h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window} at row {at}");
+        assert_close(&format!("{what} dq"), &read_f32(&ctx, &dqb, at * row, t * row).unwrap(), &dq[pos0 * row..], 1e-4);
+        assert_close(&format!("{what} dk"), &read_f32(&ctx, &dkb, at * kv_row, t * kv_row).unwrap(), &dk[pos0 * kv_row..], 1e-4);
+        assert_close(&format!("{what} dv"), &read_f32(&ctx, &dvb, at * kv_row, t * kv_row).unwrap(), &dv[pos0 * kv_row..], 1e-4);
+        for (b, width) in [(&dqb, row), (&dkb, kv_row), (&dvb, kv_row), (&sb, heads * 3)] {
+            assert!(read_f32(&ctx, b, 0, at * width).unwrap().iter().all(|&x| x == 9.0), "{what}: rows before the example written");
+        }
     }
 }

@@ -533,6 +533,79 @@ fn gpu_adapter_gradient_matches_the_reference() {
     }
 }
 
+/// Several examples in one call — side by side in one pass, and over two passes where their rows
+/// pass a chunk's 256 — give each example's reference loss and the sum of the reference
+/// gradients: one continues another's conversation (its prefix holds the other's), one has a long
+/// active part of its own.
+#[test]
+fn examples_side_by_side_add_the_references_gradients() {
+    use agentflux::gguf::{BlockFormat, GgufFile};
+    use agentflux::lora::{ActiveAdapter, Proj};
+    use agentflux::model::{ExampleRows, Model};
+    use agentflux::reference::{random_adapter, tiny_model, ReferenceAdapter, ReferenceModel, TinyModelSpec};
+    let mut r = rng("gpu-grads-batched");
+    for (arch, format) in [("llama", BlockFormat::Q8_0), ("gemma3", BlockFormat::F16)] {
+        let spec = TinyModelSpec::new(arch, format);
+        let path = std::env::temp_dir().join(format!("agentflux-batchgrad-{arch}-{}.gguf", std::process::id()));
+        std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        let reference = ReferenceModel::from_gguf(&file).unwrap();
+        let model = Model::load(common::ctx(), &file).unwrap();
+        std::fs::remove_file(&path).ok();
+        let c = model.config.clone();
+        let adapter = random_adapter(&mut r, &c, 4, &Proj::ALL, 0.2);
+        let id = model.add_adapter("trained", &adapter).unwrap();
+        let mut random = |n: usize| -> Vec<u32> { (0..n).map(|_| (r.next_u64() % c.n_vocab as u64) as u32).collect() };
+        let a = random(11);
+        let b = [&a[..8], &random(6)].concat();
+        let (mut long, mut longer) = (random(130), random(140));
+        // Beginnings of their own: they share no prefix position with the first two.
+        long[0] = (a[0] + 1) % c.n_vocab as u32;
+        longer[0] = (a[0] + 2) % c.n_vocab as u32;
+        let examples: Vec<(Vec<u32>, usize, Vec<std::ops::Range<usize>>)> =
+            vec![(a, 4, vec![6..8, 9..11]), (b, 8, vec![9..14]), (long, 2, vec![3..10, 100..130]), (longer, 5, vec![6..140])];
+        let rows: Vec<ExampleRows> = examples.iter().map(|(t, from, targets)| ExampleRows { tokens: t, from: *from, targets }).collect();
+        let what = format!("{arch} {format:?}");
+        for (name, batch) in [("one pass", &rows[..3]), ("two passes", &rows[..])] {
+            let (grads, mut prefix) = (AdapterBuffers::new(&model).unwrap(), PrefixCache::new());
+            let losses = grads.add_gradients(&model, &mut prefix, batch, ActiveAdapter::new(id)).unwrap();
+            let mut want = std::collections::BTreeMap::new();
+            for (e, loss) in batch.iter().zip(&losses) {
+                let lora = ReferenceAdapter { adapter: &adapter, multiplier: 1.0, from: e.from };
+                let (want_loss, g) = reference.lora_loss_and_grads(e.tokens, lora, e.targets);
+                assert!((loss - want_loss).abs() < 1e-3 * want_loss.abs().max(1.0), "{what} {name}: loss {loss} vs reference {want_loss}");
+                for (key, w) in g {
+                    let sum = want
+                        .entry(key)
+                        .or_insert_with(|| agentflux::lora::LoraWeights { a: vec![0.0; w.a.len()], b: vec![0.0; w.b.len()] });
+                    sum.a.iter_mut().zip(&w.a).for_each(|(s, x)| *s += x);
+                    sum.b.iter_mut().zip(&w.b).for_each(|(s, x)| *s += x);
+                }
+            }
+            for (key, g) in &grads.read(&model, id).unwrap() {
+                common::assert_close(&format!("{what} {name} {key:?} dA"), &g.a, &want[key].a, 2e-3);
+                common::assert_close(&format!("{what} {name} {key:?} dB"), &g.b, &want[key].b, 2e-3);
+            }
+            // The second example copied the first one's 4 positions; the first's prefix, which the
+            // second's continues, is then given back by a copy of it: the next epoch computes
+            // nothing and gives the same gradients.
+            let computed = [4, 4, 2, 5][..batch.len()].iter().sum::<usize>();
+            assert_eq!((prefix.reused(), prefix.computed()), (4, computed), "{what} {name}");
+            let again = AdapterBuffers::new(&model).unwrap();
+            again.add_gradients(&model, &mut prefix, batch, ActiveAdapter::new(id)).unwrap();
+            assert_eq!(prefix.computed(), computed, "{what} {name}: a prefix computed twice");
+            for ((key, g), (_, first)) in again.read(&model, id).unwrap().iter().zip(&grads.read(&model, id).unwrap()) {
+                common::assert_close(&format!("{what} {name} {key:?} dB, next epoch"), &g.b, &first.b, 1e-6);
+            }
+            // Forward only, the same losses.
+            let forward_only = agentflux::model::example_losses(&model, &mut PrefixCache::new(), batch, ActiveAdapter::new(id)).unwrap();
+            for (f, l) in forward_only.iter().zip(&losses) {
+                assert!((f - l).abs() < 1e-4 * l.abs().max(1.0), "{what} {name}: forward-only loss {f} vs {l}");
+            }
+        }
+    }
+}
+
 /// The same toy task learned on the GPU: gradients from the training kernels, AdamW applied in
 /// place in the adapter packs; the engine's own forward then writes the sequence greedily.
 /// (Quantized bases are covered by the gradient test above; this tiny random Q8_0 model only

@@ -80,6 +80,9 @@ pub struct CachedLayer<'a> {
     pub len: usize,
 }
 
+/// At most this many rows (one workgroup of the row-per-invocation entry) take the split-key entry.
+const SPLIT_KEY_ROWS: usize = 64;
+
 /// Record attention of `q`'s rows (one token each, `n_heads × head_dim`) into `o` (rows like
 /// `q`'s): each row, at its place (see [`RowPlace`](super::places::RowPlace)), against its own
 /// sequence's cached rows up to its position — the rows of several sequences in one dispatch.
@@ -107,7 +110,10 @@ pub fn attention(
     let row_bytes = (s.n_kv_heads * s.head_dim * 2) as u64;
     places.check("attention", q.rows, (cache.k.size().min(cache.v.size()) / row_bytes) as usize)?;
     let n_tokens = q.rows;
-    let decode = places.one_row_each() && tree.is_none();
+    // The split-key entry wherever the rows are few (decode steps, a training step's active
+    // rows, short chunks): one invocation per (head group, row) would leave most lanes and
+    // workgroups idle while each walks the whole prefix alone.
+    let decode = tree.is_none() && (places.one_row_each() || n_tokens <= SPLIT_KEY_ROWS);
     // Query heads per invocation: the most that share a KV head and keep their queries and
     // accumulators within 64 vec4 (larger groups only spill and compile slowly).
     let d4 = s.head_dim / 4;

@@ -11,6 +11,7 @@ uniform_block! {
     /// The uniform block of the shader (its WGSL declaration is generated from this one).
     pub(super) struct Params {
         n_tokens: u32,
+        row0: u32,
         n_heads: u32,
         n_kv_heads: u32,
         head_dim: u32,
@@ -35,9 +36,11 @@ pub struct AttentionGrads<'a> {
     pub stats: &'a wgpu::Buffer,
 }
 
-/// Record the gradients of attention for `q`'s rows (dense, at positions `cache.len..`) with
-/// output gradient `dout` (laid out like `q`) over the layer's cache, whose positions
-/// `0..cache.len + q.rows` hold the prefix and the step's own keys and values.
+/// Record the gradients of attention for `q`'s rows (dense rows of every head, at positions
+/// `cache.len..`) with output gradient `dout` (laid out like `q`) over the layer's cache, whose
+/// positions `0..cache.len + q.rows` hold the prefix and the step's own keys and values. `q` may
+/// start at a later row of its buffer (one sequence of a pass holding several): the gradients
+/// and statistics go to the same rows of theirs.
 pub fn attention_backward(
     rec: &mut Recorder,
     ctx: &GpuContext,
@@ -51,16 +54,26 @@ pub fn attention_backward(
     q.same_shape("attention_backward", &dout)?;
     for (v, name) in [(&q, "q"), (&dout, "dout")] {
         v.check("attention_backward", name, 4)?;
-        if v.offset != 0 || v.stride != s.n_heads * s.head_dim || v.cols != v.stride {
+        if v.offset % v.stride.max(1) != 0 || v.stride != s.n_heads * s.head_dim || v.cols != v.stride {
             return Err(Error::Shape {
                 op: "attention_backward",
-                msg: format!("{name}: {v} must be dense rows of every head from float 0"),
+                msg: format!("{name}: {v} must be dense rows of every head from a row's start"),
             });
         }
     }
-    let n_tokens = q.rows;
+    if q.offset != dout.offset {
+        return Err(Error::Shape { op: "attention_backward", msg: format!("q {q} and dout {dout} start at different rows") });
+    }
+    let (n_tokens, row0) = (q.rows, q.offset / q.stride.max(1));
+    let kv_dim = s.n_kv_heads * s.head_dim;
+    for (buf, floats, name) in [(g.dq, q.cols, "dq"), (g.dk, kv_dim, "dk"), (g.dv, kv_dim, "dv"), (g.stats, 3 * s.n_heads, "stats")] {
+        if (((row0 + n_tokens) * floats) * 4) as u64 > buf.size() {
+            return Err(Error::Shape { op: "attention_backward", msg: format!("{name}: fewer than {} rows", row0 + n_tokens) });
+        }
+    }
     let p = Params {
         n_tokens: n_tokens as u32,
+        row0: row0 as u32,
         n_heads: s.n_heads as u32,
         n_kv_heads: s.n_kv_heads as u32,
         head_dim: s.head_dim as u32,

@@ -60,6 +60,87 @@ impl ForwardTrace {
     }
 }
 
+/// What a backward pass of `rows` rows writes besides the adapter's gradients: the traced
+/// activations and the activation gradients. Every buffer is written before it is read in a
+/// pass, except `dh` (zero on rows without a target), which each pass clears.
+struct BackwardBuffers {
+    trace: ForwardTrace,
+    dh: wgpu::Buffer,
+    dfin: wgpu::Buffer,
+    u: wgpu::Buffer,
+    du: wgpu::Buffer,
+    dtmp: wgpu::Buffer,
+    dg: wgpu::Buffer,
+    dx2: wgpu::Buffer,
+    datt: wgpu::Buffer,
+    dx1: wgpu::Buffer,
+    dq: wgpu::Buffer,
+    dqn: wgpu::Buffer,
+    dk: wgpu::Buffer,
+    dkn: wgpu::Buffer,
+    dv: wgpu::Buffer,
+    stats: wgpu::Buffer,
+}
+
+impl BackwardBuffers {
+    fn new(model: &Model, t: usize, max_rank: usize) -> Self {
+        let c = &model.config;
+        let f = |name: &str, floats: usize| storage_buffer_zeroed(&model.ctx, name, (t * floats).max(1) as u64 * 4);
+        let (d, q_dim, kv_dim) = (c.d_model, c.q_dim(), c.kv_dim());
+        Self {
+            trace: ForwardTrace::new(model, t),
+            dh: f("dh", d),
+            dfin: f("dfinal", d),
+            u: f("u", max_rank),
+            du: f("du", max_rank),
+            dtmp: f("dtmp", d),
+            dg: f("dg", c.ffn_dim),
+            dx2: f("dx2", d),
+            datt: f("datt", q_dim),
+            dx1: f("dx1", d),
+            dq: f("dq", q_dim),
+            dqn: f("dqn", q_dim),
+            dk: f("dk", kv_dim),
+            dkn: f("dkn", kv_dim),
+            dv: f("dv", kv_dim),
+            stats: f("stats", c.n_heads * 3),
+        }
+    }
+}
+
+/// The buffers of a training pass, kept from one pass to the next (grown when a pass holds more
+/// rows or target tokens): allocating them per example cost host time and, with new buffers,
+/// new bind groups for every dispatch.
+pub(super) struct TrainScratch {
+    /// Rows the backward buffers hold (0: none yet; a forward-only pass needs none).
+    rows: usize,
+    backward: Option<BackwardBuffers>,
+    max_rank: usize,
+    /// Target tokens the loss buffers hold.
+    logit_rows: usize,
+    targets: wgpu::Buffer,
+    loss: wgpu::Buffer,
+}
+
+impl TrainScratch {
+    /// Room for `n_t` target tokens, and with `backward` for `t` rows of the backward pass.
+    fn ensure<'s>(slot: &'s mut Option<Self>, model: &Model, t: usize, n_t: usize, backward: bool, max_rank: usize) -> &'s mut Self {
+        let fits = |s: &Self| s.logit_rows >= n_t && s.max_rank >= max_rank;
+        if slot.as_ref().is_none_or(|s| !fits(s)) {
+            let f = |name: &str| storage_buffer_zeroed(&model.ctx, name, (n_t.max(1) * 4) as u64);
+            *slot = Some(Self { rows: 0, backward: None, max_rank, logit_rows: n_t, targets: f("targets"), loss: f("loss") });
+        }
+        let s = slot.as_mut().expect("set above");
+        if backward && s.rows < t {
+            // The smaller buffers go before the larger ones are made.
+            s.backward = None;
+            s.backward = Some(BackwardBuffers::new(model, t, s.max_rank));
+            s.rows = t;
+        }
+        s
+    }
+}
+
 impl Tap for ForwardTrace {
     fn active(&self) -> bool {
         true
@@ -95,10 +176,11 @@ pub struct AdapterTraining {
 /// The frozen prefixes' KV caches kept from one training example to the next, under a memory
 /// budget: examples of a tool set share their prompt's beginning (system prompt, tool list,
 /// often the conversation), and a conversation comes back every epoch and at every validation.
-/// An example continues the kept prefix that shares the longest beginning with its own; only
-/// the positions after it are computed. One that shares only part of another's (another
-/// conversation after the same tool list) gets a copy of it, not its place, while the budget
-/// allows; beyond the budget the least recently used prefixes go.
+/// An example continues in place the kept prefix its own continues whole, or gets a copy of the
+/// one that shares a longer beginning with it (cut where they part); only the positions after it
+/// are computed. A kept prefix that another kept one continues is dropped (the longer one gives
+/// it back by a copy), so a conversation holds one cache, not one per example; beyond the budget
+/// the least recently used prefixes go.
 pub struct PrefixCache {
     /// Least recently used first.
     entries: Vec<KeptPrefix>,
@@ -148,38 +230,70 @@ impl PrefixCache {
         self.entries.len()
     }
 
-    /// A cache holding exactly `prefix` (base weights, no adapter), with room for `total`
-    /// positions.
-    fn prepare(&mut self, model: &Model, prefix: &[u32], total: usize) -> Result<&KvCache> {
+    /// Caches holding exactly the prefixes of `wants` (base weights, no adapter), each with room
+    /// for its total positions: one cache per example of a pass, never one cache for two. (The
+    /// prefixes are computed one after the other, so that one continuing another's conversation
+    /// copies its positions instead of computing them again: on a device where a pass costs what
+    /// its rows cost, that is what saves time.)
+    fn prepare(&mut self, model: &Model, wants: &[(&[u32], usize)]) -> Result<Vec<&KvCache>> {
+        self.drop_continued();
+        let mut taken: Vec<KeptPrefix> = Vec::with_capacity(wants.len());
+        for &(prefix, total) in wants {
+            let entry = self.take(model, prefix, total, &taken)?;
+            taken.push(entry);
+        }
+        let first = self.entries.len();
+        self.entries.extend(taken);
+        Ok(self.entries[first..].iter().map(|e| &e.kv).collect())
+    }
+
+    /// Drop every kept prefix that another kept one continues: a copy of the longer one gives it
+    /// back without computing (a conversation's examples are nested prefixes; keeping one per
+    /// example would crowd other conversations out of the budget).
+    fn drop_continued(&mut self) {
+        let continued = |e: &KeptPrefix, by: &KeptPrefix| by.tokens.len() > e.tokens.len() && by.tokens.starts_with(&e.tokens);
+        let drop: Vec<bool> = self.entries.iter().map(|e| self.entries.iter().any(|by| continued(e, by))).collect();
+        let mut drop = drop.into_iter();
+        self.entries.retain(|_| !drop.next().unwrap_or(false));
+    }
+
+    /// A cache for `prefix` with room for `total` positions, taken out of the kept ones: the kept
+    /// prefix it continues whole, unless a longer beginning is shared with another kept prefix or
+    /// one of the pass (`taken`), which is then copied and cut where they part; else an empty
+    /// cache. Then the positions after the shared part computed.
+    fn take(&mut self, model: &Model, prefix: &[u32], total: usize, taken: &[KeptPrefix]) -> Result<KeptPrefix> {
         let shared = |e: &KeptPrefix| e.tokens.iter().zip(prefix).take_while(|(a, b)| a == b).count();
-        // The longest shared beginning among the kept prefixes with room; the most recent on a tie.
-        let best = self.entries.iter().enumerate().filter(|(_, e)| e.kv.n_ctx() >= total).map(|(i, e)| (shared(e), i)).max();
-        let (common, i) = match best {
-            // All of it: the same conversation further on, continued in place.
-            Some((common, i)) if common == self.entries[i].tokens.len() => (common, i),
-            best => {
-                // Room in steps of 512 positions, so a slightly longer example does not reallocate.
-                let n_ctx = total.div_ceil(512) * 512;
-                let (common, kv) = match best {
+        let room = |e: &&KeptPrefix| e.kv.n_ctx() >= total;
+        // The longest kept prefix this one continues whole (the most recent on a tie), and the
+        // longest beginning shared with any.
+        let whole =
+            self.entries.iter().enumerate().filter(|(_, e)| room(e) && shared(e) == e.tokens.len()).map(|(i, e)| (e.tokens.len(), i)).max();
+        let longest = self.entries.iter().chain(taken).filter(room).map(shared).max().unwrap_or(0);
+        let mut entry = match whole {
+            // The same conversation further on, continued in place.
+            Some((common, i)) if common >= longest => self.entries.remove(i),
+            _ => {
+                let source = self.entries.iter().chain(taken).filter(room).rfind(|e| longest > 0 && shared(e) == longest);
+                let (common, kv) = match source {
                     // Part of another: a copy of its positions, cut where they part.
-                    Some((common, i)) if common > 0 => {
-                        let mut kv = self.entries[i].kv.fork(&model.ctx)?;
-                        kv.truncate(common);
-                        (common, kv)
+                    Some(e) => {
+                        let mut kv = e.kv.fork(&model.ctx)?;
+                        kv.truncate(longest);
+                        (longest, kv)
                     }
-                    _ => (0, model.new_cache(n_ctx)?),
+                    // Room in steps of 512 positions, so a slightly longer example does not reallocate.
+                    None => (0, model.new_cache(total.div_ceil(512) * 512)?),
                 };
                 let per_position = KvCache::bytes_per_position(&model.config);
                 let bytes = |entries: &[KeptPrefix]| entries.iter().map(|e| e.kv.n_ctx() as u64 * per_position).sum::<u64>();
-                while !self.entries.is_empty() && bytes(&self.entries) + n_ctx as u64 * per_position > self.budget {
+                while !self.entries.is_empty() && bytes(&self.entries) + bytes(taken) + kv.n_ctx() as u64 * per_position > self.budget {
                     self.entries.remove(0);
                 }
-                self.entries.push(KeptPrefix { kv, tokens: prefix[..common].to_vec() });
-                (common, self.entries.len() - 1)
+                KeptPrefix { kv, tokens: prefix[..common].to_vec() }
             }
         };
-        let mut entry = self.entries.remove(i);
         // Positions past the kept prefix hold an example's adapter rows: never reused.
+        let common = shared(&entry);
         entry.kv.truncate(common);
         entry.tokens.truncate(common);
         if common < prefix.len() {
@@ -188,8 +302,7 @@ impl PrefixCache {
         }
         self.reused += common;
         self.computed += prefix.len() - common;
-        self.entries.push(entry);
-        Ok(&self.entries.last().expect("pushed above").kv)
+        Ok(entry)
     }
 }
 
@@ -222,7 +335,73 @@ impl AdapterBuffers {
         targets: &[Range<usize>],
         adapter: ActiveAdapter,
     ) -> Result<f32> {
-        run_example(model, Some(self), prefix, tokens, from, targets, adapter)
+        Ok(self.add_gradients(model, prefix, &[ExampleRows { tokens, from, targets }], adapter)?[0])
+    }
+
+    /// [`add_gradient`](Self::add_gradient) of several examples, their gradients summed: their
+    /// active rows side by side in as few passes as fit (256 rows, each example against its own
+    /// prefix's cache), so each read of the base weights serves them all. Returns each
+    /// example's loss.
+    pub fn add_gradients(
+        &self,
+        model: &Model,
+        prefix: &mut PrefixCache,
+        examples: &[ExampleRows],
+        adapter: ActiveAdapter,
+    ) -> Result<Vec<f32>> {
+        run_examples(model, Some(self), prefix, examples, adapter)
+    }
+}
+
+/// One training example as a pass takes it: its tokens, the row from which the adapter is active
+/// (the frozen prefix before it runs forward only, cached), and the positions whose tokens are
+/// its targets (after `from`).
+#[derive(Debug, Clone, Copy)]
+pub struct ExampleRows<'a> {
+    /// The whole sequence.
+    pub tokens: &'a [u32],
+    /// The first row where the adapter is active.
+    pub from: usize,
+    /// Positions predicted and scored.
+    pub targets: &'a [Range<usize>],
+}
+
+impl ExampleRows<'_> {
+    /// The rows a pass computes for it (those after the prefix).
+    fn rows(&self) -> usize {
+        self.tokens.len().saturating_sub(self.from)
+    }
+
+    /// Its rows whose logits are targets, from its first active row: position p is predicted by
+    /// row p − 1 − from.
+    fn logit_rows(&self) -> Vec<(usize, usize)> {
+        self.targets.iter().filter(|r| !r.is_empty()).map(|r| (r.start - 1 - self.from, r.len())).collect()
+    }
+
+    /// Target tokens.
+    fn n_targets(&self) -> usize {
+        self.targets.iter().map(|r| r.len()).sum()
+    }
+
+    fn check(&self, max_rows: usize, logit_cap: usize) -> Result<()> {
+        let (t, n) = (self.rows(), self.tokens.len());
+        if t == 0 || t > max_rows {
+            return Err(Error::InvalidOption(format!("{t} rows after the activation point; a training example needs 1 to {max_rows}")));
+        }
+        if self.n_targets() == 0 || self.targets.iter().any(|r| r.start <= self.from || r.end > n) {
+            return Err(Error::InvalidOption(format!(
+                "targets {:?} must lie in {}..{n}, after the activation point",
+                self.targets,
+                self.from + 1
+            )));
+        }
+        if self.n_targets() > logit_cap {
+            return Err(Error::InvalidOption(format!(
+                "{} target tokens in one example; at most {logit_cap} fit one pass",
+                self.n_targets()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -236,84 +415,120 @@ pub fn example_loss(
     targets: &[Range<usize>],
     adapter: ActiveAdapter,
 ) -> Result<f32> {
-    run_example(model, None, prefix, tokens, from, targets, adapter)
+    Ok(example_losses(model, prefix, &[ExampleRows { tokens, from, targets }], adapter)?[0])
 }
 
-/// An example's loss, and with `grads` its gradient added into them.
-fn run_example(
+/// [`example_loss`] of several examples, in as few passes as fit.
+pub fn example_losses(model: &Model, prefix: &mut PrefixCache, examples: &[ExampleRows], adapter: ActiveAdapter) -> Result<Vec<f32>> {
+    run_examples(model, None, prefix, examples, adapter)
+}
+
+/// Each example's loss, and with `grads` their gradients added into them: consecutive examples
+/// packed into passes of at most a chunk's rows and a logit buffer's target tokens.
+fn run_examples(
     model: &Model,
     grads: Option<&AdapterBuffers>,
     prefix: &mut PrefixCache,
-    tokens: &[u32],
-    from: usize,
-    targets: &[Range<usize>],
+    examples: &[ExampleRows],
     adapter: ActiveAdapter,
-) -> Result<f32> {
+) -> Result<Vec<f32>> {
+    let logit_cap = model.logit_cap();
+    examples.iter().try_for_each(|e| e.check(model.max_batch, logit_cap))?;
+    let mut losses = Vec::with_capacity(examples.len());
+    let mut first = 0;
+    while first < examples.len() {
+        let (mut rows, mut n_t, mut end) = (0, 0, first);
+        while end < examples.len() && rows + examples[end].rows() <= model.max_batch && n_t + examples[end].n_targets() <= logit_cap {
+            (rows, n_t) = (rows + examples[end].rows(), n_t + examples[end].n_targets());
+            end += 1;
+        }
+        losses.extend(run_pass(model, grads, prefix, &examples[first..end], adapter)?);
+        first = end;
+    }
+    Ok(losses)
+}
+
+/// One pass over examples that fit it together: forward (traced with `grads`), the loss, and
+/// with `grads` the backward into them.
+fn run_pass(
+    model: &Model,
+    grads: Option<&AdapterBuffers>,
+    prefix: &mut PrefixCache,
+    examples: &[ExampleRows],
+    adapter: ActiveAdapter,
+) -> Result<Vec<f32>> {
     let (c, ctx) = (&model.config, &*model.ctx);
-    let t = tokens.len().saturating_sub(from);
-    if t == 0 || t > model.max_batch {
-        return Err(Error::InvalidOption(format!(
-            "{t} rows after the activation point; a training example needs 1 to {}",
-            model.max_batch
-        )));
-    }
-    let rows: Vec<usize> = targets.iter().flat_map(|r| r.clone()).collect();
-    if rows.is_empty() || rows.iter().any(|&p| p <= from || p >= tokens.len()) {
-        return Err(Error::InvalidOption(format!(
-            "targets {targets:?} must lie in {}..{}, after the activation point",
-            from + 1,
-            tokens.len()
-        )));
-    }
-    // Chunk rows whose logits are targets: position p is predicted by row p − 1 − from.
-    let logit_rows: Vec<(usize, usize)> = targets.iter().filter(|r| !r.is_empty()).map(|r| (r.start - 1 - from, r.len())).collect();
-    let n_t: usize = logit_rows.iter().map(|r| r.1).sum();
-    let kv = prefix.prepare(model, &tokens[..from], tokens.len())?;
+    let t: usize = examples.iter().map(|e| e.rows()).sum();
+    // Each example's first row in the pass, and the pass's rows whose logits are targets.
+    let row0: Vec<usize> = examples.iter().scan(0, |at, e| Some(std::mem::replace(at, *at + e.rows()))).collect();
+    let per_example: Vec<Vec<(usize, usize)>> =
+        examples.iter().zip(&row0).map(|(e, &r0)| e.logit_rows().into_iter().map(|(r, n)| (r0 + r, n)).collect()).collect();
+    let logit_rows: Vec<(usize, usize)> = per_example.concat();
+    let n_t: usize = examples.iter().map(|e| e.n_targets()).sum();
+    let wants: Vec<(&[u32], usize)> = examples.iter().map(|e| (&e.tokens[..e.from], e.tokens.len())).collect();
+    let kvs = prefix.prepare(model, &wants)?;
     let registry = model.registry()?;
     registry.check_resident(&[adapter])?;
-    let f = |name: &str, floats: usize| storage_buffer_zeroed(ctx, name, (floats.max(1) * 4) as u64);
     let (d, q_dim, kv_dim, ffn, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn_dim, c.head_dim);
-    let mut trace = grads.map(|_| ForwardTrace::new(model, t));
+    let max_rank = registry.limits().max_rank;
     let mut guard = model.scratch.lock().map_err(|_| Error::poisoned("scratch"))?;
-    let logit_cap = ((ctx.max_binding() as usize / (c.n_vocab * 4)).max(1)).min(model.max_batch);
-    if n_t > logit_cap {
-        return Err(Error::InvalidOption(format!("{n_t} target tokens in one example; at most {logit_cap} fit one pass")));
-    }
     if guard.as_ref().is_none_or(|s| s.tokens < t) {
-        *guard = Some(Scratch::new(model, t.max(model.max_batch), logit_cap, registry.limits().max_rank));
+        *guard = Some(Scratch::new(model, model.max_batch, model.logit_cap(), max_rank));
     }
     let s = guard.as_ref().expect("scratch allocated above");
-    upload(ctx, &s.ids, 0, &tokens[from..]);
+    let mut train_guard = model.train_scratch.lock().map_err(|_| Error::poisoned("training scratch"))?;
+    let ts = TrainScratch::ensure(&mut train_guard, model, t, n_t, grads.is_some(), max_rank);
+    let ids: Vec<u32> = examples.iter().flat_map(|e| e.tokens[e.from..].iter().copied()).collect();
+    upload(ctx, &s.ids, 0, &ids);
     upload(ctx, &s.row_slot, 0, &vec![0i32; t]);
     let active = [adapter];
     let lora = ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u, u_up: &s.lora_u_up };
     let mut rec = Recorder::new(ctx);
-    let segs = [Segment { kv, row0: 0, len: t }];
+    let segs: Vec<Segment> =
+        kvs.iter().zip(examples.iter().zip(&row0)).map(|(kv, (e, &row0))| Segment { kv, row0, len: e.rows() }).collect();
     let chunk = Chunk { s, segs: &segs, logit_rows: &logit_rows, lora: Some(&lora), tree: None };
+    let backward = ts.backward.as_mut().filter(|_| grads.is_some());
     let mut no_tap = NoTap;
-    let tap: &mut dyn Tap = match trace.as_mut() {
-        Some(trace) => trace,
+    let tap: &mut dyn Tap = match backward {
+        Some(b) => &mut b.trace,
         None => &mut no_tap,
     };
     model.record_chunk(&mut rec, &chunk, tap)?;
 
-    // Loss: the target rows' logits become their gradients (of the mean) in place.
-    let target_tokens: Vec<u32> = logit_rows.iter().flat_map(|&(r, n)| (r..r + n).map(|row| tokens[from + row + 1])).collect();
-    let (tok_b, loss_b) = (f("targets", n_t), f("loss", n_t));
-    upload(ctx, &tok_b, 0, &target_tokens);
+    // Loss: the target rows' logits become their gradients (of each example's mean) in place.
+    let target_tokens: Vec<u32> = examples.iter().flat_map(|e| e.targets.iter().flat_map(|r| r.clone()).map(|p| e.tokens[p])).collect();
+    upload(ctx, &ts.targets, 0, &target_tokens);
     let logits = View::new(&s.logits, n_t, c.n_vocab);
-    cross_entropy(&mut rec, ctx, logits, &tok_b, &loss_b, 1.0 / n_t as f32)?;
-    let (Some(grads), Some(trace)) = (grads, trace) else {
+    let mut packed = 0;
+    for e in examples {
+        let n = e.n_targets();
+        cross_entropy(&mut rec, ctx, logits.rows(packed, n), &ts.targets, &ts.loss, 1.0 / n as f32)?;
+        packed += n;
+    }
+    let per_example_loss = |rec: Recorder| -> Result<Vec<f32>> {
         rec.submit();
-        return Ok(read_f32(ctx, &loss_b, 0, n_t)?.iter().sum::<f32>() / n_t as f32);
+        let losses = read_f32(ctx, &ts.loss, 0, n_t)?;
+        let mut at = 0;
+        Ok(examples
+            .iter()
+            .map(|e| {
+                let n = e.n_targets();
+                at += n;
+                losses[at - n..at].iter().sum::<f32>() / n as f32
+            })
+            .collect())
     };
+    let (Some(grads), Some(b)) = (grads, ts.backward.as_ref()) else {
+        return per_example_loss(rec);
+    };
+    let trace = &b.trace;
 
     // Back through the output projection and final norm into dh (zero on non-target rows).
-    let (dh, dfin) = (f("dh", t * d), f("dfinal", t * d));
+    upload(ctx, &b.dh, 0, &vec![0f32; t * d]);
     let out_norm = RmsNorm { w: &model.weights.out_norm, eps: c.norm_eps };
     let mut packed = 0;
     for &(r, n) in &logit_rows {
-        let dfin_rows = View::new(&dfin, t, d).rows(r, n);
+        let dfin_rows = View::new(&b.dfin, t, d).rows(r, n);
         matmul_t(&mut rec, ctx, model.weights.output(), logits.rows(packed, n), dfin_rows, false)?;
         rms_norm_backward(
             &mut rec,
@@ -321,15 +536,13 @@ fn run_example(
             out_norm,
             View::new(&trace.h_final, t, d).rows(r, n),
             dfin_rows,
-            View::new(&dh, t, d).rows(r, n),
+            View::new(&b.dh, t, d).rows(r, n),
             false,
         )?;
         packed += n;
     }
 
     let (a_pack, b_pack) = registry.packs();
-    let max_rank = registry.limits().max_rank;
-    let (u, du) = (f("u", t * max_rank), f("du", t * max_rank));
     // Through one frozen projection `y = W·x` (+ the adapter where it targets (l, p)): dx, and
     // the adapter's dA and dB.
     let back = |rec: &mut Recorder,
@@ -346,7 +559,7 @@ fn run_example(
         let Some((slots, rank)) = registry.slots(l, p, &active) else { return Ok(()) };
         let slot = slots[0];
         // u = A·x again (cheaper to recompute at rank r than to keep).
-        let lora = LoraIo { a_pack, b_pack, row_slot: &s.row_slot, u: &u, max_rank: rank, slots: &slots, u_splits: None };
+        let lora = LoraIo { a_pack, b_pack, row_slot: &s.row_slot, u: &b.u, max_rank: rank, slots: &slots, u_splits: None };
         lora_shrink(rec, ctx, &MatmulIo { lora: Some(lora), ..MatmulIo::new(x, dx) })?;
         let matrix = |buf, offset, rows, cols| View { offset, ..View::new(buf, rows, cols) };
         let io = LoraBackward {
@@ -355,8 +568,8 @@ fn run_example(
             dx,
             a: matrix(a_pack, slot.a_offset, rank, k),
             b: matrix(b_pack, slot.b_offset, n, rank),
-            u: &u,
-            du: &du,
+            u: &b.u,
+            du: &b.du,
             da: matrix(&grads.a, slot.a_offset, rank, k),
             db: matrix(&grads.b, slot.b_offset, n, rank),
             scale: slot.scale,
@@ -364,15 +577,6 @@ fn run_example(
         };
         lora_backward(rec, ctx, &io)
     };
-    let (dtmp, dg, dx2, datt, dx1) = (f("dtmp", t * d), f("dg", t * ffn), f("dx2", t * d), f("datt", t * q_dim), f("dx1", t * d));
-    let (dq, dqn, dk, dkn, dv, stats) = (
-        f("dq", t * q_dim),
-        f("dqn", t * q_dim),
-        f("dk", t * kv_dim),
-        f("dkn", t * kv_dim),
-        f("dv", t * kv_dim),
-        f("stats", t * c.n_heads * 3),
-    );
     let norm_back = |rec: &mut Recorder, w: &wgpu::Buffer, xs: [&wgpu::Buffer; 3], rows: usize, n: usize, accumulate: bool| {
         norm_backward(rec, model, RmsNorm { w, eps: c.norm_eps }, xs, (rows, n), accumulate)
     };
@@ -380,46 +584,47 @@ fn run_example(
     // its pre-norm output `x`.
     let post_norm_back = |rec: &mut Recorder, norm: Option<&wgpu::Buffer>, x: &wgpu::Buffer| -> Result<&wgpu::Buffer> {
         match norm {
-            Some(pn) => norm_back(rec, pn, [x, &dh, &dtmp], t, d, false).map(|_| &dtmp),
-            None => Ok(&dh),
+            Some(pn) => norm_back(rec, pn, [x, &b.dh, &b.dtmp], t, d, false).map(|_| &b.dtmp),
+            None => Ok(&b.dh),
         }
     };
     for (l, lw) in model.weights.layers.iter().enumerate().rev() {
         let tr = |act| trace.get(l, act);
         // Feed-forward block.
         let dy = post_norm_back(&mut rec, lw.post_ffn_norm.as_ref(), tr(Act::YPre))?;
-        back(&mut rec, (l, Proj::Down), &lw.w_down, tr(Act::G), dy, &dg, false)?;
-        glu_backward(&mut rec, ctx, c.act, tr(Act::Gate), tr(Act::Up), &dg, t * ffn)?;
-        back(&mut rec, (l, Proj::Gate), &lw.w_gate, tr(Act::X2), tr(Act::Gate), &dx2, false)?;
-        back(&mut rec, (l, Proj::Up), &lw.w_up, tr(Act::X2), tr(Act::Up), &dx2, true)?;
-        norm_back(&mut rec, &lw.ffn_norm, [tr(Act::HMid), &dx2, &dh], t, d, true)?;
-        // Attention block.
+        back(&mut rec, (l, Proj::Down), &lw.w_down, tr(Act::G), dy, &b.dg, false)?;
+        glu_backward(&mut rec, ctx, c.act, tr(Act::Gate), tr(Act::Up), &b.dg, t * ffn)?;
+        back(&mut rec, (l, Proj::Gate), &lw.w_gate, tr(Act::X2), tr(Act::Gate), &b.dx2, false)?;
+        back(&mut rec, (l, Proj::Up), &lw.w_up, tr(Act::X2), tr(Act::Up), &b.dx2, true)?;
+        norm_back(&mut rec, &lw.ffn_norm, [tr(Act::HMid), &b.dx2, &b.dh], t, d, true)?;
+        // Attention block: each example against its own cache, its rows rotated from its place.
         let dy = post_norm_back(&mut rec, lw.post_attn_norm.as_ref(), tr(Act::OPre))?;
-        back(&mut rec, (l, Proj::O), &lw.wo, tr(Act::Att), dy, &datt, false)?;
+        back(&mut rec, (l, Proj::O), &lw.wo, tr(Act::Att), dy, &b.datt, false)?;
         let shape =
             AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, window: c.layer_window(l), scale: c.attn_scale };
-        let grads = AttentionGrads { dq: &dq, dk: &dk, dv: &dv, stats: &stats };
-        attention_backward(&mut rec, ctx, &shape, View::new(tr(Act::Q), t, q_dim), kv.layer(l)?, View::new(&datt, t, q_dim), grads)?;
-        let rp = c.layer_rope(l, kv.n_ctx());
-        let op = RopeOp { rope: &rp, factors: model.weights.rope_factors_in(c, kv.n_ctx()) };
-        rope_backward(&mut rec, ctx, op, View::new(&dq, t, q_dim), hd, from)?;
-        rope_backward(&mut rec, ctx, op, View::new(&dk, t, kv_dim), hd, from)?;
+        for ((e, &r0), kv) in examples.iter().zip(&row0).zip(&kvs) {
+            let rows = |buf, cols| View::new(buf, t, cols).rows(r0, e.rows());
+            let grads = AttentionGrads { dq: &b.dq, dk: &b.dk, dv: &b.dv, stats: &b.stats };
+            attention_backward(&mut rec, ctx, &shape, rows(tr(Act::Q), q_dim), kv.layer(l)?, rows(&b.datt, q_dim), grads)?;
+            let rp = c.layer_rope(l, kv.n_ctx());
+            let op = RopeOp { rope: &rp, factors: model.weights.rope_factors_in(c, kv.n_ctx()) };
+            rope_backward(&mut rec, ctx, op, rows(&b.dq, q_dim), hd, e.from)?;
+            rope_backward(&mut rec, ctx, op, rows(&b.dk, kv_dim), hd, e.from)?;
+        }
         let (dq, dk) = match &lw.qk_norm {
             Some([qn, kn]) => {
-                norm_back(&mut rec, qn, [tr(Act::QPre), &dq, &dqn], t * c.n_heads, hd, false)?;
-                norm_back(&mut rec, kn, [tr(Act::KPre), &dk, &dkn], t * c.n_kv_heads, hd, false)?;
-                (&dqn, &dkn)
+                norm_back(&mut rec, qn, [tr(Act::QPre), &b.dq, &b.dqn], t * c.n_heads, hd, false)?;
+                norm_back(&mut rec, kn, [tr(Act::KPre), &b.dk, &b.dkn], t * c.n_kv_heads, hd, false)?;
+                (&b.dqn, &b.dkn)
             }
-            None => (&dq, &dk),
+            None => (&b.dq, &b.dk),
         };
-        back(&mut rec, (l, Proj::Q), &lw.wq, tr(Act::X1), dq, &dx1, false)?;
-        back(&mut rec, (l, Proj::K), &lw.wk, tr(Act::X1), dk, &dx1, true)?;
-        back(&mut rec, (l, Proj::V), &lw.wv, tr(Act::X1), &dv, &dx1, true)?;
-        norm_back(&mut rec, &lw.attn_norm, [tr(Act::HIn), &dx1, &dh], t, d, true)?;
+        back(&mut rec, (l, Proj::Q), &lw.wq, tr(Act::X1), dq, &b.dx1, false)?;
+        back(&mut rec, (l, Proj::K), &lw.wk, tr(Act::X1), dk, &b.dx1, true)?;
+        back(&mut rec, (l, Proj::V), &lw.wv, tr(Act::X1), &b.dv, &b.dx1, true)?;
+        norm_back(&mut rec, &lw.attn_norm, [tr(Act::HIn), &b.dx1, &b.dh], t, d, true)?;
     }
-    rec.submit();
-    let losses = read_f32(ctx, &loss_b, 0, n_t)?;
-    Ok(losses.iter().sum::<f32>() / n_t as f32)
+    per_example_loss(rec)
 }
 
 /// Through an RMSNorm of `rows` rows of `n` from float 0: `[x, dy, dx]` are its input, its

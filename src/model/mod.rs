@@ -14,7 +14,7 @@ mod qwen2;
 mod qwen3;
 mod weights;
 
-pub use backward::{example_loss, AdapterBuffers, AdapterTraining, PrefixCache, DEFAULT_PREFIX_CACHE_BYTES};
+pub use backward::{example_loss, example_losses, AdapterBuffers, AdapterTraining, ExampleRows, PrefixCache, DEFAULT_PREFIX_CACHE_BYTES};
 pub use weights::{LayerWeights, Weights};
 
 use crate::error::{Error, Result};
@@ -149,6 +149,8 @@ pub struct Model {
     path: PathBuf,
     max_batch: usize,
     scratch: Mutex<Option<Scratch>>,
+    /// A training pass's buffers besides the forward's (made on the first one).
+    train_scratch: Mutex<Option<backward::TrainScratch>>,
     adapters: RwLock<AdapterRegistry>,
     lora_mode: LoraMode,
 }
@@ -172,6 +174,7 @@ impl Model {
             path: file.path().to_path_buf(),
             max_batch: DEFAULT_MAX_BATCH,
             scratch: Mutex::new(None),
+            train_scratch: Mutex::new(None),
             adapters,
             lora_mode: LoraMode::from_env(),
         })

@@ -5,6 +5,7 @@
 
 use super::data::{split, DataReport, DropKind, Trajectory};
 use crate::error::Result;
+use crate::model::ExampleRows;
 use crate::text::ChatMessage;
 use crate::toolcall::{AssistantTurn, ToolCaller, FINISH};
 use serde_json::Value;
@@ -39,6 +40,11 @@ pub struct Example {
 }
 
 impl Example {
+    /// Its rows as a training pass takes them.
+    pub fn rows(&self) -> ExampleRows<'_> {
+        ExampleRows { tokens: &self.tokens, from: self.active_from, targets: &self.targets }
+    }
+
     /// Number of target tokens.
     pub fn n_targets(&self) -> usize {
         self.targets.iter().map(|r| r.len()).sum()

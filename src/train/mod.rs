@@ -9,8 +9,9 @@
 //! - [`synth`]: conversations made offline from a tool set's seed file and the real results of
 //!   its MCP server, in the format [`data`] reads;
 //! - [`optim`]: AdamW with warmup and cosine decay;
-//! - [`trainer`]: one adapter trained on the GPU (`AdapterBuffers::add_gradient`: the frozen prefix
-//!   forward only, forward and backward only where the adapter is active).
+//! - [`trainer`]: one adapter trained on the GPU (`AdapterBuffers::add_gradients`: the frozen prefix
+//!   forward only, forward and backward only where the adapter is active, a step's examples side
+//!   by side in one pass).
 
 pub mod data;
 pub mod examples;

@@ -5,7 +5,7 @@ use super::{AdamW, Example, Schedule};
 use crate::decode::SplitMix64;
 use crate::error::{Error, Result};
 use crate::lora::{ActiveAdapter, AdapterId, LoraAdapter, LoraWeights, Proj};
-use crate::model::{example_loss, AdapterTraining, Model, PrefixCache};
+use crate::model::{example_losses, AdapterTraining, Model, PrefixCache};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -180,23 +180,21 @@ fn run(
         if val.is_empty() {
             return Ok(None);
         }
-        let mut sum = 0.0;
-        for e in val {
-            sum += example_loss(model, prefix, &e.tokens, e.active_from, &e.targets, adapter)?;
-        }
-        Ok(Some(sum / val.len() as f32))
+        let losses = example_losses(model, prefix, &val.iter().map(Example::rows).collect::<Vec<_>>(), adapter)?;
+        Ok(Some(losses.iter().sum::<f32>() / val.len() as f32))
     };
     let last = opts.stop_after.map_or(opts.steps, |s| s.min(opts.steps));
     for step in first..=last {
-        let mut loss = 0.0;
+        let mut batch = Vec::with_capacity(opts.batch.max(1));
         for _ in 0..opts.batch.max(1) {
             if order.is_empty() {
                 order = epoch_order(train, &mut rng);
             }
-            let e = &train[order.pop().expect("refilled above")];
-            loss += buffers.grads.add_gradient(model, prefix, &e.tokens, e.active_from, &e.targets, adapter)?;
-            seen += 1;
+            batch.push(train[order.pop().expect("refilled above")].rows());
         }
+        // The step's examples side by side in as few passes as fit.
+        let loss: f32 = buffers.grads.add_gradients(model, prefix, &batch, adapter)?.iter().sum();
+        seen += batch.len();
         buffers.step(model, id, &opts.optimizer, step, schedule.lr(step))?;
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last {
             let v0 = Instant::now();

@@ -82,8 +82,9 @@ pub struct Args {
     /// How the exported weights are stored: f16 (half the size) or f32.
     #[arg(long, value_enum, default_value_t = Dtype::F16)]
     dtype: Dtype,
-    /// Time each adapter's second optimizer step on the GPU (its examples' forward and backward
-    /// passes and the AdamW update; the first step also compiles kernels) and print where it goes:
+    /// Time each adapter's last optimizer step on the GPU (its examples' forward and backward
+    /// passes and the AdamW update; the first step also compiles kernels, a late one shows the
+    /// steady state of a run of several epochs) and print where it goes:
     /// by kernel, and by phase — forward, backward, optimizer, and host (what the GPU did not
     /// account for). Training goes on as usual.
     #[arg(long)]
@@ -208,7 +209,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         let opts = TrainOptions { checkpoint, stop_after: a.stop_after, init, ..opts.clone() };
         let mut progress = crate::progress::ProgressLine::new(opts.steps);
         let mut examples_per_s = 0.0;
-        let mut profiled = StepProfile::new(a.profile && opts.steps >= 2);
+        let mut profiled = StepProfile::new(a.profile && opts.steps >= 2, opts.steps);
         let (adapter, eval) = train_adapter_with(&eng.model, &name, examples, &held_out, &opts, &mut prefixes, |p| {
             profiled.after_step(&eng, &name, p.step, opts.batch);
             let validated = a.eval_every > 0 && p.step % a.eval_every == 0;
@@ -281,26 +282,29 @@ fn speed(examples_per_s: f64) -> String {
     }
 }
 
-/// `--profile`: the GPU's kernels during one optimizer step (the second: the first also compiles
-/// kernels), between two progress reports.
+/// `--profile`: the GPU's kernels during one optimizer step (the last: the first also compiles
+/// kernels, and a later one shows the steady state, prefixes kept where epochs repeat), between
+/// two progress reports.
 struct StepProfile {
     /// Whether the step is still to be timed.
     wanted: bool,
+    /// The step timed.
+    step: u64,
     started: Option<std::time::Instant>,
 }
 
 impl StepProfile {
-    fn new(wanted: bool) -> Self {
-        Self { wanted, started: None }
+    fn new(wanted: bool, steps: u64) -> Self {
+        Self { wanted, step: steps, started: None }
     }
 
-    /// Called after each step: starts timing after the first, prints after the second.
+    /// Called after each step: starts timing after the one before the timed step, prints after it.
     fn after_step(&mut self, eng: &Engine, name: &str, step: u64, batch: usize) {
         if !self.wanted {
             return;
         }
         match self.started.take() {
-            None if step == 1 => match eng.ctx.start_profiling() {
+            None if step + 1 == self.step => match eng.ctx.start_profiling() {
                 Ok(()) => self.started = Some(std::time::Instant::now()),
                 Err(e) => {
                     eprintln!("[{name}] --profile: {e}");
