@@ -449,10 +449,9 @@ fn toy_task_is_learned_to_near_zero_loss() {
 /// accumulates over examples.
 #[test]
 fn gpu_adapter_gradient_matches_the_reference() {
-    use agentflux::gguf::{BlockFormat, GgufFile};
+    use agentflux::gguf::BlockFormat;
     use agentflux::lora::{ActiveAdapter, Proj};
-    use agentflux::model::Model;
-    use agentflux::reference::{random_adapter, tiny_model, ReferenceAdapter, ReferenceModel, TinyModelSpec};
+    use agentflux::reference::{random_adapter, ReferenceAdapter, TinyModelSpec};
     let mut r = rng("gpu-grads");
     for (arch, format) in [
         ("llama", BlockFormat::F32),
@@ -467,12 +466,7 @@ fn gpu_adapter_gradient_matches_the_reference() {
         spec.rope_factors = arch == "llama" && format == BlockFormat::Q8_0;
         // LongRoPE's long factors: the 11 tokens (and the trainer's cache) exceed a context of 8.
         spec.long_rope = (arch == "phi3").then_some(8);
-        let path = std::env::temp_dir().join(format!("agentflux-gpugrad-{arch}-{format:?}-{}.gguf", std::process::id()));
-        std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
-        let file = GgufFile::open(&path).unwrap();
-        let reference = ReferenceModel::from_gguf(&file).unwrap();
-        let model = Model::load(common::ctx(), &file).unwrap();
-        std::fs::remove_file(&path).ok();
+        let (reference, model) = tiny_models(&spec, &mut r, &format!("gpugrad-{arch}-{format:?}"));
         let c = model.config.clone();
         let adapter = random_adapter(&mut r, &c, 4, &Proj::ALL, 0.2);
         let id = model.add_adapter("trained", &adapter).unwrap();
@@ -539,19 +533,14 @@ fn gpu_adapter_gradient_matches_the_reference() {
 /// active part of its own.
 #[test]
 fn examples_side_by_side_add_the_references_gradients() {
-    use agentflux::gguf::{BlockFormat, GgufFile};
+    use agentflux::gguf::BlockFormat;
     use agentflux::lora::{ActiveAdapter, Proj};
-    use agentflux::model::{ExampleRows, Model};
-    use agentflux::reference::{random_adapter, tiny_model, ReferenceAdapter, ReferenceModel, TinyModelSpec};
+    use agentflux::model::ExampleRows;
+    use agentflux::reference::{random_adapter, ReferenceAdapter, TinyModelSpec};
     let mut r = rng("gpu-grads-batched");
     for (arch, format) in [("llama", BlockFormat::Q8_0), ("gemma3", BlockFormat::F16)] {
         let spec = TinyModelSpec::new(arch, format);
-        let path = std::env::temp_dir().join(format!("agentflux-batchgrad-{arch}-{}.gguf", std::process::id()));
-        std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
-        let file = GgufFile::open(&path).unwrap();
-        let reference = ReferenceModel::from_gguf(&file).unwrap();
-        let model = Model::load(common::ctx(), &file).unwrap();
-        std::fs::remove_file(&path).ok();
+        let (reference, model) = tiny_models(&spec, &mut r, &format!("batchgrad-{arch}"));
         let c = model.config.clone();
         let adapter = random_adapter(&mut r, &c, 4, &Proj::ALL, 0.2);
         let id = model.add_adapter("trained", &adapter).unwrap();
@@ -773,13 +762,23 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
 
 /// A tiny random llama model with Q8_0 weights, loaded on the test device.
 fn tiny_q8_model(r: &mut agentflux::decode::SplitMix64, tag: &str) -> agentflux::model::Model {
-    use agentflux::gguf::{BlockFormat, GgufFile};
-    use agentflux::reference::{tiny_model, TinyModelSpec};
+    tiny_models(&agentflux::reference::TinyModelSpec::new("llama", agentflux::gguf::BlockFormat::Q8_0), r, tag).1
+}
+
+/// A tiny random model of `spec`, as the f32 reference and as the engine loads it.
+fn tiny_models(
+    spec: &agentflux::reference::TinyModelSpec,
+    r: &mut agentflux::decode::SplitMix64,
+    tag: &str,
+) -> (agentflux::reference::ReferenceModel, agentflux::model::Model) {
+    use agentflux::gguf::GgufFile;
     let path = std::env::temp_dir().join(format!("agentflux-{tag}-{}.gguf", std::process::id()));
-    std::fs::write(&path, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q8_0), r.next_u64())).unwrap();
-    let model = agentflux::model::Model::load(common::ctx(), &GgufFile::open(&path).unwrap()).unwrap();
+    std::fs::write(&path, agentflux::reference::tiny_model(spec, r.next_u64())).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let models =
+        (agentflux::reference::ReferenceModel::from_gguf(&file).unwrap(), agentflux::model::Model::load(common::ctx(), &file).unwrap());
     std::fs::remove_file(&path).ok();
-    model
+    models
 }
 
 /// A run interrupted after step 2 and resumed from its checkpoint ends with exactly the weights

@@ -349,7 +349,7 @@ impl AdapterBuffers {
         examples: &[ExampleRows],
         adapter: ActiveAdapter,
     ) -> Result<Vec<f32>> {
-        run_examples(model, Some(self), prefix, examples, adapter)
+        run_examples(&Job { model, grads: Some(self), adapter }, prefix, examples)
     }
 }
 
@@ -420,18 +420,20 @@ pub fn example_loss(
 
 /// [`example_loss`] of several examples, in as few passes as fit.
 pub fn example_losses(model: &Model, prefix: &mut PrefixCache, examples: &[ExampleRows], adapter: ActiveAdapter) -> Result<Vec<f32>> {
-    run_examples(model, None, prefix, examples, adapter)
+    run_examples(&Job { model, grads: None, adapter }, prefix, examples)
+}
+
+/// What passes over examples compute: losses under `adapter`, and with `grads` its gradients.
+struct Job<'a> {
+    model: &'a Model,
+    grads: Option<&'a AdapterBuffers>,
+    adapter: ActiveAdapter,
 }
 
 /// Each example's loss, and with `grads` their gradients added into them: consecutive examples
 /// packed into passes of at most a chunk's rows and a logit buffer's target tokens.
-fn run_examples(
-    model: &Model,
-    grads: Option<&AdapterBuffers>,
-    prefix: &mut PrefixCache,
-    examples: &[ExampleRows],
-    adapter: ActiveAdapter,
-) -> Result<Vec<f32>> {
+fn run_examples(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Result<Vec<f32>> {
+    let model = job.model;
     let logit_cap = model.logit_cap();
     examples.iter().try_for_each(|e| e.check(model.max_batch, logit_cap))?;
     let mut losses = Vec::with_capacity(examples.len());
@@ -442,7 +444,7 @@ fn run_examples(
             (rows, n_t) = (rows + examples[end].rows(), n_t + examples[end].n_targets());
             end += 1;
         }
-        losses.extend(run_pass(model, grads, prefix, &examples[first..end], adapter)?);
+        losses.extend(run_pass(job, prefix, &examples[first..end])?);
         first = end;
     }
     Ok(losses)
@@ -450,13 +452,8 @@ fn run_examples(
 
 /// One pass over examples that fit it together: forward (traced with `grads`), the loss, and
 /// with `grads` the backward into them.
-fn run_pass(
-    model: &Model,
-    grads: Option<&AdapterBuffers>,
-    prefix: &mut PrefixCache,
-    examples: &[ExampleRows],
-    adapter: ActiveAdapter,
-) -> Result<Vec<f32>> {
+fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Result<Vec<f32>> {
+    let &Job { model, grads, adapter } = job;
     let (c, ctx) = (&model.config, &*model.ctx);
     let t: usize = examples.iter().map(|e| e.rows()).sum();
     // Each example's first row in the pass, and the pass's rows whose logits are targets.
