@@ -6,6 +6,7 @@ mod common;
 
 use agentflux::decode::SplitMix64;
 use agentflux::mcp::{McpClient, ServerOptions};
+use agentflux::model::{Logits, Sequence};
 use agentflux::session::Session;
 use agentflux::text::{ChatMessage, ChatTemplate, Tokenizer};
 use agentflux::toolcall::{
@@ -346,7 +347,7 @@ fn two_stage_call_on_the_real_filesystem_server() {
     // is still computed with the base weights and reused.
     let set = root.join("adapters");
     let c = model.config.clone();
-    for (dir, rank) in [("selector", 4), ("args_read", 2)] {
+    for (dir, rank) in [("selector", 4), ("args_read", 2), ("answer", 2)] {
         agentflux::reference::random_adapter(&mut r, &c, rank, &agentflux::lora::Proj::ALL, 0.05).save_peft(set.join(dir), &c).unwrap();
     }
     let manifest = |base: &str| Manifest {
@@ -354,6 +355,7 @@ fn two_stage_call_on_the_real_filesystem_server() {
         selector: Some("selector".into()),
         arguments: [("read_text_file".to_string(), "args_read".to_string())].into(),
         tools: Vec::new(),
+        answer: Some("answer".into()),
     };
     manifest("another-model.gguf").write(&set).unwrap();
     let err = AdapterSet::load(&model, &set).unwrap_err().to_string();
@@ -372,6 +374,28 @@ fn two_stage_call_on_the_real_filesystem_server() {
     let cue = tok.encode(agentflux::toolcall::SELECT_CUE, false).unwrap().len();
     assert!(adapted.stats.session.recomputed <= cue, "{:?}", adapted.stats);
     assert!(adapted.stats.session.prefilled < 2 * adapted.stats.prefix_tokens, "{:?}", adapted.stats);
+    // The answer adapter writes the answer, applied from the choice cue on: the tokens of
+    // greedy decoding over the model itself with the adapter from that position.
+    let opts = agentflux::decode::GenerateOptions::greedy(6, &tok);
+    let mut got = Vec::new();
+    caller.answer(&mut Session::new(&model, 2048).unwrap(), &catalog, &messages, adapters.answer, &opts, |t| got.push(t)).unwrap();
+    let from = caller.prefix_tokens(&catalog, &messages).unwrap().len();
+    let first_logits = |adapter| {
+        let mut kv = model.new_cache(2048).unwrap();
+        let prompt = caller.answer_prompt(&catalog, &messages).unwrap();
+        model.forward_seqs(&mut [Sequence::adapted(&mut kv, &prompt, adapter, from)], Logits::Last).unwrap()
+    };
+    let (adapted, base) = (first_logits(adapters.answer), first_logits(None));
+    assert!(adapted.iter().zip(&base).any(|(a, b)| (a - b).abs() > 1e-3), "the answer adapter changes nothing");
+    let mut kv = model.new_cache(2048).unwrap();
+    let (mut feed, mut adapter_from, mut want) = (caller.answer_prompt(&catalog, &messages).unwrap(), from, Vec::new());
+    while want.len() < got.len() {
+        let logits = model.forward_seqs(&mut [Sequence::adapted(&mut kv, &feed, adapters.answer, adapter_from)], Logits::Last).unwrap();
+        want.push(agentflux::reference::argmax(&logits) as u32);
+        (feed, adapter_from) = (vec![*want.last().unwrap()], 0);
+    }
+    assert!(!got.is_empty());
+    assert_eq!(got, want);
     drop(server);
     std::fs::remove_dir_all(&root).ok();
 }

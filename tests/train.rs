@@ -63,7 +63,14 @@ fn examples_are_the_prompts_inference_builds() {
     let args = |t: &str| AdapterRole::Arguments(t.into());
     assert_eq!(
         roles,
-        [&AdapterRole::Selector, &args("read_text_file"), &AdapterRole::Selector, &args("edit_file"), &AdapterRole::Selector]
+        [
+            &AdapterRole::Selector,
+            &args("read_text_file"),
+            &AdapterRole::Selector,
+            &args("edit_file"),
+            &AdapterRole::Selector,
+            &AdapterRole::Answer
+        ]
     );
 
     // The masks cover the names the selector writes and the arguments' JSON, nothing else.
@@ -82,10 +89,25 @@ fn examples_are_the_prompts_inference_builds() {
     }
     // The selector's example is the argument example's beginning: one layout for both.
     assert_eq!(examples[1].tokens[..examples[0].tokens.len()], examples[0].tokens[..]);
+    // The answer adapter learns the final answer and the end of the turn, nothing else; it is
+    // activated where the selector is, and the selector's `finish` example is its beginning.
+    let answer = &examples[5];
+    let span = answer.targets[0].clone();
+    assert_eq!((answer.targets.len(), span.end), (1, answer.tokens.len()));
+    assert_eq!(tok.decode(&answer.tokens[span.start..span.end - 1], false).unwrap(), "Fixed: it now says 'buy milk'.");
+    assert!(tok.is_stop(answer.tokens[span.end - 1]));
+    assert_eq!(answer.active_from, examples[4].active_from);
+    assert_eq!(answer.tokens[..examples[4].tokens.len()], examples[4].tokens[..]);
+    // What the answer continues is what inference feeds before it writes one.
+    let before_answer: Vec<ChatMessage> = trajectories[0].turns().last().unwrap().0.iter().map(|m| m.chat.clone()).collect();
+    let mut session = Session::new(&model, 4096).unwrap();
+    let one = agentflux::decode::GenerateOptions::greedy(1, &tok);
+    caller.answer(&mut session, &trajectories[0].catalog, &before_answer, None, &one, |_| {}).unwrap();
+    assert_eq!(session.tokens()[..span.start], answer.tokens[..span.start]);
 
     // The argument targets are exactly what the schema constraint lets the decoder write.
     let factory = ConstraintFactory::new(tok.clone()).unwrap();
-    for e in examples.iter().filter(|e| e.role != AdapterRole::Selector) {
+    for e in examples.iter().filter(|e| matches!(e.role, AdapterRole::Arguments(_))) {
         let AdapterRole::Arguments(name) = &e.role else { unreachable!() };
         let schema = &fs_tools.iter().find(|t| &t.name == name).unwrap().input_schema;
         let mut c = factory.json(schema).unwrap();
@@ -108,7 +130,7 @@ fn examples_are_the_prompts_inference_builds() {
         ts[0].catalog = catalog.clone();
         let examples = decoupled_examples(&caller, &ts, 4096, &mut report).unwrap();
         let turns: Vec<_> = ts[0].turns().collect();
-        let arg_examples = examples.iter().filter(|e| e.role != AdapterRole::Selector);
+        let arg_examples = examples.iter().filter(|e| matches!(e.role, AdapterRole::Arguments(_)));
         for (e, (before, _)) in arg_examples.zip(turns.iter().filter(|(_, t)| matches!(t, agentflux::toolcall::AssistantTurn::Call { .. })))
         {
             let AdapterRole::Arguments(name) = &e.role else { unreachable!() };
@@ -189,15 +211,17 @@ fn data_check_reports_and_splits() {
     assert!(out.contains("22 lines read, 20 kept, 2 dropped"), "{out}");
     assert!(out.contains("line 21: read_text_file: $: the required key \"path\" is missing") && out.contains("NotJson: 1"), "{out}");
     assert!(out.contains("selector: 40 examples") && out.contains("arguments of read_text_file: 20 examples"), "{out}");
+    assert!(out.contains("answer: 20 examples"), "{out}");
     let count = |p: &str| std::fs::read_to_string(out_dir.join(p)).unwrap().lines().count();
     assert_eq!((count("train.jsonl"), count("val.jsonl"), count("test.jsonl")), (16, 2, 2));
-    // The exported examples are the training split's: two selector turns and one call per line,
-    // each target after its activation point.
+    // The exported examples are the training split's: two selector turns, one call and one
+    // answer per line, each target after its activation point.
     let exported: Vec<Value> = std::fs::read_to_string(&examples).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let train_text: std::collections::HashSet<String> =
         std::fs::read_to_string(out_dir.join("train.jsonl")).unwrap().lines().map(str::to_string).collect();
-    assert_eq!(exported.len(), 48);
+    assert_eq!(exported.len(), 64);
     assert_eq!(exported.iter().filter(|e| e["adapter"] == "selector").count(), 32);
+    assert_eq!(exported.iter().filter(|e| e["adapter"] == "answer").count(), 16);
     for e in &exported {
         let line = e["line"].as_u64().unwrap() as usize;
         assert!(train_text.contains(&lines[line - 1]), "line {line} is not in the training split");
@@ -704,11 +728,12 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     assert_eq!(manifest["selector"], "selector");
     assert_eq!(manifest["arguments"]["read_text_file"], "args/read_text_file");
     assert_eq!(manifest["tools"], json!(["list_allowed_directories", "read_text_file"]));
-    for sub in ["selector", "args/read_text_file", "args/list_allowed_directories"] {
+    assert_eq!(manifest["answer"], "answer");
+    for sub in ["selector", "args/read_text_file", "args/list_allowed_directories", "answer"] {
         let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join(sub).join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!((config["r"].as_u64(), config["peft_type"].as_str()), (Some(2), Some("LORA")), "{config}");
         // Activated LoRA, invoked at the cue where inference activates it.
-        let cue = if sub == "selector" { agentflux::toolcall::SELECT_CUE } else { agentflux::toolcall::SCHEMA_CUE };
+        let cue = if sub.starts_with("args/") { agentflux::toolcall::SCHEMA_CUE } else { agentflux::toolcall::SELECT_CUE };
         let tok = agentflux::text::Tokenizer::from_gguf(&f).unwrap();
         assert_eq!(config["alora_invocation_tokens"], json!(tok.encode(cue, false).unwrap()), "{config}");
         assert!(out.join(sub).join("adapter_model.safetensors").exists());
@@ -729,7 +754,7 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(v["candidates"].as_object().unwrap().contains_key("read_text_file"), "{v}");
     // Retraining one adapter of the set keeps the others in its manifest; --profile prints its
-    // second step by phase and by kernel (the AdamW update among them).
+    // last step by phase and by kernel (the AdamW update among them).
     let (ok, stdout, err) = agentflux(&[
         "train",
         "--model",

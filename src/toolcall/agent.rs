@@ -175,7 +175,7 @@ impl ToolServers {
             events.push(e);
             ControlFlow::Continue(())
         })?;
-        let text = caller.answer(session, &self.catalog, &messages, &opts.answer, |_| {})?;
+        let text = caller.answer(session, &self.catalog, &messages, adapters.answer, &opts.answer, |_| {})?;
         let answer = AgentEvent::Answer { text };
         on_event(&answer);
         events.push(answer);

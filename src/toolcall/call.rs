@@ -67,6 +67,8 @@ pub struct AdapterSet {
     pub arguments: HashMap<String, ActiveAdapter>,
     /// The tools the selector was trained to choose among (empty: not recorded).
     pub selector_tools: Vec<String>,
+    /// Writes the final answer after `finish`, from the conversation with the tools' results.
+    pub answer: Option<ActiveAdapter>,
 }
 
 impl AdapterSet {
@@ -79,6 +81,7 @@ impl AdapterSet {
             selector: self.selector.filter(|_| covered),
             arguments: self.arguments.iter().filter(|(name, _)| tools.contains(&name.as_str())).map(|(n, a)| (n.clone(), *a)).collect(),
             selector_tools: self.selector_tools.clone(),
+            answer: self.answer,
         }
     }
 }
@@ -118,6 +121,18 @@ pub struct CallLayout {
     pub args_from: Option<usize>,
     /// The arguments' tokens, for a tool.
     pub args_span: Option<Range<usize>>,
+}
+
+/// A final answer as the answer adapter learns it: the prompt [`ToolCaller::answer`] continues,
+/// then the answer's text and the end of the turn.
+#[derive(Debug, Clone)]
+pub struct AnswerLayout {
+    /// Every token: prefix, `call: finish`, the answer, a stop token.
+    pub tokens: Vec<u32>,
+    /// Where the answer adapter is activated (the choice cue, as the selector).
+    pub from: usize,
+    /// The answer's tokens and the stop token after them.
+    pub answer_span: Range<usize>,
 }
 
 /// Time and tokens of one call.
@@ -613,17 +628,23 @@ impl ToolCaller {
     }
 
     /// The final answer after the model chose `finish`: free text continuing the same assistant
-    /// turn (`call: finish` then the answer), reusing the cached conversation.
+    /// turn (`call: finish` then the answer), reusing the cached conversation; written by
+    /// `adapter` (an answer adapter, activated at the choice cue) where given.
     pub fn answer(
         &self,
         session: &mut Session,
         catalog: &Catalog,
         messages: &[ChatMessage],
+        adapter: Option<ActiveAdapter>,
         opts: &GenerateOptions,
         on_token: impl FnMut(u32),
     ) -> Result<String> {
         let prompt = self.answer_prompt(catalog, messages)?;
-        let g = session.generate(&prompt, None, opts, on_token)?;
+        let plan = match adapter {
+            Some(adapter) => Some(Activation { adapter, from: self.prefix_tokens(catalog, messages)?.len() }),
+            None => None,
+        };
+        let g = session.generate(&prompt, plan, opts, on_token)?;
         let text: Vec<u32> = g.tokens.into_iter().filter(|t| !self.tokenizer.is_stop(*t)).collect();
         Ok(before_call_layout(&self.tokenizer.decode(&text, true)?).trim().to_string())
     }
@@ -632,6 +653,16 @@ impl ToolCaller {
     /// turn's start.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         self.chat_tokens(None, messages)
+    }
+
+    /// The layout of `answer` as the answer to `messages`: what the answer adapter is trained on.
+    pub fn answer_layout(&self, catalog: &Catalog, messages: &[ChatMessage], answer: &str) -> Result<AnswerLayout> {
+        let from = self.prefix_tokens(catalog, messages)?.len();
+        let mut tokens = self.answer_prompt(catalog, messages)?;
+        let start = tokens.len();
+        tokens.extend(self.encode(answer)?);
+        tokens.extend(self.tokenizer.stop.first());
+        Ok(AnswerLayout { answer_span: start..tokens.len(), tokens, from })
     }
 
     /// The prompt of an answer without a tool: the tool prefix and `call: finish` (what

@@ -1,12 +1,14 @@
 //! Adapter sets on disk: `adapters/<toolset>/manifest.json` names the base model they were
-//! trained for, the selector adapter (and the tools it chooses among) and one argument adapter
-//! per tool (directories relative to the manifest, each a PEFT adapter).
+//! trained for, the selector adapter (and the tools it chooses among), one argument adapter per
+//! tool and optionally an answer adapter (directories relative to the manifest, each a PEFT
+//! adapter).
 //!
 //! ```json
 //! {"base_model": "SmolLM2-135M-Instruct.Q4_1.gguf",
 //!  "selector": "selector",
 //!  "tools": ["read_text_file", "write_file"],
-//!  "arguments": {"read_text_file": "args/read_text_file"}}
+//!  "arguments": {"read_text_file": "args/read_text_file"},
+//!  "answer": "answer"}
 //! ```
 
 use super::AdapterSet;
@@ -30,6 +32,9 @@ pub struct Manifest {
     /// Every tool the selector was trained to choose among.
     #[serde(default)]
     pub tools: Vec<String>,
+    /// Directory of the answer adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
 }
 
 /// The manifest's file name inside an adapter-set directory.
@@ -67,6 +72,7 @@ impl AdapterSet {
         let load = |rel: &str| model.load_adapter(dir.join(rel)).map(ActiveAdapter::new);
         let selector = m.selector.as_deref().map(load).transpose()?;
         let arguments = m.arguments.iter().map(|(tool, rel)| Ok((tool.clone(), load(rel)?))).collect::<Result<_>>()?;
-        Ok(Self { selector, arguments, selector_tools: m.tools })
+        let answer = m.answer.as_deref().map(load).transpose()?;
+        Ok(Self { selector, arguments, selector_tools: m.tools, answer })
     }
 }

@@ -1,7 +1,9 @@
 //! Decoupled training examples with their loss masks, as in the paper: the selector learns only
 //! the names it writes (every assistant action, `finish` included), each tool's argument adapter
-//! only the arguments of the calls of its tool. The token sequences are the ones inference
-//! builds ([`ToolCaller::call_layout`]), so what is trained is exactly what is run.
+//! only the arguments of the calls of its tool, and the answer adapter only the text of each final
+//! answer (after `finish`, given the conversation with the tools' results). The token sequences
+//! are the ones inference builds ([`ToolCaller::call_layout`], [`ToolCaller::answer_layout`]), so
+//! what is trained is exactly what is run.
 
 use super::data::{split, DataReport, DropKind, Trajectory};
 use crate::error::Result;
@@ -19,6 +21,27 @@ pub enum AdapterRole {
     Selector,
     /// The argument adapter of this tool.
     Arguments(String),
+    /// The answer adapter: the text after `finish`.
+    Answer,
+}
+
+impl AdapterRole {
+    /// Its name on the command line and in progress lines: `selector`, the tool's, `answer`.
+    pub fn name(&self) -> &str {
+        match self {
+            AdapterRole::Selector => "selector",
+            AdapterRole::Arguments(tool) => tool,
+            AdapterRole::Answer => "answer",
+        }
+    }
+
+    /// Its directory in an adapter set.
+    pub fn dir(&self) -> String {
+        match self {
+            AdapterRole::Arguments(tool) => format!("args/{tool}"),
+            _ => self.name().to_string(),
+        }
+    }
 }
 
 /// One training sequence.
@@ -89,6 +112,18 @@ pub fn decoupled_examples(
                     name: name.to_string(),
                 });
             }
+            // The answer after `finish`: the selector's example is its beginning.
+            if let (AssistantTurn::Text, Some(answer)) = (turn, answer_text(t, before.len())) {
+                let layout = caller.answer_layout(&t.catalog, &context, answer)?;
+                mine.push(Example {
+                    role: AdapterRole::Answer,
+                    tokens: layout.tokens,
+                    active_from: layout.from,
+                    targets: vec![layout.answer_span],
+                    line: t.line,
+                    name: FINISH.to_string(),
+                });
+            }
         }
         match mine.iter().map(|e| e.tokens.len()).max() {
             Some(n) if n > max_tokens => {
@@ -98,6 +133,11 @@ pub fn decoupled_examples(
         }
     }
     Ok(out)
+}
+
+/// The text of the assistant message at `i` of `t`, where it has any.
+fn answer_text(t: &Trajectory, i: usize) -> Option<&str> {
+    Some(t.messages.get(i)?.chat.content.trim()).filter(|s| !s.is_empty())
 }
 
 /// One part of a split: its data lines (over-length conversations left out) and their examples.

@@ -154,9 +154,9 @@ fn check(a: CheckArgs) -> Result<()> {
         examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0)
     ));
     for (role, (n, targets)) in counts(examples.iter().copied()) {
-        let name = match role {
-            AdapterRole::Selector => "selector".to_string(),
+        let name = match &role {
             AdapterRole::Arguments(t) => format!("arguments of {t}"),
+            _ => role.name().to_string(),
         };
         out.push_str(&format!("  {name}: {n} examples, {targets} target tokens\n"));
     }
@@ -174,10 +174,7 @@ fn check(a: CheckArgs) -> Result<()> {
             .examples
             .iter()
             .map(|e| {
-                let adapter = match &e.role {
-                    AdapterRole::Selector => "selector",
-                    AdapterRole::Arguments(t) => t.as_str(),
-                };
+                let adapter = e.role.name();
                 let targets: Vec<[usize; 2]> = e.targets.iter().map(|r| [r.start, r.end]).collect();
                 format!("{}\n", serde_json::json!({"adapter": adapter, "line": e.line, "tokens": e.tokens, "active_from": e.active_from, "targets": targets}))
             })

@@ -55,7 +55,7 @@ pub struct Args {
     /// Longest training sequence in tokens.
     #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
-    /// Train only these adapters (`selector` or tool names; repeatable); the other adapters of a
+    /// Train only these adapters (`selector`, `answer` or tool names; repeatable); the other adapters of a
     /// set already in --toolset stay in its manifest.
     #[arg(long)]
     only: Vec<String>,
@@ -174,10 +174,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     // argument adapter continues the conversations the selector's examples computed.
     let mut prefixes = PrefixCache::with_budget(opts.prefix_cache_bytes);
     for (role, examples) in &train {
-        let (name, dir) = match role {
-            AdapterRole::Selector => ("selector".to_string(), "selector".to_string()),
-            AdapterRole::Arguments(tool) => (tool.clone(), format!("args/{tool}")),
-        };
+        let (name, dir) = (role.name().to_string(), role.dir());
         if !a.only.is_empty() && !a.only.contains(&name) {
             continue;
         }
@@ -223,8 +220,9 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         let eval = eval.map_or(String::new(), |l| format!(", kept its best validation loss {l:.3}"));
         eprintln!("[{name}] {} examples, {:.0} s, training {}{eval}", examples.len(), t0.elapsed().as_secs_f64(), speed(examples_per_s));
         // Exported as activated LoRA: it applies from the cue where inference activates it
-        // (`call:` for the selector, `schema:` for an argument adapter), for PEFT and vLLM too.
-        let cue = eng.tokenizer.encode(if *role == AdapterRole::Selector { SELECT_CUE } else { SCHEMA_CUE }, false)?;
+        // (`call:` for the selector and the answer, `schema:` for an argument adapter), for PEFT
+        // and vLLM too.
+        let cue = eng.tokenizer.encode(if matches!(role, AdapterRole::Arguments(_)) { SCHEMA_CUE } else { SELECT_CUE }, false)?;
         let invocation = examples.iter().all(|e| e.tokens[e.active_from..].starts_with(&cue)).then_some(cue);
         if invocation.is_none() {
             eprintln!("[{name}] the examples do not all start at the cue: saved as a standard LoRA");
@@ -240,6 +238,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             AdapterRole::Arguments(tool) => {
                 manifest.arguments.insert(tool.clone(), dir);
             }
+            AdapterRole::Answer => manifest.answer = Some(dir),
         }
     }
     manifest.write(&a.toolset)?;
