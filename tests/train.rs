@@ -892,3 +892,28 @@ fn the_weights_of_the_best_validation_are_kept() {
         / val.len() as f32;
     assert!((again - lowest).abs() < 1e-4, "the returned weights score {again}, the best validation {lowest}");
 }
+
+/// An example no pass can take — more active rows than a pass holds, among good ones in either
+/// split — stops training before the first step, naming its data line; nothing is left loaded.
+#[test]
+fn an_example_too_long_for_a_pass_is_refused_before_training() {
+    use agentflux::train::{train_adapter, AdapterRole, Example, TrainOptions};
+    let mut r = rng("too-long");
+    let model = tiny_q8_model(&mut r, "too-long");
+    let example = |line: usize, n: usize| Example {
+        role: AdapterRole::Answer,
+        tokens: (0..n as u32).map(|t| t % model.config.n_vocab as u32).collect(),
+        active_from: 2,
+        targets: vec![3..n],
+        line,
+        name: "finish".into(),
+    };
+    let opts = TrainOptions { rank: 4, steps: 2, batch: 2, ..Default::default() };
+    for (train, val) in [(vec![example(1, 20), example(7, 300)], vec![example(9, 20)]), (vec![example(1, 20)], vec![example(7, 300)])] {
+        let mut steps = 0;
+        let err = train_adapter(&model, "answer", &train, &val, &opts, |_| steps += 1).unwrap_err().to_string();
+        assert!(err.contains("data line 7") && err.contains("298 rows after the activation point"), "{err}");
+        assert_eq!(steps, 0, "a step was taken before the refusal");
+        assert_eq!(model.adapters().unwrap().0.len(), 0, "the adapter stayed loaded");
+    }
+}

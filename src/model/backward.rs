@@ -405,6 +405,14 @@ impl ExampleRows<'_> {
     }
 }
 
+impl Model {
+    /// Whether a training pass can take `example`: its active rows and target tokens fit one
+    /// pass, its targets lie after its activation point.
+    pub fn check_example(&self, example: &ExampleRows) -> Result<()> {
+        example.check(self.max_batch, self.logit_cap())
+    }
+}
+
 /// The loss of one example as [`AdapterBuffers::add_gradient`] computes it, from the forward
 /// pass alone (validation): no trace is kept and nothing runs backward.
 pub fn example_loss(

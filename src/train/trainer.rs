@@ -129,6 +129,12 @@ pub fn train_adapter_with(
     if train.is_empty() {
         return Err(Error::InvalidOption(format!("{name}: no training examples")));
     }
+    // Every example checked before any is trained on: a bad one found at step 40 loses the run.
+    for e in train.iter().chain(val) {
+        model
+            .check_example(&e.rows())
+            .map_err(|err| Error::InvalidOption(format!("{name}: the example of data line {}: {err}", e.line)))?;
+    }
     let resume = match &opts.checkpoint {
         Some(dir) if has_checkpoint(dir) => Some(Checkpoint::load(dir, model)?),
         _ => None,

@@ -179,7 +179,15 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             continue;
         }
         let t0 = std::time::Instant::now();
-        let mut held_out = val.remove(role).unwrap_or_default();
+        // Examples a pass cannot take (a long answer quoting a long result) are left out, named.
+        let fits = |e: &Example| eng.model.check_example(&e.rows()).is_ok();
+        let (examples, left_out): (Vec<Example>, Vec<Example>) = examples.iter().cloned().partition(fits);
+        if !left_out.is_empty() {
+            let lines: Vec<String> = left_out.iter().map(|e| e.line.to_string()).collect();
+            eprintln!("[{name}] {} examples too long for one training pass left out (data lines {})", left_out.len(), lines.join(", "));
+        }
+        let examples = &examples;
+        let mut held_out: Vec<Example> = val.remove(role).unwrap_or_default().into_iter().filter(fits).collect();
         if a.val_examples > 0 {
             held_out.truncate(a.val_examples);
         }
