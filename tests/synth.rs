@@ -5,7 +5,7 @@ mod common;
 
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::text::{ChatTemplate, Tokenizer};
-use agentflux::toolcall::{read_messages, schema, ToolCaller, FINISH, MAX_RESULT_CHARS};
+use agentflux::toolcall::{read_messages, schema, AssistantTurn, ToolCaller, FINISH, MAX_RESULT_CHARS};
 use agentflux::train::{decoupled_examples, read_trajectories, synthesize, AdapterRole, Seed, SynthOptions};
 use common::{agentflux, default_model, filesystem_server};
 use serde_json::Value;
@@ -173,7 +173,8 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
     assert_ne!(requests(&other), requests(&lines));
 
     // They become decoupled examples: a selector example per assistant action, an argument
-    // example per call, laid out by the real tokenizer and template.
+    // example per call, an answer example per final answer, laid out by the real tokenizer and
+    // template.
     if let Some(f) = default_model() {
         let tok = Arc::new(Tokenizer::from_gguf(&f).unwrap());
         let caller = ToolCaller::new(tok.clone(), ChatTemplate::from_gguf(&f, &tok).unwrap()).unwrap();
@@ -181,8 +182,17 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
         let examples = decoupled_examples(&caller, &trajectories, 4096, &mut rep).unwrap();
         let n_calls: usize = report.calls.values().sum();
         let actions: usize = trajectories.iter().map(|t| t.turns().count()).sum();
-        let selector = examples.iter().filter(|e| e.role == AdapterRole::Selector).count();
-        assert_eq!((selector, examples.len() - selector), (actions, n_calls));
+        let count = |f: fn(&AdapterRole) -> bool| examples.iter().filter(|e| f(&e.role)).count();
+        let texts = trajectories.iter().flat_map(|t| t.turns()).filter(|(_, turn)| matches!(turn, AssistantTurn::Text)).count();
+        assert_eq!(
+            (
+                count(|r| *r == AdapterRole::Selector),
+                count(|r| matches!(r, AdapterRole::Arguments(_))),
+                count(|r| *r == AdapterRole::Answer)
+            ),
+            (actions, n_calls, texts)
+        );
+        assert!(texts > 0);
     }
     std::fs::remove_dir_all(&ws).ok();
 }
