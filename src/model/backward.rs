@@ -466,9 +466,8 @@ fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Re
     let t: usize = examples.iter().map(|e| e.rows()).sum();
     // Each example's first row in the pass, and the pass's rows whose logits are targets.
     let row0: Vec<usize> = examples.iter().scan(0, |at, e| Some(std::mem::replace(at, *at + e.rows()))).collect();
-    let per_example: Vec<Vec<(usize, usize)>> =
-        examples.iter().zip(&row0).map(|(e, &r0)| e.logit_rows().into_iter().map(|(r, n)| (r0 + r, n)).collect()).collect();
-    let logit_rows: Vec<(usize, usize)> = per_example.concat();
+    let logit_rows: Vec<(usize, usize)> =
+        examples.iter().zip(&row0).flat_map(|(e, &r0)| e.logit_rows().into_iter().map(move |(r, n)| (r0 + r, n))).collect();
     let n_t: usize = examples.iter().map(|e| e.n_targets()).sum();
     let wants: Vec<(&[u32], usize)> = examples.iter().map(|e| (&e.tokens[..e.from], e.tokens.len())).collect();
     let kvs = prefix.prepare(model, &wants)?;
