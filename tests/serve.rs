@@ -858,3 +858,60 @@ fn serve_calls_the_mcp_servers_of_its_config() {
     let first = &required.json()["agentflux"]["steps"][0];
     assert!(first["event"] == "call" && first["call"]["name"] != "finish", "{first}");
 }
+
+/// A set's answer adapter writes the text after `call: finish` for the tools it was trained on,
+/// from the choice cue on, as `ToolCaller::answer_activation` places it; for other tools the
+/// answer is the base weights'. Reference: greedy decoding in this process on the same model.
+#[test]
+fn the_answer_adapter_writes_answers_for_its_own_tools() {
+    use agentflux::decode::GenerateOptions;
+    use agentflux::lora::{ActiveAdapter, Proj};
+    use agentflux::serve::{Backend, Server};
+    use agentflux::session::Session;
+    use agentflux::text::ChatMessage;
+    use agentflux::toolcall::{AdapterSet, Catalog, ToolCaller};
+    let Some(f) = default_model() else { return };
+    let model = tiny_with_tokenizer(&f, rng("serve-answer").next_u64(), "serve-answer");
+    let (question, max_tokens) = ("Weather in Oslo?", 6);
+    let other_tools = json!([{"type": "function", "function": {"name": "get_stock", "description": "A stock's price.",
+        "parameters": {"type": "object", "properties": {"symbol": {"type": "string"}}, "required": ["symbol"]}}}]);
+    let load = || agentflux::Engine::load_on(common::ctx(), &model).unwrap();
+    let reference_engine = load();
+    // The same random adapter in the reference's engine and the server's.
+    let lora = agentflux::reference::random_adapter(&mut rng("serve-answer-lora"), &reference_engine.model.config, 8, &Proj::ALL, 0.3);
+    let with_adapter = |engine: &agentflux::Engine| ActiveAdapter::new(engine.model.add_adapter("answer", &lora).unwrap());
+    let reference = {
+        let engine = &reference_engine;
+        let answer = with_adapter(engine);
+        let caller = ToolCaller::new(engine.tokenizer.clone(), engine.template.clone()).unwrap();
+        let messages = [ChatMessage::new("user", question)];
+        let greedy = |tools: &Value, adapter: Option<ActiveAdapter>| {
+            let catalog = Catalog::from_openai_tools("request", tools).unwrap();
+            let prompt = caller.answer_prompt(&catalog, &messages).unwrap();
+            let plan = caller.answer_activation(&catalog, &messages, adapter).unwrap();
+            let mut session = Session::new(&engine.model, 1024).unwrap();
+            let g = session.generate(&prompt, plan, &GenerateOptions::greedy(max_tokens, &engine.tokenizer), |_| {}).unwrap();
+            engine.tokenizer.decode(&g.tokens, true).unwrap()
+        };
+        let adapted = greedy(&weather_tools(), Some(answer));
+        assert_ne!(adapted, greedy(&weather_tools(), None), "the adapter must change the answer for the test to tell");
+        (adapted, greedy(&other_tools, None))
+    };
+    drop(reference_engine);
+    let engine = load();
+    let answer = with_adapter(&engine);
+    let adapters = AdapterSet { answer: Some(answer), selector_tools: vec!["get_weather".into(), "get_time".into()], ..Default::default() };
+    let server = Server::start(
+        Backend { engine, adapters, servers: None },
+        ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), n_ctx: 1024, ..Default::default() },
+    )
+    .unwrap();
+    let ask = |tools: &Value| {
+        post(server.addr(), &json!({"messages": user(question), "tools": tools, "tool_choice": "none", "max_tokens": max_tokens}))
+    };
+    let (own, other) = (ask(&weather_tools()).json(), ask(&other_tools).json());
+    server.shutdown();
+    std::fs::remove_file(&model).ok();
+    assert_eq!(own["choices"][0]["message"]["content"], json!(reference.0), "{own}");
+    assert_eq!(other["choices"][0]["message"]["content"], json!(reference.1), "{other}");
+}

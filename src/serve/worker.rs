@@ -16,7 +16,7 @@
 use super::cache::{PrefixCache, SharedCache};
 use super::openai::{ApiError, ChatRequest, Usage, Work};
 use crate::decode::GenerateOptions;
-use crate::session::Session;
+use crate::session::{Activation, Session};
 use crate::text::TextStream;
 use crate::toolcall::{AdapterSet, AgentEvent, AgentOptions, CallEvent, Catalog, ToolCall, ToolCaller, ToolChoice, ToolServers, FINISH};
 use crate::Engine;
@@ -216,12 +216,12 @@ impl Worker<'_> {
         let send = |e: Event| {
             let _ = job.events.send(e);
         };
+        let adapters = self.backend.adapters.for_tools(&r.catalog.names());
         let call = match &r.work {
-            Work::Chat => return self.text(session, job, self.caller.chat_prompt(&r.messages)?, cached, None),
-            Work::Answer => return self.text(session, job, self.caller.answer_prompt(&r.catalog, &r.messages)?, cached, None),
+            Work::Chat => return self.text(session, job, self.caller.chat_prompt(&r.messages)?, None, cached, None),
+            Work::Answer => return self.answer_text(session, job, &adapters, cached, None),
             Work::Agent(first) => return self.act(session, job, first, cached),
             Work::Call(choice) => {
-                let adapters = self.backend.adapters.for_tools(&r.catalog.names());
                 let mut stream = TextStream::new(self.backend.engine.tokenizer.clone());
                 // A client that left stops the call at its next token.
                 let call = self.caller.call_with(session, &r.catalog, &r.messages, &adapters, choice, |e| {
@@ -250,8 +250,7 @@ impl Worker<'_> {
         };
         if call.name == FINISH {
             // The model chose to answer: text continuing `call: finish` on the cached prefix.
-            let prompt = self.caller.answer_prompt(&r.catalog, &r.messages)?;
-            return self.text(session, job, prompt, cached, Some(call));
+            return self.answer_text(session, job, &adapters, cached, Some(call));
         }
         let completion = call.stats.name_tokens + call.stats.arg_tokens;
         let usage = Usage { prompt: call.stats.prefix_tokens, completion, cached: cached.min(call.stats.prefix_tokens.saturating_sub(1)) };
@@ -292,7 +291,8 @@ impl Worker<'_> {
         }
         let room = self.limits.n_ctx.saturating_sub(prompt.len());
         let max_tokens = Some(r.max_tokens.unwrap_or(self.limits.default_max_tokens).min(room).max(1));
-        match self.text_with(session, job, prompt, max_tokens, cached, None)? {
+        let plan = self.caller.answer_activation(&servers.catalog, &messages, adapters.answer)?;
+        match self.text_with(session, job, prompt, plan, max_tokens, cached, None)? {
             Event::Done { finish_reason, mut usage, call } => {
                 usage.completion += call_tokens;
                 Ok(Event::Done { finish_reason, usage, call })
@@ -321,17 +321,44 @@ impl Worker<'_> {
         }
     }
 
-    /// Free text after `prompt`, streamed as it is decoded; returns the last event.
-    fn text(&self, session: &mut Session, job: &Job, prompt: Vec<u32>, cached: usize, call: Option<ToolCall>) -> Result<Event, ApiError> {
-        self.text_with(session, job, prompt, job.request.max_tokens, cached, call)
+    /// The text answer to the request's conversation with its tools listed (after `call:
+    /// finish`), written by the set's answer adapter where it applies to these tools.
+    fn answer_text(
+        &self,
+        session: &mut Session,
+        job: &Job,
+        adapters: &AdapterSet,
+        cached: usize,
+        call: Option<ToolCall>,
+    ) -> Result<Event, ApiError> {
+        let r = &job.request;
+        let prompt = self.caller.answer_prompt(&r.catalog, &r.messages)?;
+        let plan = self.caller.answer_activation(&r.catalog, &r.messages, adapters.answer)?;
+        self.text(session, job, prompt, plan, cached, call)
+    }
+
+    /// Free text after `prompt` (under `plan`'s adapter from its position), streamed as it is
+    /// decoded; returns the last event.
+    fn text(
+        &self,
+        session: &mut Session,
+        job: &Job,
+        prompt: Vec<u32>,
+        plan: Option<Activation>,
+        cached: usize,
+        call: Option<ToolCall>,
+    ) -> Result<Event, ApiError> {
+        self.text_with(session, job, prompt, plan, job.request.max_tokens, cached, call)
     }
 
     /// [`text`](Self::text) of at most `max_tokens` (`None`: the server's default).
+    #[allow(clippy::too_many_arguments)] // the text's prompt, adapter and bound, and what the request holds already
     fn text_with(
         &self,
         session: &mut Session,
         job: &Job,
         prompt: Vec<u32>,
+        plan: Option<Activation>,
         max_tokens: Option<usize>,
         cached: usize,
         call: Option<ToolCall>,
@@ -341,7 +368,7 @@ impl Worker<'_> {
         let opts = GenerateOptions { max_tokens, sampler: job.request.sampler, stop: tokenizer.stop.clone(), stop_on_repeat: false };
         let mut stream = TextStream::new(tokenizer.clone());
         // A client that left stops the text at its next token.
-        let g = session.generate_until(&prompt, None, &opts, |t| match stream.push(t) {
+        let g = session.generate_until(&prompt, plan, &opts, |t| match stream.push(t) {
             Ok(piece) if !piece.is_empty() => match job.events.send(Event::Text(piece)) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),

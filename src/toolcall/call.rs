@@ -73,15 +73,16 @@ pub struct AdapterSet {
 
 impl AdapterSet {
     /// The adapters that apply to a catalog of `tools` that someone else chose (a server
-    /// request): every listed tool's argument adapter, and the selector only when it was trained
-    /// on a tool set containing all of them.
+    /// request): every listed tool's argument adapter, and the selector and the answer adapter
+    /// only when the set was trained on a tool set containing all of them (an answer adapter
+    /// learned to quote its own tools' results).
     pub fn for_tools(&self, tools: &[&str]) -> AdapterSet {
         let covered = !self.selector_tools.is_empty() && tools.iter().all(|t| self.selector_tools.iter().any(|s| s == t));
         AdapterSet {
             selector: self.selector.filter(|_| covered),
             arguments: self.arguments.iter().filter(|(name, _)| tools.contains(&name.as_str())).map(|(n, a)| (n.clone(), *a)).collect(),
             selector_tools: self.selector_tools.clone(),
-            answer: self.answer,
+            answer: self.answer.filter(|_| covered),
         }
     }
 }
@@ -640,13 +641,24 @@ impl ToolCaller {
         on_token: impl FnMut(u32),
     ) -> Result<String> {
         let prompt = self.answer_prompt(catalog, messages)?;
-        let plan = match adapter {
-            Some(adapter) => Some(Activation { adapter, from: self.prefix_tokens(catalog, messages)?.len() }),
-            None => None,
-        };
+        let plan = self.answer_activation(catalog, messages, adapter)?;
         let g = session.generate(&prompt, plan, opts, on_token)?;
         let text: Vec<u32> = g.tokens.into_iter().filter(|t| !self.tokenizer.is_stop(*t)).collect();
         Ok(before_call_layout(&self.tokenizer.decode(&text, true)?).trim().to_string())
+    }
+
+    /// Where an answer adapter applies in the answer to `messages`: from the choice cue (where
+    /// the selector applies), the conversation before it computed with the base weights.
+    pub fn answer_activation(
+        &self,
+        catalog: &Catalog,
+        messages: &[ChatMessage],
+        adapter: Option<ActiveAdapter>,
+    ) -> Result<Option<Activation>> {
+        match adapter {
+            Some(adapter) => Ok(Some(Activation { adapter, from: self.prefix_tokens(catalog, messages)?.len() })),
+            None => Ok(None),
+        }
     }
 
     /// The prompt of a plain chat turn (no tools, no system text of ours), up to the assistant
