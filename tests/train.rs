@@ -697,6 +697,7 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     // Without --data the tool set's seed file makes the data: none here, so a clear refusal.
     let (ok, _, err) = agentflux(&["train", "--model", m, "--toolset", out.to_str().unwrap()]);
     assert!(!ok && err.contains("no --data given") && err.contains("data/seed.json"), "{err}");
+    let losses = dir.join("losses.jsonl");
     let (ok, stdout, err) = agentflux(&[
         "train",
         "--model",
@@ -713,6 +714,8 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         "2",
         "--eval-every",
         "1",
+        "--loss-log",
+        losses.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("wrote the adapter set"), "{stdout}");
@@ -772,8 +775,41 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         "--rank",
         "2",
         "--profile",
+        "--loss-log",
+        losses.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    // --loss-log: both runs' steps appended, the validation loss where one was measured (every
+    // step of the first run, the last of the second).
+    let logged: Vec<(String, u64, bool)> = std::fs::read_to_string(&losses)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            assert!(v["loss"].as_f64().unwrap().is_finite(), "{l}");
+            (v["adapter"].as_str().unwrap().to_string(), v["step"].as_u64().unwrap(), v["val_loss"].is_f64())
+        })
+        .collect();
+    let mut expected: Vec<(String, u64, bool)> = ["answer", "list_allowed_directories", "read_text_file", "selector"]
+        .iter()
+        .flat_map(|a| [(a.to_string(), 1, true), (a.to_string(), 2, true)])
+        .collect();
+    expected.extend([("read_text_file".to_string(), 1, false), ("read_text_file".to_string(), 2, true)]);
+    let mut first_run = logged[..8].to_vec();
+    first_run.sort();
+    assert_eq!((first_run, &logged[8..]), (expected[..8].to_vec(), &expected[8..]), "{logged:?}");
+    // tools/loss-chart draws a panel per adapter from it.
+    let svg = dir.join("losses.svg");
+    let drawn = std::process::Command::new("python3")
+        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/tools/loss-chart"), losses.to_str().unwrap(), svg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(drawn.status.success(), "{}", String::from_utf8_lossy(&drawn.stderr));
+    let svg = std::fs::read_to_string(svg).unwrap();
+    assert!(
+        ["selector", "read_text_file", "answer", "list_allowed_directories"].iter().all(|a| svg.contains(a)) && svg.contains("<polyline"),
+        "{svg}"
+    );
     assert!(err.contains("[read_text_file] step 2/2") && err.contains(", training ") && !err.contains("[selector]"), "{err}");
     assert!(stdout.contains("[read_text_file] step 2: 2 examples"), "{stdout}");
     for row in ["| forward |", "| backward |", "| optimizer |", "| host |", "| adamw | 2.0 |"] {

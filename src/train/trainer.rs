@@ -78,6 +78,8 @@ pub struct Progress {
     pub loss: f32,
     /// The latest validation loss.
     pub eval_loss: Option<f32>,
+    /// Whether `eval_loss` was measured at this step.
+    pub validated: bool,
     /// Training examples per second so far (time spent on validation not counted).
     pub examples_per_s: f64,
 }
@@ -202,7 +204,8 @@ fn run(
         let loss: f32 = buffers.grads.add_gradients(model, prefix, &batch, adapter)?.iter().sum();
         seen += batch.len();
         buffers.step(model, id, &opts.optimizer, step, schedule.lr(step))?;
-        if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last {
+        let validated = (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last;
+        if validated {
             let v0 = Instant::now();
             eval_loss = eval(prefix)?;
             if let Some(loss) = eval_loss.filter(|l| best.as_ref().is_none_or(|b| *l < b.loss)) {
@@ -216,7 +219,7 @@ fn run(
             }
         }
         let examples_per_s = seen as f64 / (t0.elapsed().as_secs_f64() - validating).max(1e-9);
-        on_progress(&Progress { step, steps: opts.steps, loss: loss / opts.batch.max(1) as f32, eval_loss, examples_per_s });
+        on_progress(&Progress { step, steps: opts.steps, loss: loss / opts.batch.max(1) as f32, eval_loss, validated, examples_per_s });
     }
     Ok(best)
 }

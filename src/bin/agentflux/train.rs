@@ -93,6 +93,10 @@ pub struct Args {
     /// each computed once for every epoch and validation while they fit.
     #[arg(long, default_value_t = 1024)]
     prefix_cache_mib: u64,
+    /// Append every step's loss to FILE as JSON lines (`{"adapter", "step", "loss", "val_loss"}`,
+    /// the validation loss on the steps that measured one), for `tools/loss-chart`.
+    #[arg(long)]
+    loss_log: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -173,6 +177,10 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     // One set of kept prefixes for every adapter: they are computed with the base weights, so an
     // argument adapter continues the conversations the selector's examples computed.
     let mut prefixes = PrefixCache::with_budget(opts.prefix_cache_bytes);
+    let mut loss_log = match &a.loss_log {
+        Some(p) => Some(LossLog::open(p)?),
+        None => None,
+    };
     for (role, examples) in &train {
         let (name, dir) = (role.name().to_string(), role.dir());
         if !a.only.is_empty() && !a.only.contains(&name) {
@@ -217,14 +225,19 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         let mut profiled = StepProfile::new(a.profile && opts.steps >= 2, opts.steps);
         let (adapter, eval) = train_adapter_with(&eng.model, &name, examples, &held_out, &opts, &mut prefixes, |p| {
             profiled.after_step(&eng, &name, p.step, opts.batch);
-            let validated = a.eval_every > 0 && p.step % a.eval_every == 0;
+            if let Some(log) = &mut loss_log {
+                log.write(&name, p.step, p.loss, p.eval_loss.filter(|_| p.validated));
+            }
             examples_per_s = p.examples_per_s;
-            progress.update(p.step, validated, || {
+            progress.update(p.step, p.validated, || {
                 let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
                 format!("[{name}] step {}/{} · loss {:.3}{eval} · {}", p.step, p.steps, p.loss, speed(p.examples_per_s))
             });
         })?;
         progress.finish();
+        if let Some(log) = &mut loss_log {
+            log.check()?;
+        }
         let eval = eval.map_or(String::new(), |l| format!(", kept its best validation loss {l:.3}"));
         eprintln!("[{name}] {} examples, {:.0} s, training {}{eval}", examples.len(), t0.elapsed().as_secs_f64(), speed(examples_per_s));
         // Exported as activated LoRA: it applies from the cue where inference activates it
@@ -252,6 +265,37 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     manifest.write(&a.toolset)?;
     println!("wrote the adapter set to {}", a.toolset.display());
     Ok(())
+}
+
+/// `--loss-log`: steps appended as JSON lines; the first write error is kept and reported after
+/// the adapter's run (training is not stopped for its log).
+struct LossLog {
+    path: PathBuf,
+    file: std::fs::File,
+    failed: Option<std::io::Error>,
+}
+
+impl LossLog {
+    fn open(path: &std::path::Path) -> Result<Self> {
+        let file =
+            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("--loss-log {}", path.display()))?;
+        Ok(Self { path: path.to_path_buf(), file, failed: None })
+    }
+
+    fn write(&mut self, adapter: &str, step: u64, loss: f32, val_loss: Option<f32>) {
+        use std::io::Write;
+        if self.failed.is_none() {
+            let line = serde_json::json!({"adapter": adapter, "step": step, "loss": loss, "val_loss": val_loss});
+            self.failed = writeln!(self.file, "{line}").err();
+        }
+    }
+
+    fn check(&mut self) -> Result<()> {
+        match self.failed.take() {
+            Some(e) => Err(e).with_context(|| format!("writing --loss-log {}", self.path.display())),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The tool set's synthesized trajectories, made from its seed file the first time.
