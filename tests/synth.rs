@@ -326,6 +326,31 @@ fn synth_cli_writes_data_that_check_accepts_and_keeps_user_files() {
     assert!(ok, "{err}");
     assert!(stdout.contains("4 conversations"), "{stdout}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 4);
+    // --mistake-rate sets the share of recoveries: none at 0, some at 1; a share above 1 is refused.
+    let recoveries = |rate: &str| {
+        let (ok, stdout, err) = agentflux(&[
+            "data",
+            "synth",
+            "--conversations",
+            "4",
+            "--seed",
+            "3",
+            "--mistake-rate",
+            rate,
+            "--workspace",
+            &ws_s,
+            "--replace-workspace",
+            "--out",
+            &out_s,
+        ]);
+        assert!(ok, "{err}");
+        let (count, _) = stdout.split_once(" recovering").unwrap_or_else(|| panic!("{stdout}"));
+        count.rsplit(' ').next().unwrap().parse::<usize>().unwrap()
+    };
+    assert_eq!(recoveries("0"), 0);
+    assert!(recoveries("1") > 0);
+    let (ok, _, err) = agentflux(&["data", "synth", "--mistake-rate", "1.5", "--workspace", &ws_s, "--replace-workspace", "--out", &out_s]);
+    assert!(!ok && err.contains("--mistake-rate 1.5"), "{err}");
     if default_model().is_some() {
         let (ok, report, err) = agentflux(&["data", "check", &out_s]);
         assert!(ok, "{err}");

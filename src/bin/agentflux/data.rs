@@ -37,6 +37,10 @@ pub struct SynthArgs {
     /// (`tmp.x7Qz…`, dashes, dots, digits, spaces, nesting), 0 to 1.
     #[arg(long, default_value_t = 0.5)]
     shaped_roots: f64,
+    /// Share of single-call requests, of a tool whose seed lists `mistakes`, that first make one
+    /// of them: the server's error comes back, then the right call (the selector's recoveries).
+    #[arg(long, default_value_t = 0.1)]
+    mistake_rate: f64,
     /// Random seed (the same seed and seed file give the same data).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -97,11 +101,17 @@ impl SynthArgs {
 
 /// `agentflux data synth`.
 pub fn synth(a: SynthArgs) -> Result<()> {
+    for (flag, share) in [("--shaped-roots", a.shaped_roots), ("--mistake-rate", a.mistake_rate)] {
+        if !(0.0..=1.0).contains(&share) {
+            anyhow::bail!("{flag} {share}: a share between 0 and 1");
+        }
+    }
     let seed = Seed::load(&a.seed_file)?;
     let opts = SynthOptions {
         conversations: a.conversations,
         max_steps: a.max_steps,
         shaped_roots: a.shaped_roots,
+        mistake_rate: a.mistake_rate,
         seed: a.seed,
         workspace: a.workspace.clone(),
         ..Default::default()
