@@ -80,6 +80,14 @@ pub struct FormSeed {
     /// Slot values that must go together (a file and text it really contains).
     #[serde(default)]
     pub cases: Vec<BTreeMap<String, Value>>,
+    /// How often this form is drawn against the tool's other forms (default 1): an optional key
+    /// asked for in a third of the requests teaches the adapter to add it unasked.
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// A request served by several calls.
@@ -129,6 +137,9 @@ impl Seed {
             for (i, f) in t.forms.iter().enumerate() {
                 if f.phrasings.values().all(Vec::is_empty) {
                     return bad(format!("tools.{name}.forms[{i}]: no phrasings"));
+                }
+                if !(f.weight.is_finite() && f.weight > 0.0) {
+                    return bad(format!("tools.{name}.forms[{i}].weight: {} is not a positive number", f.weight));
                 }
             }
         }
@@ -185,6 +196,21 @@ impl Seed {
 /// Uniform in 0..n (n > 0).
 fn below(rng: &mut SplitMix64, n: usize) -> usize {
     (rng.next_u64() % n as u64) as usize
+}
+
+/// An index drawn with probability proportional to its weight (weights positive, at least one).
+fn weighted(rng: &mut SplitMix64, weights: impl Iterator<Item = f64> + Clone) -> usize {
+    let total: f64 = weights.clone().sum();
+    let mut r = unit(rng) * total;
+    let mut last = 0;
+    for (i, w) in weights.enumerate() {
+        if r < w {
+            return i;
+        }
+        r -= w;
+        last = i;
+    }
+    last
 }
 
 /// Remove everything inside `dir`, creating it if missing.
@@ -405,7 +431,7 @@ pub fn synthesize(
                 } else {
                     let name = tool_names[below(&mut rng, tool_names.len())];
                     let tool = &seed.tools[name];
-                    let form = &tool.forms[below(&mut rng, tool.forms.len())];
+                    let form = &tool.forms[weighted(&mut rng, tool.forms.iter().map(|f| f.weight))];
                     if !form.cases.is_empty() {
                         b.take_case(&form.cases[below(&mut rng, form.cases.len())], &conv.ws);
                     }
@@ -636,6 +662,27 @@ mod tests {
         assert_eq!(fill_answer(&s.tools["read"].answer, &args, "R"), format!("{f1}: R"));
         let err = Bindings::default().render_text("{nope}", &s, "/w", &mut rng).unwrap_err().to_string();
         assert!(err.contains("values.nope"), "{err}");
+    }
+
+    #[test]
+    fn forms_are_drawn_by_weight_and_a_bad_weight_is_refused() {
+        let mut rng = SplitMix64(7);
+        let mut counts = [0usize; 3];
+        for _ in 0..12_000 {
+            counts[weighted(&mut rng, [4.0, 1.0, 1.0].into_iter())] += 1;
+        }
+        for (count, share) in counts.iter().zip([4.0 / 6.0, 1.0 / 6.0, 1.0 / 6.0]) {
+            let seen = *count as f64 / 12_000.0;
+            assert!((seen - share).abs() < 0.02, "{counts:?}");
+        }
+        let v = json!({"server": "srv {ws}", "workspace": {"files": {}}, "values": {}, "finish": {"requests": ["hi"], "answers": ["hello"]},
+            "tools": {"read": {"forms": [{"arguments": {}, "phrasings": {"q": ["x"]}, "weight": 0.0}], "answer": "a"}}});
+        let p = std::env::temp_dir().join(format!("agentflux-seed-weight-{}.json", std::process::id()));
+        std::fs::write(&p, v.to_string()).unwrap();
+        let err = Seed::load(&p).unwrap_err().to_string();
+        std::fs::remove_file(&p).unwrap();
+        assert!(err.contains("tools.read.forms[0].weight"), "{err}");
+        assert_eq!(seed().tools["read"].forms[0].weight, 1.0, "the default weight");
     }
 
     #[test]
