@@ -131,7 +131,7 @@ pub fn judge(task: &Task, events: &[AgentEvent]) -> TaskOutcome {
                 }
             }
             AgentEvent::Answer { text } => answer = text.clone(),
-            AgentEvent::Stopped { .. } => {}
+            AgentEvent::Stopped { .. } | AgentEvent::SetAside { .. } => {}
         }
     }
     seen_text.push_str(&answer);

@@ -61,12 +61,26 @@ pub struct ToolSeed {
     pub forms: Vec<FormSeed>,
     /// The assistant's text after the result: `{result}` and the arguments' top-level keys.
     pub answer: String,
+    /// The text instead of `answer` where the result is blank (an empty folder), which `answer`
+    /// would show as nothing.
+    #[serde(default)]
+    pub empty_answer: Option<String>,
     /// Calls a model plausibly makes first for this tool's requests and the server refuses
     /// (listing a file, reading a folder), with the request's `{slot}`s. They must change
     /// nothing in the workspace. Shown before the right call with weight 0, so the selector
     /// learns the recovery, not the mistake.
     #[serde(default)]
     pub mistakes: Vec<ChainCall>,
+}
+
+impl ToolSeed {
+    /// The answer template for a call that returned `result`.
+    fn answer_to(&self, result: &str) -> &str {
+        match &self.empty_answer {
+            Some(empty) if result.trim().is_empty() => empty,
+            _ => &self.answer,
+        }
+    }
 }
 
 /// One argument template and the requests that ask for it.
@@ -410,42 +424,35 @@ pub fn synthesize(
             }
             let mut b = Bindings::default();
             let mut mistake = None;
-            let (request, calls): (String, Vec<(String, Value, &str)>) =
-                if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
-                    let chain = &seed.chains[below(&mut rng, seed.chains.len())];
-                    let phrasing = &chain.phrasings[below(&mut rng, chain.phrasings.len())];
-                    let request = b.render_text(phrasing, seed, &conv.ws, &mut rng)?;
-                    let calls = chain
-                        .calls
-                        .iter()
-                        .map(|k| {
-                            Ok((
-                                k.name.clone(),
-                                b.render(&k.arguments, seed, &conv.ws, &mut rng)?,
-                                seed.tools.get(&k.name).map_or("Done.", |t| t.answer.as_str()),
-                            ))
-                        })
-                        .collect::<Result<_>>()?;
-                    report.chains += 1;
-                    (request, calls)
-                } else {
-                    let name = tool_names[below(&mut rng, tool_names.len())];
-                    let tool = &seed.tools[name];
-                    let form = &tool.forms[weighted(&mut rng, tool.forms.iter().map(|f| f.weight))];
-                    if !form.cases.is_empty() {
-                        b.take_case(&form.cases[below(&mut rng, form.cases.len())], &conv.ws);
-                    }
-                    let styles: Vec<(&String, &Vec<String>)> = form.phrasings.iter().filter(|(_, v)| !v.is_empty()).collect();
-                    let (style, list) = styles[below(&mut rng, styles.len())];
-                    let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
-                    *report.styles.entry(style.clone()).or_default() += 1;
-                    let arguments = b.render(&form.arguments, seed, &conv.ws, &mut rng)?;
-                    if !tool.mistakes.is_empty() && unit(&mut rng) < opts.mistake_rate {
-                        let k = &tool.mistakes[below(&mut rng, tool.mistakes.len())];
-                        mistake = Some((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?));
-                    }
-                    (request, vec![(name.clone(), arguments, tool.answer.as_str())])
-                };
+            let (request, calls): (String, Vec<(String, Value)>) = if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
+                let chain = &seed.chains[below(&mut rng, seed.chains.len())];
+                let phrasing = &chain.phrasings[below(&mut rng, chain.phrasings.len())];
+                let request = b.render_text(phrasing, seed, &conv.ws, &mut rng)?;
+                let calls = chain
+                    .calls
+                    .iter()
+                    .map(|k| Ok((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?)))
+                    .collect::<Result<_>>()?;
+                report.chains += 1;
+                (request, calls)
+            } else {
+                let name = tool_names[below(&mut rng, tool_names.len())];
+                let tool = &seed.tools[name];
+                let form = &tool.forms[weighted(&mut rng, tool.forms.iter().map(|f| f.weight))];
+                if !form.cases.is_empty() {
+                    b.take_case(&form.cases[below(&mut rng, form.cases.len())], &conv.ws);
+                }
+                let styles: Vec<(&String, &Vec<String>)> = form.phrasings.iter().filter(|(_, v)| !v.is_empty()).collect();
+                let (style, list) = styles[below(&mut rng, styles.len())];
+                let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
+                *report.styles.entry(style.clone()).or_default() += 1;
+                let arguments = b.render(&form.arguments, seed, &conv.ws, &mut rng)?;
+                if !tool.mistakes.is_empty() && unit(&mut rng) < opts.mistake_rate {
+                    let k = &tool.mistakes[below(&mut rng, tool.mistakes.len())];
+                    mistake = Some((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?));
+                }
+                (request, vec![(name.clone(), arguments)])
+            };
             let request = if seed.values.contains_key("distractor") && unit(&mut rng) < opts.distractor_rate {
                 report.distractors += 1;
                 let d = b.render_text("{distractor}", seed, &conv.ws, &mut rng)?;
@@ -467,7 +474,7 @@ pub fn synthesize(
                 }
             }
             let mut answers = Vec::new();
-            for (name, args, answer) in calls {
+            for (name, args) in calls {
                 let result = server.call_tool(&name, &args)?;
                 let text = result.text();
                 if result.is_error {
@@ -479,7 +486,7 @@ pub fn synthesize(
                 answers.push(if result.is_error {
                     format!("The tool reported an error: {shown}")
                 } else {
-                    fill_answer(answer, &args, &shown)
+                    fill_answer(seed.tools.get(&name).map_or("Done.", |t| t.answer_to(&text)), &args, &shown)
                 });
             }
             conv.assistant_text(answers.join("\n\n"));
@@ -683,6 +690,16 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         assert!(err.contains("tools.read.forms[0].weight"), "{err}");
         assert_eq!(seed().tools["read"].forms[0].weight, 1.0, "the default weight");
+    }
+
+    #[test]
+    fn a_blank_result_gets_the_empty_answer_where_the_tool_has_one() {
+        let mut tool = seed().tools["read"].clone();
+        assert_eq!(tool.answer_to(" \n"), "{path}: {result}", "no empty_answer: the answer as always");
+        tool.empty_answer = Some("{path} is empty.".into());
+        assert_eq!(tool.answer_to(""), "{path} is empty.");
+        assert_eq!(tool.answer_to(" \n"), "{path} is empty.");
+        assert_eq!(tool.answer_to("[FILE] a"), "{path}: {result}");
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
                     println!("    {} {}", if *is_error { "✗" } else { "→" }, shown.replace('\n', "\n      "));
                 }
                 AgentEvent::Stopped { reason } => println!("    stopped: {reason}"),
+                AgentEvent::SetAside { steps } => {
+                    let steps: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
+                    println!("    the answer leaves out the failed step(s) {}", steps.join(", "))
+                }
                 AgentEvent::Answer { text } => println!("answer: {text}"),
             }
         })?;
