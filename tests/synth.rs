@@ -224,7 +224,18 @@ fn producible(text: &str, template: &str, seed: &Seed, ws: &str) -> bool {
     let Some(rest) = text.strip_prefix(&template[..open]) else { return false };
     let (slot, after) = (&template[open + 1..open + len], &template[open + len + 1..]);
     let values = if slot == "ws" { vec![ws.to_string()] } else { slot_values(seed, slot, ws) };
-    values.iter().any(|v| rest.strip_prefix(v.as_str()).is_some_and(|r| producible(r, after, seed, ws)))
+    values.iter().any(|v| after_value(rest, v).into_iter().any(|r| producible(r, after, seed, ws)))
+}
+
+/// What may follow `value` at the start of `text`: a `{name}` in the value stands for any
+/// folder name the synthesizer draws (one or more characters other than `/`).
+fn after_value<'a>(text: &'a str, value: &str) -> Vec<&'a str> {
+    let Some((head, tail)) = value.split_once("{name}") else {
+        return text.strip_prefix(value).into_iter().collect();
+    };
+    let Some(rest) = text.strip_prefix(head) else { return Vec::new() };
+    let name_end = rest.find('/').unwrap_or(rest.len());
+    rest.char_indices().map(|(i, c)| i + c.len_utf8()).take_while(|&i| i <= name_end).flat_map(|i| after_value(&rest[i..], tail)).collect()
 }
 
 #[test]
@@ -243,6 +254,8 @@ fn check_dev_set(dev: &str) {
     let w = ws.to_string_lossy();
     assert!(producible(&format!("What's inside {w}/budget.txt?"), "What's inside {file}?", &seed, &w));
     assert!(!producible(&format!("What's inside {w}/other.txt?"), "What's inside {file}?", &seed, &w));
+    assert!(producible(&format!("mkdir {w}/v1.2.3 now"), "mkdir {new_dir} now", &seed, &w), "a drawn {{name}} is caught");
+    assert!(!producible(&format!("mkdir {w}/notes/a/b now"), "mkdir {new_dir} now", &seed, &w), "a name holds no slash");
     let mut server = start(&seed, &ws);
     let tools = server.list_tools().unwrap();
     let text = std::fs::read_to_string(dev).unwrap();

@@ -240,20 +240,22 @@ fn empty_dir(dir: &Path) -> Result<()> {
 }
 
 /// A folder name of one of the shapes users' paths take: `mktemp`'s `tmp.` and ten random
-/// characters, words with dashes, underscores, digits, dots or spaces, version numbers.
+/// characters, words with dashes, underscores, digits, dots or spaces, version numbers, a word
+/// and a number after a dot.
 fn shaped_name(rng: &mut SplitMix64) -> String {
     const WORDS: [&str; 12] =
         ["project", "work", "client", "agent", "home", "files", "data", "Reports", "sandbox", "Team", "backup", "notes"];
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let mut word = || WORDS[below(rng, WORDS.len())];
     let (a, b) = (word(), word());
-    match below(rng, 7) {
+    match below(rng, 8) {
         0 => format!("tmp.{}", (0..10).map(|_| CHARS[below(rng, CHARS.len())] as char).collect::<String>()),
         1 => format!("{a}-{}", 1 + below(rng, 2099)),
         2 => format!("{a}_{b}"),
         3 => format!("{a} {b}"),
         4 => format!("v{}.{}.{}", below(rng, 4), below(rng, 20), below(rng, 10)),
         5 => format!("{a}.{b}"),
+        6 => format!("{a}.{}", below(rng, 2100)),
         _ => format!("{a}{}-{b}", below(rng, 100)),
     }
 }
@@ -576,7 +578,7 @@ impl Bindings {
         let taken: Vec<Value> = self.0.iter().filter(|(k, _)| k.split('#').next() == Some(list_name)).map(|(_, v)| v.clone()).collect();
         let fresh: Vec<Value> = list.iter().map(|v| with_ws(v, ws)).filter(|v| !taken.contains(v)).collect();
         let pool = if fresh.is_empty() { list.iter().map(|v| with_ws(v, ws)).collect() } else { fresh };
-        let v = pool[below(rng, pool.len())].clone();
+        let v = with_names(&pool[below(rng, pool.len())], rng);
         self.0.insert(slot.to_string(), v.clone());
         Ok(v)
     }
@@ -629,6 +631,24 @@ impl Bindings {
 fn is_slot(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '#')
 }
+
+/// `v` with each `{name}` replaced by a fresh [`shaped_name`], so that the last part of a
+/// path a user asks for varies as the folders above it do.
+fn with_names(v: &Value, rng: &mut SplitMix64) -> Value {
+    match v {
+        Value::String(s) if s.contains(NAME) => Value::String(s.split(NAME).enumerate().fold(String::new(), |mut out, (i, part)| {
+            if i > 0 {
+                out.push_str(&shaped_name(rng));
+            }
+            out.push_str(part);
+            out
+        })),
+        other => other.clone(),
+    }
+}
+
+/// The placeholder in a seed value for a freshly drawn folder or file name.
+const NAME: &str = "{name}";
 
 fn with_ws(v: &Value, ws: &str) -> Value {
     match v {
@@ -700,6 +720,25 @@ mod tests {
         assert_eq!(tool.answer_to(""), "{path} is empty.");
         assert_eq!(tool.answer_to(" \n"), "{path} is empty.");
         assert_eq!(tool.answer_to("[FILE] a"), "{path}: {result}");
+    }
+
+    #[test]
+    fn a_name_placeholder_draws_a_fresh_shaped_name_shared_by_request_and_arguments() {
+        let mut s = seed();
+        s.values.insert("new_dir".into(), vec![json!("{ws}/{name}"), json!("{ws}/x/{name}.d")]);
+        let mut rng = SplitMix64(11);
+        let mut leaves = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let mut b = Bindings::default();
+            let text = b.render_text("Make {new_dir} now", &s, "/w", &mut rng).unwrap();
+            let args = b.render(&json!({"path": "{new_dir}"}), &s, "/w", &mut rng).unwrap();
+            let path = args["path"].as_str().unwrap();
+            assert_eq!(text, format!("Make {path} now"), "one draw for the request and the arguments");
+            assert!(path.starts_with("/w/") && !path.contains('{') && !path.ends_with('/'), "{path}");
+            leaves.insert(path.rsplit('/').next().unwrap().to_string());
+        }
+        assert!(leaves.len() > 20, "names are drawn afresh: {leaves:?}");
+        assert!(leaves.iter().any(|l| l.contains('.') && !l.ends_with(".d")), "shapes with dots: {leaves:?}");
     }
 
     #[test]
