@@ -891,7 +891,8 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
 /// The adapter a run returns is the one of its lowest validation loss, not its last: trained to
 /// continue a sequence one way and validated on the same start continued another way, the
 /// validation loss ends higher than its lowest, and the returned weights give that lowest loss
-/// when scored afresh.
+/// when scored afresh. A few drawings in a hundred train the validation loss down to its last
+/// step, which leaves nothing to choose; such a drawing is replaced by the next.
 #[test]
 fn the_weights_of_the_best_validation_are_kept() {
     use agentflux::lora::ActiveAdapter;
@@ -899,8 +900,6 @@ fn the_weights_of_the_best_validation_are_kept() {
     let mut r = rng("keep-best");
     let model = tiny_q8_model(&mut r, "best");
     let n_vocab = model.config.n_vocab as u64;
-    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| (r.next_u64() % n_vocab) as u32).collect() };
-    let start = draw(5);
     let example = |line: usize, tokens: Vec<u32>| Example {
         role: AdapterRole::Selector,
         tokens,
@@ -909,15 +908,25 @@ fn the_weights_of_the_best_validation_are_kept() {
         line,
         name: "t".into(),
     };
-    let trained = [start.clone(), draw(5)].concat();
-    let train: Vec<Example> = (0..2).map(|i| example(i, trained.clone())).collect();
-    let val = [example(2, [start, draw(5)].concat())];
     let opts = TrainOptions { rank: 4, steps: 12, batch: 2, lr: 1e-2, eval_every: 1, seed: 3, ..Default::default() };
-    let mut seen = Vec::new();
-    let (adapter, loss) = train_adapter(&model, "best", &train, &val, &opts, |p| seen.push(p.eval_loss.unwrap())).unwrap();
+    let mut drawings = Vec::new();
+    let (adapter, loss, seen, val) = loop {
+        assert!(drawings.len() < 8, "no drawing left a validation loss lower than its last: {drawings:?}");
+        let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| (r.next_u64() % n_vocab) as u32).collect() };
+        let start = draw(5);
+        let trained = [start.clone(), draw(5)].concat();
+        let train: Vec<Example> = (0..2).map(|i| example(i, trained.clone())).collect();
+        let val = [example(2, [start, draw(5)].concat())];
+        let mut seen = Vec::new();
+        let (adapter, loss) = train_adapter(&model, "best", &train, &val, &opts, |p| seen.push(p.eval_loss.unwrap())).unwrap();
+        eprintln!("validation losses {seen:?}");
+        let lowest = seen.iter().copied().fold(f32::INFINITY, f32::min);
+        if *seen.last().unwrap() > lowest + 1e-3 {
+            break (adapter, loss, seen, val);
+        }
+        drawings.push(seen);
+    };
     let lowest = seen.iter().copied().fold(f32::INFINITY, f32::min);
-    eprintln!("validation losses {seen:?}");
-    assert!(*seen.last().unwrap() > lowest + 1e-3, "the last validation was the best: nothing to choose ({seen:?})");
     assert_eq!(loss, Some(lowest));
     let id = model.add_adapter("check", &adapter).unwrap();
     let mut prefix = PrefixCache::new();
