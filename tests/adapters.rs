@@ -421,9 +421,13 @@ fn prompt_and_tree_in_one_pass_equal_two_passes() {
     let want_root = two.prefill(&prompt, plan).unwrap();
     let want_nodes = two.tree_logits(&tree, &parents, plan).unwrap();
     // The tree's attention visits the keys in another order than a causal pass (as in
-    // models.rs's token-tree test): the same within f32 rounding.
-    assert_close("the prompt's last logits", &root, &want_root, 1e-4);
-    assert_close("the nodes' logits", &nodes, &want_nodes, 1e-4);
+    // models.rs's token-tree test): the same within f32 rounding. This random model with a
+    // random adapter on every projection scores keys far above a trained model's, which scales
+    // that rounding: over 150 drawings the worst error had median 1e-6, 98th percentile 5e-5 and
+    // maximum 3.2e-4 (8-bit activations can round a hair's difference a step apart). A node
+    // attending to the wrong keys is off by more than 1e-2.
+    assert_close("the prompt's last logits", &root, &want_root, 1e-3);
+    assert_close("the nodes' logits", &nodes, &want_nodes, 1e-3);
     assert_eq!(one.tokens(), two.tokens());
     assert_eq!(one.tokens(), &prompt[..]);
     assert_eq!(one.cached_prefix(&prompt, plan), prompt.len());
