@@ -228,14 +228,18 @@ fn producible(text: &str, template: &str, seed: &Seed, ws: &str) -> bool {
 }
 
 /// What may follow `value` at the start of `text`: a `{name}` in the value stands for any
-/// folder name the synthesizer draws (one or more characters other than `/`).
+/// folder name the synthesizer draws (one or more characters other than `/`), a `{words}` for
+/// any run of words (letters, digits and spaces).
 fn after_value<'a>(text: &'a str, value: &str) -> Vec<&'a str> {
-    let Some((head, tail)) = value.split_once("{name}") else {
+    let drawn = [("{name}", (|c| c != '/') as fn(char) -> bool), ("{words}", |c: char| c.is_ascii_alphanumeric() || c == ' ')];
+    let Some((at, placeholder, allowed)) = drawn.iter().filter_map(|&(p, ok)| value.find(p).map(|at| (at, p, ok))).min_by_key(|d| d.0)
+    else {
         return text.strip_prefix(value).into_iter().collect();
     };
+    let (head, tail) = (&value[..at], &value[at + placeholder.len()..]);
     let Some(rest) = text.strip_prefix(head) else { return Vec::new() };
-    let name_end = rest.find('/').unwrap_or(rest.len());
-    rest.char_indices().map(|(i, c)| i + c.len_utf8()).take_while(|&i| i <= name_end).flat_map(|i| after_value(&rest[i..], tail)).collect()
+    let end = rest.find(|c| !allowed(c)).unwrap_or(rest.len());
+    rest.char_indices().map(|(i, c)| i + c.len_utf8()).take_while(|&i| i <= end).flat_map(|i| after_value(&rest[i..], tail)).collect()
 }
 
 #[test]
@@ -256,6 +260,8 @@ fn check_dev_set(dev: &str) {
     assert!(!producible(&format!("What's inside {w}/other.txt?"), "What's inside {file}?", &seed, &w));
     assert!(producible(&format!("mkdir {w}/v1.2.3 now"), "mkdir {new_dir} now", &seed, &w), "a drawn {{name}} is caught");
     assert!(!producible(&format!("mkdir {w}/notes/a/b now"), "mkdir {new_dir} now", &seed, &w), "a name holds no slash");
+    assert!(producible("Write \"pay the rent\" to x.", "Write \"{content}\" to x.", &seed, &w), "drawn {{words}} are caught");
+    assert!(!producible("Write \"pay, the rent\" to x.", "Write \"{content}\" to x.", &seed, &w), "words hold no comma");
     let mut server = start(&seed, &ws);
     let tools = server.list_tools().unwrap();
     let text = std::fs::read_to_string(dev).unwrap();

@@ -578,7 +578,7 @@ impl Bindings {
         let taken: Vec<Value> = self.0.iter().filter(|(k, _)| k.split('#').next() == Some(list_name)).map(|(_, v)| v.clone()).collect();
         let fresh: Vec<Value> = list.iter().map(|v| with_ws(v, ws)).filter(|v| !taken.contains(v)).collect();
         let pool = if fresh.is_empty() { list.iter().map(|v| with_ws(v, ws)).collect() } else { fresh };
-        let v = with_names(&pool[below(rng, pool.len())], rng);
+        let v = with_drawn(&pool[below(rng, pool.len())], rng);
         self.0.insert(slot.to_string(), v.clone());
         Ok(v)
     }
@@ -632,23 +632,44 @@ fn is_slot(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '#')
 }
 
-/// `v` with each `{name}` replaced by a fresh [`shaped_name`], so that the last part of a
-/// path a user asks for varies as the folders above it do.
-fn with_names(v: &Value, rng: &mut SplitMix64) -> Value {
+/// `v` with each `{name}` replaced by a fresh [`shaped_name`] and each `{words}` by fresh
+/// [`drawn_words`], so that the last part of a path varies as the folders above it do, and a
+/// text to be written is one the adapter has to copy rather than one it has seen.
+fn with_drawn(v: &Value, rng: &mut SplitMix64) -> Value {
     match v {
-        Value::String(s) if s.contains(NAME) => Value::String(s.split(NAME).enumerate().fold(String::new(), |mut out, (i, part)| {
-            if i > 0 {
-                out.push_str(&shaped_name(rng));
-            }
-            out.push_str(part);
-            out
-        })),
+        Value::String(s) if s.contains(NAME) || s.contains(WORDS) => {
+            let named = fill_each(s, NAME, rng, shaped_name);
+            Value::String(fill_each(&named, WORDS, rng, drawn_words))
+        }
         other => other.clone(),
     }
 }
 
-/// The placeholder in a seed value for a freshly drawn folder or file name.
+/// `s` with each `placeholder` replaced by its own `draw`.
+fn fill_each(s: &str, placeholder: &str, rng: &mut SplitMix64, draw: fn(&mut SplitMix64) -> String) -> String {
+    s.split(placeholder).enumerate().fold(String::new(), |mut out, (i, part)| {
+        if i > 0 {
+            out.push_str(&draw(rng));
+        }
+        out.push_str(part);
+        out
+    })
+}
+
+/// Two to six plain words, the kind of short text a user asks to have written down.
+fn drawn_words(rng: &mut SplitMix64) -> String {
+    const WORDS: [&str; 48] = [
+        "call", "the", "garden", "invoice", "tomorrow", "plan", "order", "paper", "blue", "train", "ticket", "lunch", "with", "Maria",
+        "budget", "draft", "review", "before", "Monday", "send", "photos", "to", "Li", "fix", "printer", "water", "plants", "book",
+        "flight", "new", "password", "meeting", "at", "noon", "pay", "rent", "and", "clean", "kitchen", "ideas", "for", "trip", "ready",
+        "version", "2", "Oslo", "boxes", "soon",
+    ];
+    (0..2 + below(rng, 5)).map(|_| WORDS[below(rng, WORDS.len())]).collect::<Vec<_>>().join(" ")
+}
+
+/// The placeholders in a seed value for a freshly drawn folder or file name, and for fresh words.
 const NAME: &str = "{name}";
+const WORDS: &str = "{words}";
 
 fn with_ws(v: &Value, ws: &str) -> Value {
     match v {
@@ -739,6 +760,28 @@ mod tests {
         }
         assert!(leaves.len() > 20, "names are drawn afresh: {leaves:?}");
         assert!(leaves.iter().any(|l| l.contains('.') && !l.ends_with(".d")), "shapes with dots: {leaves:?}");
+    }
+
+    #[test]
+    fn a_words_placeholder_draws_fresh_text_each_time_it_appears() {
+        let mut s = seed();
+        s.values.insert("content".into(), vec![json!("Note: {words}\n{words}")]);
+        let mut rng = SplitMix64(5);
+        let mut texts = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let mut b = Bindings::default();
+            let text = b.render_text("Write {content} down", &s, "/w", &mut rng).unwrap();
+            let args = b.render(&json!({"content": "{content}"}), &s, "/w", &mut rng).unwrap();
+            let content = args["content"].as_str().unwrap();
+            assert_eq!(text, format!("Write {content} down"), "one draw for the request and the arguments");
+            let (first, second) = content.strip_prefix("Note: ").and_then(|c| c.split_once('\n')).unwrap();
+            for words in [first, second] {
+                let n = words.split(' ').count();
+                assert!((2..=6).contains(&n) && !words.contains('{'), "{words:?}");
+            }
+            texts.insert(content.to_string());
+        }
+        assert_eq!(texts.len(), 20, "texts are drawn afresh: {texts:?}");
     }
 
     #[test]
