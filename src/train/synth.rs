@@ -743,6 +743,16 @@ mod tests {
         assert_eq!(tool.answer_to("[FILE] a"), "{path}: {result}");
     }
 
+    /// `{slot}` filled in a request and in arguments by one set of bindings: the same text in both.
+    fn drawn_for_request_and_arguments(s: &Seed, slot: &str, rng: &mut SplitMix64) -> String {
+        let mut b = Bindings::default();
+        let text = b.render_text(&format!("Use {{{slot}}} now"), s, "/w", rng).unwrap();
+        let args = b.render(&json!({ "v": format!("{{{slot}}}") }), s, "/w", rng).unwrap();
+        let v = args["v"].as_str().unwrap().to_string();
+        assert_eq!(text, format!("Use {v} now"), "one draw for the request and the arguments");
+        v
+    }
+
     #[test]
     fn a_name_placeholder_draws_a_fresh_shaped_name_shared_by_request_and_arguments() {
         let mut s = seed();
@@ -750,11 +760,7 @@ mod tests {
         let mut rng = SplitMix64(11);
         let mut leaves = std::collections::BTreeSet::new();
         for _ in 0..40 {
-            let mut b = Bindings::default();
-            let text = b.render_text("Make {new_dir} now", &s, "/w", &mut rng).unwrap();
-            let args = b.render(&json!({"path": "{new_dir}"}), &s, "/w", &mut rng).unwrap();
-            let path = args["path"].as_str().unwrap();
-            assert_eq!(text, format!("Make {path} now"), "one draw for the request and the arguments");
+            let path = &drawn_for_request_and_arguments(&s, "new_dir", &mut rng);
             assert!(path.starts_with("/w/") && !path.contains('{') && !path.ends_with('/'), "{path}");
             leaves.insert(path.rsplit('/').next().unwrap().to_string());
         }
@@ -769,11 +775,7 @@ mod tests {
         let mut rng = SplitMix64(5);
         let mut texts = std::collections::BTreeSet::new();
         for _ in 0..20 {
-            let mut b = Bindings::default();
-            let text = b.render_text("Write {content} down", &s, "/w", &mut rng).unwrap();
-            let args = b.render(&json!({"content": "{content}"}), &s, "/w", &mut rng).unwrap();
-            let content = args["content"].as_str().unwrap();
-            assert_eq!(text, format!("Write {content} down"), "one draw for the request and the arguments");
+            let content = &drawn_for_request_and_arguments(&s, "content", &mut rng);
             let (first, second) = content.strip_prefix("Note: ").and_then(|c| c.split_once('\n')).unwrap();
             for words in [first, second] {
                 let n = words.split(' ').count();
