@@ -401,7 +401,9 @@ fn adapter_gradient_matches_finite_differences() {
                 at.push((0..analytic.len()).max_by(|&i, &j| analytic[i].abs().total_cmp(&analytic[j].abs())).unwrap());
                 let base = &adapter.targets[&(layer, proj)];
                 let values = if which == "A" { &base.a } else { &base.b };
-                let e = fd_error(values, &at, analytic, 1e-2, |x| {
+                // A step of 3e-3: at 1e-2 a drawing's curvature (phi3 layer 0, 6.9e-2) outweighed
+                // the gradient's error, while below 1e-3 the f32 loss's rounding does.
+                let e = fd_error(values, &at, analytic, 3e-3, |x| {
                     let mut changed = adapter.clone();
                     let w = changed.targets.get_mut(&(layer, proj)).unwrap();
                     *(if which == "A" { &mut w.a } else { &mut w.b }) = x.to_vec();
