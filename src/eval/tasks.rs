@@ -106,6 +106,8 @@ pub struct TaskOutcome {
     pub failed: Vec<String>,
     /// The calls made, in order (`finish` included).
     pub calls: Vec<String>,
+    /// Each call's arguments, in the order of `calls`: what a miss is read from.
+    pub arguments: Vec<Value>,
     /// The final answer.
     pub answer: String,
     /// Milliseconds the task took.
@@ -117,12 +119,16 @@ pub struct TaskOutcome {
 /// Judge a finished run of `task` from its events and the workspace as it was left.
 pub fn judge(task: &Task, events: &[AgentEvent]) -> TaskOutcome {
     let mut calls = Vec::new();
+    let mut arguments = Vec::new();
     let mut seen_text = String::new();
     let mut answer = String::new();
     let mut succeeded: Vec<&str> = Vec::new();
     for e in events {
         match e {
-            AgentEvent::Call { call, .. } => calls.push(call.name.clone()),
+            AgentEvent::Call { call, .. } => {
+                calls.push(call.name.clone());
+                arguments.push(call.arguments.clone());
+            }
             AgentEvent::Result { name, text, is_error, .. } => {
                 seen_text.push_str(text);
                 seen_text.push('\n');
@@ -153,7 +159,7 @@ pub fn judge(task: &Task, events: &[AgentEvent]) -> TaskOutcome {
             Err(e) => failed.push(format!("{path}: {e}")),
         }
     }
-    TaskOutcome { line: task.line, success: failed.is_empty(), failed, calls, answer, ms: 0.0, error: None }
+    TaskOutcome { line: task.line, success: failed.is_empty(), failed, calls, arguments, answer, ms: 0.0, error: None }
 }
 
 /// The share of tasks that succeeded, with the mean calls and milliseconds per task.
@@ -178,7 +184,7 @@ mod tests {
             step,
             call: Box::new(ToolCall {
                 name: name.into(),
-                arguments: Value::Null,
+                arguments: serde_json::json!({"step": step}),
                 confidence: None,
                 candidates: Default::default(),
                 stats: CallStats::default(),
@@ -226,6 +232,7 @@ mod tests {
         );
         assert!(ok.success, "{:?}", ok.failed);
         assert_eq!(ok.calls, ["read_text_file", "write_file", "finish"]);
+        assert_eq!(ok.arguments, [1, 2, 3].map(|step| serde_json::json!({"step": step})));
         let bad = judge(
             &task(Checks {
                 facts: vec!["dentist".into()],

@@ -247,7 +247,8 @@ fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
     progress.finish();
     println!("{TASK_HEADER}\n{}", task_row(a.mode.name(), &outcomes));
     for o in outcomes.iter().filter(|o| !o.success) {
-        println!("line {}: {} (calls: {})", o.line, o.failed.join("; "), o.calls.join(", "));
+        let calls: Vec<String> = o.calls.iter().zip(&o.arguments).map(|(name, args)| format!("{name} {args}")).collect();
+        println!("line {}: {} (calls: {})", o.line, o.failed.join("; "), calls.join(", "));
     }
     if let Some(out) = &a.json {
         let v = serde_json::json!({"mode": a.mode.name(), "model": a.model, "tasks": path, "adapters": a.adapters, "device": l.eng.ctx.describe(), "outcomes": outcomes});
