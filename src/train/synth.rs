@@ -442,7 +442,7 @@ pub fn synthesize(
                 let tool = &seed.tools[name];
                 let form = &tool.forms[weighted(&mut rng, tool.forms.iter().map(|f| f.weight))];
                 if !form.cases.is_empty() {
-                    b.take_case(&form.cases[below(&mut rng, form.cases.len())], &conv.ws);
+                    b.take_case(&form.cases[below(&mut rng, form.cases.len())], &conv.ws, &mut rng);
                 }
                 let styles: Vec<(&String, &Vec<String>)> = form.phrasings.iter().filter(|(_, v)| !v.is_empty()).collect();
                 let (style, list) = styles[below(&mut rng, styles.len())];
@@ -558,9 +558,9 @@ impl Conversation {
 struct Bindings(HashMap<String, Value>);
 
 impl Bindings {
-    fn take_case(&mut self, case: &BTreeMap<String, Value>, ws: &str) {
+    fn take_case(&mut self, case: &BTreeMap<String, Value>, ws: &str, rng: &mut SplitMix64) {
         for (k, v) in case {
-            self.0.insert(k.clone(), with_ws(v, ws));
+            self.0.insert(k.clone(), with_drawn(&with_ws(v, ws), rng));
         }
     }
 
@@ -784,6 +784,26 @@ mod tests {
             texts.insert(content.to_string());
         }
         assert_eq!(texts.len(), 20, "texts are drawn afresh: {texts:?}");
+    }
+
+    #[test]
+    fn a_case_draws_its_placeholders_once_for_request_and_arguments() {
+        let s = seed();
+        let case: BTreeMap<String, Value> = [("old".to_string(), json!("buy milk")), ("new".to_string(), json!("{words}"))].into();
+        let mut rng = SplitMix64(7);
+        let mut texts = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let mut b = Bindings::default();
+            b.take_case(&case, "/w", &mut rng);
+            let text = b.render_text("Replace {old} with {new}", &s, "/w", &mut rng).unwrap();
+            let args = b.render(&json!({"oldText": "{old}", "newText": "{new}"}), &s, "/w", &mut rng).unwrap();
+            let new = args["newText"].as_str().unwrap();
+            assert_eq!(args["oldText"], "buy milk", "a plain case value is kept");
+            assert_eq!(text, format!("Replace buy milk with {new}"), "one draw for the request and the arguments");
+            assert!((2..=6).contains(&new.split(' ').count()) && !new.contains('{'), "{new:?}");
+            texts.insert(new.to_string());
+        }
+        assert!(texts.len() > 15, "a case's words are drawn afresh: {texts:?}");
     }
 
     #[test]
