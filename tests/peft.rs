@@ -8,8 +8,8 @@
 //! Tolerance: both sides compute in f32 from the same dequantised weights; this engine keeps its
 //! KV cache in f16 and sums in another order, which moves SmolLM2's logits by up to ~3e-4 of the
 //! largest (`real_model_matches_f32_reference`). So each top-5 logit within LOGIT_TOL (measured
-//! 2026-12-04: 0.0117 base, 0.0137 adapted at most); and the adapters must matter: PEFT's adapted
-//! logits are far from this engine's base ones (measured 2.7 to 13.5).
+//! 2026-12-05: 0.0165 base, 0.0193 adapted at most); and the adapters must matter: PEFT's adapted
+//! logits are far from this engine's base ones (measured 2.7 to 15.1).
 
 mod common;
 
