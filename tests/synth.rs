@@ -197,6 +197,56 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
     std::fs::remove_dir_all(&ws).ok();
 }
 
+/// A chain whose request describes a file (a case binds the folder, the file and the words for
+/// it): the request never names the file, the listing that comes first does, and the read is
+/// of that listed file.
+#[test]
+fn a_chain_case_describes_a_file_that_only_the_listing_names() {
+    if filesystem_server().is_none() {
+        return;
+    }
+    let seed: Seed = serde_json::from_value(serde_json::json!({
+        "server": Seed::load(Path::new(SEED)).unwrap().server,
+        "workspace": {"files": {"data/sales.csv": "month,amount\n2026-10,1430\n", "data/users.json": "[]\n", "notes/todo.txt": "buy milk\n"}},
+        "values": {"dir": ["{ws}/data"], "file": ["{ws}/data/users.json"]},
+        "tools": {"read_text_file": {"forms": [{"arguments": {"path": "{file}"}, "phrasings": {"q": ["Read {file}."]}}], "answer": "{result}"}},
+        "chains": [{
+            "calls": [{"name": "list_directory", "arguments": {"path": "{dir}"}}, {"name": "read_text_file", "arguments": {"path": "{file}"}}],
+            "phrasings": ["Look through {dir} and open the {about}."],
+            "cases": [{"dir": "{ws}/data", "file": "{ws}/data/sales.csv", "about": "sales figures"}, {"dir": "{ws}/notes", "file": "{ws}/notes/todo.txt", "about": "to-do list"}]
+        }],
+        "finish": {"requests": ["hi"], "answers": ["hello"]}
+    }))
+    .unwrap();
+    let ws = workspace("chain-case");
+    let opts = SynthOptions { conversations: 12, seed: 3, workspace: ws.clone(), chain_rate: 1.0, finish_rate: 0.0, ..Default::default() };
+    let (lines, report) = synth(&seed, &ws, &opts);
+    assert_eq!(report.chains, report.lengths.iter().map(|(n, c)| n * c).sum::<usize>(), "every request is the chain");
+    let mut abouts = BTreeSet::new();
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let requests: Vec<&str> =
+            v["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "user").filter_map(|m| m["content"].as_str()).collect();
+        let calls = calls(line);
+        assert_eq!(calls.len(), 2 * requests.len());
+        for (request, pair) in requests.iter().zip(calls.chunks(2)) {
+            let ((list, dir, listing), (read, file, text)) = (&pair[0], &pair[1]);
+            assert_eq!((list.as_str(), read.as_str()), ("list_directory", "read_text_file"));
+            let (dir, file) = (dir["path"].as_str().unwrap(), file["path"].as_str().unwrap());
+            let (parent, leaf) = file.rsplit_once('/').unwrap();
+            assert_eq!(parent, dir, "the file the case binds lies in the folder it binds");
+            assert!(listing.contains(&format!("[FILE] {leaf}")), "the listing names the file: {listing}");
+            assert!(!request.contains(leaf) && request.contains(dir), "{request}");
+            assert!(!text.is_empty() && !text.contains("rror"), "the read works: {text}");
+            let about = if leaf == "sales.csv" { "sales figures" } else { "to-do list" };
+            assert!(request.contains(about), "the request describes the file by its own case: {request}");
+            abouts.insert(about);
+        }
+    }
+    assert_eq!(abouts.len(), 2, "both cases drawn");
+    std::fs::remove_dir_all(&ws).ok();
+}
+
 /// Whether `name` is a top-level entry of the seeded workspace or one the seed's values create.
 fn seed_top(seed: &Seed, name: &str) -> bool {
     let top = |p: &str| p.trim_start_matches("{ws}/").split('/').next() == Some(name);

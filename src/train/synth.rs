@@ -112,6 +112,10 @@ pub struct ChainSeed {
     pub calls: Vec<ChainCall>,
     /// The requests.
     pub phrasings: Vec<String>,
+    /// Slot values that must go together (a folder, a file it holds, and what that file is
+    /// about), so that a request can describe a file that only the first call's result names.
+    #[serde(default)]
+    pub cases: Vec<BTreeMap<String, Value>>,
 }
 
 /// One call of a chain.
@@ -428,6 +432,9 @@ pub fn synthesize(
             let mut mistake = None;
             let (request, calls): (String, Vec<(String, Value)>) = if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
                 let chain = &seed.chains[below(&mut rng, seed.chains.len())];
+                if !chain.cases.is_empty() {
+                    b.take_case(&chain.cases[below(&mut rng, chain.cases.len())], &conv.ws, &mut rng);
+                }
                 let phrasing = &chain.phrasings[below(&mut rng, chain.phrasings.len())];
                 let request = b.render_text(phrasing, seed, &conv.ws, &mut rng)?;
                 let calls = chain

@@ -41,6 +41,10 @@ pub struct SynthArgs {
     /// of them: the server's error comes back, then the right call (the selector's recoveries).
     #[arg(long, default_value_t = 0.1)]
     mistake_rate: f64,
+    /// Share of requests served by a chain of calls from the seed's `chains` (the rest: a single
+    /// call, or no tool at all in about one request of eight), 0 to 1.
+    #[arg(long, default_value_t = 0.15)]
+    chain_rate: f64,
     /// Random seed (the same seed and seed file give the same data).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -101,7 +105,7 @@ impl SynthArgs {
 
 /// `agentflux data synth`.
 pub fn synth(a: SynthArgs) -> Result<()> {
-    for (flag, share) in [("--shaped-roots", a.shaped_roots), ("--mistake-rate", a.mistake_rate)] {
+    for (flag, share) in [("--shaped-roots", a.shaped_roots), ("--mistake-rate", a.mistake_rate), ("--chain-rate", a.chain_rate)] {
         if !(0.0..=1.0).contains(&share) {
             anyhow::bail!("{flag} {share}: a share between 0 and 1");
         }
@@ -112,6 +116,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         max_steps: a.max_steps,
         shaped_roots: a.shaped_roots,
         mistake_rate: a.mistake_rate,
+        chain_rate: a.chain_rate,
         seed: a.seed,
         workspace: a.workspace.clone(),
         ..Default::default()
