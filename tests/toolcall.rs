@@ -506,8 +506,14 @@ fn hierarchical_choice_over_two_real_servers() {
     let mut r = rng("hierarchy");
     let (model, tok, template, _) = tiny_pipeline(&f, r.next_u64(), "hierarchy");
     let root = std::env::temp_dir().join(format!("agentflux-hier-{}", std::process::id()));
-    let catalog = common::filesystem_and_memory(&fs, &root);
+    let mut catalog = common::filesystem_and_memory(&fs, &root);
     assert_eq!(catalog.groups.len(), 2);
+    // Tools whose arguments hold no array: with random weights an array (of arrays) can run past
+    // the argument budget, which is the right error but not what this checks.
+    for g in &mut catalog.groups {
+        g.tools.retain(|t| !t.input_schema.to_string().contains(r#""array""#));
+        assert!(g.tools.len() >= 2, "{}: {} tools without arrays", g.server, g.tools.len());
+    }
     let messages = [ChatMessage::new("user", "Remember that Ada likes tea.")];
     let mut caller = ToolCaller::new(tok, template).unwrap();
 
