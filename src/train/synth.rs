@@ -432,9 +432,7 @@ pub fn synthesize(
             let mut mistake = None;
             let (request, calls): (String, Vec<(String, Value)>) = if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
                 let chain = &seed.chains[below(&mut rng, seed.chains.len())];
-                if !chain.cases.is_empty() {
-                    b.take_case(&chain.cases[below(&mut rng, chain.cases.len())], &conv.ws, &mut rng);
-                }
+                b.take_one_case(&chain.cases, &conv.ws, &mut rng);
                 let phrasing = &chain.phrasings[below(&mut rng, chain.phrasings.len())];
                 let request = b.render_text(phrasing, seed, &conv.ws, &mut rng)?;
                 let calls = chain
@@ -448,9 +446,7 @@ pub fn synthesize(
                 let name = tool_names[below(&mut rng, tool_names.len())];
                 let tool = &seed.tools[name];
                 let form = &tool.forms[weighted(&mut rng, tool.forms.iter().map(|f| f.weight))];
-                if !form.cases.is_empty() {
-                    b.take_case(&form.cases[below(&mut rng, form.cases.len())], &conv.ws, &mut rng);
-                }
+                b.take_one_case(&form.cases, &conv.ws, &mut rng);
                 let styles: Vec<(&String, &Vec<String>)> = form.phrasings.iter().filter(|(_, v)| !v.is_empty()).collect();
                 let (style, list) = styles[below(&mut rng, styles.len())];
                 let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
@@ -565,6 +561,13 @@ impl Conversation {
 struct Bindings(HashMap<String, Value>);
 
 impl Bindings {
+    /// Bind one of `cases`, drawn uniformly; none when there are none.
+    fn take_one_case(&mut self, cases: &[BTreeMap<String, Value>], ws: &str, rng: &mut SplitMix64) {
+        if !cases.is_empty() {
+            self.take_case(&cases[below(rng, cases.len())], ws, rng);
+        }
+    }
+
     fn take_case(&mut self, case: &BTreeMap<String, Value>, ws: &str, rng: &mut SplitMix64) {
         for (k, v) in case {
             self.0.insert(k.clone(), with_drawn(&with_ws(v, ws), rng));
