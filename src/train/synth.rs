@@ -3,8 +3,8 @@
 //! the tool results of the real MCP server running in that workspace.
 //!
 //! Every conversation starts from a freshly written workspace and has one to `max_steps` user
-//! requests; each is a single tool call (now and then after a call the server refuses, shown
-//! with weight 0), a chain of calls the request asks for in order, or a request that needs no
+//! requests; each is a single tool call or a chain of calls the request asks for in order (now and
+//! then after a call the server refuses, shown with weight 0), or a request that needs no
 //! tool. After each call the real result is fed back and, once the request
 //! is served, the assistant answers in text — the `finish` turns the selector learns. The output
 //! is OpenAI chat JSONL that [`super::read_trajectories`] reads.
@@ -116,6 +116,10 @@ pub struct ChainSeed {
     /// about), so that a request can describe a file that only the first call's result names.
     #[serde(default)]
     pub cases: Vec<BTreeMap<String, Value>>,
+    /// Calls a model plausibly makes first for these requests and the server refuses (reading a
+    /// guessed name in the folder the request describes), as for a tool's `mistakes`.
+    #[serde(default)]
+    pub mistakes: Vec<ChainCall>,
 }
 
 /// One call of a chain.
@@ -305,8 +309,8 @@ pub struct SynthOptions {
     pub distractor_rate: f64,
     /// Tool results longer than this many characters are cut in answers.
     pub max_answer_chars: usize,
-    /// Share of single-call requests, of a tool with `mistakes`, that first make one of them:
-    /// the server's error comes back, then the right call follows.
+    /// Share of requests, of a tool or chain with `mistakes`, that first make one of them: the
+    /// server's error comes back, then the right calls follow.
     pub mistake_rate: f64,
     /// Share of conversations whose files sit in shaped folders below the workspace
     /// (`tmp.x7Qz…`, dashes, dots, digits, spaces, nesting), so that the argument adapters learn
@@ -394,7 +398,7 @@ pub fn synthesize(
     mut on_line: impl FnMut(usize, &str) -> Result<()>,
 ) -> Result<SynthReport> {
     let tools = server.list_tools()?;
-    let mistakes = seed.tools.values().flat_map(|t| t.mistakes.iter().map(|k| &k.name));
+    let mistakes = seed.tools.values().flat_map(|t| &t.mistakes).chain(seed.chains.iter().flat_map(|c| &c.mistakes)).map(|k| &k.name);
     for name in seed.tools.keys().chain(seed.chains.iter().flat_map(|c| c.calls.iter().map(|k| &k.name))).chain(mistakes) {
         if !tools.iter().any(|t| &t.name == name) {
             return Err(Error::InvalidOption(format!(
@@ -429,35 +433,33 @@ pub fn synthesize(
                 continue;
             }
             let mut b = Bindings::default();
-            let mut mistake = None;
-            let (request, calls): (String, Vec<(String, Value)>) = if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
-                let chain = &seed.chains[below(&mut rng, seed.chains.len())];
-                b.take_one_case(&chain.cases, &conv.ws, &mut rng);
-                let phrasing = &chain.phrasings[below(&mut rng, chain.phrasings.len())];
-                let request = b.render_text(phrasing, seed, &conv.ws, &mut rng)?;
-                let calls = chain
-                    .calls
-                    .iter()
-                    .map(|k| Ok((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?)))
-                    .collect::<Result<_>>()?;
-                report.chains += 1;
-                (request, calls)
-            } else {
-                let name = tool_names[below(&mut rng, tool_names.len())];
-                let tool = &seed.tools[name];
-                let form = &tool.forms[weighted(&mut rng, tool.forms.iter().map(|f| f.weight))];
-                b.take_one_case(&form.cases, &conv.ws, &mut rng);
-                let styles: Vec<(&String, &Vec<String>)> = form.phrasings.iter().filter(|(_, v)| !v.is_empty()).collect();
-                let (style, list) = styles[below(&mut rng, styles.len())];
-                let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
-                *report.styles.entry(style.clone()).or_default() += 1;
-                let arguments = b.render(&form.arguments, seed, &conv.ws, &mut rng)?;
-                if !tool.mistakes.is_empty() && unit(&mut rng) < opts.mistake_rate {
-                    let k = &tool.mistakes[below(&mut rng, tool.mistakes.len())];
-                    mistake = Some((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?));
-                }
-                (request, vec![(name.clone(), arguments)])
-            };
+            let (request, calls, mistake): (String, Vec<(String, Value)>, _) =
+                if r < opts.finish_rate + opts.chain_rate && !seed.chains.is_empty() {
+                    let chain = &seed.chains[below(&mut rng, seed.chains.len())];
+                    b.take_one_case(&chain.cases, &conv.ws, &mut rng);
+                    let phrasing = &chain.phrasings[below(&mut rng, chain.phrasings.len())];
+                    let request = b.render_text(phrasing, seed, &conv.ws, &mut rng)?;
+                    let calls = chain
+                        .calls
+                        .iter()
+                        .map(|k| Ok((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?)))
+                        .collect::<Result<_>>()?;
+                    let mistake = b.draw_mistake(&chain.mistakes, opts.mistake_rate, seed, &conv.ws, &mut rng)?;
+                    report.chains += 1;
+                    (request, calls, mistake)
+                } else {
+                    let name = tool_names[below(&mut rng, tool_names.len())];
+                    let tool = &seed.tools[name];
+                    let form = &tool.forms[weighted(&mut rng, tool.forms.iter().map(|f| f.weight))];
+                    b.take_one_case(&form.cases, &conv.ws, &mut rng);
+                    let styles: Vec<(&String, &Vec<String>)> = form.phrasings.iter().filter(|(_, v)| !v.is_empty()).collect();
+                    let (style, list) = styles[below(&mut rng, styles.len())];
+                    let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
+                    *report.styles.entry(style.clone()).or_default() += 1;
+                    let arguments = b.render(&form.arguments, seed, &conv.ws, &mut rng)?;
+                    let mistake = b.draw_mistake(&tool.mistakes, opts.mistake_rate, seed, &conv.ws, &mut rng)?;
+                    (request, vec![(name.clone(), arguments)], mistake)
+                };
             let request = if seed.values.contains_key("distractor") && unit(&mut rng) < opts.distractor_rate {
                 report.distractors += 1;
                 let d = b.render_text("{distractor}", seed, &conv.ws, &mut rng)?;
@@ -572,6 +574,23 @@ impl Bindings {
         for (k, v) in case {
             self.0.insert(k.clone(), with_drawn(&with_ws(v, ws), rng));
         }
+    }
+
+    /// With probability `rate`, one of `mistakes` with these bindings; nothing is drawn from
+    /// `rng` when there are none, so seeds without mistakes give the same data as before.
+    fn draw_mistake(
+        &mut self,
+        mistakes: &[ChainCall],
+        rate: f64,
+        seed: &Seed,
+        ws: &str,
+        rng: &mut SplitMix64,
+    ) -> Result<Option<(String, Value)>> {
+        if mistakes.is_empty() || unit(rng) >= rate {
+            return Ok(None);
+        }
+        let k = &mistakes[below(rng, mistakes.len())];
+        Ok(Some((k.name.clone(), self.render(&k.arguments, seed, ws, rng)?)))
     }
 
     /// The value of `slot` (`name` or `name#n`), drawn on first use; `name#n` differs from the

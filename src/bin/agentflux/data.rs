@@ -37,8 +37,8 @@ pub struct SynthArgs {
     /// (`tmp.x7Qz…`, dashes, dots, digits, spaces, nesting), 0 to 1.
     #[arg(long, default_value_t = 0.5)]
     shaped_roots: f64,
-    /// Share of single-call requests, of a tool whose seed lists `mistakes`, that first make one
-    /// of them: the server's error comes back, then the right call (the selector's recoveries).
+    /// Share of requests, of a tool or chain whose seed lists `mistakes`, that first make one of
+    /// them: the server's error comes back, then the right calls (the selector's recoveries).
     #[arg(long, default_value_t = 0.1)]
     mistake_rate: f64,
     /// Share of requests served by a chain of calls from the seed's `chains` (the rest: a single
