@@ -200,6 +200,25 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
     std::fs::remove_dir_all(&ws).ok();
 }
 
+/// A seed whose one chain lists a folder and reads a file its request only describes (two cases:
+/// the sales figures in `data`, the to-do list in `notes`), with `mistakes` made first.
+fn described_chain_seed(mistakes: Value) -> Seed {
+    serde_json::from_value(serde_json::json!({
+        "server": Seed::load(Path::new(SEED)).unwrap().server,
+        "workspace": {"files": {"data/sales.csv": "month,amount\n2026-10,1430\n", "data/users.json": "[]\n", "notes/todo.txt": "buy milk\n"}},
+        "values": {"dir": ["{ws}/data"], "file": ["{ws}/data/users.json"], "guess": ["sales.txt", "todo.txt"]},
+        "tools": {"read_text_file": {"forms": [{"arguments": {"path": "{file}"}, "phrasings": {"q": ["Read {file}."]}}], "answer": "{result}"}},
+        "chains": [{
+            "calls": [{"name": "list_directory", "arguments": {"path": "{dir}"}}, {"name": "read_text_file", "arguments": {"path": "{file}"}}],
+            "phrasings": ["Look through {dir} and open the {about}."],
+            "cases": [{"dir": "{ws}/data", "file": "{ws}/data/sales.csv", "about": "sales figures"}, {"dir": "{ws}/notes", "file": "{ws}/notes/todo.txt", "about": "to-do list"}],
+            "mistakes": mistakes
+        }],
+        "finish": {"requests": ["hi"], "answers": ["hello"]}
+    }))
+    .unwrap()
+}
+
 /// A chain whose request describes a file (a case binds the folder, the file and the words for
 /// it): the request never names the file, the listing that comes first does, and the read is
 /// of that listed file.
@@ -208,19 +227,7 @@ fn a_chain_case_describes_a_file_that_only_the_listing_names() {
     if filesystem_server().is_none() {
         return;
     }
-    let seed: Seed = serde_json::from_value(serde_json::json!({
-        "server": Seed::load(Path::new(SEED)).unwrap().server,
-        "workspace": {"files": {"data/sales.csv": "month,amount\n2026-10,1430\n", "data/users.json": "[]\n", "notes/todo.txt": "buy milk\n"}},
-        "values": {"dir": ["{ws}/data"], "file": ["{ws}/data/users.json"]},
-        "tools": {"read_text_file": {"forms": [{"arguments": {"path": "{file}"}, "phrasings": {"q": ["Read {file}."]}}], "answer": "{result}"}},
-        "chains": [{
-            "calls": [{"name": "list_directory", "arguments": {"path": "{dir}"}}, {"name": "read_text_file", "arguments": {"path": "{file}"}}],
-            "phrasings": ["Look through {dir} and open the {about}."],
-            "cases": [{"dir": "{ws}/data", "file": "{ws}/data/sales.csv", "about": "sales figures"}, {"dir": "{ws}/notes", "file": "{ws}/notes/todo.txt", "about": "to-do list"}]
-        }],
-        "finish": {"requests": ["hi"], "answers": ["hello"]}
-    }))
-    .unwrap();
+    let seed = described_chain_seed(serde_json::json!([]));
     let ws = workspace("chain-case");
     let opts = SynthOptions { conversations: 12, seed: 3, workspace: ws.clone(), chain_rate: 1.0, finish_rate: 0.0, ..Default::default() };
     let (lines, report) = synth(&seed, &ws, &opts);
@@ -257,20 +264,7 @@ fn a_chain_mistake_is_a_refused_guess_before_the_listing() {
     if filesystem_server().is_none() {
         return;
     }
-    let seed: Seed = serde_json::from_value(serde_json::json!({
-        "server": Seed::load(Path::new(SEED)).unwrap().server,
-        "workspace": {"files": {"data/sales.csv": "month,amount\n2026-10,1430\n", "notes/todo.txt": "buy milk\n"}},
-        "values": {"guess": ["sales.txt", "todo.txt"]},
-        "tools": {"read_text_file": {"forms": [{"arguments": {"path": "{ws}/notes/todo.txt"}, "phrasings": {"q": ["Read the todo."]}}], "answer": "{result}"}},
-        "chains": [{
-            "calls": [{"name": "list_directory", "arguments": {"path": "{dir}"}}, {"name": "read_text_file", "arguments": {"path": "{file}"}}],
-            "phrasings": ["Look through {dir} and open the {about}."],
-            "cases": [{"dir": "{ws}/data", "file": "{ws}/data/sales.csv", "about": "sales figures"}, {"dir": "{ws}/notes", "file": "{ws}/notes/todo.txt", "about": "to-do list"}],
-            "mistakes": [{"name": "read_text_file", "arguments": {"path": "{dir}/{guess}"}}]
-        }],
-        "finish": {"requests": ["hi"], "answers": ["hello"]}
-    }))
-    .unwrap();
+    let seed = described_chain_seed(serde_json::json!([{"name": "read_text_file", "arguments": {"path": "{dir}/{guess}"}}]));
     let ws = workspace("chain-mistake");
     let opts = SynthOptions {
         conversations: 12,
