@@ -306,6 +306,44 @@ fn a_chain_mistake_is_a_refused_guess_before_the_listing() {
     std::fs::remove_dir_all(&ws).ok();
 }
 
+/// A chain's own `mistake_rate` overrides `--mistake-rate` both ways: at 1 its guess is made
+/// before every request (and kept wherever refused) though the option says 0, at 0 never though
+/// the option says 1; a share outside 0..=1 is refused when the seed is read.
+#[test]
+fn a_chain_mistake_rate_overrides_the_option() {
+    if filesystem_server().is_none() {
+        return;
+    }
+    let guess = serde_json::json!([{"name": "read_text_file", "arguments": {"path": "{dir}/{guess}"}}]);
+    let ws = workspace("chain-rate");
+    let opts = |rate| SynthOptions {
+        conversations: 12,
+        seed: 5,
+        workspace: ws.clone(),
+        chain_rate: 1.0,
+        finish_rate: 0.0,
+        mistake_rate: rate,
+        ..Default::default()
+    };
+    let mut seed = described_chain_seed(guess);
+    let (_, by_option) = synth(&seed, &ws, &opts(1.0));
+    seed.chains[0].mistake_rate = Some(1.0);
+    let (_, always) = synth(&seed, &ws, &opts(0.0));
+    assert_eq!(always.recoveries, by_option.recoveries, "a rate of 1 in the seed draws as --mistake-rate 1 does");
+    assert!(always.recoveries > 0);
+    seed.chains[0].mistake_rate = Some(0.0);
+    let (_, never) = synth(&seed, &ws, &opts(1.0));
+    assert_eq!(never.recoveries, 0);
+    let file = ws.with_extension("seed.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(SEED).unwrap()).unwrap();
+    v["chains"][0]["mistake_rate"] = serde_json::json!(1.5);
+    std::fs::write(&file, v.to_string()).unwrap();
+    let err = Seed::load(&file).unwrap_err().to_string();
+    assert!(err.contains("chains[0].mistake_rate: 1.5") && err.contains(&file.display().to_string()), "{err}");
+    std::fs::remove_file(&file).ok();
+    std::fs::remove_dir_all(&ws).ok();
+}
+
 /// Whether `name` is a top-level entry of the seeded workspace or one the seed's values create.
 fn seed_top(seed: &Seed, name: &str) -> bool {
     let top = |p: &str| p.trim_start_matches("{ws}/").split('/').next() == Some(name);

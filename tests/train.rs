@@ -213,15 +213,16 @@ fn data_check_reports_and_splits() {
     assert!(out.contains("selector: 40 examples") && out.contains("arguments of read_text_file: 20 examples"), "{out}");
     assert!(out.contains("answer: 20 examples"), "{out}");
     let count = |p: &str| std::fs::read_to_string(out_dir.join(p)).unwrap().lines().count();
-    assert_eq!((count("train.jsonl"), count("val.jsonl"), count("test.jsonl")), (16, 2, 2));
+    let (train, val, test) = (count("train.jsonl"), count("val.jsonl"), count("test.jsonl"));
+    assert!(train + val + test == 20 && val >= 1 && test >= 1, "{train}/{val}/{test}");
     // The exported examples are the training split's: two selector turns, one call and one
     // answer per line, each target after its activation point.
     let exported: Vec<Value> = std::fs::read_to_string(&examples).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let train_text: std::collections::HashSet<String> =
         std::fs::read_to_string(out_dir.join("train.jsonl")).unwrap().lines().map(str::to_string).collect();
-    assert_eq!(exported.len(), 64);
-    assert_eq!(exported.iter().filter(|e| e["adapter"] == "selector").count(), 32);
-    assert_eq!(exported.iter().filter(|e| e["adapter"] == "answer").count(), 16);
+    assert_eq!(exported.len(), 4 * train);
+    assert_eq!(exported.iter().filter(|e| e["adapter"] == "selector").count(), 2 * train);
+    assert_eq!(exported.iter().filter(|e| e["adapter"] == "answer").count(), train);
     for e in &exported {
         let line = e["line"].as_u64().unwrap() as usize;
         assert!(train_text.contains(&lines[line - 1]), "line {line} is not in the training split");
@@ -682,12 +683,14 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         {"type": "function", "function": {"name": "read_text_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 24}}, "required": ["path"]}}},
         {"type": "function", "function": {"name": "list_allowed_directories", "description": "The folders it may use.", "parameters": {"type": "object", "properties": {}, "required": []}}}
     ]);
-    let lines: Vec<String> = (0..20)
+    // Thirty lines of each tool, all different: the split places a line by its text, and each
+    // tool's adapter needs some in the validation part.
+    let lines: Vec<String> = (0..60)
         .map(|i| {
             let messages = if i % 2 == 0 {
                 json!([{"role": "user", "content": format!("Show notes/{i}.txt")}, call("c", "read_text_file", json!({"path": format!("notes/{i}.txt")})), {"role": "tool", "tool_call_id": "c", "content": "hi"}, {"role": "assistant", "content": "It says hi."}])
             } else {
-                json!([{"role": "user", "content": "Which folders can you use?"}, call("c", "list_allowed_directories", json!({})), {"role": "tool", "tool_call_id": "c", "content": "/ws"}, {"role": "assistant", "content": "Only /ws."}])
+                json!([{"role": "user", "content": "Which folders can you use?"}, call("c", "list_allowed_directories", json!({})), {"role": "tool", "tool_call_id": "c", "content": format!("/ws{i}")}, {"role": "assistant", "content": format!("Only /ws{i}.")}])
             };
             json!({"messages": messages, "tools": tools}).to_string()
         })

@@ -1,6 +1,7 @@
 //! Training data in: trajectories in OpenAI chat JSONL (one conversation per line, `messages`
 //! with assistant `tool_calls` and `tool` results, plus `tools`), validated call by call against
-//! the tools' schemas, with a report of every line dropped and why, and a seeded split.
+//! the tools' schemas, with a report of every line dropped and why, and a seeded split that
+//! places each line by its text.
 
 use crate::decode::SplitMix64;
 use crate::toolcall::{read_messages, schema, AssistantTurn, Catalog, Message};
@@ -12,6 +13,8 @@ use std::collections::BTreeMap;
 pub struct Trajectory {
     /// Its line in the file (1-based), for reports.
     pub line: usize,
+    /// A hash of the line's text, which places it in the split ([`split`]).
+    pub key: u64,
     /// The tools it could call.
     pub catalog: Catalog,
     /// Its messages in the tool caller's layout, assistant actions marked.
@@ -104,7 +107,7 @@ pub fn read_trajectories(text: &str, max_result_chars: usize) -> (Vec<Trajectory
         }
         report.read += 1;
         match read_line(line, max_result_chars) {
-            Ok((catalog, messages)) => kept.push(Trajectory { line: i + 1, catalog, messages }),
+            Ok((catalog, messages)) => kept.push(Trajectory { line: i + 1, key: text_key(line.trim()), catalog, messages }),
             Err((kind, reason)) => report.drop_line(i + 1, kind, reason),
         }
     }
@@ -141,26 +144,46 @@ fn read_line(line: &str, max_result_chars: usize) -> Result<(Catalog, Vec<Messag
 /// Train, validation and test parts of a data set.
 #[derive(Debug, Clone)]
 pub struct Split<T> {
-    /// 80%.
+    /// About 80%.
     pub train: Vec<T>,
-    /// 10%.
+    /// About 10%.
     pub val: Vec<T>,
-    /// 10%.
+    /// About 10%.
     pub test: Vec<T>,
 }
 
-/// Shuffle with `seed` and cut 80/10/10 (validation and test get a tenth each, rounded down,
-/// but at least one item each when there are ten or more).
-pub fn split<T>(mut items: Vec<T>, seed: u64) -> Split<T> {
-    let mut rng = SplitMix64(seed);
-    for i in (1..items.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        items.swap(i, j);
+/// FNV-1a over the bytes of `text`: stable across builds and platforms, unlike `std`'s hasher.
+pub fn text_key(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Cut `items` about 80/10/10, each placed by its `key` mixed with `seed`: a tenth of the keys
+/// go to validation, a tenth to test. An item's part depends on nothing but its key and the
+/// seed, so a line validated in one run stays out of training in any later run on a file that
+/// holds it too (`--continue` on a larger mix). When ten or more items leave validation or test
+/// empty, the training item of lowest mixed key moves there. Each part is in mixed-key order.
+pub fn split<T>(items: Vec<T>, seed: u64, key: impl Fn(&T) -> u64) -> Split<T> {
+    let mixed = |item: &T| SplitMix64(key(item) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64();
+    let n = items.len();
+    let mut keyed: Vec<(u64, T)> = items.into_iter().map(|t| (mixed(&t), t)).collect();
+    keyed.sort_by_key(|(k, _)| *k);
+    let mut parts: [Vec<(u64, T)>; 3] = Default::default();
+    for (k, t) in keyed {
+        parts[match k % 10 {
+            0 => 1,
+            1 => 2,
+            _ => 0,
+        }]
+        .push((k, t));
     }
-    let tenth = items.len() / 10;
-    let test = items.split_off(items.len() - tenth);
-    let val = items.split_off(items.len() - tenth);
-    Split { train: items, val, test }
+    for p in 1..3 {
+        if n >= 10 && parts[p].is_empty() && !parts[0].is_empty() {
+            let lowest = parts[0].remove(0);
+            parts[p].push(lowest);
+        }
+    }
+    let [train, val, test] = parts.map(|p| p.into_iter().map(|(_, t)| t).collect());
+    Split { train, val, test }
 }
 
 #[cfg(test)]
@@ -244,14 +267,37 @@ mod tests {
     }
 
     #[test]
-    fn split_is_seeded_disjoint_and_80_10_10() {
-        let s = split((0..100).collect::<Vec<_>>(), 7);
-        assert_eq!((s.train.len(), s.val.len(), s.test.len()), (80, 10, 10));
-        let mut all: Vec<i32> = s.train.iter().chain(&s.val).chain(&s.test).copied().collect();
+    fn split_is_seeded_disjoint_and_about_80_10_10() {
+        let key = |i: &u64| text_key(&i.to_string());
+        let s = split((0..1000).collect::<Vec<u64>>(), 7, key);
+        for (part, lo, hi) in [(&s.train, 740, 860), (&s.val, 70, 130), (&s.test, 70, 130)] {
+            assert!((lo..=hi).contains(&part.len()), "{} of 1000", part.len());
+        }
+        let mut all: Vec<u64> = s.train.iter().chain(&s.val).chain(&s.test).copied().collect();
         all.sort();
-        assert_eq!(all, (0..100).collect::<Vec<_>>());
-        assert_eq!(split((0..100).collect::<Vec<_>>(), 7).test, s.test, "same seed, same split");
-        assert_ne!(split((0..100).collect::<Vec<_>>(), 8).test, s.test, "another seed, another split");
-        assert_eq!(split(vec![1, 2, 3], 1).train.len(), 3);
+        assert_eq!(all, (0..1000).collect::<Vec<_>>());
+        assert_eq!(split((0..1000).collect::<Vec<u64>>(), 7, key).test, s.test, "same seed, same split");
+        assert_ne!(split((0..1000).collect::<Vec<u64>>(), 8, key).test, s.test, "another seed, another split");
+        assert_eq!(split(vec![1u64, 2, 3], 1, key).train.len(), 3);
+        let small = split((0..10).collect::<Vec<u64>>(), 7, key);
+        assert!(!small.val.is_empty() && !small.test.is_empty(), "{small:?}");
+    }
+
+    /// A file that holds another file's lines among new ones puts each old line in its old part:
+    /// validation stays unseen by a run continued on the larger file.
+    #[test]
+    fn a_line_keeps_its_part_in_a_larger_file() {
+        let key = |i: &u64| text_key(&format!("line {i}"));
+        let small = split((0..300).collect::<Vec<u64>>(), 5, key);
+        let large = split((0..3000).rev().collect::<Vec<u64>>(), 5, key);
+        for (old, new) in [(&small.train, &large.train), (&small.val, &large.val), (&small.test, &large.test)] {
+            assert!(old.iter().all(|i| new.contains(i)));
+        }
+    }
+
+    #[test]
+    fn text_keys_are_fnv1a() {
+        assert_eq!(text_key(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(text_key("a"), 0xaf63_dc4c_8601_ec8c);
     }
 }

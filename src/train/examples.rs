@@ -149,7 +149,7 @@ pub struct SplitPart {
     pub examples: Vec<Example>,
 }
 
-/// The three parts of [`split_examples`]: 80%, 10%, 10% of the valid lines.
+/// The three parts of [`split_examples`]: about 80%, 10%, 10% of the valid lines.
 #[derive(Debug, Clone, Default)]
 pub struct SplitExamples {
     /// Training part.
@@ -160,7 +160,7 @@ pub struct SplitExamples {
     pub test: SplitPart,
 }
 
-/// The seeded 80/10/10 split of `trajectories`, each part laid out as decoupled examples. The
+/// The seeded split of `trajectories` (about 80/10/10, each line placed by its text), each part laid out as decoupled examples. The
 /// valid lines are split before over-length ones are dropped, so `max_tokens` never moves a line
 /// into another part; `agentflux train` and `agentflux data check` both split here.
 pub fn split_examples(
@@ -170,7 +170,7 @@ pub fn split_examples(
     max_tokens: usize,
     report: &mut DataReport,
 ) -> Result<SplitExamples> {
-    let parts = split(trajectories, seed);
+    let parts = split(trajectories, seed, |t| t.key);
     let mut lay_out = |part: Vec<Trajectory>| -> Result<SplitPart> {
         let examples = decoupled_examples(caller, &part, max_tokens, report)?;
         let dropped: BTreeSet<usize> = report.dropped.iter().map(|d| d.line).collect();

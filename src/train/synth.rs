@@ -71,6 +71,10 @@ pub struct ToolSeed {
     /// learns the recovery, not the mistake.
     #[serde(default)]
     pub mistakes: Vec<ChainCall>,
+    /// Share of this tool's requests that make one of `mistakes` first, instead of
+    /// `--mistake-rate`.
+    #[serde(default)]
+    pub mistake_rate: Option<f64>,
 }
 
 impl ToolSeed {
@@ -120,6 +124,11 @@ pub struct ChainSeed {
     /// guessed name in the folder the request describes), as for a tool's `mistakes`.
     #[serde(default)]
     pub mistakes: Vec<ChainCall>,
+    /// Share of this chain's requests that make one of `mistakes` first, instead of
+    /// `--mistake-rate`: 1 where the chain's first call is only right after the mistake (a
+    /// folder made because a write into it was refused), so that no request teaches it alone.
+    #[serde(default)]
+    pub mistake_rate: Option<f64>,
 }
 
 /// One call of a chain.
@@ -165,9 +174,18 @@ impl Seed {
                 }
             }
         }
+        let share = |r: Option<f64>| r.is_none_or(|r| (0.0..=1.0).contains(&r));
+        for (name, t) in &seed.tools {
+            if !share(t.mistake_rate) {
+                return bad(format!("tools.{name}.mistake_rate: {:?} is not a share from 0 to 1", t.mistake_rate.unwrap_or_default()));
+            }
+        }
         for (i, c) in seed.chains.iter().enumerate() {
             if c.calls.len() < 2 || c.phrasings.is_empty() {
                 return bad(format!("chains[{i}]: a chain needs two calls or more and a phrasing"));
+            }
+            if !share(c.mistake_rate) {
+                return bad(format!("chains[{i}].mistake_rate: {:?} is not a share from 0 to 1", c.mistake_rate.unwrap_or_default()));
             }
         }
         for (name, v) in &seed.values {
@@ -309,8 +327,8 @@ pub struct SynthOptions {
     pub distractor_rate: f64,
     /// Tool results longer than this many characters are cut in answers.
     pub max_answer_chars: usize,
-    /// Share of requests, of a tool or chain with `mistakes`, that first make one of them: the
-    /// server's error comes back, then the right calls follow.
+    /// Share of requests, of a tool or chain with `mistakes` and no `mistake_rate` of its own,
+    /// that first make one of them: the server's error comes back, then the right calls follow.
     pub mistake_rate: f64,
     /// Share of conversations whose files sit in shaped folders below the workspace
     /// (`tmp.x7Qz…`, dashes, dots, digits, spaces, nesting), so that the argument adapters learn
@@ -444,7 +462,8 @@ pub fn synthesize(
                         .iter()
                         .map(|k| Ok((k.name.clone(), b.render(&k.arguments, seed, &conv.ws, &mut rng)?)))
                         .collect::<Result<_>>()?;
-                    let mistake = b.draw_mistake(&chain.mistakes, opts.mistake_rate, seed, &conv.ws, &mut rng)?;
+                    let rate = chain.mistake_rate.unwrap_or(opts.mistake_rate);
+                    let mistake = b.draw_mistake(&chain.mistakes, rate, seed, &conv.ws, &mut rng)?;
                     report.chains += 1;
                     (request, calls, mistake)
                 } else {
@@ -457,7 +476,8 @@ pub fn synthesize(
                     let request = b.render_text(&list[below(&mut rng, list.len())], seed, &conv.ws, &mut rng)?;
                     *report.styles.entry(style.clone()).or_default() += 1;
                     let arguments = b.render(&form.arguments, seed, &conv.ws, &mut rng)?;
-                    let mistake = b.draw_mistake(&tool.mistakes, opts.mistake_rate, seed, &conv.ws, &mut rng)?;
+                    let rate = tool.mistake_rate.unwrap_or(opts.mistake_rate);
+                    let mistake = b.draw_mistake(&tool.mistakes, rate, seed, &conv.ws, &mut rng)?;
                     (request, vec![(name.clone(), arguments)], mistake)
                 };
             let request = if seed.values.contains_key("distractor") && unit(&mut rng) < opts.distractor_rate {

@@ -37,8 +37,9 @@ pub struct SynthArgs {
     /// (`tmp.x7Qz…`, dashes, dots, digits, spaces, nesting), 0 to 1.
     #[arg(long, default_value_t = 0.5)]
     shaped_roots: f64,
-    /// Share of requests, of a tool or chain whose seed lists `mistakes`, that first make one of
-    /// them: the server's error comes back, then the right calls (the selector's recoveries).
+    /// Share of requests, of a tool or chain whose seed lists `mistakes` (and no `mistake_rate`
+    /// of its own), that first make one of them: the server's error comes back, then the right
+    /// calls (the selector's recoveries).
     #[arg(long, default_value_t = 0.1)]
     mistake_rate: f64,
     /// Share of requests served by a chain of calls from the seed's `chains` (the rest: a single
@@ -71,7 +72,7 @@ pub struct CheckArgs {
     /// Longest training sequence in tokens; longer conversations are dropped.
     #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
-    /// Seed of the 80/10/10 split.
+    /// Seed of the split (about 80/10/10, each line placed by a hash of its text and this seed).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write train.jsonl, val.jsonl, test.jsonl (the kept lines) and report.txt here.
