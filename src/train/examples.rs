@@ -160,9 +160,10 @@ pub struct SplitExamples {
     pub test: SplitPart,
 }
 
-/// The seeded split of `trajectories` (about 80/10/10, each line placed by its text), each part laid out as decoupled examples. The
-/// valid lines are split before over-length ones are dropped, so `max_tokens` never moves a line
-/// into another part; `agentflux train` and `agentflux data check` both split here.
+/// The seeded split of `trajectories` (about 80/10/10, each line placed by its text), each part
+/// laid out as decoupled examples. The valid lines are split before over-length ones are
+/// dropped, so `max_tokens` never moves a line into another part; `agentflux train` and
+/// `agentflux data check` both split here.
 pub fn split_examples(
     caller: &ToolCaller,
     trajectories: Vec<Trajectory>,
