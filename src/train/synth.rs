@@ -174,18 +174,18 @@ impl Seed {
                 }
             }
         }
-        let share = |r: Option<f64>| r.is_none_or(|r| (0.0..=1.0).contains(&r));
+        let not_a_share = |r: Option<f64>| r.filter(|r| !(0.0..=1.0).contains(r));
         for (name, t) in &seed.tools {
-            if !share(t.mistake_rate) {
-                return bad(format!("tools.{name}.mistake_rate: {:?} is not a share from 0 to 1", t.mistake_rate.unwrap_or_default()));
+            if let Some(r) = not_a_share(t.mistake_rate) {
+                return bad(format!("tools.{name}.mistake_rate: {r} is not a share from 0 to 1"));
             }
         }
         for (i, c) in seed.chains.iter().enumerate() {
             if c.calls.len() < 2 || c.phrasings.is_empty() {
                 return bad(format!("chains[{i}]: a chain needs two calls or more and a phrasing"));
             }
-            if !share(c.mistake_rate) {
-                return bad(format!("chains[{i}].mistake_rate: {:?} is not a share from 0 to 1", c.mistake_rate.unwrap_or_default()));
+            if let Some(r) = not_a_share(c.mistake_rate) {
+                return bad(format!("chains[{i}].mistake_rate: {r} is not a share from 0 to 1"));
             }
         }
         for (name, v) in &seed.values {
