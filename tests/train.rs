@@ -556,8 +556,8 @@ fn gpu_adapter_gradient_matches_the_reference() {
 
 /// Several examples in one call — side by side in one pass, and over two passes where their rows
 /// pass a chunk's 256 — give each example's reference loss and the sum of the reference
-/// gradients: one continues another's conversation (its prefix holds the other's), one has a long
-/// active part of its own.
+/// gradients: one continues another's conversation (its prefix holds the other's) and goes on
+/// past its last target (rows a pass leaves out), one has a long active part of its own.
 #[test]
 fn examples_side_by_side_add_the_references_gradients() {
     use agentflux::gguf::BlockFormat;
@@ -579,7 +579,7 @@ fn examples_side_by_side_add_the_references_gradients() {
         long[0] = (a[0] + 1) % c.n_vocab as u32;
         longer[0] = (a[0] + 2) % c.n_vocab as u32;
         let examples: Vec<(Vec<u32>, usize, Vec<std::ops::Range<usize>>)> =
-            vec![(a, 4, vec![6..8, 9..11]), (b, 8, vec![9..14]), (long, 2, vec![3..10, 100..130]), (longer, 5, vec![6..140])];
+            vec![(a, 4, vec![6..8, 9..11]), (b, 8, vec![9..12]), (long, 2, vec![3..10, 100..130]), (longer, 5, vec![6..140])];
         let rows: Vec<ExampleRows> = examples.iter().map(|(t, from, targets)| ExampleRows { tokens: t, from: *from, targets }).collect();
         let what = format!("{arch} {format:?}");
         for (name, batch) in [("one pass", &rows[..3]), ("two passes", &rows[..])] {
@@ -816,10 +816,34 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         "{svg}"
     );
     assert!(err.contains("[read_text_file] step 2/2") && err.contains(", training ") && !err.contains("[selector]"), "{err}");
+    // The prefix positions its examples and validations needed: computed or taken from those kept.
+    let positions: Vec<u64> = err
+        .split("prefix positions ")
+        .nth(1)
+        .and_then(|s| s.split(" reused").next())
+        .map(|s| s.split(" computed and ").map(|n| n.parse().unwrap()).collect())
+        .unwrap_or_default();
+    assert!(positions.len() == 2 && positions.iter().sum::<u64>() > 0, "{err}");
     assert!(stdout.contains("[read_text_file] step 2: 2 examples"), "{stdout}");
     for row in ["| forward |", "| backward |", "| optimizer |", "| host |", "| adamw | 2.0 |"] {
         assert!(stdout.contains(row), "--profile prints {row}: {stdout}");
     }
+    // The phases account for every kernel, the transposed products and attention gradients
+    // among the backward's.
+    let cells = |row: &str| row.split('|').map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect::<Vec<_>>();
+    let phase =
+        |p: &str| -> f64 { stdout.lines().map(cells).find(|c| c.first().is_some_and(|n| n == p)).map(|c| c[1].parse().unwrap()).unwrap() };
+    let kernels: Vec<(String, f64)> = stdout
+        .lines()
+        .map(cells)
+        .filter(|c| c.len() >= 4 && c[2].parse::<f64>().is_ok() && c[1].parse::<f64>().is_ok())
+        .map(|c| (c[0].clone(), c[2].parse::<f64>().unwrap() / 1000.0))
+        .collect();
+    let sum = |keep: &dyn Fn(&str) -> bool| kernels.iter().filter(|(n, _)| keep(n)).map(|(_, s)| s).sum::<f64>();
+    let all = sum(&|_| true);
+    let gradients = sum(&|n| n.starts_with("quant_matmul_t_") || n.starts_with("attention_grad_"));
+    assert!(gradients > 0.0 && phase("backward") >= gradients - 0.002, "{stdout}");
+    assert!((phase("forward") + phase("backward") + phase("optimizer") - all).abs() < 0.005 + 1e-3 * kernels.len() as f64, "{stdout}");
     let after: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(after, manifest);
     std::fs::remove_dir_all(&dir).ok();
@@ -962,7 +986,7 @@ fn an_example_too_long_for_a_pass_is_refused_before_training() {
     for (train, val) in [(vec![example(1, 20), example(7, 300)], vec![example(9, 20)]), (vec![example(1, 20)], vec![example(7, 300)])] {
         let mut steps = 0;
         let err = train_adapter(&model, "answer", &train, &val, &opts, |_| steps += 1).unwrap_err().to_string();
-        assert!(err.contains("data line 7") && err.contains("298 rows after the activation point"), "{err}");
+        assert!(err.contains("data line 7") && err.contains("297 rows from the activation point to the last target"), "{err}");
         assert_eq!(steps, 0, "a step was taken before the refusal");
         assert_eq!(model.adapters().unwrap().0.len(), 0, "the adapter stayed loaded");
     }

@@ -367,9 +367,23 @@ pub struct ExampleRows<'a> {
 }
 
 impl ExampleRows<'_> {
-    /// The rows a pass computes for it (those after the prefix).
+    /// One past the last row a pass needs: the one before the last target predicts it, so the
+    /// rows from the last target on (its own and any after it) feed no loss, and nothing before
+    /// them depends on them (causal attention).
+    fn end(&self) -> usize {
+        self.targets
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1)
+            .clamp(self.from, self.tokens.len())
+    }
+
+    /// The rows a pass computes for it: those after the prefix, up to its last predicting row.
     fn rows(&self) -> usize {
-        self.tokens.len().saturating_sub(self.from)
+        self.end() - self.from
     }
 
     /// Its rows whose logits are targets, from its first active row: position p is predicted by
@@ -384,15 +398,18 @@ impl ExampleRows<'_> {
     }
 
     fn check(&self, max_rows: usize, logit_cap: usize) -> Result<()> {
-        let (t, n) = (self.rows(), self.tokens.len());
-        if t == 0 || t > max_rows {
-            return Err(Error::InvalidOption(format!("{t} rows after the activation point; a training example needs 1 to {max_rows}")));
-        }
+        let n = self.tokens.len();
         if self.n_targets() == 0 || self.targets.iter().any(|r| r.start <= self.from || r.end > n) {
             return Err(Error::InvalidOption(format!(
                 "targets {:?} must lie in {}..{n}, after the activation point",
                 self.targets,
                 self.from + 1
+            )));
+        }
+        let t = self.rows();
+        if t > max_rows {
+            return Err(Error::InvalidOption(format!(
+                "{t} rows from the activation point to the last target; a training example needs 1 to {max_rows}"
             )));
         }
         if self.n_targets() > logit_cap {
@@ -482,7 +499,7 @@ fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Re
     let s = guard.as_ref().expect("scratch allocated above");
     let mut train_guard = model.train_scratch.lock().map_err(|_| Error::poisoned("training scratch"))?;
     let ts = TrainScratch::ensure(&mut train_guard, model, t, n_t, grads.is_some(), max_rank);
-    let ids: Vec<u32> = examples.iter().flat_map(|e| e.tokens[e.from..].iter().copied()).collect();
+    let ids: Vec<u32> = examples.iter().flat_map(|e| e.tokens[e.from..e.end()].iter().copied()).collect();
     upload(ctx, &s.ids, 0, &ids);
     upload(ctx, &s.row_slot, 0, &vec![0i32; t]);
     let active = [adapter];
@@ -526,6 +543,9 @@ fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Re
         return per_example_loss(rec);
     };
     let trace = &b.trace;
+    // The forward runs while the backward is recorded (the losses are read after both).
+    rec.submit();
+    let mut rec = Recorder::new(ctx);
 
     // Back through the output projection and final norm into dh (zero on non-target rows).
     upload(ctx, &b.dh, 0, &vec![0f32; t * d]);

@@ -7,7 +7,7 @@ use agentflux::lora::{LoraAdapter, LoraLimits};
 use agentflux::model::PrefixCache;
 use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
 use agentflux::train::{
-    cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter_with, AdapterRole, Example, TrainOptions,
+    cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter_with, AdapterRole, Example, Progress, TrainOptions,
 };
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
@@ -82,9 +82,9 @@ pub struct Args {
     /// How the exported weights are stored: f16 (half the size) or f32.
     #[arg(long, value_enum, default_value_t = Dtype::F16)]
     dtype: Dtype,
-    /// Time each adapter's last optimizer step on the GPU (its examples' forward and backward
-    /// passes and the AdamW update; the first step also compiles kernels, a late one shows the
-    /// steady state of a run of several epochs) and print where it goes:
+    /// Time each adapter's last optimizer step that does not validate on the GPU (its examples'
+    /// forward and backward passes and the AdamW update; the first step also compiles kernels, a
+    /// late one shows the steady state of a run of several epochs) and print where it goes:
     /// by kernel, and by phase — forward, backward, optimizer, and host (what the GPU did not
     /// account for). Training goes on as usual.
     #[arg(long)]
@@ -222,9 +222,11 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         let opts = TrainOptions { checkpoint, stop_after: a.stop_after, init, ..opts.clone() };
         let mut progress = crate::progress::ProgressLine::new(opts.steps);
         let mut examples_per_s = 0.0;
-        let mut profiled = StepProfile::new(a.profile && opts.steps >= 2, opts.steps);
+        let last = opts.stop_after.map_or(opts.steps, |s| s.min(opts.steps));
+        let mut profiled = StepProfile::new(a.profile && last >= 2, last, opts.eval_every);
+        let (computed, reused) = (prefixes.computed(), prefixes.reused());
         let (adapter, eval) = train_adapter_with(&eng.model, &name, examples, &held_out, &opts, &mut prefixes, |p| {
-            profiled.after_step(&eng, &name, p.step, opts.batch);
+            profiled.after_step(&eng, &name, p, opts.batch);
             if let Some(log) = &mut loss_log {
                 log.write(&name, p.step, p.loss, p.eval_loss.filter(|_| p.validated));
             }
@@ -239,7 +241,13 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             log.check()?;
         }
         let eval = eval.map_or(String::new(), |l| format!(", kept its best validation loss {l:.3}"));
-        eprintln!("[{name}] {} examples, {:.0} s, training {}{eval}", examples.len(), t0.elapsed().as_secs_f64(), speed(examples_per_s));
+        let (computed, reused) = (prefixes.computed() - computed, prefixes.reused() - reused);
+        eprintln!(
+            "[{name}] {} examples, {:.0} s, training {}, prefix positions {computed} computed and {reused} reused{eval}",
+            examples.len(),
+            t0.elapsed().as_secs_f64(),
+            speed(examples_per_s)
+        );
         // Exported as activated LoRA: it applies from the cue where inference activates it
         // (`call:` for the selector and the answer, `schema:` for an argument adapter), for PEFT
         // and vLLM too.
@@ -333,9 +341,11 @@ fn speed(examples_per_s: f64) -> String {
     }
 }
 
-/// `--profile`: the GPU's kernels during one optimizer step (the last: the first also compiles
-/// kernels, and a later one shows the steady state, prefixes kept where epochs repeat), between
-/// two progress reports.
+/// `--profile`: the GPU's kernels during one optimizer step, between two progress reports: the
+/// last that does not validate (the first also compiles kernels, a later one shows the steady
+/// state, prefixes kept where epochs repeat; a validating one would count the validation's passes
+/// as the step's). Only where every step from the second on validates is the last one timed,
+/// validation included, and the report says so.
 struct StepProfile {
     /// Whether the step is still to be timed.
     wanted: bool,
@@ -345,17 +355,20 @@ struct StepProfile {
 }
 
 impl StepProfile {
-    fn new(wanted: bool, steps: u64) -> Self {
-        Self { wanted, step: steps, started: None }
+    /// Profile one of steps 2..=`last` of a run validating every `eval_every` steps and at `last`.
+    fn new(wanted: bool, last: u64, eval_every: u64) -> Self {
+        let quiet = |s: &u64| eval_every == 0 || s % eval_every != 0;
+        let step = (2..last).rev().find(quiet).unwrap_or(last);
+        Self { wanted, step, started: None }
     }
 
     /// Called after each step: starts timing after the one before the timed step, prints after it.
-    fn after_step(&mut self, eng: &Engine, name: &str, step: u64, batch: usize) {
+    fn after_step(&mut self, eng: &Engine, name: &str, p: &Progress, batch: usize) {
         if !self.wanted {
             return;
         }
         match self.started.take() {
-            None if step + 1 == self.step => match eng.ctx.start_profiling() {
+            None if p.step + 1 == self.step => match eng.ctx.start_profiling() {
                 Ok(()) => self.started = Some(std::time::Instant::now()),
                 Err(e) => {
                     eprintln!("[{name}] --profile: {e}");
@@ -367,7 +380,8 @@ impl StepProfile {
                 let wall = t0.elapsed().as_secs_f64();
                 let kernels = eng.ctx.stop_profiling();
                 self.wanted = false;
-                println!("\n[{name}] step {step}: {batch} examples, {:.2} s\n", wall);
+                let validation = if p.validated { " and the validation after it" } else { "" };
+                println!("\n[{name}] step {}: {batch} examples{validation}, {:.2} s\n", p.step, wall);
                 println!("{}", step_phases(&kernels, wall));
                 println!("{}", agentflux::gpu::profile_table(&kernels, 1, "step"));
             }
@@ -375,15 +389,20 @@ impl StepProfile {
     }
 }
 
+/// Kernels of the backward pass, by name prefix: the loss, the transposed products, the
+/// attention gradients and every `*_backward`.
+const BACKWARD_KERNELS: [&str; 6] =
+    ["cross_entropy", "quant_matmul_t_", "attention_grad_", "lora_backward_", "rms_norm_backward", "glu_backward"];
+
 /// The step's time by phase: forward kernels (the prefix's and the active rows'), backward
-/// kernels (the loss, the transposed products, every `*_backward`), the optimizer (AdamW), and
-/// host time (the wall time the GPU did not account for: recording, uploads, waiting). Told apart
-/// by kernel name, so the backward's inverse rotations and recomputed shrinks count as forward.
+/// kernels ([`BACKWARD_KERNELS`]), the optimizer (AdamW), and host time (the wall time the GPU
+/// did not account for: recording, uploads, waiting). Told apart by kernel name, so the
+/// backward's inverse rotations (`rope`) and recomputed shrinks (`lora:shrink`) count as forward.
 fn step_phases(kernels: &[agentflux::gpu::KernelTime], wall: f64) -> String {
     let phase = |name: &str| {
         if name.starts_with("adamw") {
             "optimizer"
-        } else if name.contains("backward") || name.starts_with("matmul_t") || name.starts_with("cross_entropy") {
+        } else if BACKWARD_KERNELS.iter().any(|k| name.starts_with(k)) {
             "backward"
         } else {
             "forward"
