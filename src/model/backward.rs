@@ -378,12 +378,13 @@ impl ExampleRows<'_> {
             .max()
             .unwrap_or(0)
             .saturating_sub(1)
-            .clamp(self.from, self.tokens.len())
+            .max(self.from)
+            .min(self.tokens.len())
     }
 
     /// The rows a pass computes for it: those after the prefix, up to its last predicting row.
     fn rows(&self) -> usize {
-        self.end() - self.from
+        self.end().saturating_sub(self.from)
     }
 
     /// Its rows whose logits are targets, from its first active row: position p is predicted by
@@ -743,5 +744,28 @@ impl Model {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExampleRows;
+
+    /// A pass takes the rows up to the one before the last target; an example whose activation
+    /// point or targets lie outside its tokens is refused, not a panic.
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // lists of target ranges, some of one range
+    fn rows_end_before_the_last_target_and_bad_examples_are_refused() {
+        let tokens = [7u32; 12];
+        let ok = ExampleRows { tokens: &tokens, from: 4, targets: &[6..8, 9..10, 11..11] };
+        assert_eq!((ok.end(), ok.rows(), ok.logit_rows()), (9, 5, vec![(1, 2), (4, 1)]));
+        assert!(ok.check(256, 64).is_ok());
+        assert!(ok.check(4, 64).unwrap_err().to_string().contains("5 rows from the activation point"));
+        let bad: [(usize, &[std::ops::Range<usize>]); 5] = [(20, &[21..22]), (4, &[2..6]), (4, &[6..13]), (4, &[]), (4, &[8..8])];
+        for (from, targets) in bad {
+            let bad = ExampleRows { tokens: &tokens, from, targets };
+            assert!(bad.check(256, 64).is_err(), "from {from}, targets {targets:?}");
+            assert!(bad.rows() <= tokens.len());
+        }
     }
 }
