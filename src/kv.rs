@@ -163,14 +163,32 @@ impl KvCache {
             Some(c) => c,
             None => Store::alone(ctx, store.layers.len(), store.row_bytes, self.n_ctx)?,
         };
-        let used = self.len as u64 * store.row_bytes;
+        self.copy_into(ctx, &mut copy, self.len)?;
+        Ok(copy)
+    }
+
+    /// A cache of its own with room for `n_ctx` positions (at least the ones copied), holding a
+    /// copy of this one's first `len` positions: a continuation longer than this cache holds.
+    pub fn fork_prefix(&self, ctx: &GpuContext, len: usize, n_ctx: usize) -> Result<Self> {
+        let store = self.store()?;
+        let len = len.min(self.len);
+        let mut copy = Store::alone(ctx, store.layers.len(), store.row_bytes, n_ctx.max(len))?;
+        self.copy_into(ctx, &mut copy, len)?;
+        Ok(copy)
+    }
+
+    /// Copy this cache's first `len` positions (at most its own and `to`'s capacity) to the
+    /// start of `to`, which then holds exactly those.
+    fn copy_into(&self, ctx: &GpuContext, to: &mut KvCache, len: usize) -> Result<()> {
+        let (store, to_store) = (self.store()?, to.store()?);
+        let len = len.min(self.len).min(to.n_ctx);
+        let used = len as u64 * store.row_bytes;
         if used > 0 {
-            let to = copy.store()?;
-            let (src, dst) = (self.base() as u64 * store.row_bytes, copy.base() as u64 * store.row_bytes);
+            let (src, dst) = (self.base() as u64 * store.row_bytes, to.base() as u64 * store.row_bytes);
             let mut rec = Recorder::new(ctx);
             // A buffer cannot be copied onto itself: a pooled copy goes through a staging buffer.
-            let staging = Arc::ptr_eq(store, to).then(|| storage_buffer_zeroed(ctx, "kv_fork", used));
-            for ((k, v), (k2, v2)) in store.layers.iter().zip(&to.layers) {
+            let staging = Arc::ptr_eq(store, to_store).then(|| storage_buffer_zeroed(ctx, "kv_fork", used));
+            for ((k, v), (k2, v2)) in store.layers.iter().zip(&to_store.layers) {
                 for (a, b) in [(k, k2), (v, v2)] {
                     match &staging {
                         Some(s) => {
@@ -183,8 +201,8 @@ impl KvCache {
             }
             rec.submit();
         }
-        copy.len = self.len;
-        Ok(copy)
+        to.len = len;
+        Ok(())
     }
 
     /// This cache's contents, leaving in their place a cache of no layers (which every forward

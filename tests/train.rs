@@ -622,6 +622,45 @@ fn examples_side_by_side_add_the_references_gradients() {
     }
 }
 
+/// A conversation's next example longer than the cache its prefix is kept in (caches grow in
+/// steps of 512 positions): the kept positions are copied into a cache with room instead of
+/// computed again — continued in a later pass, and beside it in one pass — and the gradients are
+/// those of examples computed from empty caches.
+#[test]
+fn a_prefix_outgrowing_its_kept_cache_is_copied_not_computed_again() {
+    use agentflux::gguf::BlockFormat;
+    use agentflux::lora::{ActiveAdapter, Proj};
+    use agentflux::model::ExampleRows;
+    use agentflux::reference::{random_adapter, TinyModelSpec};
+    let mut r = rng("prefix-outgrows");
+    let mut spec = TinyModelSpec::new("llama", BlockFormat::Q8_0);
+    spec.n_ctx = 1024;
+    let (_, model) = tiny_models(&spec, &mut r, "prefix-outgrows");
+    let c = model.config.clone();
+    let adapter = random_adapter(&mut r, &c, 4, &Proj::ALL, 0.2);
+    let id = ActiveAdapter::new(model.add_adapter("trained", &adapter).unwrap());
+    let conversation: Vec<u32> = (0..600).map(|_| (r.next_u64() % c.n_vocab as u64) as u32).collect();
+    let (early, late) = ([302..306], [592..597]);
+    let first = ExampleRows { tokens: &conversation[..310], from: 300, targets: &early };
+    let second = ExampleRows { tokens: &conversation, from: 590, targets: &late };
+    let fresh = AdapterBuffers::new(&model).unwrap();
+    for e in [first, second] {
+        fresh.add_gradients(&model, &mut PrefixCache::new(), &[e], id).unwrap();
+    }
+    let want = fresh.read(&model, id.id).unwrap();
+    for (name, passes) in [("a later pass", vec![vec![first], vec![second]]), ("one pass", vec![vec![first, second]])] {
+        let (grads, mut prefix) = (AdapterBuffers::new(&model).unwrap(), PrefixCache::new());
+        for pass in &passes {
+            grads.add_gradients(&model, &mut prefix, pass, id).unwrap();
+        }
+        assert_eq!((prefix.computed(), prefix.reused()), (590, 300), "{name}: positions computed, reused");
+        for (key, g) in &grads.read(&model, id.id).unwrap() {
+            common::assert_close(&format!("{name} {key:?} dA"), &g.a, &want[key].a, 1e-5);
+            common::assert_close(&format!("{name} {key:?} dB"), &g.b, &want[key].b, 1e-5);
+        }
+    }
+}
+
 /// The same toy task learned on the GPU: gradients from the training kernels, AdamW applied in
 /// place in the adapter packs; the engine's own forward then writes the sequence greedily.
 /// (Quantized bases are covered by the gradient test above; this tiny random Q8_0 model only

@@ -177,8 +177,9 @@ pub struct AdapterTraining {
 /// budget: examples of a tool set share their prompt's beginning (system prompt, tool list,
 /// often the conversation), and a conversation comes back every epoch and at every validation.
 /// An example continues in place the kept prefix its own continues whole, or gets a copy of the
-/// one that shares a longer beginning with it (cut where they part); only the positions after it
-/// are computed. A kept prefix that another kept one continues is dropped (the longer one gives
+/// one that shares the longest beginning with it (cut where they part, in a cache with room for
+/// the example) when another shares more or the kept cache is too small; only the positions after
+/// it are computed. A kept prefix that another kept one continues is dropped (the longer one gives
 /// it back by a copy), so a conversation holds one cache, not one per example; beyond the budget
 /// the least recently used prefixes go.
 pub struct PrefixCache {
@@ -259,30 +260,27 @@ impl PrefixCache {
 
     /// A cache for `prefix` with room for `total` positions, taken out of the kept ones: the kept
     /// prefix it continues whole, unless a longer beginning is shared with another kept prefix or
-    /// one of the pass (`taken`), which is then copied and cut where they part; else an empty
+    /// one of the pass (`taken`), or the kept one has no room for `total`; then a copy of the one
+    /// sharing the longest beginning, cut where they part, in a cache with room; else an empty
     /// cache. Then the positions after the shared part computed.
     fn take(&mut self, model: &Model, prefix: &[u32], total: usize, taken: &[KeptPrefix]) -> Result<KeptPrefix> {
         let shared = |e: &KeptPrefix| e.tokens.iter().zip(prefix).take_while(|(a, b)| a == b).count();
-        let room = |e: &&KeptPrefix| e.kv.n_ctx() >= total;
         // The longest kept prefix this one continues whole (the most recent on a tie), and the
         // longest beginning shared with any.
-        let whole =
-            self.entries.iter().enumerate().filter(|(_, e)| room(e) && shared(e) == e.tokens.len()).map(|(i, e)| (e.tokens.len(), i)).max();
-        let longest = self.entries.iter().chain(taken).filter(room).map(shared).max().unwrap_or(0);
+        let whole = self.entries.iter().enumerate().filter(|(_, e)| shared(e) == e.tokens.len()).map(|(i, e)| (e.tokens.len(), i)).max();
+        let longest = self.entries.iter().chain(taken).map(shared).max().unwrap_or(0);
         let mut entry = match whole {
             // The same conversation further on, continued in place.
-            Some((common, i)) if common >= longest => self.entries.remove(i),
+            Some((common, i)) if common >= longest && self.entries[i].kv.n_ctx() >= total => self.entries.remove(i),
             _ => {
-                let source = self.entries.iter().chain(taken).filter(room).rfind(|e| longest > 0 && shared(e) == longest);
+                // Room in steps of 512 positions, so a slightly longer example does not reallocate.
+                let room = total.div_ceil(512) * 512;
+                let source = self.entries.iter().chain(taken).rfind(|e| longest > 0 && shared(e) == longest);
                 let (common, kv) = match source {
-                    // Part of another: a copy of its positions, cut where they part.
-                    Some(e) => {
-                        let mut kv = e.kv.fork(&model.ctx)?;
-                        kv.truncate(longest);
-                        (longest, kv)
-                    }
-                    // Room in steps of 512 positions, so a slightly longer example does not reallocate.
-                    None => (0, model.new_cache(total.div_ceil(512) * 512)?),
+                    // Part of another (or all of one too small to continue in place): a copy of
+                    // its positions up to where they part, computed once either way.
+                    Some(e) => (longest, e.kv.fork_prefix(&model.ctx, longest, room)?),
+                    None => (0, model.new_cache(room)?),
                 };
                 let per_position = KvCache::bytes_per_position(&model.config);
                 let bytes = |entries: &[KeptPrefix]| entries.iter().map(|e| e.kv.n_ctx() as u64 * per_position).sum::<u64>();
