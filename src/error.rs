@@ -59,9 +59,10 @@ pub enum Error {
     /// The HTTP server could not start (address in use, no threads).
     #[error("server: {0}")]
     Serve(String),
-    /// A file or directory could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// A file or directory could not be read or written. The I/O error is part of the message,
+    /// not a `source`, so a report that walks the chain (anyhow's `{:#}`) says it once.
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
     /// A tool server failed (crashed, hung, answered out of protocol).
     #[error(transparent)]
     Mcp(#[from] crate::mcp::McpError),
@@ -69,8 +70,8 @@ pub enum Error {
 
 impl Error {
     /// An I/O failure on `path`.
-    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
+    pub fn io(path: &std::path::Path, error: std::io::Error) -> Self {
+        Error::Io { path: path.to_path_buf(), error }
     }
 
     /// A file at `path` whose contents are wrong.
@@ -86,3 +87,21 @@ impl Error {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every message of an error and its sources, as a report walking the chain prints them.
+    fn chain(e: &dyn std::error::Error) -> Vec<String> {
+        std::iter::successors(Some(e), |e| e.source()).map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn an_io_failure_names_its_path_and_its_cause_once() {
+        let cause = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let err = Error::io(std::path::Path::new("/data/seed.json"), std::io::Error::from(std::io::ErrorKind::NotFound));
+        let report = chain(&err).join(": ");
+        assert_eq!(report, format!("/data/seed.json: {cause}"));
+    }
+}
