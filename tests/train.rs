@@ -885,6 +885,22 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     assert!((phase("forward") + phase("backward") + phase("optimizer") - all).abs() < 0.005 + 1e-3 * kernels.len() as f64, "{stdout}");
     let after: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(after, manifest);
+    // Runs that would train nothing are refused before anything is written: data without a usable
+    // line, an --only naming no adapter of the data, zero steps or a batch of none.
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "not a trajectory\n").unwrap();
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    for (args, says) in [
+        (vec!["--data", empty.to_str().unwrap()], vec!["empty.jsonl: no training examples", "is left as it is"]),
+        (vec!["--data", d, "--only", "read_txt_file"], vec!["--only read_txt_file: no training examples", "selector", "read_text_file"]),
+        (vec!["--data", d, "--steps", "0"], vec!["--steps"]),
+        (vec!["--data", d, "--batch", "0"], vec!["--batch"]),
+    ] {
+        let (ok, _, err) = agentflux(&[&["train", "--model", m, "--toolset", o][..], &args].concat());
+        assert!(!ok && says.iter().all(|s| err.contains(s)), "{args:?}: {err}");
+        let kept: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(kept, manifest, "{args:?} changed the set");
+    }
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_file(&model).ok();
 }

@@ -35,10 +35,10 @@ pub struct Args {
     #[arg(long, default_value_t = 16.0)]
     alpha: f32,
     /// Optimizer steps per adapter.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = at_least_one::<u64>)]
     steps: u64,
     /// Examples per step (gradient accumulation).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one::<usize>)]
     batch: usize,
     /// Peak learning rate (warmup then cosine decay to a tenth).
     #[arg(long, default_value_t = 1e-3)]
@@ -142,6 +142,26 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             );
             train.insert(AdapterRole::Selector, kept);
         }
+    }
+    // Refused before anything is written: a run that trains nothing would rewrite the set's
+    // manifest without its adapters.
+    if train.is_empty() {
+        anyhow::bail!(
+            "{}: no training examples (the report above says why lines were dropped); {} is left as it is",
+            data.display(),
+            a.toolset.display()
+        );
+    }
+    let unknown: Vec<&str> = a.only.iter().map(String::as_str).filter(|n| !train.keys().any(|r| r.name() == *n)).collect();
+    if !unknown.is_empty() {
+        let known: Vec<&str> = train.keys().map(AdapterRole::name).collect();
+        anyhow::bail!(
+            "--only {}: no training examples for it in {} (its adapters: {}); {} is left as it is",
+            unknown.join(", "),
+            data.display(),
+            known.join(", "),
+            a.toolset.display()
+        );
     }
     let opts = TrainOptions {
         rank: a.rank,
@@ -330,6 +350,15 @@ fn synthesized(toolset: &std::path::Path) -> Result<PathBuf> {
         std::fs::rename(&part, &out).with_context(|| format!("renaming {} to {}", part.display(), out.display()))?;
     }
     Ok(out)
+}
+
+/// A count of at least 1 (`--steps`, `--batch`): with none the run would train nothing.
+fn at_least_one<T: std::str::FromStr + From<u8> + PartialOrd>(s: &str) -> std::result::Result<T, String> {
+    match s.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        Ok(_) => Err("at least 1".into()),
+        Err(_) => Err("a whole number".into()),
+    }
 }
 
 /// A rate as people read it: examples per second, or seconds per example when slower.
