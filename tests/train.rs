@@ -895,6 +895,9 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         (vec!["--data", d, "--only", "read_txt_file"], vec!["--only read_txt_file: no training examples", "selector", "read_text_file"]),
         (vec!["--data", d, "--steps", "0"], vec!["--steps"]),
         (vec!["--data", d, "--batch", "0"], vec!["--batch"]),
+        // Checked before the adapter is allocated: a rank past the limit would exhaust memory.
+        (vec!["--data", d, "--rank", "100000"], vec!["rank 100000: outside 1..=64"]),
+        (vec!["--data", d, "--lr", "nan"], vec!["learning rate NaN"]),
     ] {
         let (ok, _, err) = agentflux(&[&["train", "--model", m, "--toolset", o][..], &args].concat());
         assert!(!ok && says.iter().all(|s| err.contains(s)), "{args:?}: {err}");

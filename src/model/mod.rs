@@ -236,10 +236,14 @@ impl Model {
         Ok(self.registry_mut()?.add(&self.ctx, name, adapter, &self.config)?)
     }
 
+    /// The limits adapters are held to (rank, count, bytes).
+    pub fn lora_limits(&self) -> Result<LoraLimits> {
+        Ok(*self.registry()?.limits())
+    }
+
     /// Load a PEFT adapter directory (see [`crate::lora`]) and make it resident.
     pub fn load_adapter(&self, dir: impl AsRef<Path>) -> Result<AdapterId> {
-        let limits = *self.registry()?.limits();
-        let adapter = LoraAdapter::load_peft(dir.as_ref(), &self.config, &limits)?;
+        let adapter = LoraAdapter::load_peft(dir.as_ref(), &self.config, &self.lora_limits()?)?;
         self.add_adapter(&dir.as_ref().display().to_string(), &adapter)
     }
 

@@ -67,6 +67,32 @@ impl Default for TrainOptions {
     }
 }
 
+impl TrainOptions {
+    /// Refuse options no run can train with, before anything is allocated: a fresh adapter's
+    /// rank outside `1..=max_rank` (the engine's adapter limit), an alpha that is not a positive
+    /// number, a learning rate (peak or final) below 0 or not a number, no steps or no examples
+    /// per step.
+    pub fn check(&self, max_rank: usize) -> Result<()> {
+        let refuse = |what: String| Err(Error::InvalidOption(what));
+        if self.init.is_none() && !(1..=max_rank).contains(&self.rank) {
+            return refuse(format!("rank {}: outside 1..={max_rank}", self.rank));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return refuse(format!("alpha {}: not a positive number", self.alpha));
+        }
+        // A learning rate of 0 is allowed: the adapter comes back as it started.
+        for (name, v) in [("learning rate", self.lr), ("final learning rate", self.min_lr)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return refuse(format!("{name} {v}: not a number of at least 0"));
+            }
+        }
+        if self.steps == 0 || self.batch == 0 {
+            return refuse(format!("{} steps of {} examples: both must be at least 1", self.steps, self.batch));
+        }
+        Ok(())
+    }
+}
+
 /// Where training stands, reported after every step.
 #[derive(Debug, Clone)]
 pub struct Progress {
@@ -128,6 +154,10 @@ pub fn train_adapter_with(
     prefixes: &mut PrefixCache,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<(LoraAdapter, Option<f32>)> {
+    opts.check(model.lora_limits()?.max_rank).map_err(|err| match err {
+        Error::InvalidOption(msg) => Error::InvalidOption(format!("{name}: {msg}")),
+        err => err,
+    })?;
     if train.is_empty() {
         return Err(Error::InvalidOption(format!("{name}: no training examples")));
     }
@@ -193,8 +223,8 @@ fn run(
     };
     let last = opts.stop_after.map_or(opts.steps, |s| s.min(opts.steps));
     for step in first..=last {
-        let mut batch = Vec::with_capacity(opts.batch.max(1));
-        for _ in 0..opts.batch.max(1) {
+        let mut batch = Vec::with_capacity(opts.batch);
+        for _ in 0..opts.batch {
             if order.is_empty() {
                 order = epoch_order(train, &mut rng);
             }
@@ -219,7 +249,7 @@ fn run(
             }
         }
         let examples_per_s = seen as f64 / (t0.elapsed().as_secs_f64() - validating).max(1e-9);
-        on_progress(&Progress { step, steps: opts.steps, loss: loss / opts.batch.max(1) as f32, eval_loss, validated, examples_per_s });
+        on_progress(&Progress { step, steps: opts.steps, loss: loss / opts.batch as f32, eval_loss, validated, examples_per_s });
     }
     Ok(best)
 }
@@ -328,6 +358,26 @@ mod tests {
 
     fn example(line: usize) -> Example {
         Example { role: AdapterRole::Selector, tokens: vec![1, 2, 3], active_from: 1, targets: vec![2..3], line, name: "t".into() }
+    }
+
+    #[test]
+    fn options_no_run_can_train_with_are_refused() {
+        assert!(TrainOptions::default().check(64).is_ok());
+        let refused = |o: TrainOptions, says: &str| {
+            let err = o.check(64).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        };
+        refused(TrainOptions { rank: 0, ..Default::default() }, "rank 0: outside 1..=64");
+        refused(TrainOptions { rank: 100_000, ..Default::default() }, "rank 100000");
+        refused(TrainOptions { alpha: 0.0, ..Default::default() }, "alpha 0");
+        refused(TrainOptions { lr: f32::NAN, ..Default::default() }, "learning rate NaN");
+        refused(TrainOptions { lr: -1e-3, ..Default::default() }, "learning rate -0.001");
+        refused(TrainOptions { min_lr: f32::INFINITY, ..Default::default() }, "final learning rate inf");
+        refused(TrainOptions { steps: 0, ..Default::default() }, "0 steps");
+        refused(TrainOptions { batch: 0, ..Default::default() }, "of 0 examples");
+        // A continued adapter brings its own rank.
+        let init = LoraAdapter { rank: 4, alpha: 8.0, use_rslora: false, invocation_tokens: None, targets: BTreeMap::new() };
+        assert!(TrainOptions { rank: 0, init: Some(init), ..Default::default() }.check(64).is_ok());
     }
 
     #[test]
