@@ -522,6 +522,24 @@ fn synth_cli_writes_data_that_check_accepts_and_keeps_user_files() {
         assert!(ok, "{err}");
         assert!(report.contains("4 lines read, 4 kept, 0 dropped"), "{report}");
     }
+    // A run stopped part way (as by Ctrl-C) leaves OUT as it was: the new data goes to OUT.part
+    // until it is complete.
+    let before = std::fs::read_to_string(&out).unwrap();
+    let part = PathBuf::from(format!("{out_s}.part"));
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_agentflux"))
+        .args(["data", "synth", "--conversations", "100000", "--workspace", &ws_s, "--replace-workspace", "--out", &out_s])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&part).map_or(true, |m| m.len() == 0) {
+        assert!(started.elapsed().as_secs() < 120, "no conversation written to {} in 120 s", part.display());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), before, "the interrupted run changed {out_s}");
     std::fs::remove_dir_all(&ws).ok();
     std::fs::remove_file(&out).ok();
+    std::fs::remove_file(&part).ok();
 }

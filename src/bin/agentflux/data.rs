@@ -59,7 +59,7 @@ pub struct SynthArgs {
     /// Server command instead of the seed's (`{ws}` is replaced by the workspace).
     #[arg(long)]
     mcp: Option<String>,
-    /// Where to write the JSONL.
+    /// Where to write the JSONL (written to OUT.part, renamed to OUT when complete).
     #[arg(long)]
     out: PathBuf,
 }
@@ -135,18 +135,34 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         a.mcp.as_deref().map_or_else(|| seed.server_command(&opts.workspace), |c| c.replace("{ws}", &opts.workspace.to_string_lossy()));
     let mut server =
         McpClient::spawn(&command, ServerOptions::default()).with_context(|| format!("starting the tool server `{command}`"))?;
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?);
+    // Written aside and renamed when complete: a run that fails or is interrupted leaves OUT as
+    // it was, never a part of the data in its place.
+    let part = {
+        let mut p = a.out.clone().into_os_string();
+        p.push(".part");
+        PathBuf::from(p)
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?);
     let started = std::time::Instant::now();
     let mut progress = crate::progress::ProgressLine::new(opts.conversations as u64);
     let report = synthesize(&seed, &mut server, &opts, |i, line| {
-        writeln!(out, "{line}").map_err(|e| agentflux::Error::io(&a.out, e))?;
+        writeln!(out, "{line}").map_err(|e| agentflux::Error::io(&part, e))?;
         let done = i + 1;
         progress.update(done as u64, false, || {
             format!("[synth] conversation {done}/{} · {:.0} s", opts.conversations, started.elapsed().as_secs_f64())
         });
         Ok(())
-    })?;
-    out.flush().with_context(|| format!("writing {}", a.out.display()))?;
+    });
+    let written = report.and_then(|r| out.flush().map(|_| r).map_err(|e| agentflux::Error::io(&part, e)));
+    drop(out);
+    let report = match written {
+        Ok(r) => r,
+        Err(e) => {
+            std::fs::remove_file(&part).ok();
+            return Err(e.into());
+        }
+    };
+    std::fs::rename(&part, &a.out).with_context(|| format!("renaming {} to {}", part.display(), a.out.display()))?;
     progress.finish();
     print!("{}", report.summary());
     eprintln!("wrote {} ({} conversations in {:.0} s)", a.out.display(), report.conversations, started.elapsed().as_secs_f64());

@@ -337,9 +337,8 @@ fn synthesized(toolset: &std::path::Path) -> Result<PathBuf> {
             );
         }
         eprintln!("no --data given: making {} from {} (agentflux data synth)", out.display(), seed.display());
-        // Written aside and renamed when complete, so an interrupted run leaves no partial data.
-        let part = out.with_extension("jsonl.part");
-        let made = crate::data::SynthArgs::with_defaults(&seed, &part).and_then(crate::data::synth);
+        // synth writes aside and renames when complete: an interrupted run leaves no partial data.
+        let made = crate::data::SynthArgs::with_defaults(&seed, &out).and_then(crate::data::synth);
         made.with_context(|| {
             format!(
                 "making {} (or make it yourself with `agentflux data synth --seed-file {} --out FILE`, then pass --data FILE)",
@@ -347,7 +346,6 @@ fn synthesized(toolset: &std::path::Path) -> Result<PathBuf> {
                 seed.display()
             )
         })?;
-        std::fs::rename(&part, &out).with_context(|| format!("renaming {} to {}", part.display(), out.display()))?;
     }
     Ok(out)
 }
