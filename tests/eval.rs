@@ -143,6 +143,10 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
     std::fs::write(&dataset, format!("{}\n{{\"messages\": []}}", lines[0])).unwrap();
     let (ok, _, err) = agentflux(&["eval", "--model", &m, "--dataset", &d]);
     assert!(!ok && err.contains("line 2"), "{err}");
+    // A dataset with nothing to score is refused, not reported as 0%.
+    std::fs::write(&dataset, "\n").unwrap();
+    let (ok, stdout, err) = agentflux(&["eval", "--model", &m, "--dataset", &d]);
+    assert!(!ok && err.contains("no examples to score") && !stdout.contains("0.0%"), "{stdout}\n{err}");
     std::fs::remove_file(&dataset).ok();
     std::fs::remove_file(&model).ok();
 }
@@ -201,6 +205,9 @@ fn tasks_run_on_the_real_server_and_are_judged_by_their_checks() {
     std::fs::write(&file, format!("{}\n{{\"task\": \"x\"}}", tasks[0])).unwrap();
     let (ok, _, err) = agentflux(&["eval", "--model", m, "--tasks", t, "--workspace", w]);
     assert!(!ok && err.contains("line 2"), "{err}");
+    std::fs::write(&file, "").unwrap();
+    let (ok, _, err) = agentflux(&["eval", "--model", m, "--tasks", t, "--workspace", w]);
+    assert!(!ok && err.contains("no tasks"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_file(&model).ok();
 }

@@ -84,6 +84,9 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         examples.retain(|e| e.expected_name != FINISH);
         eprintln!("--given-tool: {} lines expecting finish left out, {} scored", before - examples.len(), examples.len());
     }
+    if examples.is_empty() {
+        anyhow::bail!("{}: no examples to score", dataset.display());
+    }
     if let Some(e) = examples.iter().find(|e| e.tools == ToolSource::Configured && a.mcp_config.is_none()) {
         anyhow::bail!("{} line {}: no \"tools\" or \"mcp\", and no --mcp-config to take servers from", dataset.display(), e.line);
     }
@@ -204,6 +207,9 @@ fn run_tasks(a: &Args, gpu: &GpuOptions) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let ws = a.workspace.to_string_lossy().into_owned();
     let tasks = read_tasks(&text, &ws).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if tasks.is_empty() {
+        anyhow::bail!("{}: no tasks", path.display());
+    }
     let seed = Seed::load(&a.seed_file)?;
     if !matches!(a.mode, Mode::Decoupled | Mode::Reference) {
         anyhow::bail!("--tasks runs the agent loop: --mode decoupled or reference");
