@@ -143,6 +143,10 @@ fn eval_scores_every_mode_and_its_summary_adds_up() {
     std::fs::write(&dataset, format!("{}\n{{\"messages\": []}}", lines[0])).unwrap();
     let (ok, _, err) = agentflux(&["eval", "--model", &m, "--dataset", &d]);
     assert!(!ok && err.contains("line 2"), "{err}");
+    // A call that fails is counted, and the first failure's reason printed.
+    std::fs::write(&dataset, &lines[0]).unwrap();
+    let (ok, stdout, err) = agentflux(&["eval", "--model", &m, "--dataset", &d, "--ctx", "8"]);
+    assert!(ok && stdout.contains("1 call failed, the first (line 1): context overflow"), "{stdout}\n{err}");
     // A dataset with nothing to score is refused, not reported as 0%.
     std::fs::write(&dataset, "\n").unwrap();
     let (ok, stdout, err) = agentflux(&["eval", "--model", &m, "--dataset", &d]);

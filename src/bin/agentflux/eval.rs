@@ -190,8 +190,10 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     if !saved.is_empty() {
         println!("decode steps jump-forward saved, by tool: {}", saved.join(", "));
     }
-    if summary.errors > 0 {
-        println!("{} calls failed (see --json for the errors)", summary.errors);
+    if let Some(first) = outcomes.iter().find(|o| o.error.is_some()) {
+        let why = first.error.as_deref().unwrap_or_default();
+        let calls = if summary.errors == 1 { "call" } else { "calls" };
+        println!("{} {calls} failed, the first (line {}): {why} (--json has every one)", summary.errors, first.line);
     }
     if let Some(path) = &a.json {
         let v = serde_json::json!({"mode": a.mode.name(), "given_tool": a.given_tool, "model": a.model, "dataset": a.dataset, "adapters": a.adapters, "device": l.eng.ctx.describe(), "summary": summary, "examples": outcomes});
