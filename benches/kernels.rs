@@ -4,19 +4,22 @@
 //! and a feed-forward block's gate and up projections with the GLU, as three dispatches and as
 //! the one gated product; the products over f32 and over 8-bit activations (quantized once per
 //! product, as the forward pass does) for 1, 4 and 64 rows; the cost of a dispatch itself, with
-//! its bind group reused from the last submission and built anew; and a buffer copy, the
-//! device's memory bandwidth that the products' GB/s are read against.
+//! its bind group reused from the last submission and built anew; attention over a cached
+//! prefix in the shapes of prefill, decode and a training step; and a buffer copy, the device's
+//! memory bandwidth that the products' GB/s are read against.
 //!
-//! `cargo bench --bench kernels [-- matvec|lora|ffn|activations|dispatch|copy]`; `AGENTFLUX_GPU` picks the device,
+//! `cargo bench --bench kernels [-- matvec|lora|ffn|activations|attention|dispatch|copy]`; `AGENTFLUX_GPU` picks the device,
 //! `AGENTFLUX_KERNELS=gpu|cpu` the kernel family.
 
 use agentflux::decode::SplitMix64;
 use agentflux::gguf::BlockFormat;
-use agentflux::gpu::{read_f32, storage_buffer, storage_buffer_zeroed, GpuContext, GpuOptions, Recorder, WeightMatrix};
+use agentflux::gpu::{read_f32, storage_buffer, storage_buffer_zeroed, GpuContext, GpuOptions, Recorder, View, WeightMatrix};
 use agentflux::hparams::Activation;
+use agentflux::kernels::attention::{attention, AttentionShape, KvBuffers};
 use agentflux::kernels::elementwise::glu;
 use agentflux::kernels::lora::{lora_expand, lora_shrink};
 use agentflux::kernels::matmul::{matmul, matmul_gated, GatedUp, LoraIo, LoraSlot, MatmulIo};
+use agentflux::kernels::places::{place_sequence, Places};
 use agentflux::kernels::quantize::{quantize_q8, Q8Rows};
 use agentflux::reference::{random_matrix_bytes, random_vec};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -201,6 +204,55 @@ fn bench_ffn(c: &mut Criterion) {
     group.finish();
 }
 
+/// Attention in SmolLM2's geometry (9 query heads over 3 KV heads of 64) against an f16 cache:
+/// a 256-row prompt piece from position 0 (the row-per-invocation entry), one decode row and a
+/// training step's 16 rows after a 1024-position prefix (the split-key entry); throughput in
+/// (query row, key) pairs.
+fn bench_attention(c: &mut Criterion) {
+    let ctx = GpuContext::new(&GpuOptions::default()).expect("a GPU adapter");
+    let mut rng = SplitMix64(5);
+    let shape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, window: 0, scale: 0.125 };
+    let (row, kv_row) = (shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim);
+    let mut group = c.benchmark_group(format!("attention/{}/9x64 over 3 kv heads", ctx.info.name));
+    group.sample_size(10);
+    for (name, pos0, rows) in [("prefill", 0, 256), ("decode", 1024, 1), ("train_step", 1024, 16)] {
+        let positions = pos0 + rows;
+        let words: Vec<u32> = random_vec(&mut rng, positions * kv_row, 1.0)
+            .chunks(2)
+            .map(|p| half::f16::from_f32(p[0]).to_bits() as u32 | (half::f16::from_f32(p[1]).to_bits() as u32) << 16)
+            .collect();
+        let (k, v) = (storage_buffer(&ctx, "k", bytemuck::cast_slice(&words)), storage_buffer(&ctx, "v", bytemuck::cast_slice(&words)));
+        let q = storage_buffer(&ctx, "q", bytemuck::cast_slice(&random_vec(&mut rng, rows * row, 1.0)));
+        let o = storage_buffer_zeroed(&ctx, "o", (rows * row * 4) as u64);
+        let places = place_sequence(0, pos0, rows, None).unwrap();
+        let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
+        let pairs: usize = places.iter().map(|p| p.pos as usize + 1).sum();
+        group.throughput(Throughput::Elements((pairs * REPEAT) as u64));
+        group.bench_function(format!("{name}/{rows} rows after {pos0}"), |b| {
+            b.iter(|| {
+                let mut rec = Recorder::new(&ctx);
+                for _ in 0..REPEAT {
+                    let at = Places { buf: &table, at: 0, rows: &places };
+                    attention(
+                        &mut rec,
+                        &ctx,
+                        &shape,
+                        View::new(&q, rows, row),
+                        KvBuffers { k: &k, v: &v },
+                        at,
+                        View::new(&o, rows, row),
+                        None,
+                    )
+                    .unwrap();
+                }
+                rec.submit();
+                read_f32(&ctx, &o, 0, 1).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
 /// A decode step's worth of dispatches of a kernel with almost no work (a GLU over 64 values),
 /// so what is timed is the dispatch: with the bind groups the last submission built, and with
 /// the cache emptied before each submission (every group built again, as before the cache).
@@ -255,5 +307,5 @@ fn bench_copy(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matvec, bench_lora, bench_ffn, bench_activations, bench_dispatch, bench_copy);
+criterion_group!(benches, bench_matvec, bench_lora, bench_ffn, bench_activations, bench_attention, bench_dispatch, bench_copy);
 criterion_main!(benches);

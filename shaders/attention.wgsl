@@ -19,14 +19,15 @@
 // Work split: an invocation serves G consecutive query heads (a head group) that share one KV
 //   head (G divides n_heads / n_kv_heads), so each key and value row is loaded once for all of
 //   them, with an online softmax per head (one pass over the keys, running max and sum, f32
-//   accumulators in registers).
+//   accumulators in registers) that takes the keys B at a time: one rescale of the sums, and one
+//   exp for it, per block of keys rather than per key.
 //   `main` (prefill chunks, token trees): one invocation per (head group, token), 64 per workgroup.
 //   `decode` (few rows, no tree: decode steps, a training step's rows, short chunks; the launcher
 //   chooses): one workgroup of SPLIT invocations per (head group, row); invocation i
 //   folds keys i, i + SPLIT, … into its own running softmaxes, then the SPLIT partial softmaxes
 //   are merged through workgroup memory — every SIMD lane and every workgroup thread has keys
 //   to read even with few heads.
-// Specialised on D4 = head_dim / 4, G and SPLIT (launcher constants), so the loops over them
+// Specialised on D4 = head_dim / 4, G, B and SPLIT (launcher constants), so the loops over them
 //   unroll and the per-head arrays stay in registers.
 // Limits: head_dim % 4 == 0, head_dim ≤ 256; n_tokens · n_heads / G ≤ 65535 · 64 (decode:
 //   n_tokens ≤ 65535); SPLIT · G · (head_dim + 2) · 4 bytes of workgroup memory.
@@ -69,30 +70,64 @@ fn begin(qo: u32, hg: u32) {
     }
 }
 
-// Fold key/value row j (at ko) into the G running softmaxes.
-fn attend(ko: u32) {
-    var sc: array<f32, G>;
-    for (var d = 0u; d < D4; d++) {
-        let k = half4(kc[ko + d]);
-        for (var g = 0u; g < G; g++) {
-            sc[g] += dot(qv[g][d], k);
+// Fold the B key/value rows at ko into the G running softmaxes: one rescale of the sums per
+// block of keys rather than per key. Rows with live[b] false count for nothing (ko[b] must still
+// be a row of the cache: it is read).
+fn attend(ko: array<u32, B>, live: array<bool, B>) {
+    var sc: array<array<f32, G>, B>;
+    for (var b = 0u; b < B; b++) {
+        for (var d = 0u; d < D4; d++) {
+            let k = half4(kc[ko[b] + d]);
+            for (var g = 0u; g < G; g++) {
+                sc[b][g] += dot(qv[g][d], k);
+            }
         }
     }
     var c: array<f32, G>;
-    var e: array<f32, G>;
+    var e: array<array<f32, G>, B>;
     for (var g = 0u; g < G; g++) {
-        let s = sc[g] * p.scale;
-        let m_new = max(mx[g], s);
+        var m_new = mx[g];
+        for (var b = 0u; b < B; b++) {
+            sc[b][g] *= p.scale;
+            m_new = select(m_new, max(m_new, sc[b][g]), live[b]);
+        }
         c[g] = exp(mx[g] - m_new);
-        e[g] = exp(s - m_new);
-        l[g] = l[g] * c[g] + e[g];
+        var sum = l[g] * c[g];
+        for (var b = 0u; b < B; b++) {
+            e[b][g] = select(0.0, exp(sc[b][g] - m_new), live[b]);
+            sum += e[b][g];
+        }
+        l[g] = sum;
         mx[g] = m_new;
     }
     for (var d = 0u; d < D4; d++) {
-        let v = half4(vc[ko + d]);
-        for (var g = 0u; g < G; g++) {
-            acc[g][d] = acc[g][d] * c[g] + e[g] * v;
+        var v: array<vec4<f32>, B>;
+        for (var b = 0u; b < B; b++) {
+            v[b] = half4(vc[ko[b] + d]);
         }
+        for (var g = 0u; g < G; g++) {
+            var a = acc[g][d] * c[g];
+            for (var b = 0u; b < B; b++) {
+                a += e[b][g] * v[b];
+            }
+            acc[g][d] = a;
+        }
+    }
+}
+
+// Fold positions lo, lo + step, … below hi of the sequence whose position 0 is cache row base
+// (KV head kvh), B at a time.
+fn attend_keys(base: u32, kvh: u32, lo: u32, hi: u32, step: u32) {
+    let row4 = p.n_kv_heads * D4;
+    for (var j = lo; j < hi; j += B * step) {
+        var ko: array<u32, B>;
+        var live: array<bool, B>;
+        for (var b = 0u; b < B; b++) {
+            let jb = j + b * step;
+            live[b] = jb < hi;
+            ko[b] = (base + select(j, jb, live[b])) * row4 + kvh * D4;
+        }
+        attend(ko, live);
     }
 }
 
@@ -118,19 +153,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     begin((p.q_offset + t * p.q_stride) / 4u, hg);
     if (p.tree == 0u) {
-        for (var j = start; j <= pos; j++) {
-            attend((base + j) * row4 + kvh * D4);
-        }
+        attend_keys(base, kvh, start, pos + 1u, 1u);
     } else {
-        for (var j = start; j < pos0; j++) {
-            attend((base + j) * row4 + kvh * D4);
-        }
+        attend_keys(base, kvh, start, pos0, 1u);
         // The row itself and its ancestors, nearest first (the sum does not depend on order).
         let first = t - place.w;
         var s = i32(place.w);
         while (s >= 0) {
             if (pos0 + u32(tree[first + u32(s)].y) >= start) {
-                attend((base + pos0 + u32(s)) * row4 + kvh * D4);
+                var ko: array<u32, B>;
+                var live: array<bool, B>;
+                ko[0] = (base + pos0 + u32(s)) * row4 + kvh * D4;
+                live[0] = true;
+                attend(ko, live);
             }
             s = tree[first + u32(s)].x;
         }
@@ -151,7 +186,6 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     let hg = wid.x;
     let t = wid.y;
     let kvh = kv_head(hg);
-    let row4 = p.n_kv_heads * D4;
     let place = places[p.at + t];
     let base = place.x;
     let pos = place.y;
@@ -160,9 +194,7 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
         start = pos + 1u - p.window;
     }
     begin((p.q_offset + t * p.q_stride) / 4u, hg);
-    for (var j = start + i; j <= pos; j += SPLIT) {
-        attend((base + j) * row4 + kvh * D4);
-    }
+    attend_keys(base, kvh, start + i, pos + 1u, SPLIT);
     for (var g = 0u; g < G; g++) {
         part_ml[i][g] = vec2<f32>(mx[g], l[g]);
         for (var d = 0u; d < D4; d++) {
