@@ -26,7 +26,9 @@
 //     row's x once, then decodes each weight row once and dots it with all COLS of them. On
 //     CPU-backed drivers every storage load whose address differs per invocation is a loop over
 //     the SIMD lanes, which these tiles amortise; small workgroups (WG) keep both threads busy
-//     on the narrow K/V projections. No barriers.
+//     on the narrow K/V projections. No barriers. In the f32 form, where subgroups hold 8
+//     lanes, each run of 8 lanes loads the x group they all read once and shares it by shuffles
+//     (product_x_subgroup.wgsl).
 //   `cooperative` (GPUs): LANES neighbouring invocations share one output row and split its
 //     32-value groups (lane l takes groups l, l + LANES, …, so a row's blocks are read side by
 //     side), each for COLS batch rows; a workgroup holds WG / LANES rows. The lanes' partial sums

@@ -1,19 +1,21 @@
-// quant_matmul_f32.wgsl — the entry points of quant_matmul.wgsl for f32 activations: each
+// quant_matmul_f32.wgsl — the work of quant_matmul.wgsl's entry points for f32 activations: each
 // weight group decoded to f32 (`load32`) and dotted with x as it is read.
 //
 // Layout: x is M rows of K f32 at x_offset + m·x_stride (both in vec4 units); nw: K f32, the
 //   norm's weights. See quant_matmul.wgsl for what is computed, the work splits and the limits.
+// `tile` is the CPU family's tile; its entry point `main`, and `x_group` and `nw_group`, which
+//   read a 32-value group of the tile's batch rows and of the norm's weights, come from
+//   product_x_subgroup.wgsl (lanes share the loads) or product_x_own.wgsl (each invocation
+//   loads its own), as the launcher picks.
 
 @group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> nw: array<vec4<f32>>;
 
-@compute @workgroup_size(WG)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let n0 = gid.x * ROWS;
-    if (n0 >= p.n) {
-        return;
-    }
-    let m0 = wid.y * COLS;
+// The tile of invocation i (output rows i·ROWS..) for batch rows mg·COLS..; `sid` is the
+// invocation's subgroup lane, for `x_group`.
+fn tile(i: u32, mg: u32, sid: u32) {
+    let n0 = i * ROWS;
+    let m0 = mg * COLS;
     // Rows and batch rows past the end repeat the last one; their results are not stored.
     var rb: array<u32, ROWS>;
     for (var r = 0u; r < ROWS; r++) {
@@ -27,18 +29,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
     var acc_up: array<f32, ROWS * COLS>;
     var ss: array<f32, COLS>;
     for (var k = 0u; k < p.k; k += 32u) {
-        var xv: array<V32, COLS>;
-        for (var t = 0u; t < COLS; t++) {
-            for (var j = 0u; j < 8u; j++) {
-                xv[t][j] = x[xo[t] + (k >> 2u) + j];
-            }
-        }
+        var xv = x_group(xo, k, sid);
         if (p.norm != 0u) {
+            let g = nw_group(k, sid);
             for (var j = 0u; j < 8u; j++) {
-                let g = nw[(k >> 2u) + j];
                 for (var t = 0u; t < COLS; t++) {
                     ss[t] += dot(xv[t][j], xv[t][j]);
-                    xv[t][j] *= g;
+                    xv[t][j] *= g[j];
                 }
             }
         }

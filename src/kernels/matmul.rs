@@ -1,5 +1,6 @@
 //! `y = W·x (+ LoRA)` for quantized weights — launcher of `shaders/quant_matmul.wgsl` with
-//! `quant_matmul_f32.wgsl` (f32 activations) or `quant_matmul_q8.wgsl` (8-bit activations from
+//! `quant_matmul_f32.wgsl` (f32 activations; the CPU family's entry in `product_x_subgroup.wgsl`
+//! or `product_x_own.wgsl`) or `quant_matmul_q8.wgsl` (8-bit activations from
 //! [`super::quantize`]). The LoRA shrink that precedes the fused expand is [`super::lora`].
 
 use super::norm::RmsNorm;
@@ -13,6 +14,8 @@ use std::sync::Arc;
 const WGSL: &str = include_str!("../../shaders/quant_matmul.wgsl");
 const F32_WGSL: &str = include_str!("../../shaders/quant_matmul_f32.wgsl");
 const Q8_WGSL: &str = include_str!("../../shaders/quant_matmul_q8.wgsl");
+const X_SUBGROUP_WGSL: &str = include_str!("../../shaders/product_x_subgroup.wgsl");
+const X_OWN_WGSL: &str = include_str!("../../shaders/product_x_own.wgsl");
 /// Invocations per workgroup in the CPU-backed family: small, so even a 192-row projection
 /// spreads over both threads of a CPU-backed device.
 const WG: usize = 16;
@@ -57,7 +60,10 @@ fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, 
         }
     };
     let consts = consts.map(|(k, v)| (k, v as u32));
-    let subgroups = ctx.class == DeviceClass::Gpu && ctx.subgroups_hold(LANES as u32);
+    // Both families share across lanes by subgroup shuffles where subgroups hold 8 lanes (the
+    // GPU family its sums, the CPU family its f32 activations), else the GPU family through
+    // workgroup memory and the CPU family not at all.
+    let subgroups = ctx.subgroups_hold(LANES as u32);
     let mut src = super::with_lane_reduce(super::weight_reader::<Params>(name, WGSL, entry, format, &consts), subgroups);
     src.files.push(super::ACTIVATION_WGSL);
     if q8 {
@@ -66,6 +72,7 @@ fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, 
         src.name.push_str("_q8");
     } else {
         src.files.push(F32_WGSL);
+        src.files.push(if subgroups { X_SUBGROUP_WGSL } else { X_OWN_WGSL });
     }
     if gated {
         src.name.push_str("_glu");

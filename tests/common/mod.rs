@@ -17,17 +17,22 @@ pub fn ctx() -> Arc<GpuContext> {
     CTX.get_or_init(|| Arc::new(GpuContext::new(&GpuOptions::default()).expect("a GPU adapter (install mesa-vulkan-drivers)"))).clone()
 }
 
-/// A context on the default device for each kernel family (see `DeviceClass`): the CPU-backed
-/// family, the GPU family with subgroup shuffles where the device has them, and the GPU family
-/// with its workgroup-memory reduction. Each names itself for assertion messages.
+/// A context on the default device for each kernel family (see `DeviceClass`), with and without
+/// subgroups: the CPU-backed family sharing its activations by subgroup shuffles where the device
+/// has them and loading them per invocation, the GPU family with subgroup shuffles where the
+/// device has them and with its workgroup-memory reduction. Each names itself for assertion
+/// messages.
 pub fn kernel_families() -> Vec<(String, Arc<GpuContext>)> {
     let make = |kernels, no_subgroups| {
         Arc::new(GpuContext::new(&GpuOptions { kernels: Some(kernels), no_subgroups, ..Default::default() }).expect("a GPU adapter"))
     };
-    let gpu = make(DeviceClass::Gpu, false);
+    let (cpu, gpu) = (make(DeviceClass::Cpu, false), make(DeviceClass::Gpu, false));
+    let shared =
+        if cpu.subgroups_hold(8) { "activations shared by subgroup shuffles" } else { "activations per invocation (no subgroups of 8)" };
     let reduce = if gpu.subgroups_hold(8) { "subgroup shuffles" } else { "workgroup memory (no subgroups of 8)" };
     vec![
-        ("CPU-backed family".to_string(), make(DeviceClass::Cpu, false)),
+        (format!("CPU-backed family, {shared}"), cpu),
+        ("CPU-backed family, activations per invocation".to_string(), make(DeviceClass::Cpu, true)),
         (format!("GPU family, {reduce}"), gpu),
         ("GPU family, workgroup memory".to_string(), make(DeviceClass::Gpu, true)),
     ]
