@@ -8,7 +8,8 @@
 //   j. The lanes of a workgroup share their batch rows, so this is the same x for all of them.
 // Why: on CPU-backed drivers a storage load costs per lane whatever its address, so lanes loading
 //   the same x each pay for it; a shuffle is a register permute there. In decode (one batch
-//   row, 8 weight rows a tile) x was about a third of the load cost.
+//   row, 8 weight rows a tile) x was about a third of the load cost, with the norm's weights
+//   about half.
 // Layout: x and nw as quant_matmul_f32.wgsl declares them; registers only.
 // Limits: the device's smallest subgroup holds 8 lanes (the launcher checks `subgroup_min_size`);
 //   subgroups made of consecutive local invocation indices (as reduce_subgroup.wgsl), WG a
