@@ -15,7 +15,7 @@
 //   k, v: the layer's caches, row base + j = position j of a slot, n_kv_heads·head_dim f16 per
 //   row, two per u32 word (kv_store.wgsl writes them; a vec2<u32> holds 4 values, so cache
 //   indices count in the same vec4 units as q and o); places: vec4<u32> per row (see
-//   src/kernels/places.rs); tree: per row (parent index or −1, depth).
+//   src/kernels/places.rs); tree: per row (parent index or −1, depth), a parent before its child.
 // Work split: an invocation serves G consecutive query heads (a head group) that share one KV
 //   head (G divides n_heads / n_kv_heads), so each key and value row is loaded once for all of
 //   them, with an online softmax per head (one pass over the keys, running max and sum, f32
@@ -167,7 +167,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
                 live[0] = true;
                 attend(ko, live);
             }
-            s = tree[first + u32(s)].x;
+            // A parent comes before its child; a link that does not ends the walk, so it ends
+            // whatever the buffer holds.
+            s = min(tree[first + u32(s)].x, s - 1);
         }
     }
     let oo = (p.o_offset + t * p.o_stride) / 4u + hg * G * D4;

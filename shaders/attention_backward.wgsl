@@ -97,7 +97,7 @@ fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>) {
     var m = -3.4e38;
     var l = 0.0;
     var sov = 0.0;
-    for (var j = first_key(pos); j <= pos; j++) {
+    for (var j = first_key(pos); j < pos + 1u; j++) {
         let o = j * kv_row + kh * p.head_dim;
         var kr: array<vec4<f32>, D4>;
         var s = 0.0;

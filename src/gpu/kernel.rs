@@ -9,7 +9,7 @@ use std::sync::Arc;
 ///
 /// Shader files cannot `#include` each other, so launchers list the files a kernel needs
 /// (for example `dequant.wgsl` + `quant_matmul.wgsl`) and the values it is specialised on.
-pub struct ShaderSource {
+pub(crate) struct ShaderSource {
     /// Label and cache key prefix.
     pub name: String,
     /// Generated lines placed first (constants, format selection).
@@ -29,7 +29,7 @@ pub struct Kernel {
 
 impl GpuContext {
     /// The pipeline for `src`, compiled on first use and cached.
-    pub fn kernel(&self, src: &ShaderSource) -> Result<Arc<Kernel>> {
+    pub(crate) fn kernel(&self, src: &ShaderSource) -> Result<Arc<Kernel>> {
         let key = format!("{}|{}|{}", src.name, src.entry, src.prelude);
         if let Some(k) = self.pipelines.lock().map_err(|_| poisoned())?.get(&key) {
             return Ok(k.clone());
@@ -42,9 +42,16 @@ impl GpuContext {
         }
         // Validation errors surface through the error scope instead of wgpu's panic handler.
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(&src.name), source: wgpu::ShaderSource::Wgsl(code.into()) });
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(&src.name), source: wgpu::ShaderSource::Wgsl(code.into()) };
+        // SAFETY: the only check left out is the counter wgpu adds to every loop so that a
+        // driver cannot assume a loop ends; it keeps Mesa from unrolling the tiles' loops (the
+        // prompt's products ran 1.7× slower with it, docs/performance.md). Dropping it requires
+        // that every loop ends. Only this crate's shaders get here (this function and
+        // `ShaderSource` are crate-private; `prelude` is generated), and each of their loops
+        // counts up to a bound by a step far below u32's room above the largest dimension the
+        // loaders accept (2^24), counts down, or follows parent links that strictly decrease.
+        // Bounds checks stay.
+        let module = unsafe { self.device.create_shader_module_trusted(desc, trusted_checks()) };
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&src.name),
             layout: None,
@@ -63,6 +70,13 @@ impl GpuContext {
         self.pipelines.lock().map_err(|_| poisoned())?.insert(key, k.clone());
         Ok(k)
     }
+}
+
+/// wgpu's shader checks without its loop bounding (see [`GpuContext::kernel`]).
+fn trusted_checks() -> wgpu::ShaderRuntimeChecks {
+    let mut checks = wgpu::ShaderRuntimeChecks::checked();
+    checks.force_loop_bounding = false;
+    checks
 }
 
 fn poisoned() -> Error {

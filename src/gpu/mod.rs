@@ -11,7 +11,8 @@ mod view;
 
 pub use buffer::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, upload, WeightMatrix, WeightPart};
 pub use context::{list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions, Products};
-pub use kernel::{Binding, Kernel, Recorder, ShaderSource};
+pub(crate) use kernel::ShaderSource;
+pub use kernel::{Binding, Kernel, Recorder};
 pub use memory::MemoryUse;
 pub use profile::{profile_table, KernelTime};
 pub(crate) use uniform::uniform_block;
