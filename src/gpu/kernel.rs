@@ -48,8 +48,9 @@ impl GpuContext {
         // prompt's products ran 1.7× slower with it, docs/performance.md). Dropping it requires
         // that every loop ends. Only this crate's shaders get here (this function and
         // `ShaderSource` are crate-private; `prelude` is generated), and each of their loops
-        // counts up to a bound by a step far below u32's room above the largest dimension the
-        // loaders accept (2^24), counts down, or follows parent links that strictly decrease.
+        // counts down, follows parent links that strictly decrease, or counts up by at most 256
+        // to a bound no counter can wrap past: a dimension (the loaders accept at most 2^24) or
+        // a cache row (below 2^29: a cache is one binding of under 2^32 bytes, 8 or more a row).
         // Bounds checks stay.
         let module = unsafe { self.device.create_shader_module_trusted(desc, trusted_checks()) };
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
