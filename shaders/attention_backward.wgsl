@@ -22,7 +22,9 @@
 //   A pass holding several training examples dispatches once per example, each at its row0.
 // Work split: one invocation per output row and head, loops over keys (or queries) and the head
 //   dimension; rows are written by their owner only, so no atomics or barriers. `grad_q` runs
-//   in workgroups of 16 over the flattened (t, h), so every lane works even with 9 heads.
+//   workgroups of 8 rows of one head, whose lanes walk the keys together and share their loads
+//   where the device has subgroups (lanes_subgroup.wgsl, placed before this file; else
+//   lanes_own.wgsl).
 // Limits: n_heads a multiple of n_kv_heads; head_dim = 4·D4, at most 256.
 
 // `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
@@ -73,13 +75,17 @@ fn dot_ov(qo: u32, vo: u32) -> f32 {
     return s;
 }
 
-@compute @workgroup_size(16)
-fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>) {
-    if (gid.x >= p.n_tokens * p.n_heads) {
-        return;
-    }
-    let t = gid.x / p.n_heads;
-    let h = gid.x % p.n_heads;
+// Invocation t serves row t of head wid.y: the lanes of a subgroup hold neighbouring rows of one
+// head, which walk the same cache rows (one sequence); with subgroups they load each key and
+// value row once between them and read it from each other (lanes_*.wgsl), else each loads its
+// own. Each counts the keys its own row sees.
+@compute @workgroup_size(8)
+fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let h = wid.y;
+    // No early return: every lane takes part in lanes_*. Rows past the end repeat the last
+    // one, count no keys and are not stored.
+    let valid = gid.x < p.n_tokens;
+    let t = min(gid.x, p.n_tokens - 1u);
     let kv_row = p.n_kv_heads * p.head_dim;
     let kh = h / (p.n_heads / p.n_kv_heads);
     let qo = ((p.row0 + t) * p.n_heads + h) * p.head_dim;
@@ -91,26 +97,49 @@ fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>) {
         qv[d] = vec4<f32>(q[o], q[o + 1u], q[o + 2u], q[o + 3u]);
         gv[d] = vec4<f32>(dout[o], dout[o + 1u], dout[o + 2u], dout[o + 3u]);
     }
+    let first = first_key(pos);
+    let end = select(0u, pos + 1u, valid);
+    let together = lanes_together(0u);
+    let lane = lane_index();
+    let lo = select(first, lanes_min(select(0xffffffffu, first, valid)), together);
+    let hi = select(end, lanes_max(end), together);
     // a = Σ e·(dO·v)·k, b = Σ e·k, l = Σ e, sov = Σ e·(dO·v), all relative to the running max m.
     var a: array<vec4<f32>, D4>;
     var b: array<vec4<f32>, D4>;
     var m = -3.4e38;
     var l = 0.0;
     var sov = 0.0;
-    for (var j = first_key(pos); j < pos + 1u; j++) {
+    for (var j = lo; j < hi; j++) {
+        let live = j >= first && j < end;
         let o = j * kv_row + kh * p.head_dim;
+        var kp: array<vec4<f32>, PARTS>;
+        var vp: array<vec4<f32>, PARTS>;
+        if (together) {
+            for (var i = 0u; i < PARTS; i++) {
+                let d = 4u * min((lane & 7u) + 8u * i, D4 - 1u);
+                kp[i] = key4(o, d);
+                vp[i] = value4(o, d);
+            }
+        }
         var kr: array<vec4<f32>, D4>;
         var s = 0.0;
         var ov = 0.0;
         for (var d = 0u; d < D4; d++) {
-            kr[d] = key4(o, 4u * d);
+            var vr: vec4<f32>;
+            if (together) {
+                kr[d] = lanes_read(kp[d / 8u], d % 8u);
+                vr = lanes_read(vp[d / 8u], d % 8u);
+            } else {
+                kr[d] = key4(o, 4u * d);
+                vr = value4(o, 4u * d);
+            }
             s += dot(qv[d], kr[d]);
-            ov += dot(gv[d], value4(o, 4u * d));
+            ov += dot(gv[d], vr);
         }
         s *= p.scale;
-        let m_new = max(m, s);
+        let m_new = select(m, max(m, s), live);
         let c = exp(m - m_new);
-        let e = exp(s - m_new);
+        let e = select(0.0, exp(s - m_new), live);
         m = m_new;
         l = l * c + e;
         sov = sov * c + e * ov;
@@ -119,21 +148,26 @@ fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>) {
             b[d] = b[d] * c + e * kr[d];
         }
     }
-    let dd = sov / l;
-    let f = p.scale / l;
-    for (var d = 0u; d < D4; d++) {
-        let g = f * (a[d] - dd * b[d]);
-        let o = qo + 4u * d;
-        dq[o] = g.x;
-        dq[o + 1u] = g.y;
-        dq[o + 2u] = g.z;
-        dq[o + 3u] = g.w;
+    if (valid) {
+        let dd = sov / l;
+        let f = p.scale / l;
+        for (var d = 0u; d < D4; d++) {
+            let g = f * (a[d] - dd * b[d]);
+            let o = qo + 4u * d;
+            dq[o] = g.x;
+            dq[o + 1u] = g.y;
+            dq[o + 2u] = g.z;
+            dq[o + 3u] = g.w;
+        }
+        let so = ((p.row0 + t) * p.n_heads + h) * 3u;
+        stats[so] = m;
+        stats[so + 1u] = l;
+        stats[so + 2u] = dd;
     }
-    let so = ((p.row0 + t) * p.n_heads + h) * 3u;
-    stats[so] = m;
-    stats[so + 1u] = l;
-    stats[so + 2u] = dd;
 }
+
+// vec4 of a cached row each lane loads in `grad_q` when the lanes walk together (lane % 8, + 8, …).
+const PARTS = (D4 + 7u) / 8u;
 
 @compute @workgroup_size(64)
 fn grad_kv(@builtin(global_invocation_id) gid: vec3<u32>) {

@@ -23,7 +23,7 @@ use agentflux::kernels::quantize::{quantize_q8, Q8Rows};
 use agentflux::kernels::rope::RopeOp;
 use agentflux::kernels::sample::{argmax, OUT_WORDS};
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
-use common::{assert_close, ctx, dequant, f16_cache, f32_buf, rng};
+use common::{assert_close, ctx, dequant, f16_cache, f32_buf, rng, with_and_without_subgroups};
 
 /// y = W·x on the GPU for `m` rows, against the reference.
 fn check_matmul(ctx: &GpuContext, format: BlockFormat, rows: usize, cols: usize, m: usize, seed_rng: &mut agentflux::decode::SplitMix64) {
@@ -276,10 +276,16 @@ fn rms_norm_plain_accumulate_and_inplace() {
 
 #[test]
 fn attention_prefill_decode_gqa_window_and_row_offset() {
-    let ctx = ctx();
+    for (lanes, ctx) in with_and_without_subgroups() {
+        attention_against_the_reference(&ctx, &lanes);
+    }
+}
+
+fn attention_against_the_reference(ctx: &GpuContext, lanes: &str) {
     let mut r = rng("attention");
-    // Up to 64 rows without a tree run the split-key entry (short and long contexts, a window,
-    // the widest head), more the row-per-invocation one.
+    // Single rows run the split-key entry (short and long contexts, a window, the widest head),
+    // and so do up to 64 rows without subgroups; the rest run the row-per-invocation one, with
+    // subgroups its lanes walking the keys together (several runs of lanes at 65 and 70 rows).
     for (heads, kvh, hd, pos0, t, window, row0) in [
         (9, 3, 64, 0, 70, 0, 0),
         (4, 2, 16, 9, 65, 5, 2),
@@ -299,59 +305,67 @@ fn attention_prefill_decode_gqa_window_and_row_offset() {
         // The sequence's cache slot starts at row `base`: the rows before it (another slot)
         // must not be read.
         let (base, kv_row) = (3 * row0, kvh * hd);
-        let (kb, k) = f16_cache(&ctx, &random_vec(&mut r, (base + n_kv) * kv_row, 1.0));
-        let (vb, v) = f16_cache(&ctx, &random_vec(&mut r, (base + n_kv) * kv_row, 1.0));
-        let qb = f32_buf(&ctx, &q);
-        let ob = storage_buffer_zeroed(&ctx, "o", (q.len() * 4) as u64);
+        let (kb, k) = f16_cache(ctx, &random_vec(&mut r, (base + n_kv) * kv_row, 1.0));
+        let (vb, v) = f16_cache(ctx, &random_vec(&mut r, (base + n_kv) * kv_row, 1.0));
+        let qb = f32_buf(ctx, &q);
+        let ob = storage_buffer_zeroed(ctx, "o", (q.len() * 4) as u64);
         let scale = 1.0 / (hd as f32).sqrt();
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
         let mut places = vec![RowPlace { base: 0, pos: 0, pos0: 0, index: 0 }; row0];
         places.extend(place_sequence(base, pos0, t, None).unwrap());
-        let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
-        let mut rec = Recorder::new(&ctx);
+        let table = storage_buffer(ctx, "places", bytemuck::cast_slice(&places));
+        let mut rec = Recorder::new(ctx);
         let rows = |buf| View::new(buf, row0 + t, row).rows(row0, t);
         let at = Places { buf: &table, at: row0, rows: &places[row0..] };
-        attention(&mut rec, &ctx, &shape, rows(&qb), KvBuffers { k: &kb, v: &vb }, at, rows(&ob), None).unwrap();
+        attention(&mut rec, ctx, &shape, rows(&qb), KvBuffers { k: &kb, v: &vb }, at, rows(&ob), None).unwrap();
         rec.submit();
         let mut want = vec![0f32; row0 * row];
         let slot = base * kv_row..;
         want.extend(reference::attention(&q[row0 * row..], &k[slot.clone()], &v[slot], heads, kvh, hd, pos0, window, scale));
-        let what = format!("attention h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window} row0={row0}");
-        assert_close(&what, &read_f32(&ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
+        let what = format!("attention h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window} row0={row0}, {lanes}");
+        assert_close(&what, &read_f32(ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
     }
 }
 
 /// One dispatch over the rows of several sequences, each in its own slot of shared cache
-/// buffers at its own position — prompt pieces and decode rows (the prefill entry), decode rows
-/// alone (the split-key entry) — against the reference attention of each sequence alone.
+/// buffers at its own position — prompt pieces and decode rows (the prefill entry, whose runs of
+/// lanes may hold rows of two sequences), decode rows alone (the split-key entry) — against the
+/// reference attention of each sequence alone, with and without subgroups.
 #[test]
 fn attention_serves_several_sequences_in_one_dispatch() {
-    let ctx = ctx();
+    for (lanes, ctx) in with_and_without_subgroups() {
+        several_sequences_against_the_reference(&ctx, &lanes);
+    }
+}
+
+fn several_sequences_against_the_reference(ctx: &GpuContext, lanes: &str) {
     let mut r = rng("attention_sequences");
     let n_ctx = 48;
     // (heads, kv heads, head_dim, window, per sequence (slot, cached positions, new rows))
     type Sequences<'a> = &'a [(usize, usize, usize)];
-    let cases: [(usize, usize, usize, usize, Sequences); 4] = [
+    let cases: [(usize, usize, usize, usize, Sequences); 6] = [
         (9, 3, 64, 0, &[(2, 5, 3), (0, 17, 1), (3, 0, 6), (1, 40, 2)]),
+        (9, 3, 64, 0, &[(2, 5, 37), (0, 17, 1), (3, 0, 30), (1, 40, 2)]),
+        (4, 2, 16, 5, &[(1, 10, 30), (0, 0, 1), (2, 3, 40)]),
         (4, 2, 16, 5, &[(1, 10, 1), (0, 0, 1), (2, 33, 1)]),
         (4, 1, 256, 0, &[(0, 2, 3), (1, 0, 1)]),
         (2, 2, 32, 4, &[(3, 20, 2), (0, 1, 1), (2, 9, 1)]),
     ];
     for (heads, kvh, hd, window, seqs) in cases {
         let (row, kv_row, slots) = (heads * hd, kvh * hd, 4);
-        let (kb, k) = f16_cache(&ctx, &random_vec(&mut r, slots * n_ctx * kv_row, 1.0));
-        let (vb, v) = f16_cache(&ctx, &random_vec(&mut r, slots * n_ctx * kv_row, 1.0));
+        let (kb, k) = f16_cache(ctx, &random_vec(&mut r, slots * n_ctx * kv_row, 1.0));
+        let (vb, v) = f16_cache(ctx, &random_vec(&mut r, slots * n_ctx * kv_row, 1.0));
         let places: Vec<RowPlace> =
             seqs.iter().flat_map(|&(slot, pos0, len)| place_sequence(slot * n_ctx, pos0, len, None).unwrap()).collect();
         let n = places.len();
         let q = random_vec(&mut r, n * row, 1.0);
-        let (qb, ob) = (f32_buf(&ctx, &q), storage_buffer_zeroed(&ctx, "o", (q.len() * 4) as u64));
-        let table = storage_buffer(&ctx, "places", bytemuck::cast_slice(&places));
+        let (qb, ob) = (f32_buf(ctx, &q), storage_buffer_zeroed(ctx, "o", (q.len() * 4) as u64));
+        let table = storage_buffer(ctx, "places", bytemuck::cast_slice(&places));
         let scale = 1.0 / (hd as f32).sqrt();
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
-        let mut rec = Recorder::new(&ctx);
+        let mut rec = Recorder::new(ctx);
         let at = Places { buf: &table, at: 0, rows: &places };
-        attention(&mut rec, &ctx, &shape, View::new(&qb, n, row), KvBuffers { k: &kb, v: &vb }, at, View::new(&ob, n, row), None).unwrap();
+        attention(&mut rec, ctx, &shape, View::new(&qb, n, row), KvBuffers { k: &kb, v: &vb }, at, View::new(&ob, n, row), None).unwrap();
         rec.submit();
         let mut want = Vec::new();
         let mut row0 = 0;
@@ -361,8 +375,8 @@ fn attention_serves_several_sequences_in_one_dispatch() {
             want.extend(reference::attention(q, &k[keys.clone()], &v[keys], heads, kvh, hd, pos0, window, scale));
             row0 += len;
         }
-        let what = format!("attention over {seqs:?}, h={heads}/{kvh} hd={hd} w={window}");
-        assert_close(&what, &read_f32(&ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
+        let what = format!("attention over {seqs:?}, h={heads}/{kvh} hd={hd} w={window}, {lanes}");
+        assert_close(&what, &read_f32(ctx, &ob, 0, q.len()).unwrap(), &want, 1e-4);
     }
 }
 

@@ -10,7 +10,7 @@ use agentflux::hparams::{Activation, Rope, RopeLayout};
 use agentflux::kernels::attention::{AttentionShape, CachedLayer};
 use agentflux::kernels::norm::RmsNorm;
 use agentflux::reference::{self, random_matrix_bytes, random_vec};
-use common::{assert_close, ctx, dequant, f16_cache, f32_buf, rng};
+use common::{assert_close, ctx, dequant, f16_cache, f32_buf, rng, with_and_without_subgroups};
 
 /// dx = dy·W on the GPU (the gradient through a frozen projection), plain and accumulated,
 /// against the reference backward.
@@ -163,7 +163,7 @@ fn lora_backward_matches_the_reference() {
     use agentflux::kernels::lora_backward::{lora_backward, LoraBackward};
     let ctx = ctx();
     let mut r = rng("lora-backward");
-    for (m, k, n, rank, accumulate) in [(5, 64, 96, 8, false), (3, 32, 40, 3, true), (1, 128, 64, 1, false)] {
+    for (m, k, n, rank, accumulate) in [(5, 64, 96, 8, false), (3, 32, 40, 3, true), (1, 128, 64, 1, false), (37, 576, 192, 16, true)] {
         let s = 0.75f32;
         let (x, dy, dx0) = (random_vec(&mut r, m * k, 1.0), random_vec(&mut r, m * n, 1.0), random_vec(&mut r, m * k, 1.0));
         let (a, b) = (random_vec(&mut r, rank * k, 0.5), random_vec(&mut r, n * rank, 0.5));
@@ -204,47 +204,66 @@ fn lora_backward_matches_the_reference() {
         assert_close(&format!("{what} dB"), &g[4 + rank * k..], &want_db, 2e-4);
         assert_close(&format!("{what} du"), &read_f32(&ctx, &dub, 0, m * rank).unwrap(), &du, 2e-4);
         assert_close(&format!("{what} dx"), &read_f32(&ctx, &dxb, 0, m * k).unwrap(), &want_dx, 2e-4);
+        // Rows that the kernels cannot read four floats at a time are refused, not misread.
+        let shifted = LoraBackward { x: View { offset: 2, ..io.x }, dx: View { offset: 2, ..io.dx }, ..io };
+        let err = lora_backward(&mut Recorder::new(&ctx), &ctx, &shifted).unwrap_err().to_string();
+        assert!(err.contains("multiples of 4"), "{what}: {err}");
     }
 }
 
 /// Attention gradients for a step's rows over a cache holding a prefix (in a cache slot after
 /// another's rows): against the reference backward of the whole sequence with no gradient
 /// arriving at the prefix's rows. The rows may start later in their buffers (`at`: one example of
-/// a pass holding several); the rows before them are left as they were.
+/// a pass holding several); the rows before them are left as they were. With and without
+/// subgroups (rows of a head share their key loads through them), rows of one run of lanes and
+/// of several.
 #[test]
 fn attention_backward_over_a_cached_prefix() {
+    for (lanes, ctx) in with_and_without_subgroups() {
+        attention_backward_against_the_reference(&ctx, &lanes);
+    }
+}
+
+fn attention_backward_against_the_reference(ctx: &GpuContext, lanes: &str) {
     use agentflux::kernels::attention_backward::{attention_backward, AttentionGrads};
-    let ctx = ctx();
     let mut r = rng("attention-backward");
-    let cases = [(4, 2, 16, 5, 4, 0, 0), (2, 2, 32, 0, 6, 0, 3), (6, 3, 8, 7, 5, 4, 0), (4, 1, 64, 3, 1, 0, 2), (6, 3, 8, 7, 5, 4, 1)];
+    let cases = [
+        (4, 2, 16, 5, 4, 0, 0),
+        (2, 2, 32, 0, 6, 0, 3),
+        (6, 3, 8, 7, 5, 4, 0),
+        (4, 1, 64, 3, 1, 0, 2),
+        (6, 3, 8, 7, 5, 4, 1),
+        (9, 3, 64, 30, 19, 0, 2),
+        (4, 2, 16, 11, 13, 7, 0),
+    ];
     for (heads, kvh, hd, pos0, t, window, at) in cases {
         let (row, kv_row, n, base) = (heads * hd, kvh * hd, pos0 + t, 2 * pos0 + 1);
         let q_full = random_vec(&mut r, n * row, 1.0);
         let rows = (base + n) * kv_row;
-        let ((kb, k), (vb, v)) = (f16_cache(&ctx, &random_vec(&mut r, rows, 1.0)), f16_cache(&ctx, &random_vec(&mut r, rows, 1.0)));
+        let ((kb, k), (vb, v)) = (f16_cache(ctx, &random_vec(&mut r, rows, 1.0)), f16_cache(ctx, &random_vec(&mut r, rows, 1.0)));
         let (k, v) = (&k[base * kv_row..], &v[base * kv_row..]);
         let mut dout_full = vec![0f32; pos0 * row];
         dout_full.extend(random_vec(&mut r, t * row, 1.0));
         let scale = 1.0 / (hd as f32).sqrt();
         // `at` rows of another example before this one's, in every buffer.
         let after = |before: f32, width: usize, rows: &[f32]| [vec![before; at * width], rows.to_vec()].concat();
-        let (qb, db) = (f32_buf(&ctx, &after(0.5, row, &q_full[pos0 * row..])), f32_buf(&ctx, &after(0.5, row, &dout_full[pos0 * row..])));
-        let filled = |width: usize| f32_buf(&ctx, &vec![9.0; (at + t) * width]);
+        let (qb, db) = (f32_buf(ctx, &after(0.5, row, &q_full[pos0 * row..])), f32_buf(ctx, &after(0.5, row, &dout_full[pos0 * row..])));
+        let filled = |width: usize| f32_buf(ctx, &vec![9.0; (at + t) * width]);
         let (dqb, dkb, dvb, sb) = (filled(row), filled(kv_row), filled(kv_row), filled(heads * 3));
         let shape = AttentionShape { n_heads: heads, n_kv_heads: kvh, head_dim: hd, window, scale };
-        let mut rec = Recorder::new(&ctx);
+        let mut rec = Recorder::new(ctx);
         let grads = AttentionGrads { dq: &dqb, dk: &dkb, dv: &dvb, stats: &sb };
         let cache = CachedLayer { k: &kb, v: &vb, base, len: pos0 };
         let (q, dout) = (View::new(&qb, at + t, row).rows(at, t), View::new(&db, at + t, row).rows(at, t));
-        attention_backward(&mut rec, &ctx, &shape, q, cache, dout, grads).unwrap();
+        attention_backward(&mut rec, ctx, &shape, q, cache, dout, grads).unwrap();
         rec.submit();
         let (dq, dk, dv) = reference::attention_backward(&q_full, k, v, &dout_full, heads, kvh, hd, window, scale);
-        let what = format!("attention_backward h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window} at row {at}");
-        assert_close(&format!("{what} dq"), &read_f32(&ctx, &dqb, at * row, t * row).unwrap(), &dq[pos0 * row..], 1e-4);
-        assert_close(&format!("{what} dk"), &read_f32(&ctx, &dkb, at * kv_row, t * kv_row).unwrap(), &dk[pos0 * kv_row..], 1e-4);
-        assert_close(&format!("{what} dv"), &read_f32(&ctx, &dvb, at * kv_row, t * kv_row).unwrap(), &dv[pos0 * kv_row..], 1e-4);
+        let what = format!("attention_backward h={heads}/{kvh} hd={hd} pos0={pos0} t={t} w={window} at row {at}, {lanes}");
+        assert_close(&format!("{what} dq"), &read_f32(ctx, &dqb, at * row, t * row).unwrap(), &dq[pos0 * row..], 1e-4);
+        assert_close(&format!("{what} dk"), &read_f32(ctx, &dkb, at * kv_row, t * kv_row).unwrap(), &dk[pos0 * kv_row..], 1e-4);
+        assert_close(&format!("{what} dv"), &read_f32(ctx, &dvb, at * kv_row, t * kv_row).unwrap(), &dv[pos0 * kv_row..], 1e-4);
         for (b, width) in [(&dqb, row), (&dkb, kv_row), (&dvb, kv_row), (&sb, heads * 3)] {
-            assert!(read_f32(&ctx, b, 0, at * width).unwrap().iter().all(|&x| x == 9.0), "{what}: rows before the example written");
+            assert!(read_f32(ctx, b, 0, at * width).unwrap().iter().all(|&x| x == 9.0), "{what}: rows before the example written");
         }
     }
 }

@@ -2,9 +2,11 @@
 
 use super::places::Places;
 use crate::error::{Error, Result};
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, ShaderSource, View};
 
 const WGSL: &str = include_str!("../../shaders/attention.wgsl");
+const LANES_SUBGROUP_WGSL: &str = include_str!("../../shaders/lanes_subgroup.wgsl");
+const LANES_OWN_WGSL: &str = include_str!("../../shaders/lanes_own.wgsl");
 
 uniform_block! {
     /// The uniform block of the shader (its WGSL declaration is generated from this one).
@@ -84,7 +86,8 @@ pub struct CachedLayer<'a> {
 /// (`cargo bench --bench kernels -- attention`): 1 → 4 took 1.3–1.4× off, 8 gained no more.
 const KEY_BLOCK: usize = 4;
 
-/// At most this many rows (one workgroup of the row-per-invocation entry) take the split-key entry.
+/// Without subgroups, at most this many rows (one workgroup of the row-per-invocation entry) take
+/// the split-key entry.
 const SPLIT_KEY_ROWS: usize = 64;
 
 /// Record attention of `q`'s rows (one token each, `n_heads × head_dim`) into `o` (rows like
@@ -114,20 +117,30 @@ pub fn attention(
     let row_bytes = (s.n_kv_heads * s.head_dim * 2) as u64;
     places.check("attention", q.rows, (cache.k.size().min(cache.v.size()) / row_bytes) as usize)?;
     let n_tokens = q.rows;
-    // The split-key entry wherever the rows are few (decode steps, a training step's active
-    // rows, short chunks): one invocation per (head group, row) would leave most lanes and
-    // workgroups idle while each walks the whole prefix alone.
-    let decode = tree.is_none() && (places.one_row_each() || n_tokens <= SPLIT_KEY_ROWS);
-    // Query heads per invocation: the most that share a KV head and keep their queries and
-    // accumulators within 64 vec4 (larger groups only spill and compile slowly).
+    // Where subgroups let the lanes of `main` walk a sequence's keys together (each key and value
+    // row loaded once between them), `main` serves every sequence of several rows, one query head
+    // per lane (more only spill: its loads are shared already). Elsewhere the split-key entry
+    // serves decode steps and few rows (a training step's active rows, short chunks): one
+    // invocation per (head group, row) would leave most lanes and workgroups idle while each
+    // walks the whole prefix alone.
+    let together = ctx.subgroups_hold(8);
+    let decode = tree.is_none() && (places.one_row_each() || (!together && n_tokens <= SPLIT_KEY_ROWS));
+    // Otherwise query heads per invocation: the most that share a KV head and keep their queries
+    // and accumulators within 64 vec4 (each key and value row loaded once for all of them;
+    // larger groups only spill and compile slowly).
     let d4 = s.head_dim / 4;
-    let g = (1..=s.n_heads / s.n_kv_heads).rev().find(|g| (s.n_heads / s.n_kv_heads) % g == 0 && g * d4 <= 64).unwrap_or(1);
+    let g = if together && !decode {
+        1
+    } else {
+        (1..=s.n_heads / s.n_kv_heads).rev().find(|g| (s.n_heads / s.n_kv_heads) % g == 0 && g * d4 <= 64).unwrap_or(1)
+    };
     // Invocations per head group in decode: as many as workgroup memory holds.
     let per_part = g * (s.head_dim + 2) * 4;
     let limit = ctx.limits.max_compute_workgroup_storage_size as usize;
     let split = [16, 8, 4, 2, 1].into_iter().find(|n| n * per_part <= limit).unwrap_or(1);
     let consts = [("D4", d4 as u32), ("G", g as u32), ("SPLIT", split as u32), ("B", KEY_BLOCK as u32)];
-    let kernel = ctx.kernel(&super::specialized::<Params>("attention", WGSL, if decode { "decode" } else { "main" }, &consts))?;
+    let kernel =
+        ctx.kernel(&with_lanes(ctx, super::specialized::<Params>("attention", WGSL, if decode { "decode" } else { "main" }, &consts)))?;
     let p = Params {
         n_tokens: n_tokens as u32,
         n_heads: s.n_heads as u32,
@@ -150,6 +163,19 @@ pub fn attention(
         bindings.push(Binding::whole(tree));
     }
     let head_groups = s.n_heads / g;
-    let groups = if decode { [head_groups as u32, n_tokens as u32, 1] } else { [super::groups(head_groups * n_tokens, 64), 1, 1] };
+    let groups = if decode { [head_groups as u32, n_tokens as u32, 1] } else { [super::groups(n_tokens, 64), head_groups as u32, 1] };
     rec.dispatch(&kernel, &p, bindings, groups)
+}
+
+/// `src` with the functions by which lanes walking the same rows share their loads before its own
+/// file: `shaders/lanes_subgroup.wgsl` where the device's subgroups hold at least 8 lanes, else
+/// `shaders/lanes_own.wgsl` (each lane loads its own).
+pub(super) fn with_lanes(ctx: &GpuContext, mut src: ShaderSource) -> ShaderSource {
+    if ctx.subgroups_hold(8) {
+        src.files.insert(0, LANES_SUBGROUP_WGSL);
+        src.name.push_str("_sg");
+    } else {
+        src.files.insert(0, LANES_OWN_WGSL);
+    }
+    src
 }

@@ -68,6 +68,17 @@ impl LoraBackward<'_> {
                 ),
             });
         }
+        // The kernels read the model's dimensions four floats at a time.
+        let by_4 = [k, n, self.x.offset, self.x.stride, self.dy.offset, self.dy.stride, self.a.offset];
+        if by_4.iter().any(|v| v % 4 != 0) {
+            return Err(Error::Shape {
+                op: "lora_backward",
+                msg: format!(
+                    "x {}, dy {}, A {}: the widths, offsets and strides of x, dy and A must be multiples of 4",
+                    self.x, self.dy, self.a
+                ),
+            });
+        }
         for (v, name) in
             [(&self.x, "x"), (&self.dy, "dy"), (&self.dx, "dx"), (&self.a, "A"), (&self.b, "B"), (&self.da, "dA"), (&self.db, "dB")]
         {
@@ -99,9 +110,9 @@ pub fn lora_backward(rec: &mut Recorder, ctx: &GpuContext, io: &LoraBackward) ->
             let kernel = ctx.kernel(&super::plain::<Params>(&format!("lora_backward_{entry}"), WGSL, entry))?;
             rec.dispatch(&kernel, &p, vec![Binding::whole(lhs), Binding::whole(rhs), Binding::whole(out)], [super::groups(total, 64), 1, 1])
         };
-    run("grad_b", params(0, io.db.offset), io.dy.buf, io.u, io.db.buf, n * r)?;
+    run("grad_b", params(0, io.db.offset), io.dy.buf, io.u, io.db.buf, n / 4 * r)?;
     run("down", params(io.b.offset, 0), io.dy.buf, io.b.buf, io.du, m * r)?;
-    run("grad_a", params(0, io.da.offset), io.du, io.x.buf, io.da.buf, r * k)?;
+    run("grad_a", params(0, io.da.offset), io.du, io.x.buf, io.da.buf, r * k / 4)?;
     // dx is laid out like x: the x offset/stride address it.
-    run("back_x", params(io.a.offset, 0), io.du, io.a.buf, io.dx.buf, m * k)
+    run("back_x", params(io.a.offset, 0), io.du, io.a.buf, io.dx.buf, m * k / 4)
 }

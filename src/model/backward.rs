@@ -405,6 +405,12 @@ impl ExampleRows<'_> {
                 self.from + 1
             )));
         }
+        // Each target row once: a pass packs the target rows' gradients into its rows.
+        let mut ranges: Vec<&Range<usize>> = self.targets.iter().filter(|r| !r.is_empty()).collect();
+        ranges.sort_by_key(|r| r.start);
+        if ranges.windows(2).any(|w| w[1].start < w[0].end) {
+            return Err(Error::InvalidOption(format!("targets {:?} overlap: each position is a target once", self.targets)));
+        }
         let t = self.rows();
         if t > max_rows {
             return Err(Error::InvalidOption(format!(
@@ -546,22 +552,17 @@ fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Re
     rec.submit();
     let mut rec = Recorder::new(ctx);
 
-    // Back through the output projection and final norm into dh (zero on non-target rows).
+    // Back through the output projection and final norm into dh (zero on non-target rows). One
+    // product for every target row (each pass over the LM head serves them all), packed as the
+    // logits are (in `dtmp`), then copied to the rows they belong to.
     upload(ctx, &b.dh, 0, &vec![0f32; t * d]);
     let out_norm = RmsNorm { w: &model.weights.out_norm, eps: c.norm_eps };
+    matmul_t(&mut rec, ctx, model.weights.output(), logits.rows(0, n_t), View::new(&b.dtmp, t, d).rows(0, n_t), false)?;
     let mut packed = 0;
     for &(r, n) in &logit_rows {
-        let dfin_rows = View::new(&b.dfin, t, d).rows(r, n);
-        matmul_t(&mut rec, ctx, model.weights.output(), logits.rows(packed, n), dfin_rows, false)?;
-        rms_norm_backward(
-            &mut rec,
-            ctx,
-            out_norm,
-            View::new(&trace.h_final, t, d).rows(r, n),
-            dfin_rows,
-            View::new(&b.dh, t, d).rows(r, n),
-            false,
-        )?;
+        rec.copy(&b.dtmp, (packed * d * 4) as u64, &b.dfin, (r * d * 4) as u64, (n * d * 4) as u64);
+        let rows = |buf| View::new(buf, t, d).rows(r, n);
+        rms_norm_backward(&mut rec, ctx, out_norm, rows(&trace.h_final), rows(&b.dfin), rows(&b.dh), false)?;
         packed += n;
     }
 
@@ -759,7 +760,8 @@ mod tests {
         assert_eq!((ok.end(), ok.rows(), ok.logit_rows()), (9, 5, vec![(1, 2), (4, 1)]));
         assert!(ok.check(256, 64).is_ok());
         assert!(ok.check(4, 64).unwrap_err().to_string().contains("5 rows from the activation point"));
-        let bad: [(usize, &[std::ops::Range<usize>]); 5] = [(20, &[21..22]), (4, &[2..6]), (4, &[6..13]), (4, &[]), (4, &[8..8])];
+        let bad: [(usize, &[std::ops::Range<usize>]); 6] =
+            [(20, &[21..22]), (4, &[2..6]), (4, &[6..13]), (4, &[]), (4, &[8..8]), (4, &[6..9, 8..10])];
         for (from, targets) in bad {
             let bad = ExampleRows { tokens: &tokens, from, targets };
             assert!(bad.check(256, 64).is_err(), "from {from}, targets {targets:?}");

@@ -38,6 +38,14 @@ pub fn kernel_families() -> Vec<(String, Arc<GpuContext>)> {
     ]
 }
 
+/// The default device with subgroups (where it has them) and without: kernels whose lanes share
+/// loads through subgroups, and the same kernels loading per lane.
+pub fn with_and_without_subgroups() -> Vec<(String, Arc<GpuContext>)> {
+    let plain = Arc::new(GpuContext::new(&GpuOptions { no_subgroups: true, ..Default::default() }).expect("a GPU adapter"));
+    let sg = if ctx().subgroups_hold(8) { "subgroups" } else { "no subgroups of 8 on this device" };
+    vec![(sg.to_string(), ctx()), ("no subgroups".to_string(), plain)]
+}
+
 /// A fresh seed each run (AGENTFLUX_SEED reproduces one), printed so a failure can be replayed.
 pub fn rng(test: &str) -> SplitMix64 {
     let seed = std::env::var("AGENTFLUX_SEED")
