@@ -2,11 +2,9 @@
 
 use super::places::Places;
 use crate::error::{Error, Result};
-use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, ShaderSource, View};
+use crate::gpu::{uniform_block, Binding, GpuContext, Recorder, View};
 
 const WGSL: &str = include_str!("../../shaders/attention.wgsl");
-const LANES_SUBGROUP_WGSL: &str = include_str!("../../shaders/lanes_subgroup.wgsl");
-const LANES_OWN_WGSL: &str = include_str!("../../shaders/lanes_own.wgsl");
 
 uniform_block! {
     /// The uniform block of the shader (its WGSL declaration is generated from this one).
@@ -139,8 +137,8 @@ pub fn attention(
     let limit = ctx.limits.max_compute_workgroup_storage_size as usize;
     let split = [16, 8, 4, 2, 1].into_iter().find(|n| n * per_part <= limit).unwrap_or(1);
     let consts = [("D4", d4 as u32), ("G", g as u32), ("SPLIT", split as u32), ("B", KEY_BLOCK as u32)];
-    let kernel =
-        ctx.kernel(&with_lanes(ctx, super::specialized::<Params>("attention", WGSL, if decode { "decode" } else { "main" }, &consts)))?;
+    let entry = if decode { "decode" } else { "main" };
+    let kernel = ctx.kernel(&super::with_lanes(ctx, super::specialized::<Params>("attention", WGSL, entry, &consts)))?;
     let p = Params {
         n_tokens: n_tokens as u32,
         n_heads: s.n_heads as u32,
@@ -165,17 +163,4 @@ pub fn attention(
     let head_groups = s.n_heads / g;
     let groups = if decode { [head_groups as u32, n_tokens as u32, 1] } else { [super::groups(n_tokens, 64), head_groups as u32, 1] };
     rec.dispatch(&kernel, &p, bindings, groups)
-}
-
-/// `src` with the functions by which lanes walking the same rows share their loads before its own
-/// file: `shaders/lanes_subgroup.wgsl` where the device's subgroups hold at least 8 lanes, else
-/// `shaders/lanes_own.wgsl` (each lane loads its own).
-pub(super) fn with_lanes(ctx: &GpuContext, mut src: ShaderSource) -> ShaderSource {
-    if ctx.subgroups_hold(8) {
-        src.files.insert(0, LANES_SUBGROUP_WGSL);
-        src.name.push_str("_sg");
-    } else {
-        src.files.insert(0, LANES_OWN_WGSL);
-    }
-    src
 }

@@ -19,13 +19,15 @@ pub mod rope;
 pub mod sample;
 
 use crate::gguf::BlockFormat;
-use crate::gpu::{ShaderSource, UniformBlock};
+use crate::gpu::{GpuContext, ShaderSource, UniformBlock};
 
 const DEQUANT_WGSL: &str = include_str!("../../shaders/dequant.wgsl");
 const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
 const REDUCE_SUBGROUP_WGSL: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const REDUCE_WORKGROUP_WGSL: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 const ROTARY_WGSL: &str = include_str!("../../shaders/rotary.wgsl");
+const LANES_SUBGROUP_WGSL: &str = include_str!("../../shaders/lanes_subgroup.wgsl");
+const LANES_OWN_WGSL: &str = include_str!("../../shaders/lanes_own.wgsl");
 
 /// A kernel that reads weights in `format`: dequant.wgsl plus `file`, with `load32` bound to the
 /// format's decoder and `consts` emitted as WGSL `const` lines.
@@ -51,6 +53,19 @@ fn with_lane_reduce(mut src: ShaderSource, subgroups: bool) -> ShaderSource {
         src.name.push_str("_sg");
     } else {
         src.files.insert(0, REDUCE_WORKGROUP_WGSL);
+    }
+    src
+}
+
+/// `src` with the functions by which lanes walking the same rows share their loads before its own
+/// file: `shaders/lanes_subgroup.wgsl` where the device's subgroups hold at least 8 lanes, else
+/// `shaders/lanes_own.wgsl` (each lane loads its own).
+fn with_lanes(ctx: &GpuContext, mut src: ShaderSource) -> ShaderSource {
+    if ctx.subgroups_hold(8) {
+        src.files.insert(0, LANES_SUBGROUP_WGSL);
+        src.name.push_str("_sg");
+    } else {
+        src.files.insert(0, LANES_OWN_WGSL);
     }
     src
 }
