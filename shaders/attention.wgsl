@@ -17,9 +17,9 @@
 //   indices count in the same vec4 units as q and o); places: vec4<u32> per row (see
 //   src/kernels/places.rs); tree: per row (parent index or −1, depth), a parent before its child.
 // Work split: an invocation serves G consecutive query heads (a head group) that share one KV
-//   head (G divides n_heads / n_kv_heads; the launcher takes 1 where `main`'s lanes share their
-//   loads already, as more heads only spill), so each key and value row is loaded once for all
-//   of them, with an online softmax per head (one pass over the keys, running max and sum, f32
+//   head (G divides n_heads / n_kv_heads; the launcher takes 1 where `main` serves one sequence
+//   whose lanes share their loads already, as more heads only spill), so each key and value row
+//   is loaded once for all of them, with an online softmax per head (one pass over the keys, running max and sum, f32
 //   accumulators in registers) that takes the keys B at a time: one rescale of the sums, and one
 //   exp for it, per block of keys rather than per key.
 //   `main` (prefill chunks, token trees): one invocation per (token, head group), a workgroup

@@ -116,18 +116,19 @@ pub fn attention(
     places.check("attention", q.rows, (cache.k.size().min(cache.v.size()) / row_bytes) as usize)?;
     let n_tokens = q.rows;
     // Where subgroups let the lanes of `main` walk a sequence's keys together (each key and value
-    // row loaded once between them), `main` serves every sequence of several rows, one query head
-    // per lane (more only spill: its loads are shared already). Elsewhere the split-key entry
-    // serves decode steps and few rows (a training step's active rows, short chunks): one
-    // invocation per (head group, row) would leave most lanes and workgroups idle while each
-    // walks the whole prefix alone.
+    // row loaded once between them), `main` serves every sequence of several rows, and where the
+    // dispatch is one sequence, one query head per lane (more only spill: its loads are shared
+    // already). Elsewhere the split-key entry serves decode steps and few rows (a training step's
+    // active rows, short chunks): one invocation per (head group, row) would leave most lanes and
+    // workgroups idle while each walks the whole prefix alone.
     let together = ctx.subgroups_hold(8);
     let decode = tree.is_none() && (places.one_row_each() || (!together && n_tokens <= SPLIT_KEY_ROWS));
-    // Otherwise query heads per invocation: the most that share a KV head and keep their queries
-    // and accumulators within 64 vec4 (each key and value row loaded once for all of them;
-    // larger groups only spill and compile slowly).
+    // Otherwise (a batch mixing sequences, whose decode rows walk their keys alone) query heads
+    // per invocation: the most that share a KV head and keep their queries and accumulators
+    // within 64 vec4 (each key and value row loaded once for all of them; larger groups only
+    // spill and compile slowly).
     let d4 = s.head_dim / 4;
-    let g = if together && !decode {
+    let g = if together && !decode && places.one_sequence() {
         1
     } else {
         (1..=s.n_heads / s.n_kv_heads).rev().find(|g| (s.n_heads / s.n_kv_heads) % g == 0 && g * d4 <= 64).unwrap_or(1)

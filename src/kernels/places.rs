@@ -62,6 +62,11 @@ impl<'a> Places<'a> {
         self.rows.iter().all(|p| p.index == 0)
     }
 
+    /// Whether every row belongs to one sequence (one cache slot).
+    pub fn one_sequence(&self) -> bool {
+        self.rows.windows(2).all(|w| w[0].base == w[1].base)
+    }
+
     /// Check that there is a place per row of an operand of `n` rows, that every row's cache
     /// row lies within `cache_rows` and its position between its sequence's first new position
     /// and its own cache row's.
