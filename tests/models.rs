@@ -150,6 +150,32 @@ fn truncate_and_recompute_gives_the_same_logits() {
 }
 
 #[test]
+fn a_pass_that_only_fills_the_cache_leaves_out_the_last_layers_outputs() {
+    use agentflux::gpu::{GpuContext, GpuOptions};
+    let mut r = rng("fill only");
+    let ctx = std::sync::Arc::new(GpuContext::new(&GpuOptions::default()).unwrap());
+    let spec = TinyModelSpec::new("llama", BlockFormat::Q4_1);
+    let path = write_model(&spec, r.next_u64(), "fill-only");
+    let model = Model::load(ctx.clone(), &GgufFile::open(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).ok();
+    let tokens = random_tokens(&mut r, 6, spec.n_vocab);
+    let dispatches = || {
+        let (built, reused) = ctx.bind_group_counts();
+        built + reused
+    };
+    let pass = |want| {
+        let before = dispatches();
+        model.forward(&tokens, &mut model.new_cache(32).unwrap(), want).unwrap();
+        dispatches() - before
+    };
+    let (fill, last) = (pass(Logits::None), pass(Logits::Last));
+    // The last token's logits take the LM head; the cache alone leaves out the last layer's
+    // attention, output projection and feed-forward block too (the cache it leaves is checked
+    // by forked_cache_continues_like_a_fresh_run).
+    assert!(last >= fill + 4, "{fill} dispatches to fill the cache, {last} for the last token's logits");
+}
+
+#[test]
 fn forked_cache_continues_like_a_fresh_run() {
     let mut r = rng("fork");
     let spec = TinyModelSpec::new("qwen3", BlockFormat::Q4_K);

@@ -202,6 +202,12 @@ impl Chunk<'_> {
         self.segs.iter().map(|g| g.len).sum()
     }
 
+    /// Whether the pass only appends to the caches: no logits wanted, no token tree, nothing
+    /// traced for a backward pass.
+    fn fills_caches_only(&self, tap: &dyn Tap) -> bool {
+        self.logit_rows.iter().all(|&(_, rows)| rows == 0) && self.tree.is_none() && !tap.active()
+    }
+
     /// Every row's place, uploaded to `s.places` (and the tree's rows to `s.tree`).
     fn place_rows(&self, ctx: &crate::gpu::GpuContext) -> Result<Vec<RowPlace>> {
         let depths: Option<Vec<i32>> = self.tree.map(|t| t.iter().map(|r| r[1]).collect());
@@ -244,14 +250,21 @@ impl Model {
         let layout = Layout { places: chunk.place_rows(&self.ctx)?, runs: chunk.runs() };
         embed(rec, &self.ctx, &w.embed, &s.ids, c.embed_scale, h)?;
         for (l, lw) in w.layers.iter().enumerate() {
-            self.attention_block(rec, chunk, &layout, l, lw, tap)?;
+            // A chunk that only fills caches reads nothing of the last layer past its keys and
+            // values: its attention, output projection and feed-forward block would feed no logit.
+            let kv_only = l + 1 == w.layers.len() && chunk.fills_caches_only(tap);
+            self.attention_block(rec, chunk, &layout, l, lw, tap, kv_only)?;
+            if kv_only {
+                return Ok(());
+            }
             self.feed_forward_block(rec, chunk, l, lw, tap)?;
         }
         tap.keep_final(rec, h)?;
         self.lm_head(rec, chunk, tap)
     }
 
-    /// `h += Wo · attention(rope(q), rope(k), v)` with q, k, v from `rmsnorm(h)`.
+    /// `h += Wo · attention(rope(q), rope(k), v)` with q, k, v from `rmsnorm(h)`; with
+    /// `kv_only`, only the keys and values stored into the caches.
     #[allow(clippy::too_many_arguments)] // a block of a layer of a chunk, with its tap
     fn attention_block(
         &self,
@@ -261,6 +274,7 @@ impl Model {
         l: usize,
         lw: &LayerWeights,
         tap: &mut dyn Tap,
+        kv_only: bool,
     ) -> Result<()> {
         let (c, ctx, s) = (&self.config, &*self.ctx, chunk.s);
         let (t, hd) = (chunk.rows(), c.head_dim);
@@ -296,6 +310,9 @@ impl Model {
             let rp = c.layer_rope(l, n_ctx);
             let op = RopeOp { rope: &rp, factors: self.weights.rope_factors_in(c, n_ctx) };
             rope_kv_store(rec, ctx, op, Qkv { q, k, v, head_dim: hd }, cache, places)?;
+            if kv_only {
+                continue;
+            }
             // Decode rows (the batcher puts them first) through the split-key entry, the rest
             // through the row-per-invocation one.
             let decode: usize = segs.iter().take_while(|g| g.len == 1).count();
@@ -305,6 +322,9 @@ impl Model {
                     attention(rec, ctx, &shape, q, cache, places.range(from, n)?, o, tree)?;
                 }
             }
+        }
+        if kv_only {
+            return Ok(());
         }
         tap.keep(rec, l, Act::Q, q)?;
         tap.keep(rec, l, Act::Att, att)?;
