@@ -7,6 +7,7 @@
 mod common;
 
 use agentflux::gguf::{BlockFormat, GgufFile, MetaValue};
+use agentflux::gpu::{GpuContext, GpuOptions};
 use agentflux::model::{Logits, Model, Sequence};
 use agentflux::reference::{tiny_model, ReferenceModel, TinyModelSpec};
 use agentflux::Error;
@@ -25,6 +26,16 @@ fn load_tiny(spec: &TinyModelSpec, seed: u64, tag: &str) -> (GgufFile, Model) {
     let model = Model::load(ctx(), &file).unwrap();
     std::fs::remove_file(path).ok();
     (file, model)
+}
+
+/// A tiny random model of `spec` on a GPU context of its own, whose counters and memory figure
+/// no other test's work moves.
+fn load_tiny_alone(spec: &TinyModelSpec, seed: u64, tag: &str) -> (std::sync::Arc<GpuContext>, Model) {
+    let ctx = std::sync::Arc::new(GpuContext::new(&GpuOptions::default()).unwrap());
+    let path = write_model(spec, seed, tag);
+    let model = Model::load(ctx.clone(), &GgufFile::open(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).ok();
+    (ctx, model)
 }
 
 fn random_tokens(r: &mut agentflux::decode::SplitMix64, n: usize, vocab: usize) -> Vec<u32> {
@@ -151,13 +162,9 @@ fn truncate_and_recompute_gives_the_same_logits() {
 
 #[test]
 fn a_pass_that_only_fills_the_cache_leaves_out_the_last_layers_outputs() {
-    use agentflux::gpu::{GpuContext, GpuOptions};
     let mut r = rng("fill only");
-    let ctx = std::sync::Arc::new(GpuContext::new(&GpuOptions::default()).unwrap());
     let spec = TinyModelSpec::new("llama", BlockFormat::Q4_1);
-    let path = write_model(&spec, r.next_u64(), "fill-only");
-    let model = Model::load(ctx.clone(), &GgufFile::open(&path).unwrap()).unwrap();
-    std::fs::remove_file(&path).ok();
+    let (ctx, model) = load_tiny_alone(&spec, r.next_u64(), "fill-only");
     let tokens = random_tokens(&mut r, 6, spec.n_vocab);
     let dispatches = || {
         let (built, reused) = ctx.bind_group_counts();
@@ -298,13 +305,9 @@ fn token_tree_equals_each_path_run_alone() {
 /// (a context of the test's own, so other tests' dispatches do not count).
 #[test]
 fn decode_steps_reuse_their_bind_groups() {
-    use agentflux::gpu::{GpuContext, GpuOptions};
     let mut r = rng("bind groups");
-    let ctx = std::sync::Arc::new(GpuContext::new(&GpuOptions::default()).unwrap());
     let spec = TinyModelSpec::new("llama", BlockFormat::Q4_1);
-    let path = write_model(&spec, r.next_u64(), "bind-groups");
-    let model = Model::load(ctx.clone(), &GgufFile::open(&path).unwrap()).unwrap();
-    std::fs::remove_file(&path).ok();
+    let (ctx, model) = load_tiny_alone(&spec, r.next_u64(), "bind-groups");
     let tokens = random_tokens(&mut r, 9, spec.n_vocab);
     let mut kv = model.new_cache(32).unwrap();
     model.forward(&tokens[..6], &mut kv, Logits::None).unwrap();
@@ -326,13 +329,8 @@ fn decode_steps_reuse_their_bind_groups() {
 /// leave it when dropped (a context of the test's own, so other tests' buffers do not count).
 #[test]
 fn memory_use_counts_a_kv_cache() {
-    use agentflux::gpu::{GpuContext, GpuOptions};
     let mut r = rng("memory");
-    let ctx = std::sync::Arc::new(GpuContext::new(&GpuOptions::default()).unwrap());
-    let path = std::env::temp_dir().join(format!("agentflux-memory-{}.gguf", std::process::id()));
-    std::fs::write(&path, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q8_0), r.next_u64())).unwrap();
-    let model = Model::load(ctx.clone(), &GgufFile::open(&path).unwrap()).unwrap();
-    std::fs::remove_file(&path).ok();
+    let (ctx, model) = load_tiny_alone(&TinyModelSpec::new("llama", BlockFormat::Q8_0), r.next_u64(), "memory");
     let before = ctx.memory_use();
     let gpu = |m: agentflux::gpu::MemoryUse| m.gpu_buffers.expect("wgpu's Vulkan backend counts buffer memory") as f64;
     let n_ctx = 4096;
