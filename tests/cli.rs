@@ -70,9 +70,18 @@ fn info_json_describes_model_and_device() {
     if !default_model_cached() {
         return;
     }
-    let (ok, out, err) = agentflux(&["info", "--model", "default", "--json"]);
+    let (ok, out, err) = agentflux(&["--gpu", "0", "info", "--model", "default", "--json"]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
+    // The device is named with its driver, as the device list names device 0 (lavapipe says
+    // which Mesa it is: figures measured on it depend on that).
+    let (ok, gpus, err) = agentflux(&["info", "--gpus"]);
+    assert!(ok, "{err}");
+    let device = v["device"].as_str().unwrap();
+    assert_eq!(gpus.lines().next(), Some(format!("0: {device}").as_str()));
+    if device.starts_with("llvmpipe") {
+        assert!(device.contains(", driver Mesa "), "{device}");
+    }
     assert_eq!(v["config"]["arch"], "Llama");
     assert_eq!(v["config"]["n_layers"], 30);
     assert_eq!(v["tensor_types"]["Q4_1"]["tensors"], 210);

@@ -136,6 +136,17 @@ pub fn list_adapters() -> Vec<wgpu::AdapterInfo> {
     pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all())).iter().map(|a| a.get_info()).collect()
 }
 
+/// One line naming a device and its driver: `NAME (BACKEND, TYPE, driver DRIVER)`, without the
+/// driver where the backend reports none. The driver's version belongs with any figure measured
+/// on the device: lavapipe from Mesa 26 runs this engine 1.15–1.3× faster than from Mesa 25.
+pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
+    let driver = match info.driver_info.trim() {
+        "" => String::new(),
+        d => format!(", driver {d}"),
+    };
+    format!("{} ({:?}, {:?}{driver})", info.name, info.backend, info.device_type)
+}
+
 impl GpuContext {
     /// Open a device as `opts` says.
     pub fn new(opts: &GpuOptions) -> Result<Self> {
@@ -285,8 +296,8 @@ impl GpuContext {
         &self.placeholder
     }
 
-    /// One line naming the device: `NAME (BACKEND, TYPE)`.
+    /// One line naming the device and its driver ([`describe_adapter`]).
     pub fn describe(&self) -> String {
-        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+        describe_adapter(&self.info)
     }
 }

@@ -10,7 +10,7 @@ mod uniform;
 mod view;
 
 pub use buffer::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, upload, WeightMatrix, WeightPart};
-pub use context::{list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions, Products};
+pub use context::{describe_adapter, list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions, Products};
 pub(crate) use kernel::ShaderSource;
 pub use kernel::{Binding, Kernel, Recorder};
 pub use memory::MemoryUse;

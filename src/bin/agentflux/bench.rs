@@ -102,7 +102,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         println!("|---|---|---|---|---:|---|");
         for r in &rows {
             let vs = r.vs.as_ref().map(|(what, x)| format!("{x:.2}× {what}")).unwrap_or_default();
-            println!("| agentflux | {name} | {} | {} | {:.1} | {vs} |", eng.ctx.info.name, r.test, r.tok_s);
+            println!("| agentflux | {name} | {} | {} | {:.1} | {vs} |", eng.ctx.describe(), r.test, r.tok_s);
         }
         print_memory(&memory);
         for (what, per, kernels) in &profiles {

@@ -1,7 +1,7 @@
 //! `agentflux info`: what a model is and what the GPU offers.
 
 use agentflux::gguf::GgufFile;
-use agentflux::gpu::{list_adapters, GpuContext, GpuOptions};
+use agentflux::gpu::{describe_adapter, list_adapters, GpuContext, GpuOptions};
 use agentflux::hparams::ModelConfig;
 use agentflux::resolve_model;
 use anyhow::Result;
@@ -23,7 +23,7 @@ pub struct Args {
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     if a.gpus {
         for (i, info) in list_adapters().iter().enumerate() {
-            println!("{i}: {} ({:?}, {:?}, driver {})", info.name, info.backend, info.device_type, info.driver_info);
+            println!("{i}: {}", describe_adapter(info));
         }
         return Ok(());
     }
