@@ -6,7 +6,8 @@ beside AgentFlux's trainer).
 Every example is the whole token sequence, forward and backward (standard LoRA, active on every
 token); the loss is the mean cross-entropy of its target tokens, as in `agentflux train`.
 Gradients of `--batch` examples are summed before each AdamW step (weight decay 0.01, a constant
-learning rate: the schedule does not change the speed measured).
+learning rate: the schedule does not change the speed measured). Steps take the examples in
+order, from the first again after the last (more steps than examples make several epochs).
 
 usage: tools/peft-train.py --model M.gguf --examples E.jsonl [--adapter selector|TOOL]
            [--steps S] [--batch B] [--lr LR] [--rank R] [--alpha A] [--threads T] [--json]
@@ -43,8 +44,8 @@ def main():
     with open(a.examples) as f:
         examples = [e for e in map(json.loads, f) if e["adapter"] == a.adapter]
     need = a.steps * a.batch
-    if len(examples) < need:
-        sys.exit(f"{a.examples}: {len(examples)} examples of {a.adapter}, {need} needed")
+    if not examples:
+        sys.exit(f"{a.examples}: no examples of {a.adapter}")
 
     base = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(os.path.abspath(a.model)), gguf_file=os.path.basename(a.model), dtype=torch.float32)
@@ -58,7 +59,8 @@ def main():
     losses = []
     for step in range(a.steps):
         total = 0.0
-        for e in examples[step * a.batch:(step + 1) * a.batch]:
+        for i in range(step * a.batch, (step + 1) * a.batch):
+            e = examples[i % len(examples)]
             ids = torch.tensor([e["tokens"]])
             labels = torch.full_like(ids, -100)
             for start, end in e["targets"]:
