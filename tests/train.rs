@@ -767,7 +767,8 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         err.contains("[selector] step 2/2")
             && err.contains("[read_text_file] step 2/2")
             && err.contains("[list_allowed_directories] step 2/2")
-            && err.contains("val "),
+            && err.contains("val ")
+            && err.contains("the set: 4 adapters, 16 examples in "),
         "{err}"
     );
     assert!(!err.to_lowercase().contains("nan"), "every loss is finite: {err}");
@@ -886,7 +887,8 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     let after: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(after, manifest);
     // Runs that would train nothing are refused before anything is written: data without a usable
-    // line, an --only naming no adapter of the data, zero steps or a batch of none.
+    // line, an --only naming no adapter of the data, zero steps, epochs or batch, or steps and
+    // epochs both.
     let empty = dir.join("empty.jsonl");
     std::fs::write(&empty, "not a trajectory\n").unwrap();
     let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
@@ -895,6 +897,8 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         (vec!["--data", d, "--only", "read_txt_file"], vec!["--only read_txt_file: no training examples", "selector", "read_text_file"]),
         (vec!["--data", d, "--steps", "0"], vec!["--steps"]),
         (vec!["--data", d, "--batch", "0"], vec!["--batch"]),
+        (vec!["--data", d, "--epochs", "0"], vec!["--epochs"]),
+        (vec!["--data", d, "--epochs", "1", "--steps", "3"], vec!["--epochs", "cannot be used with", "--steps"]),
         // Checked before the adapter is allocated: a rank past the limit would exhaust memory.
         (vec!["--data", d, "--rank", "100000"], vec!["rank 100000: outside 1..=64"]),
         (vec!["--data", d, "--lr", "nan"], vec!["learning rate NaN"]),
@@ -904,6 +908,30 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         let kept: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
         assert_eq!(kept, manifest, "{args:?} changed the set");
     }
+    // --epochs: an adapter takes the steps that pass over its examples that many times.
+    let (ok, _, err) = agentflux(&[
+        "train",
+        "--model",
+        m,
+        "--toolset",
+        o,
+        "--data",
+        d,
+        "--only",
+        "list_allowed_directories",
+        "--epochs",
+        "2",
+        "--batch",
+        "4",
+        "--rank",
+        "2",
+        "--eval-every",
+        "0",
+    ]);
+    assert!(ok, "{err}");
+    let n: u64 = err.split("[list_allowed_directories] ").find_map(|s| s.split(" examples, ").next()?.parse().ok()).unwrap();
+    let steps = (2 * n).div_ceil(4);
+    assert!(err.contains(&format!("[list_allowed_directories] step {steps}/{steps} ")), "{n} examples: {err}");
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_file(&model).ok();
 }

@@ -37,6 +37,10 @@ pub struct Args {
     /// Optimizer steps per adapter.
     #[arg(long, default_value_t = 200, value_parser = at_least_one::<u64>)]
     steps: u64,
+    /// Passes over each adapter's training examples instead of a number of steps: an adapter of
+    /// n examples takes ⌈epochs · n / batch⌉ steps (a set's adapters hold very different counts).
+    #[arg(long, conflicts_with = "steps", value_parser = at_least_one::<u64>)]
+    epochs: Option<u64>,
     /// Examples per step (gradient accumulation).
     #[arg(long, default_value_t = 4, value_parser = at_least_one::<usize>)]
     batch: usize,
@@ -201,6 +205,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         Some(p) => Some(LossLog::open(p)?),
         None => None,
     };
+    // Over the whole set: examples trained and the seconds they took (validation not counted).
+    let (mut set_examples, mut set_secs, mut trained) = (0u64, 0.0f64, 0usize);
     for (role, examples) in &train {
         let (name, dir) = (role.name().to_string(), role.dir());
         if !a.only.is_empty() && !a.only.contains(&name) {
@@ -239,9 +245,10 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             }
             _ => None,
         };
-        let opts = TrainOptions { checkpoint, stop_after: a.stop_after, init, ..opts.clone() };
+        let steps = a.epochs.map_or(a.steps, |e| (e * examples.len() as u64).div_ceil(a.batch as u64));
+        let opts = TrainOptions { steps, checkpoint, stop_after: a.stop_after, init, ..opts.clone() };
         let mut progress = crate::progress::ProgressLine::new(opts.steps);
-        let mut examples_per_s = 0.0;
+        let (mut examples_per_s, mut steps_run) = (0.0, 0u64);
         let last = opts.stop_after.map_or(opts.steps, |s| s.min(opts.steps));
         let mut profiled = StepProfile::new(a.profile && last >= 2, last, opts.eval_every);
         let (computed, reused) = (prefixes.computed(), prefixes.reused());
@@ -250,7 +257,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             if let Some(log) = &mut loss_log {
                 log.write(&name, p.step, p.loss, p.eval_loss.filter(|_| p.validated));
             }
-            examples_per_s = p.examples_per_s;
+            (examples_per_s, steps_run) = (p.examples_per_s, steps_run + 1);
             progress.update(p.step, p.validated, || {
                 let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
                 format!("[{name}] step {}/{} · loss {:.3}{eval} · {}", p.step, p.steps, p.loss, speed(p.examples_per_s))
@@ -260,6 +267,10 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         if let Some(log) = &mut loss_log {
             log.check()?;
         }
+        let seen = steps_run * opts.batch as u64;
+        set_examples += seen;
+        set_secs += seen as f64 / examples_per_s.max(1e-9);
+        trained += 1;
         let eval = eval.map_or(String::new(), |l| format!(", kept its best validation loss {l:.3}"));
         let (computed, reused) = (prefixes.computed() - computed, prefixes.reused() - reused);
         eprintln!(
@@ -289,6 +300,12 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             }
             AdapterRole::Answer => manifest.answer = Some(dir),
         }
+    }
+    if trained > 1 {
+        eprintln!(
+            "the set: {trained} adapters, {set_examples} examples in {set_secs:.0} s of training, {}",
+            speed(set_examples as f64 / set_secs.max(1e-9))
+        );
     }
     manifest.write(&a.toolset)?;
     println!("wrote the adapter set to {}", a.toolset.display());
