@@ -245,7 +245,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             }
             _ => None,
         };
-        let steps = a.epochs.map_or(a.steps, |e| (e * examples.len() as u64).div_ceil(a.batch as u64));
+        let steps = a.epochs.map_or(a.steps, |e| e.saturating_mul(examples.len() as u64).div_ceil(a.batch as u64));
         let opts = TrainOptions { steps, checkpoint, stop_after: a.stop_after, init, ..opts.clone() };
         let mut progress = crate::progress::ProgressLine::new(opts.steps);
         let (mut examples_per_s, mut steps_run) = (0.0, 0u64);
