@@ -5,7 +5,7 @@ mod common;
 
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::text::{ChatTemplate, Tokenizer};
-use agentflux::toolcall::{read_messages, schema, AssistantTurn, ToolCaller, FINISH, MAX_RESULT_CHARS};
+use agentflux::toolcall::{read_messages, schema, ArgumentCue, AssistantTurn, ToolCaller, FINISH, MAX_RESULT_CHARS};
 use agentflux::train::{decoupled_examples, read_trajectories, synthesize, AdapterRole, Seed, SynthOptions};
 use common::{agentflux, default_model, filesystem_server};
 use serde_json::Value;
@@ -182,7 +182,7 @@ fn synthesized_conversations_are_valid_varied_and_carry_real_results() {
         let tok = Arc::new(Tokenizer::from_gguf(&f).unwrap());
         let caller = ToolCaller::new(tok.clone(), ChatTemplate::from_gguf(&f, &tok).unwrap()).unwrap();
         let mut rep = dropped;
-        let examples = decoupled_examples(&caller, &trajectories, 4096, &mut rep).unwrap();
+        let examples = decoupled_examples(&caller, &trajectories, 4096, ArgumentCue::Schema, &mut rep).unwrap();
         let n_calls: usize = report.calls.values().sum();
         let actions: usize = trajectories.iter().map(|t| t.turns().count()).sum();
         let count = |f: fn(&AdapterRole) -> bool| examples.iter().filter(|e| f(&e.role)).count();

@@ -13,7 +13,9 @@ use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::model::{AdapterBuffers, AdapterTraining, PrefixCache};
 use agentflux::session::Session;
 use agentflux::text::ChatMessage;
-use agentflux::toolcall::{AdapterSet, CallEvent, Catalog, ConstraintFactory, ToolCaller, ToolChoice, FINISH, MAX_RESULT_CHARS};
+use agentflux::toolcall::{
+    AdapterSet, ArgumentCue, CallEvent, Catalog, ConstraintFactory, ToolCaller, ToolChoice, FINISH, MAX_RESULT_CHARS,
+};
 use agentflux::train::{decoupled_examples, read_trajectories, AdapterRole, DropKind};
 use common::{agentflux, default_model, filesystem_server, rng, tiny_pipeline};
 use serde_json::{json, Value};
@@ -58,7 +60,7 @@ fn examples_are_the_prompts_inference_builds() {
     let (trajectories, mut report) = read_trajectories(&line, MAX_RESULT_CHARS);
     assert_eq!(report.dropped, [], "{}", report.summary(3));
     let caller = ToolCaller::new(tok.clone(), template.clone()).unwrap();
-    let examples = decoupled_examples(&caller, &trajectories, 4096, &mut report).unwrap();
+    let examples = decoupled_examples(&caller, &trajectories, 4096, ArgumentCue::Schema, &mut report).unwrap();
     let roles: Vec<&AdapterRole> = examples.iter().map(|e| &e.role).collect();
     let args = |t: &str| AdapterRole::Arguments(t.into());
     assert_eq!(
@@ -128,7 +130,7 @@ fn examples_are_the_prompts_inference_builds() {
         let (mut ts, mut report) = read_trajectories(&line, MAX_RESULT_CHARS);
         // A file's tools are one group; the layout under test takes its servers from `catalog`.
         ts[0].catalog = catalog.clone();
-        let examples = decoupled_examples(&caller, &ts, 4096, &mut report).unwrap();
+        let examples = decoupled_examples(&caller, &ts, 4096, ArgumentCue::Schema, &mut report).unwrap();
         let turns: Vec<_> = ts[0].turns().collect();
         let arg_examples = examples.iter().filter(|e| matches!(e.role, AdapterRole::Arguments(_)));
         for (e, (before, _)) in arg_examples.zip(turns.iter().filter(|(_, t)| matches!(t, agentflux::toolcall::AssistantTurn::Call { .. })))
@@ -162,9 +164,62 @@ fn examples_are_the_prompts_inference_builds() {
         assert_eq!(session.tokens()[..end], layout.tokens[..end], "chose {chosen}");
     }
 
+    // Argument examples active from `args:` hold the same tokens and targets; only their active
+    // rows start later, at the cue. Every other example is unchanged.
+    let at_args = decoupled_examples(&caller, &trajectories, 4096, ArgumentCue::Args, &mut report).unwrap();
+    assert_eq!(at_args.len(), examples.len());
+    for (s, a) in examples.iter().zip(&at_args) {
+        if !matches!(s.role, AdapterRole::Arguments(_)) {
+            assert_eq!(s, a);
+            continue;
+        }
+        assert_eq!((&a.tokens, &a.targets), (&s.tokens, &s.targets));
+        for (e, cue) in [(s, ArgumentCue::Schema), (a, ArgumentCue::Args)] {
+            assert!(e.tokens[e.active_from..].starts_with(&tok.encode(cue.text(), false).unwrap()), "{:?} at {cue:?}", e.role);
+        }
+        assert_eq!(a.active_from + tok.encode(ArgumentCue::Args.text(), false).unwrap().len(), a.targets[0].start);
+    }
+
+    // Inference switches an argument adapter on at the cue of its invocation tokens, which is
+    // where training's example activates it: the call's cache holds every position of the
+    // example's prompt as the example's activation computes it, so nothing is computed again.
+    use agentflux::lora::{ActiveAdapter, Proj};
+    use agentflux::session::Activation;
+    let mut r = rng("train-layout-adapters");
+    for (cue, e) in [(ArgumentCue::Schema, &examples[3]), (ArgumentCue::Args, &at_args[3])] {
+        let mut adapter = agentflux::reference::random_adapter(&mut r, &model.config, 2, &Proj::ALL, 0.2);
+        adapter.invocation_tokens = Some(tok.encode(cue.text(), false).unwrap());
+        let adapter = ActiveAdapter::new(model.add_adapter(&format!("edit_file at {cue:?}"), &adapter).unwrap());
+        let set = AdapterSet { arguments: [("edit_file".to_string(), adapter)].into(), ..Default::default() };
+        let mut session = Session::new(&model, 4096).unwrap();
+        let stop = |e: CallEvent| if matches!(e, CallEvent::ArgumentToken(_)) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+        let context: Vec<ChatMessage> = trajectories[0].turns().nth(1).unwrap().0.iter().map(|m| m.chat.clone()).collect();
+        let r = caller.call_with(&mut session, &trajectories[0].catalog, &context, &set, &ToolChoice::Function("edit_file".into()), stop);
+        assert!(matches!(r, Err(agentflux::Error::Cancelled)), "{r:?}");
+        let start = e.targets[0].start;
+        let before = session.stats();
+        session.prefill(&e.tokens[..start + 1], Some(Activation { adapter, from: e.active_from })).unwrap();
+        let added = session.stats() - before;
+        assert_eq!((added.reused, added.prefilled, added.recomputed), (start, 1, 0), "{cue:?}");
+    }
+    // An adapter invoked at neither cue is refused with its name, not run from a wrong place.
+    let mut stray = agentflux::reference::random_adapter(&mut r, &model.config, 2, &Proj::ALL, 0.2);
+    stray.invocation_tokens = Some(tok.encode(agentflux::toolcall::SELECT_CUE, false).unwrap());
+    let stray = ActiveAdapter::new(model.add_adapter("stray", &stray).unwrap());
+    let set = AdapterSet { arguments: [("read_text_file".to_string(), stray)].into(), ..Default::default() };
+    let context = [ChatMessage::new("user", "Show notes/todo.txt")];
+    let mut session = Session::new(&model, 4096).unwrap();
+    let err = caller
+        .call_with(&mut session, &trajectories[0].catalog, &context, &set, &ToolChoice::Function("read_text_file".into()), |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("read_text_file (stray)") && err.contains("neither"), "{err}");
+
     // Over-length conversations are dropped whole, with the reason.
     let (ts, mut report) = read_trajectories(&line, MAX_RESULT_CHARS);
-    assert!(decoupled_examples(&caller, &ts, 64, &mut report).unwrap().is_empty());
+    assert!(decoupled_examples(&caller, &ts, 64, ArgumentCue::Schema, &mut report).unwrap().is_empty());
     assert_eq!((report.kept(), report.dropped[0].kind), (0, DropKind::TooLong));
     std::fs::remove_dir_all(&root).ok();
 }
@@ -909,6 +964,7 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         assert_eq!(kept, manifest, "{args:?} changed the set");
     }
     // --epochs: an adapter takes the steps that pass over its examples that many times.
+    // --args-activation args: the argument adapter is saved as invoked at `args:`.
     let (ok, _, err) = agentflux(&[
         "train",
         "--model",
@@ -927,8 +983,14 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         "2",
         "--eval-every",
         "0",
+        "--args-activation",
+        "args",
     ]);
     assert!(ok, "{err}");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("args/list_allowed_directories/adapter_config.json")).unwrap()).unwrap();
+    let tok = agentflux::text::Tokenizer::from_gguf(&f).unwrap();
+    assert_eq!(config["alora_invocation_tokens"], json!(tok.encode(agentflux::toolcall::ARGS_CUE, false).unwrap()), "{config}");
     let n: u64 = err.split("[list_allowed_directories] ").find_map(|s| s.split(" examples, ").next()?.parse().ok()).unwrap();
     let steps = (2 * n).div_ceil(4);
     assert!(err.contains(&format!("[list_allowed_directories] step {steps}/{steps} ")), "{n} examples: {err}");

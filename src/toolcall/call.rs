@@ -20,8 +20,9 @@
 //! ```
 //!
 //! The prefix (everything before the first cue) is computed once with the base weights. The
-//! selector adapter is activated at the first cue, the argument adapter at `schema:`; both
-//! continue from the cached prefix, so only their own tokens are computed.
+//! selector adapter is activated at the first cue, an argument adapter at `schema:` or at `args:`
+//! ([`ArgumentCue`], read from its invocation tokens); both continue from the cached prefix, so
+//! only their own tokens are computed.
 
 use super::catalog::{short_description, Catalog, FINISH};
 use super::select::{normalise, TokenTrie};
@@ -45,6 +46,29 @@ pub const SERVER_CUE: &str = "server:";
 pub const SCHEMA_CUE: &str = "schema:";
 /// The text right before the arguments' JSON.
 pub const ARGS_CUE: &str = "\nargs:";
+
+/// Where an argument adapter is switched on: the rows from there on run under it (and in
+/// training forward and backward), the rows before it are the frozen prefix, computed with the
+/// base weights. An adapter records its cue as its invocation tokens, so inference finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ArgumentCue {
+    /// At `schema:`: the tool's schema is read under the adapter.
+    #[default]
+    Schema,
+    /// At `args:`, right before the arguments: the schema is read with the base weights, so an
+    /// argument example has about a third of the active rows to train.
+    Args,
+}
+
+impl ArgumentCue {
+    /// Its text in the prompt.
+    pub fn text(self) -> &'static str {
+        match self {
+            ArgumentCue::Schema => SCHEMA_CUE,
+            ArgumentCue::Args => ARGS_CUE,
+        }
+    }
+}
 
 /// Most argument tokens a call may write unless told otherwise ([`ToolCaller::set_arg_budget`]):
 /// room for the longest value the implicit bounds allow ([`MAX_STRING_CHARS`](crate::toolcall::MAX_STRING_CHARS))
@@ -118,10 +142,22 @@ pub struct CallLayout {
     /// The names the selector writes (the server's with a hierarchy, then the tool's or
     /// `finish`), each with its newline.
     pub choice_spans: Vec<Range<usize>>,
-    /// Where the argument adapter is activated (the `schema:` cue), for a tool.
-    pub args_from: Option<usize>,
+    /// Where the `schema:` cue starts, for a tool.
+    pub schema_at: Option<usize>,
+    /// Where the `args:` cue starts, for a tool.
+    pub args_cue_at: Option<usize>,
     /// The arguments' tokens, for a tool.
     pub args_span: Option<Range<usize>>,
+}
+
+impl CallLayout {
+    /// Where an argument adapter activated at `cue` starts, for a tool.
+    pub fn argument_activation(&self, cue: ArgumentCue) -> Option<usize> {
+        match cue {
+            ArgumentCue::Schema => self.schema_at,
+            ArgumentCue::Args => self.args_cue_at,
+        }
+    }
 }
 
 /// A final answer as the answer adapter learns it: the prompt [`ToolCaller::answer`] continues,
@@ -474,9 +510,27 @@ impl ToolCaller {
         let mut arguments = Value::Object(Default::default());
         let mut written = Written::default();
         if let Some((_, tool)) = catalog.find(&name) {
-            let from = prompt.len();
-            prompt.extend(self.schema_tokens(tool)?);
-            let plan = adapters.arguments.get(&name).map(|&a| Activation { adapter: a, from });
+            let schema_at = prompt.len();
+            let (schema, args_cue) = self.schema_tokens(tool)?;
+            prompt.extend(schema);
+            let args_cue_at = prompt.len();
+            prompt.extend(args_cue);
+            let plan = match adapters.arguments.get(&name) {
+                Some(&adapter) => {
+                    let info = session.model().adapter_info(adapter.id)?;
+                    let from =
+                        argument_activation(&prompt, schema_at, args_cue_at, info.invocation_tokens.as_deref()).ok_or_else(|| {
+                            Error::InvalidOption(format!(
+                                "the argument adapter of {name} ({}) is invoked by tokens {:?}, which open neither `{SCHEMA_CUE}` nor `{}`",
+                                info.name,
+                                info.invocation_tokens.unwrap_or_default(),
+                                ARGS_CUE.trim()
+                            ))
+                        })?;
+                    Some(Activation { adapter, from })
+                }
+                None => None,
+            };
             self.resend(session);
             written = self.arguments(session, &prompt, plan, &name, &tool.input_schema, &mut |t| on_event(CallEvent::ArgumentToken(t)))?;
             arguments = written.value.clone();
@@ -525,11 +579,9 @@ impl ToolCaller {
         Ok(spans)
     }
 
-    /// What opens the argument stage: the tool's schema and the arguments cue.
-    fn schema_tokens(&self, tool: &crate::mcp::Tool) -> Result<Vec<u32>> {
-        let mut t = self.encode(&format!("{SCHEMA_CUE} {}", tool.input_schema))?;
-        t.extend(self.encode(ARGS_CUE)?);
-        Ok(t)
+    /// What opens the argument stage: the tool's schema (with its cue), and the arguments cue.
+    fn schema_tokens(&self, tool: &crate::mcp::Tool) -> Result<(Vec<u32>, Vec<u32>)> {
+        Ok((self.encode(&format!("{SCHEMA_CUE} {}", tool.input_schema))?, self.encode(ARGS_CUE)?))
     }
 
     /// A whole call of `name` with `arguments` laid out token for token as inference lays it
@@ -541,15 +593,18 @@ impl ToolCaller {
         let prefix_len = tokens.len();
         tokens.extend(self.encode(self.first_cue(catalog))?);
         let choice_spans = self.write_choice(catalog, &mut tokens, name)?;
-        let (mut args_from, mut args_span) = (None, None);
+        let (mut schema_at, mut args_cue_at, mut args_span) = (None, None, None);
         if let Some((_, tool)) = catalog.find(name) {
-            args_from = Some(tokens.len());
-            tokens.extend(self.schema_tokens(tool)?);
+            let (schema, args_cue) = self.schema_tokens(tool)?;
+            schema_at = Some(tokens.len());
+            tokens.extend(schema);
+            args_cue_at = Some(tokens.len());
+            tokens.extend(args_cue);
             let start = tokens.len();
             tokens.extend(self.encode(&super::schema::canonical(arguments, &tool.input_schema).to_string())?);
             args_span = Some(start..tokens.len());
         }
-        Ok(CallLayout { tokens, prefix_len, choice_spans, args_from, args_span })
+        Ok(CallLayout { tokens, prefix_len, choice_spans, schema_at, args_cue_at, args_span })
     }
 
     /// The selector stage after `prompt` (the prefix and the first cue): the chosen name, its
@@ -913,6 +968,16 @@ fn tool_lines<'a>(tools: impl IntoIterator<Item = &'a crate::mcp::Tool>) -> Stri
     tools.into_iter().map(|t| format!("- {}: {}\n", t.name, short_description(&t.description, 100))).collect()
 }
 
+/// Where an argument adapter invoked by `invocation` applies from in a call's `prompt`, whose
+/// `schema:` cue starts at `schema_at` and `args:` cue at `args_cue_at`: the cue its invocation
+/// opens, or for a standard adapter (no invocation) the schema's. `None` where it opens neither.
+fn argument_activation(prompt: &[u32], schema_at: usize, args_cue_at: usize, invocation: Option<&[u32]>) -> Option<usize> {
+    match invocation {
+        None | Some([]) => Some(schema_at),
+        Some(inv) => [schema_at, args_cue_at].into_iter().find(|&p| prompt[p..].starts_with(inv)),
+    }
+}
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -942,5 +1007,18 @@ mod tests {
         // single draw would (binomial: P(≥ 6 of 10 for 0.4) ≈ 0.17, plus half the 5–5 ties at most).
         let wins = (0..2000).filter(|&s| majority_vote(&[0.6, 0.4], 10, &mut SplitMix64(s)) == 1).count();
         assert!((200..600).contains(&wins), "{wins} of 2000 votes went to the 0.4 candidate");
+    }
+
+    #[test]
+    fn an_argument_adapter_applies_from_the_cue_its_invocation_opens() {
+        // schema: {…} \nargs: {…}, as token ids: the schema cue at 2, the arguments cue at 6.
+        let prompt = [1, 2, 40, 41, 30, 31, 50, 51, 60];
+        assert_eq!(argument_activation(&prompt, 2, 6, Some(&[40, 41])), Some(2));
+        assert_eq!(argument_activation(&prompt, 2, 6, Some(&[50, 51])), Some(6));
+        // A standard adapter reads the schema too, as before invocation tokens were recorded.
+        assert_eq!(argument_activation(&prompt, 2, 6, None), Some(2));
+        // Tokens that occur in the prompt but open neither cue.
+        assert_eq!(argument_activation(&prompt, 2, 6, Some(&[30, 31])), None);
+        assert_eq!(argument_activation(&prompt, 2, 6, Some(&[51, 60, 61])), None);
     }
 }

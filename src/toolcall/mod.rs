@@ -13,7 +13,7 @@ mod select;
 
 pub use agent::{AgentEvent, AgentOptions, ToolServers, MAX_RESULT_CHARS};
 pub use call::{
-    AdapterSet, CallEvent, CallLayout, CallStats, Strategy, ToolCall, ToolCaller, ToolChoice, ARGS_CUE, CONTENT_FREE_REQUEST,
+    AdapterSet, ArgumentCue, CallEvent, CallLayout, CallStats, Strategy, ToolCall, ToolCaller, ToolChoice, ARGS_CUE, CONTENT_FREE_REQUEST,
     DEFAULT_ARG_BUDGET, SCHEMA_CUE, SELECT_CUE, SERVER_CUE,
 };
 pub use catalog::{short_description, Catalog, ToolGroup, FINISH};

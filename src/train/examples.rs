@@ -9,7 +9,7 @@ use super::data::{split, DataReport, DropKind, Trajectory};
 use crate::error::Result;
 use crate::model::ExampleRows;
 use crate::text::ChatMessage;
-use crate::toolcall::{AssistantTurn, ToolCaller, FINISH};
+use crate::toolcall::{ArgumentCue, AssistantTurn, ToolCaller, FINISH};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -74,12 +74,14 @@ impl Example {
     }
 }
 
-/// Every example of `trajectories`. A trajectory with any sequence over `max_tokens` is dropped
-/// whole (recorded in `report`), so no conversation is learned in part.
+/// Every example of `trajectories`, each argument example active from `cue`. A trajectory with
+/// any sequence over `max_tokens` is dropped whole (recorded in `report`), so no conversation is
+/// learned in part.
 pub fn decoupled_examples(
     caller: &ToolCaller,
     trajectories: &[Trajectory],
     max_tokens: usize,
+    cue: ArgumentCue,
     report: &mut DataReport,
 ) -> Result<Vec<Example>> {
     let mut out = Vec::new();
@@ -102,7 +104,7 @@ pub fn decoupled_examples(
                 line: t.line,
                 name: name.to_string(),
             });
-            if let (Some(from), Some(span)) = (layout.args_from, layout.args_span) {
+            if let (Some(from), Some(span)) = (layout.argument_activation(cue), layout.args_span) {
                 mine.push(Example {
                     role: AdapterRole::Arguments(name.to_string()),
                     tokens: layout.tokens,
@@ -169,11 +171,12 @@ pub fn split_examples(
     trajectories: Vec<Trajectory>,
     seed: u64,
     max_tokens: usize,
+    cue: ArgumentCue,
     report: &mut DataReport,
 ) -> Result<SplitExamples> {
     let parts = split(trajectories, seed, |t| t.key);
     let mut lay_out = |part: Vec<Trajectory>| -> Result<SplitPart> {
-        let examples = decoupled_examples(caller, &part, max_tokens, report)?;
+        let examples = decoupled_examples(caller, &part, max_tokens, cue, report)?;
         let dropped: BTreeSet<usize> = report.dropped.iter().map(|d| d.line).collect();
         Ok(SplitPart { lines: part.iter().map(|t| t.line).filter(|l| !dropped.contains(l)).collect(), examples })
     };

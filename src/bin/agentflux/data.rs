@@ -1,5 +1,6 @@
 //! `agentflux data`: training data for the decoupled adapters.
 
+use crate::train::ArgsActivation;
 use agentflux::gguf::GgufFile;
 use agentflux::mcp::{McpClient, ServerOptions};
 use agentflux::resolve_model;
@@ -75,6 +76,9 @@ pub struct CheckArgs {
     /// Seed of the split (about 80/10/10, each line placed by a hash of its text and this seed).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where argument examples' active rows start, as `agentflux train --args-activation`.
+    #[arg(long, value_enum, default_value_t = ArgsActivation::Schema)]
+    args_activation: ArgsActivation,
     /// Write train.jsonl, val.jsonl, test.jsonl (the kept lines) and report.txt here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -177,7 +181,7 @@ fn check(a: CheckArgs) -> Result<()> {
     let template = ChatTemplate::from_gguf(&f, &tok)?;
     let caller = ToolCaller::new(tok, template)?;
     let (trajectories, mut report) = read_trajectories(&text, MAX_RESULT_CHARS);
-    let parts = split_examples(&caller, trajectories, a.seed, a.max_tokens, &mut report)?;
+    let parts = split_examples(&caller, trajectories, a.seed, a.max_tokens, a.args_activation.into(), &mut report)?;
     let examples: Vec<&agentflux::train::Example> = [&parts.train, &parts.val, &parts.test].into_iter().flat_map(|p| &p.examples).collect();
     let mut out = report.summary(3);
     out.push_str(&format!(

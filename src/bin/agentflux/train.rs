@@ -5,7 +5,7 @@ use agentflux::gpu::GpuOptions;
 use agentflux::lora::SavedDtype;
 use agentflux::lora::{LoraAdapter, LoraLimits};
 use agentflux::model::PrefixCache;
-use agentflux::toolcall::{Manifest, ToolCaller, MAX_RESULT_CHARS, SCHEMA_CUE, SELECT_CUE};
+use agentflux::toolcall::{ArgumentCue, Manifest, ToolCaller, MAX_RESULT_CHARS, SELECT_CUE};
 use agentflux::train::{
     cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter_with, AdapterRole, Example, Progress, TrainOptions,
 };
@@ -86,6 +86,12 @@ pub struct Args {
     /// How the exported weights are stored: f16 (half the size) or f32.
     #[arg(long, value_enum, default_value_t = Dtype::F16)]
     dtype: Dtype,
+    /// Where each argument adapter is switched on: at `schema:` (the tool's schema is read under
+    /// the adapter, its rows trained) or at `args:` right before the arguments (the schema joins
+    /// the frozen prefix, computed once with the base weights: about a third of the rows to
+    /// train). Saved as the adapter's invocation tokens, which inference follows.
+    #[arg(long, value_enum, default_value_t = ArgsActivation::Schema)]
+    args_activation: ArgsActivation,
     /// Time each adapter's last optimizer step that does not validate on the GPU (its examples'
     /// forward and backward passes and the AdamW update; the first step also compiles kernels, a
     /// late one shows the steady state of a run of several epochs) and print where it goes:
@@ -109,6 +115,24 @@ enum Dtype {
     F32,
 }
 
+/// `--args-activation`: the cue that switches argument adapters on.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ArgsActivation {
+    /// At `schema:`.
+    Schema,
+    /// At `args:`.
+    Args,
+}
+
+impl From<ArgsActivation> for ArgumentCue {
+    fn from(a: ArgsActivation) -> Self {
+        match a {
+            ArgsActivation::Schema => ArgumentCue::Schema,
+            ArgsActivation::Args => ArgumentCue::Args,
+        }
+    }
+}
+
 pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let data = match &a.data {
         Some(d) => d.clone(),
@@ -120,7 +144,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     let caller = ToolCaller::new(eng.tokenizer.clone(), eng.template.clone())?;
     let (trajectories, mut report) = read_trajectories(&text, MAX_RESULT_CHARS);
     let tools: BTreeSet<String> = trajectories.iter().flat_map(|t| t.catalog.names().into_iter().map(str::to_string)).collect();
-    let parts = split_examples(&caller, trajectories, a.seed, a.max_tokens, &mut report)?;
+    let parts = split_examples(&caller, trajectories, a.seed, a.max_tokens, a.args_activation.into(), &mut report)?;
     let (train, val) = (parts.train.examples, parts.val.examples);
     eprint!("{}", report.summary(3));
     eprintln!("{} training and {} validation examples on {}", train.len(), val.len(), eng.ctx.describe());
@@ -280,9 +304,13 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             speed(examples_per_s)
         );
         // Exported as activated LoRA: it applies from the cue where inference activates it
-        // (`call:` for the selector and the answer, `schema:` for an argument adapter), for PEFT
-        // and vLLM too.
-        let cue = eng.tokenizer.encode(if matches!(role, AdapterRole::Arguments(_)) { SCHEMA_CUE } else { SELECT_CUE }, false)?;
+        // (`call:` for the selector and the answer, `schema:` or `args:` for an argument
+        // adapter), for PEFT and vLLM too.
+        let cue = match role {
+            AdapterRole::Arguments(_) => ArgumentCue::from(a.args_activation).text(),
+            _ => SELECT_CUE,
+        };
+        let cue = eng.tokenizer.encode(cue, false)?;
         let invocation = examples.iter().all(|e| e.tokens[e.active_from..].starts_with(&cue)).then_some(cue);
         if invocation.is_none() {
             eprintln!("[{name}] the examples do not all start at the cue: saved as a standard LoRA");
