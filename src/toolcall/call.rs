@@ -50,10 +50,9 @@ pub const ARGS_CUE: &str = "\nargs:";
 /// Where an argument adapter is switched on: the rows from there on run under it (and in
 /// training forward and backward), the rows before it are the frozen prefix, computed with the
 /// base weights. An adapter records its cue as its invocation tokens, so inference finds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArgumentCue {
     /// At `schema:`: the tool's schema is read under the adapter.
-    #[default]
     Schema,
     /// At `args:`, right before the arguments: the schema is read with the base weights, so an
     /// argument example has about a third of the active rows to train.
@@ -510,11 +509,7 @@ impl ToolCaller {
         let mut arguments = Value::Object(Default::default());
         let mut written = Written::default();
         if let Some((_, tool)) = catalog.find(&name) {
-            let schema_at = prompt.len();
-            let (schema, args_cue) = self.schema_tokens(tool)?;
-            prompt.extend(schema);
-            let args_cue_at = prompt.len();
-            prompt.extend(args_cue);
+            let (schema_at, args_cue_at) = self.open_arguments(tool, &mut prompt)?;
             let plan = match adapters.arguments.get(&name) {
                 Some(&adapter) => {
                     let info = session.model().adapter_info(adapter.id)?;
@@ -579,9 +574,14 @@ impl ToolCaller {
         Ok(spans)
     }
 
-    /// What opens the argument stage: the tool's schema (with its cue), and the arguments cue.
-    fn schema_tokens(&self, tool: &crate::mcp::Tool) -> Result<(Vec<u32>, Vec<u32>)> {
-        Ok((self.encode(&format!("{SCHEMA_CUE} {}", tool.input_schema))?, self.encode(ARGS_CUE)?))
+    /// Append what opens the argument stage to `tokens` — the tool's schema after its cue, then
+    /// the arguments cue — and return where each of the two cues starts.
+    fn open_arguments(&self, tool: &crate::mcp::Tool, tokens: &mut Vec<u32>) -> Result<(usize, usize)> {
+        let schema_at = tokens.len();
+        tokens.extend(self.encode(&format!("{SCHEMA_CUE} {}", tool.input_schema))?);
+        let args_cue_at = tokens.len();
+        tokens.extend(self.encode(ARGS_CUE)?);
+        Ok((schema_at, args_cue_at))
     }
 
     /// A whole call of `name` with `arguments` laid out token for token as inference lays it
@@ -595,11 +595,8 @@ impl ToolCaller {
         let choice_spans = self.write_choice(catalog, &mut tokens, name)?;
         let (mut schema_at, mut args_cue_at, mut args_span) = (None, None, None);
         if let Some((_, tool)) = catalog.find(name) {
-            let (schema, args_cue) = self.schema_tokens(tool)?;
-            schema_at = Some(tokens.len());
-            tokens.extend(schema);
-            args_cue_at = Some(tokens.len());
-            tokens.extend(args_cue);
+            let (schema, args_cue) = self.open_arguments(tool, &mut tokens)?;
+            (schema_at, args_cue_at) = (Some(schema), Some(args_cue));
             let start = tokens.len();
             tokens.extend(self.encode(&super::schema::canonical(arguments, &tool.input_schema).to_string())?);
             args_span = Some(start..tokens.len());
