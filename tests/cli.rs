@@ -82,6 +82,14 @@ fn info_json_describes_model_and_device() {
     if device.starts_with("llvmpipe") {
         assert!(device.contains(", driver Mesa "), "{device}");
     }
+    // The subgroups' lanes, smallest and largest: lavapipe's follow its vector width (the bits
+    // its name states), 32 bits a lane.
+    let sizes: Vec<u64> = v["subgroup_sizes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+    assert!(sizes.len() == 2 && sizes[0] <= sizes[1] && sizes[0].is_power_of_two(), "{sizes:?}");
+    if let Some((head, _)) = device.strip_prefix("llvmpipe").and_then(|d| d.split_once(" bits)")) {
+        let bits: u64 = head.rsplit(' ').next().unwrap().parse().unwrap();
+        assert_eq!(sizes, [bits / 32; 2], "{device}");
+    }
     assert_eq!(v["config"]["arch"], "Llama");
     assert_eq!(v["config"]["n_layers"], 30);
     assert_eq!(v["tensor_types"]["Q4_1"]["tensors"], 210);

@@ -65,6 +65,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             "device": ctx.describe(),
             "class": ctx.class,
             "features": ctx.features,
+            "subgroup_sizes": [ctx.info.subgroup_min_size, ctx.info.subgroup_max_size],
             "max_storage_binding": ctx.max_binding(),
             "max_buffer": l.max_buffer_size,
             "max_workgroup_storage": l.max_compute_workgroup_storage_size,
@@ -109,8 +110,8 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         weight_bytes as f64 / (1 << 20) as f64, (kv_bytes_per_position * 1024) as f64 / (1 << 20) as f64);
     println!("device     {} [{:?}]", ctx.describe(), ctx.class);
     println!(
-        "features   shader-f16 {}, subgroups {}, timestamps {}",
-        ctx.features.shader_f16, ctx.features.subgroups, ctx.features.timestamps
+        "features   shader-f16 {}, subgroups {} ({}–{} lanes), timestamps {}",
+        ctx.features.shader_f16, ctx.features.subgroups, ctx.info.subgroup_min_size, ctx.info.subgroup_max_size, ctx.features.timestamps
     );
     println!(
         "limits     storage binding {} MiB, buffer {} MiB, workgroup storage {} KiB, invocations {}",
