@@ -677,6 +677,84 @@ fn examples_side_by_side_add_the_references_gradients() {
     }
 }
 
+/// Examples of different adapters in the same passes — each row under its own adapter's slot,
+/// as a set trains together — give each example its reference loss under its adapter, and each
+/// adapter the sum of its own examples' reference gradients: adapters of different ranks and
+/// targets, interleaved in the call, two of them on one conversation; and nine adapters, one
+/// more than a pass takes, over two passes.
+#[test]
+fn adapters_side_by_side_each_get_their_references_gradients() {
+    use agentflux::gguf::BlockFormat;
+    use agentflux::lora::{ActiveAdapter, LoraAdapter, LoraWeights, Proj};
+    use agentflux::model::ExampleRows;
+    use agentflux::reference::{random_adapter, ReferenceAdapter, TinyModelSpec};
+    use std::collections::BTreeMap;
+    let mut r = rng("gpu-grads-adapters");
+    for (arch, format) in [("llama", BlockFormat::Q8_0), ("qwen3", BlockFormat::F16)] {
+        let (reference, model) = tiny_models(&TinyModelSpec::new(arch, format), &mut r, &format!("adaptersgrad-{arch}"));
+        let c = model.config.clone();
+        let mut adapters: Vec<LoraAdapter> = vec![
+            random_adapter(&mut r, &c, 4, &Proj::ALL, 0.2),
+            random_adapter(&mut r, &c, 2, &[Proj::Q, Proj::V, Proj::Down], 0.2),
+            random_adapter(&mut r, &c, 4, &[Proj::Gate, Proj::Up, Proj::O], 0.2),
+        ];
+        adapters.extend((0..6).map(|_| random_adapter(&mut r, &c, 2, &Proj::ALL, 0.2)));
+        let ids: Vec<ActiveAdapter> =
+            adapters.iter().enumerate().map(|(i, a)| ActiveAdapter::new(model.add_adapter(&format!("a{i}"), a).unwrap())).collect();
+        let mut random = |n: usize| -> Vec<u32> { (0..n).map(|_| (r.next_u64() % c.n_vocab as u64) as u32).collect() };
+        let conversation = random(14);
+        let mut tokens: Vec<Vec<u32>> = vec![conversation[..11].to_vec(), conversation.clone()];
+        tokens.extend((0..7).map(|_| random(14)));
+        let targets = [vec![6..8, 9..11], vec![12..14]];
+        let froms = [4, 10];
+        let example = |i: usize| ExampleRows { tokens: &tokens[i], from: froms[i.min(1)], targets: &targets[i.min(1)] };
+        // (example, adapter) pairs: adapters 0-2 interleaved, the conversation under 0 and 1.
+        let mixed = [(0, 0), (1, 1), (2, 0), (3, 2), (4, 1)];
+        let nine: Vec<(usize, usize)> = (0..9).map(|i| (i, i)).collect();
+        let what = format!("{arch} {format:?}");
+        for (name, pairs) in [("three adapters interleaved", &mixed[..]), ("nine adapters", &nine[..])] {
+            let rows: Vec<ExampleRows> = pairs.iter().map(|&(e, _)| example(e)).collect();
+            let active: Vec<ActiveAdapter> = pairs.iter().map(|&(_, a)| ids[a]).collect();
+            let (grads, mut prefix) = (AdapterBuffers::new(&model).unwrap(), PrefixCache::new());
+            let losses = grads.add_gradients_each(&model, &mut prefix, &rows, &active).unwrap();
+            let mut want: BTreeMap<usize, BTreeMap<_, LoraWeights>> = BTreeMap::new();
+            for ((e, &(_, a)), loss) in rows.iter().zip(pairs).zip(&losses) {
+                let lora = ReferenceAdapter { adapter: &adapters[a], multiplier: 1.0, from: e.from };
+                let (want_loss, g) = reference.lora_loss_and_grads(e.tokens, lora, e.targets);
+                assert!((loss - want_loss).abs() < 1e-3 * want_loss.abs().max(1.0), "{what} {name}: loss {loss} vs reference {want_loss}");
+                for (key, w) in g {
+                    let sum = want
+                        .entry(a)
+                        .or_default()
+                        .entry(key)
+                        .or_insert_with(|| LoraWeights { a: vec![0.0; w.a.len()], b: vec![0.0; w.b.len()] });
+                    sum.a.iter_mut().zip(&w.a).for_each(|(s, x)| *s += x);
+                    sum.b.iter_mut().zip(&w.b).for_each(|(s, x)| *s += x);
+                }
+            }
+            for (&a, want) in &want {
+                let got = grads.read(&model, ids[a].id).unwrap();
+                assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what} {name}: adapter {a}'s targets");
+                for (key, g) in &got {
+                    common::assert_close(&format!("{what} {name} adapter {a} {key:?} dA"), &g.a, &want[key].a, 2e-3);
+                    common::assert_close(&format!("{what} {name} adapter {a} {key:?} dB"), &g.b, &want[key].b, 2e-3);
+                }
+            }
+            // An adapter with no example in the call gains no gradient.
+            for (a, id) in ids.iter().enumerate().filter(|(a, _)| !want.contains_key(a)) {
+                assert!(
+                    grads.read(&model, id.id).unwrap().values().all(|g| g.a.iter().chain(&g.b).all(|v| *v == 0.0)),
+                    "{what} {name}: adapter {a}"
+                );
+            }
+        }
+        // One adapter per example, or the call is refused.
+        let err =
+            AdapterBuffers::new(&model).unwrap().add_gradients_each(&model, &mut PrefixCache::new(), &[example(0)], &ids[..2]).unwrap_err();
+        assert!(err.to_string().contains("1 examples with 2 adapters"), "{err}");
+    }
+}
+
 /// A conversation's next example longer than the cache its prefix is kept in (caches grow in
 /// steps of 512 positions): the kept positions are copied into a cache with room instead of
 /// computed again — continued in a later pass, and beside it in one pass — and the gradients are
@@ -797,25 +875,15 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
     let (ok, _, err) = agentflux(&["train", "--model", m, "--toolset", out.to_str().unwrap()]);
     assert!(!ok && err.contains("no --data given") && err.contains("data/seed.json"), "{err}");
     let losses = dir.join("losses.jsonl");
-    let (ok, stdout, err) = agentflux(&[
-        "train",
-        "--model",
-        m,
-        "--data",
-        data.to_str().unwrap(),
-        "--toolset",
-        out.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--batch",
-        "2",
-        "--rank",
-        "2",
-        "--eval-every",
-        "1",
-        "--loss-log",
-        losses.to_str().unwrap(),
-    ]);
+    // The set trained into `set`: 2 steps of 2 examples at rank 2, validating at each.
+    let train_set = |set: &std::path::Path, extra: &[&str]| {
+        let data = data.to_str().unwrap();
+        let mut args = vec!["train", "--model", m, "--data", data, "--toolset", set.to_str().unwrap()];
+        args.extend(["--steps", "2", "--batch", "2", "--rank", "2", "--eval-every", "1"]);
+        args.extend(extra);
+        agentflux(&args)
+    };
+    let (ok, stdout, err) = train_set(&out, &["--loss-log", losses.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(stdout.contains("wrote the adapter set"), "{stdout}");
     assert!(
@@ -840,6 +908,24 @@ fn train_command_writes_an_adapter_set_that_call_uses() {
         let tok = agentflux::text::Tokenizer::from_gguf(&f).unwrap();
         assert_eq!(config["alora_invocation_tokens"], json!(tok.encode(cue, false).unwrap()), "{config}");
         assert!(out.join(sub).join("adapter_model.safetensors").exists());
+    }
+    // --together: the same set, its adapters trained in rounds side by side in the same passes.
+    let together = dir.join("together");
+    let (ok, _, err) = train_set(&together, &["--together"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("4 adapters together, 2 rounds") && err.contains("the set: 4 adapters, 16 examples in "), "{err}");
+    let config = agentflux::hparams::ModelConfig::from_gguf(&agentflux::gguf::GgufFile::open(&model).unwrap()).unwrap();
+    for sub in ["selector", "args/read_text_file", "args/list_allowed_directories", "answer"] {
+        let load = |set: &std::path::Path| agentflux::lora::LoraAdapter::load_peft(set.join(sub), &config, &Default::default()).unwrap();
+        let (alone, with_others) = (load(&out), load(&together));
+        assert_eq!(alone.invocation_tokens, with_others.invocation_tokens, "{sub}");
+        // Two warmup steps move B by a few 1e-4: saved as f16 (a rounding of about 1e-7 there),
+        // the two agree within a hundredth of what the steps moved.
+        let moved = alone.targets.values().flat_map(|w| &w.b).fold(0f32, |m, v| m.max(v.abs()));
+        assert!(moved > 1e-4, "{sub}: B moved {moved}");
+        for (key, w) in &alone.targets {
+            common::assert_close(&format!("{sub} {key:?} B together"), &with_others.targets[key].b, &w.b, moved / 100.0);
+        }
     }
     let tools_file = dir.join("tools.json");
     std::fs::write(&tools_file, tools.to_string()).unwrap();
@@ -1063,6 +1149,72 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     assert_eq!(still.targets, straight.targets, "a zero learning rate keeps the initial adapter");
     let (moved, _) = train_adapter(&model, "moved", &examples, &examples[..1], &from(1e-2), |_| {}).unwrap();
     assert!(moved.targets.iter().any(|(key, w)| w != &straight.targets[key]), "continued training moved the weights");
+}
+
+/// Adapters trained together — in rounds, each round's steps of every adapter in the same passes —
+/// come out as each one trained alone with the same options: the same examples in the same
+/// order, each row under its own adapter. Three adapters of different ranks, step counts and
+/// validation schedules, two of them on the same conversations (the prefixes they share computed
+/// once); each one's progress is reported step by step.
+#[test]
+fn adapters_trained_together_end_as_trained_alone() {
+    use agentflux::train::{train_adapter, train_together, AdapterRole, AdapterRun, Example, TrainOptions};
+    let mut r = rng("together");
+    let model = tiny_q8_model(&mut r, "together");
+    let n_vocab = model.config.n_vocab as u64;
+    let conversations: Vec<Vec<u32>> = (0..6).map(|_| (0..12).map(|_| (r.next_u64() % n_vocab) as u32).collect()).collect();
+    let examples = |from: usize, targets: std::ops::Range<usize>| -> Vec<Example> {
+        conversations
+            .iter()
+            .enumerate()
+            .map(|(line, tokens)| Example {
+                role: AdapterRole::Selector,
+                tokens: tokens.clone(),
+                active_from: from,
+                targets: vec![targets.clone()],
+                line,
+                name: "t".into(),
+            })
+            .collect()
+    };
+    let (first, second, third) = (examples(3, 5..8), examples(7, 9..12), examples(2, 4..12));
+    let opts = TrainOptions { rank: 2, steps: 5, batch: 2, lr: 1e-2, eval_every: 2, seed: 3, ..Default::default() };
+    let runs = [
+        AdapterRun { name: "first".into(), train: &first, val: &first[..2], opts: opts.clone() },
+        AdapterRun { name: "second".into(), train: &second, val: &second[..1], opts: TrainOptions { rank: 4, steps: 3, ..opts.clone() } },
+        AdapterRun { name: "third".into(), train: &third, val: &[], opts: TrainOptions { steps: 4, batch: 3, seed: 9, ..opts.clone() } },
+    ];
+    let mut reported: Vec<(usize, u64)> = Vec::new();
+    let together = train_together(&model, &runs, &mut PrefixCache::new(), |i, p| reported.push((i, p.step))).unwrap();
+    let want: Vec<(usize, u64)> =
+        (1..=5).flat_map(|s| [(0, s), (1, s), (2, s)].into_iter().filter(move |&(i, s)| s <= [5, 3, 4][i])).collect();
+    assert_eq!(reported, want, "each adapter's steps, round by round");
+    for (run, (adapter, eval)) in runs.iter().zip(&together) {
+        let (alone, alone_eval) = train_adapter(&model, &run.name, run.train, run.val, &run.opts, |_| {}).unwrap();
+        assert_eq!((adapter.rank, adapter.alpha), (alone.rank, alone.alpha), "{}", run.name);
+        assert_eq!(eval.is_some(), alone_eval.is_some(), "{}", run.name);
+        if let (Some(e), Some(w)) = (eval, alone_eval) {
+            assert!((e - w).abs() < 1e-4 * w.abs().max(1.0), "{}: best validation loss {e} together, {w} alone", run.name);
+        }
+        assert_eq!(adapter.targets.keys().collect::<Vec<_>>(), alone.targets.keys().collect::<Vec<_>>());
+        for (key, w) in &alone.targets {
+            common::assert_close(&format!("{} {key:?} A", run.name), &adapter.targets[key].a, &w.a, 1e-4);
+            common::assert_close(&format!("{} {key:?} B", run.name), &adapter.targets[key].b, &w.b, 1e-4);
+        }
+        assert!(alone.targets.values().any(|w| w.b.iter().any(|v| *v != 0.0)), "{}: training moved B", run.name);
+    }
+    // A run that cannot train is refused by name before any adapter is made resident.
+    let bad = [runs[0].clone(), AdapterRun { name: "empty".into(), train: &[], val: &[], opts: opts.clone() }];
+    let err = train_together(&model, &bad, &mut PrefixCache::new(), |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("empty: no training examples"), "{err}");
+    assert!(model.adapters().unwrap().0.is_empty(), "no adapter left resident");
+    // More adapters than may be resident at once: refused with what to do, and the ones made
+    // resident before are removed.
+    let limit = model.lora_limits().unwrap().max_adapters;
+    let many: Vec<AdapterRun> = (0..=limit).map(|i| AdapterRun { name: format!("a{i}"), ..runs[0].clone() }).collect();
+    let err = train_together(&model, &many, &mut PrefixCache::new(), |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains(&format!("{} adapters trained together are all resident at once", limit + 1)), "{err}");
+    assert!(model.adapters().unwrap().0.is_empty(), "no adapter left resident");
 }
 
 /// The adapter a run returns is the one of its lowest validation loss, not its last: trained to

@@ -18,7 +18,7 @@ use crate::kernels::elementwise::glu_backward;
 use crate::kernels::lora::lora_shrink;
 use crate::kernels::lora_backward::{lora_backward, LoraBackward};
 use crate::kernels::loss::cross_entropy;
-use crate::kernels::matmul::{LoraIo, MatmulIo};
+use crate::kernels::matmul::{LoraIo, MatmulIo, MAX_SLOTS};
 use crate::kernels::matmul_t::matmul_t;
 use crate::kernels::norm::{rms_norm_backward, RmsNorm};
 use crate::kernels::optim::{adamw, AdamTensors, AdamW};
@@ -80,6 +80,8 @@ struct BackwardBuffers {
     dkn: wgpu::Buffer,
     dv: wgpu::Buffer,
     stats: wgpu::Buffer,
+    /// Slot 0 for every row: the backward's shrinks run one adapter's rows at a time.
+    slot0: wgpu::Buffer,
 }
 
 impl BackwardBuffers {
@@ -104,6 +106,7 @@ impl BackwardBuffers {
             dkn: f("dkn", kv_dim),
             dv: f("dv", kv_dim),
             stats: f("stats", c.n_heads * 3),
+            slot0: f("slot0", 1),
         }
     }
 }
@@ -347,7 +350,22 @@ impl AdapterBuffers {
         examples: &[ExampleRows],
         adapter: ActiveAdapter,
     ) -> Result<Vec<f32>> {
-        run_examples(&Job { model, grads: Some(self), adapter }, prefix, examples)
+        self.add_gradients_each(model, prefix, examples, &vec![adapter; examples.len()])
+    }
+
+    /// [`add_gradients`](Self::add_gradients) with each example under its own adapter
+    /// (`adapters[i]` for `examples[i]`), each adapter's gradients added into its own part of
+    /// these buffers: several adapters trained in the same passes, each row under its adapter's
+    /// slot as inference batches them (at most [`MAX_SLOTS`] adapters a pass), so a set's
+    /// adapters share each read of the base weights. Returns each example's loss.
+    pub fn add_gradients_each(
+        &self,
+        model: &Model,
+        prefix: &mut PrefixCache,
+        examples: &[ExampleRows],
+        adapters: &[ActiveAdapter],
+    ) -> Result<Vec<f32>> {
+        run_examples(&Job { model, grads: Some(self) }, prefix, examples, adapters)
     }
 }
 
@@ -450,40 +468,61 @@ pub fn example_loss(
 
 /// [`example_loss`] of several examples, in as few passes as fit.
 pub fn example_losses(model: &Model, prefix: &mut PrefixCache, examples: &[ExampleRows], adapter: ActiveAdapter) -> Result<Vec<f32>> {
-    run_examples(&Job { model, grads: None, adapter }, prefix, examples)
+    run_examples(&Job { model, grads: None }, prefix, examples, &vec![adapter; examples.len()])
 }
 
-/// What passes over examples compute: losses under `adapter`, and with `grads` its gradients.
+/// What passes over examples compute: losses, and with `grads` the adapters' gradients.
 struct Job<'a> {
     model: &'a Model,
     grads: Option<&'a AdapterBuffers>,
-    adapter: ActiveAdapter,
 }
 
-/// Each example's loss, and with `grads` their gradients added into them: consecutive examples
-/// packed into passes of at most a chunk's rows and a logit buffer's target tokens.
-fn run_examples(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Result<Vec<f32>> {
+/// Each example's loss under its adapter, and with `grads` the gradients added into them: the
+/// examples grouped by adapter (so each adapter's rows of a pass lie together), then packed in
+/// that order into passes of at most a chunk's rows, a logit buffer's target tokens and
+/// [`MAX_SLOTS`] adapters.
+fn run_examples(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows], adapters: &[ActiveAdapter]) -> Result<Vec<f32>> {
     let model = job.model;
+    if adapters.len() != examples.len() {
+        return Err(Error::InvalidOption(format!("{} examples with {} adapters: one adapter each", examples.len(), adapters.len())));
+    }
     let logit_cap = model.logit_cap();
     examples.iter().try_for_each(|e| e.check(model.max_batch, logit_cap))?;
-    let mut losses = Vec::with_capacity(examples.len());
+    let mut distinct: Vec<ActiveAdapter> = Vec::new();
+    for a in adapters {
+        if !distinct.contains(a) {
+            distinct.push(*a);
+        }
+    }
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| distinct.iter().position(|a| *a == adapters[i]));
+    let mut losses = vec![0.0; examples.len()];
     let mut first = 0;
-    while first < examples.len() {
-        let (mut rows, mut n_t, mut end) = (0, 0, first);
-        while end < examples.len() && rows + examples[end].rows() <= model.max_batch && n_t + examples[end].n_targets() <= logit_cap {
-            (rows, n_t) = (rows + examples[end].rows(), n_t + examples[end].n_targets());
+    while first < order.len() {
+        let (mut rows, mut n_t, mut end, mut slots) = (0, 0, first, 0);
+        while end < order.len() {
+            let (e, new_slot) = (&examples[order[end]], end == first || adapters[order[end]] != adapters[order[end - 1]]);
+            if rows + e.rows() > model.max_batch || n_t + e.n_targets() > logit_cap || (new_slot && slots == MAX_SLOTS) {
+                break;
+            }
+            (rows, n_t, slots) = (rows + e.rows(), n_t + e.n_targets(), slots + new_slot as usize);
             end += 1;
         }
-        losses.extend(run_pass(job, prefix, &examples[first..end])?);
+        let pass: Vec<ExampleRows> = order[first..end].iter().map(|&i| examples[i]).collect();
+        let pass_adapters: Vec<ActiveAdapter> = order[first..end].iter().map(|&i| adapters[i]).collect();
+        for (&i, loss) in order[first..end].iter().zip(run_pass(job, prefix, &pass, &pass_adapters)?) {
+            losses[i] = loss;
+        }
         first = end;
     }
     Ok(losses)
 }
 
-/// One pass over examples that fit it together: forward (traced with `grads`), the loss, and
-/// with `grads` the backward into them.
-fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Result<Vec<f32>> {
-    let &Job { model, grads, adapter } = job;
+/// One pass over examples that fit it together, each under its adapter (`adapters`, each
+/// adapter's examples together): forward (traced with `grads`), the loss, and with `grads` the
+/// backward into them.
+fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows], adapters: &[ActiveAdapter]) -> Result<Vec<f32>> {
+    let &Job { model, grads } = job;
     let (c, ctx) = (&model.config, &*model.ctx);
     let t: usize = examples.iter().map(|e| e.rows()).sum();
     // Each example's first row in the pass, and the pass's rows whose logits are targets.
@@ -492,9 +531,21 @@ fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Re
         examples.iter().zip(&row0).flat_map(|(e, &r0)| e.logit_rows().into_iter().map(move |(r, n)| (r0 + r, n))).collect();
     let n_t: usize = examples.iter().map(|e| e.n_targets()).sum();
     let wants: Vec<(&[u32], usize)> = examples.iter().map(|e| (&e.tokens[..e.from], e.tokens.len())).collect();
-    let kvs = prefix.prepare(model, &wants)?;
+    // The pass's adapters (its slots), and the rows each one runs under.
+    let mut active: Vec<ActiveAdapter> = Vec::new();
+    let mut groups: Vec<(ActiveAdapter, Range<usize>)> = Vec::new();
+    for ((e, &r0), a) in examples.iter().zip(&row0).zip(adapters) {
+        if !active.contains(a) {
+            active.push(*a);
+        }
+        match groups.last_mut() {
+            Some((last, rows)) if last == a => rows.end = r0 + e.rows(),
+            _ => groups.push((*a, r0..r0 + e.rows())),
+        }
+    }
     let registry = model.registry()?;
-    registry.check_resident(&[adapter])?;
+    registry.check_resident(&active)?;
+    let kvs = prefix.prepare(model, &wants)?;
     let (d, q_dim, kv_dim, ffn, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn_dim, c.head_dim);
     let max_rank = registry.limits().max_rank;
     let mut guard = model.scratch.lock().map_err(|_| Error::poisoned("scratch"))?;
@@ -506,8 +557,11 @@ fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Re
     let ts = TrainScratch::ensure(&mut train_guard, model, t, n_t, grads.is_some(), max_rank);
     let ids: Vec<u32> = examples.iter().flat_map(|e| e.tokens[e.from..e.end()].iter().copied()).collect();
     upload(ctx, &s.ids, 0, &ids);
-    upload(ctx, &s.row_slot, 0, &vec![0i32; t]);
-    let active = [adapter];
+    let row_slot: Vec<i32> = groups
+        .iter()
+        .flat_map(|(a, rows)| std::iter::repeat_n(active.iter().position(|x| x == a).unwrap_or(0) as i32, rows.len()))
+        .collect();
+    upload(ctx, &s.row_slot, 0, &row_slot);
     let lora = ChunkLora { registry: &registry, active: &active, row_slot: &s.row_slot, u: &s.lora_u, u_up: &s.lora_u_up };
     let mut rec = Recorder::new(ctx);
     let segs: Vec<Segment> =
@@ -567,8 +621,8 @@ fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Re
     }
 
     let (a_pack, b_pack) = registry.packs();
-    // Through one frozen projection `y = W·x` (+ the adapter where it targets (l, p)): dx, and
-    // the adapter's dA and dB.
+    // Through one frozen projection `y = W·x` (+ each row's adapter where it targets (l, p)): dx,
+    // and each adapter's dA and dB from its own rows.
     let back = |rec: &mut Recorder,
                 (l, p): (usize, Proj),
                 w: &WeightMatrix,
@@ -580,26 +634,30 @@ fn run_pass(job: &Job, prefix: &mut PrefixCache, examples: &[ExampleRows]) -> Re
         let (n, k) = (w.rows, w.cols);
         let (x, dy, dx) = (View::new(x, t, k), View::new(dy, t, n), View::new(dx, t, k));
         matmul_t(rec, ctx, w, dy, dx, accumulate)?;
-        let Some((slots, rank)) = registry.slots(l, p, &active) else { return Ok(()) };
-        let slot = slots[0];
-        // u = A·x again (cheaper to recompute at rank r than to keep).
-        let lora = LoraIo { a_pack, b_pack, row_slot: &s.row_slot, u: &b.u, max_rank: rank, slots: &slots, u_splits: None };
-        lora_shrink(rec, ctx, &MatmulIo { lora: Some(lora), ..MatmulIo::new(x, dx) })?;
-        let matrix = |buf, offset, rows, cols| View { offset, ..View::new(buf, rows, cols) };
-        let io = LoraBackward {
-            x,
-            dy,
-            dx,
-            a: matrix(a_pack, slot.a_offset, rank, k),
-            b: matrix(b_pack, slot.b_offset, n, rank),
-            u: &b.u,
-            du: &b.du,
-            da: matrix(&grads.a, slot.a_offset, rank, k),
-            db: matrix(&grads.b, slot.b_offset, n, rank),
-            scale: slot.scale,
-            accumulate: true,
-        };
-        lora_backward(rec, ctx, &io)
+        for (adapter, rows) in &groups {
+            let Some((slots, rank)) = registry.slots(l, p, std::slice::from_ref(adapter)) else { continue };
+            let slot = slots[0];
+            let (x, dy, dx) = (x.rows(rows.start, rows.len()), dy.rows(rows.start, rows.len()), dx.rows(rows.start, rows.len()));
+            // u = A·x again (cheaper to recompute at rank r than to keep).
+            let lora = LoraIo { a_pack, b_pack, row_slot: &b.slot0, u: &b.u, max_rank: rank, slots: &slots, u_splits: None };
+            lora_shrink(rec, ctx, &MatmulIo { lora: Some(lora), ..MatmulIo::new(x, dx) })?;
+            let matrix = |buf, offset, rows, cols| View { offset, ..View::new(buf, rows, cols) };
+            let io = LoraBackward {
+                x,
+                dy,
+                dx,
+                a: matrix(a_pack, slot.a_offset, rank, k),
+                b: matrix(b_pack, slot.b_offset, n, rank),
+                u: &b.u,
+                du: &b.du,
+                da: matrix(&grads.a, slot.a_offset, rank, k),
+                db: matrix(&grads.b, slot.b_offset, n, rank),
+                scale: slot.scale,
+                accumulate: true,
+            };
+            lora_backward(rec, ctx, &io)?;
+        }
+        Ok(())
     };
     let norm_back = |rec: &mut Recorder, w: &wgpu::Buffer, xs: [&wgpu::Buffer; 3], rows: usize, n: usize, accumulate: bool| {
         norm_backward(rec, model, RmsNorm { w, eps: c.norm_eps }, xs, (rows, n), accumulate)

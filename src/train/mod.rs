@@ -9,9 +9,10 @@
 //! - [`synth`]: conversations made offline from a tool set's seed file and the real results of
 //!   its MCP server, in the format [`data`] reads;
 //! - [`optim`]: AdamW with warmup and cosine decay;
-//! - [`trainer`]: one adapter trained on the GPU (`AdapterBuffers::add_gradients`: the frozen prefix
+//! - [`trainer`]: adapters trained on the GPU (`AdapterBuffers::add_gradients`: the frozen prefix
 //!   forward only, forward and backward only where the adapter is active, a step's examples side
-//!   by side in one pass).
+//!   by side in one pass); several at once in rounds, each round's steps of every adapter in the
+//!   same passes (`add_gradients_each`).
 
 pub mod data;
 pub mod examples;
@@ -24,4 +25,4 @@ pub use data::{read_trajectories, split, DataReport, DropKind, Dropped, Split, T
 pub use examples::{cap_finish_share, decoupled_examples, split_examples, AdapterRole, Example, SplitExamples, SplitPart};
 pub use optim::Schedule;
 pub use synth::{synthesize, Seed, SynthOptions, SynthReport};
-pub use trainer::{has_checkpoint, init_adapter, train_adapter, train_adapter_with, Progress, TrainOptions};
+pub use trainer::{has_checkpoint, init_adapter, train_adapter, train_adapter_with, train_together, AdapterRun, Progress, TrainOptions};

@@ -154,104 +154,243 @@ pub fn train_adapter_with(
     prefixes: &mut PrefixCache,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<(LoraAdapter, Option<f32>)> {
-    opts.check(model.lora_limits()?.max_rank).map_err(|err| match err {
+    let run = AdapterRun { name: name.to_string(), train, val, opts: opts.clone() };
+    let mut trained = train_together(model, std::slice::from_ref(&run), prefixes, |_, p| on_progress(p))?;
+    Ok(trained.remove(0))
+}
+
+/// One adapter of a run: its name, its training and validation examples, and how to train it.
+#[derive(Debug, Clone)]
+pub struct AdapterRun<'a> {
+    /// The adapter's name (in errors and in the model's registry while it trains).
+    pub name: String,
+    /// Its training examples.
+    pub train: &'a [Example],
+    /// Its validation examples.
+    pub val: &'a [Example],
+    /// Its options: each adapter keeps its own steps, schedule, validation and checkpoint.
+    pub opts: TrainOptions,
+}
+
+/// Train several adapters in rounds: in each, every adapter with steps left takes its next step's
+/// examples, and all of them run side by side in the same passes, each row under its own
+/// adapter ([`crate::model::AdapterBuffers::add_gradients_each`]); then each adapter takes its
+/// optimizer step, and validates and checkpoints on its own schedule. Each adapter sees the
+/// examples, order and updates it would see trained alone, so it ends as it would alone (up to
+/// the order of floating-point sums); a set's adapters share each pass over the base weights
+/// instead of one pass each. `on_progress(i, p)` reports adapter `runs[i]`'s step; its
+/// examples/s counts a round's time in proportion to its share of the round's examples. Returns
+/// each adapter as [`train_adapter`] does, in the order of `runs`.
+pub fn train_together(
+    model: &Model,
+    runs: &[AdapterRun],
+    prefixes: &mut PrefixCache,
+    mut on_progress: impl FnMut(usize, &Progress),
+) -> Result<Vec<(LoraAdapter, Option<f32>)>> {
+    let max_rank = model.lora_limits()?.max_rank;
+    for run in runs {
+        check_run(model, run, max_rank)?;
+    }
+    // Every adapter is resident before the gradient and moment buffers are made: they are laid
+    // out like the packs, which move when they grow.
+    let mut learners: Vec<Learner> = Vec::with_capacity(runs.len());
+    let result = (|| {
+        for run in runs {
+            let learner = Learner::new(model, run).map_err(|err| match err {
+                // Together, every adapter is resident at once: say so where they do not fit.
+                Error::Adapter(e) if runs.len() > 1 => Error::InvalidOption(format!(
+                    "{e}: {} adapters trained together are all resident at once; train fewer together or one after the other",
+                    runs.len()
+                )),
+                err => err,
+            })?;
+            learners.push(learner);
+        }
+        let buffers = AdapterTraining::new(model)?;
+        rounds(model, &mut learners, &buffers, prefixes, &mut on_progress)
+    })();
+    let weights: Result<Vec<_>> = result.and_then(|()| {
+        learners
+            .iter_mut()
+            .map(|l| match l.best.take() {
+                Some(Best { loss, targets }) => Ok((targets, Some(loss))),
+                None => Ok((model.read_adapter_weights(l.id)?, None)),
+            })
+            .collect()
+    });
+    for l in &learners {
+        model.remove_adapter(l.id)?;
+    }
+    Ok(weights?.into_iter().zip(learners).map(|((targets, eval), l)| (LoraAdapter { targets, ..l.init }, eval)).collect())
+}
+
+/// Refuse a run no training can take, before anything is allocated: its options, no examples,
+/// or an example a pass cannot take (found at step 40, it would lose the run).
+fn check_run(model: &Model, run: &AdapterRun, max_rank: usize) -> Result<()> {
+    let name = &run.name;
+    run.opts.check(max_rank).map_err(|err| match err {
         Error::InvalidOption(msg) => Error::InvalidOption(format!("{name}: {msg}")),
         err => err,
     })?;
-    if train.is_empty() {
+    if run.train.is_empty() {
         return Err(Error::InvalidOption(format!("{name}: no training examples")));
     }
-    // Every example checked before any is trained on: a bad one found at step 40 loses the run.
-    for e in train.iter().chain(val) {
+    for e in run.train.iter().chain(run.val) {
         model
             .check_example(&e.rows())
             .map_err(|err| Error::InvalidOption(format!("{name}: the example of data line {}: {err}", e.line)))?;
     }
-    let resume = match &opts.checkpoint {
-        Some(dir) if has_checkpoint(dir) => Some(Checkpoint::load(dir, model)?),
-        _ => None,
-    };
-    let init = match &resume {
-        Some(c) => c.adapter.clone(),
-        None => match &opts.init {
-            Some(a) => LoraAdapter { invocation_tokens: None, ..a.clone() },
-            None => init_adapter(model, opts.rank, opts.alpha, opts.seed),
-        },
-    };
-    let id = model.add_adapter(name, &init)?;
-    let result = run(model, id, &init, train, val, opts, resume, prefixes, &mut on_progress);
-    let weights = result.and_then(|best| match best {
-        Some(Best { loss, targets }) => Ok((targets, Some(loss))),
-        None => Ok((model.read_adapter_weights(id)?, None)),
-    });
-    model.remove_adapter(id)?;
-    let (targets, eval) = weights?;
-    Ok((LoraAdapter { targets, ..init }, eval))
+    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)] // train_adapter's parts, passed down once
-fn run(
-    model: &Model,
+/// Where one adapter's training stands.
+struct Learner<'a> {
+    run: &'a AdapterRun<'a>,
+    /// Its starting point (config and weights), whose config the result keeps.
+    init: LoraAdapter,
     id: AdapterId,
-    init: &LoraAdapter,
-    train: &[Example],
-    val: &[Example],
-    opts: &TrainOptions,
-    resume: Option<Checkpoint>,
+    /// Moments to restore once the buffers exist (a resumed run).
+    moments: Option<[Vec<f32>; 4]>,
+    schedule: Schedule,
+    rng: SplitMix64,
+    /// What is left of the current pass over the examples, taken from the back.
+    order: Vec<usize>,
+    /// The next step, and the last this run takes.
+    step: u64,
+    last: u64,
+    /// Training examples taken and the seconds they are counted (validation not counted).
+    seen: usize,
+    secs: f64,
+    eval_loss: Option<f32>,
+    best: Option<Best>,
+}
+
+impl<'a> Learner<'a> {
+    /// The adapter made resident: resumed from its checkpoint, continued from `opts.init`, or new.
+    fn new(model: &Model, run: &'a AdapterRun<'a>) -> Result<Self> {
+        let opts = &run.opts;
+        let resume = match &opts.checkpoint {
+            Some(dir) if has_checkpoint(dir) => Some(Checkpoint::load(dir, model)?),
+            _ => None,
+        };
+        let init = match &resume {
+            Some(c) => c.adapter.clone(),
+            None => match &opts.init {
+                Some(a) => LoraAdapter { invocation_tokens: None, ..a.clone() },
+                None => init_adapter(model, opts.rank, opts.alpha, opts.seed),
+            },
+        };
+        let id = model.add_adapter(&run.name, &init)?;
+        let (mut step, mut rng, mut order, mut moments) = (1, SplitMix64(opts.seed ^ 0x5eed), Vec::new(), None);
+        if let Some(c) = resume {
+            (step, rng, order, moments) = (c.state.step + 1, SplitMix64(c.state.rng), c.state.order, Some(c.moments));
+        }
+        Ok(Self {
+            run,
+            init,
+            id,
+            moments,
+            schedule: Schedule { peak: opts.lr, min: opts.min_lr, warmup: opts.warmup, total: opts.steps },
+            rng,
+            order,
+            step,
+            last: opts.stop_after.map_or(opts.steps, |s| s.min(opts.steps)),
+            seen: 0,
+            secs: 0.0,
+            eval_loss: None,
+            best: None,
+        })
+    }
+
+    /// The examples of its next step, in its seeded order.
+    fn next_batch(&mut self) -> Vec<usize> {
+        let train = self.run.train;
+        (0..self.run.opts.batch)
+            .map(|_| {
+                if self.order.is_empty() {
+                    self.order = epoch_order(train, &mut self.rng);
+                }
+                self.order.pop().expect("refilled above")
+            })
+            .collect()
+    }
+
+    /// The validation loss, forward only; the best weights kept; the run checkpointed.
+    fn validate(&mut self, model: &Model, buffers: &AdapterTraining, prefix: &mut PrefixCache) -> Result<()> {
+        let (run, adapter) = (self.run, ActiveAdapter::new(self.id));
+        if !run.val.is_empty() {
+            let losses = example_losses(model, prefix, &run.val.iter().map(Example::rows).collect::<Vec<_>>(), adapter)?;
+            self.eval_loss = Some(losses.iter().sum::<f32>() / run.val.len() as f32);
+        }
+        if let Some(loss) = self.eval_loss.filter(|l| self.best.as_ref().is_none_or(|b| *l < b.loss)) {
+            self.best = Some(Best { loss, targets: model.read_adapter_weights(self.id)? });
+        }
+        if let Some(dir) = &run.opts.checkpoint {
+            let adapter = LoraAdapter { targets: model.read_adapter_weights(self.id)?, ..self.init.clone() };
+            let state = State { step: self.step, rng: self.rng.0, order: self.order.clone() };
+            Checkpoint { adapter, moments: buffers.read_moments(model, self.id)?, state }.save(dir, model)?;
+        }
+        Ok(())
+    }
+}
+
+/// Rounds until every learner has taken its last step.
+fn rounds(
+    model: &Model,
+    learners: &mut [Learner],
+    buffers: &AdapterTraining,
     prefix: &mut PrefixCache,
-    on_progress: &mut impl FnMut(&Progress),
-) -> Result<Option<Best>> {
-    let adapter = ActiveAdapter::new(id);
-    let buffers = AdapterTraining::new(model)?;
-    let schedule = Schedule { peak: opts.lr, min: opts.min_lr, warmup: opts.warmup, total: opts.steps };
-    let mut rng = SplitMix64(opts.seed ^ 0x5eed);
-    let mut order: Vec<usize> = Vec::new();
-    let mut first = 1;
-    if let Some(c) = resume {
-        buffers.write_moments(model, id, &c.moments)?;
-        (first, rng, order) = (c.state.step + 1, SplitMix64(c.state.rng), c.state.order);
+    on_progress: &mut impl FnMut(usize, &Progress),
+) -> Result<()> {
+    for l in learners.iter_mut() {
+        if let Some(moments) = l.moments.take() {
+            buffers.write_moments(model, l.id, &moments)?;
+        }
     }
-    let (t0, mut seen, mut validating) = (Instant::now(), 0usize, 0.0f64);
-    let (mut eval_loss, mut best) = (None, None::<Best>);
-    // Forward only: the loss is what is wanted.
-    let eval = |prefix: &mut PrefixCache| -> Result<Option<f32>> {
-        if val.is_empty() {
-            return Ok(None);
+    loop {
+        let taking: Vec<usize> = (0..learners.len()).filter(|&i| learners[i].step <= learners[i].last).collect();
+        if taking.is_empty() {
+            return Ok(());
         }
-        let losses = example_losses(model, prefix, &val.iter().map(Example::rows).collect::<Vec<_>>(), adapter)?;
-        Ok(Some(losses.iter().sum::<f32>() / val.len() as f32))
-    };
-    let last = opts.stop_after.map_or(opts.steps, |s| s.min(opts.steps));
-    for step in first..=last {
-        let mut batch = Vec::with_capacity(opts.batch);
-        for _ in 0..opts.batch {
-            if order.is_empty() {
-                order = epoch_order(train, &mut rng);
-            }
-            batch.push(train[order.pop().expect("refilled above")].rows());
+        let t0 = Instant::now();
+        let batches: Vec<Vec<usize>> = taking.iter().map(|&i| learners[i].next_batch()).collect();
+        let mut examples = Vec::new();
+        let mut adapters = Vec::new();
+        for (&i, batch) in taking.iter().zip(&batches) {
+            examples.extend(batch.iter().map(|&e| learners[i].run.train[e].rows()));
+            adapters.extend(std::iter::repeat_n(ActiveAdapter::new(learners[i].id), batch.len()));
         }
-        // The step's examples side by side in as few passes as fit.
-        let loss: f32 = buffers.grads.add_gradients(model, prefix, &batch, adapter)?.iter().sum();
-        seen += batch.len();
-        buffers.step(model, id, &opts.optimizer, step, schedule.lr(step))?;
-        let validated = (opts.eval_every > 0 && step % opts.eval_every == 0) || step == last;
-        if validated {
-            let v0 = Instant::now();
-            eval_loss = eval(prefix)?;
-            if let Some(loss) = eval_loss.filter(|l| best.as_ref().is_none_or(|b| *l < b.loss)) {
-                best = Some(Best { loss, targets: model.read_adapter_weights(id)? });
-            }
-            validating += v0.elapsed().as_secs_f64();
-            if let Some(dir) = &opts.checkpoint {
-                let adapter = LoraAdapter { targets: model.read_adapter_weights(id)?, ..init.clone() };
-                let state = State { step, rng: rng.0, order: order.clone() };
-                Checkpoint { adapter, moments: buffers.read_moments(model, id)?, state }.save(dir, model)?;
-            }
+        // The round's examples side by side in as few passes as fit.
+        let losses = buffers.grads.add_gradients_each(model, prefix, &examples, &adapters)?;
+        for &i in &taking {
+            let l = &learners[i];
+            buffers.step(model, l.id, &l.run.opts.optimizer, l.step, l.schedule.lr(l.step))?;
         }
-        let examples_per_s = seen as f64 / (t0.elapsed().as_secs_f64() - validating).max(1e-9);
-        on_progress(&Progress { step, steps: opts.steps, loss: loss / opts.batch as f32, eval_loss, validated, examples_per_s });
+        let round_secs = t0.elapsed().as_secs_f64();
+        let mut losses = losses.into_iter();
+        for (&i, batch) in taking.iter().zip(&batches) {
+            let l = &mut learners[i];
+            let loss: f32 = losses.by_ref().take(batch.len()).sum();
+            l.seen += batch.len();
+            l.secs += round_secs * batch.len() as f64 / examples.len() as f64;
+            let opts = &l.run.opts;
+            let validated = (opts.eval_every > 0 && l.step % opts.eval_every == 0) || l.step == l.last;
+            if validated {
+                l.validate(model, buffers, prefix)?;
+            }
+            let examples_per_s = l.seen as f64 / l.secs.max(1e-9);
+            let p = Progress {
+                step: l.step,
+                steps: opts.steps,
+                loss: loss / batch.len() as f32,
+                eval_loss: l.eval_loss,
+                validated,
+                examples_per_s,
+            };
+            on_progress(i, &p);
+            l.step += 1;
+        }
     }
-    Ok(best)
 }
 
 /// The weights at the lowest validation loss so far.

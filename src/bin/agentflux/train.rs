@@ -7,7 +7,8 @@ use agentflux::lora::{LoraAdapter, LoraLimits};
 use agentflux::model::PrefixCache;
 use agentflux::toolcall::{ArgumentCue, Manifest, ToolCaller, MAX_RESULT_CHARS, SELECT_CUE};
 use agentflux::train::{
-    cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter_with, AdapterRole, Example, Progress, TrainOptions,
+    cap_finish_share, has_checkpoint, read_trajectories, split_examples, train_adapter_with, train_together, AdapterRole, AdapterRun,
+    Example, Progress, TrainOptions,
 };
 use agentflux::{resolve_model, Engine};
 use anyhow::{Context, Result};
@@ -99,6 +100,15 @@ pub struct Args {
     /// account for). Training goes on as usual.
     #[arg(long)]
     profile: bool,
+    /// Train the adapters together: in rounds, every adapter that has steps left takes its next
+    /// step, the round's examples side by side in the same passes, each row under its own
+    /// adapter (the multi-LoRA path, backward included). Each adapter sees the same examples,
+    /// order and updates as trained alone, so the set comes out the same; the adapters share
+    /// each pass over the base weights (on a GPU, where a pass of few rows is bound by reading
+    /// them, fewer passes), and all of them are resident at once. Not with --profile
+    /// (AGENTFLUX_PROFILE=1 times the whole run by kernel).
+    #[arg(long, conflicts_with = "profile")]
+    together: bool,
     /// MiB of KV cache kept of the examples' frozen prefixes (system text, tools, conversation):
     /// each computed once for every epoch and validation while they fit.
     #[arg(long, default_value_t = 1024)]
@@ -229,14 +239,13 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         Some(p) => Some(LossLog::open(p)?),
         None => None,
     };
-    // Over the whole set: examples trained and the seconds they took (validation not counted).
-    let (mut set_examples, mut set_secs, mut trained) = (0u64, 0.0f64, 0usize);
+    // Each adapter's run, prepared before any trains.
+    let mut prepared: Vec<Prepared> = Vec::new();
     for (role, examples) in &train {
         let (name, dir) = (role.name().to_string(), role.dir());
         if !a.only.is_empty() && !a.only.contains(&name) {
             continue;
         }
-        let t0 = std::time::Instant::now();
         // Examples a pass cannot take (a long answer quoting a long result) are left out, named.
         let fits = |e: &Example| eng.model.check_example(&e.rows()).is_ok();
         let (examples, left_out): (Vec<Example>, Vec<Example>) = examples.iter().cloned().partition(fits);
@@ -244,7 +253,6 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
             let lines: Vec<String> = left_out.iter().map(|e| e.line.to_string()).collect();
             eprintln!("[{name}] {} examples too long for one training pass left out (data lines {})", left_out.len(), lines.join(", "));
         }
-        let examples = &examples;
         let mut held_out: Vec<Example> = val.remove(role).unwrap_or_default().into_iter().filter(fits).collect();
         if a.val_examples > 0 {
             held_out.truncate(a.val_examples);
@@ -271,73 +279,176 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
         };
         let steps = a.epochs.map_or(a.steps, |e| e.saturating_mul(examples.len() as u64).div_ceil(a.batch as u64));
         let opts = TrainOptions { steps, checkpoint, stop_after: a.stop_after, init, ..opts.clone() };
-        let mut progress = crate::progress::ProgressLine::new(opts.steps);
-        let (mut examples_per_s, mut steps_run) = (0.0, 0u64);
-        let last = opts.stop_after.map_or(opts.steps, |s| s.min(opts.steps));
-        let mut profiled = StepProfile::new(a.profile && last >= 2, last, opts.eval_every);
-        let (computed, reused) = (prefixes.computed(), prefixes.reused());
-        let (adapter, eval) = train_adapter_with(&eng.model, &name, examples, &held_out, &opts, &mut prefixes, |p| {
-            profiled.after_step(&eng, &name, p, opts.batch);
-            if let Some(log) = &mut loss_log {
-                log.write(&name, p.step, p.loss, p.eval_loss.filter(|_| p.validated));
-            }
-            (examples_per_s, steps_run) = (p.examples_per_s, steps_run + 1);
-            progress.update(p.step, p.validated, || {
-                let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
-                format!("[{name}] step {}/{} · loss {:.3}{eval} · {}", p.step, p.steps, p.loss, speed(p.examples_per_s))
-            });
-        })?;
-        progress.finish();
-        if let Some(log) = &mut loss_log {
-            log.check()?;
+        prepared.push(Prepared { role: role.clone(), examples, held_out, opts });
+    }
+    let runs: Vec<AdapterRun> = prepared
+        .iter()
+        .map(|p| AdapterRun { name: p.role.name().to_string(), train: &p.examples, val: &p.held_out, opts: p.opts.clone() })
+        .collect();
+    // Over the whole set: examples trained and the seconds they took (validation not counted).
+    let (mut set_examples, mut set_secs) = (0u64, 0.0f64);
+    let mut save = |(p, run): (&Prepared, &AdapterRun), t: Trained| -> Result<()> {
+        set_examples += t.seen;
+        set_secs += t.seen as f64 / t.examples_per_s.max(1e-9);
+        save_adapter(&a, &eng, &mut manifest, &p.role, run, t.adapter)
+    };
+    if a.together {
+        for (run, t) in prepared.iter().zip(&runs).zip(train_set_together(&eng, &runs, &mut prefixes, loss_log.as_mut())?) {
+            save(run, t)?;
         }
-        let seen = steps_run * opts.batch as u64;
-        set_examples += seen;
-        set_secs += seen as f64 / examples_per_s.max(1e-9);
-        trained += 1;
-        let eval = eval.map_or(String::new(), |l| format!(", kept its best validation loss {l:.3}"));
-        let (computed, reused) = (prefixes.computed() - computed, prefixes.reused() - reused);
-        eprintln!(
-            "[{name}] {} examples, {:.0} s, training {}, prefix positions {computed} computed and {reused} reused{eval}",
-            examples.len(),
-            t0.elapsed().as_secs_f64(),
-            speed(examples_per_s)
-        );
-        // Exported as activated LoRA: it applies from the cue where inference activates it
-        // (`call:` for the selector and the answer, `schema:` or `args:` for an argument
-        // adapter), for PEFT and vLLM too.
-        let cue = match role {
-            AdapterRole::Arguments(_) => ArgumentCue::from(a.args_activation).text(),
-            _ => SELECT_CUE,
-        };
-        let cue = eng.tokenizer.encode(cue, false)?;
-        let invocation = examples.iter().all(|e| e.tokens[e.active_from..].starts_with(&cue)).then_some(cue);
-        if invocation.is_none() {
-            eprintln!("[{name}] the examples do not all start at the cue: saved as a standard LoRA");
-        }
-        let adapter = agentflux::lora::LoraAdapter { invocation_tokens: invocation, ..adapter };
-        let dtype = match a.dtype {
-            Dtype::F16 => SavedDtype::F16,
-            Dtype::F32 => SavedDtype::F32,
-        };
-        adapter.save_peft_as(a.toolset.join(&dir), &eng.model.config, dtype)?;
-        match role {
-            AdapterRole::Selector => manifest.selector = Some(dir),
-            AdapterRole::Arguments(tool) => {
-                manifest.arguments.insert(tool.clone(), dir);
-            }
-            AdapterRole::Answer => manifest.answer = Some(dir),
+    } else {
+        // Each adapter saved as soon as it is trained: an error in a later one loses nothing.
+        for run in prepared.iter().zip(&runs) {
+            let t = train_one(&eng, run.1, a.profile, &mut prefixes, loss_log.as_mut())?;
+            save(run, t)?;
         }
     }
-    if trained > 1 {
+    if runs.len() > 1 {
         eprintln!(
-            "the set: {trained} adapters, {set_examples} examples in {set_secs:.0} s of training, {}",
+            "the set: {} adapters, {set_examples} examples in {set_secs:.0} s of training, {}",
+            runs.len(),
             speed(set_examples as f64 / set_secs.max(1e-9))
         );
     }
     manifest.write(&a.toolset)?;
     println!("wrote the adapter set to {}", a.toolset.display());
     Ok(())
+}
+
+/// Save a trained adapter into the set's directory and name it in the manifest. It is exported
+/// as activated LoRA: it applies from the cue where inference activates it (`call:` for the
+/// selector and the answer, `schema:` or `args:` for an argument adapter), for PEFT and vLLM too.
+fn save_adapter(a: &Args, eng: &Engine, manifest: &mut Manifest, role: &AdapterRole, run: &AdapterRun, adapter: LoraAdapter) -> Result<()> {
+    let cue = match role {
+        AdapterRole::Arguments(_) => ArgumentCue::from(a.args_activation).text(),
+        _ => SELECT_CUE,
+    };
+    let cue = eng.tokenizer.encode(cue, false)?;
+    let invocation = run.train.iter().all(|e| e.tokens[e.active_from..].starts_with(&cue)).then_some(cue);
+    if invocation.is_none() {
+        eprintln!("[{}] the examples do not all start at the cue: saved as a standard LoRA", run.name);
+    }
+    let adapter = LoraAdapter { invocation_tokens: invocation, ..adapter };
+    let dtype = match a.dtype {
+        Dtype::F16 => SavedDtype::F16,
+        Dtype::F32 => SavedDtype::F32,
+    };
+    let dir = role.dir();
+    adapter.save_peft_as(a.toolset.join(&dir), &eng.model.config, dtype)?;
+    match role {
+        AdapterRole::Selector => manifest.selector = Some(dir),
+        AdapterRole::Arguments(tool) => {
+            manifest.arguments.insert(tool.clone(), dir);
+        }
+        AdapterRole::Answer => manifest.answer = Some(dir),
+    }
+    Ok(())
+}
+
+/// One adapter's run as the command prepares it.
+struct Prepared {
+    role: AdapterRole,
+    examples: Vec<Example>,
+    held_out: Vec<Example>,
+    opts: TrainOptions,
+}
+
+/// An adapter as training left it, with the training examples it took and their rate.
+struct Trained {
+    adapter: LoraAdapter,
+    seen: u64,
+    examples_per_s: f64,
+}
+
+/// The line that ends an adapter's training.
+fn report(name: &str, examples: usize, secs: f64, examples_per_s: f64, prefixes: Option<(usize, usize)>, eval: Option<f32>) {
+    let prefixes =
+        prefixes.map_or(String::new(), |(computed, reused)| format!(", prefix positions {computed} computed and {reused} reused"));
+    let eval = eval.map_or(String::new(), |l| format!(", kept its best validation loss {l:.3}"));
+    eprintln!("[{name}] {examples} examples, {secs:.0} s, training {}{prefixes}{eval}", speed(examples_per_s));
+}
+
+/// One adapter trained on its own, continuing `prefixes`.
+fn train_one(
+    eng: &Engine,
+    run: &AdapterRun,
+    profile: bool,
+    prefixes: &mut PrefixCache,
+    mut loss_log: Option<&mut LossLog>,
+) -> Result<Trained> {
+    let (name, opts) = (&run.name, &run.opts);
+    let t0 = std::time::Instant::now();
+    let mut progress = crate::progress::ProgressLine::new(opts.steps);
+    let (mut examples_per_s, mut steps_run) = (0.0, 0u64);
+    let last = opts.stop_after.map_or(opts.steps, |s| s.min(opts.steps));
+    let mut profiled = StepProfile::new(profile && last >= 2, last, opts.eval_every);
+    let (computed, reused) = (prefixes.computed(), prefixes.reused());
+    let (adapter, eval) = train_adapter_with(&eng.model, name, run.train, run.val, opts, prefixes, |p| {
+        profiled.after_step(eng, name, p, opts.batch);
+        if let Some(log) = loss_log.as_deref_mut() {
+            log.write(name, p.step, p.loss, p.eval_loss.filter(|_| p.validated));
+        }
+        (examples_per_s, steps_run) = (p.examples_per_s, steps_run + 1);
+        progress.update(p.step, p.validated, || step_line(name, p));
+    })?;
+    progress.finish();
+    if let Some(log) = loss_log {
+        log.check()?;
+    }
+    let computed_reused = (prefixes.computed() - computed, prefixes.reused() - reused);
+    report(name, run.train.len(), t0.elapsed().as_secs_f64(), examples_per_s, Some(computed_reused), eval);
+    Ok(Trained { adapter, seen: steps_run * opts.batch as u64, examples_per_s })
+}
+
+/// `--together`: the adapters trained in rounds, each round's examples of every adapter in the
+/// same passes ([`train_together`]).
+fn train_set_together(
+    eng: &Engine,
+    runs: &[AdapterRun],
+    prefixes: &mut PrefixCache,
+    mut loss_log: Option<&mut LossLog>,
+) -> Result<Vec<Trained>> {
+    let t0 = std::time::Instant::now();
+    let rounds = runs.iter().map(|r| r.opts.stop_after.map_or(r.opts.steps, |s| s.min(r.opts.steps))).max().unwrap_or(0);
+    eprintln!("{} adapters together, {rounds} rounds: each round's steps side by side in the same passes", runs.len());
+    let mut progress = crate::progress::ProgressLine::new(rounds);
+    let mut last: Vec<(u64, f64)> = vec![(0, 0.0); runs.len()];
+    let (computed, reused) = (prefixes.computed(), prefixes.reused());
+    let trained = train_together(&eng.model, runs, prefixes, |i, p| {
+        let name = &runs[i].name;
+        if let Some(log) = loss_log.as_deref_mut() {
+            log.write(name, p.step, p.loss, p.eval_loss.filter(|_| p.validated));
+        }
+        last[i] = (last[i].0 + 1, p.examples_per_s);
+        progress.update(p.step, p.validated, || step_line(name, p));
+    })?;
+    progress.finish();
+    if let Some(log) = loss_log {
+        log.check()?;
+    }
+    eprintln!(
+        "{} adapters in {:.0} s, prefix positions {} computed and {} reused",
+        runs.len(),
+        t0.elapsed().as_secs_f64(),
+        prefixes.computed() - computed,
+        prefixes.reused() - reused
+    );
+    Ok(runs
+        .iter()
+        .zip(trained)
+        .zip(last)
+        .map(|((run, (adapter, eval)), (steps, examples_per_s))| {
+            let seen = steps * run.opts.batch as u64;
+            report(&run.name, run.train.len(), seen as f64 / examples_per_s.max(1e-9), examples_per_s, None, eval);
+            Trained { adapter, seen, examples_per_s }
+        })
+        .collect())
+}
+
+/// A progress line's words for one step.
+fn step_line(name: &str, p: &Progress) -> String {
+    let eval = p.eval_loss.map_or(String::new(), |l| format!(" · val {l:.3}"));
+    format!("[{name}] step {}/{} · loss {:.3}{eval} · {}", p.step, p.steps, p.loss, speed(p.examples_per_s))
 }
 
 /// `--loss-log`: steps appended as JSON lines; the first write error is kept and reported after
