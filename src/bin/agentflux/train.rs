@@ -412,14 +412,15 @@ fn train_set_together(
     let rounds = runs.iter().map(|r| r.opts.stop_after.map_or(r.opts.steps, |s| s.min(r.opts.steps))).max().unwrap_or(0);
     eprintln!("{} adapters together, {rounds} rounds: each round's steps side by side in the same passes", runs.len());
     let mut progress = crate::progress::ProgressLine::new(rounds);
-    let mut last: Vec<(u64, f64)> = vec![(0, 0.0); runs.len()];
+    // Each adapter's steps taken and its latest rate.
+    let mut taken: Vec<(u64, f64)> = vec![(0, 0.0); runs.len()];
     let (computed, reused) = (prefixes.computed(), prefixes.reused());
     let trained = train_together(&eng.model, runs, prefixes, |i, p| {
         let name = &runs[i].name;
         if let Some(log) = loss_log.as_deref_mut() {
             log.write(name, p.step, p.loss, p.eval_loss.filter(|_| p.validated));
         }
-        last[i] = (last[i].0 + 1, p.examples_per_s);
+        taken[i] = (taken[i].0 + 1, p.examples_per_s);
         progress.update(p.step, p.validated, || step_line(name, p));
     })?;
     progress.finish();
@@ -436,7 +437,7 @@ fn train_set_together(
     Ok(runs
         .iter()
         .zip(trained)
-        .zip(last)
+        .zip(taken)
         .map(|((run, (adapter, eval)), (steps, examples_per_s))| {
             let seen = steps * run.opts.batch as u64;
             report(&run.name, run.train.len(), seen as f64 / examples_per_s.max(1e-9), examples_per_s, None, eval);
