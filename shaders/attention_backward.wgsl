@@ -12,7 +12,8 @@
 //              the forward's online softmax), q, dO and the sums held in registers (D4 vec4).
 //   `grad_kv`  for key rows i of the step (position pos0 + i) and key head kh, over the queries
 //              that see them and the heads sharing kh: dv_i = Σ p dO, dk_i = scale · Σ p (dO·v_i − D) q.
-//              one invocation per (i, kh); run after `grad_q`.
+//              one invocation per (i, kh), one pass over the queries with k_i, v_i and both sums
+//              held in registers (D4 vec4); run after `grad_q`.
 // Keys of the prefix (positions < pos0) get no gradient: nothing before the step depends on the
 // adapter being trained.
 // Layout: q, dO, dq: rows of n_heads·head_dim f32, this sequence's T rows from row row0 on;
@@ -21,10 +22,10 @@
 //   rows of n_kv_heads·head_dim (the step's own keys), T from row0; stats: 3 f32 per (row, h).
 //   A pass holding several training examples dispatches once per example, each at its row0.
 // Work split: one invocation per output row and head, loops over keys (or queries) and the head
-//   dimension; rows are written by their owner only, so no atomics or barriers. `grad_q` runs
-//   workgroups of 8 rows of one head, whose lanes walk the keys together and share their loads
-//   where the device has subgroups (lanes_subgroup.wgsl, placed before this file; else
-//   lanes_own.wgsl).
+//   dimension; rows are written by their owner only, so no atomics or barriers. Both run
+//   workgroups of 8 rows of one head (`grad_q` query rows walking the keys, `grad_kv` key rows
+//   walking the queries), whose lanes walk together and share their loads where the device has
+//   subgroups (lanes_subgroup.wgsl, placed before this file; else lanes_own.wgsl).
 // Limits: n_heads a multiple of n_kv_heads; head_dim = 4·D4, at most 256.
 
 // `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
@@ -59,20 +60,23 @@ fn value4(o: u32, d: u32) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(v[i]), unpack2x16float(v[i + 1u]));
 }
 
-fn dot_qk(qo: u32, ko: u32) -> f32 {
-    var s = 0.0;
-    for (var d = 0u; d < p.head_dim; d += 4u) {
-        s += dot(vec4<f32>(q[qo + d], q[qo + d + 1u], q[qo + d + 2u], q[qo + d + 3u]), key4(ko, d));
+// vec4 d of the query row at `qo`: read from the lane that loaded it (`part`, when the lanes
+// walk together), else loaded.
+fn query4(together: bool, part: vec4<f32>, qo: u32, d: u32) -> vec4<f32> {
+    if (together) {
+        return lanes_read(part, d % 8u);
     }
-    return s * p.scale;
+    let o = qo + 4u * d;
+    return vec4<f32>(q[o], q[o + 1u], q[o + 2u], q[o + 3u]);
 }
 
-fn dot_ov(qo: u32, vo: u32) -> f32 {
-    var s = 0.0;
-    for (var d = 0u; d < p.head_dim; d += 4u) {
-        s += dot(vec4<f32>(dout[qo + d], dout[qo + d + 1u], dout[qo + d + 2u], dout[qo + d + 3u]), value4(vo, d));
+// vec4 d of the output-gradient row at `qo`, as `query4`.
+fn dout4(together: bool, part: vec4<f32>, qo: u32, d: u32) -> vec4<f32> {
+    if (together) {
+        return lanes_read(part, d % 8u);
     }
-    return s;
+    let o = qo + 4u * d;
+    return vec4<f32>(dout[o], dout[o + 1u], dout[o + 2u], dout[o + 3u]);
 }
 
 // Invocation t serves row t of head wid.y: the lanes of a subgroup hold neighbouring rows of one
@@ -169,35 +173,80 @@ fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) 
 // vec4 of a cached row each lane loads in `grad_q` when the lanes walk together (lane % 8, + 8, …).
 const PARTS = (D4 + 7u) / 8u;
 
-@compute @workgroup_size(64)
-fn grad_kv(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let kh = gid.x;
-    let i = gid.y;
-    if (kh >= p.n_kv_heads || i >= p.n_tokens) {
-        return;
-    }
+// Invocation i serves key row i of KV head wid.y: the lanes of a subgroup hold neighbouring key
+// rows of one head, which walk the same query rows (from the first lane's own on); with subgroups
+// they load each query and output-gradient row once between them and read it from each other
+// (lanes_*.wgsl), else each loads its own. The key and value rows and both sums stay in
+// registers; each lane counts the queries that see its key.
+@compute @workgroup_size(8)
+fn grad_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kh = wid.y;
+    // No early return: every lane takes part in lanes_*. Rows past the end repeat the last
+    // one, count no queries and are not stored.
+    let valid = gid.x < p.n_tokens;
+    let i = min(gid.x, p.n_tokens - 1u);
     let kv_row = p.n_kv_heads * p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
-    let key = p.pos0 + i;
-    let ko = key * kv_row + kh * p.head_dim;
-    let go = ((p.row0 + i) * p.n_kv_heads + kh) * p.head_dim;
-    for (var d = 0u; d < p.head_dim; d++) {
-        dk[go + d] = 0.0;
-        dv[go + d] = 0.0;
+    let ko = (p.pos0 + i) * kv_row + kh * p.head_dim;
+    var kr: array<vec4<f32>, D4>;
+    var vr: array<vec4<f32>, D4>;
+    for (var d = 0u; d < D4; d++) {
+        kr[d] = key4(ko, 4u * d);
+        vr[d] = value4(ko, 4u * d);
     }
-    for (var t = i; t < p.n_tokens; t++) {
-        if (first_key(p.pos0 + t) > key) {
-            break;
-        }
+    // The queries that see key i: from its own row to the last whose window still holds it.
+    var end = p.n_tokens;
+    if (p.window > 0u) {
+        end = min(end, i + p.window);
+    }
+    end = select(i, end, valid);
+    let together = lanes_together(0u);
+    let lane = lane_index();
+    let lo = select(i, lanes_min(select(0xffffffffu, i, valid)), together);
+    let hi = select(end, lanes_max(end), together);
+    // gk = Σ ds·q, gv = Σ p·dO over the (query row, head) pairs that see key i.
+    var gk: array<vec4<f32>, D4>;
+    var gv: array<vec4<f32>, D4>;
+    for (var t = lo; t < hi; t++) {
+        let live = t >= i && t < end;
         for (var h = kh * group; h < (kh + 1u) * group; h++) {
             let qo = ((p.row0 + t) * p.n_heads + h) * p.head_dim;
-            let so = ((p.row0 + t) * p.n_heads + h) * 3u;
-            let pr = exp(dot_qk(qo, ko) - stats_in[so]) / stats_in[so + 1u];
-            let ds = pr * (dot_ov(qo, ko) - stats_in[so + 2u]) * p.scale;
-            for (var d = 0u; d < p.head_dim; d++) {
-                dv[go + d] += pr * dout[qo + d];
-                dk[go + d] += ds * q[qo + d];
+            var qp: array<vec4<f32>, PARTS>;
+            var gp: array<vec4<f32>, PARTS>;
+            if (together) {
+                for (var j = 0u; j < PARTS; j++) {
+                    let o = qo + 4u * min((lane & 7u) + 8u * j, D4 - 1u);
+                    qp[j] = vec4<f32>(q[o], q[o + 1u], q[o + 2u], q[o + 3u]);
+                    gp[j] = vec4<f32>(dout[o], dout[o + 1u], dout[o + 2u], dout[o + 3u]);
+                }
             }
+            var s = 0.0;
+            var ov = 0.0;
+            for (var d = 0u; d < D4; d++) {
+                s += dot(query4(together, qp[d / 8u], qo, d), kr[d]);
+                ov += dot(dout4(together, gp[d / 8u], qo, d), vr[d]);
+            }
+            let so = ((p.row0 + t) * p.n_heads + h) * 3u;
+            let pr = select(0.0, exp(s * p.scale - stats_in[so]) / stats_in[so + 1u], live);
+            let ds = pr * (ov - stats_in[so + 2u]) * p.scale;
+            for (var d = 0u; d < D4; d++) {
+                gv[d] += pr * dout4(together, gp[d / 8u], qo, d);
+                gk[d] += ds * query4(together, qp[d / 8u], qo, d);
+            }
+        }
+    }
+    if (valid) {
+        let go = ((p.row0 + i) * p.n_kv_heads + kh) * p.head_dim;
+        for (var d = 0u; d < D4; d++) {
+            let o = go + 4u * d;
+            dk[o] = gk[d].x;
+            dk[o + 1u] = gk[d].y;
+            dk[o + 2u] = gk[d].z;
+            dk[o + 3u] = gk[d].w;
+            dv[o] = gv[d].x;
+            dv[o + 1u] = gv[d].y;
+            dv[o + 2u] = gv[d].z;
+            dv[o + 3u] = gv[d].w;
         }
     }
 }

@@ -52,6 +52,10 @@ fn transposed_matmul_every_format() {
         check_matmul_t(&ctx, format, 37, cols, 3, &mut r);
         check_matmul_t(&ctx, format, 37, cols, 10, &mut r);
     }
+    // SmolLM2's 576 columns: 18 column groups, the last workgroup partly past them.
+    for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        check_matmul_t(&ctx, format, 45, 576, 6, &mut r);
+    }
 }
 
 /// The training kernels against the reference backward operators and optimizer: RMSNorm's
@@ -215,8 +219,8 @@ fn lora_backward_matches_the_reference() {
 /// another's rows): against the reference backward of the whole sequence with no gradient
 /// arriving at the prefix's rows. The rows may start later in their buffers (`at`: one example of
 /// a pass holding several); the rows before them are left as they were. With and without
-/// subgroups (rows of a head share their key loads through them), rows of one run of lanes and
-/// of several.
+/// subgroups (query rows of a head share their key loads through them, key rows their query
+/// loads), rows of one run of lanes and of several.
 #[test]
 fn attention_backward_over_a_cached_prefix() {
     for (lanes, ctx) in with_and_without_subgroups() {
@@ -235,6 +239,8 @@ fn attention_backward_against_the_reference(ctx: &GpuContext, lanes: &str) {
         (6, 3, 8, 7, 5, 4, 1),
         (9, 3, 64, 30, 19, 0, 2),
         (4, 2, 16, 11, 13, 7, 0),
+        (9, 3, 64, 20, 37, 0, 1),
+        (6, 2, 16, 9, 40, 13, 3),
     ];
     for (heads, kvh, hd, pos0, t, window, at) in cases {
         let (row, kv_row, n, base) = (heads * hd, kvh * hd, pos0 + t, 2 * pos0 + 1);

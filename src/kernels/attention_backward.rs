@@ -82,7 +82,7 @@ pub fn attention_backward(
         window: s.window as u32,
         scale: s.scale,
     };
-    // The query gradient keeps q, dO and its two sums in registers: specialised on head_dim / 4.
+    // Both keep their rows and sums in registers: specialised on head_dim / 4.
     let consts = [("D4", (s.head_dim / 4) as u32)];
     let grad_q = ctx.kernel(&super::with_lanes(ctx, super::specialized::<Params>("attention_grad_q", WGSL, "grad_q", &consts)))?;
     let qkv = || vec![Binding::whole(q.buf), Binding::whole(cache.k), Binding::whole(cache.v), Binding::whole(dout.buf)];
@@ -92,5 +92,5 @@ pub fn attention_backward(
     let grad_kv = ctx.kernel(&super::with_lanes(ctx, super::specialized::<Params>("attention_grad_kv", WGSL, "grad_kv", &consts)))?;
     let mut b = qkv();
     b.extend([Binding::whole(g.stats).at(6), Binding::whole(g.dk).at(7), Binding::whole(g.dv).at(8)]);
-    rec.dispatch(&grad_kv, &p, b, [super::groups(s.n_kv_heads, 64), n_tokens as u32, 1])
+    rec.dispatch(&grad_kv, &p, b, [super::groups(n_tokens, 8), s.n_kv_heads as u32, 1])
 }
