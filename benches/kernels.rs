@@ -1,14 +1,14 @@
 //! Kernel microbenchmarks, on whatever GPU wgpu finds: the matrix-vector product (decode) of every
 //! block format, reported as GB/s of weight bytes read; multi-LoRA on one projection (fused
 //! and separate expand, one adapter and a 4-row batch on 4 adapters) against the base product;
-//! and a feed-forward block's gate and up projections with the GLU, as three dispatches and as
+//! a prompt piece through SmolLM2's projection shapes; and a feed-forward block's gate and up projections with the GLU, as three dispatches and as
 //! the one gated product; the products over f32 and over 8-bit activations (quantized once per
 //! product, as the forward pass does) for 1, 4 and 64 rows; the cost of a dispatch itself, with
 //! its bind group reused from the last submission and built anew; attention over a cached
 //! prefix in the shapes of prefill, decode and a training step; and a buffer copy, the device's
 //! memory bandwidth that the products' GB/s are read against.
 //!
-//! `cargo bench --bench kernels [-- matvec|lora|ffn|activations|attention|dispatch|copy]`; `AGENTFLUX_GPU` picks the device,
+//! `cargo bench --bench kernels [-- matvec|prompt|lora|ffn|activations|attention|dispatch|copy]`; `AGENTFLUX_GPU` picks the device,
 //! `AGENTFLUX_KERNELS=gpu|cpu` the kernel family.
 
 use agentflux::decode::SplitMix64;
@@ -99,6 +99,36 @@ fn bench_activations(c: &mut Criterion) {
                 });
             }
         }
+    }
+    group.finish();
+}
+
+/// A prompt piece of 128 rows through SmolLM2's projections in Q4_1 (the key/value, the
+/// query/output and the down shapes; rows × columns), reported as weight bytes per second: the
+/// prompt tile's height follows the rows (`kernels::matmul`), so these cover each choice.
+fn bench_prompt(c: &mut Criterion) {
+    let ctx = GpuContext::new(&GpuOptions::default()).expect("a GPU adapter");
+    let mut rng = SplitMix64(4);
+    let mut group = c.benchmark_group(format!("prompt/{}", ctx.info.name));
+    group.sample_size(10);
+    let m = 128;
+    for (rows, cols) in [(192, 576), (576, 576), (576, 1536), (1536, 576)] {
+        let format = BlockFormat::Q4_1;
+        let bytes = random_matrix_bytes(&mut rng, format, rows, cols, 1.0);
+        let w = WeightMatrix::upload(&ctx, "w", format, rows, cols, &bytes).unwrap();
+        let x = storage_buffer(&ctx, "x", bytemuck::cast_slice(&random_vec(&mut rng, m * cols, 1.0)));
+        let y = storage_buffer_zeroed(&ctx, "y", (m * rows * 4) as u64);
+        group.throughput(Throughput::Bytes((w.n_bytes() * REPEAT) as u64));
+        group.bench_function(format!("{}/{rows}x{cols}/m{m}", format.name()), |b| {
+            b.iter(|| {
+                let mut rec = Recorder::new(&ctx);
+                for _ in 0..REPEAT {
+                    matmul(&mut rec, &ctx, &w, MatmulIo::dense(&x, &y, &w, m)).unwrap();
+                }
+                rec.submit();
+                read_f32(&ctx, &y, 0, 1).unwrap()
+            })
+        });
     }
     group.finish();
 }
@@ -307,5 +337,15 @@ fn bench_copy(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matvec, bench_lora, bench_ffn, bench_activations, bench_attention, bench_dispatch, bench_copy);
+criterion_group!(
+    benches,
+    bench_matvec,
+    bench_prompt,
+    bench_lora,
+    bench_ffn,
+    bench_activations,
+    bench_attention,
+    bench_dispatch,
+    bench_copy
+);
 criterion_main!(benches);

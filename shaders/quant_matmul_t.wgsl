@@ -7,9 +7,10 @@
 //   dy and dx are f32 rows.
 // Work split: one invocation per (32-column group, COLS batch rows): it walks down the 32-column
 //   strip of W, decoding each block once for all COLS rows — the transposed walk keeps the
-//   decoders' row-major access; small workgroups (WG) so a 576-column strip set still spreads
-//   over the threads of a CPU-backed device; f32 accumulation, no barriers.
-// Limits: K a multiple of 32 and of the format's block; K/32 ≤ 65535·WG; M ≤ 65535·COLS.
+//   decoders' row-major access; the pairs numbered in one dimension, so a CPU-backed device's
+//   vectors are full whatever K; small workgroups (WG) so a 576-column strip set still spreads
+//   over its threads; f32 accumulation, no barriers.
+// Limits: K a multiple of 32 and of the format's block; (K/32)·⌈M/COLS⌉ ≤ 65535·WG.
 
 // `Params`, the uniform block, is generated from its Rust declaration (`uniform_block!` in
 // src/kernels/matmul_t.rs) and placed before this file.
@@ -20,12 +21,15 @@
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 
 @compute @workgroup_size(WG)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let k = gid.x * 32u;
-    let m0 = wid.y * COLS;
-    if (k >= p.k) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // One run of (column group, batch-row group) pairs, column groups first: a 576-column
+    // matrix has 18 groups, which alone would leave 6 of every 24 lanes without work.
+    let strips = p.k / 32u;
+    if (gid.x >= strips * ((p.m + COLS - 1u) / COLS)) {
         return;
     }
+    let k = (gid.x % strips) * 32u;
+    let m0 = (gid.x / strips) * COLS;
     // Batch rows past the end repeat the last one; their results are not stored.
     var dyo: array<u32, COLS>;
     for (var t = 0u; t < COLS; t++) {

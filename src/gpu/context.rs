@@ -272,6 +272,16 @@ impl GpuContext {
         self.features.subgroups && self.info.subgroup_min_size >= lanes
     }
 
+    /// How many invocations the device runs side by side (its largest subgroup; 8 where the
+    /// adapter does not say): on a CPU-backed device, the lanes of one vector, which a kernel's
+    /// grid should fill.
+    pub fn simd_lanes(&self) -> usize {
+        match self.info.subgroup_max_size {
+            0 => 8,
+            n => n as usize,
+        }
+    }
+
     /// Bind groups built, and reused from earlier submissions, since the context was made: a
     /// decode step that reuses all of its groups builds none.
     pub fn bind_group_counts(&self) -> (u64, u64) {

@@ -22,15 +22,25 @@ const WG: usize = 16;
 
 /// Output rows × batch rows one invocation computes (the shader's ROWS × COLS) in the CPU-backed
 /// family. Measured side by side on lavapipe (docs/performance.md): decode 8 rows, 16 for a
-/// matrix as tall as an LM head (rows to spare; each x load serves more of them); prefill 32 × 4;
-/// a few rows (a jump-forward chunk) 8 × 4, so even a narrow projection spreads over the threads.
-fn tile(rows: usize, m: usize) -> (usize, usize) {
+/// matrix as tall as an LM head (rows to spare; each x load serves more of them); prefill 4
+/// batch rows by [`prompt_tile_rows`]; a few rows (a jump-forward chunk) 8 × 4, so even a narrow
+/// projection spreads over the threads. `lanes`: how many invocations the device runs at once.
+fn tile(rows: usize, m: usize, lanes: usize) -> (usize, usize) {
     match (m, rows) {
         (1, r) if r >= 16384 => (16, 1),
         (1, _) => (8, 1),
         (2..=4, r) if r < 16384 => (8, 4),
-        _ => (32, 4),
+        _ => (prompt_tile_rows(rows, lanes), 4),
     }
+}
+
+/// A prompt tile's output rows: of 32, 24 and 16 (the larger on a tie), the one that leaves the
+/// fewest lanes without rows. A CPU-backed device runs `lanes` invocations of a workgroup as one
+/// vector, which costs as much with one tile in it as with `lanes`: SmolLM2's 576-row matrices
+/// make 18 tiles of 32, three runs of 8 lanes of which the last holds 2, where 24 tiles of 24
+/// fill three.
+fn prompt_tile_rows(rows: usize, lanes: usize) -> usize {
+    [32, 24, 16].into_iter().min_by_key(|&r| rows.div_ceil(r).div_ceil(lanes) * lanes * r).unwrap_or(32)
 }
 
 /// The GPU family: invocations sharing one output row (a power of two no larger than any common
@@ -44,7 +54,7 @@ const GPU_COLS: usize = 4;
 fn product_kernel(ctx: &GpuContext, format: BlockFormat, rows: usize, m: usize, gated: bool, q8: bool) -> Result<(Arc<Kernel>, [u32; 3])> {
     let (name, entry, consts, grid) = match ctx.class {
         DeviceClass::Cpu => {
-            let (tile_n, tile_m) = tile(rows, m);
+            let (tile_n, tile_m) = tile(rows, m, ctx.simd_lanes().min(WG));
             let grid = [super::groups(rows.div_ceil(tile_n), WG), super::groups(m, tile_m), 1];
             ("quant_matmul", "main", [("WG", WG), ("ROWS", tile_n), ("COLS", tile_m), ("LANES", 1), ("GLU", gated as usize)], grid)
         }
@@ -329,4 +339,32 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
         rec.declare_bytes((matrices * w.format.row_bytes(w.cols) * part.rows + activations) as u64);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prompt_tile_rows;
+
+    /// Rows of idle lanes: the runs of `lanes` invocations a matrix of `rows` rows takes in tiles
+    /// of `tile` rows, less its rows.
+    fn idle(rows: usize, tile: usize, lanes: usize) -> usize {
+        rows.div_ceil(tile).div_ceil(lanes) * lanes * tile - rows
+    }
+
+    #[test]
+    fn prompt_tiles_fill_the_lanes() {
+        // SmolLM2-135M's projections (k/v 192, q/o/down 576, q+k+v stacked 960, gate/up 1536)
+        // leave no lane idle at 8 lanes; 1536 keeps the largest tile.
+        for rows in [192, 576, 960, 1536] {
+            assert_eq!(idle(rows, prompt_tile_rows(rows, 8), 8), 0, "{rows} rows");
+        }
+        assert_eq!(prompt_tile_rows(1536, 8), 32);
+        for lanes in [1, 4, 8, 16] {
+            for rows in (32..5000).step_by(32).chain([100, 896, 4864, 8960]) {
+                let t = prompt_tile_rows(rows, lanes);
+                assert!([32, 24, 16].contains(&t));
+                assert!(idle(rows, t, lanes) <= idle(rows, 32, lanes), "{rows} rows, {lanes} lanes: {t}");
+            }
+        }
+    }
 }

@@ -34,6 +34,13 @@ pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: View
     dy.check("matmul_t", "dy", 1)?;
     dx.check("matmul_t", "dx", 1)?;
     let m = dy.rows;
+    let invocations = w.cols / 32 * m.div_ceil(COLS);
+    if invocations.div_ceil(WG) > 65535 {
+        return Err(Error::Shape {
+            op: "matmul_t",
+            msg: format!("dy {dy} through a {}×{} matrix: more rows than one dispatch takes", w.rows, w.cols),
+        });
+    }
     let kernel =
         ctx.kernel(&super::weight_reader::<Params>("quant_matmul_t", WGSL, "main", w.format, &[("WG", WG as u32), ("COLS", COLS as u32)]))?;
     for (i, part) in w.parts.iter().enumerate() {
@@ -53,7 +60,7 @@ pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: View
             &kernel,
             &p,
             vec![part.binding(), Binding::whole(dy.buf), Binding::whole(dx.buf)],
-            [super::groups(w.cols / 32, WG), super::groups(m, COLS), 1],
+            [super::groups(invocations, WG), 1, 1],
         )?;
     }
     Ok(())
