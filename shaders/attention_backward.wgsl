@@ -79,6 +79,13 @@ fn dout4(together: bool, part: vec4<f32>, qo: u32, d: u32) -> vec4<f32> {
     return vec4<f32>(dout[o], dout[o + 1u], dout[o + 2u], dout[o + 3u]);
 }
 
+// The rows [x, y) a lane walks: its own [first, end), or where the lanes walk together every
+// valid lane's (each counts only its own). Called by every lane (lanes_min/lanes_max).
+fn walked(first: u32, end: u32, valid: bool, together: bool) -> vec2<u32> {
+    let all = vec2<u32>(lanes_min(select(0xffffffffu, first, valid)), lanes_max(end));
+    return select(vec2<u32>(first, end), all, together);
+}
+
 // Invocation t serves row t of head wid.y: the lanes of a subgroup hold neighbouring rows of one
 // head, which walk the same cache rows (one sequence); with subgroups they load each key and
 // value row once between them and read it from each other (lanes_*.wgsl), else each loads its
@@ -105,15 +112,14 @@ fn grad_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) 
     let end = select(0u, pos + 1u, valid);
     let together = lanes_together(0u);
     let lane = lane_index();
-    let lo = select(first, lanes_min(select(0xffffffffu, first, valid)), together);
-    let hi = select(end, lanes_max(end), together);
+    let span = walked(first, end, valid, together);
     // a = Σ e·(dO·v)·k, b = Σ e·k, l = Σ e, sov = Σ e·(dO·v), all relative to the running max m.
     var a: array<vec4<f32>, D4>;
     var b: array<vec4<f32>, D4>;
     var m = -3.4e38;
     var l = 0.0;
     var sov = 0.0;
-    for (var j = lo; j < hi; j++) {
+    for (var j = span.x; j < span.y; j++) {
         let live = j >= first && j < end;
         let o = j * kv_row + kh * p.head_dim;
         var kp: array<vec4<f32>, PARTS>;
@@ -202,12 +208,11 @@ fn grad_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id)
     end = select(i, end, valid);
     let together = lanes_together(0u);
     let lane = lane_index();
-    let lo = select(i, lanes_min(select(0xffffffffu, i, valid)), together);
-    let hi = select(end, lanes_max(end), together);
+    let span = walked(i, end, valid, together);
     // gk = Σ ds·q, gv = Σ p·dO over the (query row, head) pairs that see key i.
     var gk: array<vec4<f32>, D4>;
     var gv: array<vec4<f32>, D4>;
-    for (var t = lo; t < hi; t++) {
+    for (var t = span.x; t < span.y; t++) {
         let live = t >= i && t < end;
         for (var h = kh * group; h < (kh + 1u) * group; h++) {
             let qo = ((p.row0 + t) * p.n_heads + h) * p.head_dim;
