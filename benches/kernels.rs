@@ -1,15 +1,16 @@
 //! Kernel microbenchmarks, on whatever GPU wgpu finds: the matrix-vector product (decode) of every
-//! block format, reported as GB/s of weight bytes read; multi-LoRA on one projection (fused
-//! and separate expand, one adapter and a 4-row batch on 4 adapters) against the base product;
-//! a prompt piece through SmolLM2's projection shapes; and a feed-forward block's gate and up projections with the GLU, as three dispatches and as
-//! the one gated product; the products over f32 and over 8-bit activations (quantized once per
-//! product, as the forward pass does) for 1, 4 and 64 rows; the cost of a dispatch itself, with
-//! its bind group reused from the last submission and built anew; attention over a cached
-//! prefix in the shapes of prefill, decode and a training step; and a buffer copy, the device's
-//! memory bandwidth that the products' GB/s are read against.
+//! block format, reported as GB/s of weight bytes read; a prompt piece through SmolLM2's
+//! projection shapes; multi-LoRA on one projection (fused and separate expand, one adapter and a
+//! 4-row batch on 4 adapters) against the base product; a feed-forward block's gate and up
+//! projections with the GLU, as three dispatches and as the one gated product; the products over
+//! f32 and over 8-bit activations (quantized once per product, as the forward pass does) for 1, 4
+//! and 64 rows; the cost of a dispatch itself, with its bind group reused from the last
+//! submission and built anew; attention over a cached prefix in the shapes of prefill, decode and
+//! a training step; and a buffer copy, the device's memory bandwidth that the products' GB/s are
+//! read against.
 //!
-//! `cargo bench --bench kernels [-- matvec|prompt|lora|ffn|activations|attention|dispatch|copy]`; `AGENTFLUX_GPU` picks the device,
-//! `AGENTFLUX_KERNELS=gpu|cpu` the kernel family.
+//! `cargo bench --bench kernels [-- matvec|prompt|lora|ffn|activations|attention|dispatch|copy]`;
+//! `AGENTFLUX_GPU` picks the device, `AGENTFLUX_KERNELS=gpu|cpu` the kernel family.
 
 use agentflux::decode::SplitMix64;
 use agentflux::gguf::BlockFormat;
