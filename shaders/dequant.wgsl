@@ -5,62 +5,45 @@
 // Every quantized format is decoded once, to its integer form (`load32q_<fmt>`, below: codes and
 // an affine map per 16 values, what the integer-dot products read); its f32 values are that form
 // mapped (`v32_of`). A 32-value group shares its scales in every format, so scales are read once
-// per group. The including kernel declares `w: array<u32>` (raw GGUF bytes, little-endian,
-// padded to 4 bytes) and the launcher emits `fn load32(...)` (and `fn load32q(...)`) forwarding
-// to the format in use.
+// per group. The including kernel declares `w: array<u32>` (the blocks as uploaded, below,
+// little-endian) and the launcher emits `fn load32(...)` (and `fn load32q(...)`) forwarding to the
+// format in use.
 //
-// Layout: exactly GGUF's (ggml-common.h) block structs, unrepacked:
+// Layout: GGUF's (ggml-common.h) block structs, except that the blocks GGUF leaves 2-byte aligned
+// get 2 bytes of padding on upload (src/gpu/blocks.rs), after the leading f16 scale or at the end
+// (marked `pad`), so every block is whole 4-byte words and every word is one load:
 //   f32 4 B/value · f16, bf16 2 B/value
-//   q4_0  32 values / 18 B: d:f16, qs[16] (value j: low nibble of qs[j], j+16: high nibble) → (q-8)·d
+//   q4_0  32 values / 20 B: d:f16, pad, qs[16] (value j: low nibble of qs[j], j+16: high nibble) → (q-8)·d
 //   q4_1  32 / 20 B: d:f16, m:f16, qs[16] → q·d + m
-//   q5_0  32 / 22 B: d:f16, qh:u32 (bit j = 5th bit of value j), qs[16] → (q-16)·d
+//   q5_0  32 / 24 B: d:f16, pad, qh:u32 (bit j = 5th bit of value j), qs[16] → (q-16)·d
 //   q5_1  32 / 24 B: d:f16, m:f16, qh:u32, qs[16] → q·d + m
-//   q8_0  32 / 34 B: d:f16, qs:i8[32] → q·d
-//   iq4_nl 32 / 18 B: d:f16, qs[16] (nibbles as q4_0) → d·levels[q], ggml's 16 non-linear levels
+//   q8_0  32 / 36 B: d:f16, pad, qs:i8[32] → q·d
+//   iq4_nl 32 / 20 B: d:f16, pad, qs[16] (nibbles as q4_0) → d·levels[q], ggml's 16 non-linear levels
 //   iq4_xs 256 / 136 B: d:f16, scales_h:u16, scales_l[4] (8 × 6-bit scale), qs[128] → d·(sc−32)·levels[q]
 //   q2_K 256 / 84 B: scales[16] (4-bit scale | 4-bit min << 4 per 16 values), qs[64] (2 bits: group g
 //        of 32 values in bytes 32·(g/4).. at shift 2·(g%4)), d, dmin:f16 → d·sc·q − dmin·m
-//   q3_K 256 / 110 B: hmask[32] (bit g of byte l: third bit of value l of group g), qs[64] (as q2_K),
-//        scales[12] (16 × 6-bit), d:f16 → d·(sc−32)·(q − 4·(1 − hbit))
+//   q3_K 256 / 112 B: hmask[32] (bit g of byte l: third bit of value l of group g), qs[64] (as q2_K),
+//        scales[12] (16 × 6-bit), d:f16, pad → d·(sc−32)·(q − 4·(1 − hbit))
 //   q4_K 256 / 144 B: d, dmin:f16, scales[12] (8 × 6-bit scale+min), qs[128] → d·sc·q − dmin·m
 //   q5_K 256 / 176 B: d, dmin, scales[12], qh[32], qs[128]
-//   q6_K 256 / 210 B: ql[128], qh[64], scales:i8[16], d:f16 → d·sc·(q−32)
-// Limits: rows hold a multiple of 32 values. Blocks need not be 4-byte aligned (q4_0, q5_0, q8_0,
-// iq4_nl, q3_K, q6_K are not; they are 2-byte aligned): `rd_u32`/`rd_u32x4` read any byte offset, formats whose
-// blocks are 4-byte aligned index `w` directly. On CPU-backed drivers each storage load whose
+//   q6_K 256 / 212 B: ql[128], qh[64], scales:i8[16], d:f16, pad → d·sc·(q−32)
+// Limits: rows hold a multiple of 32 values. On CPU-backed drivers each storage load whose
 // address differs per invocation is a loop over the SIMD lanes, so the decoders load every word
 // once and avoid branches on per-invocation values.
 
-// Branch-free: on CPU-backed drivers a branch on a per-invocation value runs both sides, and
-// every storage load is costly, so unaligned words are two loads and a funnel shift.
-fn funnel(lo: u32, hi: u32, s: u32) -> u32 {
-    return select((lo >> s) | (hi << (32u - s)), lo, s == 0u);
-}
-
-fn rd_u32(off: u32) -> u32 {
-    let i = off >> 2u;
-    return funnel(w[i], w[i + 1u], (off & 3u) * 8u);
-}
-
-// Four consecutive words from any byte offset: five loads.
-fn rd_u32x4(off: u32) -> vec4<u32> {
-    let i = off >> 2u;
-    let s = (off & 3u) * 8u;
-    let a = w[i];
-    let b = w[i + 1u];
-    let c = w[i + 2u];
-    let d = w[i + 3u];
-    let e = w[i + 4u];
-    return vec4<u32>(funnel(a, b, s), funnel(b, c, s), funnel(c, d, s), funnel(d, e, s));
+// Four consecutive words from word `i`.
+fn words4(i: u32) -> vec4<u32> {
+    return vec4<u32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
 }
 
 fn rd_u8(off: u32) -> u32 {
     return (w[off >> 2u] >> ((off & 3u) * 8u)) & 0xffu;
 }
 
-// An f16 at an even byte offset: one load.
-fn rd_f16(off: u32) -> f32 {
-    return unpack2x16float(w[off >> 2u] >> ((off & 2u) * 8u)).x;
+// The f16 in the low half of word `i`: every format's leading scale, and q3_K's and q6_K's
+// trailing one (the padding after it).
+fn lo_f16(i: u32) -> f32 {
+    return unpack2x16float(w[i]).x;
 }
 
 alias V32 = array<vec4<f32>, 8>;
@@ -207,15 +190,15 @@ fn q32_nibbles(qs: vec4<u32>, d: f32, m: f32) -> Q32 {
 }
 
 fn load32q_q4_0(row_byte: u32, k: u32) -> Q32 {
-    let b = row_byte + (k >> 5u) * 18u;
-    let d = rd_f16(b);
-    return q32_nibbles(rd_u32x4(b + 2u), d, -8.0 * d);
+    let i = (row_byte + (k >> 5u) * 20u) >> 2u;
+    let d = lo_f16(i);
+    return q32_nibbles(words4(i + 1u), d, -8.0 * d);
 }
 
 fn load32q_q4_1(row_byte: u32, k: u32) -> Q32 {
     let i = (row_byte + (k >> 5u) * 20u) >> 2u;
     let dm = unpack2x16float(w[i]);
-    return q32_nibbles(vec4<u32>(w[i + 1u], w[i + 2u], w[i + 3u], w[i + 4u]), dm.x, dm.y);
+    return q32_nibbles(words4(i + 1u), dm.x, dm.y);
 }
 
 // The fifth bits `qh` (bit j: value j) added to nibbles as bit 4 of each byte.
@@ -228,22 +211,22 @@ fn q32_fifth_bits(r: Q32, qh: u32) -> Q32 {
 }
 
 fn load32q_q5_0(row_byte: u32, k: u32) -> Q32 {
-    let b = row_byte + (k >> 5u) * 22u;
-    let d = rd_f16(b);
-    return q32_fifth_bits(q32_nibbles(rd_u32x4(b + 6u), d, -16.0 * d), rd_u32(b + 2u));
+    let i = (row_byte + (k >> 5u) * 24u) >> 2u;
+    let d = lo_f16(i);
+    return q32_fifth_bits(q32_nibbles(words4(i + 2u), d, -16.0 * d), w[i + 1u]);
 }
 
 fn load32q_q5_1(row_byte: u32, k: u32) -> Q32 {
     let i = (row_byte + (k >> 5u) * 24u) >> 2u;
     let dm = unpack2x16float(w[i]);
-    return q32_fifth_bits(q32_nibbles(vec4<u32>(w[i + 2u], w[i + 3u], w[i + 4u], w[i + 5u]), dm.x, dm.y), w[i + 1u]);
+    return q32_fifth_bits(q32_nibbles(words4(i + 2u), dm.x, dm.y), w[i + 1u]);
 }
 
 fn load32q_q8_0(row_byte: u32, k: u32) -> Q32 {
-    let b = row_byte + (k >> 5u) * 34u;
-    let d = rd_f16(b);
-    let lo = rd_u32x4(b + 2u);
-    let hi = rd_u32x4(b + 18u);
+    let i = (row_byte + (k >> 5u) * 36u) >> 2u;
+    let d = lo_f16(i);
+    let lo = words4(i + 1u);
+    let hi = words4(i + 5u);
     var r: Q32;
     for (var i = 0u; i < 4u; i++) {
         r.q[i] = lo[i];
@@ -272,8 +255,8 @@ fn q32_iq4(qs: vec4<u32>, d: f32) -> Q32 {
 }
 
 fn load32q_iq4_nl(row_byte: u32, k: u32) -> Q32 {
-    let b = row_byte + (k >> 5u) * 18u;
-    return q32_iq4(rd_u32x4(b + 2u), rd_f16(b));
+    let i = (row_byte + (k >> 5u) * 20u) >> 2u;
+    return q32_iq4(words4(i + 1u), lo_f16(i));
 }
 
 fn load32q_iq4_xs(row_byte: u32, k: u32) -> Q32 {
@@ -282,8 +265,7 @@ fn load32q_iq4_xs(row_byte: u32, k: u32) -> Q32 {
     let head = w[b >> 2u];
     let low = (rd_u8(b + 4u + (g >> 1u)) >> (4u * (g & 1u))) & 0xfu;
     let scale = f32(low | (((head >> (16u + 2u * g)) & 3u) << 4u)) - 32.0;
-    let q = (b + 8u + 16u * g) >> 2u;
-    return q32_iq4(vec4<u32>(w[q], w[q + 1u], w[q + 2u], w[q + 3u]), unpack2x16float(head).x * scale);
+    return q32_iq4(words4((b + 8u + 16u * g) >> 2u), unpack2x16float(head).x * scale);
 }
 
 fn load32q_q2_k(row_byte: u32, k: u32) -> Q32 {
@@ -305,9 +287,9 @@ fn load32q_q2_k(row_byte: u32, k: u32) -> Q32 {
 }
 
 fn load32q_q3_k(row_byte: u32, k: u32) -> Q32 {
-    let b = row_byte + (k >> 8u) * 110u;
+    let b = row_byte + (k >> 8u) * 112u;
     let g = (k & 255u) >> 5u;
-    let d = rd_f16(b + 108u);
+    let d = lo_f16((b + 108u) >> 2u);
     let shift = 2u * (g & 3u);
     var r: Q32;
     for (var half = 0u; half < 2u; half++) {
@@ -315,8 +297,8 @@ fn load32q_q3_k(row_byte: u32, k: u32) -> Q32 {
         let dl = d * scale_k3(b + 96u, 2u * g + half);
         r.d[half] = dl;
         r.m[half] = -4.0 * dl;
-        let hm = rd_u32x4(b + 16u * half);
-        let qs = rd_u32x4(b + 32u + 32u * (g >> 2u) + 16u * half);
+        let hm = words4((b + 16u * half) >> 2u);
+        let qs = words4((b + 32u + 32u * (g >> 2u) + 16u * half) >> 2u);
         for (var i = 0u; i < 4u; i++) {
             r.q[4u * half + i] = ((qs[i] >> shift) & 0x03030303u) | (((hm[i] >> g) & 0x01010101u) << 2u);
         }
@@ -352,17 +334,17 @@ fn load32q_q5_k(row_byte: u32, k: u32) -> Q32 {
 }
 
 fn load32q_q6_k(row_byte: u32, k: u32) -> Q32 {
-    let b = row_byte + (k >> 8u) * 210u;
+    let b = row_byte + (k >> 8u) * 212u;
     let j = k & 255u;
     let n = j >> 7u;
     let quarter = (j & 127u) >> 5u;
-    let d = rd_f16(b + 208u);
+    let d = lo_f16((b + 208u) >> 2u);
     let sc = b + 192u + n * 8u + 2u * quarter;
     let ql = b + n * 64u + (quarter & 1u) * 32u;
     let sh = (quarter >> 1u) * 4u;
     let qh = b + 128u + n * 32u;
-    let ql4 = array<vec4<u32>, 2>(rd_u32x4(ql), rd_u32x4(ql + 16u));
-    let qh4 = array<vec4<u32>, 2>(rd_u32x4(qh), rd_u32x4(qh + 16u));
+    let ql4 = array<vec4<u32>, 2>(words4(ql >> 2u), words4((ql >> 2u) + 4u));
+    let qh4 = array<vec4<u32>, 2>(words4(qh >> 2u), words4((qh >> 2u) + 4u));
     var r: Q32;
     // Codes 0..63; the −32 goes to the offset. Values 0..15 use one scale, 16..31 the next.
     for (var half = 0u; half < 2u; half++) {

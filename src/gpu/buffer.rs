@@ -1,8 +1,9 @@
 //! Storage buffers, readback, and weight matrices split across binding-size limits.
 
-use super::GpuContext;
+use super::{blocks, GpuContext};
 use crate::error::{Error, Result};
 use crate::gguf::BlockFormat;
+use std::borrow::Cow;
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
 
@@ -101,7 +102,9 @@ impl WeightPart {
     }
 }
 
-fn check_matrix(name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<usize> {
+/// Checks that `bytes` hold `rows` GGUF rows of `cols` values; returns their bytes as uploaded and
+/// the bytes of an uploaded row ([`blocks`]).
+fn check_matrix<'b>(name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &'b [u8]) -> Result<(Cow<'b, [u8]>, usize)> {
     if cols % format.block_len() != 0 || cols % 32 != 0 {
         return Err(Error::Shape {
             op: "WeightMatrix::upload",
@@ -115,13 +118,13 @@ fn check_matrix(name: &str, format: BlockFormat, rows: usize, cols: usize, bytes
             msg: format!("{name}: {} bytes given for {rows}×{cols} {format:?} ({} expected)", bytes.len(), rows * row_bytes),
         });
     }
-    Ok(row_bytes)
+    Ok((blocks::padded(format, bytes), blocks::row_bytes(format, cols)))
 }
 
 impl WeightMatrix {
     /// Upload `bytes` (`rows` rows of `cols` values in `format`), split to fit the binding limit.
     pub fn upload(ctx: &GpuContext, name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
-        let row_bytes = check_matrix(name, format, rows, cols, bytes)?;
+        let (bytes, row_bytes) = check_matrix(name, format, rows, cols, bytes)?;
         let rows_per_part = (ctx.max_binding() as usize / row_bytes).max(1);
         if rows_per_part * row_bytes > ctx.max_binding() as usize {
             return Err(Error::Shape {
@@ -154,16 +157,16 @@ impl WeightMatrix {
         cols: usize,
         bytes: [&[u8]; N],
     ) -> Result<[Self; N]> {
-        let mut row_bytes = 0;
+        let mut uploaded = Vec::with_capacity(N);
         for i in 0..N {
-            row_bytes = check_matrix(names[i], formats[i], rows[i], cols, bytes[i])?;
+            uploaded.push(check_matrix(names[i], formats[i], rows[i], cols, bytes[i])?);
         }
         let align = (ctx.limits.min_storage_buffer_offset_alignment as usize).max(4);
         let mut offsets = [0usize; N];
         let mut end = 0usize;
         for i in 0..N {
             offsets[i] = end.div_ceil(align) * align;
-            end = offsets[i] + bytes[i].len();
+            end = offsets[i] + uploaded[i].0.len();
         }
         if formats.iter().any(|&f| f != formats[0]) || end as u64 > ctx.max_binding() {
             let mut out = Vec::with_capacity(N);
@@ -173,8 +176,8 @@ impl WeightMatrix {
             return out.try_into().map_err(|_| Error::Shape { op: "WeightMatrix::upload_group", msg: "group size".into() });
         }
         let mut all = vec![0u8; end];
-        for i in 0..N {
-            all[offsets[i]..offsets[i] + bytes[i].len()].copy_from_slice(bytes[i]);
+        for (i, (bytes, _)) in uploaded.iter().enumerate() {
+            all[offsets[i]..offsets[i] + bytes.len()].copy_from_slice(bytes);
         }
         let buf = storage_buffer(ctx, &names.join(" + "), &all);
         Ok(std::array::from_fn(|i| Self {
@@ -186,7 +189,7 @@ impl WeightMatrix {
                 rows: rows[i],
                 buf: buf.clone(),
                 offset: offsets[i] as u64,
-                bytes: (rows[i] * row_bytes).div_ceil(4) as u64 * 4,
+                bytes: (rows[i] * uploaded[i].1).div_ceil(4) as u64 * 4,
             }],
         }))
     }
@@ -197,7 +200,7 @@ impl WeightMatrix {
     pub fn stacked(ms: &[&WeightMatrix]) -> Option<WeightMatrix> {
         let first = ms.first()?;
         let [head] = &first.parts[..] else { return None };
-        let row_bytes = first.format.row_bytes(first.cols);
+        let row_bytes = first.row_bytes();
         let mut rows = 0;
         for m in ms {
             let [p] = &m.parts[..] else { return None };
@@ -220,8 +223,14 @@ impl WeightMatrix {
         (a.buf == b.buf && b.offset >= a.offset && self.format == other.format && self.cols == other.cols).then(|| b.offset - a.offset)
     }
 
+    /// Bytes of one row as uploaded: GGUF's, or with blocks GGUF leaves 2-byte aligned padded to
+    /// whole words ([`uploaded_bytes`](crate::gpu::uploaded_bytes)).
+    pub fn row_bytes(&self) -> usize {
+        blocks::row_bytes(self.format, self.cols)
+    }
+
     /// Bytes of weights (what one full matrix-vector product must read).
     pub fn n_bytes(&self) -> usize {
-        self.rows * self.format.row_bytes(self.cols)
+        self.rows * self.row_bytes()
     }
 }

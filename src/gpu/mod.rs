@@ -1,6 +1,7 @@
 //! The GPU layer: device and limits, buffers, pipelines, and batched dispatch.
 
 mod bind_cache;
+mod blocks;
 mod buffer;
 mod context;
 mod kernel;
@@ -9,6 +10,7 @@ mod profile;
 mod uniform;
 mod view;
 
+pub use blocks::uploaded_bytes;
 pub use buffer::{read_f32, read_u32, storage_buffer, storage_buffer_zeroed, upload, WeightMatrix, WeightPart};
 pub use context::{describe_adapter, list_adapters, DeviceClass, GpuContext, GpuFeatures, GpuOptions, Products};
 pub(crate) use kernel::ShaderSource;

@@ -29,7 +29,7 @@ pub fn embed(rec: &mut Recorder, ctx: &GpuContext, table: &WeightMatrix, ids: &w
         let p = Params {
             n_tokens: out.rows as u32,
             cols: table.cols as u32,
-            row_bytes: table.format.row_bytes(table.cols) as u32,
+            row_bytes: table.row_bytes() as u32,
             row_start: part.row0 as u32,
             row_end: (part.row0 + part.rows) as u32,
             scale,

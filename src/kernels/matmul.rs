@@ -290,7 +290,7 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
             n: part.rows as u32,
             k: w.cols as u32,
             m: m as u32,
-            row_bytes: w.format.row_bytes(w.cols) as u32,
+            row_bytes: w.row_bytes() as u32,
             x_offset: (io.x.offset / 4) as u32,
             x_stride: (io.x.stride / 4) as u32,
             y_offset: io.y.offset as u32,
@@ -336,7 +336,7 @@ fn product(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, io: MatmulIo,
         let matrices = 1 + gated.is_some() as usize;
         let x_bytes = if q8.is_some() { m * w.cols * 3 / 2 } else { 4 * m * w.cols };
         let activations = x_bytes + 4 * m * part.rows * (1 + io.accumulate as usize);
-        rec.declare_bytes((matrices * w.format.row_bytes(w.cols) * part.rows + activations) as u64);
+        rec.declare_bytes((matrices * w.row_bytes() * part.rows + activations) as u64);
     }
     Ok(())
 }

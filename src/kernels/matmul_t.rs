@@ -48,7 +48,7 @@ pub fn matmul_t(rec: &mut Recorder, ctx: &GpuContext, w: &WeightMatrix, dy: View
             n: part.rows as u32,
             k: w.cols as u32,
             m: m as u32,
-            row_bytes: w.format.row_bytes(w.cols) as u32,
+            row_bytes: w.row_bytes() as u32,
             dy_offset: dy.offset as u32,
             dy_stride: dy.stride as u32,
             dx_offset: dx.offset as u32,

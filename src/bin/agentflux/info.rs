@@ -54,7 +54,9 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     }
     let ctx = GpuContext::new(gpu)?;
     let l = &ctx.limits;
-    let weight_bytes: u64 = types.values().map(|(_, b)| b).sum();
+    // Blocks that are not whole words are padded on upload (gpu::uploaded_bytes).
+    let weight_bytes: u64 =
+        file.tensors().iter().map(|t| t.ty.format().map_or(t.n_bytes, |f| agentflux::gpu::uploaded_bytes(f, t.n_bytes))).sum();
     let kv_bytes_per_position = agentflux::kv::KvCache::bytes_per_position(&config);
     if a.json {
         let out = serde_json::json!({
@@ -106,7 +108,7 @@ pub fn run(a: Args, gpu: &GpuOptions) -> Result<()> {
     for (ty, (n, bytes)) in &types {
         println!("tensors    {ty:>5}: {n:>4} tensors, {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
     }
-    println!("memory     weights {:.1} MiB on the GPU (as stored: quantized tensors stay quantized), KV cache {:.1} MiB per 1024 positions (f16); `agentflux bench` measures a run",
+    println!("memory     weights {:.1} MiB on the GPU (quantized tensors stay quantized), KV cache {:.1} MiB per 1024 positions (f16); `agentflux bench` measures a run",
         weight_bytes as f64 / (1 << 20) as f64, (kv_bytes_per_position * 1024) as f64 / (1 << 20) as f64);
     println!("device     {} [{:?}]", ctx.describe(), ctx.class);
     println!(
