@@ -6,10 +6,10 @@ mod common;
 
 use agentflux::batch;
 use agentflux::decode::{GenerateOptions, SamplerConfig, SplitMix64};
-use agentflux::gguf::{BlockFormat, GgufFile};
+use agentflux::gguf::BlockFormat;
 use agentflux::lora::{ActiveAdapter, Proj};
 use agentflux::model::{Logits, Model};
-use agentflux::reference::{random_adapter, tiny_model, TinyModelSpec};
+use agentflux::reference::{random_adapter, TinyModelSpec};
 use agentflux::session::{Activation, Session};
 use common::{assert_close, ctx, rng};
 
@@ -52,11 +52,7 @@ fn tokens(r: &mut SplitMix64, n: usize, vocab: usize) -> Vec<u32> {
 
 /// A tiny random model; `tag` keeps the file of each test apart (they run at once).
 fn tiny(seed: u64, tag: &str) -> Model {
-    let p = std::env::temp_dir().join(format!("agentflux-batch-{tag}-{}.gguf", std::process::id()));
-    std::fs::write(&p, tiny_model(&TinyModelSpec::new("llama", BlockFormat::Q4_0), seed)).unwrap();
-    let model = Model::load(ctx(), &GgufFile::open(&p).unwrap()).unwrap();
-    std::fs::remove_file(p).ok();
-    model
+    Model::load(ctx(), &common::tiny_gguf(&TinyModelSpec::new("llama", BlockFormat::Q4_0), seed, &format!("batch-{tag}"))).unwrap()
 }
 
 #[test]

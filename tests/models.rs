@@ -99,10 +99,7 @@ fn llama3_rope_factors_match_reference() {
     let seed = rng("llama3-rope-factors-seed").next_u64();
     let forward = |factors: bool| {
         let spec = TinyModelSpec { rope_factors: factors, ..spec.clone() };
-        let path = std::env::temp_dir().join(format!("agentflux-rope-factors-{factors}-{}.gguf", std::process::id()));
-        std::fs::write(&path, tiny_model(&spec, seed)).unwrap();
-        let reference = ReferenceModel::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
-        std::fs::remove_file(&path).ok();
+        let reference = ReferenceModel::from_gguf(&common::tiny_gguf(&spec, seed, "rope-factors")).unwrap();
         assert_eq!(reference.config.rope.factors.is_some(), factors);
         reference.forward(&[3, 17, 5, 40, 22, 9, 31, 2])
     };

@@ -425,9 +425,9 @@ fn operator_gradients_match_finite_differences() {
 /// position.
 #[test]
 fn adapter_gradient_matches_finite_differences() {
-    use agentflux::gguf::{BlockFormat, GgufFile};
+    use agentflux::gguf::BlockFormat;
     use agentflux::lora::Proj;
-    use agentflux::reference::{random_adapter, tiny_model, ReferenceAdapter, ReferenceModel, TinyModelSpec};
+    use agentflux::reference::{random_adapter, ReferenceAdapter, ReferenceModel, TinyModelSpec};
     let mut r = rng("adapter-grads");
     for arch in ["llama", "qwen2", "qwen3", "gemma3", "phi3"] {
         let mut spec = TinyModelSpec::new(arch, BlockFormat::F32);
@@ -436,12 +436,9 @@ fn adapter_gradient_matches_finite_differences() {
         // phi3's LongRoPE (its long factors and attention factor: an original context of 8).
         spec.rope_factors = arch == "llama";
         spec.long_rope = (arch == "phi3").then_some(8);
-        let path = std::env::temp_dir().join(format!("agentflux-grad-{arch}-{}.gguf", std::process::id()));
-        std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
         // The exact f32 function: rounding the cache to f16 would make the loss a step function.
-        let mut model = ReferenceModel::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+        let mut model = ReferenceModel::from_gguf(&common::tiny_gguf(&spec, r.next_u64(), "grad")).unwrap();
         model.kv_f16 = false;
-        std::fs::remove_file(&path).ok();
         let c = model.config.clone();
         let adapter = random_adapter(&mut r, &c, 3, &Proj::ALL, 0.2);
         let tokens: Vec<u32> = (0..9).map(|_| (r.next_u64() % c.n_vocab as u64) as u32).collect();
@@ -481,16 +478,13 @@ fn adapter_gradient_matches_finite_differences() {
 /// a fixed random sequence the base model does not predict.
 #[test]
 fn toy_task_is_learned_to_near_zero_loss() {
-    use agentflux::gguf::{BlockFormat, GgufFile};
+    use agentflux::gguf::BlockFormat;
     use agentflux::lora::Proj;
-    use agentflux::reference::{random_adapter, tiny_model, ReferenceAdapter, ReferenceModel, TinyModelSpec};
+    use agentflux::reference::{random_adapter, ReferenceAdapter, ReferenceModel, TinyModelSpec};
     use agentflux::train::{AdamW, Moments, Schedule};
     let mut r = rng("toy-task");
     let spec = TinyModelSpec::new("llama", BlockFormat::F32);
-    let path = std::env::temp_dir().join(format!("agentflux-toy-{}.gguf", std::process::id()));
-    std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
-    let model = ReferenceModel::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
-    std::fs::remove_file(&path).ok();
+    let model = ReferenceModel::from_gguf(&common::tiny_gguf(&spec, r.next_u64(), "toy")).unwrap();
     let c = model.config.clone();
     let mut adapter = random_adapter(&mut r, &c, 4, &Proj::ALL, 0.1);
     adapter.targets.values_mut().for_each(|w| w.b.iter_mut().for_each(|b| *b = 0.0));
@@ -800,17 +794,14 @@ fn a_prefix_outgrowing_its_kept_cache_is_copied_not_computed_again() {
 /// learns more slowly.)
 #[test]
 fn toy_task_is_learned_on_the_gpu() {
-    use agentflux::gguf::{BlockFormat, GgufFile};
+    use agentflux::gguf::BlockFormat;
     use agentflux::lora::{ActiveAdapter, Proj};
     use agentflux::model::{Logits, Model, Sequence};
-    use agentflux::reference::{random_adapter, tiny_model, TinyModelSpec};
+    use agentflux::reference::{random_adapter, TinyModelSpec};
     use agentflux::train::{AdamW, Schedule};
     let mut r = rng("gpu-toy");
     let spec = TinyModelSpec::new("llama", BlockFormat::F32);
-    let path = std::env::temp_dir().join(format!("agentflux-gpu-toy-{}.gguf", std::process::id()));
-    std::fs::write(&path, tiny_model(&spec, r.next_u64())).unwrap();
-    let model = Model::load(common::ctx(), &GgufFile::open(&path).unwrap()).unwrap();
-    std::fs::remove_file(&path).ok();
+    let model = Model::load(common::ctx(), &common::tiny_gguf(&spec, r.next_u64(), "gpu-toy")).unwrap();
     let c = model.config.clone();
     let mut init = random_adapter(&mut r, &c, 4, &Proj::ALL, 0.1);
     init.targets.values_mut().for_each(|w| w.b.iter_mut().for_each(|b| *b = 0.0));

@@ -116,6 +116,19 @@ pub fn filesystem_and_memory(fs: &std::path::Path, root: &std::path::Path) -> ag
     catalog
 }
 
+/// The tiny random model of `spec` and `seed` (`reference::tiny_model`), opened from a temporary
+/// file that is removed once mapped; `tag` and a count name the file, so tests running at once in
+/// one process keep apart.
+pub fn tiny_gguf(spec: &TinyModelSpec, seed: u64, tag: &str) -> GgufFile {
+    static FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("agentflux-{tag}-{}-{n}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(spec, seed)).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    file
+}
+
 /// A tiny random transformer carrying the real tokenizer and chat template of `f`, written to a
 /// temporary GGUF file: the whole pipeline runs in seconds on a CPU-backed device.
 pub fn tiny_with_tokenizer(f: &GgufFile, seed: u64, tag: &str) -> std::path::PathBuf {
