@@ -3,7 +3,6 @@
 use super::{blocks, GpuContext};
 use crate::error::{Error, Result};
 use crate::gguf::BlockFormat;
-use std::borrow::Cow;
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
 
@@ -102,9 +101,9 @@ impl WeightPart {
     }
 }
 
-/// Checks that `bytes` hold `rows` GGUF rows of `cols` values; returns their bytes as uploaded and
-/// the bytes of an uploaded row ([`blocks`]).
-fn check_matrix<'b>(name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &'b [u8]) -> Result<(Cow<'b, [u8]>, usize)> {
+/// Checks that `bytes` hold `rows` GGUF rows of `cols` values; returns the bytes of a row as
+/// uploaded ([`blocks`]).
+fn check_matrix(name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<usize> {
     if cols % format.block_len() != 0 || cols % 32 != 0 {
         return Err(Error::Shape {
             op: "WeightMatrix::upload",
@@ -118,13 +117,14 @@ fn check_matrix<'b>(name: &str, format: BlockFormat, rows: usize, cols: usize, b
             msg: format!("{name}: {} bytes given for {rows}×{cols} {format:?} ({} expected)", bytes.len(), rows * row_bytes),
         });
     }
-    Ok((blocks::padded(format, bytes), blocks::row_bytes(format, cols)))
+    Ok(blocks::row_bytes(format, cols))
 }
 
 impl WeightMatrix {
     /// Upload `bytes` (`rows` rows of `cols` values in `format`), split to fit the binding limit.
     pub fn upload(ctx: &GpuContext, name: &str, format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
-        let (bytes, row_bytes) = check_matrix(name, format, rows, cols, bytes)?;
+        let row_bytes = check_matrix(name, format, rows, cols, bytes)?;
+        let bytes = blocks::padded(format, bytes);
         let rows_per_part = (ctx.max_binding() as usize / row_bytes).max(1);
         if rows_per_part * row_bytes > ctx.max_binding() as usize {
             return Err(Error::Shape {
@@ -157,16 +157,16 @@ impl WeightMatrix {
         cols: usize,
         bytes: [&[u8]; N],
     ) -> Result<[Self; N]> {
-        let mut uploaded = Vec::with_capacity(N);
+        let mut row_bytes = [0usize; N];
         for i in 0..N {
-            uploaded.push(check_matrix(names[i], formats[i], rows[i], cols, bytes[i])?);
+            row_bytes[i] = check_matrix(names[i], formats[i], rows[i], cols, bytes[i])?;
         }
         let align = (ctx.limits.min_storage_buffer_offset_alignment as usize).max(4);
         let mut offsets = [0usize; N];
         let mut end = 0usize;
         for i in 0..N {
             offsets[i] = end.div_ceil(align) * align;
-            end = offsets[i] + uploaded[i].0.len();
+            end = offsets[i] + rows[i] * row_bytes[i];
         }
         if formats.iter().any(|&f| f != formats[0]) || end as u64 > ctx.max_binding() {
             let mut out = Vec::with_capacity(N);
@@ -176,8 +176,8 @@ impl WeightMatrix {
             return out.try_into().map_err(|_| Error::Shape { op: "WeightMatrix::upload_group", msg: "group size".into() });
         }
         let mut all = vec![0u8; end];
-        for (i, (bytes, _)) in uploaded.iter().enumerate() {
-            all[offsets[i]..offsets[i] + bytes.len()].copy_from_slice(bytes);
+        for i in 0..N {
+            all[offsets[i]..offsets[i] + rows[i] * row_bytes[i]].copy_from_slice(&blocks::padded(formats[i], bytes[i]));
         }
         let buf = storage_buffer(ctx, &names.join(" + "), &all);
         Ok(std::array::from_fn(|i| Self {
@@ -189,7 +189,7 @@ impl WeightMatrix {
                 rows: rows[i],
                 buf: buf.clone(),
                 offset: offsets[i] as u64,
-                bytes: (rows[i] * uploaded[i].1).div_ceil(4) as u64 * 4,
+                bytes: (rows[i] * row_bytes[i]).div_ceil(4) as u64 * 4,
             }],
         }))
     }
