@@ -23,16 +23,19 @@ fn padding_at(format: BlockFormat) -> Option<usize> {
     }
 }
 
+/// Padding bytes a block of `format` gets on upload.
+fn pad_bytes(format: BlockFormat) -> usize {
+    padding_at(format).map_or(0, |_| PAD)
+}
+
 /// Bytes of one row of `cols` values as uploaded (`cols` a multiple of the block length).
 pub fn row_bytes(format: BlockFormat, cols: usize) -> usize {
-    let pad = padding_at(format).map_or(0, |_| PAD);
-    cols / format.block_len() * (format.block_bytes() + pad)
+    cols / format.block_len() * (format.block_bytes() + pad_bytes(format))
 }
 
 /// Bytes a tensor of `gguf_bytes` bytes in `format` takes as uploaded.
 pub fn uploaded_bytes(format: BlockFormat, gguf_bytes: u64) -> u64 {
-    let pad = padding_at(format).map_or(0, |_| PAD) as u64;
-    gguf_bytes + gguf_bytes / format.block_bytes() as u64 * pad
+    gguf_bytes + gguf_bytes / format.block_bytes() as u64 * pad_bytes(format) as u64
 }
 
 /// Whole GGUF blocks of `format` in the uploaded layout: borrowed where it is GGUF's own.
@@ -68,7 +71,7 @@ mod tests {
             // The padding is zeros; without it the bytes are GGUF's, in order.
             let kept: Vec<u8> = out.iter().copied().filter(|&b| b != 0).collect();
             assert_eq!(kept, bytes, "{format:?}");
-            assert_eq!(out.len() - kept.len(), padding_at(format).map_or(0, |_| PAD) * 2 * cols / format.block_len(), "{format:?}");
+            assert_eq!(out.len() - kept.len(), pad_bytes(format) * 2 * cols / format.block_len(), "{format:?}");
         }
     }
 
